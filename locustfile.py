@@ -1,0 +1,91 @@
+"""Load test for the classification endpoint.
+
+    locust -f locustfile.py --headless -u 8 -r 8 -t 20s --host http://127.0.0.1:8080
+
+Settings (environment variables, or the same names as locust options ``--images`` etc.):
+  IMAGES      folder of images (searched recursively; .png/.jpg/.jpeg/.webp); default data/fashion-mnist/test
+  MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
+  TOPK        optional X-Top-K header value
+  MAX_IMAGES  how many images to load into memory (default 500)
+
+Every response is checked: status 200, JSON with a non-empty "predictions" list whose entries have
+"class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
+as a failure.
+"""
+from __future__ import annotations
+
+import itertools
+import mimetypes
+import os
+import random
+from pathlib import Path
+
+from locust import HttpUser, events, task
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser):
+    parser.add_argument("--images", default=os.environ.get("IMAGES", "data/fashion-mnist/test"), help="image folder")
+    parser.add_argument("--model-name", default=os.environ.get("MODEL_NAME", "fmnist"), help="model to call")
+    parser.add_argument("--topk", default=os.environ.get("TOPK", ""), help="X-Top-K header (empty: model default)")
+    parser.add_argument("--max-images", type=int, default=int(os.environ.get("MAX_IMAGES", "500")),
+                        help="images loaded into memory")
+
+
+def load_payloads(folder: str, limit: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"no images under {folder!r} (set --images or IMAGES)")
+    paths = random.Random(seed).sample(paths, min(limit, len(paths)))
+    return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
+
+
+PAYLOADS: list = []
+
+
+@events.test_start.add_listener
+def _load(environment, **_):
+    opts = environment.parsed_options
+    PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+
+
+def check_body(body: dict, topk: int | None) -> str | None:
+    """Return what is wrong with a prediction body, or None."""
+    preds = body.get("predictions") if isinstance(body, dict) else None
+    if not isinstance(preds, list) or not preds:
+        return "no predictions"
+    if topk and len(preds) != topk:
+        return f"{len(preds)} predictions, expected {topk}"
+    for p in preds:
+        if not (isinstance(p.get("class"), str) and isinstance(p.get("index"), int)
+                and 0.0 <= float(p.get("confidence", -1)) <= 1.0):
+            return f"bad prediction entry {p}"
+    return None
+
+
+class ClassifierUser(HttpUser):
+    def on_start(self):
+        opts = self.environment.parsed_options
+        self.path = f"/predictions/{opts.model_name}"
+        self.topk = int(opts.topk) if opts.topk else None
+        self.headers = {"X-Top-K": str(self.topk)} if self.topk else {}
+        self.payloads = itertools.cycle(random.sample(PAYLOADS, len(PAYLOADS)))
+
+    @task
+    def classify(self):
+        name, data, ctype = next(self.payloads)
+        with self.client.post(self.path, data=data, headers={"Content-Type": ctype, **self.headers},
+                              name=self.path, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            try:
+                problem = check_body(r.json(), self.topk)
+            except ValueError:
+                problem = "response is not JSON"
+            if problem:
+                r.failure(f"{name}: {problem}")
+            else:
+                r.success()

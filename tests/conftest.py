@@ -1,0 +1,90 @@
+"""Shared fixtures: a generated ImageFolder tree, a small checkpoint and its exports."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from training.checkpoint import ModelSpec, save_checkpoint  # noqa: E402
+
+TINY_KWARGS = {"widths": [8, 8, 16, 16], "head_width": 32}
+CLASSES = ["circle", "horizontal", "vertical"]
+
+
+def pattern_image(kind: str, size: int = 20, seed: int = 0) -> np.ndarray:
+    """A small RGB picture whose class is visible: a disc, horizontal or vertical stripes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    phase = rng.integers(0, 4)
+    if kind == "circle":
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2
+    elif kind == "horizontal":
+        mask = ((yy + phase) // 3) % 2 == 0
+    else:
+        mask = ((xx + phase) // 3) % 2 == 0
+    color = rng.integers(120, 256, 3)
+    img = np.where(mask[..., None], color, rng.integers(0, 60, 3)).astype(np.uint8)
+    noise = rng.integers(0, 20, img.shape, dtype=np.uint8)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """``root/{train,test}/<class>/*.png``: 3 classes, 24 train and 8 test images each."""
+    root = tmp_path_factory.mktemp("shapes")
+    for split, n, offset in (("train", 24, 0), ("test", 8, 1000)):
+        for c in CLASSES:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{i:03d}.png").write_bytes(encode(pattern_image(c, seed=offset + i * 7 + len(c))))
+    return root
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised small cbam_resnet (24 px input, resize 26) saved as a training checkpoint."""
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="cbam_resnet", class_names=CLASSES, input_size=24, resize_size=26,
+                     mean=(0.4, 0.45, 0.5), std=(0.25, 0.2, 0.22), model_kwargs=TINY_KWARGS)
+    model = spec.build().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is really exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(path, spec, model, metrics={"test_top1": 0.0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def export_dir(checkpoint, image_folder, tmp_path_factory) -> Path:
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("export")
+    main(["--checkpoint", str(checkpoint), "--out", str(out), "--data", str(image_folder / "test"),
+          "--parity-images", "24"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_manifest(export_dir) -> dict:
+    return json.loads((export_dir / "export.json").read_text())

@@ -1,0 +1,96 @@
+"""A real TorchServe (Java frontend + Python workers) on loopback, serving freshly built archives."""
+import json
+import os
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from export.archive import build_archive
+from scripts.client import predict
+from scripts.ts_server import TorchServe
+from tests.conftest import encode, pattern_image
+from training.checkpoint import load_model
+from training.images import decode_rgb
+from training.presets import EvalPreset, normalize
+from training.tta import predict_proba
+
+pytestmark = pytest.mark.slow
+BATCH_DELAY_MS = 300  # long enough that requests sent together land in one batch
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    for name, fmt in (("shapes", "onnx"), ("shapes_ts", "torchscript")):
+        build_archive(export_dir, fmt=fmt, name=name, model_store=store, batch_size=8,
+                      max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="flip")
+    ts = TorchServe(model_store=store, models="shapes=shapes.mar,shapes_ts=shapes_ts.mar")
+    ts.start(timeout=180)
+    pid = ts.pid
+    yield ts
+    ts.stop()
+    with pytest.raises(ProcessLookupError):  # stopped by PID: the Java process is gone
+        os.kill(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint):
+    spec, model = load_model(checkpoint)
+    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
+
+    def probs(payloads):
+        batch = preset.batch([decode_rgb(p) for p in payloads])
+        with torch.no_grad():
+            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, "flip")
+    return spec, probs
+
+
+def _payloads():
+    return [(encode(pattern_image(k, size=s, seed=i), fmt, **kw), ctype)
+            for i, (k, s, fmt, kw, ctype) in enumerate([
+                ("circle", 30, "PNG", {}, "image/png"), ("vertical", 41, "JPEG", {"quality": 90}, "image/jpeg"),
+                ("horizontal", 26, "PNG", {}, "image/png"), ("circle", 64, "JPEG", {"quality": 75}, "image/jpeg")])]
+
+
+@pytest.mark.parametrize("model", ["shapes", "shapes_ts"])
+def test_png_and_jpeg_top1_matches_the_eager_model(server, eager, model):
+    spec, probs = eager
+    payloads = _payloads()
+    ref = probs([p for p, _ in payloads])
+    for (data, ctype), row in zip(payloads, ref):
+        status, body = predict(server.url, model, data, content_type=ctype)
+        assert status == 200, body
+        assert set(body) == {"predictions", "model", "version", "tta"} and body["tta"] == "flip"
+        preds = body["predictions"]
+        assert len(preds) == 2 and all(set(p) == {"class", "index", "confidence"} for p in preds)
+        assert preds[0]["index"] == int(row.argmax())
+        assert preds[0]["class"] == spec.class_names[preds[0]["index"]]
+        assert preds[0]["confidence"] == pytest.approx(row.max().item(), abs=1e-4)
+
+
+def test_garbage_gets_400_while_good_requests_in_the_same_batch_succeed(server):
+    good = encode(pattern_image("circle", size=30))
+    jobs = [(good, "image/png"), (b"\x00garbage\xff" * 10, "image/jpeg"), (good, "image/png"), (b"", "image/png")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: predict(server.url, "shapes", j[0], content_type=j[1]), jobs))
+    assert results[0][0] == 200 and results[2][0] == 200
+    assert results[1][0] == 400 and results[1][1]["error"] == "bad image" and "not an image" in results[1][1]["detail"]
+    assert results[3][0] == 400  # empty body
+
+
+def test_topk_header_and_json_content_type(server):
+    data = encode(pattern_image("vertical", size=30))
+    req = urllib.request.Request(f"{server.url}/predictions/shapes", data=data, method="POST",
+                                 headers={"Content-Type": "image/png", "x-TOP-k": "3"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert len(json.loads(r.read())["predictions"]) == 3
+    status, body = predict(server.url, "shapes", data, topk=9)
+    assert status == 400 and "X-Top-K must be between 1 and 3" in body["detail"]
+
+
+def test_unknown_model_is_404(server):
+    status, _ = predict(server.url, "no_such_model", encode(pattern_image("circle")))
+    assert status == 404

@@ -1,0 +1,69 @@
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from training.data import FASHION_MNIST_CLASSES, ImageFolderDataset, prepare_fashion_mnist, scan_image_folder
+from training.presets import EvalPreset
+
+
+def _write_idx(folder, prefix, images, labels):
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+
+
+def test_prepare_fashion_mnist_writes_an_image_folder(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    _write_idx(src, "train", train, np.arange(20, dtype=np.uint8) % 10)
+    _write_idx(src, "t10k", rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), np.arange(10, dtype=np.uint8))
+    out = prepare_fashion_mnist(tmp_path / "fm", source=str(src), progress=False)
+    classes, paths, labels = scan_image_folder(out / "train")
+    assert sorted(classes) == sorted(FASHION_MNIST_CLASSES)  # real names, "T-shirt/top" included
+    assert len(paths) == 20 and os.path.isdir(out / "train" / "T-shirt_top")
+    assert json.loads((out / "class_names.json").read_text())["T-shirt_top"] == "T-shirt/top"
+    ds = ImageFolderDataset(out / "train", progress=False)
+    img, label = ds[paths.index(str(out / "train" / "Trouser" / "00001.png"))]
+    assert ds.classes[label] == "Trouser"
+    assert img.shape == (3, 28, 28) and torch.equal(img[0], torch.from_numpy(train[1]))  # gray -> 3 channels
+    mtime = os.path.getmtime(out / "train" / "Trouser" / "00001.png")
+    prepare_fashion_mnist(tmp_path / "fm", source=str(src), progress=False)  # idempotent: nothing rewritten
+    assert os.path.getmtime(out / "train" / "Trouser" / "00001.png") == mtime
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+def test_the_installed_fashion_mnist_has_60000_and_10000_images():
+    from training.data import _read_idx
+    src = "/usr/share/datasets/fashion-mnist"
+    assert _read_idx(f"{src}/train-images-idx3-ubyte.gz", 16).size == 60000 * 28 * 28
+    assert _read_idx(f"{src}/t10k-labels-idx1-ubyte.gz", 8).size == 10000
+
+
+def test_prepare_without_the_package_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        prepare_fashion_mnist(tmp_path / "x", source=str(tmp_path / "missing"))
+
+
+def test_image_folder_cache_equals_decoding_each_time(image_folder):
+    preset = EvalPreset(crop_size=16)
+    cached = ImageFolderDataset(image_folder / "test", cache_transform=preset, progress=False)
+    lazy = ImageFolderDataset(image_folder / "test", transform=preset)
+    assert cached.classes == lazy.classes == ["circle", "horizontal", "vertical"]
+    assert len(cached) == 24
+    for i in (0, 9, 23):
+        assert torch.equal(cached[i][0], lazy[i][0]) and cached[i][1] == lazy[i][1]
+
+
+def test_folder_without_classes_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        scan_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        scan_image_folder(tmp_path / "nope")

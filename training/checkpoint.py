@@ -1,0 +1,68 @@
+"""The checkpoint: the contract between training and export.
+
+A plain dict of primitives and tensors, so it loads with ``torch.load(weights_only=True)``:
+architecture name and keyword arguments, class names in index order, input/resize size, mean/std,
+the weights and training metrics.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .models import build_model
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    arch: str
+    class_names: list[str]
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build(self) -> nn.Module:
+        return build_model(self.arch, num_classes=self.num_classes, **self.model_kwargs)
+
+
+def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, model: nn.Module, *,
+                    metrics: dict | None = None, extra: dict | None = None) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {"format_version": FORMAT_VERSION, **asdict(spec), "mean": list(spec.mean), "std": list(spec.std),
+            "state_dict": state, "metrics": dict(metrics or {}), **(extra or {})}
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict, dict]:
+    """Return ``(spec, state_dict, checkpoint)``. Never unpickles arbitrary objects."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("arch", "class_names", "input_size", "mean", "std", "state_dict") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
+    spec = ModelSpec(arch=ckpt["arch"], class_names=list(ckpt["class_names"]), input_size=int(ckpt["input_size"]),
+                     resize_size=int(ckpt.get("resize_size") or ckpt["input_size"]),
+                     mean=tuple(float(v) for v in ckpt["mean"]), std=tuple(float(v) for v in ckpt["std"]),
+                     model_kwargs=dict(ckpt.get("model_kwargs") or {}))
+    return spec, ckpt["state_dict"], ckpt
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelSpec, nn.Module]:
+    """Rebuild the trained model in eval mode."""
+    spec, state_dict, _ = load_checkpoint(path)
+    model = spec.build()
+    model.load_state_dict(state_dict)
+    return spec, model.eval()

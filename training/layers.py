@@ -1,0 +1,54 @@
+"""Attention layers, one block per class (timm style: every knob is an argument, short ``forward``).
+
+* :class:`ChannelAttention` -- CBAM's channel gate: a shared MLP over the average- and max-pooled
+  channel descriptors, summed, then a sigmoid.
+* :class:`SpatialAttention` -- CBAM's spatial gate: a ``k x k`` convolution over the channel-wise
+  mean and max maps, then a sigmoid.
+* :class:`CBAM` -- channel gate followed by spatial gate (Woo et al., 2018).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _hidden_channels(channels: int, reduction: int, min_channels: int) -> int:
+    return max(channels // reduction, min_channels)
+
+
+class ChannelAttention(nn.Module):
+    def __init__(self, channels: int, *, reduction: int = 16, min_channels: int = 8,
+                 act_layer: type[nn.Module] = nn.ReLU, gate_layer: type[nn.Module] = nn.Sigmoid):
+        super().__init__()
+        hidden = _hidden_channels(channels, reduction, min_channels)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * self.gate(avg + mx)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, *, kernel_size: int = 7, gate_layer: type[nn.Module] = nn.Sigmoid):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * self.gate(self.bn(self.conv(maps)))
+
+
+class CBAM(nn.Module):
+    def __init__(self, channels: int, *, reduction: int = 16, spatial_kernel_size: int = 7):
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction=reduction)
+        self.spatial = SpatialAttention(kernel_size=spatial_kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))
