@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ SERVED_IMAGES = 1000
 
 
 def step(title: str, *cmd: str) -> None:
-    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
     start = time.time()
     subprocess.run(cmd, check=True, cwd=REPO)
     print(f"({time.time() - start:.0f} s)", flush=True)
@@ -84,8 +85,9 @@ def main() -> int:
               flush=True)
         load_test(server)
     finally:
+        pid = server.pid
         server.stop()
-        print(f"TorchServe PID {server.pid or 'stopped'}: stopped", flush=True)
+        print(f"TorchServe PID {pid} stopped", flush=True)
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; `make serve` serves model_store/ again")
     return 0 if mismatches == 0 and top1 >= 0.85 else 1
 
