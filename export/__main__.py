@@ -1,33 +1,61 @@
-"""``python -m export --checkpoint CKPT --out DIR`` and ``python -m export archive --dir DIR ...``."""
+"""``python -m export`` (export), ``python -m export verify`` and ``python -m export archive``."""
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-from datetime import datetime, timezone
 
-import torch
+from .formats import VARIANTS
+from .verify import DEFAULT_MAX_DROP
 
-FORMATS = ("torchscript", "onnx")
+
+def _variant_table() -> str:
+    return "\n".join(f"  {v.name:<17} {v.precision:<5} {v.purpose}" for v in VARIANTS.values())
 
 
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m export", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a training checkpoint into graphs that take uint8 NCHW images (input 'images', "
-        "N x 3 x S x S at the model's input size) and normalize inside the graph: /255, -mean, /std are "
-        "folded into one per-channel multiply-add. TorchScript is traced and frozen (the freezer folds "
-        "BatchNorm into the convolutions); ONNX has a dynamic batch axis and passes onnx.checker. Every "
-        "graph is checked against the eager model on real images and the numbers go into DIR/export.json. "
-        "Build archives afterwards with `python -m export archive --help`.")
+        "N x 3 x S x S at the model's input size, dynamic batch) and normalize inside the graph.\n\n"
+        "What is folded: /255, -mean and /std become one per-channel multiply-add (not merged into the first\n"
+        "convolution: with zero padding that would change the border pixels); BatchNorm is folded into the\n"
+        "convolutions (TorchScript freezing; the ONNX exporter in eval mode).\n\n"
+        "Every variant is compared with the eager model on real images (--data) and refused (not written) when\n"
+        "it is off tolerance or loses more than --max-drop top-1 points; DIR/export.json lists each file with its\n"
+        "runtime, precision, input, outputs and numbers. Subcommands: `python -m export verify --help`,\n"
+        "`python -m export archive --help`.\n\nVariants (--formats):\n" + _variant_table())
     p.add_argument("--checkpoint", required=True, help="best.pt/last.pt written by `python -m training train`")
-    p.add_argument("--out", required=True, help="output folder for model.pt / model.onnx / index_to_name.json / export.json")
-    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of: {', '.join(FORMATS)}")
-    p.add_argument("--data", default=None, help="ImageFolder tree of real images for the parity check "
-                   "(default: random uint8 images, which only prove numerical parity)")
-    p.add_argument("--parity-images", type=int, default=64, help="images used by the parity check")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--formats", default="torchscript,onnx", help="comma-separated variants, or 'all' "
+                   "(default: %(default)s)")
+    p.add_argument("--data", default=None, help="labelled ImageFolder tree (e.g. DATA/test) for parity and accuracy; "
+                   "without it parity uses random images and INT8 variants are refused")
+    p.add_argument("--calib-data", default=None, help="images for INT8 calibration (default: the train/ folder "
+                   "next to --data)")
+    p.add_argument("--eval-images", type=int, default=500, help="images of --data used for parity/accuracy "
+                   "(default: %(default)s)")
+    p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, help="largest accepted top-1 accuracy drop "
+                   "of a reduced-precision variant, in points (default: %(default)s)")
+    p.add_argument("--graph-tta", default="flip", choices=["flip", "five_crop"], help="TTA of the onnx-tta graph; "
+                   "five_crop takes input at the resize size (default: %(default)s)")
+    p.add_argument("--graph-topk", type=int, default=5, help="k of the onnx-topk graph (default: %(default)s)")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run eager and every exported graph (ONNX Runtime CPU, and CUDA EP when present; OpenVINO with "
+        "the f32 and bf16 precision hints; TorchScript) on real images and print max/mean absolute difference, "
+        "top-1 and top-k agreement, accuracy and latency per image.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dir", help="export folder")
+    src.add_argument("--archive", help="a .mar built by `python -m export archive`")
+    p.add_argument("--data", default=None, help="labelled ImageFolder tree")
+    p.add_argument("--checkpoint", default=None, help="eager reference (default: the one recorded at export)")
+    p.add_argument("--eval-images", type=int, default=500, help="images used")
     return p
 
 
@@ -36,12 +64,15 @@ def _archive_parser() -> argparse.ArgumentParser:
         prog="python -m export archive", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build MODEL_STORE/NAME.mar with torch-model-archiver from an export folder: the graph, the "
         "handler and its helper modules, index_to_name.json, model_card.json and model-config.yaml. The archive "
-        "is self-contained: a stock TorchServe with torch/torchvision (and onnxruntime for ONNX) serves it.")
+        "is self-contained: a stock TorchServe with torch/torchvision (plus onnxruntime or openvino for those "
+        "variants) serves it. With several variants, one archive each, named NAME_<variant>.")
     p.add_argument("--dir", required=True, help="export folder written by `python -m export`")
-    p.add_argument("--format", default="onnx", choices=FORMATS, help="which graph to serve: onnx -> ONNX Runtime, "
-                   "torchscript -> TorchScript")
+    p.add_argument("--variant", "--format", dest="variant", default="onnx",
+                   help=f"comma-separated variants to archive ({', '.join(VARIANTS)}, or all exported)")
     p.add_argument("--name", required=True, help="model name: the URL is /predictions/NAME")
     p.add_argument("--version", default="1.0", help="model version for TorchServe's versioned management API")
+    p.add_argument("--file-name", default=None, help="archive file name without .mar (default: the model name); "
+                   "lets two versions of one model sit in one model store")
     p.add_argument("--model-store", default="model_store", help="folder the archive is written to")
     p.add_argument("--archive-format", default="default", choices=["default", "no-archive"],
                    help="default: a zip .mar; no-archive: a plain folder, for development")
@@ -50,86 +81,57 @@ def _archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="minWorkers = maxWorkers")
     p.add_argument("--response-timeout", type=int, default=60, help="TorchServe responseTimeout in s")
     p.add_argument("--topk", type=int, default=5, help="classes returned per image (clients may send X-Top-K)")
-    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="test-time augmentation in the handler")
+    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="test-time augmentation in the handler "
+                   "(ignored for onnx-tta, whose graph does its own)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are refused with 413")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: cores / workers)")
     return p
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def run_export(args: argparse.Namespace) -> dict:
-    from training.checkpoint import load_checkpoint, load_model
-    from training.class_index import INDEX_FILE, write_index_to_name
-    from .archive import EXPORT_MANIFEST, FORMAT_FILES
-    from .formats import WRITERS
-    from .verify import check, compare, format_table, sample_images
-    from .wrappers import FusedNormalization
-
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not formats:
-        raise SystemExit(f"--formats: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(FORMATS)}")
-    spec, model = load_model(args.checkpoint)
-    _, _, ckpt = load_checkpoint(args.checkpoint)
-    os.makedirs(args.out, exist_ok=True)
-    wrapper = FusedNormalization(model, mean=spec.mean, std=spec.std).eval()
-    example = torch.randint(0, 256, (2, 3, spec.input_size, spec.input_size), dtype=torch.uint8)
-    files = {}
-    for fmt in formats:
-        writer, filename = WRITERS[fmt]
-        path = os.path.join(args.out, filename)
-        writer(wrapper, example, path)
-        files[fmt] = path
-        print(f"wrote {path}")
-    write_index_to_name(os.path.join(args.out, INDEX_FILE), spec.class_names)
-    if args.data:
-        images = sample_images(args.data, spec, count=args.parity_images)
-    else:
-        images = torch.randint(0, 256, (args.parity_images, 3, spec.input_size, spec.input_size), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(0))
-    parity = compare(model, spec, files, images)
-    print(f"parity against eager fp32 on {len(images)} {'real' if args.data else 'random'} images:")
-    print(format_table(parity))
-    check(parity)
-    manifest = {
-        "arch": spec.arch, "model_kwargs": spec.model_kwargs, "class_names": spec.class_names,
-        "input_size": spec.input_size, "resize_size": spec.resize_size, "mean": list(spec.mean), "std": list(spec.std),
-        "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, spec.input_size, spec.input_size]},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["N", spec.num_classes]},
-        "files": {fmt: FORMAT_FILES[fmt] for fmt in formats}, "parity": parity,
-        "training_metrics": ckpt.get("metrics", {}), "checkpoint_sha256": _sha256(args.checkpoint),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    with open(os.path.join(args.out, EXPORT_MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
-
-
-def run_archive(args: argparse.Namespace):
-    from .archive import build_archive
-
-    path = build_archive(args.dir, fmt=args.format, name=args.name, version=args.version,
-                         model_store=args.model_store, archive_format=args.archive_format,
-                         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
-                         response_timeout_s=args.response_timeout, topk=args.topk, tta=args.tta,
-                         max_pixels=args.max_pixels, threads=args.threads)
-    print(f"wrote {path}")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "archive":
-        run_archive(_archive_parser().parse_args(argv[1:]))
-    else:
-        run_export(_export_parser().parse_args(argv))
+        from .archive import build_archives
+        args = _archive_parser().parse_args(argv[1:])
+        for path in build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
+                                   file_name=args.file_name, model_store=args.model_store,
+                                   archive_format=args.archive_format, batch_size=args.batch_size,
+                                   max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
+                                   response_timeout_s=args.response_timeout, topk=args.topk, tta=args.tta,
+                                   max_pixels=args.max_pixels, threads=args.threads):
+            print(f"wrote {path}")
+        return 0
+    if argv and argv[0] == "verify":
+        from .exporter import verify
+        args = _verify_parser().parse_args(argv[1:])
+        rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
+                      archive=args.archive)
+        bad = {k: r["problems"] for k, r in rows.items() if r.get("problems")}
+        for k, v in bad.items():
+            print(f"{k}: {'; '.join(v)}")
+        return 1 if bad else 0
+    from .exporter import Exporter, RefusedVariants
+    from .formats import parse_variants
+    args = _export_parser().parse_args(argv)
+    try:
+        names = parse_variants(args.formats)
+    except ValueError as e:
+        raise SystemExit(f"--formats: {e}") from None
+    calib = args.calib_data
+    if calib is None and args.data:
+        sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train")
+        calib = sibling if os.path.isdir(sibling) else None
+    exporter = Exporter(args.checkpoint, args.out, graph_tta=args.graph_tta, graph_topk=args.graph_topk)
+    try:
+        manifest = exporter.run(names, data=args.data, calib_data=calib, eval_images=args.eval_images,
+                                calib_images=args.calib_images, max_drop=args.max_drop)
+    except RefusedVariants as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, entry in manifest["variants"].items():
+        print(f"wrote {name}: {', '.join(os.path.join(args.out, f) for f in entry['files'])}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Build self-contained ``.mar`` archives with ``torch-model-archiver``.
 
-An archive holds the exported graph, the handler and its helper modules (copied flat: the handler
-imports them as top-level modules inside TorchServe's model directory), ``index_to_name.json`` and
-``model-config.yaml`` (batching, workers and handler settings).
+An archive holds the exported graph (``.xml`` + ``.bin`` for OpenVINO), the handler and its helper
+modules (copied flat: the handler imports them as top-level modules inside TorchServe's model
+directory), ``index_to_name.json``, ``model_card.json`` and ``model-config.yaml`` (batching, workers
+and handler settings).
 """
 from __future__ import annotations
 
@@ -18,64 +19,86 @@ import yaml
 
 from training.class_index import INDEX_FILE
 
+from .exporter import EXPORT_MANIFEST
+
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "classifier_handler.py"
-# The handler's helper modules: each depends on torch/torchvision/Pillow (and onnxruntime) only.
+# The handler's helper modules: each depends on torch/torchvision/Pillow (and onnxruntime/openvino) only.
 HELPERS = [REPO / "handlers" / "backends.py", REPO / "handlers" / "pipeline.py", REPO / "training" / "presets.py",
            REPO / "training" / "images.py", REPO / "training" / "class_index.py", REPO / "training" / "tta.py"]
-EXPORT_MANIFEST = "export.json"
-FORMAT_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
 
 
 def model_config(*, batch_size: int = 8, max_batch_delay_ms: int = 10, workers: int = 1, response_timeout_s: int = 60,
                  topk: int = 5, tta: str = "flip", max_pixels: int = 40_000_000, threads: int = 0,
-                 input_size: int, resize_size: int) -> dict:
+                 input_size: int, resize_size: int, graph_output: str = "logits", graph_tta: str = "none",
+                 graph_topk: int | None = None, precision: str = "fp32") -> dict:
     """The archive's ``model-config.yaml``: TorchServe's keys at top level, the handler's under ``handler``."""
-    return {
-        "minWorkers": workers,
-        "maxWorkers": workers,
-        "batchSize": batch_size,
-        "maxBatchDelay": max_batch_delay_ms,
-        "responseTimeout": response_timeout_s,
-        "handler": {"topk": topk, "tta": tta, "max_pixels": max_pixels, "threads": threads,
-                    "input_size": input_size, "resize_size": resize_size},
-    }
+    handler = {"topk": topk, "tta": "none" if graph_output == "probabilities" else tta, "max_pixels": max_pixels,
+               "threads": threads, "input_size": input_size, "resize_size": resize_size,
+               "graph_output": graph_output, "graph_tta": graph_tta, "precision": precision}
+    if graph_topk:
+        handler["graph_topk"] = graph_topk
+        handler["topk"] = min(topk, graph_topk)
+    return {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
+            "responseTimeout": response_timeout_s, "handler": handler}
 
 
-def build_archive(export_dir: str | os.PathLike, *, fmt: str = "onnx", name: str, version: str = "1.0",
-                  model_store: str | os.PathLike = "model_store", archive_format: str = "default",
-                  **config) -> Path:
-    """Write ``model_store/NAME.mar`` (or ``model_store/NAME/`` for ``no-archive``) and return its path."""
+def load_manifest(export_dir: str | os.PathLike) -> dict:
+    path = Path(export_dir) / EXPORT_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `python -m export --checkpoint ... --out {export_dir}` first")
+    return json.loads(path.read_text())
+
+
+def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
+                  file_name: str | None = None, model_store: str | os.PathLike = "model_store",
+                  archive_format: str = "default", **config) -> Path:
+    """Write ``model_store/FILE_NAME.mar`` (or a folder for ``no-archive``) and return its path."""
     export_dir = Path(export_dir)
-    manifest_path = export_dir / EXPORT_MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: run `python -m export --checkpoint ... --out {export_dir}` first")
-    manifest = json.loads(manifest_path.read_text())
-    if fmt not in manifest["files"]:
-        raise ValueError(f"{export_dir} holds no {fmt} graph (it has: {', '.join(manifest['files'])})")
+    manifest = load_manifest(export_dir)
+    if variant not in manifest["variants"]:
+        raise ValueError(f"{export_dir} holds no {variant} graph (it has: {', '.join(manifest['variants'])})")
+    info = manifest["variants"][variant]
     model_store = Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(input_size=manifest["input_size"], resize_size=manifest["resize_size"], **config)
+    cfg = model_config(input_size=info["input_size"], resize_size=manifest["resize_size"], graph_output=info["output"],
+                       graph_tta=info["tta"], graph_topk=info["topk"], precision=info["precision"], **config)
+    file_name = file_name or name
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        card = {k: v for k, v in manifest.items() if k != "variants"}
+        card.update(name=name, version=version, variant=variant, variant_info=info, runtime=info["runtime"],
+                    precision=info["precision"], tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
+                    parity=info["parity"], handler=cfg["handler"])
         card_path = Path(tmp) / "model_card.json"
-        card_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"} |
-                                        {"format": fmt, "name": name, "version": version}, indent=1))
-        extra = [str(p) for p in HELPERS] + [str(export_dir / INDEX_FILE), str(card_path)]
+        card_path.write_text(json.dumps(card, indent=1))
+        graph, *rest = [export_dir / f for f in info["files"]]
+        extra = [str(p) for p in HELPERS] + [str(export_dir / INDEX_FILE), str(card_path)] + [str(p) for p in rest]
+        export_path = Path(tmp) / "out"
+        export_path.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
-               "--serialized-file", str(export_dir / manifest["files"][fmt]), "--handler", str(HANDLER),
-               "--extra-files", ",".join(extra), "--config-file", str(config_path), "--export-path", str(model_store),
+               "--serialized-file", str(graph), "--handler", str(HANDLER), "--extra-files", ",".join(extra),
+               "--config-file", str(config_path), "--export-path", str(export_path),
                "--archive-format", archive_format, "--force"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return model_store / (name if archive_format == "no-archive" else f"{name}.mar")
+        built = export_path / (name if archive_format == "no-archive" else f"{name}.mar")
+        target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        shutil.move(built, target)  # tmp may be another file system: move, not rename
+    return target
 
 
-def clean_stale(model_store: Path, name: str) -> None:
-    for p in (model_store / f"{name}.mar", model_store / name):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
+                   **kwargs) -> list[Path]:
+    """One archive per variant; with several, model and file names get a ``_<variant>`` suffix."""
+    manifest = load_manifest(export_dir)
+    names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
+    if len(names) == 1:
+        return [build_archive(export_dir, variant=names[0], name=name, file_name=file_name, **kwargs)]
+    return [build_archive(export_dir, variant=v, name=f"{name}_{v.replace('-', '_')}", **kwargs) for v in names]

@@ -1,25 +1,91 @@
-"""Graphs that take raw uint8 images: the normalization is part of the exported model."""
+"""Graphs that take raw uint8 images: normalization, TTA and top-k live inside the exported model.
+
+* :class:`FusedNormalization` -- uint8 -> logits, ``/255 -mean /std`` as one per-channel affine.
+* :class:`InGraphTTA` -- uint8 -> mean-softmax probabilities over flip (or five-crop + flip) views,
+  all views in one batch: TTA that any ONNX runtime runs without handler code.
+* :class:`InGraphTopK` -- probabilities -> ``(top-k probabilities, top-k indices)``.
+
+The first convolution is NOT merged with the normalization affine: with zero padding the border
+pixels would see ``mean`` instead of 0 and the result would change. The affine stays a separate
+(cheap) multiply-add; BatchNorm is folded into the convolutions by the TorchScript freezer and the
+ONNX exporter.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+GRAPH_TTA_MODES = ("flip", "five_crop")
+
 
 class FusedNormalization(nn.Module):
     """uint8 ``(N, 3, H, W)`` -> logits. Computes ``model((x / 255 - mean) / std)``.
 
-    ``/255``, ``-mean`` and ``/std`` are folded into one per-channel affine ``x * scale + shift``
-    (``scale = 1 / (255 std)``, ``shift = -mean / std``): one multiply-add in the graph instead of
-    three ops, and no float preprocessing left for clients or the handler.
+    ``/255``, ``-mean`` and ``/std`` are folded into one per-channel ``x * scale + shift``
+    (``scale = 1 / (255 std)``, ``shift = -mean / std``), computed in float64 then stored as float32.
+    ``dtype`` runs the model in another precision (bf16/fp16) with float32 logits out.
     """
 
-    def __init__(self, model: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, model: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...],
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model
+        self.model = model.to(dtype)
+        self.dtype = dtype
         mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         self.register_buffer("scale", (1.0 / (255.0 * std_t)).float())
         self.register_buffer("shift", (-mean_t / std_t).float())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.float() * self.scale + self.shift)
+        x = images.float() * self.scale + self.shift
+        return self.model(x.to(self.dtype)).float()
+
+
+def five_crops(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(5N, C, size, size)``: center, top-left, top-right, bottom-left, bottom-right."""
+    h, w = images.shape[-2], images.shape[-1]
+    top, left = (h - size) // 2, (w - size) // 2
+    return torch.cat([images[..., top:top + size, left:left + size], images[..., :size, :size],
+                      images[..., :size, w - size:], images[..., h - size:, :size], images[..., h - size:, w - size:]])
+
+
+class InGraphTTA(nn.Module):
+    """uint8 -> mean softmax over TTA views, every view in ONE forward of ``base`` (uint8 -> logits).
+
+    ``flip``: input at the crop size, views = original + horizontal flip (view-major, as
+    ``training.tta``). ``five_crop``: input at the resize size (``resize x resize``), five crops of
+    ``crop_size``, each also flipped: 10 views.
+    """
+
+    def __init__(self, base: nn.Module, *, mode: str = "flip", crop_size: int | None = None):
+        super().__init__()
+        if mode not in GRAPH_TTA_MODES:
+            raise ValueError(f"in-graph TTA mode must be one of {GRAPH_TTA_MODES}, got {mode!r}")
+        if mode == "five_crop" and not crop_size:
+            raise ValueError("five_crop needs crop_size")
+        self.base = base
+        self.mode = mode
+        self.crop_size = crop_size or 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        views = five_crops(images, self.crop_size) if self.mode == "five_crop" else images
+        views = torch.cat([views, views.flip(-1)])
+        probs = self.base(views).softmax(-1)
+        return probs.view(-1, n, probs.shape[-1]).mean(0)
+
+
+class InGraphTopK(nn.Module):
+    """``base`` (uint8 -> logits, or probabilities when ``base_gives_probs``) -> ``(values[k], indices[k])``."""
+
+    def __init__(self, base: nn.Module, *, k: int, base_gives_probs: bool = False):
+        super().__init__()
+        self.base = base
+        self.k = k
+        self.base_gives_probs = base_gives_probs
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.base(images)
+        probs = out if self.base_gives_probs else out.softmax(-1)
+        values, indices = probs.topk(self.k, dim=-1)
+        return values, indices

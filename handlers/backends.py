@@ -1,7 +1,8 @@
-"""Runtimes for the exported uint8-input graphs: ``backend(images_uint8) -> logits``.
+"""Runtimes for the exported uint8-input graphs: ``backend(images_uint8) -> output(s)``.
 
-Shared by the handler and by export's verification. Flat-importable (no relative imports): it
-travels inside the ``.mar``.
+Single-output graphs give a float32 tensor (logits, or probabilities for in-graph TTA); the in-graph
+top-k graph gives ``(values, indices)``. Shared by the handler and by export's verification.
+Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
 from __future__ import annotations
 
@@ -14,18 +15,24 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _single(outputs: list[torch.Tensor]):
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 class TorchScriptBackend:
     name = "torchscript"
 
-    def __init__(self, path: str, *, device: torch.device = torch.device("cpu")):
+    def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.module = torch.jit.load(path, map_location=device).eval()
         self.device = device
+        self.providers = [str(device)]
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self.device, non_blocking=True)).float()
+    def __call__(self, images: torch.Tensor):
+        out = self.module(images.to(self.device, non_blocking=True))
+        return tuple(out) if isinstance(out, (tuple, list)) else out
 
 
 class OnnxRuntimeBackend:
@@ -36,27 +43,58 @@ class OnnxRuntimeBackend:
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        if device.type == "cuda":
+            gpu = {"device_id": device.index or 0}
+            providers = ([("TensorrtExecutionProvider", gpu)] if "TensorrtExecutionProvider" in available else []) + \
+                ([("CUDAExecutionProvider", gpu)] if "CUDAExecutionProvider" in available else []) + providers
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.device = device
-        log.info("ONNX Runtime providers: %s", self.session.get_providers())
+        self.providers = self.session.get_providers()
+        log.info("ONNX Runtime providers for %s: %s", os.path.basename(path), self.providers)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {self.input_name: images.cpu().contiguous().numpy()})
-        return torch.from_numpy(logits).to(self.device)
+    def __call__(self, images: torch.Tensor):
+        outputs = self.session.run(None, {self.input_name: images.cpu().contiguous().numpy()})
+        return _single([torch.from_numpy(o).to(self.device) for o in outputs])
 
 
-def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0):
-    """Pick the runtime from the file: ``.onnx`` -> ONNX Runtime, ``.pt`` -> TorchScript."""
+class OpenVINOBackend:
+    """OpenVINO on the CPU. ``precision``: ``f32`` or ``bf16`` (the inference precision hint)."""
+    name = "openvino"
+
+    def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0,
+                 precision: str = "f32", hint: str = "LATENCY"):
+        import openvino as ov
+
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise RuntimeError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.device = torch.device("cpu")
+        self.providers = [f"CPU {precision}"]
+
+    def __call__(self, images: torch.Tensor):
+        results = self.request.infer({0: images.cpu().contiguous().numpy()})
+        return _single([torch.from_numpy(results[out].copy()) for out in self.compiled.outputs])
+
+
+def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, precision: str = "f32"):
+    """Pick the runtime from the file: ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO, ``.pt`` TorchScript."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".onnx":
         return OnnxRuntimeBackend(path, device=device, threads=threads)
+    if ext == ".xml":
+        return OpenVINOBackend(path, device=device, threads=threads, precision=precision)
     if ext in (".pt", ".ts", ".torchscript"):
-        return TorchScriptBackend(path, device=device)
-    raise ValueError(f"no backend for {path!r}: expected a .pt (TorchScript) or .onnx file")
+        return TorchScriptBackend(path, device=device, threads=threads)
+    raise ValueError(f"no backend for {path!r}: expected .pt (TorchScript), .onnx (ONNX Runtime) or .xml (OpenVINO)")

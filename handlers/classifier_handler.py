@@ -51,12 +51,22 @@ class ImageClassifierHandler(BaseHandler):
         self.tta = str(cfg.get("tta", "none"))
         if self.tta not in TTA_MODES:
             raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_MODES}, got {self.tta!r}")
+        # What the graph returns: logits (TTA here), probabilities (TTA in the graph) or its own top-k.
+        self.graph_output = str(cfg.get("graph_output", "logits"))
+        if self.graph_output not in ("logits", "probabilities", "topk"):
+            raise ValueError(f"model-config.yaml handler.graph_output {self.graph_output!r} is not "
+                             "logits, probabilities or topk")
+        if self.graph_output != "logits":
+            self.tta = "none"
+        self.tta_label = str(cfg.get("graph_tta", "none")) if self.graph_output == "probabilities" else self.tta
         self.class_names = read_index_to_name(os.path.join(model_dir, INDEX_FILE))
-        self.default_topk = int(cfg.get("topk", 5))
+        self.max_topk = int(cfg.get("graph_topk") or len(self.class_names))
+        self.default_topk = min(int(cfg.get("topk", 5)), self.max_topk)
         self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.preset = EvalPreset(crop_size=int(cfg["input_size"]), resize_size=int(cfg.get("resize_size") or 0) or None)
         serialized = context.manifest["model"]["serializedFile"]
-        self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads)
+        self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
+                                    precision=self._openvino_precision(cfg))
         self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
         self.model_name = context.manifest["model"].get("modelName", "")
         self.model_version = context.manifest["model"].get("modelVersion", "")
@@ -69,8 +79,20 @@ class ImageClassifierHandler(BaseHandler):
                  self.device, self.threads, self.tta, self.default_topk, (time.perf_counter() - start) * 1000)
         self.initialized = True
 
+    @staticmethod
+    def _openvino_precision(cfg: dict) -> str:
+        """OpenVINO inference precision: bf16 where the CPU has it (``auto``), else f32."""
+        wanted = str(cfg.get("openvino_precision", "auto"))
+        if wanted != "auto":
+            return wanted
+        try:
+            import openvino as ov
+            return "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+        except ImportError:
+            return "f32"
+
     def _read_one(self, row: dict, headers: dict) -> tuple[torch.Tensor, int]:
-        topk = parse_topk(headers, default=self.default_topk, num_classes=len(self.class_names))
+        topk = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk)
         return decode_rgb(read_body(row), max_pixels=self.max_pixels), topk
 
     def preprocess(self, data: list[dict]) -> Batch:
@@ -91,17 +113,26 @@ class ImageClassifierHandler(BaseHandler):
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        if batch.images is not None:
-            batch.probs = predict_proba(self.backend, batch.images, self.tta).cpu()
+        if batch.images is None:
+            return batch
+        k = max(batch.topk[i] for i in batch.valid)
+        if self.graph_output == "topk":
+            values, indices = self.backend(batch.images)
+        else:
+            probs = predict_proba(self.backend, batch.images, self.tta) if self.graph_output == "logits" \
+                else self.backend(batch.images)
+            values, indices = probs.topk(k, dim=1)
+        batch.values, batch.indices = values.cpu(), indices.cpu()
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:
         out: list[str] = [""] * batch.size
-        if batch.probs is not None:
-            preds = topk_predictions(batch.probs, [batch.topk[i] for i in batch.valid], self.class_names)
+        if batch.values is not None:
+            preds = topk_predictions(batch.values, batch.indices, [batch.topk[i] for i in batch.valid],
+                                     self.class_names)
             for i, p in zip(batch.valid, preds):
                 out[i] = json.dumps({"predictions": p, "model": self.model_name, "version": self.model_version,
-                                     "tta": self.tta})
+                                     "tta": self.tta_label})
         for i, err in batch.errors.items():
             status, kind = getattr(err, "status", 400), getattr(err, "error", None)
             kind = kind or ("image too large" if status == 413 else "bad image")

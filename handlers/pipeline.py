@@ -23,7 +23,8 @@ class Batch:
     valid: list[int] = field(default_factory=list)
     topk: dict[int, int] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
-    probs: torch.Tensor | None = None
+    values: torch.Tensor | None = None          # (M, k) top-k probabilities, sorted
+    indices: torch.Tensor | None = None         # (M, k) their class indices
 
 
 class RequestError(ValueError):
@@ -90,9 +91,9 @@ def parse_topk(headers: dict | None, *, default: int, num_classes: int) -> int:
     return k
 
 
-def topk_predictions(probs: torch.Tensor, ks: list[int], class_names: list[str]) -> list[list[dict]]:
-    """``probs`` ``(N, K)`` -> per row its ``ks[i]`` best classes as ``{"class", "index", "confidence"}``."""
-    values, indices = probs.topk(max(ks), dim=1)
+def topk_predictions(values: torch.Tensor, indices: torch.Tensor, ks: list[int],
+                     class_names: list[str]) -> list[list[dict]]:
+    """Sorted top-k ``(N, >= max(ks))`` -> per row its ``ks[i]`` best classes as ``{"class", "index", "confidence"}``."""
     values, indices = values.tolist(), indices.tolist()
     return [[{"class": class_names[j], "index": j, "confidence": round(p, 6)} for p, j in zip(v[:k], ix[:k])]
             for v, ix, k in zip(values, indices, ks)]

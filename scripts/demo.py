@@ -71,9 +71,11 @@ def main() -> int:
     step("train (CPU)", PY, "-m", "training", "train", "--data", DATA, *TRAIN_ARGS, "--out", RUN)
     step(f"evaluate offline (tta={TTA}, the same TTA the server applies)", PY, "-m", "training", "evaluate",
          "--checkpoint", f"{RUN}/best.pt", "--data", f"{DATA}/test", "--tta", TTA, "--out", f"{RUN}/predictions.csv")
-    step("export: TorchScript + ONNX with fused normalization, parity on real images", PY, "-m", "export",
-         "--checkpoint", f"{RUN}/best.pt", "--out", EXPORT, "--data", f"{DATA}/test")
-    step("archive: model_store/fmnist.mar", PY, "-m", "export", "archive", "--dir", EXPORT, "--format", "onnx",
+    step("export: every graph variant (fused normalization; fp16/bf16/INT8; in-graph TTA and top-k), each "
+         "checked against eager on 500 real test images", PY, "-m", "export", "--checkpoint", f"{RUN}/best.pt",
+         "--out", EXPORT, "--formats", "all", "--data", f"{DATA}/test")
+    step("archive: model_store/fmnist.mar (ONNX Runtime fp32)", PY, "-m", "export", "archive", "--dir", EXPORT,
+         "--variant", "onnx",
          "--name", MODEL, "--version", "1.0", "--tta", TTA, "--topk", "3")
     print("\n=== serve: TorchServe on 127.0.0.1", flush=True)
     server = TorchServe(models=f"{MODEL}={MODEL}.mar", log_dir=str(REPO / "logs"))

@@ -9,36 +9,52 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from torchvision.transforms.v2 import functional as F
 
-from export.archive import build_archive
-from export.verify import FP32_RTOL, check
+from export.archive import build_archive, build_archives
+from export.formats import VARIANTS
+from export.verify import MIN_TOP1_AGREEMENT, RTOL, problems
 from export.wrappers import FusedNormalization
 from handlers.backends import load_backend
 from tests.conftest import REPO
 from training.checkpoint import load_model
-from training.presets import normalize
+from training.presets import EvalPreset, normalize
+from training.tta import predict_proba
 
 
-def test_fused_normalization_equals_explicit_normalization(checkpoint):
+def eager_logits(checkpoint, x):
     spec, model = load_model(checkpoint)
+    with torch.no_grad():
+        return model(normalize(x, mean=spec.mean, std=spec.std))
+
+
+def test_fused_normalization_equals_explicit_normalization(random_checkpoint):
+    spec, model = load_model(random_checkpoint)
     x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
     with torch.no_grad():
         fused = FusedNormalization(model, mean=spec.mean, std=spec.std)(x)
-        plain = model(normalize(x, mean=spec.mean, std=spec.std))
-    assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fused, eager_logits(random_checkpoint, x), atol=1e-5, rtol=1e-5)
 
 
-def test_export_writes_both_graphs_with_parity_on_real_images(export_dir, export_manifest):
-    assert (export_dir / "model.pt").is_file() and (export_dir / "model.onnx").is_file()
-    parity = export_manifest["parity"]
-    for fmt in ("torchscript", "onnx"):
-        print(fmt, parity[fmt])
-        assert parity[fmt]["images"] == 24
-        assert parity[fmt]["max_rel_diff"] < FP32_RTOL
-        assert parity[fmt]["max_abs_diff"] < 1e-4
-        assert parity[fmt]["top1_agreement"] == 1.0
-    assert json.loads((export_dir / "index_to_name.json").read_text()) == {"0": "circle", "1": "horizontal",
-                                                                           "2": "vertical"}
+def test_every_variant_is_written_and_within_tolerance(export_dir, export_manifest):
+    variants = export_manifest["variants"]
+    assert set(variants) == set(VARIANTS)
+    assert export_manifest["eager_accuracy"] > 0.9
+    for name, info in variants.items():
+        for f in info["files"]:
+            assert (export_dir / f).is_file(), f
+        p = info["parity"]
+        print(name, {k: v for k, v in p.items() if k != "runtime"})
+        assert p["images"] == 90
+        assert info["input"] == {"name": "images", "dtype": "uint8", "shape": ["N", 3, 24, 24]}
+        if info["precision"] != "int8":
+            assert p["max_rel_diff"] <= RTOL[info["precision"]]
+            assert p["top1_agreement"] >= MIN_TOP1_AGREEMENT
+        if info["precision"] != "fp32":  # reduced precision prints and records its accuracy change
+            assert p["accuracy_change_points"] >= -0.5
+    assert variants["onnx"]["parity"]["max_abs_diff"] < 1e-4
+    assert variants["openvino"]["files"] == ["model_ov.xml", "model_ov.bin"]
+    assert variants["onnx-topk"]["outputs"][1] == {"name": "indices", "dtype": "int64", "shape": ["N", 2]}
 
 
 def test_onnx_graph_takes_uint8_images_with_dynamic_batch(export_dir, checkpoint):
@@ -46,41 +62,114 @@ def test_onnx_graph_takes_uint8_images_with_dynamic_batch(export_dir, checkpoint
     onnx.checker.check_model(model, full_check=True)
     (inp,) = model.graph.input
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    spec, eager = load_model(checkpoint)
     sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 5):
         x = torch.randint(0, 256, (n, 3, 24, 24), dtype=torch.uint8)
         (logits,) = sess.run(None, {"images": x.numpy()})
-        with torch.no_grad():
-            ref = eager(normalize(x, mean=spec.mean, std=spec.std)).numpy()
-        assert logits.shape == (n, 3)
-        np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits, eager_logits(checkpoint, x).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_torchscript_graph_is_frozen_and_takes_uint8(export_dir):
-    backend = load_backend(str(export_dir / "model.pt"))
-    out = backend(torch.zeros(2, 3, 24, 24, dtype=torch.uint8))
-    assert out.shape == (2, 3) and out.dtype == torch.float32
-    graph = str(backend.module.graph)
-    assert "aten::batch_norm" not in graph  # folded into the convolutions by freezing
+def test_every_graph_input_is_named_images_uint8(export_dir):
+    for f in ("model_fp16.onnx", "model_int8.onnx", "model_tta.onnx", "model_topk.onnx"):
+        (inp,) = onnx.load(export_dir / f).graph.input
+        assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8, f
+    fp16 = onnx.load(export_dir / "model_fp16.onnx")
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 out
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    int8 = onnx.load(export_dir / "model_int8.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
 
 
-def test_parity_check_rejects_a_disagreeing_graph():
-    bad = {"onnx": {"max_rel_diff": 0.1, "top1_agreement": 0.9}}
-    with pytest.raises(AssertionError, match="disagree"):
-        check(bad)
+def test_torchscript_graphs_are_frozen_and_take_uint8(export_dir):
+    for f, dtype in (("model.pt", torch.float32), ("model_bf16.pt", torch.bfloat16)):
+        backend = load_backend(str(export_dir / f))
+        out = backend(torch.zeros(2, 3, 24, 24, dtype=torch.uint8))
+        assert out.shape == (2, 3) and out.dtype == torch.float32
+        graph = str(backend.module.graph)
+        assert "aten::batch_norm" not in graph  # folded into the convolutions by freezing
+        if dtype == torch.bfloat16:
+            assert "BFloat16" in graph or "bfloat16" in graph.lower()
+
+
+def test_in_graph_flip_tta_equals_the_handlers_tta(export_dir, checkpoint):
+    spec, model = load_model(checkpoint)
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    graph = load_backend(str(export_dir / "model_tta.onnx"))(x)
+    with torch.no_grad():
+        handler = predict_proba(lambda v: model(normalize(v, mean=spec.mean, std=spec.std)), x, "flip")
+    assert torch.allclose(graph, handler, atol=1e-5)
+
+
+def test_in_graph_five_crop_tta(checkpoint, image_folder, tmp_path):
+    from export.__main__ import main
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx-tta",
+                 "--graph-tta", "five_crop", "--data", str(image_folder / "test"), "--eval-images", "12"]) == 0
+    info = json.loads((tmp_path / "export.json").read_text())["variants"]["onnx-tta"]
+    assert info["tta"] == "five_crop" and info["input_size"] == 26  # the resize size: crops happen in the graph
+    spec, model = load_model(checkpoint)
+    x = torch.randint(0, 256, (3, 3, 26, 26), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    crops = torch.cat(list(F.five_crop(x, [24, 24])))  # torchvision's own five-crop as the reference
+    views = torch.cat([crops, crops.flip(-1)])
+    with torch.no_grad():
+        ref = model(normalize(views, mean=spec.mean, std=spec.std)).softmax(-1).view(10, 3, -1).mean(0)
+    assert torch.allclose(load_backend(str(tmp_path / "model_tta.onnx"))(x), ref, atol=1e-5)
+
+
+def test_in_graph_topk_returns_probabilities_and_indices(export_dir, checkpoint):
+    x = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    sess = ort.InferenceSession(str(export_dir / "model_topk.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["probabilities", "indices"]
+    values, indices = sess.run(None, {"images": x.numpy()})
+    ref_v, ref_i = eager_logits(checkpoint, x).softmax(-1).topk(2, dim=1)
+    assert values.shape == (4, 2) and np.array_equal(indices, ref_i.numpy())
+    np.testing.assert_allclose(values, ref_v.numpy(), atol=1e-5)
+
+
+def test_openvino_graphs_run_uint8(export_dir, checkpoint):
+    x = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
+    f32 = load_backend(str(export_dir / "model_ov.xml"))(x)
+    assert torch.allclose(f32, eager_logits(checkpoint, x), atol=1e-4, rtol=1e-4)
+    assert load_backend(str(export_dir / "model_ov_int8.xml"))(x).shape == (3, 3)
+
+
+def test_tolerances_are_enforced():
+    ok = {"max_rel_diff": 5e-5, "top1_agreement": 1.0, "accuracy": 0.9}
+    assert problems("fp32", dict(ok), reference_accuracy=0.9, max_drop=0.5) == []
+    assert "relative difference" in problems("fp32", {**ok, "max_rel_diff": 2e-4}, reference_accuracy=None,
+                                             max_drop=0.5)[0]
+    assert "top-1 agreement" in problems("fp16", {**ok, "top1_agreement": 0.99}, reference_accuracy=None,
+                                         max_drop=0.5)[0]
+    assert problems("bf16", {**ok, "max_rel_diff": 4e-2}, reference_accuracy=0.9, max_drop=0.5) == []
+    assert "drops 1.00 points" in problems("int8", {**ok, "max_rel_diff": 1.0, "top1_agreement": 0.5, "accuracy": 0.89},
+                                           reference_accuracy=0.9, max_drop=0.5)[0]
+
+
+def test_a_variant_over_max_drop_is_refused_and_not_written(checkpoint, image_folder, tmp_path, capsys):
+    from export.__main__ import main
+    rc = main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx,onnx-int8",
+               "--data", str(image_folder / "test"), "--max-drop", "-100"])  # every variant "drops" > -100
+    assert rc == 1 and "refused" in capsys.readouterr().err
+    assert not (tmp_path / "model_int8.onnx").exists() and (tmp_path / "model.onnx").exists()
+    assert list(json.loads((tmp_path / "export.json").read_text())["variants"]) == ["onnx"]
+
+
+def test_int8_without_labelled_data_is_a_clear_error(checkpoint, tmp_path):
+    from export.__main__ import main
+    with pytest.raises(SystemExit, match="INT8 variants need --data"):
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "openvino-int8"])
 
 
 def test_unknown_format_is_refused(checkpoint, tmp_path):
     from export.__main__ import main
-    with pytest.raises(SystemExit, match="unknown tensorrt"):
+    with pytest.raises(SystemExit, match="unknown variant.*tensorrt"):
         main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx,tensorrt"])
 
 
-@pytest.mark.parametrize("fmt,graph", [("onnx", "model.onnx"), ("torchscript", "model.pt")])
-def test_archive_is_self_contained(export_dir, tmp_path, fmt, graph):
-    mar = build_archive(export_dir, fmt=fmt, name="shapes", version="2.0", model_store=tmp_path, topk=2, tta="flip",
-                        batch_size=4, max_batch_delay_ms=50)
+@pytest.mark.parametrize("variant,graph", [("onnx", "model.onnx"), ("torchscript", "model.pt"),
+                                           ("openvino-int8", "model_ov_int8.xml")])
+def test_archive_is_self_contained(export_dir, tmp_path, variant, graph):
+    mar = build_archive(export_dir, variant=variant, name="shapes", version="2.0", model_store=tmp_path, topk=2,
+                        tta="flip", batch_size=4, max_batch_delay_ms=50)
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
@@ -88,11 +177,45 @@ def test_archive_is_self_contained(export_dir, tmp_path, fmt, graph):
         card = json.loads(z.read("model_card.json"))
     assert {graph, "classifier_handler.py", "backends.py", "pipeline.py", "presets.py", "images.py",
             "class_index.py", "tta.py", "index_to_name.json", "model_card.json", "model-config.yaml"} <= names
+    if graph.endswith(".xml"):
+        assert graph.replace(".xml", ".bin") in names
     assert manifest["model"]["modelName"] == "shapes" and manifest["model"]["modelVersion"] == "2.0"
     assert config["batchSize"] == 4 and config["maxBatchDelay"] == 50
-    assert config["handler"] == {"topk": 2, "tta": "flip", "max_pixels": 40_000_000, "threads": 0,
-                                 "input_size": 24, "resize_size": 26}
-    assert card["format"] == fmt and card["class_names"] == ["circle", "horizontal", "vertical"]
+    assert config["handler"]["topk"] == 2 and config["handler"]["tta"] == "flip"
+    assert config["handler"]["input_size"] == 24 and config["handler"]["resize_size"] == 26
+    for key in ("arch", "class_names", "input_size", "mean", "std", "training_metrics", "parity", "precision",
+                "tta", "created", "checkpoint_sha256", "version"):
+        assert key in card, key
+    assert card["variant"] == variant and card["class_names"] == ["circle", "horizontal", "vertical"]
+
+
+def test_archives_for_several_variants_and_tta_graph_config(export_dir, tmp_path):
+    paths = build_archives(export_dir, variants="onnx-tta,onnx-topk", name="shapes", model_store=tmp_path)
+    assert [p.name for p in paths] == ["shapes_onnx_tta.mar", "shapes_onnx_topk.mar"]
+    with zipfile.ZipFile(paths[0]) as z:
+        handler = yaml.safe_load(z.read("model-config.yaml"))["handler"]
+    assert handler["graph_output"] == "probabilities" and handler["tta"] == "none" and handler["graph_tta"] == "flip"
+    with zipfile.ZipFile(paths[1]) as z:
+        handler = yaml.safe_load(z.read("model-config.yaml"))["handler"]
+    assert handler["graph_output"] == "topk" and handler["graph_topk"] == 2 and handler["topk"] == 2
+
+
+def test_no_archive_format_writes_a_folder(export_dir, tmp_path):
+    path = build_archive(export_dir, variant="onnx", name="shapes", model_store=tmp_path, archive_format="no-archive")
+    assert path.is_dir() and (path / "model.onnx").is_file() and (path / "MAR-INF" / "MANIFEST.json").is_file()
+
+
+def test_verify_cli_prints_the_table_for_a_dir_and_an_archive(export_dir, image_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "export", "verify", "--dir", str(export_dir), "--data",
+                           str(image_folder / "test"), "--eval-images", "30"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("onnx (cpu)", "onnx-int8 (cpu)", "torchscript-bf16 (cpu)", "openvino (f32)", "openvino (bf16)",
+                "openvino-int8 (f32)", "eager fp32"):
+        assert row in proc.stdout, row
+    mar = build_archive(export_dir, variant="onnx-fp16", name="shapes", model_store=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "export", "verify", "--archive", str(mar), "--data",
+                           str(image_folder / "test"), "--eval-images", "30"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "onnx-fp16 (cpu)" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_archive_cli_reports_a_missing_export(tmp_path):
@@ -101,6 +224,8 @@ def test_archive_cli_reports_a_missing_export(tmp_path):
     assert proc.returncode != 0 and "run `python -m export --checkpoint" in proc.stderr
 
 
-def test_help_explains_the_options():
+def test_help_explains_the_options_and_variants():
     out = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=REPO, capture_output=True, text=True).stdout
-    assert "uint8" in out and "--formats" in out and "BatchNorm" in out
+    assert "uint8" in out and "BatchNorm" in out and "zero padding" in out
+    for name in VARIANTS:
+        assert name in out

@@ -39,7 +39,7 @@ def test_topk_header_is_case_insensitive_and_validated():
 
 def test_topk_predictions_per_request_k():
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
-    out = topk_predictions(probs, [1, 3], ["a", "b", "c"])
+    out = topk_predictions(*probs.topk(3, dim=1), [1, 3], ["a", "b", "c"])
     assert out[0] == [{"class": "b", "index": 1, "confidence": pytest.approx(0.7)}]
     assert [p["class"] for p in out[1]] == ["a", "c", "b"]
 

@@ -1,6 +1,7 @@
 """A real TorchServe (Java frontend + Python workers) on loopback, serving freshly built archives."""
 import json
 import os
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,13 +21,21 @@ pytestmark = pytest.mark.slow
 BATCH_DELAY_MS = 300  # long enough that requests sent together land in one batch
 
 
+SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-int8",
+          "shapes_tta": "onnx-tta", "shapes_topk": "onnx-topk"}
+
+
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
-    for name, fmt in (("shapes", "onnx"), ("shapes_ts", "torchscript")):
-        build_archive(export_dir, fmt=fmt, name=name, model_store=store, batch_size=8,
+    for name, variant in SERVED.items():
+        build_archive(export_dir, variant=variant, name=name, model_store=store, batch_size=8,
                       max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="flip")
-    ts = TorchServe(model_store=store, models="shapes=shapes.mar,shapes_ts=shapes_ts.mar")
+    # Version 2.0 of "shapes" (the TorchScript graph) sits in the store, registered later over HTTP.
+    build_archive(export_dir, variant="torchscript", name="shapes", version="2.0", file_name="shapes_v2",
+                  model_store=store, topk=2, tta="none")
+    ts = TorchServe(model_store=store, models=",".join(f"{n}={n}.mar" for n in SERVED),
+                    overrides={"enable_model_api": "true"})
     ts.start(timeout=180)
     pid = ts.pid
     yield ts
@@ -40,10 +49,10 @@ def eager(checkpoint):
     spec, model = load_model(checkpoint)
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
 
-    def probs(payloads):
+    def probs(payloads, tta="flip"):
         batch = preset.batch([decode_rgb(p) for p in payloads])
         with torch.no_grad():
-            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, "flip")
+            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, tta)
     return spec, probs
 
 
@@ -54,7 +63,7 @@ def _payloads():
                 ("horizontal", 26, "PNG", {}, "image/png"), ("circle", 64, "JPEG", {"quality": 75}, "image/jpeg")])]
 
 
-@pytest.mark.parametrize("model", ["shapes", "shapes_ts"])
+@pytest.mark.parametrize("model", ["shapes", "shapes_ts", "shapes_tta"])
 def test_png_and_jpeg_top1_matches_the_eager_model(server, eager, model):
     spec, probs = eager
     payloads = _payloads()
@@ -94,3 +103,40 @@ def test_topk_header_and_json_content_type(server):
 def test_unknown_model_is_404(server):
     status, _ = predict(server.url, "no_such_model", encode(pattern_image("circle")))
     assert status == 404
+
+
+def test_int8_and_topk_graphs_serve_the_same_top1(server, eager):
+    spec, probs = eager
+    payloads = _payloads()
+    for model, tta in (("shapes_ov8", "flip"), ("shapes_topk", "none")):  # the top-k graph has no TTA
+        ref = probs([p for p, _ in payloads], tta)
+        for (data, ctype), row in zip(payloads, ref):
+            status, body = predict(server.url, model, data, content_type=ctype)
+            assert status == 200, body
+            assert body["predictions"][0]["index"] == int(row.argmax()), model
+    status, body = predict(server.url, "shapes_topk", payloads[0][0], topk=3)  # the graph returns only 2
+    assert status == 400 and "between 1 and 2" in body["detail"]
+
+
+def _manage(server, method, path):
+    req = urllib.request.Request(f"{server.management_url}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_versioned_management_api_v1_and_v2_side_by_side(server):
+    data = encode(pattern_image("horizontal", size=30))
+    status, body = _manage(server, "POST", "/models?url=shapes_v2.mar&initial_workers=1&synchronous=true")
+    assert status == 200, body
+    status, versions = _manage(server, "GET", "/models/shapes/all")
+    assert status == 200 and sorted(v["modelVersion"] for v in versions) == ["1.0", "2.0"]
+    assert predict(server.url, "shapes", data)[1]["version"] == "1.0"  # the default stays 1.0
+    status, body = predict(server.url, "shapes/2.0", data)
+    assert status == 200 and body["version"] == "2.0" and body["tta"] == "none"
+    assert _manage(server, "PUT", "/models/shapes/2.0/set-default")[0] == 200
+    assert predict(server.url, "shapes", data)[1]["version"] == "2.0"
+    assert _manage(server, "PUT", "/models/shapes/1.0/set-default")[0] == 200
+    assert _manage(server, "DELETE", "/models/shapes/2.0")[0] == 200

@@ -46,7 +46,7 @@ def test_evaluate_writes_predictions(run_dir, image_folder, capsys):
     assert "top-1" in capsys.readouterr().out
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 24 and set(rows[0]) == {"path", "label", "label_name", "pred", "pred_name", "confidence"}
+    assert len(rows) == 90 and set(rows[0]) == {"path", "label", "label_name", "pred", "pred_name", "confidence"}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
