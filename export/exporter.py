@@ -220,7 +220,7 @@ def verify(export_dir: str, *, data: str | None, checkpoint: str | None = None, 
                              labels=evalset.labels, k=min(5, exporter.spec.num_classes))
             result.update(ms_per_image=ms, runtime=backend.providers)
             bad = problems(variant.precision if label != "bf16" else "bf16", result, reference_accuracy=ref_acc,
-                           max_drop=DEFAULT_MAX_DROP)
+                           max_drop=DEFAULT_MAX_DROP, cuda=label == "cuda")
             result["problems"] = bad
             rows[row] = result
     log(f"verification against eager fp32 on {evalset.source}:")

@@ -4,7 +4,7 @@ Tolerances (explicit, and tested):
 
 | precision | max logit difference / logit scale | top-1 agreement | top-1 accuracy drop |
 |---|---|---|---|
-| fp32 | 1e-4 | >= 99.5% | -- |
+| fp32 | 1e-4 (1e-3 on CUDA: TF32 convolutions) | >= 99.5% | -- |
 | fp16 | 1e-2 | >= 99.5% | <= --max-drop points |
 | bf16 | 5e-2 | >= 99.5% | <= --max-drop points |
 | int8 | (reported) | (reported) | <= --max-drop points |
@@ -22,6 +22,7 @@ from training.images import read_image_file
 from training.presets import EvalPreset
 
 RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
+CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 convolutions
 MIN_TOP1_AGREEMENT = 0.995
 DEFAULT_MAX_DROP = 0.5  # top-1 accuracy points
 
@@ -54,7 +55,8 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
 
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
     """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8."""
-    backend(images[:8])  # warm-up
+    for _ in range(3):  # warm-up (TorchScript's profiling executor optimizes after a few runs)
+        backend(images[:8])
     reps, start = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - start < 0.2:
         backend(images[:8])
@@ -95,10 +97,11 @@ def compare(output, reference: torch.Tensor, *, kind: str, labels: torch.Tensor 
     return result
 
 
-def problems(precision: str, result: dict, *, reference_accuracy: float | None, max_drop: float) -> list[str]:
+def problems(precision: str, result: dict, *, reference_accuracy: float | None, max_drop: float,
+             cuda: bool = False) -> list[str]:
     """What makes a variant unacceptable (empty list: acceptable)."""
     out = []
-    rtol = RTOL[precision]
+    rtol = CUDA_FP32_RTOL if cuda and precision == "fp32" else RTOL[precision]
     if rtol is not None and result["max_rel_diff"] > rtol:
         out.append(f"max relative difference {result['max_rel_diff']:.1e} > {rtol:.0e}")
     if precision != "int8" and result["top1_agreement"] < MIN_TOP1_AGREEMENT:

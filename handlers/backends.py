@@ -35,6 +35,18 @@ class TorchScriptBackend:
         return tuple(out) if isinstance(out, (tuple, list)) else out
 
 
+def _tensorrt_usable(available: list[str]) -> bool:
+    """ONNX Runtime lists the TensorRT EP whenever it was built with it; it only works with libnvinfer."""
+    if "TensorrtExecutionProvider" not in available:
+        return False
+    import ctypes
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+        return True
+    except OSError:
+        return False
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -50,8 +62,10 @@ class OnnxRuntimeBackend:
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the pip-installed nvidia-* packages (torch's)
+                ort.preload_dlls()
             gpu = {"device_id": device.index or 0}
-            providers = ([("TensorrtExecutionProvider", gpu)] if "TensorrtExecutionProvider" in available else []) + \
+            providers = ([("TensorrtExecutionProvider", gpu)] if _tensorrt_usable(available) else []) + \
                 ([("CUDAExecutionProvider", gpu)] if "CUDAExecutionProvider" in available else []) + providers
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name

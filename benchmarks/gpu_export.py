@@ -1,0 +1,60 @@
+"""Speed of the exported variants on a GPU: images/s at several batch sizes, per variant.
+
+    python -m benchmarks.gpu_export --dir EXPORT_DIR [--batches 1,64,256]
+
+Complements ``python -m export verify`` (parity and accuracy): this measures throughput of each
+graph in an export folder on CUDA (TorchScript on the device; ONNX through ONNX Runtime's CUDA EP).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from handlers.backends import load_backend
+
+
+def throughput(backend, size: int, batch: int, *, seconds: float = 1.0) -> float:
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    if backend.name == "torchscript":
+        x = x.cuda()
+    for _ in range(3):
+        backend(x)
+    torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        out = backend(x)
+        n += 1
+    (out[0] if isinstance(out, tuple) else out).cpu()
+    torch.cuda.synchronize()
+    return n * batch / (time.perf_counter() - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", required=True, help="export folder")
+    p.add_argument("--batches", default="1,64,256", help="batch sizes")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 0
+    manifest = json.load(open(os.path.join(args.dir, "export.json")))
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; model {manifest['arch']} "
+          f"{manifest['model_kwargs']} at {manifest['input_size']} px")
+    print(f"{'variant':<18} {'providers':<28} " + " ".join(f"{'b=' + str(b):>10}" for b in batches) + "  (images/s)")
+    for name, info in manifest["variants"].items():
+        if info["runtime"] == "openvino":
+            continue
+        backend = load_backend(os.path.join(args.dir, info["files"][0]), device=torch.device("cuda"))
+        rates = [throughput(backend, info["input_size"], b) for b in batches]
+        print(f"{name:<18} {str(backend.providers[0])[:28]:<28} " + " ".join(f"{r:>10,.0f}" for r in rates))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
