@@ -8,6 +8,8 @@ import sys
 from .formats import VARIANTS
 from .verify import DEFAULT_MAX_DROP
 
+REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written
+
 
 def _variant_table() -> str:
     return "\n".join(f"  {v.name:<17} {v.precision:<5} {v.purpose}" for v in VARIANTS.values())
@@ -22,8 +24,8 @@ def _export_parser() -> argparse.ArgumentParser:
         "convolution: with zero padding that would change the border pixels); BatchNorm is folded into the\n"
         "convolutions (TorchScript freezing; the ONNX exporter in eval mode).\n\n"
         "Every variant is compared with the eager model on real images (--data) and refused (not written) when\n"
-        "it is off tolerance or loses more than --max-drop top-1 points; DIR/export.json lists each file with its\n"
-        "runtime, precision, input, outputs and numbers. Subcommands: `python -m export verify --help`,\n"
+        "it is off tolerance or loses more than --max-drop top-1 points (exit status 3: the others are written);\n"
+        "DIR/export.json lists each file with its runtime, precision, input, outputs and numbers. Subcommands: `python -m export verify --help`,\n"
         "`python -m export archive --help`.\n\nVariants (--formats):\n" + _variant_table())
     p.add_argument("--checkpoint", required=True, help="best.pt/last.pt written by `python -m training train`")
     p.add_argument("--out", required=True, help="output folder")
@@ -38,8 +40,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
     p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, help="largest accepted top-1 accuracy drop "
                    "of a reduced-precision variant, in points (default: %(default)s)")
-    p.add_argument("--graph-tta", default="flip", choices=["flip", "five_crop"], help="TTA of the onnx-tta graph; "
-                   "five_crop takes input at the resize size (default: %(default)s)")
+    p.add_argument("--graph-tta", default="flip", choices=["flip", "five_crop", "ten_crop"],
+                   help="TTA of the onnx-tta graph; five_crop/ten_crop take input at the resize size "
+                   "(default: %(default)s)")
     p.add_argument("--graph-topk", type=int, default=5, help="k of the onnx-topk graph (default: %(default)s)")
     return p
 
@@ -81,9 +84,19 @@ def _archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="minWorkers = maxWorkers")
     p.add_argument("--response-timeout", type=int, default=60, help="TorchServe responseTimeout in s")
     p.add_argument("--topk", type=int, default=5, help="classes returned per image (clients may send X-Top-K)")
-    p.add_argument("--tta", default="flip", choices=["none", "flip"], help="test-time augmentation in the handler "
-                   "(ignored for onnx-tta, whose graph does its own)")
+    p.add_argument("--tta", default="flip", choices=["none", "flip", "five_crop", "ten_crop", "multi_scale"],
+                   help="test-time augmentation in the handler, all views in one forward (ignored for onnx-tta and "
+                   "onnx-topk graphs)")
+    p.add_argument("--tta-scales", default=None, help="comma-separated scales for multi_scale (default 1.0,1.15,0.87)")
+    p.add_argument("--tta-aggregate", default="softmax", choices=["softmax", "logits"],
+                   help="mean of the views' softmax, or softmax of their mean logits")
+    p.add_argument("--adaptive-tta", action="store_true", help="plain forward first; TTA views only for images "
+                   "whose confidence is below --adaptive-threshold")
+    p.add_argument("--adaptive-metric", default="confidence", choices=["confidence", "margin"],
+                   help="top-1 probability, or top-1 minus top-2")
+    p.add_argument("--adaptive-threshold", type=float, default=0.9, help="below this, TTA is applied")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are refused with 413")
+    p.add_argument("--max-images-per-request", type=int, default=32, help="images one request may carry")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: cores / workers)")
     return p
 
@@ -98,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                                    archive_format=args.archive_format, batch_size=args.batch_size,
                                    max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
                                    response_timeout_s=args.response_timeout, topk=args.topk, tta=args.tta,
-                                   max_pixels=args.max_pixels, threads=args.threads):
+                                   tta_scales=[float(x) for x in args.tta_scales.split(",")] if args.tta_scales else None,
+                                   tta_aggregate=args.tta_aggregate, adaptive_tta=args.adaptive_tta,
+                                   adaptive_metric=args.adaptive_metric, adaptive_threshold=args.adaptive_threshold,
+                                   max_pixels=args.max_pixels, max_images_per_request=args.max_images_per_request,
+                                   threads=args.threads):
             print(f"wrote {path}")
         return 0
     if argv and argv[0] == "verify":
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                 calib_images=args.calib_images, max_drop=args.max_drop)
     except RefusedVariants as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return REFUSED_EXIT
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for name, entry in manifest["variants"].items():

@@ -44,7 +44,7 @@ class Exporter:
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
-        return self.spec.resize_size if variant.name == "onnx-tta" and self.graph_tta == "five_crop" \
+        return self.spec.resize_size if variant.name == "onnx-tta" and self.graph_tta != "flip" \
             else self.spec.input_size
 
     def module(self, variant: Variant) -> torch.nn.Module:
@@ -61,7 +61,7 @@ class Exporter:
     @torch.no_grad()
     def reference(self, variant: Variant, evalset: EvalSet) -> torch.Tensor:
         if variant.output == "probabilities":
-            images = evalset.full if self.graph_tta == "five_crop" else evalset.crops
+            images = evalset.full if self.graph_tta != "flip" else evalset.crops
             return self.module(variant)(images)
         return self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
 

@@ -141,7 +141,7 @@ def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None
 
         batches = [calibration[i:i + 1].numpy() for i in range(len(calibration))]
         model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                              preset=nncf.QuantizationPreset.PERFORMANCE)
+                              preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False)
     ov.save_model(model, dst_xml, compress_to_fp16=False)
 
 

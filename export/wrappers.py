@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GRAPH_TTA_MODES = ("flip", "five_crop")
+from training.tta import tta_views
+
+GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")
 
 
 class FusedNormalization(nn.Module):
@@ -41,37 +43,26 @@ class FusedNormalization(nn.Module):
         return self.model(x.to(self.dtype)).float()
 
 
-def five_crops(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(5N, C, size, size)``: center, top-left, top-right, bottom-left, bottom-right."""
-    h, w = images.shape[-2], images.shape[-1]
-    top, left = (h - size) // 2, (w - size) // 2
-    return torch.cat([images[..., top:top + size, left:left + size], images[..., :size, :size],
-                      images[..., :size, w - size:], images[..., h - size:, :size], images[..., h - size:, w - size:]])
-
-
 class InGraphTTA(nn.Module):
     """uint8 -> mean softmax over TTA views, every view in ONE forward of ``base`` (uint8 -> logits).
 
-    ``flip``: input at the crop size, views = original + horizontal flip (view-major, as
-    ``training.tta``). ``five_crop``: input at the resize size (``resize x resize``), five crops of
-    ``crop_size``, each also flipped: 10 views.
+    The views are ``training.tta.tta_views``, the handler's own: ``flip`` takes input at the crop size;
+    ``five_crop`` (5 views) and ``ten_crop`` (the five and their flips) take the resize-size square.
     """
 
     def __init__(self, base: nn.Module, *, mode: str = "flip", crop_size: int | None = None):
         super().__init__()
         if mode not in GRAPH_TTA_MODES:
             raise ValueError(f"in-graph TTA mode must be one of {GRAPH_TTA_MODES}, got {mode!r}")
-        if mode == "five_crop" and not crop_size:
-            raise ValueError("five_crop needs crop_size")
+        if mode != "flip" and not crop_size:
+            raise ValueError(f"{mode} needs crop_size")
         self.base = base
         self.mode = mode
         self.crop_size = crop_size or 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
-        views = five_crops(images, self.crop_size) if self.mode == "five_crop" else images
-        views = torch.cat([views, views.flip(-1)])
-        probs = self.base(views).softmax(-1)
+        probs = self.base(tta_views(images, self.mode, crop_size=self.crop_size or None)).softmax(-1)
         return probs.view(-1, n, probs.shape[-1]).mean(0)
 
 

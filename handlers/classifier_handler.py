@@ -1,8 +1,16 @@
 """TorchServe handler for the exported uint8-input classifiers.
 
-initialize -> preprocess (read, decode in a thread pool, eval resize/crop, batched) -> inference (all
-TTA views of all requests in ONE forward) -> postprocess (top-k per request, JSON, per-request
+initialize -> preprocess (read; decode in a thread pool, or JPEGs in one nvjpeg call on a GPU; eval
+resize/crop on the device, batched) -> inference (all TTA views of all images in ONE forward, or
+adaptive: TTA only for the uncertain ones) -> postprocess (top-k per request, JSON, per-request
 status). A bad request gets its own 4xx and JSON error; the rest of its batch is answered normally.
+A failure of the model answers the batch with 500 and a log line, never a hung request.
+
+Settings come from the archive's ``model-config.yaml`` (``handler:`` section): topk, tta
+(none|flip|five_crop|ten_crop|multi_scale), tta_scales, tta_aggregate (softmax|logits),
+adaptive_tta, adaptive_metric (confidence|margin), adaptive_threshold, max_pixels,
+max_images_per_request, max_forward_batch, threads, openvino_precision, and the graph's facts
+(input_size, resize_size, graph_output, graph_tta, graph_topk).
 
 TorchServe requires exactly one class in this module: helpers live in the other modules.
 Inside a ``.mar`` the helper modules sit flat next to this file; inside the repository they live
@@ -17,22 +25,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository
     from handlers.backends import load_backend
-    from handlers.pipeline import Batch, RequestError, error_body, parse_topk, read_body, topk_predictions
+    from handlers.pipeline import Batch, RequestError, error_body, parse_topk, read_request, topk_predictions
     from training.class_index import INDEX_FILE, read_index_to_name
-    from training.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+    from training.images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from training.presets import EvalPreset
-    from training.tta import TTA_MODES, num_views, predict_proba
+    from training.tta import (AGGREGATES, DEFAULT_SCALES, TTA_MODES, adaptive_predict_proba, canvas_preset,
+                              num_views, predict_proba)
 except ImportError:  # inside a .mar: flat modules in the model directory
     from backends import load_backend
-    from pipeline import Batch, RequestError, error_body, parse_topk, read_body, topk_predictions
+    from pipeline import Batch, RequestError, error_body, parse_topk, read_request, topk_predictions
     from class_index import INDEX_FILE, read_index_to_name
-    from images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+    from images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from presets import EvalPreset
-    from tta import TTA_MODES, num_views, predict_proba
+    from tta import AGGREGATES, DEFAULT_SCALES, TTA_MODES, adaptive_predict_proba, canvas_preset, num_views, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +58,57 @@ class ImageClassifierHandler(BaseHandler):
         workers = int(yaml_cfg.get("minWorkers", 1) or 1)
         self.threads = int(cfg.get("threads") or max(1, (os.cpu_count() or 1) // workers))
         torch.set_num_threads(self.threads)
-        self.tta = str(cfg.get("tta", "none"))
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_MODES}, got {self.tta!r}")
+        self.class_names = read_index_to_name(os.path.join(model_dir, INDEX_FILE))
+        self._configure_tta(cfg)
+        self.max_topk = int(cfg.get("graph_topk") or len(self.class_names))
+        self.default_topk = min(int(cfg.get("topk", 5)), self.max_topk)
+        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_images = int(cfg.get("max_images_per_request", 32))
+        self.max_forward_batch = int(cfg.get("max_forward_batch", 256))
+        input_size, resize_size = int(cfg["input_size"]), int(cfg.get("resize_size") or cfg["input_size"])
+        self.crop_size = input_size
+        self.canvas = canvas_preset(self.tta, crop_size=input_size, resize_size=resize_size) \
+            if self.graph_output == "logits" else EvalPreset(crop_size=input_size, resize_size=resize_size)
+        serialized = context.manifest["model"]["serializedFile"]
+        self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
+                                    precision=self._openvino_precision(cfg))
+        self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
+        self.jpeg_batch_decoder = None
+        if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
+            from torchvision.io import ImageReadMode, decode_jpeg
+            self.jpeg_batch_decoder = lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device,
+                                                                apply_exif_orientation=True)
+        self.model_name = context.manifest["model"].get("modelName", "")
+        self.model_version = context.manifest["model"].get("modelVersion", "")
+        batch = int(yaml_cfg.get("batchSize", 1) or 1)
+        warm = torch.zeros((batch * self.views, 3, self.crop_size, self.crop_size), dtype=torch.uint8,
+                           device=self.device)
+        start = time.perf_counter()
+        self.forward(warm)
+        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, warm-up %.0f ms", self.model_name,
+                 self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)), self.device,
+                 self.threads, self.tta, " (adaptive)" if self.adaptive else "", self.default_topk,
+                 (time.perf_counter() - start) * 1000)
+        self.initialized = True
+
+    def _configure_tta(self, cfg: dict) -> None:
         # What the graph returns: logits (TTA here), probabilities (TTA in the graph) or its own top-k.
         self.graph_output = str(cfg.get("graph_output", "logits"))
         if self.graph_output not in ("logits", "probabilities", "topk"):
             raise ValueError(f"model-config.yaml handler.graph_output {self.graph_output!r} is not "
                              "logits, probabilities or topk")
-        if self.graph_output != "logits":
-            self.tta = "none"
+        self.tta = str(cfg.get("tta", "none")) if self.graph_output == "logits" else "none"
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_MODES}, got {self.tta!r}")
+        self.scales = tuple(float(s) for s in cfg.get("tta_scales") or DEFAULT_SCALES)
+        self.aggregate = str(cfg.get("tta_aggregate", "softmax"))
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"model-config.yaml handler.tta_aggregate must be one of {AGGREGATES}")
+        self.adaptive = bool(cfg.get("adaptive_tta", False)) and self.tta != "none"
+        self.adaptive_metric = str(cfg.get("adaptive_metric", "confidence"))
+        self.adaptive_threshold = float(cfg.get("adaptive_threshold", 0.9))
+        self.views = num_views(self.tta, self.scales)
         self.tta_label = str(cfg.get("graph_tta", "none")) if self.graph_output == "probabilities" else self.tta
-        self.class_names = read_index_to_name(os.path.join(model_dir, INDEX_FILE))
-        self.max_topk = int(cfg.get("graph_topk") or len(self.class_names))
-        self.default_topk = min(int(cfg.get("topk", 5)), self.max_topk)
-        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
-        self.preset = EvalPreset(crop_size=int(cfg["input_size"]), resize_size=int(cfg.get("resize_size") or 0) or None)
-        serialized = context.manifest["model"]["serializedFile"]
-        self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
-                                    precision=self._openvino_precision(cfg))
-        self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
-        self.model_name = context.manifest["model"].get("modelName", "")
-        self.model_version = context.manifest["model"].get("modelVersion", "")
-        batch = int(yaml_cfg.get("batchSize", 1) or 1)
-        warm = torch.zeros((batch * num_views(self.tta), 3, self.preset.crop_size, self.preset.crop_size),
-                           dtype=torch.uint8, device=self.device)
-        start = time.perf_counter()
-        self.backend(warm)
-        log.info("%s: %s on %s, %d threads, tta=%s, topk=%d, warm-up %.0f ms", self.model_name, self.backend.name,
-                 self.device, self.threads, self.tta, self.default_topk, (time.perf_counter() - start) * 1000)
-        self.initialized = True
 
     @staticmethod
     def _openvino_precision(cfg: dict) -> str:
@@ -91,55 +122,120 @@ class ImageClassifierHandler(BaseHandler):
         except ImportError:
             return "f32"
 
-    def _read_one(self, row: dict, headers: dict) -> tuple[torch.Tensor, int]:
-        topk = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk)
-        return decode_rgb(read_body(row), max_pixels=self.max_pixels), topk
+    def forward(self, images: torch.Tensor):
+        """The backend over ``images``, chunked by ``max_forward_batch``."""
+        if len(images) <= self.max_forward_batch:
+            return self.backend(images)
+        parts = [self.backend(images[i:i + self.max_forward_batch])
+                 for i in range(0, len(images), self.max_forward_batch)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+        return torch.cat(parts)
 
+    # -- the TorchServe contract ---------------------------------------------------------------------
     def preprocess(self, data: list[dict]) -> Batch:
+        start = time.perf_counter()
         batch = Batch(size=len(data))
-        headers = [self.context.get_all_request_header(i) if self.context else {} for i in range(len(data))]
-        futures = [self.decode_pool.submit(self._read_one, row, h) for row, h in zip(data, headers)]
-        images = []
-        for i, fut in enumerate(futures):
+        payloads, owners = [], []
+        for i, row in enumerate(data):
             try:
-                image, batch.topk[i] = fut.result()
-            except (RequestError, ImageError) as e:
+                req = read_request(row, max_images=self.max_images)
+                headers = self.context.get_all_request_header(i) if self.context else {}
+                batch.topk[i] = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk,
+                                           body_value=req.topk)
+            except RequestError as e:
                 batch.errors[i] = e
                 continue
-            batch.valid.append(i)
-            images.append(image.to(self.device, non_blocking=True))
+            batch.requests[i] = req
+            payloads += req.images
+            owners += [i] * len(req.images)
+        decoded = decode_many(payloads, max_pixels=self.max_pixels, device=self.device, pool=self.decode_pool,
+                              jpeg_batch_decoder=self.jpeg_batch_decoder)
+        position: dict[int, int] = {}
+        for image, owner in zip(decoded, owners):
+            k = position[owner] = position.get(owner, -1) + 1
+            if isinstance(image, ImageError) and owner not in batch.errors:
+                if batch.requests[owner].multi:  # the whole request fails; the message says which image
+                    image = type(image)(f"image {k} of {len(batch.requests[owner].images)}: {image}")
+                batch.errors[owner] = image
+        batch.timings["decode"] = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        images = [(img, o) for img, o in zip(decoded, owners) if o not in batch.errors]
         if images:
-            batch.images = self.preset.batch(images)
+            batch.owners = [o for _, o in images]
+            batch.canvas = self.canvas.batch([img for img, _ in images])
+        batch.timings["preprocess"] = (time.perf_counter() - start) * 1000
         return batch
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
-        if batch.images is None:
+        if batch.canvas is None:
             return batch
-        k = max(batch.topk[i] for i in batch.valid)
-        if self.graph_output == "topk":
-            values, indices = self.backend(batch.images)
-        else:
-            probs = predict_proba(self.backend, batch.images, self.tta) if self.graph_output == "logits" \
-                else self.backend(batch.images)
-            values, indices = probs.topk(k, dim=1)
-        batch.values, batch.indices = values.cpu(), indices.cpu()
+        start = time.perf_counter()
+        n = len(batch.canvas)
+        try:
+            applied = torch.full((n,), self.tta != "none")
+            if self.graph_output == "topk":
+                values, indices = self.forward(batch.canvas)
+            else:
+                if self.graph_output == "probabilities":
+                    probs = self.forward(batch.canvas)
+                elif self.adaptive:
+                    probs, applied = adaptive_predict_proba(
+                        self.forward, batch.canvas, self.tta, crop_size=self.crop_size, scales=self.scales,
+                        how=self.aggregate, metric=self.adaptive_metric, threshold=self.adaptive_threshold)
+                else:
+                    probs = predict_proba(self.forward, batch.canvas, self.tta, crop_size=self.crop_size,
+                                          scales=self.scales, how=self.aggregate)
+                values, indices = probs.topk(max(batch.topk[i] for i in set(batch.owners)), dim=1)
+            batch.values, batch.indices, batch.tta_applied = values.cpu(), indices.cpu(), applied.cpu()
+        except Exception as e:  # the model failed: 500 for this batch, with the cause in the log
+            log.exception("%s: inference failed for a batch of %d images", self.model_name, n)
+            batch.failure = e
+        batch.timings["forward"] = (time.perf_counter() - start) * 1000
         return batch
 
     def postprocess(self, batch: Batch) -> list[str]:
         out: list[str] = [""] * batch.size
         if batch.values is not None:
-            preds = topk_predictions(batch.values, batch.indices, [batch.topk[i] for i in batch.valid],
+            preds = topk_predictions(batch.values, batch.indices, [batch.topk[o] for o in batch.owners],
                                      self.class_names)
-            for i, p in zip(batch.valid, preds):
-                out[i] = json.dumps({"predictions": p, "model": self.model_name, "version": self.model_version,
-                                     "tta": self.tta_label})
+            per_request: dict[int, list[dict]] = {}
+            for owner, p, applied in zip(batch.owners, preds, batch.tta_applied.tolist()):
+                body = {"predictions": p, "model": self.model_name, "version": self.model_version,
+                        "tta": self.tta_label if applied or self.graph_output != "logits" else "none"}
+                if self.adaptive:
+                    body["tta_applied"] = bool(applied)
+                per_request.setdefault(owner, []).append(body)
+            for owner, bodies in per_request.items():
+                out[owner] = json.dumps(bodies if batch.requests[owner].multi else bodies[0])
+        if batch.failure is not None:
+            for owner in set(batch.owners):
+                batch.errors[owner] = RequestError(f"the model failed on this batch: {batch.failure}", status=500,
+                                                   error="inference failed")
         for i, err in batch.errors.items():
-            status, kind = getattr(err, "status", 400), getattr(err, "error", None)
-            kind = kind or ("image too large" if status == 413 else "bad image")
+            status = getattr(err, "status", 400)
+            kind = getattr(err, "error", None) or ("image too large" if status == 413 else "bad image")
             out[i] = error_body(kind, str(err))
             if self.context is not None:
                 self.context.set_response_status(status, kind, idx=i)
         if self.context is not None:
             for i in range(batch.size):
                 self.context.set_response_content_type(i, "application/json")
+        self._record_metrics(batch)
         return out
+
+    def _record_metrics(self, batch: Batch) -> None:
+        metrics = getattr(self.context, "metrics", None) if self.context is not None else None
+        if metrics is None:
+            return
+        for stage, ms in batch.timings.items():
+            metrics.add_time(f"{stage.capitalize()}Ms", round(ms, 3), None, "ms")
+        metrics.add_metric("BatchSize", batch.size, "count", None, metric_type=MetricTypes.GAUGE)
+        images = len(batch.owners)
+        if images:
+            applied = int(batch.tta_applied.sum()) if batch.tta_applied is not None else 0
+            views = images + applied * (self.views - 1) if self.adaptive else images * self.views
+            metrics.add_metric("TTAViewsPerImage", round(views / images, 3), "count", None, metric_type=MetricTypes.GAUGE)
+            if self.adaptive:
+                metrics.add_metric("AdaptiveTTATriggerRate", round(100.0 * applied / images, 2), "percent", None,
+                                   metric_type=MetricTypes.GAUGE)

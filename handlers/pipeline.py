@@ -1,4 +1,4 @@
-"""The handler's pure functions: request reading, per-request options, top-k formatting, errors.
+"""The handler's pure functions: reading requests, per-request options, top-k formatting, errors.
 
 Each is tested without TorchServe. Flat-importable (no relative imports): it travels inside the
 ``.mar``.
@@ -13,18 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 TOPK_HEADER = "x-top-k"
-
-
-@dataclass
-class Batch:
-    """What the handler's preprocess hands to inference and postprocess."""
-    size: int
-    images: torch.Tensor | None = None          # (M, 3, S, S) uint8 for the M valid requests
-    valid: list[int] = field(default_factory=list)
-    topk: dict[int, int] = field(default_factory=dict)
-    errors: dict[int, Exception] = field(default_factory=dict)
-    values: torch.Tensor | None = None          # (M, k) top-k probabilities, sorted
-    indices: torch.Tensor | None = None         # (M, k) their class indices
+TOPK_FIELD = "topk"
 
 
 class RequestError(ValueError):
@@ -36,37 +25,82 @@ class RequestError(ValueError):
         self.error = error
 
 
-def read_body(row: dict) -> bytes | bytearray:
-    """The image bytes of one TorchServe request row.
-
-    Accepts a raw body (``{"body": bytes}``), a multipart form (the first file field, any name), or
-    JSON ``{"data": "<base64>"}`` (TorchServe hands JSON over already parsed as a dict).
-    """
-    if not row:
-        raise RequestError("empty request: send image bytes as the body or as a multipart file field",
-                           error="empty body")
-    value = row.get("body", row.get("data"))
-    if value is None:  # multipart: one key per form field
-        value = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
-    if isinstance(value, dict):
-        return _base64_image(value)
-    if isinstance(value, str):
-        raise RequestError("the body was sent as text; send image bytes with an image/* content type, or JSON "
-                           '{"data": "<base64 image>"}', status=415, error="unsupported media type")
-    if not isinstance(value, (bytes, bytearray)):
-        raise RequestError("no image found in the request: send image bytes as the body or as a multipart file "
-                           "field", error="missing image")
-    return value
+@dataclass
+class Request:
+    """One HTTP request: its images, whether it gets a list back, and a ``topk`` from its body."""
+    images: list[bytes | bytearray]
+    multi: bool = False
+    topk: object = None
 
 
-def _base64_image(body: dict) -> bytes:
-    data = body.get("data")
+@dataclass
+class Batch:
+    """What the handler's preprocess hands to inference and postprocess."""
+    size: int                                             # requests in the batch
+    owners: list[int] = field(default_factory=list)       # request index of each decoded image
+    canvas: torch.Tensor | None = None                    # (M, 3, R, R) uint8, one row per image
+    requests: dict[int, Request] = field(default_factory=dict)
+    topk: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, Exception] = field(default_factory=dict)
+    values: torch.Tensor | None = None                    # (M, k) top-k probabilities, sorted
+    indices: torch.Tensor | None = None                   # (M, k) their class indices
+    tta_applied: torch.Tensor | None = None               # (M,) bool
+    failure: Exception | None = None                      # the model itself failed: 500 for the batch
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _b64(item, where: str) -> bytes:
+    data = item.get("data") if isinstance(item, dict) else item
     if not isinstance(data, str):
-        raise RequestError('JSON bodies must look like {"data": "<base64-encoded image>"}', error="bad json")
+        raise RequestError(f'{where}: expected a base64 string (JSON {{"data": "<base64 image>"}})', error="bad json")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RequestError(f'"data" is not valid base64: {e}', error="bad base64") from None
+        raise RequestError(f"{where} is not valid base64: {e}", error="bad base64") from None
+
+
+def read_request(row: dict, *, max_images: int = 32) -> Request:
+    """The images of one TorchServe request row.
+
+    * raw body (``{"body": bytes}``): one image;
+    * JSON (TorchServe hands it over parsed): ``{"data": "<b64>", "topk": 3}``, ``{"data": ["<b64>", ...]}``
+      or ``["<b64>", {"data": "<b64>"}, ...]`` -- a list gives a list back;
+    * multipart form: every file field is an image (several give a list back); a ``topk`` field sets k.
+    """
+    if not row:
+        raise RequestError("empty request: send image bytes as the body, a multipart file field, or JSON "
+                           '{"data": "<base64>"}', error="empty body")
+    if "body" in row:
+        body = row["body"]
+        if isinstance(body, (bytes, bytearray)):
+            if not body:
+                raise RequestError("empty body: expected the bytes of an image", error="empty body")
+            req = Request([body])
+        elif isinstance(body, dict):
+            data = body.get("data")
+            if isinstance(data, list):
+                req = Request([_b64(d, f"data[{i}]") for i, d in enumerate(data)], multi=True, topk=body.get(TOPK_FIELD))
+            else:
+                req = Request([_b64(body, '"data"')], topk=body.get(TOPK_FIELD))
+        elif isinstance(body, list):
+            req = Request([_b64(d, f"item {i}") for i, d in enumerate(body)], multi=True)
+        elif isinstance(body, str):
+            raise RequestError("the body arrived as text: send image bytes with an image/* content type, or JSON "
+                               '{"data": "<base64 image>"}', status=415, error="unsupported media type")
+        else:
+            raise RequestError(f"unsupported body of type {type(body).__name__}", status=415,
+                               error="unsupported media type")
+    else:  # multipart: one key per form field
+        files = [v for k, v in row.items() if k != TOPK_FIELD and isinstance(v, (bytes, bytearray)) and v]
+        if not files:
+            raise RequestError("no image found in the form: send each image as a file field", error="missing image")
+        req = Request(files, multi=len(files) > 1, topk=row.get(TOPK_FIELD))
+    if not req.images:
+        raise RequestError("the request holds no image", error="missing image")
+    if len(req.images) > max_images:
+        raise RequestError(f"{len(req.images)} images in one request; the limit is {max_images}", status=413,
+                           error="too many images")
+    return req
 
 
 def header(headers: dict | None, name: str) -> str | None:
@@ -77,17 +111,22 @@ def header(headers: dict | None, name: str) -> str | None:
     return None
 
 
-def parse_topk(headers: dict | None, *, default: int, num_classes: int) -> int:
-    value = header(headers, TOPK_HEADER)
+def parse_topk(headers: dict | None, *, default: int, num_classes: int, body_value=None) -> int:
+    """k from the body's ``topk`` field, else the ``X-Top-K`` header, else ``default``; 1..num_classes."""
+    value, source = (body_value, "topk") if body_value is not None else (header(headers, TOPK_HEADER), "X-Top-K")
     if value is None:
         return min(default, num_classes)
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode(errors="replace")
     try:
-        k = int(str(value).strip())
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        k = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
     except ValueError:
-        raise RequestError(f"X-Top-K must be an integer between 1 and {num_classes}, got {value!r}",
+        raise RequestError(f"{source} must be an integer between 1 and {num_classes}, got {value!r}",
                            error="bad top-k") from None
     if not 1 <= k <= num_classes:
-        raise RequestError(f"X-Top-K must be between 1 and {num_classes}, got {k}", error="bad top-k")
+        raise RequestError(f"{source} must be between 1 and {num_classes}, got {k}", error="bad top-k")
     return k
 
 

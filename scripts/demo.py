@@ -30,11 +30,14 @@ TTA = "flip"
 SERVED_IMAGES = 1000
 
 
-def step(title: str, *cmd: str) -> None:
+def step(title: str, *cmd: str, ok: tuple[int, ...] = (0,)) -> int:
     print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc not in ok:
+        raise SystemExit(f"demo stopped: the step above failed with exit status {rc}")
     print(f"({time.time() - start:.0f} s)", flush=True)
+    return rc
 
 
 def served_accuracy(server: TorchServe, offline_csv: str) -> tuple[float, float, int, int]:
@@ -73,7 +76,9 @@ def main() -> int:
          "--checkpoint", f"{RUN}/best.pt", "--data", f"{DATA}/test", "--tta", TTA, "--out", f"{RUN}/predictions.csv")
     step("export: every graph variant (fused normalization; fp16/bf16/INT8; in-graph TTA and top-k), each "
          "checked against eager on 500 real test images", PY, "-m", "export", "--checkpoint", f"{RUN}/best.pt",
-         "--out", EXPORT, "--formats", "all", "--data", f"{DATA}/test")
+         "--out", EXPORT, "--formats", "all", "--data", f"{DATA}/test", ok=(0, 3))
+    # Exit status 3: the accuracy gate refused some variants (typically INT8 on this small model,
+    # whose 16-channel layers lose more than 0.5 top-1 points when quantized); the rest were written.
     step("archive: model_store/fmnist.mar (ONNX Runtime fp32)", PY, "-m", "export", "archive", "--dir", EXPORT,
          "--variant", "onnx",
          "--name", MODEL, "--version", "1.0", "--tta", TTA, "--topk", "3")

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                        "predictions as CSV.")
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     e.add_argument("--data", required=True, help="ImageFolder tree to evaluate on, e.g. DATA/test")
-    e.add_argument("--tta", default="none", choices=["none", "flip"], help="test-time augmentation")
+    e.add_argument("--tta", default="none", choices=["none", "flip", "five_crop", "ten_crop", "multi_scale"],
+                   help="test-time augmentation, exactly as the handler does it (see training/tta.py)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
     e.add_argument("--out", default=None, help="CSV of per-image predictions (default: next to the checkpoint)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

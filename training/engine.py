@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .checkpoint import ModelSpec, load_model, save_checkpoint
 from .data import ImageFolderDataset
 from .presets import EvalPreset, TrainPreset, normalize
-from .tta import predict_proba
+from .tta import canvas_preset, predict_proba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,12 +82,13 @@ def cosine_with_warmup(optimizer, *, warmup_steps: int, total_steps: int) -> tor
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: torch.device, tta: str = "none",
             progress: bool = True, desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches of the loader are TTA canvases (``training.tta.canvas_preset``)."""
     """Return ``(probabilities (N, K), labels (N,))`` in loader order."""
     model.eval()
     forward = lambda x: model(normalize(x, mean=spec.mean, std=spec.std))  # noqa: E731
     probs, labels = [], []
     for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
-        probs.append(predict_proba(forward, images.to(device), tta).cpu())
+        probs.append(predict_proba(forward, images.to(device), tta, crop_size=spec.input_size).cpu())
         labels.append(target)
     return torch.cat(probs), torch.cat(labels)
 
@@ -172,7 +173,7 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
     model.to(dev)
-    ds = ImageFolderDataset(data, transform=EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size))
+    ds = ImageFolderDataset(data, transform=canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size))
     if ds.classes != spec.class_names:
         raise ValueError(f"the classes of {data} ({ds.classes}) differ from the checkpoint's ({spec.class_names})")
     probs, labels = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta,

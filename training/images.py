@@ -88,3 +88,51 @@ def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS)
 def read_image_file(path: str) -> torch.Tensor:
     with open(path, "rb") as f:
         return decode_rgb(f.read())
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS, device=None,
+                pool=None, jpeg_batch_decoder=None) -> list[torch.Tensor | ImageError]:
+    """Decode many images; each result is an RGB uint8 ``(3, H, W)`` tensor on ``device`` or the
+    :class:`ImageError` that image raised (one bad image never fails the others).
+
+    ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call,
+    e.g. ``lambda datas: torchvision.io.decode_jpeg(datas, device="cuda", ...)`` for nvjpeg on the
+    GPU; other formats, and every JPEG again if the batched call fails, go through
+    :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``.
+    """
+    def one(data):
+        try:
+            image = decode_rgb(data, max_pixels=max_pixels)
+            return image.to(device, non_blocking=True) if device is not None else image
+        except ImageError as e:
+            return e
+
+    results: list = [None] * len(payloads)
+    batched: list[int] = []
+    if jpeg_batch_decoder is not None:
+        for i, data in enumerate(payloads):
+            if bytes(data[:3]) == JPEG_MAGIC:
+                try:
+                    width, height = image_size(data)
+                    if width * height > max_pixels:
+                        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; "
+                                                 f"the limit is {max_pixels}")
+                    batched.append(i)
+                except ImageError as e:
+                    results[i] = e
+        if batched:
+            try:
+                decoded = jpeg_batch_decoder([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8)
+                                              for i in batched])
+                for i, image in zip(batched, decoded):
+                    results[i] = image
+            except RuntimeError:  # one undecodable JPEG fails the whole call: decode those one by one
+                batched = []
+    rest = [i for i in range(len(payloads)) if results[i] is None]
+    mapper = pool.map if pool is not None else map
+    for i, result in zip(rest, mapper(one, [payloads[i] for i in rest])):
+        results[i] = result
+    return results

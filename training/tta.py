@@ -1,35 +1,129 @@
-"""Test-time augmentation as one batched forward. Shared by offline evaluation and the handler.
+"""Test-time augmentation as one batched forward. Shared by offline evaluation, export's in-graph
+TTA and the handler.
+
+Views are built from a square uint8 "canvas" batch ``(N, C, R, R)`` (see :func:`canvas_preset`) and
+returned view-major ``(V * N, C, crop, crop)`` with the plain center view FIRST, so that adaptive TTA
+can run view 0 alone and the other views only where needed:
+
+* ``none``       -- the center crop (the evaluation view)
+* ``flip``       -- center + its horizontal flip
+* ``five_crop``  -- center, top-left, top-right, bottom-left, bottom-right (canvas at the resize size)
+* ``ten_crop``   -- the five crops and their flips
+* ``multi_scale``-- for each scale ``s``: the center ``round(crop * s)`` square resized to ``crop``
+  (``s > 1`` sees more context, ``s < 1`` zooms in); canvas at the resize size
 
 Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from torchvision.transforms.v2 import functional as F
 
-TTA_MODES = ("none", "flip")
+try:  # inside the repository
+    from training.presets import EvalPreset
+except ImportError:  # inside a .mar
+    from presets import EvalPreset
+
+TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "multi_scale")
+DEFAULT_SCALES = (1.0, 1.15, 0.87)
+AGGREGATES = ("softmax", "logits")
 
 
-def tta_views(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(V * N, C, H, W)``, view-major (all originals, then all flips)."""
-    if mode == "none":
-        return images
-    if mode == "flip":
-        return torch.cat([images, images.flip(-1)])
+def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) -> EvalPreset:
+    """The eval transform whose output the views are cut from: the crop itself for ``none``/``flip``
+    (exactly the offline evaluation transform), the center square at the resize size otherwise."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
+    if mode in ("none", "flip"):
+        return EvalPreset(crop_size=crop_size, resize_size=resize_size)
+    size = resize_size or crop_size
+    return EvalPreset(crop_size=size, resize_size=size)
+
+
+def num_views(mode: str, scales: Sequence[float] = DEFAULT_SCALES) -> int:
+    return {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10, "multi_scale": len(scales)}[mode]
+
+
+def _center(canvas: torch.Tensor, crop: int) -> torch.Tensor:
+    """torchvision's center crop, with plain ints so the ONNX tracer sees constant slices."""
+    h, w = int(canvas.shape[-2]), int(canvas.shape[-1])
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return canvas[..., top:top + crop, left:left + crop]
+
+
+def tta_views(canvas: torch.Tensor, mode: str, *, crop_size: int | None = None,
+              scales: Sequence[float] = DEFAULT_SCALES) -> torch.Tensor:
+    """``(N, C, R, R)`` -> ``(V * N, C, crop, crop)``, view-major, center view first."""
+    crop = int(crop_size or canvas.shape[-1])
+    if mode in ("none", "flip"):
+        center = _center(canvas, crop)
+        return center if mode == "none" else torch.cat([center, center.flip(-1)])
+    if mode in ("five_crop", "ten_crop"):  # torchvision's five_crop, center first
+        h, w = int(canvas.shape[-2]), int(canvas.shape[-1])
+        views = torch.cat([_center(canvas, crop), canvas[..., :crop, :crop], canvas[..., :crop, w - crop:],
+                           canvas[..., h - crop:, :crop], canvas[..., h - crop:, w - crop:]])
+        return views if mode == "five_crop" else torch.cat([views, views.flip(-1)])
+    if mode == "multi_scale":
+        size = canvas.shape[-1]
+        out = []
+        for s in scales:
+            side = min(size, max(1, round(crop * s)))
+            view = _center(canvas, side)
+            out.append(view if side == crop else F.resize(view, [crop, crop], antialias=True))
+        return torch.cat(out)
     raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
 
 
-def num_views(mode: str) -> int:
-    return {"none": 1, "flip": 2}[mode]
+def aggregate(logits: torch.Tensor, n: int, *, how: str = "softmax") -> torch.Tensor:
+    """``(V * N, K)`` -> ``(N, K)`` probabilities: mean softmax over views, or softmax of mean logits."""
+    per_view = logits.float().view(-1, n, logits.shape[-1])
+    if how == "softmax":
+        return per_view.softmax(-1).mean(0)
+    if how == "logits":
+        return per_view.mean(0).softmax(-1)
+    raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATES}")
 
 
-def aggregate(logits: torch.Tensor, mode: str) -> torch.Tensor:
-    """``(V * N, K)`` logits -> ``(N, K)`` probabilities: the mean softmax over views."""
-    probs = logits.float().softmax(-1)
-    return probs.view(num_views(mode), -1, probs.shape[-1]).mean(0)
+def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch.Tensor, mode: str, *,
+                  crop_size: int | None = None, scales: Sequence[float] = DEFAULT_SCALES,
+                  how: str = "softmax") -> torch.Tensor:
+    """Run ``forward`` ONCE over every view of every image; return ``(N, K)`` probabilities."""
+    views = tta_views(canvas, mode, crop_size=crop_size, scales=scales)
+    return aggregate(forward(views), canvas.shape[0], how=how)
 
 
-def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str) -> torch.Tensor:
-    """Run ``forward`` once over every view of every image and return mean-softmax probabilities."""
-    return aggregate(forward(tta_views(images, mode)), mode)
+def uncertain(probs: torch.Tensor, *, metric: str = "confidence", threshold: float = 0.9) -> torch.Tensor:
+    """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``."""
+    if metric not in ("confidence", "margin"):
+        raise ValueError(f"adaptive TTA metric must be confidence or margin, got {metric!r}")
+    top = probs.topk(min(2, probs.shape[1]), dim=1).values
+    score = top[:, 0] if metric == "confidence" else top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
+    return score < threshold
+
+
+def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch.Tensor, mode: str, *,
+                           crop_size: int | None = None, scales: Sequence[float] = DEFAULT_SCALES,
+                           how: str = "softmax", metric: str = "confidence",
+                           threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain forward for every image; the TTA views only for the uncertain ones (one more forward).
+
+    Returns ``(probabilities (N, K), tta_applied (N,) bool)``. Where TTA is applied the result equals
+    :func:`predict_proba` over all views (the plain view's logits are reused).
+    """
+    n = canvas.shape[0]
+    views = tta_views(canvas, mode, crop_size=crop_size, scales=scales)
+    plain_logits = forward(views[:n]).float()
+    probs = plain_logits.softmax(-1)
+    mask = uncertain(probs, metric=metric, threshold=threshold)
+    if mode == "none" or not mask.any():
+        return probs, torch.zeros(n, dtype=torch.bool)
+    idx = mask.nonzero().squeeze(1)
+    m = len(idx)
+    v = views.shape[0] // n
+    extra = views.view(v, n, *views.shape[1:])[1:, idx.to(views.device)].reshape(-1, *views.shape[1:])
+    all_logits = torch.cat([plain_logits[idx.to(plain_logits.device)], forward(extra).float()])
+    probs = probs.clone()
+    probs[idx.to(probs.device)] = aggregate(all_logits, m, how=how).to(probs.device)
+    return probs, mask.cpu()

@@ -100,12 +100,12 @@ def test_in_graph_flip_tta_equals_the_handlers_tta(export_dir, checkpoint):
     assert torch.allclose(graph, handler, atol=1e-5)
 
 
-def test_in_graph_five_crop_tta(checkpoint, image_folder, tmp_path):
+def test_in_graph_ten_crop_tta(checkpoint, image_folder, tmp_path):
     from export.__main__ import main
     assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx-tta",
-                 "--graph-tta", "five_crop", "--data", str(image_folder / "test"), "--eval-images", "12"]) == 0
+                 "--graph-tta", "ten_crop", "--data", str(image_folder / "test"), "--eval-images", "12"]) == 0
     info = json.loads((tmp_path / "export.json").read_text())["variants"]["onnx-tta"]
-    assert info["tta"] == "five_crop" and info["input_size"] == 26  # the resize size: crops happen in the graph
+    assert info["tta"] == "ten_crop" and info["input_size"] == 26  # the resize size: crops happen in the graph
     spec, model = load_model(checkpoint)
     x = torch.randint(0, 256, (3, 3, 26, 26), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     crops = torch.cat(list(F.five_crop(x, [24, 24])))  # torchvision's own five-crop as the reference
@@ -148,7 +148,7 @@ def test_a_variant_over_max_drop_is_refused_and_not_written(checkpoint, image_fo
     from export.__main__ import main
     rc = main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx,onnx-int8",
                "--data", str(image_folder / "test"), "--max-drop", "-100"])  # every variant "drops" > -100
-    assert rc == 1 and "refused" in capsys.readouterr().err
+    assert rc == 3 and "refused" in capsys.readouterr().err
     assert not (tmp_path / "model_int8.onnx").exists() and (tmp_path / "model.onnx").exists()
     assert list(json.loads((tmp_path / "export.json").read_text())["variants"]) == ["onnx"]
 

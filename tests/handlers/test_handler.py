@@ -1,24 +1,26 @@
 """The TorchServe handler class driven directly, with TorchServe's own Context object."""
+import base64
+import io
 import json
 import shutil
 
 import pytest
 import torch
-import yaml
+from PIL import Image
 from ts.context import Context, RequestProcessor
 
-from export.archive import HANDLER, HELPERS, model_config
+from export.archive import model_config
 from handlers.classifier_handler import ImageClassifierHandler
 from tests.conftest import encode, pattern_image
 from training.checkpoint import load_model
 from training.images import decode_rgb
-from training.presets import EvalPreset, normalize
-from training.tta import predict_proba
+from training.presets import normalize
+from training.tta import canvas_preset, predict_proba
 
 
-def make_context(model_dir, *, tta="flip", topk=2, headers=None, n=1):
-    cfg = model_config(input_size=24, resize_size=26, tta=tta, topk=topk, batch_size=4)
-    manifest = {"model": {"modelName": "shapes", "modelVersion": "1.0", "serializedFile": "model.onnx"}}
+def make_context(model_dir, *, n=1, headers=None, serialized="model.onnx", **handler):
+    cfg = model_config(input_size=24, resize_size=26, batch_size=4, **{"tta": "flip", "topk": 2, **handler})
+    manifest = {"model": {"modelName": "shapes", "modelVersion": "1.0", "serializedFile": serialized}}
     ctx = Context("shapes", str(model_dir), manifest, 4, None, "0.12.0", model_yaml_config=cfg)
     ctx.request_processor = [RequestProcessor((headers or [{}] * n)[i]) for i in range(n)]
     return ctx
@@ -27,9 +29,27 @@ def make_context(model_dir, *, tta="flip", topk=2, headers=None, n=1):
 @pytest.fixture(scope="module")
 def model_dir(export_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("model_dir")
-    for f in ("model.onnx", "index_to_name.json"):
+    for f in ("model.onnx", "model.pt", "model_tta.onnx", "index_to_name.json"):
         shutil.copy(export_dir / f, d)
     return d
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint):
+    spec, model = load_model(checkpoint)
+
+    def probs(payloads, tta="flip"):
+        canvas = canvas_preset(tta, crop_size=24, resize_size=26).batch([decode_rgb(p) for p in payloads])
+        with torch.no_grad():
+            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), canvas, tta,
+                                 crop_size=24)
+    return spec, probs
+
+
+def handler_for(model_dir, **cfg):
+    h = ImageClassifierHandler()
+    h.initialize(make_context(model_dir, **cfg))
+    return h
 
 
 def run(handler, ctx, rows):
@@ -37,11 +57,13 @@ def run(handler, ctx, rows):
     return handler.postprocess(handler.inference(handler.preprocess(rows)))
 
 
-def test_batch_with_a_bad_image_answers_each_request(model_dir, checkpoint):
-    handler = ImageClassifierHandler()
-    handler.initialize(make_context(model_dir))
-    images = [encode(pattern_image(k, size=30, seed=s)) for k, s in (("circle", 1), ("vertical", 2))]
-    rows = [{"body": bytearray(images[0])}, {"body": bytearray(b"garbage bytes")}, {"data": images[1]}]
+IMAGES = [encode(pattern_image(k, size=30, seed=s)) for k, s in (("circle", 1), ("vertical", 2), ("horizontal", 3))]
+
+
+def test_batch_with_a_bad_image_answers_each_request(model_dir, eager):
+    spec, probs = eager
+    handler = handler_for(model_dir)
+    rows = [{"body": bytearray(IMAGES[0])}, {"body": bytearray(b"garbage bytes")}, {"data": IMAGES[1]}]
     ctx = make_context(model_dir, n=3, headers=[{"X-Top-K": "3"}, {}, {"x-top-k": "1"}])
     out = run(handler, ctx, rows)
     assert ctx.get_response_status(1)[0] == 400
@@ -51,43 +73,109 @@ def test_batch_with_a_bad_image_answers_each_request(model_dir, checkpoint):
     first, third = json.loads(out[0]), json.loads(out[2])
     assert len(first["predictions"]) == 3 and len(third["predictions"]) == 1
     assert first["tta"] == "flip" and first["model"] == "shapes" and first["version"] == "1.0"
-    # The served probabilities equal eager flip-TTA on the same decode + eval preset.
-    spec, model = load_model(checkpoint)
-    batch = EvalPreset(crop_size=24, resize_size=26).batch([decode_rgb(b) for b in images])
-    with torch.no_grad():
-        ref = predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, "flip")
+    ref = probs([IMAGES[0], IMAGES[1]])
     for body, row in ((first, ref[0]), (third, ref[1])):
         top = body["predictions"][0]
         assert top["index"] == int(row.argmax()) and top["confidence"] == pytest.approx(row.max().item(), abs=1e-5)
         assert top["class"] == spec.class_names[top["index"]]
 
 
+@pytest.mark.parametrize("tta", ["none", "five_crop", "ten_crop", "multi_scale"])
+def test_every_tta_mode_equals_offline_evaluation(model_dir, eager, tta):
+    _, probs = eager
+    handler = handler_for(model_dir, tta=tta, topk=3)
+    out = run(handler, make_context(model_dir, n=3), [{"body": bytearray(p)} for p in IMAGES])
+    ref = probs(IMAGES, tta)
+    for body, row in zip(map(json.loads, out), ref):
+        assert body["tta"] == tta
+        got = {p["index"]: p["confidence"] for p in body["predictions"]}
+        assert got == pytest.approx({i: row[i].item() for i in range(3)}, abs=1e-5)
+
+
+def test_torchscript_backend_and_mean_logits(model_dir, eager):
+    handler = handler_for(model_dir, serialized="model.pt", tta="flip", tta_aggregate="logits")
+    body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[0])}])[0])
+    assert body["tta"] == "flip" and len(body["predictions"]) == 2
+
+
+def test_in_graph_tta_archive_reports_the_graphs_tta(model_dir, eager):
+    _, probs = eager
+    handler = handler_for(model_dir, serialized="model_tta.onnx", graph_output="probabilities", graph_tta="flip")
+    assert handler.tta == "none"  # the graph does the views
+    body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[2])}])[0])
+    assert body["tta"] == "flip"
+    assert body["predictions"][0]["confidence"] == pytest.approx(probs([IMAGES[2]]).max().item(), abs=1e-5)
+
+
+def test_several_images_per_request_get_a_list(model_dir, eager):
+    _, probs = eager
+    handler = handler_for(model_dir)
+    b64 = [base64.b64encode(p).decode() for p in IMAGES]
+    rows = [{"body": {"data": b64, "topk": 1}}, {"a": bytearray(IMAGES[0]), "b": bytearray(IMAGES[1])},
+            {"body": {"data": [b64[0], "!!"]}}, {"body": [b64[2], base64.b64encode(b"text").decode()]}]
+    ctx = make_context(model_dir, n=4)
+    out = run(handler, ctx, rows)
+    first, second = json.loads(out[0]), json.loads(out[1])
+    assert isinstance(first, list) and len(first) == 3 and all(len(b["predictions"]) == 1 for b in first)
+    assert [b["predictions"][0]["index"] for b in first] == probs(IMAGES).argmax(1).tolist()
+    assert isinstance(second, list) and len(second) == 2
+    assert ctx.get_response_status(2)[0] == 400 and "bad base64" in out[2]
+    assert ctx.get_response_status(3)[0] == 400 and "image 1 of 2" in json.loads(out[3])["detail"]
+
+
+def test_adaptive_tta_says_where_it_was_applied(model_dir, eager):
+    _, probs = eager
+    plain = probs(IMAGES, "none").max(1).values
+    threshold = plain.median().item()
+    handler = handler_for(model_dir, tta="flip", adaptive_tta=True, adaptive_threshold=threshold, topk=3)
+    out = [json.loads(o) for o in run(handler, make_context(model_dir, n=3), [{"body": bytearray(p)} for p in IMAGES])]
+    applied = [b["tta_applied"] for b in out]
+    assert applied == (plain < threshold).tolist() and any(applied) and not all(applied)
+    full, none = probs(IMAGES, "flip"), probs(IMAGES, "none")
+    for body, a, f, n in zip(out, applied, full, none):
+        assert body["tta"] == ("flip" if a else "none")
+        ref = f if a else n
+        assert body["predictions"][0]["confidence"] == pytest.approx(ref.max().item(), abs=1e-5)
+
+
 def test_bad_topk_and_bomb_get_their_own_status(model_dir):
-    import io
-    from PIL import Image
-    handler = ImageClassifierHandler()
-    handler.initialize(make_context(model_dir, tta="none"))
+    handler = handler_for(model_dir, tta="none")
     bomb = io.BytesIO()
     Image.new("1", (20000, 20000)).save(bomb, format="PNG")
-    good = bytearray(encode(pattern_image("circle")))
-    ctx = make_context(model_dir, n=3, headers=[{"X-Top-K": "0"}, {}, {}])
-    out = run(handler, ctx, [{"body": good}, {"body": bytearray(bomb.getvalue())}, {"body": good}])
+    good = bytearray(IMAGES[0])
+    ctx = make_context(model_dir, n=4, headers=[{"X-Top-K": "0"}, {}, {}, {}])
+    out = run(handler, ctx, [{"body": good}, {"body": bytearray(bomb.getvalue())}, {"body": good},
+                             {"body": {"data": base64.b64encode(good).decode(), "topk": 99}}])
     assert ctx.get_response_status(0)[0] == 400 and "X-Top-K" in json.loads(out[0])["detail"]
     assert ctx.get_response_status(1)[0] == 413 and json.loads(out[1])["error"] == "image too large"
     assert json.loads(out[2])["tta"] == "none" and len(json.loads(out[2])["predictions"]) == 2
+    assert ctx.get_response_status(3)[0] == 400 and "topk must be between 1 and 3" in out[3]
 
 
 def test_all_bad_batch_runs_no_forward(model_dir):
-    handler = ImageClassifierHandler()
-    handler.initialize(make_context(model_dir))
+    handler = handler_for(model_dir)
     ctx = make_context(model_dir, n=2)
     out = run(handler, ctx, [{"body": bytearray()}, {"body": "text"}])
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [400, 415]
     assert all("error" in json.loads(o) for o in out)
 
 
-def test_invalid_tta_in_config_fails_initialize(model_dir):
-    ctx = make_context(model_dir)
-    ctx.model_yaml_config["handler"]["tta"] = "rotate"
-    with pytest.raises(ValueError, match="handler.tta"):
-        ImageClassifierHandler().initialize(ctx)
+def test_a_failing_model_answers_500_for_its_batch_only(model_dir):
+    handler = handler_for(model_dir)
+
+    def broken(images):
+        raise RuntimeError("simulated out of memory")
+    handler.backend = broken
+    ctx = make_context(model_dir, n=2)
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(b"junk")}])
+    assert ctx.get_response_status(0)[0] == 500 and "simulated out of memory" in json.loads(out[0])["detail"]
+    assert ctx.get_response_status(1)[0] == 400  # its own problem, still reported as such
+
+
+def test_invalid_settings_fail_initialize(model_dir):
+    for bad, match in (({"tta": "rotate"}, "handler.tta"), ({"tta_aggregate": "max"}, "tta_aggregate"),
+                       ({"graph_output": "boxes"}, "graph_output")):
+        ctx = make_context(model_dir)
+        ctx.model_yaml_config["handler"].update(bad)
+        with pytest.raises(ValueError, match=match):
+            ImageClassifierHandler().initialize(ctx)

@@ -4,27 +4,54 @@ import json
 import pytest
 import torch
 
-from handlers.pipeline import RequestError, error_body, parse_topk, read_body, topk_predictions
+from handlers.pipeline import RequestError, error_body, parse_topk, read_request, topk_predictions
 
 
-def test_read_body_raw_multipart_and_base64_json():
-    assert read_body({"body": bytearray(b"abc")}) == b"abc"
-    assert read_body({"data": b"xyz"}) == b"xyz"
-    assert read_body({"file": bytearray(b"img"), "note": "text"}) == b"img"  # multipart field of any name
-    assert read_body({"body": {"data": base64.b64encode(b"png!").decode()}}) == b"png!"
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_raw_body_is_one_image():
+    req = read_request({"body": bytearray(b"abc")})
+    assert req.images == [b"abc"] and not req.multi and req.topk is None
+
+
+def test_json_single_list_and_topk_field():
+    req = read_request({"body": {"data": b64(b"png!"), "topk": 3}})
+    assert req.images == [b"png!"] and not req.multi and req.topk == 3
+    req = read_request({"body": {"data": [b64(b"a"), b64(b"b")]}})
+    assert req.images == [b"a", b"b"] and req.multi
+    req = read_request({"body": [b64(b"a"), {"data": b64(b"b")}]})
+    assert req.images == [b"a", b"b"] and req.multi
+
+
+def test_multipart_files_in_order_and_topk_field():
+    req = read_request({"file": bytearray(b"img")})
+    assert req.images == [b"img"] and not req.multi
+    req = read_request({"data": bytearray(b"one"), "topk": bytearray(b"2"), "second": bytearray(b"two")})
+    assert req.images == [b"one", b"two"] and req.multi and req.topk == b"2"
 
 
 @pytest.mark.parametrize("row,status,match", [
     ({}, 400, "empty request"),
-    ({"body": "some text"}, 415, "sent as text"),
+    ({"body": bytearray()}, 400, "empty body"),
+    ({"body": "some text"}, 415, "arrived as text"),
     ({"body": {"data": "@@not base64@@"}}, 400, "not valid base64"),
-    ({"body": {"image": "x"}}, 400, "JSON bodies must look like"),
-    ({"note": "only text"}, 400, "no image found"),
+    ({"body": {"image": "x"}}, 400, "expected a base64 string"),
+    ({"body": {"data": [b64(b"a"), 7]}}, 400, r"data\[1\]"),
+    ({"body": []}, 400, "no image"),
+    ({"topk": bytearray(b"3")}, 400, "no image found"),
 ])
-def test_read_body_errors(row, status, match):
+def test_read_request_errors(row, status, match):
     with pytest.raises(RequestError, match=match) as e:
-        read_body(row)
+        read_request(row)
     assert e.value.status == status
+
+
+def test_too_many_images_is_413():
+    with pytest.raises(RequestError, match="limit is 2") as e:
+        read_request({"body": {"data": [b64(b"a")] * 3}}, max_images=2)
+    assert e.value.status == 413
 
 
 def test_topk_header_is_case_insensitive_and_validated():
@@ -32,9 +59,17 @@ def test_topk_header_is_case_insensitive_and_validated():
     assert parse_topk({}, default=5, num_classes=3) == 3
     assert parse_topk({"x-top-k": "2"}, default=5, num_classes=10) == 2
     assert parse_topk({"X-TOP-K": b"7"}, default=5, num_classes=10) == 7
-    for bad in ("0", "-1", "11", "abc", "2.5"):
+    for bad in ("0", "-1", "11", "abc", "2.5", ""):
         with pytest.raises(RequestError, match="X-Top-K"):
             parse_topk({"X-Top-K": bad}, default=5, num_classes=10)
+
+
+def test_body_topk_wins_over_the_header_and_is_validated():
+    assert parse_topk({"X-Top-K": "2"}, default=5, num_classes=10, body_value=4) == 4
+    assert parse_topk({}, default=5, num_classes=10, body_value=b"3") == 3
+    for bad in (0, 11, "x", 2.5, True, [1]):
+        with pytest.raises(RequestError, match="topk"):
+            parse_topk({}, default=5, num_classes=10, body_value=bad)
 
 
 def test_topk_predictions_per_request_k():

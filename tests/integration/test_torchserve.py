@@ -23,6 +23,7 @@ BATCH_DELAY_MS = 300  # long enough that requests sent together land in one batc
 
 SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-int8",
           "shapes_tta": "onnx-tta", "shapes_topk": "onnx-topk"}
+ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the handler
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,13 @@ def server(export_dir, tmp_path_factory):
     for name, variant in SERVED.items():
         build_archive(export_dir, variant=variant, name=name, model_store=store, batch_size=8,
                       max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="flip")
+    build_archive(export_dir, variant="onnx", name=ADAPTIVE, model_store=store, batch_size=8,
+                  max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="ten_crop", adaptive_tta=True,
+                  adaptive_threshold=0.999)
     # Version 2.0 of "shapes" (the TorchScript graph) sits in the store, registered later over HTTP.
     build_archive(export_dir, variant="torchscript", name="shapes", version="2.0", file_name="shapes_v2",
                   model_store=store, topk=2, tta="none")
-    ts = TorchServe(model_store=store, models=",".join(f"{n}={n}.mar" for n in SERVED),
+    ts = TorchServe(model_store=store, models=",".join(f"{n}={n}.mar" for n in [*SERVED, ADAPTIVE]),
                     overrides={"enable_model_api": "true"})
     ts.start(timeout=180)
     pid = ts.pid
@@ -140,3 +144,48 @@ def test_versioned_management_api_v1_and_v2_side_by_side(server):
     assert predict(server.url, "shapes", data)[1]["version"] == "2.0"
     assert _manage(server, "PUT", "/models/shapes/1.0/set-default")[0] == 200
     assert _manage(server, "DELETE", "/models/shapes/2.0")[0] == 200
+
+
+def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = "----shapes-test-boundary"
+    parts = []
+    for name, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_and_json_requests_with_several_images(server, eager):
+    import base64
+    _, probs = eager
+    images = [p for p, ctype in _payloads() if ctype == "image/png"]
+    ref = probs(images).argmax(1).tolist()
+    body, ctype = _multipart([("a", images[0]), ("b", images[1])], {"topk": "1"})
+    status, out = predict(server.url, "shapes", body, content_type=ctype)
+    assert status == 200 and isinstance(out, list) and [o["predictions"][0]["index"] for o in out] == ref
+    assert all(len(o["predictions"]) == 1 for o in out)
+    body = json.dumps({"data": [base64.b64encode(p).decode() for p in images], "topk": 3}).encode()
+    status, out = predict(server.url, "shapes", body, content_type="application/json")
+    assert status == 200 and [o["predictions"][0]["index"] for o in out] == ref
+    assert all(len(o["predictions"]) == 3 for o in out)
+    status, out = predict(server.url, "shapes", json.dumps({"data": "%%%"}).encode(), content_type="application/json")
+    assert status == 400 and out["error"] == "bad base64"
+
+
+def test_adaptive_tta_is_reported_per_image(server, eager):
+    status, body = predict(server.url, ADAPTIVE, _payloads()[0][0])
+    assert status == 200 and isinstance(body["tta_applied"], bool)
+    assert body["tta"] == ("ten_crop" if body["tta_applied"] else "none")
+
+
+def test_handler_metrics_reach_the_prometheus_endpoint(server):
+    for data, ctype in _payloads():
+        assert predict(server.url, ADAPTIVE, data, content_type=ctype)[0] == 200
+    with urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for name in ("DecodeMs", "PreprocessMs", "ForwardMs", "BatchSize", "TTAViewsPerImage", "AdaptiveTTATriggerRate"):
+        lines = [ln for ln in text.splitlines() if ln.startswith(name) and f'ModelName="{ADAPTIVE}"' in ln]
+        assert lines, f"{name} not on /metrics"
+        assert float(lines[-1].rsplit(" ", 1)[1]) >= 0

@@ -72,3 +72,37 @@ def test_decompression_bomb_is_refused_from_the_header():
     with pytest.raises(ImageTooLargeError, match="pixels") as e:
         decode_rgb(buf.getvalue())
     assert e.value.status == 413
+
+
+def test_decode_many_batched_jpeg_path_equals_one_by_one():
+    """The GPU path's logic (all JPEGs in one decode_jpeg call) run on the CPU: same pixels, and a bad
+    or oversized JPEG only fails itself."""
+    from concurrent.futures import ThreadPoolExecutor
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from training.images import decode_many
+
+    calls = []
+
+    def batch_decoder(datas):
+        calls.append(len(datas))
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+
+    good = [encode(pattern_image(k, size=40, seed=i), "JPEG", quality=90) for i, k in enumerate(["circle", "vertical"])]
+    png = encode(pattern_image("horizontal", size=30))
+    truncated = encode(pattern_image("circle", size=256), "JPEG")
+    truncated = truncated[: len(truncated) // 2]
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="JPEG")
+    payloads = [good[0], png, b"garbage", good[1], bomb.getvalue()]
+    with ThreadPoolExecutor(2) as pool:
+        out = decode_many(payloads, max_pixels=50_000_000, pool=pool, jpeg_batch_decoder=batch_decoder)
+        out_small = decode_many(payloads, max_pixels=1_000_000, jpeg_batch_decoder=batch_decoder)
+        with_bad = decode_many([good[0], truncated, good[1]], jpeg_batch_decoder=batch_decoder)
+    assert calls[0] == 3  # the three JPEGs in one call
+    assert torch.equal(out[0], decode_rgb(good[0])) and torch.equal(out[3], decode_rgb(good[1]))
+    assert torch.equal(out[1], decode_rgb(png))
+    assert isinstance(out[2], ImageError) and out[2].status == 400
+    assert isinstance(out_small[4], ImageTooLargeError)  # refused from the header, never decoded
+    # a truncated JPEG fails the batched call: every JPEG is decoded again one by one
+    assert torch.equal(with_bad[0], decode_rgb(good[0])) and isinstance(with_bad[1], ImageError)
+    assert torch.equal(with_bad[2], decode_rgb(good[1]))

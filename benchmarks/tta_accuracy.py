@@ -1,0 +1,83 @@
+"""Accuracy and cost of the handler's TTA modes, adaptive TTA included, on a labelled image folder.
+
+    python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx --data data/fashion-mnist/test
+
+Runs the handler's own functions in-process (decode -> canvas preset -> TTA views -> one forward ->
+aggregation) through the exported graph on the CPU, for every image of the folder, and prints a
+Markdown table: top-1 accuracy, views per image, adaptive trigger rate, forward time per image and
+its cost relative to no TTA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from handlers.backends import load_backend
+from training.data import scan_image_folder
+from training.images import read_image_file
+from training.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
+
+
+def run(args) -> list[dict]:
+    manifest = json.load(open(os.path.join(os.path.dirname(args.graph), "export.json")))
+    crop, resize = manifest["input_size"], manifest["resize_size"]
+    classes, paths, labels = scan_image_folder(args.data)
+    if args.limit:
+        paths, labels = paths[:: max(1, len(paths) // args.limit)], labels[:: max(1, len(labels) // args.limit)]
+    labels = torch.tensor(labels)
+    decoded = [read_image_file(p) for p in paths]
+    backend = load_backend(args.graph, threads=torch.get_num_threads())
+    configs = [("none", None), ("flip", None), ("multi_scale", None), ("ten_crop", None)]
+    configs += [("flip", t) for t in args.thresholds]
+    rows = []
+    for mode, threshold in configs:
+        canvas = canvas_preset(mode, crop_size=crop, resize_size=resize).batch(decoded)
+        probs, views, applied = [], 0, 0
+        start = time.perf_counter()
+        for i in range(0, len(canvas), args.batch):
+            chunk = canvas[i:i + args.batch]
+            if threshold is None:
+                probs.append(predict_proba(backend, chunk, mode, crop_size=crop))
+                views += len(chunk) * num_views(mode)
+            else:
+                p, a = adaptive_predict_proba(backend, chunk, mode, crop_size=crop, threshold=threshold)
+                probs.append(p)
+                applied += int(a.sum())
+                views += len(chunk) + int(a.sum()) * (num_views(mode) - 1)
+        seconds = time.perf_counter() - start
+        acc = (torch.cat(probs).argmax(1) == labels).float().mean().item()
+        rows.append({"mode": mode if threshold is None else f"adaptive {mode} (confidence < {threshold})",
+                     "top1": acc, "views_per_image": views / len(canvas),
+                     "trigger_rate": applied / len(canvas) if threshold is not None else None,
+                     "ms_per_image": seconds * 1000 / len(canvas)})
+    base = rows[0]["ms_per_image"]
+    for r in rows:
+        r["cost_vs_none"] = r["ms_per_image"] / base
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--graph", required=True, help="an exported uint8 logits graph (.onnx/.pt/.xml) with export.json beside it")
+    p.add_argument("--data", required=True, help="labelled ImageFolder tree")
+    p.add_argument("--batch", type=int, default=64, help="images per forward (as the server's batch)")
+    p.add_argument("--thresholds", default="0.6,0.8,0.9,0.95", help="adaptive TTA confidence thresholds")
+    p.add_argument("--limit", type=int, default=0, help="use about this many images (0: all)")
+    args = p.parse_args()
+    args.thresholds = [float(t) for t in args.thresholds.split(",")]
+    rows = run(args)
+    print(f"| TTA | top-1 | views/image | TTA applied | ms/image | cost vs none |\n|---|---|---|---|---|---|")
+    for r in rows:
+        trig = "-" if r["trigger_rate"] is None else f"{r['trigger_rate']:.1%}"
+        print(f"| {r['mode']} | {r['top1']:.2%} | {r['views_per_image']:.2f} | {trig} | {r['ms_per_image']:.3f} | "
+              f"{r['cost_vs_none']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
