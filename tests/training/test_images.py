@@ -106,3 +106,19 @@ def test_decode_many_batched_jpeg_path_equals_one_by_one():
     # a truncated JPEG fails the batched call: every JPEG is decoded again one by one
     assert torch.equal(with_bad[0], decode_rgb(good[0])) and isinstance(with_bad[1], ImageError)
     assert torch.equal(with_bad[2], decode_rgb(good[1]))
+
+
+def test_webp_tiff_and_animated_gif():
+    arr = pattern_image("vertical", size=24)
+    webp = encode(arr, "WEBP", lossless=True)
+    assert torch.equal(decode_rgb(webp), torch.from_numpy(arr).permute(2, 0, 1))
+    assert torch.equal(decode_rgb(encode(arr, "TIFF")), torch.from_numpy(arr).permute(2, 0, 1))  # via Pillow
+    frames = [Image.fromarray(pattern_image(k, size=24)) for k in ("circle", "horizontal")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_rgb(buf.getvalue())
+    assert out.shape == (3, 24, 24)  # the first frame only
+    with Image.open(io.BytesIO(buf.getvalue())) as gif:  # Pillow opens on frame 0
+        assert gif.n_frames == 2
+        first = torch.from_numpy(np.asarray(gif.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(out, first)

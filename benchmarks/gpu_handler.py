@@ -1,0 +1,140 @@
+"""The handler's whole pipeline on a GPU, in-process, against forward-only on pre-decoded tensors.
+
+    python -m benchmarks.gpu_handler [--batches 1,8,64,256] [--tta none,flip] [--dtype fp16]
+
+Model: torchvision ResNet-50 with 100 classes (random weights, seed 0: the stock baseline's model),
+wrapped with the fused uint8 normalization, traced and frozen in fp16/bf16 on the GPU. Payloads: real
+photos shipped in scikit-image / scikit-learn / matplotlib, re-encoded as 500x375 JPEG q90.
+
+For each batch size B, the handler (TorchServe's Context, real request rows) runs preprocess
+(batched nvjpeg decode -> resize 256 / crop 224 on the GPU) -> inference (TTA views, ONE forward) ->
+postprocess (top-5 JSON); "forward only" runs the same forward on the already-decoded views. The
+ratio pipeline/forward is the share of the GPU's model throughput that serving keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from PIL import Image
+
+from export.archive import model_config
+from export.wrappers import FusedNormalization
+from training.class_index import write_index_to_name
+
+
+def photos() -> list[bytes]:
+    """Real photos shipped inside installed packages, as 500x375 JPEG q90."""
+    images = []
+    try:
+        from skimage import data as sk
+        for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "horse", "camera", "hubble_deep_field"):
+            try:
+                images.append(Image.fromarray(getattr(sk, name)()))
+            except Exception:
+                pass
+    except ImportError:
+        pass
+    try:
+        import sklearn
+        base = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
+        images += [Image.open(os.path.join(base, f)) for f in ("china.jpg", "flower.jpg") if os.path.exists(os.path.join(base, f))]
+    except ImportError:
+        pass
+    if not images:
+        raise SystemExit("no photos found (needs scikit-image or scikit-learn)")
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").resize((500, 375)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def build_model_dir(dtype: torch.dtype, workdir: str) -> str:
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=100).eval()
+    wrapper = FusedNormalization(model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype=dtype).cuda().eval()
+    example = torch.zeros(2, 3, 224, 224, dtype=torch.uint8, device="cuda")
+    with torch.no_grad():
+        traced = torch.jit.freeze(torch.jit.trace(wrapper, example, check_trace=False))
+    torch.jit.save(traced, os.path.join(workdir, "model.pt"))
+    write_index_to_name(os.path.join(workdir, "index_to_name.json"), [f"class_{i}" for i in range(100)])
+    return workdir
+
+
+def make_handler(model_dir: str, *, tta: str, batch: int):
+    from ts.context import Context
+    from handlers.classifier_handler import ImageClassifierHandler
+    cfg = model_config(input_size=224, resize_size=256, tta=tta, topk=5, batch_size=batch, max_forward_batch=4096)
+    manifest = {"model": {"modelName": "resnet50", "modelVersion": "1.0", "serializedFile": "model.pt"}}
+    ctx = Context("resnet50", model_dir, manifest, batch, 0, "0.12.0", model_yaml_config=cfg)
+    handler = ImageClassifierHandler()
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def timed(fn, *, min_seconds: float = 1.0, min_reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    reps, start = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_seconds:
+        fn()
+        reps += 1
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--tta", default="none,flip")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 0
+    from ts.context import RequestProcessor
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    payloads = photos()
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; ResNet-50 (100 classes) {args.dtype}; "
+          f"{len(payloads)} distinct 500x375 JPEG q90 photos")
+    print(f"{'tta':<6} {'batch':>5} {'pipeline img/s':>15} {'forward-only img/s':>19} {'ratio':>6} "
+          f"{'decode ms':>10} {'preprocess ms':>14} {'forward ms':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(dtype, tmp)
+        for tta in args.tta.split(","):
+            for b in (int(x) for x in args.batches.split(",")):
+                handler, ctx = make_handler(model_dir, tta=tta, batch=b)
+                rows = [{"body": bytearray(payloads[i % len(payloads)])} for i in range(b)]
+                ctx.request_processor = [RequestProcessor({}) for _ in range(b)]
+                handler.context = ctx
+                last = {}
+
+                def pipeline():
+                    batch = handler.inference(handler.preprocess(rows))
+                    out = handler.postprocess(batch)
+                    last["timings"], last["out"] = batch.timings, out
+
+                t_pipe = timed(pipeline)
+                body = json.loads(last["out"][0])
+                assert len(body["predictions"]) == 5, body
+                canvas = handler.preprocess(rows).canvas
+                from training.tta import tta_views
+                views = tta_views(canvas, tta, crop_size=224)
+                t_fwd = timed(lambda: handler.forward(views))
+                tm = last["timings"]
+                print(f"{tta:<6} {b:>5} {b / t_pipe:>15,.0f} {b / t_fwd:>19,.0f} {t_fwd / t_pipe:>6.2f} "
+                      f"{tm['decode']:>10.2f} {tm['preprocess']:>14.2f} {tm['forward']:>11.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
