@@ -7,12 +7,14 @@ DATA := data/fashion-mnist
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data demo test serve stop clean
+.PHONY: help setup data demo test serve stop loadtest bench clean
 
 help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
 	@echo "make test   - set up and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
+	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
+	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 10 minutes)"
 
 # Idempotent set-up: the venv is rebuilt only when pyproject.toml changes.
 setup: $(VENV)/.installed $(FMNIST_SRC)/train-images-idx3-ubyte.gz
@@ -20,6 +22,8 @@ setup: $(VENV)/.installed $(FMNIST_SRC)/train-images-idx3-ubyte.gz
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[serve,dev]'
+	# Real photos for the benchmark payloads (data only: its own imports are not needed).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'foolbox==3.3.4'
 	@touch $@
 
 $(FMNIST_SRC)/train-images-idx3-ubyte.gz:
@@ -39,6 +43,19 @@ serve: setup
 
 stop:
 	@$(PY) -m scripts.ts_server stop
+
+USERS ?= 8
+DURATION ?= 30s
+MODEL ?= fmnist
+IMAGES ?= $(DATA)/test
+loadtest: setup
+	mkdir -p logs
+	$(PY) -m locust -f locustfile.py --headless -u $(USERS) -r $(USERS) -t $(DURATION) \
+		--host http://127.0.0.1:8080 --images $(IMAGES) --model-name $(MODEL) \
+		--csv logs/loadtest --html logs/loadtest.html --only-summary
+
+bench: setup
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf runs/demo exports/demo model_store/*.mar logs .torchserve

@@ -7,6 +7,8 @@ Settings (environment variables, or the same names as locust options ``--images`
   MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
   TOPK        optional X-Top-K header value
   MAX_IMAGES  how many images to load into memory (default 500)
+  SCHEMA      ours (default): {"predictions": [...]} from this project's handler; stock: the
+              {"class name": probability, ...} object of TorchServe's built-in image_classifier
 
 Every response is checked: status 200, JSON with a non-empty "predictions" list whose entries have
 "class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
@@ -32,6 +34,8 @@ def _options(parser):
     parser.add_argument("--topk", default=os.environ.get("TOPK", ""), help="X-Top-K header (empty: model default)")
     parser.add_argument("--max-images", type=int, default=int(os.environ.get("MAX_IMAGES", "500")),
                         help="images loaded into memory")
+    parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=["ours", "stock"],
+                        help="expected response body")
 
 
 def load_payloads(folder: str, limit: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
@@ -51,8 +55,17 @@ def _load(environment, **_):
     PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
 
 
+def check_stock_body(body) -> str | None:
+    """TorchServe's image_classifier answers {"class name": probability, ...} (top 5)."""
+    if not isinstance(body, dict) or not body:
+        return "expected a non-empty JSON object of class -> probability"
+    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in body.values()):
+        return "probabilities must be numbers in [0, 1]"
+    return None
+
+
 def check_body(body: dict, topk: int | None) -> str | None:
-    """Return what is wrong with a prediction body, or None."""
+    """Return what is wrong with a prediction body of this project's handler, or None."""
     preds = body.get("predictions") if isinstance(body, dict) else None
     if not isinstance(preds, list) or not preds:
         return "no predictions"
@@ -72,6 +85,7 @@ class ClassifierUser(HttpUser):
         self.topk = int(opts.topk) if opts.topk else None
         self.headers = {"X-Top-K": str(self.topk)} if self.topk else {}
         self.payloads = itertools.cycle(random.sample(PAYLOADS, len(PAYLOADS)))
+        self.check = check_stock_body if opts.schema == "stock" else (lambda body: check_body(body, self.topk))
 
     @task
     def classify(self):
@@ -82,7 +96,7 @@ class ClassifierUser(HttpUser):
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
             try:
-                problem = check_body(r.json(), self.topk)
+                problem = self.check(r.json())
             except ValueError:
                 problem = "response is not JSON"
             if problem:

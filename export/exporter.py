@@ -15,7 +15,8 @@ from training.presets import normalize
 
 from .formats import (VARIANTS, Variant, export_onnx, files_of, onnx_to_fp16, onnx_to_int8, onnx_to_openvino,
                       _trace_frozen)
-from .verify import DEFAULT_MAX_DROP, EvalSet, compare, format_table, load_eval_set, problems, run_backend
+from .verify import (DEFAULT_MAX_DROP, EvalSet, compare, format_table, load_calibration, load_eval_set, problems,
+                     run_backend)
 from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
 
 EXPORT_MANIFEST = "export.json"
@@ -102,15 +103,20 @@ class Exporter:
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
-            log=print) -> dict:
-        if NEEDS_CALIBRATION & set(names) and (calib_data is None or data is None):
+            speed_only: bool = False, log=print) -> dict:
+        """``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models);
+        their accuracy is then unchecked and the manifest says so."""
+        if NEEDS_CALIBRATION & set(names) and calib_data is None:
+            raise ValueError("INT8 variants need calibration images (--calib-data, by default the train/ folder "
+                             "next to --data)")
+        if NEEDS_CALIBRATION & set(names) and data is None and not speed_only:
             raise ValueError("INT8 variants need --data (labelled images: the accuracy check) and calibration "
                              "images (--calib-data, by default the train/ folder next to --data)")
         ordered = (["onnx"] if NEEDS_ONNX & set(names) and "onnx" not in names else []) + names
         evalset = load_eval_set(data, self.spec, count=eval_images)
         calibration = None
         if NEEDS_CALIBRATION & set(names):
-            calibration = load_eval_set(calib_data, self.spec, count=calib_images, seed=1).crops
+            calibration = load_calibration(calib_data, self.spec, count=calib_images)
             log(f"calibration: {len(calibration)} images of {calib_data}")
         with torch.no_grad():
             ref_logits = self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
@@ -147,6 +153,7 @@ class Exporter:
         log(f"parity against eager fp32 on {evalset.source}:")
         log(format_table(rows, reference_accuracy=ref_acc))
         manifest = self.manifest(entries, ref_acc, evalset.source)
+        manifest["speed_only"] = bool(speed_only and evalset.labels is None)
         with open(os.path.join(self.out, EXPORT_MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         if refused:

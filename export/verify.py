@@ -53,6 +53,18 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
                    f"{len(idx)} images of {data}")
 
 
+def load_calibration(folder: str, spec, *, count: int, seed: int = 1) -> torch.Tensor:
+    """Calibration images need no labels: every image under ``folder`` (any layout), at the input size."""
+    from pathlib import Path
+    from training.data import IMAGE_EXTENSIONS
+
+    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no calibration images under {folder}")
+    paths = random.Random(seed).sample(paths, min(count, len(paths)))
+    return EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size).batch([read_image_file(p) for p in paths])
+
+
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
     """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8."""
     for _ in range(3):  # warm-up (TorchScript's profiling executor optimizes after a few runs)

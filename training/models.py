@@ -95,5 +95,13 @@ def cbam_resnet(*, num_classes: int, **kwargs) -> nn.Module:
     return CBAMResNet(num_classes=num_classes, **kwargs)
 
 
+@register_model
+def resnet50(*, num_classes: int, **kwargs) -> nn.Module:
+    """torchvision's ResNet-50 (no attention): the stock TorchServe baseline's model. Random init;
+    no pretrained weights are downloaded."""
+    import torchvision
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

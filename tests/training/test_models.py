@@ -30,3 +30,9 @@ def test_unknown_architecture_names_the_choices():
     with pytest.raises(ValueError, match="cbam_resnet"):
         build_model("resnet9000", num_classes=10)
     assert "cbam_resnet" in list_models()
+
+
+def test_resnet50_baseline_has_100_class_head():
+    model = build_model("resnet50", num_classes=100)
+    assert count_parameters(model) == 23_712_932
+    assert model.fc.out_features == 100
