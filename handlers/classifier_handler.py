@@ -30,7 +30,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository
     from handlers.backends import load_backend
-    from handlers.pipeline import Batch, RequestError, error_body, parse_topk, read_request, topk_predictions
+    from handlers.pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request,
+                                   topk_predictions)
     from training.class_index import INDEX_FILE, read_index_to_name
     from training.images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from training.presets import EvalPreset
@@ -38,7 +39,7 @@ try:  # inside the repository
                               num_views, predict_proba)
 except ImportError:  # inside a .mar: flat modules in the model directory
     from backends import load_backend
-    from pipeline import Batch, RequestError, error_body, parse_topk, read_request, topk_predictions
+    from pipeline import Batch, RequestError, error_body, header, parse_topk, read_request, topk_predictions
     from class_index import INDEX_FILE, read_index_to_name
     from images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from presets import EvalPreset
@@ -139,8 +140,8 @@ class ImageClassifierHandler(BaseHandler):
         payloads, owners = [], []
         for i, row in enumerate(data):
             try:
-                req = read_request(row, max_images=self.max_images)
                 headers = self.context.get_all_request_header(i) if self.context else {}
+                req = read_request(row, max_images=self.max_images, content_type=header(headers, "content-type"))
                 batch.topk[i] = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk,
                                            body_value=req.topk)
             except RequestError as e:

@@ -59,7 +59,7 @@ def _b64(item, where: str) -> bytes:
         raise RequestError(f"{where} is not valid base64: {e}", error="bad base64") from None
 
 
-def read_request(row: dict, *, max_images: int = 32) -> Request:
+def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None) -> Request:
     """The images of one TorchServe request row.
 
     * raw body (``{"body": bytes}``): one image;
@@ -75,6 +75,9 @@ def read_request(row: dict, *, max_images: int = 32) -> Request:
         if isinstance(body, (bytes, bytearray)):
             if not body:
                 raise RequestError("empty body: expected the bytes of an image", error="empty body")
+            if (content_type or "").split(";")[0].strip().lower() == "application/json":
+                # TorchServe hands invalid JSON over as raw bytes
+                raise RequestError('malformed JSON body: expected {"data": "<base64 image>"}', error="bad json")
             req = Request([body])
         elif isinstance(body, dict):
             data = body.get("data")

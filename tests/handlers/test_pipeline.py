@@ -48,6 +48,12 @@ def test_read_request_errors(row, status, match):
     assert e.value.status == status
 
 
+def test_invalid_json_arrives_as_bytes_and_is_named():
+    with pytest.raises(RequestError, match="malformed JSON") as e:
+        read_request({"body": bytearray(b'{"data": ')}, content_type="application/json; charset=utf-8")
+    assert e.value.status == 400 and e.value.error == "bad json"
+
+
 def test_too_many_images_is_413():
     with pytest.raises(RequestError, match="limit is 2") as e:
         read_request({"body": {"data": [b64(b"a")] * 3}}, max_images=2)

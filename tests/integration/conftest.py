@@ -1,0 +1,54 @@
+"""One real TorchServe for the integration tests, serving freshly built archives."""
+import os
+
+import pytest
+import torch
+
+from export.archive import build_archive
+from scripts.ts_server import TorchServe
+from training.checkpoint import load_model
+from training.images import decode_rgb
+from training.presets import EvalPreset, normalize
+from training.tta import predict_proba
+
+BATCH_DELAY_MS = 300  # long enough that requests sent together land in one batch
+
+SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-int8",
+          "shapes_tta": "onnx-tta", "shapes_topk": "onnx-topk"}
+ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the handler
+
+
+@pytest.fixture(scope="session")
+def server(export_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    for name, variant in SERVED.items():
+        build_archive(export_dir, variant=variant, name=name, model_store=store, batch_size=8,
+                      max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="flip")
+    build_archive(export_dir, variant="onnx", name=ADAPTIVE, model_store=store, batch_size=8,
+                  max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="ten_crop", adaptive_tta=True,
+                  adaptive_threshold=0.999)
+    # Version 2.0 of "shapes" (the TorchScript graph) sits in the store, registered later over HTTP.
+    build_archive(export_dir, variant="torchscript", name="shapes", version="2.0", file_name="shapes_v2",
+                  model_store=store, topk=2, tta="none")
+    ts = TorchServe(model_store=store, models=",".join(f"{n}={n}.mar" for n in [*SERVED, ADAPTIVE]),
+                    overrides={"enable_model_api": "true"})
+    ts.start(timeout=180)
+    pid = ts.pid
+    yield ts
+    ts.stop()
+    with pytest.raises(ProcessLookupError):  # stopped by PID: the Java process is gone
+        os.kill(pid, 0)
+
+
+@pytest.fixture(scope="session")
+def eager(checkpoint):
+    spec, model = load_model(checkpoint)
+    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
+
+    def probs(payloads, tta="flip"):
+        batch = preset.batch([decode_rgb(p) for p in payloads])
+        with torch.no_grad():
+            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, tta)
+    return spec, probs
+
+
