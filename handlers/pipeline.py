@@ -54,9 +54,12 @@ def _b64(item, where: str) -> bytes:
     if not isinstance(data, str):
         raise RequestError(f'{where}: expected a base64 string (JSON {{"data": "<base64 image>"}})', error="bad json")
     try:
-        return base64.b64decode(data, validate=True)
+        decoded = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where} is not valid base64: {e}", error="bad base64") from None
+    if not decoded:
+        raise RequestError(f"{where} is empty: expected a base64-encoded image", error="empty body")
+    return decoded
 
 
 def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None) -> Request:

@@ -2,8 +2,10 @@
 
 Used by training's data loading and by the TorchServe handler, so served and offline pixels are
 identical. The header is read first (Pillow reads only the header) so that decompression bombs are
-refused before any pixel is allocated; torchvision decodes (faster than Pillow), Pillow is the
-fallback for formats torchvision cannot decode (BMP, TIFF, ...).
+refused before any pixel is allocated. JPEGs are decoded by torchvision (libjpeg-turbo, faster than
+Pillow); every other format by Pillow. torchvision 0.29's PNG decoder crashes the process (segfault
+after "libpng error: IDAT: incorrect data check") on a corrupted PNG, which our fuzz test found: one
+such request would kill a TorchServe worker, so PNG/GIF/WEBP/BMP/TIFF never reach it.
 
 Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
@@ -21,6 +23,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvis
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7300x5500 photo passes, a 20000x20000 bomb does not
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class ImageError(ValueError):
@@ -75,22 +78,22 @@ def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     width, height = image_size(data)
     if width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-    buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
-    try:
-        return _to_rgb_uint8(decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True))
-    except RuntimeError:  # a format torchvision does not decode, or broken data: Pillow decides
+    if bytes(data[:3]) == JPEG_MAGIC:
+        buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
         try:
-            return _decode_with_pillow(data)
-        except Exception as e:
-            raise ImageError(f"cannot decode the {width}x{height} image: {e}") from None
+            return _to_rgb_uint8(decode_image(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True))
+        except RuntimeError:  # broken or unusual JPEG: Pillow decides
+            pass
+    try:
+        return _decode_with_pillow(data)
+    except Exception as e:
+        raise ImageError(f"cannot decode the {width}x{height} image: {e}") from None
 
 
 def read_image_file(path: str) -> torch.Tensor:
     with open(path, "rb") as f:
         return decode_rgb(f.read())
 
-
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS, device=None,

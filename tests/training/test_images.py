@@ -122,3 +122,12 @@ def test_webp_tiff_and_animated_gif():
         assert gif.n_frames == 2
         first = torch.from_numpy(np.asarray(gif.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(out, first)
+
+
+def test_corrupted_png_that_crashed_torchvision_is_a_400():
+    """Found by tests/handlers/test_fuzz.py: torchvision 0.29's decode_png segfaults on this PNG
+    ("libpng error: IDAT: incorrect data check"). Only JPEGs reach torchvision now."""
+    data = bytes.fromhex("89504e470d0a1a0a0000000d494844520000000c00000009080200000089da5a030000001849444154789c63e43a21c7400830aa888181810100434d010243170fee0000000049454ea805650a6a6a6c44ae426082")
+    with pytest.raises(ImageError) as e:
+        decode_rgb(data)
+    assert e.value.status == 400
