@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7300x5500 photo passes, a 20000x20000 bomb does not
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
 
 
 class ImageError(ValueError):
@@ -117,7 +118,9 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
     batched: list[int] = []
     if jpeg_batch_decoder is not None:
         for i, data in enumerate(payloads):
-            if bytes(data[:3]) == JPEG_MAGIC:
+            # nvjpeg decodes a truncated JPEG without an error (the missing rows come back black): only
+            # complete JPEGs (ending with the EOI marker) go to the batch decoder, the rest to the CPU.
+            if bytes(data[:3]) == JPEG_MAGIC and bytes(data[-2:]) == JPEG_EOI:
                 try:
                     width, height = image_size(data)
                     if width * height > max_pixels:
