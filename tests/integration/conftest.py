@@ -18,7 +18,7 @@ SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-
 ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the handler
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # one server at a time: see scripts/ts_server.py
 def server(export_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     for name, variant in SERVED.items():
@@ -40,7 +40,7 @@ def server(export_dir, tmp_path_factory):
         os.kill(pid, 0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def eager(checkpoint):
     spec, model = load_model(checkpoint)
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
