@@ -45,11 +45,14 @@ def test_tokens_are_required_and_registration_is_limited_to_the_store(export_dir
     try:
         import time
         key_file = server.workdir / "key_file.json"
-        for _ in range(120):
-            if key_file.is_file():
+        keys = None
+        for _ in range(240):  # TorchServe writes the file at start-up: wait until it is complete
+            try:
+                keys = json.loads(key_file.read_text())
                 break
-            time.sleep(0.5)
-        keys = json.loads(key_file.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.5)
+        assert keys, f"no {key_file}"
         inference_key, management_key = keys["inference"]["key"], keys["management"]["key"]
         image = encode(pattern_image("circle", size=30))
         url = f"{server.url}/predictions/shapes"
