@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import resource
@@ -80,7 +79,6 @@ def photos(out: Path) -> Path:
 
 def prepare(model: str, payload_dir: Path, work: Path) -> dict:
     """Checkpoint, exported graphs and archives for every configuration."""
-    from export.archive import build_archive
     from export.exporter import Exporter
     from training.checkpoint import ModelSpec, save_checkpoint
 
@@ -281,7 +279,7 @@ def main(argv=None) -> int:
 def report(results: list[dict], users: list[int], threshold: float) -> dict:
     top = max(users)
     at = {r["name"]: next(x for x in r["runs"] if x["users"] == top) for r in results}
-    lines = [f"| configuration | in-process limit img/s | " + " | ".join(f"{u} users img/s (p50/p99 ms)" for u in users)
+    lines = ["| configuration | in-process limit img/s | " + " | ".join(f"{u} users img/s (p50/p99 ms)" for u in users)
              + " | failures |", "|---|---|" + "---|" * len(users) + "---|"]
     for r in results:
         cells = [f"{x['img_s']:.1f} ({x['p50_ms']:.0f}/{x['p99_ms']:.0f})" for x in r["runs"]]

@@ -71,7 +71,7 @@ def main() -> int:
     args = p.parse_args()
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
     rows = run(args)
-    print(f"| TTA | top-1 | views/image | TTA applied | ms/image | cost vs none |\n|---|---|---|---|---|---|")
+    print("| TTA | top-1 | views/image | TTA applied | ms/image | cost vs none |\n|---|---|---|---|---|---|")
     for r in rows:
         trig = "-" if r["trigger_rate"] is None else f"{r['trigger_rate']:.1%}"
         print(f"| {r['mode']} | {r['top1']:.2%} | {r['views_per_image']:.2f} | {trig} | {r['ms_per_image']:.3f} | "

@@ -76,7 +76,6 @@ def _trace_frozen(module: nn.Module, example: torch.Tensor, path: str) -> None:
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str, *, output_names: list[str],
                 opset: int = ONNX_OPSET) -> None:
     """ONNX with a dynamic batch axis; checked with ``onnx.checker`` (full) and shape inference."""
-    import onnx
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but dependable

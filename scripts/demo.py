@@ -11,7 +11,6 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from scripts.client import predict_files
 from scripts.ts_server import REPO, TorchServe

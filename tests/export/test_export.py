@@ -18,7 +18,7 @@ from export.wrappers import FusedNormalization
 from handlers.backends import load_backend
 from tests.conftest import REPO
 from training.checkpoint import load_model
-from training.presets import EvalPreset, normalize
+from training.presets import normalize
 from training.tta import predict_proba
 
 

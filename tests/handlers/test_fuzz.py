@@ -2,7 +2,6 @@
 the only exceptions are the per-request errors the handler turns into a 4xx."""
 import io
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

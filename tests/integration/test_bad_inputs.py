@@ -1,7 +1,6 @@
 """The bad-input matrix against a real TorchServe: every bad request gets a clear 4xx with a JSON body
 naming the problem, a good request sent in the same batch window still gets its 200, and the server
 keeps serving. Unusual but valid images are classified."""
-import base64
 import io
 import json
 import urllib.error

@@ -1,12 +1,10 @@
 """A real TorchServe (Java frontend + Python workers) on loopback, serving freshly built archives."""
 import json
-import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from scripts.client import predict
 from tests.conftest import encode, pattern_image
