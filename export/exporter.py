@@ -15,8 +15,8 @@ from training.presets import normalize
 
 from .formats import (VARIANTS, Variant, export_onnx, files_of, onnx_to_fp16, onnx_to_int8, onnx_to_openvino,
                       _trace_frozen)
-from .verify import (DEFAULT_MAX_DROP, EvalSet, compare, format_table, load_calibration, load_eval_set, problems,
-                     run_backend)
+from .verify import (DEFAULT_MAX_DROP, EvalSet, compare, effective_precision, format_table, load_calibration,
+                     load_eval_set, problems, run_backend)
 from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
 
 EXPORT_MANIFEST = "export.json"
@@ -226,7 +226,7 @@ def verify(export_dir: str, *, data: str | None, checkpoint: str | None = None, 
             result = compare(output, exporter.reference(variant, evalset), kind=variant.output,
                              labels=evalset.labels, k=min(5, exporter.spec.num_classes))
             result.update(ms_per_image=ms, runtime=backend.providers)
-            bad = problems(variant.precision if label != "bf16" else "bf16", result, reference_accuracy=ref_acc,
+            bad = problems(effective_precision(variant.precision, hint=label), result, reference_accuracy=ref_acc,
                            max_drop=DEFAULT_MAX_DROP, cuda=label == "cuda")
             result["problems"] = bad
             rows[row] = result

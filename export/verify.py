@@ -109,6 +109,12 @@ def compare(output, reference: torch.Tensor, *, kind: str, labels: torch.Tensor 
     return result
 
 
+def effective_precision(precision: str, *, hint: str | None = None) -> str:
+    """The precision a graph really runs at: OpenVINO's bf16 hint lowers an fp32 graph to bf16 (on
+    CPUs with bf16 instructions), but leaves fp16/bf16 and INT8 graphs at their own precision."""
+    return "bf16" if hint == "bf16" and precision == "fp32" else precision
+
+
 def problems(precision: str, result: dict, *, reference_accuracy: float | None, max_drop: float,
              cuda: bool = False) -> list[str]:
     """What makes a variant unacceptable (empty list: acceptable)."""

@@ -63,7 +63,7 @@ def checkpoint(image_folder, tmp_path_factory) -> Path:
     from training.engine import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt")
-    train(TrainConfig(data=str(image_folder), out=str(out), model_kwargs=TINY_KWARGS, epochs=8, batch_size=16,
+    train(TrainConfig(data=str(image_folder), out=str(out), model_kwargs=TINY_KWARGS, epochs=16, batch_size=16,
                       input_size=24, resize_size=26, lr=3e-3, progress=False))
     return out / "best.pt"
 
