@@ -1,4 +1,7 @@
-"""``python -m training {prepare-fashion-mnist,train,evaluate}``."""
+"""``python -m training {prepare-fashion-mnist,stats,train,evaluate,predict}``.
+
+Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m training train ...`` (DDP).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +10,14 @@ import sys
 
 from .models import list_models
 
+TTA_CHOICES = ["none", "flip", "five_crop", "ten_crop", "multi_scale"]
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate attention ResNet classifiers "
-                                "on ImageFolder trees (DIR/<class>/<image>).")
+    from .config import add_arguments
+
+    p = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate attention ResNet/ResNeXt "
+                                "classifiers on ImageFolder trees, iNaturalist-style JSON or CIFAR pickles.")
     sub = p.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare-fashion-mnist", help="write the embedded Fashion-MNIST as an ImageFolder tree",
@@ -19,63 +26,88 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX .gz files")
 
-    t = sub.add_parser("train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Train on DATA/train, evaluate on DATA/test (or DATA/val) every epoch; write "
-                       "OUT/best.pt (best test top-1), OUT/last.pt and OUT/log.csv.")
-    t.add_argument("--data", required=True, help="ImageFolder root holding train/ and test/ (or val/)")
-    t.add_argument("--arch", default="cbam_resnet", choices=list_models(), help="architecture")
-    t.add_argument("--model-kwargs", default="{}", type=json.loads,
-                   help='JSON keyword arguments of the architecture, e.g. \'{"widths": [16, 32, 64, 128], "head_width": 256}\'')
-    t.add_argument("--epochs", type=int, default=10, help="number of epochs")
-    t.add_argument("--batch-size", type=int, default=128, help="images per step")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine schedule after warm-up)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    t.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    t.add_argument("--warmup-epochs", type=float, default=0.2, help="linear warm-up length in epochs")
-    t.add_argument("--input-size", type=int, default=32, help="model input size (center crop), pixels")
-    t.add_argument("--resize-size", type=int, default=None, help="shorter side before the crop (default: input size)")
-    t.add_argument("--normalize", default="dataset", choices=["dataset", "imagenet"],
-                   help="mean/std: computed on the training images, or ImageNet's")
-    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    t.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="decode images on every access instead of once into memory")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="autocast precision; auto = bf16 on CUDA, none on CPU")
-    t.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    st = sub.add_parser("stats", help="per-channel mean/std of a data set's training images",
+                        description="Compute the channel mean/std (0..1 scale) of the training split after the "
+                        "evaluation resize/crop; pass the result to train --normalize M1,M2,M3,S1,S2,S3 (train "
+                        "computes it itself with the default --normalize dataset).")
+    st.add_argument("--data", required=True, help="data set root (as for train)")
+    st.add_argument("--format", default="auto", choices=["auto", "imagefolder", "inat", "cifar"], help="data format")
+    st.add_argument("--input-size", type=int, default=32, help="crop size (as for train)")
+    st.add_argument("--resize-size", type=int, default=None, help="resize size (as for train)")
+    st.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Print top-1/top-5 of CHECKPOINT on an ImageFolder tree and write per-image "
-                       "predictions as CSV.")
+    t = sub.add_parser("train", help="train a model",
+                       description="Train on the training split, evaluate on the test (or val) split every epoch; "
+                       "write OUT/best.pt (best test top-1), OUT/last.pt (resumable), OUT/config.yaml and "
+                       "OUT/log.csv. Architectures: " + ", ".join(list_models()) + ". Under torchrun every "
+                       "process trains on its share of each batch (DDP); rank 0 logs, evaluates and saves.")
+    add_arguments(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics.json, predictions.csv, plots",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Top-1/3/5, macro precision/recall/F1, per-class accuracy, a classification "
+                       "report and a confusion matrix of CHECKPOINT on a labelled ImageFolder tree. Writes "
+                       "OUT/metrics.json, OUT/predictions.csv, OUT/confusion_matrix.png, OUT/per_class_accuracy.png "
+                       "and, when the run's log.csv sits next to the checkpoint, OUT/training_curves.png.")
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     e.add_argument("--data", required=True, help="ImageFolder tree to evaluate on, e.g. DATA/test")
-    e.add_argument("--tta", default="none", choices=["none", "flip", "five_crop", "ten_crop", "multi_scale"],
+    e.add_argument("--tta", default="none", choices=TTA_CHOICES,
                    help="test-time augmentation, exactly as the handler does it (see training/tta.py)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
-    e.add_argument("--out", default=None, help="CSV of per-image predictions (default: next to the checkpoint)")
+    e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+    pr = sub.add_parser("predict", help="predict the classes of an unlabelled image folder",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Classify every image under IMAGES (recursively) and write one CSV row per "
+                        "image: path, predicted class, confidence (and the top-k with --topk).")
+    pr.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
+    pr.add_argument("--images", required=True, help="folder of images (any layout)")
+    pr.add_argument("--out", required=True, help="CSV file to write")
+    pr.add_argument("--tta", default="none", choices=TTA_CHOICES, help="test-time augmentation")
+    pr.add_argument("--topk", type=int, default=1, help="classes per image in the CSV")
+    pr.add_argument("--batch-size", type=int, default=256, help="images per forward")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = _parser().parse_args(argv)
     if args.command == "prepare-fashion-mnist":
         from .data import prepare_fashion_mnist
         print(f"Fashion-MNIST written to {prepare_fashion_mnist(args.out, source=args.source)}")
+    elif args.command == "stats":
+        from .data import build_datasets, dataset_stats
+        from .presets import EvalPreset
+        preset = EvalPreset(crop_size=args.input_size, resize_size=args.resize_size)
+        train_ds, _ = build_datasets(args.data, format=args.format, train_transform=preset)
+        mean, std = dataset_stats(train_ds, max_images=args.max_images)
+        print(json.dumps({"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std],
+                          "images": len(train_ds) if args.max_images is None else min(len(train_ds), args.max_images)}))
+        print("--normalize " + ",".join(f"{v:.4f}" for v in (*mean, *std)))
     elif args.command == "train":
-        from .engine import TrainConfig, train
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+        from .config import from_args
+        from .engine import train
+        cfg = from_args(args)
         best = train(cfg)
-        print(f"best epoch {best['epoch']}: test top-1 {best['test_top1']:.2%} -> {cfg.out}/best.pt")
+        if best:
+            print(f"best epoch {best['epoch']}: test top-1 {best['selected_top1']:.2%} ({best['weights']} weights) "
+                  f"-> {cfg.out}/best.pt")
     elif args.command == "evaluate":
-        import os
         from .engine import evaluate
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "predictions.csv")
-        r = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_csv=out,
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+        m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
                      device=args.device)
-        print(f"top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  on {r['images']} images (tta={r['tta']}); "
-              f"predictions: {out}")
+        print(m["report"])
+        print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
+              f"on {m['images']} images (tta={m['tta']}); metrics, predictions and plots in {out}")
+    elif args.command == "predict":
+        from .engine import predict_folder
+        n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
+                           device=args.device, topk=args.topk)
+        print(f"{n} images classified -> {args.out}")
     return 0
 
 

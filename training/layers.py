@@ -5,8 +5,13 @@
 * :class:`SpatialAttention` -- CBAM's spatial gate: a ``k x k`` convolution over the channel-wise
   mean and max maps, then a sigmoid.
 * :class:`CBAM` -- channel gate followed by spatial gate (Woo et al., 2018).
+* :class:`SqueezeExcite` -- squeeze-and-excitation (Hu et al., 2018): a bottleneck MLP over the
+  average-pooled channel descriptor, then a sigmoid. Takes feature maps ``(N, C, *spatial)`` or
+  already pooled vectors ``(N, C)`` (where the squeeze is the identity).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,10 +38,11 @@ class ChannelAttention(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    def __init__(self, *, kernel_size: int = 7, gate_layer: type[nn.Module] = nn.Sigmoid):
+    def __init__(self, *, kernel_size: int = 7, gate_layer: type[nn.Module] = nn.Sigmoid,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = norm_layer(1)
         self.gate = gate_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,10 +51,27 @@ class SpatialAttention(nn.Module):
 
 
 class CBAM(nn.Module):
-    def __init__(self, channels: int, *, reduction: int = 16, spatial_kernel_size: int = 7):
+    def __init__(self, channels: int, *, reduction: int = 16, spatial_kernel_size: int = 7,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.channel = ChannelAttention(channels, reduction=reduction)
-        self.spatial = SpatialAttention(kernel_size=spatial_kernel_size)
+        self.spatial = SpatialAttention(kernel_size=spatial_kernel_size, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, *, reduction: int = 16, min_channels: int = 8,
+                 act_layer: type[nn.Module] = nn.ReLU, gate_layer: type[nn.Module] = nn.Sigmoid, bias: bool = True):
+        super().__init__()
+        hidden = _hidden_channels(channels, reduction, min_channels)
+        self.fc1 = nn.Linear(channels, hidden, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, channels, bias=bias)
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.flatten(2).mean(2) if x.dim() > 2 else x
+        weights = self.gate(self.fc2(self.act(self.fc1(squeezed))))
+        return x * weights.view(weights.shape + (1,) * (x.dim() - weights.dim()))

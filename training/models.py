@@ -2,15 +2,22 @@
 
 The checkpoint stores the registry name and the keyword arguments, so export and evaluation rebuild
 exactly the trained architecture.
+
+The large-image models (``se_resnext101_32x8d``, ``resnext101_mlp_head``, ``resnet50_attention``) are a
+:class:`BackboneClassifier`: ``model.backbone`` is a torchvision ResNet without its classifier (so a
+torchvision state dict loads into it, see :func:`training.finetune.load_pretrained`) and ``model.head``
+is everything after it, which is what differential learning rates and progressive unfreezing act on.
+Their ``layers`` / ``groups`` / ``width_per_group`` arguments shrink the same family for CPU tests.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .layers import CBAM
+from .layers import CBAM, ChannelAttention, SqueezeExcite
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -30,10 +37,25 @@ def build_model(name: str, *, num_classes: int, **kwargs) -> nn.Module:
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
-def _conv_bn_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "batchnorm": nn.BatchNorm2d,
+    # No normalization: every sample is computed independently of its batch (exact DDP-vs-one-process
+    # checks on CPU, where SyncBatchNorm does not exist).
+    "none": lambda channels: nn.Identity(),
+}
+
+
+def norm_layer_from_name(name: str) -> Callable[[int], nn.Module]:
+    if name not in NORM_LAYERS:
+        raise ValueError(f"unknown norm_layer {name!r}; choose one of {', '.join(NORM_LAYERS)}")
+    return NORM_LAYERS[name]
+
+
+def _conv_bn_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_ch),
+        norm_layer(out_ch),
         nn.ReLU(inplace=True),
     )
 
@@ -42,14 +64,14 @@ class CBAMBasicBlock(nn.Module):
     """3x3 -> 3x3 residual block with a CBAM gate on the residual branch."""
 
     def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, reduction: int = 16,
-                 spatial_kernel_size: int = 7):
+                 spatial_kernel_size: int = 7, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
-        self.conv1 = _conv_bn_act(in_ch, out_ch, 3, stride)
-        self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch))
-        self.attn = CBAM(out_ch, reduction=reduction, spatial_kernel_size=spatial_kernel_size)
+        self.conv1 = _conv_bn_act(in_ch, out_ch, 3, stride, norm_layer)
+        self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), norm_layer(out_ch))
+        self.attn = CBAM(out_ch, reduction=reduction, spatial_kernel_size=spatial_kernel_size, norm_layer=norm_layer)
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), norm_layer(out_ch))
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,24 +83,27 @@ class CBAMResNet(nn.Module):
 
     3x3 stem, four stages of ``blocks_per_stage`` CBAM residual blocks (strides 1, 2, 2, 2), a 1x1
     "extra" convolution to ``head_width`` channels, global average pooling, dropout and a linear head.
+    ``norm_layer``: ``"batchnorm"`` (the seed's) or ``"none"``.
     """
 
     def __init__(self, *, num_classes: int, widths: tuple[int, ...] = (40, 80, 160, 336),
                  blocks_per_stage: int = 2, head_width: int = 640, drop_rate: float = 0.3,
-                 reduction: int = 16, spatial_kernel_size: int = 7, in_chans: int = 3):
+                 reduction: int = 16, spatial_kernel_size: int = 7, in_chans: int = 3,
+                 norm_layer: str = "batchnorm"):
         super().__init__()
-        self.stem = _conv_bn_act(in_chans, widths[0], 3)
+        norm = norm_layer_from_name(norm_layer)
+        self.stem = _conv_bn_act(in_chans, widths[0], 3, norm_layer=norm)
         stages, in_ch = [], widths[0]
         for i, width in enumerate(widths):
             blocks = []
             for j in range(blocks_per_stage):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(CBAMBasicBlock(in_ch, width, stride=stride, reduction=reduction,
-                                             spatial_kernel_size=spatial_kernel_size))
+                                             spatial_kernel_size=spatial_kernel_size, norm_layer=norm))
                 in_ch = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.extra = _conv_bn_act(in_ch, head_width, 1)
+        self.extra = _conv_bn_act(in_ch, head_width, 1, norm_layer=norm)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_width, num_classes)
@@ -101,6 +126,89 @@ def resnet50(*, num_classes: int, **kwargs) -> nn.Module:
     no pretrained weights are downloaded."""
     import torchvision
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
+
+
+class ResNetBackbone(ResNet):
+    """torchvision's ResNet without its classifier (``fc`` is ``nn.Identity``).
+
+    ``forward`` returns the pooled ``(N, num_features)`` vector, ``forward_features`` the last feature
+    map ``(N, num_features, H/32, W/32)``. Parameter names are torchvision's, less ``fc.*``.
+    """
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], *, groups: int = 1,
+                 width_per_group: int = 64):
+        super().__init__(block, [int(n) for n in layers], num_classes=1, groups=groups,
+                         width_per_group=width_per_group)
+        self.num_features = 512 * block.expansion
+        self.fc = nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+
+
+class BackboneClassifier(nn.Module):
+    """``head(backbone(x))``: the head gets the pooled features, or the last feature map when
+    ``head_on_feature_map`` (for heads that start with a spatial attention block and pool themselves)."""
+
+    def __init__(self, backbone: ResNetBackbone, head: nn.Module, *, head_on_feature_map: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.head_on_feature_map = head_on_feature_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(x) if self.head_on_feature_map else self.backbone(x)
+        return self.head(features)
+
+
+def _mlp(in_features: int, hidden: Sequence[int], num_classes: int, *, drop_rate: float) -> list[nn.Module]:
+    """``Linear -> BatchNorm1d -> ReLU -> Dropout`` per hidden width, then the ``Linear`` classifier."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
+        in_features = width
+    return layers + [nn.Linear(in_features, num_classes)]
+
+
+@register_model
+def se_resnext101_32x8d(*, num_classes: int, layers: Sequence[int] = (3, 4, 23, 3), groups: int = 32,
+                        width_per_group: int = 8, reduction: int = 16, drop_rate: float = 0.5) -> nn.Module:
+    """ResNeXt-101 32x8d, global pooling, a squeeze-and-excitation gate on the pooled 2048 features,
+    dropout and a linear classifier; 87.29 M parameters at 10 classes."""
+    backbone = ResNetBackbone(Bottleneck, layers, groups=groups, width_per_group=width_per_group)
+    head = nn.Sequential(SqueezeExcite(backbone.num_features, reduction=reduction), nn.Dropout(drop_rate),
+                         nn.Linear(backbone.num_features, num_classes))
+    return BackboneClassifier(backbone, head)
+
+
+@register_model
+def resnext101_mlp_head(*, num_classes: int, layers: Sequence[int] = (3, 4, 23, 3), groups: int = 32,
+                        width_per_group: int = 8, hidden: int = 512,
+                        drop_rates: Sequence[float] = (0.3, 0.5)) -> nn.Module:
+    """ResNeXt-101 32x8d with the head ``Dropout(0.3) -> Linear(2048, 512) -> ReLU -> BatchNorm1d ->
+    Dropout(0.5) -> Linear(512, C)``; 87.80 M parameters at 10 classes."""
+    backbone = ResNetBackbone(Bottleneck, layers, groups=groups, width_per_group=width_per_group)
+    first_drop, second_drop = drop_rates
+    head = nn.Sequential(nn.Dropout(first_drop), nn.Linear(backbone.num_features, hidden), nn.ReLU(inplace=True),
+                         nn.BatchNorm1d(hidden), nn.Dropout(second_drop), nn.Linear(hidden, num_classes))
+    return BackboneClassifier(backbone, head)
+
+
+@register_model
+def resnet50_attention(*, num_classes: int, layers: Sequence[int] = (3, 4, 6, 3), groups: int = 1,
+                       width_per_group: int = 64, reduction: int = 16, hidden: Sequence[int] = (512, 256),
+                       drop_rate: float = 0.5) -> nn.Module:
+    """ResNet-50, CBAM channel attention on the last feature map, global pooling, then an MLP
+    (``2048 -> 512 -> 256 -> C``, each hidden layer with BatchNorm, ReLU and dropout); 25.22 M
+    parameters at 10 classes."""
+    backbone = ResNetBackbone(Bottleneck, layers, groups=groups, width_per_group=width_per_group)
+    head = nn.Sequential(ChannelAttention(backbone.num_features, reduction=reduction), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(1), *_mlp(backbone.num_features, hidden, num_classes, drop_rate=drop_rate))
+    return BackboneClassifier(backbone, head, head_on_feature_map=True)
 
 
 def count_parameters(model: nn.Module) -> int:

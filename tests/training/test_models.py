@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from training.layers import CBAM, ChannelAttention, SpatialAttention
+from torchvision.models.resnet import ResNet
+
+from training.layers import CBAM, ChannelAttention, SpatialAttention, SqueezeExcite
 from training.models import build_model, count_parameters, list_models
 
 
@@ -36,3 +38,116 @@ def test_resnet50_baseline_has_100_class_head():
     model = build_model("resnet50", num_classes=100)
     assert count_parameters(model) == 23_712_932
     assert model.fc.out_features == 100
+
+
+# --- squeeze-and-excitation -------------------------------------------------------------------
+
+def test_squeeze_excite_on_maps_and_pooled_vectors_keeps_shape_and_gates_in_0_1():
+    se = SqueezeExcite(32, reduction=4).eval()
+    for x in (torch.randn(2, 32, 8, 8), torch.randn(2, 32), torch.randn(2, 32, 5)):
+        y = se(x)
+        assert y.shape == x.shape
+        ratio = (y / x)[x.abs() > 1e-3]
+        assert ratio.min() >= 0 and ratio.max() <= 1 + 1e-5
+
+
+def test_squeeze_excite_on_a_map_gates_like_on_its_pooled_vector():
+    se = SqueezeExcite(16, reduction=4).eval()
+    vector = torch.randn(3, 16)
+    constant_map = vector[:, :, None, None].expand(3, 16, 4, 4)  # the pooled descriptor is ``vector`` itself
+    torch.testing.assert_close(se(constant_map), se(vector)[:, :, None, None].expand(3, 16, 4, 4))
+
+
+def test_squeeze_excite_knobs():
+    se = SqueezeExcite(64, reduction=16, min_channels=8, act_layer=torch.nn.SiLU, gate_layer=torch.nn.Hardsigmoid)
+    assert (se.fc1.in_features, se.fc1.out_features, se.fc2.out_features) == (64, 8, 64)  # 64 // 16 = 4 < 8
+    assert isinstance(se.act, torch.nn.SiLU) and isinstance(se.gate, torch.nn.Hardsigmoid)
+    assert SqueezeExcite(2048).fc1.out_features == 128
+    assert SqueezeExcite(64, bias=False).fc1.bias is None
+
+
+# --- the seed projects' large-image models ----------------------------------------------------
+
+NEW_MODELS = ("se_resnext101_32x8d", "resnext101_mlp_head", "resnet50_attention")
+TINY = {  # the same families, shrunk to train on a CPU in tests
+    "se_resnext101_32x8d": {"layers": (1, 1, 1, 1), "width_per_group": 4},
+    "resnext101_mlp_head": {"layers": (1, 1, 1, 1), "width_per_group": 4, "hidden": 32},
+    "resnet50_attention": {"layers": (1, 1, 1, 1), "width_per_group": 16, "hidden": (32, 16)},
+}
+
+
+@pytest.mark.parametrize("name, num_classes, expected", [
+    ("se_resnext101_32x8d", 10, 87_289_290),
+    ("se_resnext101_32x8d", 1000, 89_317_800),
+    ("resnext101_mlp_head", 10, 87_797_578),
+    ("resnext101_mlp_head", 1000, 88_305_448),
+    ("resnet50_attention", 10, 25_216_842),
+    ("resnet50_attention", 1000, 25_471_272),
+])
+def test_full_size_parameter_counts(name, num_classes, expected):
+    with torch.device("meta"):  # no memory, no initialisation: counts only
+        model = build_model(name, num_classes=num_classes)
+    assert count_parameters(model) == expected
+
+
+def test_full_size_backbones_are_torchvisions_without_fc():
+    import torchvision
+    with torch.device("meta"):
+        resnext, resnet = torchvision.models.resnext101_32x8d(), torchvision.models.resnet50()
+        se = build_model("se_resnext101_32x8d", num_classes=10)
+        attention = build_model("resnet50_attention", num_classes=10)
+    assert count_parameters(resnext) == 88_791_336
+    assert count_parameters(se.backbone) == 88_791_336 - 2_049_000 == 86_742_336  # fc is 2048 x 1000 + 1000
+    assert count_parameters(attention.backbone) == 25_557_032 - 2_049_000 == 23_508_032
+    expected = {k: v.shape for k, v in resnext.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in se.backbone.state_dict().items()} == expected
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_backbone_and_head_structure(name):
+    model = build_model(name, num_classes=5, **TINY[name])
+    assert isinstance(model.backbone, ResNet) and isinstance(model.backbone.fc, torch.nn.Identity)
+    assert model.backbone.num_features == 2048
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    head_ids = {id(p) for p in model.head.parameters()}
+    assert not backbone_ids & head_ids
+    assert len(backbone_ids) + len(head_ids) == len(list(model.parameters()))  # nothing outside the two
+    assert model.head[-1].out_features == 5
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_shrunk_variants_output_shape(name, size):
+    model = build_model(name, num_classes=7, **TINY[name]).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+
+
+def test_heads_are_the_seed_projects():
+    se = build_model("se_resnext101_32x8d", num_classes=3, drop_rate=0.2, **TINY["se_resnext101_32x8d"])
+    assert [type(m) for m in se.head] == [SqueezeExcite, torch.nn.Dropout, torch.nn.Linear]
+    assert se.head[1].p == 0.2 and se.head[0].fc1.out_features == 128
+
+    mlp = build_model("resnext101_mlp_head", num_classes=3, layers=[1, 1, 1, 1], width_per_group=4)
+    assert [type(m).__name__ for m in mlp.head] == ["Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert (mlp.head[0].p, mlp.head[4].p, mlp.head[1].out_features) == (0.3, 0.5, 512)
+
+    attention = build_model("resnet50_attention", num_classes=3, drop_rate=0.4, **TINY["resnet50_attention"])
+    assert isinstance(attention.head[0], ChannelAttention)
+    linears = [m for m in attention.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2048, 32), (32, 16), (16, 3)]
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in attention.head) == 2
+    assert {m.p for m in attention.head if isinstance(m, torch.nn.Dropout)} == {0.4}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_shrunk_model_trains_and_traces():
+    model = build_model("resnet50_attention", num_classes=4, **TINY["resnet50_attention"])
+    x = torch.randn(4, 3, 32, 32)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert model.head[0].fc1.weight.grad is not None and model.backbone.conv1.weight.grad is not None
+    se = build_model("se_resnext101_32x8d", num_classes=4, **TINY["se_resnext101_32x8d"]).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(se, x[:1], check_trace=False)  # export traces the model
+        torch.testing.assert_close(traced(x), se(x))

@@ -1,4 +1,5 @@
 import csv
+import json
 
 import pytest
 import torch
@@ -39,14 +40,21 @@ def test_learns_the_shapes(run_dir):
     assert ckpt["metrics"]["test_top1"] > 0.6  # chance is 1/3
 
 
-def test_evaluate_writes_predictions(run_dir, image_folder, capsys):
-    out = run_dir / "preds.csv"
+def test_evaluate_writes_metrics_predictions_and_plots(run_dir, image_folder, capsys):
+    out = run_dir / "eval"
     main(["evaluate", "--checkpoint", str(run_dir / "best.pt"), "--data", str(image_folder / "test"),
           "--tta", "flip", "--out", str(out)])
-    assert "top-1" in capsys.readouterr().out
-    with open(out) as f:
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "macro avg" in printed  # the classification report
+    with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 90 and set(rows[0]) == {"path", "label", "label_name", "pred", "pred_name", "confidence"}
+    assert len(rows) == 90 and {"path", "label", "label_name", "pred", "pred_name", "confidence"} <= set(rows[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"top1", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "per_class"} <= set(metrics)
+    assert set(metrics["per_class"]) == {"circle", "horizontal", "vertical"}
+    assert metrics["top1"] == pytest.approx(sum(r["label"] == r["pred"] for r in rows) / 90)
+    for png in ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"):  # log.csv is next to best.pt
+        assert (out / png).stat().st_size > 1000
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

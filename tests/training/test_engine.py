@@ -1,0 +1,147 @@
+"""The training loop end to end on tiny generated data: config/YAML, recipe options, EMA, resume,
+early stopping, DDP under torchrun (gloo, 2 processes) against one process."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, TINY_KWARGS
+from training.__main__ import main
+from training.config import TrainConfig
+
+NO_DROPOUT = {**TINY_KWARGS, "drop_rate": 0.0}
+
+
+def _train(image_folder, out, *extra: str) -> None:
+    assert main(["train", "--data", str(image_folder), "--model-kwargs", json.dumps(TINY_KWARGS), "--input-size", "16",
+                 "--batch-size", "16", "--no-progress", "--out", str(out), *extra]) == 0
+
+
+def _log(run) -> list[dict]:
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_config_yaml_and_cli_precedence(tmp_path):
+    from training.config import add_arguments, from_args
+    import argparse
+    (tmp_path / "c.yaml").write_text("data: d\nout: o\nepochs: 7\nlr: 0.01\nmixup_alpha: 0.2\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.5", "--no-cache"]))
+    assert (cfg.epochs, cfg.lr, cfg.mixup_alpha, cfg.cache, cfg.batch_size) == (7, 0.5, 0.2, False, 128)
+    with pytest.raises(ValueError, match="unknown option"):
+        (tmp_path / "bad.yaml").write_text("data: d\nout: o\nepochz: 3\n")
+        from_args(p.parse_args(["--config", str(tmp_path / "bad.yaml")]))
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(data="d", out="o", schedule="linear").validate()
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice with a usage message
+        p.parse_args(["--optimizer", "lion"])
+
+
+def test_help_lists_every_architecture_and_option(capsys):
+    from training.models import list_models
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for name in list_models():
+        assert name in text
+    for option in ("--mixup-alpha", "--cutmix-alpha", "--loss", "--focal-gamma", "--weighted-loss", "--ema",
+                   "--early-stopping", "--resume", "--schedule", "--unfreeze", "--backbone-lr-scale", "--sync-bn",
+                   "--pretrained", "--format", "--normalize", "--balanced-sampler", "--amp", "--channels-last"):
+        assert option in text
+
+
+@pytest.mark.slow
+def test_recipe_run_writes_config_log_and_ema_checkpoints(image_folder, tmp_path):
+    run = tmp_path / "recipe"
+    _train(image_folder, run, "--epochs", "3", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--loss", "focal",
+           "--weighted-loss", "--ema", "--ema-decay", "0.9", "--optimizer", "sgd", "--lr", "0.05",
+           "--schedule", "cosine_restarts", "--restart-epochs", "1", "--grad-clip", "5", "--color-jitter", "0.2",
+           "--rotation", "10", "--random-erase", "0.25")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["mixup_alpha"] == 0.2 and saved["loss"] == "focal" and saved["ema"] is True
+    rows = _log(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["ema_top1"] for r in rows)
+    best = torch.load(run / "best.pt", weights_only=True)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert best["metrics"]["weights"] in ("model", "ema") and "optimizer" not in best  # lean deployable checkpoint
+    assert last["ema_state_dict"] is not None and last["config"]["optimizer"] == "sgd"
+    # the run repeats from its own config.yaml
+    assert main(["train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again"), "--epochs", "1"]) == 0
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
+    from training.config import TrainConfig
+    from training.engine import Trainer
+
+    def cfg(out, **kw):
+        return TrainConfig(**{**dict(data=str(image_folder), out=str(out), model_kwargs=NO_DROPOUT, input_size=16,
+                                     batch_size=16, epochs=3, augment="none", hflip=0.0, ema=True, ema_decay=0.9,
+                                     progress=False), **kw})
+    full, part = tmp_path / "full", tmp_path / "part"
+    Trainer(cfg(full)).run()
+    interrupted = Trainer(cfg(part))  # the same 3-epoch run, stopped after epoch 2
+    interrupted.begin()
+    for epoch in (1, 2):
+        interrupted.run_epoch(epoch)
+    interrupted.finish()
+    Trainer(cfg(part, resume=str(part / "last.pt"))).run()
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert b["epoch"] == 3 and [int(r["epoch"]) for r in _log(part)] == [1, 2, 3]
+    for key in ("state_dict", "ema_state_dict"):
+        for k, v in a[key].items():
+            assert torch.allclose(v.float(), b[key][k].float(), atol=1e-5), (key, k)
+    assert b["metrics"]["lr"] == pytest.approx(a["metrics"]["lr"])
+    # more epochs and a new peak lr for a finished run
+    more = Trainer(cfg(part, resume=str(part / "last.pt"), epochs=4, lr=1e-3))
+    assert more.start_epoch == 4
+    more.run()
+    assert [int(r["epoch"]) for r in _log(part)] == [1, 2, 3, 4]
+    c = torch.load(part / "last.pt", weights_only=True)  # the stretched schedule trained epoch 4 (lr > 0)
+    assert c["epoch"] == 4 and not torch.equal(c["state_dict"]["fc.weight"], b["state_dict"]["fc.weight"])
+    with pytest.raises(ValueError, match="no training state"):
+        Trainer(cfg(tmp_path / "x", resume=str(full / "best.pt")))
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run(image_folder, tmp_path):
+    run = tmp_path / "stop"
+    _train(image_folder, run, "--epochs", "30", "--lr", "0", "--warmup-epochs", "0", "--schedule", "constant",
+           "--early-stopping", "2")  # lr 0: nothing improves after epoch 1
+    assert len(_log(run)) == 3
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(image_folder, tmp_path):
+    """torchrun, gloo, 2 processes x 8 images per step == 1 process x 16 images per step.
+
+    Exact equality needs per-sample independence: no dropout, no augmentation and no BatchNorm
+    (``norm_layer: none``), since SyncBatchNorm exists only on CUDA."""
+    kwargs = {**NO_DROPOUT, "norm_layer": "none"}
+    common = ["--data", str(image_folder), "--model-kwargs", json.dumps(kwargs), "--input-size", "16",
+              "--epochs", "2", "--augment", "none", "--hflip", "0", "--no-progress", "--device", "cpu",
+              "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "training", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "training", "train", *common, "--batch-size", "16", "--out",
+                             str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in a["state_dict"])  # saved from the bare module, rank 0 only
+    for k, v in b["state_dict"].items():
+        assert torch.allclose(a["state_dict"][k].float(), v.float(), atol=2e-4, rtol=1e-3), k
+    assert [r["epoch"] for r in _log(tmp_path / "ddp")] == ["1", "2"]

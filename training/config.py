@@ -1,0 +1,170 @@
+"""The training configuration: one dataclass, loadable from YAML, overridable from the command line.
+
+Precedence: the dataclass defaults < ``--config FILE.yaml`` < options given on the command line.
+The resolved configuration is saved as ``RUN/config.yaml`` and inside every checkpoint, so a run can
+be repeated (``python -m training train --config RUN/config.yaml``) and resumed.
+
+Every field carries its ``--help`` text in ``metadata["help"]``; the CLI is generated from them, so
+the options, their defaults and the YAML keys are always the same names (``--mixup-alpha`` is
+``mixup_alpha`` in YAML).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+def _opt(default, help: str, **extra) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # -- data
+    data: str = _opt(None, "data set root: an ImageFolder tree (train/ + test/ or val/), an iNaturalist-style "
+                     "folder (train.json + val.json) or CIFAR-10/100 python pickles")
+    out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv")
+    format: str = _opt("auto", "data format", choices=("auto", "imagefolder", "inat", "cifar"))
+    input_size: int = _opt(32, "model input size in pixels (the evaluation center crop)")
+    resize_size: int | None = _opt(None, "shorter side before the evaluation crop (default: the input size)")
+    normalize: str = _opt("dataset", "mean/std fused into the exported graph: 'dataset' (computed on the "
+                          "training images), 'imagenet', or 'M1,M2,M3,S1,S2,S3'")
+    workers: int = _opt(0, "DataLoader worker processes (persistent; pinned memory on CUDA)")
+    cache: bool = _opt(True, "decode every image once into memory (turn off with --no-cache for large data sets)")
+    balanced_sampler: bool = _opt(False, "sample classes equally often (weights 1/class frequency; single process)")
+    # -- augmentation (training.presets.TrainPreset) and batch mixing (training.mixing.BatchMixer)
+    augment: str = _opt("pad_crop", "geometric augmentation: pad-and-crop (small images), random-resized-crop "
+                        "(large images) or none", choices=("pad_crop", "random_resized_crop", "none"))
+    hflip: float = _opt(0.5, "horizontal flip probability")
+    rotation: float = _opt(0.0, "random rotation range in degrees (0: off)")
+    color_jitter: float = _opt(0.0, "ColorJitter strength for brightness/contrast/saturation (0: off)")
+    affine: float = _opt(0.0, "RandomAffine translate/scale strength (0: off)")
+    auto_augment: str | None = _opt(None, "automatic augmentation policy", choices=(None, "randaugment",
+                                                                                    "trivialaugment"))
+    random_erase: float = _opt(0.0, "RandomErasing probability (0: off)")
+    mixup_alpha: float = _opt(0.0, "Mixup Beta(alpha, alpha) parameter (0: off)")
+    cutmix_alpha: float = _opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off)")
+    mix_prob: float = _opt(1.0, "probability that a batch is mixed (when mixup/cutmix are on)")
+    mix_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
+    # -- model
+    arch: str = _opt("cbam_resnet", "architecture from the registry (see the list above)")
+    model_kwargs: dict = _opt(None, "JSON keyword arguments of the architecture, e.g. "
+                              "'{\"widths\": [16, 32, 64, 128], \"head_width\": 256}'", parse=json.loads)
+    pretrained: str | None = _opt(None, "local torchvision state dict to start the backbone from (never "
+                                  "downloaded); otherwise training starts from scratch")
+    sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun (DDP)")
+    # -- loss
+    loss: str = _opt("ce", "loss function", choices=("ce", "focal"))
+    label_smoothing: float = _opt(0.1, "label smoothing of the targets")
+    focal_gamma: float = _opt(2.0, "focal loss focusing parameter gamma")
+    focal_alpha: float | None = _opt(None, "focal loss scalar alpha weight (default: none)")
+    weighted_loss: bool = _opt(False, "weight classes by inverse training-set frequency")
+    # -- optimisation
+    optimizer: str = _opt("adamw", "optimizer (sgd = SGD with Nesterov momentum)", choices=("adamw", "sgd"))
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(128, "images per step (per process under torchrun)")
+    lr: float = _opt(2e-3, "peak learning rate (of the head when --backbone-lr-scale is set)")
+    weight_decay: float = _opt(0.05, "weight decay (not applied to norm layers and biases)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    schedule: str = _opt("cosine", "learning-rate schedule (after warm-up)",
+                         choices=("cosine", "cosine_restarts", "plateau", "step", "constant"))
+    warmup_epochs: float = _opt(0.2, "linear warm-up length in (fractional) epochs")
+    min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of --lr")
+    restart_epochs: int = _opt(10, "cosine_restarts: epochs of the first cycle")
+    plateau_patience: int = _opt(2, "plateau: epochs without improvement before the lr drops")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    backbone_lr_scale: float = _opt(1.0, "learning rate of the backbone relative to the head "
+                                    "(differential learning rates; models with a backbone/head split)")
+    unfreeze: str | None = _opt(None, "progressive unfreezing schedule 'EPOCH:STAGE,...', e.g. "
+                                "'0:,2:layer4,4:layer3,6:layer2' (head only until epoch 2); epochs count from 0")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated and checkpointed")
+    ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
+    early_stopping: int = _opt(0, "stop after this many epochs without a better test top-1 (0: off)")
+    # -- execution
+    amp: str = _opt("auto", "autocast precision: auto = bf16 on CUDA, none on CPU",
+                    choices=("auto", "none", "bf16", "fp16"))
+    channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(0, "random seed (weights, data order, augmentation)")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)")
+    resume: str | None = _opt(None, "continue from a checkpoint (RUN/last.pt): weights, optimizer, schedule, "
+                              "AMP scaler, EMA and epoch; --epochs/--lr given with it override the saved run")
+    tensorboard: bool = _opt(False, "also log scalars to RUN/tensorboard (needs the tensorboard package)")
+    progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
+
+    def validate(self) -> "TrainConfig":
+        if not self.data:
+            raise ValueError("--data is required (or 'data:' in the --config file)")
+        if not self.out:
+            raise ValueError("--out is required (or 'out:' in the --config file)")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and None in choices and getattr(self, f.name) in ("none", "None", ""):
+                setattr(self, f.name, None)
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of {choices}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("--epochs and --batch-size must be at least 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("--ema-decay must be in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_yaml(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+def load_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def _bool_field(f) -> bool:
+    return f.type in ("bool", "bool | None", bool)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per field; defaults are SUPPRESSed so that only what the user typed overrides."""
+    parser.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores); "
+                        "options on the command line override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if _bool_field(f):
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        kind = f.metadata.get("parse") or {"int": int, "float": float, "int | None": int,
+                                            "float | None": float}.get(str(f.type), str)
+        kwargs = {"choices": f.metadata["choices"]} if f.metadata.get("choices") and None not in f.metadata["choices"] \
+            else {}
+        parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**values).validate()
+
+
+def explicit_options(args: argparse.Namespace) -> set[str]:
+    """The field names the user gave on the command line (for ``--resume`` overrides)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {k for k in vars(args) if k in names}
