@@ -7,14 +7,16 @@ DATA := data/fashion-mnist
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data demo test serve stop loadtest bench clean
+.PHONY: help setup data demo test serve stop loadtest bench soak validate-deploy audit clean
 
 help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
 	@echo "make test   - set up and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
-	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 10 minutes)"
+	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 15 minutes)"
+	@echo "make validate-deploy - validate deploy/ (Kubernetes, KServe) offline"
+	@echo "make audit  - pip-audit of the pinned dependencies (exit 1 on findings not in deploy/audit-ignore.txt)"
 
 # Idempotent set-up: the venv is rebuilt only when pyproject.toml changes.
 setup: $(VENV)/.installed $(FMNIST_SRC)/train-images-idx3-ubyte.gz
@@ -56,6 +58,12 @@ loadtest: setup
 
 bench: setup
 	$(PY) -m benchmarks.bench
+
+validate-deploy: setup
+	$(PY) -m pytest -q tests/deploy
+
+audit: setup
+	$(PY) scripts/audit.py
 
 clean:
 	rm -rf runs/demo exports/demo model_store/*.mar logs .torchserve
