@@ -31,7 +31,7 @@ from ts.torch_handler.base_handler import BaseHandler
 try:  # inside the repository
     from handlers.backends import load_backend
     from handlers.pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request,
-                                   topk_predictions)
+                                   topk_predictions, worker_threads)
     from training.class_index import INDEX_FILE, read_index_to_name
     from training.images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from training.presets import EvalPreset
@@ -39,7 +39,8 @@ try:  # inside the repository
                               num_views, predict_proba)
 except ImportError:  # inside a .mar: flat modules in the model directory
     from backends import load_backend
-    from pipeline import Batch, RequestError, error_body, header, parse_topk, read_request, topk_predictions
+    from pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request, topk_predictions,
+                          worker_threads)
     from class_index import INDEX_FILE, read_index_to_name
     from images import DEFAULT_MAX_PIXELS, ImageError, decode_many
     from presets import EvalPreset
@@ -57,9 +58,14 @@ class ImageClassifierHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         workers = int(yaml_cfg.get("minWorkers", 1) or 1)
-        self.threads = int(cfg.get("threads") or max(1, (os.cpu_count() or 1) // workers))
+        self.threads = worker_threads(int(cfg.get("threads") or 0), workers=workers)
         torch.set_num_threads(self.threads)
-        self.class_names = read_index_to_name(os.path.join(model_dir, INDEX_FILE))
+        index_path = os.path.join(model_dir, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"{INDEX_FILE} is missing from the archive of model "
+                                    f"{context.manifest.get('model', {}).get('modelName', '?')}: rebuild it with "
+                                    "`python -m export archive`")
+        self.class_names = read_index_to_name(index_path)
         self._configure_tta(cfg)
         self.max_topk = int(cfg.get("graph_topk") or len(self.class_names))
         self.default_topk = min(int(cfg.get("topk", 5)), self.max_topk)

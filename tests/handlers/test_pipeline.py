@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from handlers.pipeline import RequestError, error_body, parse_topk, read_request, topk_predictions
+from handlers.pipeline import RequestError, error_body, parse_topk, read_request, topk_predictions, worker_threads
 
 
 def b64(data: bytes) -> str:
@@ -87,3 +87,10 @@ def test_topk_predictions_per_request_k():
 
 def test_error_body_is_json():
     assert json.loads(error_body("bad image", "not an image")) == {"error": "bad image", "detail": "not an image"}
+
+
+def test_worker_threads_never_oversubscribe():
+    assert worker_threads(3, workers=2, env={"OMP_NUM_THREADS": "8"}, cores=16) == 3      # model-config wins
+    assert worker_threads(0, workers=2, env={"OMP_NUM_THREADS": "2"}, cores=64) == 2      # a container's limit
+    assert worker_threads(0, workers=2, env={}, cores=16) == 8                            # cores / workers
+    assert worker_threads(0, workers=4, env={"OMP_NUM_THREADS": "x"}, cores=2) == 1       # never 0
