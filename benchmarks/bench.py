@@ -51,6 +51,7 @@ class Config:
     workers: int = 1
     threads: int = 0
     env: dict = field(default_factory=dict)
+    handler: dict = field(default_factory=dict)   # extra model-config.yaml handler settings
 
 
 def photos(out: Path) -> Path:
@@ -77,21 +78,32 @@ def photos(out: Path) -> Path:
     return out / "jpeg500"
 
 
+# model -> (input size, resize size, architecture kwargs, classes). ResNet-50 is the stock baseline's model;
+# cbam_resnet (full width, 4.9 M parameters, 32 px) and se_resnext101_32x8d (224 px) are the project's.
+MODELS = {
+    "resnet50": (224, 256, {}, 100),
+    "cbam_resnet": (32, 32, {}, 10),
+    "se_resnext101_32x8d": (224, 256, {}, 100),
+    "smoke": (32, 36, {"widths": [8, 8, 16, 16], "head_width": 32}, 10),
+}
+
+
 def prepare(model: str, payload_dir: Path, work: Path) -> dict:
     """Checkpoint, exported graphs and archives for every configuration."""
     from export.exporter import Exporter
     from training.checkpoint import ModelSpec, save_checkpoint
 
     torch.manual_seed(0)
-    size, resize, kwargs, classes = (224, 256, {}, 100) if model == "resnet50" else (32, 36, {"widths": [8, 8, 16, 16], "head_width": 32}, 10)
-    spec = ModelSpec(arch=model, class_names=[f"class_{i:03d}" for i in range(classes)], input_size=size,
+    size, resize, kwargs, classes = MODELS[model]
+    arch = "cbam_resnet" if model == "smoke" else model
+    spec = ModelSpec(arch=arch, class_names=[f"class_{i:03d}" for i in range(classes)], input_size=size,
                      resize_size=resize, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), model_kwargs=kwargs)
     net = spec.build().eval()
     ckpt = work / f"{model}.pt"
     save_checkpoint(ckpt, spec, net)
     torch.save(net.state_dict(), work / f"{model}_state.pth")
     export_dir = work / f"export_{model}"
-    variants = ["onnx", "openvino", "openvino-int8"] if model == "resnet50" else ["onnx"]
+    variants = ["onnx"] if model == "smoke" else ["onnx", "openvino", "openvino-int8"]
     Exporter(str(ckpt), str(export_dir)).run(variants, data=None, calib_data=str(payload_dir), eval_images=16,
                                              calib_images=64, speed_only=True, log=lambda *a: None)
     return {"spec": spec, "ckpt": ckpt, "export_dir": export_dir}
@@ -126,7 +138,8 @@ def build_archives(configs: list[Config], prep: dict, store: Path, threshold: fl
         else:
             build_archive(prep["export_dir"], variant=c.variant, name=c.name, model_store=store, batch_size=8,
                           max_batch_delay_ms=10, workers=c.workers, threads=c.threads, topk=5, tta=c.tta,
-                          adaptive_tta=c.adaptive, adaptive_threshold=threshold, response_timeout_s=120)
+                          adaptive_tta=c.adaptive, adaptive_threshold=threshold, response_timeout_s=120,
+                          **c.handler)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -169,7 +182,10 @@ def in_process_limit(c: Config, prep: dict, payload_dir: Path, seconds: float = 
     from training.tta import canvas_preset, predict_proba
     spec = prep["spec"]
     info = json.loads((prep["export_dir"] / "export.json").read_text())["variants"][c.variant]
-    backend = load_backend(str(prep["export_dir"] / info["files"][0]), threads=torch.get_num_threads())
+    from handlers.classifier_handler import ImageClassifierHandler
+    precision = ImageClassifierHandler._openvino_precision(c.handler)  # as the served handler resolves it
+    backend = load_backend(str(prep["export_dir"] / info["files"][0]), threads=torch.get_num_threads(),
+                           precision=precision)
     datas = [p.read_bytes() for p in sorted(payload_dir.rglob("*.jpg"))]
     preset = canvas_preset(c.tta, crop_size=spec.input_size, resize_size=spec.resize_size)
     n, i, start = 0, 0, time.perf_counter()
@@ -211,8 +227,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", default="1,4,16", help="closed-loop user counts")
     p.add_argument("--duration", type=int, default=20, help="seconds per load level")
-    p.add_argument("--configs", default="stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_int8",
+    p.add_argument("--configs", default="stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,"
+                   "ours_ov_int8",
                    help="configurations to run")
+    p.add_argument("--models", default="resnet50,cbam_resnet,se_resnext101_32x8d",
+                   help="models, the first with every configuration (its ratios are printed last), the others with "
+                   "--other-configs at --other-users")
+    p.add_argument("--other-configs", default="ours_fp32,ours_ov_bf16,ours_ov_int8",
+                   help="configurations for the models after the first")
+    p.add_argument("--other-users", default="1,16", help="closed-loop user counts for the models after the first")
     p.add_argument("--smoke", action="store_true", help="CI: a tiny model, ours_fp32 only, 1 user, 5 s")
     args = p.parse_args(argv)
     all_configs = {c.name: c for c in [
@@ -222,58 +245,97 @@ def main(argv=None) -> int:
         Config("ours_fp32", "ours", "onnx", workers=2, threads=1),
         Config("ours_fp32_flip", "ours", "onnx", tta="flip", workers=2, threads=1),
         Config("ours_fp32_adaptive", "ours", "onnx", tta="flip", adaptive=True, workers=2, threads=1),
-        Config("ours_ov_f32", "ours", "openvino"),
+        Config("ours_ov_f32", "ours", "openvino", handler={"openvino_precision": "f32"}),
+        # bf16 where the CPU has it (AVX-512-bf16/AMX), else f32: OpenVINO's own default on such CPUs
+        Config("ours_ov_bf16", "ours", "openvino", handler={"openvino_precision": "auto"}),
         Config("ours_ov_int8", "ours", "openvino-int8"),
         Config("ours_fp32_1w", "ours", "onnx"),
         Config("ours_ov_int8_2w", "ours", "openvino-int8", workers=2, threads=1),
     ]}
-    model = "resnet50"
     users = [int(u) for u in args.users.split(",")]
     names = args.configs.split(",")
+    models = [m for m in args.models.split(",") if m]
     if args.smoke:
-        model, users, args.duration, names = "cbam_resnet", [1], 5, ["ours_fp32"]
-    configs = [all_configs[n] for n in names]
+        models, users, args.duration, names = ["smoke"], [1], 5, ["ours_fp32"]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     work = WORK / ("smoke" if args.smoke else "full")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     payload_dir = photos(work / "payloads")
-    print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; model {model}; "
+    print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; models {', '.join(models)}; "
           f"{len(list(payload_dir.rglob('*.jpg')))} photos as 500x375 JPEG q90", flush=True)
-    prep = prepare(model, payload_dir, work)
-    threshold = adaptive_threshold(prep["export_dir"], prep["spec"], payload_dir) if any(c.adaptive for c in configs) else 0.9
-    store = work / "model_store"
-    build_archives(configs, prep, store, threshold)
-    results = []
-    for c in configs:
-        limit = in_process_limit(c, prep, payload_dir) if c.kind == "ours" else None
-        server = TorchServe(model_store=store, models=f"{c.name}={c.name}.mar", env={**os.environ, **c.env},
-                            overrides={"async_logging": "true"})
-        server.start(timeout=300)
-        runs = []
-        try:
-            for u in users:
-                cpu0 = cpu_seconds(server.pid)
-                r = run_locust(server.url, c.name, payload_dir, u, args.duration, c.kind, work / f"{c.name}-{u}")
-                r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
-                runs.append(r)
-                print(f"{c.name:<20} {u:>3} users: {r['img_s']:7.1f} img/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                      f"failures {r['failures']}  cpu: server {r['server_cpu_s']:.0f} s, locust {r['locust_cpu_s']:.0f} s",
-                      flush=True)
-        finally:
-            server.stop()
-        results.append({"name": c.name, "config": c.__dict__, "limit_img_s": limit, "runs": runs})
+    summaries, all_results = {}, {}
+    for i, model in enumerate(models):
+        # The first model gets the full matrix (stock included); the others the fp32 and the best variant.
+        model_names = names if i == 0 else [n for n in args.other_configs.split(",") if n]
+        model_users = users if i == 0 else [int(u) for u in args.other_users.split(",")]
+        configs = [all_configs[n] for n in model_names]
+        model_work = work / model
+        model_work.mkdir()
+        prep = prepare(model, payload_dir, model_work)
+        threshold = adaptive_threshold(prep["export_dir"], prep["spec"], payload_dir) if any(c.adaptive for c in configs) else 0.9
+        store = model_work / "model_store"
+        build_archives(configs, prep, store, threshold)
+        results = []
+        for c in configs:
+            results.append(run_config(c, prep, store, payload_dir, model_users, args.duration, model_work, model))
+        all_results[model] = {"users": model_users, "adaptive_threshold": threshold, "results": results}
+        summaries[model] = report(results, model_users, threshold)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"bench-{stamp}{'-smoke' if args.smoke else ''}"
-    pngs = plots(results, out)
-    summary = report(results, users, threshold)
-    out.with_suffix(".json").write_text(json.dumps({"model": model, "users": users, "duration_s": args.duration,
-                                                    "adaptive_threshold": threshold, "results": results,
-                                                    "summary": summary, "plots": pngs}, indent=1, default=str))
+    first = models[0]
+    pngs = plots(all_results[first]["results"], out)
+    out.with_suffix(".json").write_text(json.dumps({
+        "model": first, "users": users, "duration_s": args.duration, "machine": machine(),
+        "adaptive_threshold": all_results[first]["adaptive_threshold"], "results": all_results[first]["results"],
+        "summary": summaries[first], "models": all_results, "summaries": summaries, "plots": pngs},
+        indent=1, default=str))
     print(f"\nfull results: {out.with_suffix('.json')}; plots: {', '.join(pngs)}")
-    print(summary["table"])
-    print(summary["ratios"])
+    for model in models:
+        print(f"\n{model}:")
+        print(summaries[model]["table"])
+    print(f"\n(ratios of {first})")
+    print(summaries[first]["ratios"])
     return 0
+
+
+def run_config(c: Config, prep: dict, store: Path, payload_dir: Path, users: list[int], duration: int, work: Path,
+               model: str) -> dict:
+    limit = in_process_limit(c, prep, payload_dir) if c.kind == "ours" else None
+    server = TorchServe(model_store=store, models=f"{c.name}={c.name}.mar", env={**os.environ, **c.env},
+                        overrides={"async_logging": "true"})
+    server.start(timeout=300)
+    runs = []
+    try:
+        for u in users:
+            cpu0 = cpu_seconds(server.pid)
+            r = run_locust(server.url, c.name, payload_dir, u, duration, c.kind, work / f"{c.name}-{u}")
+            r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+            runs.append(r)
+            print(f"{model:<12.12} {c.name:<20} {u:>3} users: {r['img_s']:7.1f} img/s  p50 {r['p50_ms']} ms  "
+                  f"p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server {r['server_cpu_s']:.0f} s, "
+                  f"locust {r['locust_cpu_s']:.0f} s", flush=True)
+    finally:
+        server.stop()
+    return {"name": c.name, "config": c.__dict__, "limit_img_s": limit, "runs": runs}
+
+
+def machine() -> dict:
+    import platform
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30),
+            "processor": platform.processor() or platform.machine(),
+            "isa": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx2", "avx512f")))}
 
 
 def report(results: list[dict], users: list[int], threshold: float) -> dict:

@@ -97,7 +97,10 @@ def _archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-threshold", type=float, default=0.9, help="below this, TTA is applied")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are refused with 413")
     p.add_argument("--max-images-per-request", type=int, default=32, help="images one request may carry")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: cores / workers)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: OMP_NUM_THREADS, else "
+                   "cores / workers)")
+    p.add_argument("--openvino-precision", default="auto", choices=["auto", "f32", "bf16"],
+                   help="OpenVINO inference precision hint: auto = bf16 where the CPU has bf16 instructions")
     return p
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                    tta_aggregate=args.tta_aggregate, adaptive_tta=args.adaptive_tta,
                                    adaptive_metric=args.adaptive_metric, adaptive_threshold=args.adaptive_threshold,
                                    max_pixels=args.max_pixels, max_images_per_request=args.max_images_per_request,
-                                   threads=args.threads):
+                                   threads=args.threads, openvino_precision=args.openvino_precision):
             print(f"wrote {path}")
         return 0
     if argv and argv[0] == "verify":

@@ -34,14 +34,15 @@ def model_config(*, batch_size: int = 8, max_batch_delay_ms: int = 10, workers: 
                  adaptive_threshold: float = 0.9, max_pixels: int = 40_000_000, max_images_per_request: int = 32,
                  max_forward_batch: int = 256, threads: int = 0, input_size: int, resize_size: int,
                  graph_output: str = "logits", graph_tta: str = "none", graph_topk: int | None = None,
-                 precision: str = "fp32") -> dict:
+                 precision: str = "fp32", openvino_precision: str = "auto") -> dict:
     """The archive's ``model-config.yaml``: TorchServe's keys at top level, the handler's under ``handler``."""
     handler = {"topk": topk, "tta": "none" if graph_output != "logits" else tta, "tta_aggregate": tta_aggregate,
                "adaptive_tta": adaptive_tta, "adaptive_metric": adaptive_metric,
                "adaptive_threshold": adaptive_threshold, "max_pixels": max_pixels,
                "max_images_per_request": max_images_per_request, "max_forward_batch": max_forward_batch,
                "threads": threads, "input_size": input_size, "resize_size": resize_size,
-               "graph_output": graph_output, "graph_tta": graph_tta, "precision": precision}
+               "graph_output": graph_output, "graph_tta": graph_tta, "precision": precision,
+               "openvino_precision": openvino_precision}
     if tta_scales:
         handler["tta_scales"] = [float(s) for s in tta_scales]
     if graph_topk:

@@ -64,6 +64,17 @@ def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: to
     return torch.cat(probs), torch.cat(labels)
 
 
+def ema_avg_fn(decay: float):
+    """EMA update for ``torch.optim.swa_utils.AveragedModel`` with timm's decay warm-up: the effective
+    decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that in short runs the average
+    is not dominated by the first, untrained weights (0.999 ** 1400 steps still weighs them 25%)."""
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        return averaged * d + current * (1.0 - d)
+    return avg_fn
+
+
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the true class (the plain cross-entropy of the predictions)."""
     return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
@@ -156,8 +167,8 @@ class Trainer:
         self.model = model  # the bare module: checkpoints, EMA and evaluation use it
         self.ema = None
         if cfg.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            from torch.optim.swa_utils import AveragedModel
+            self.ema = AveragedModel(model, avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
         net = model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None

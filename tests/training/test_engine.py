@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,6 +23,18 @@ NO_DROPOUT = {**TINY_KWARGS, "drop_rate": 0.0}
 def _train(image_folder, out, *extra: str) -> None:
     assert main(["train", "--data", str(image_folder), "--model-kwargs", json.dumps(TINY_KWARGS), "--input-size", "16",
                  "--batch-size", "16", "--no-progress", "--out", str(out), *extra]) == 0
+
+
+def _run_group(cmd: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run in a process group of its own, so a hang kills torchrun's worker processes too."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _log(run) -> list[dict]:
@@ -132,12 +145,11 @@ def test_ddp_two_processes_match_one_process(image_folder, tmp_path):
               "--epochs", "2", "--augment", "none", "--hflip", "0", "--no-progress", "--device", "cpu",
               "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "training", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    ddp = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "-m", "training", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp")], env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "training", "train", *common, "--batch-size", "16", "--out",
-                             str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    single = _run_group([sys.executable, "-m", "training", "train", *common, "--batch-size", "16", "--out",
+                         str(tmp_path / "one")], env)
     assert single.returncode == 0, single.stderr[-3000:]
     a = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
@@ -145,3 +157,11 @@ def test_ddp_two_processes_match_one_process(image_folder, tmp_path):
     for k, v in b["state_dict"].items():
         assert torch.allclose(a["state_dict"][k].float(), v.float(), atol=2e-4, rtol=1e-3), k
     assert [r["epoch"] for r in _log(tmp_path / "ddp")] == ["1", "2"]
+
+
+def test_ema_decay_warms_up():
+    from training.engine import ema_avg_fn
+    avg = ema_avg_fn(0.999)
+    a, c = torch.zeros(3), torch.ones(3)
+    assert torch.allclose(avg(a, c, torch.tensor(0)), torch.full((3,), 0.9))    # decay (1+0)/(10+0) = 0.1
+    assert torch.allclose(avg(a, c, torch.tensor(10**6)), torch.full((3,), 0.001), atol=1e-6)  # capped at 0.999
