@@ -165,3 +165,41 @@ def test_ema_decay_warms_up():
     a, c = torch.zeros(3), torch.ones(3)
     assert torch.allclose(avg(a, c, torch.tensor(0)), torch.full((3,), 0.9))    # decay (1+0)/(10+0) = 0.1
     assert torch.allclose(avg(a, c, torch.tensor(10**6)), torch.full((3,), 0.001), atol=1e-6)  # capped at 0.999
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_backbone_model_with_local_weights(image_folder, tmp_path, capsys):
+    """resnet50_attention (shrunk): local torchvision-style weights, head-only first epoch, then layer4
+    unfrozen at a tenth of the head's learning rate; layer1 stays frozen and keeps the loaded weights."""
+    from training.models import build_model
+    kwargs = {"layers": [1, 1, 1, 1], "width_per_group": 16}
+    donor = build_model("resnet50_attention", num_classes=3, **kwargs).backbone.state_dict()
+    torch.save(donor, tmp_path / "backbone.pth")
+    run = tmp_path / "ft"
+    assert main(["train", "--data", str(image_folder), "--arch", "resnet50_attention", "--model-kwargs",
+                 json.dumps(kwargs), "--input-size", "32", "--batch-size", "16", "--epochs", "2", "--no-progress",
+                 "--pretrained", str(tmp_path / "backbone.pth"), "--unfreeze", "0:,1:layer4",
+                 "--backbone-lr-scale", "0.1", "--balanced-sampler", "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained weights from" in printed and "unfroze layer4" in printed
+    state = torch.load(run / "last.pt", weights_only=True)["state_dict"]
+    assert torch.equal(state["backbone.layer1.0.conv1.weight"], donor["layer1.0.conv1.weight"])  # frozen, loaded
+    assert not torch.equal(state["backbone.layer4.0.conv1.weight"], donor["layer4.0.conv1.weight"])  # trained
+
+
+def test_stats_and_predict_commands(image_folder, tmp_path, capsys):
+    assert main(["stats", "--data", str(image_folder), "--input-size", "16"]) == 0
+    out = capsys.readouterr().out
+    stats = json.loads(out.splitlines()[0])
+    assert len(stats["mean"]) == 3 and all(0 < s < 1 for s in stats["std"]) and stats["images"] == 72
+    assert "--normalize " in out
+    from training.checkpoint import ModelSpec, save_checkpoint
+    spec = ModelSpec(arch="cbam_resnet", class_names=["circle", "horizontal", "vertical"], input_size=16,
+                     resize_size=16, mean=tuple(stats["mean"]), std=tuple(stats["std"]), model_kwargs=TINY_KWARGS)
+    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(image_folder / "test"),
+                 "--out", str(tmp_path / "p.csv"), "--topk", "2", "--tta", "flip"]) == 0
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 90 and rows[0]["pred_name"] in spec.class_names and rows[0]["label"] == ""
+    assert "top2_name" in rows[0]
