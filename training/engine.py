@@ -145,7 +145,9 @@ class Trainer:
     def _stats_view(self):
         """The training images through the evaluation transform only (no augmentation) for mean/std."""
         ds = self.train_ds
-        return ds.cache if getattr(ds, "cache", None) is not None else _Transformed(ds, self.eval_preset)
+        if getattr(ds, "cache", None) is not None:
+            return ds.cache
+        return _Lazy(len(ds), lambda i: self.eval_preset(ds.read(i)))  # read(): before the training transform
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -376,16 +378,17 @@ class Trainer:
         return SummaryWriter(os.path.join(self.cfg.out, "tensorboard"))
 
 
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, ds, transform):
-        self.ds, self.transform = ds, transform
+class _Lazy(torch.utils.data.Dataset):
+    """``(load(i), label)`` for ``i < n``: images computed on access (mean/std, unlabelled folders)."""
+
+    def __init__(self, n: int, load, label: int = 0):
+        self.n, self.load, self.label = n, load, label
 
     def __len__(self):
-        return len(self.ds)
+        return self.n
 
     def __getitem__(self, i):
-        image = self.ds.read(i)  # the decoded image before the training transform
-        return self.transform(image), 0
+        return self.load(i), self.label
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -447,20 +450,9 @@ def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "no
     spec, model = load_model(checkpoint)
     model.to(dev)
     preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
-    ds = _Files(paths, lambda p: preset(read_image_file(p)))
+    ds = _Lazy(len(paths), lambda i: preset(read_image_file(paths[i])), label=-1)
     probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta, progress=progress,
                        desc="predict")
     os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
     write_predictions_csv(out_csv, paths, None, probs, spec.class_names, topk=topk)
     return len(paths)
-
-
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths, load):
-        self.paths, self.load = paths, load
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.load(self.paths[i]), -1
