@@ -110,3 +110,19 @@ def test_project_json_fallback_covers_only_latest_releases(monkeypatch):
     assert report.fallback["requests"].startswith("covered") and report.audited == 2
     assert [f.vuln_id for f in report.open_findings] == ["GHSA-aaaa-bbbb-cccc"]
     assert audit.exit_status(report, require_service=False) == 1, "a finding from the fallback is a finding"
+
+
+@pytest.mark.slow
+def test_ci_runs_the_audit_and_shows_its_report():
+    """CI's audit of the pins: the report is printed (pytest -rA / the CI log); a finding is reported,
+    not gated here (make audit exits 1 on it); only a broken set-up fails this test."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(audit.REPO / "scripts" / "audit.py")], cwd=audit.REPO,
+                          capture_output=True, text=True, timeout=600)
+    report = audit.REPO / "logs" / "audit-report.txt"  # kept for the CI log readers
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(proc.stdout + proc.stderr)
+    print(proc.stdout[-6000:], proc.stderr[-2000:])
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "AUDIT NOT PERFORMED" in proc.stdout or "vulnerab" in proc.stdout.lower()
