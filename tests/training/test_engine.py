@@ -203,3 +203,16 @@ def test_stats_and_predict_commands(image_folder, tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 90 and rows[0]["pred_name"] in spec.class_names and rows[0]["label"] == ""
     assert "top2_name" in rows[0]
+
+
+def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
+    import importlib.util
+    from training.engine import Trainer
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "tb"), model_kwargs=TINY_KWARGS, input_size=16,
+                      batch_size=16, epochs=1, tensorboard=True, progress=False)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+            Trainer(cfg).run()
+    else:
+        Trainer(cfg).run()
+        assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
