@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                        "OUT/metrics.json, OUT/predictions.csv, OUT/confusion_matrix.png, OUT/per_class_accuracy.png "
                        "and, when the run's log.csv sits next to the checkpoint, OUT/training_curves.png.")
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
-    e.add_argument("--data", required=True, help="ImageFolder tree to evaluate on, e.g. DATA/test")
+    e.add_argument("--data", required=True, help="labelled images: class folders (e.g. DATA/test), or a data-set "
+                   "root as for train (its test/val split)")
+    e.add_argument("--format", default="auto", choices=["auto", "folder", "imagefolder", "inat", "cifar"],
+                   help="how to read --data (auto: a data-set root if it is one, else class folders)")
     e.add_argument("--tta", default="none", choices=TTA_CHOICES,
                    help="test-time augmentation, exactly as the handler does it (see training/tta.py)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         from .engine import evaluate
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
         m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
-                     device=args.device)
+                     device=args.device, format=args.format)
         print(m["report"])
         print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
               f"on {m['images']} images (tta={m['tta']}); metrics, predictions and plots in {out}")

@@ -396,22 +396,37 @@ def train(cfg: TrainConfig) -> dict:
     return Trainer(cfg.validate()).run()
 
 
+def eval_dataset(data: str, *, format: str = "auto", transform=None):
+    """The labelled images to evaluate on: a class-folder tree (``DIR/test``), or the test split of any
+    data-set root that ``train`` reads (ImageFolder root, iNaturalist JSON, CIFAR pickles)."""
+    from .data import ImageFolderDataset, build_datasets, detect_format
+
+    if format == "auto":
+        try:
+            format = detect_format(data)
+        except (ValueError, FileNotFoundError):
+            format = "folder"  # not a data-set root: the class folders themselves
+    if format == "folder":
+        return ImageFolderDataset(data, transform=transform, progress=False)
+    return build_datasets(data, format=format, eval_transform=transform, progress=False)[1]
+
+
 def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int = 256, out_dir: str | None = None,
-             device: str = "auto", progress: bool = True, plots: bool = True) -> dict:
-    """Evaluate a checkpoint on an ImageFolder tree: top-1/3/5, macro precision/recall/F1, per-class
-    numbers and the confusion matrix; with ``out_dir``: metrics.json, predictions.csv and PNG plots."""
+             device: str = "auto", progress: bool = True, plots: bool = True, format: str = "auto") -> dict:
+    """Evaluate a checkpoint on labelled images (see :func:`eval_dataset`): top-1/3/5, macro
+    precision/recall/F1, per-class numbers and the confusion matrix; with ``out_dir``: metrics.json,
+    predictions.csv and PNG plots."""
     import json
 
-    from .data import ImageFolderDataset
     from .reports import (classification_metrics, classification_report, plot_confusion_matrix,
                           plot_per_class_accuracy, plot_training_curves, write_predictions_csv)
 
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
     model.to(dev)
-    ds = ImageFolderDataset(data, transform=canvas_preset(tta, crop_size=spec.input_size,
-                                                          resize_size=spec.resize_size), progress=False)
-    if ds.classes != spec.class_names:
+    ds = eval_dataset(data, format=format, transform=canvas_preset(tta, crop_size=spec.input_size,
+                                                                   resize_size=spec.resize_size))
+    if list(ds.classes) != spec.class_names:
         raise ValueError(f"the classes of {data} ({ds.classes}) differ from the checkpoint's ({spec.class_names})")
     probs, labels = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta,
                             progress=progress)

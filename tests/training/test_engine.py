@@ -216,3 +216,16 @@ def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
     else:
         Trainer(cfg).run()
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_and_evaluate_on_cifar_pickles(tmp_path):
+    from tests.training.test_data import _cifar10
+    _cifar10(tmp_path / "cifar", n=16)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "cifar"), "--model-kwargs", json.dumps(TINY_KWARGS),
+                 "--epochs", "1", "--batch-size", "8", "--no-progress", "--out", str(run)]) == 0
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert len(ckpt["class_names"]) == 10 and ckpt["input_size"] == 32
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path / "cifar"),
+                 "--out", str(run / "eval")]) == 0
+    assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 16  # the test_batch
