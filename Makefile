@@ -14,7 +14,7 @@ help:
 	@echo "make test   - set up and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
-	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 15 minutes)"
+	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 16 minutes)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
 	@echo "make validate-deploy - validate deploy/ (Kubernetes, KServe) offline"
 	@echo "make audit  - pip-audit of the pinned dependencies (exit 1 on findings not in deploy/audit-ignore.txt)"
