@@ -182,8 +182,8 @@ def in_process_limit(c: Config, prep: dict, payload_dir: Path, seconds: float = 
     from training.tta import canvas_preset, predict_proba
     spec = prep["spec"]
     info = json.loads((prep["export_dir"] / "export.json").read_text())["variants"][c.variant]
-    from handlers.classifier_handler import ImageClassifierHandler
-    precision = ImageClassifierHandler._openvino_precision(c.handler)  # as the served handler resolves it
+    from handlers.backends import openvino_precision
+    precision = openvino_precision(c.handler.get("openvino_precision", "auto"))  # as the served handler does
     backend = load_backend(str(prep["export_dir"] / info["files"][0]), threads=torch.get_num_threads(),
                            precision=precision)
     datas = [p.read_bytes() for p in sorted(payload_dir.rglob("*.jpg"))]

@@ -102,6 +102,17 @@ class OpenVINOBackend:
         return _single([torch.from_numpy(results[out].copy()) for out in self.compiled.outputs])
 
 
+def openvino_precision(wanted: str = "auto") -> str:
+    """OpenVINO inference precision: ``auto`` is bf16 where the CPU has it (AVX-512-bf16/AMX), else f32."""
+    if wanted != "auto":
+        return wanted
+    try:
+        import openvino as ov
+    except ImportError:
+        return "f32"
+    return "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+
+
 def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, precision: str = "f32"):
     """Pick the runtime from the file: ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO, ``.pt`` TorchScript."""
     ext = os.path.splitext(path)[1].lower()

@@ -29,7 +29,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the repository
-    from handlers.backends import load_backend
+    from handlers.backends import load_backend, openvino_precision
     from handlers.pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request,
                                    topk_predictions, worker_threads)
     from training.class_index import INDEX_FILE, read_index_to_name
@@ -38,7 +38,7 @@ try:  # inside the repository
     from training.tta import (AGGREGATES, DEFAULT_SCALES, TTA_MODES, adaptive_predict_proba, canvas_preset,
                               num_views, predict_proba)
 except ImportError:  # inside a .mar: flat modules in the model directory
-    from backends import load_backend
+    from backends import load_backend, openvino_precision
     from pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request, topk_predictions,
                           worker_threads)
     from class_index import INDEX_FILE, read_index_to_name
@@ -78,7 +78,7 @@ class ImageClassifierHandler(BaseHandler):
             if self.graph_output == "logits" else EvalPreset(crop_size=input_size, resize_size=resize_size)
         serialized = context.manifest["model"]["serializedFile"]
         self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
-                                    precision=self._openvino_precision(cfg))
+                                    precision=openvino_precision(str(cfg.get("openvino_precision", "auto"))))
         self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
@@ -116,18 +116,6 @@ class ImageClassifierHandler(BaseHandler):
         self.adaptive_threshold = float(cfg.get("adaptive_threshold", 0.9))
         self.views = num_views(self.tta, self.scales)
         self.tta_label = str(cfg.get("graph_tta", "none")) if self.graph_output == "probabilities" else self.tta
-
-    @staticmethod
-    def _openvino_precision(cfg: dict) -> str:
-        """OpenVINO inference precision: bf16 where the CPU has it (``auto``), else f32."""
-        wanted = str(cfg.get("openvino_precision", "auto"))
-        if wanted != "auto":
-            return wanted
-        try:
-            import openvino as ov
-            return "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
-        except ImportError:
-            return "f32"
 
     def forward(self, images: torch.Tensor):
         """The backend over ``images``, chunked by ``max_forward_batch``."""

@@ -108,6 +108,9 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg = self.cfg
+        if cfg.augment == "random_resized_crop" and cfg.cache:
+            raise ValueError("--augment random_resized_crop needs --no-cache: the in-memory cache keeps only the "
+                             "evaluation center crop, so the random crops could never see the rest of the image")
         self.eval_preset = EvalPreset(crop_size=cfg.input_size, resize_size=cfg.resize_size)
         progress = cfg.progress and self.main
         self.train_ds, self.test_ds = build_datasets(

@@ -55,6 +55,9 @@ def test_config_yaml_and_cli_precedence(tmp_path):
         from_args(p.parse_args(["--config", str(tmp_path / "bad.yaml")]))
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(data="d", out="o", schedule="linear").validate()
+    with pytest.raises(ValueError, match="needs --no-cache"):
+        from training.engine import Trainer
+        Trainer(TrainConfig(data="d", out=str(tmp_path / "o"), augment="random_resized_crop"))
     with pytest.raises(SystemExit):  # argparse refuses an unknown choice with a usage message
         p.parse_args(["--optimizer", "lion"])
 
