@@ -7,11 +7,11 @@ DATA := data/fashion-mnist
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data demo test serve stop loadtest bench soak validate-deploy audit clean
+.PHONY: help setup data demo test lint serve stop loadtest bench soak validate-deploy audit clean
 
 help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
-	@echo "make test   - set up and run the test suite (CPU)"
+	@echo "make test   - set up, lint (ruff) and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
 	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 16 minutes)"
@@ -38,8 +38,11 @@ data: setup
 demo: setup
 	$(PY) -m scripts.demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -ra
+
+lint: setup
+	$(PY) -m ruff check .
 
 serve: setup
 	$(PY) -m scripts.ts_server serve

@@ -11,27 +11,20 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
-from handlers.backends import load_backend
+from inference.backends import load_backend
+from tools.timing import rate
 
 
 def throughput(backend, size: int, batch: int, *, seconds: float = 1.0) -> float:
+    """Images per second of the forward at ``batch``: median over Timer blocks (at least ``seconds`` of
+    them), each block synchronized with the device at its end, so queued GPU work is counted."""
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     if backend.name == "torchscript":
         x = x.cuda()
-    for _ in range(3):
-        backend(x)
-    torch.cuda.synchronize()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        out = backend(x)
-        n += 1
-    (out[0] if isinstance(out, tuple) else out).cpu()
-    torch.cuda.synchronize()
-    return n * batch / (time.perf_counter() - start)
+    return rate(lambda: backend(x), batch, min_run_time=seconds)
 
 
 def main() -> int:

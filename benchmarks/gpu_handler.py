@@ -3,8 +3,9 @@
     python -m benchmarks.gpu_handler [--batches 1,8,64,256] [--tta none,flip] [--dtype fp16]
 
 Model: torchvision ResNet-50 with 100 classes (random weights, seed 0: the stock baseline's model),
-wrapped with the fused uint8 normalization, traced and frozen in fp16/bf16 on the GPU. Payloads: real
-photos shipped in scikit-image / scikit-learn / matplotlib, re-encoded as 500x375 JPEG q90.
+wrapped with the fused uint8 normalization, traced and frozen in fp16/bf16 on the GPU. Payloads: the
+real photos of ``tools.photos`` (shipped in installed packages), re-encoded as 500x375 JPEG q90.
+Times are medians of ``torch.utils.benchmark.Timer`` blocks (``tools.timing``).
 
 For each batch size B, the handler (TorchServe's Context, real request rows) runs preprocess
 (batched nvjpeg decode -> resize 256 / crop 224 on the GPU) -> inference (TTA views, ONE forward) ->
@@ -14,47 +15,18 @@ ratio pipeline/forward is the share of the GPU's model throughput that serving k
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
-from PIL import Image
 
 from export.archive import model_config
 from export.wrappers import FusedNormalization
-from training.class_index import write_index_to_name
-
-
-def photos() -> list[bytes]:
-    """Real photos shipped inside installed packages, as 500x375 JPEG q90."""
-    images = []
-    try:
-        from skimage import data as sk
-        for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "horse", "camera", "hubble_deep_field"):
-            try:
-                images.append(Image.fromarray(getattr(sk, name)()))
-            except Exception:
-                pass
-    except ImportError:
-        pass
-    try:
-        import sklearn
-        base = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
-        images += [Image.open(os.path.join(base, f)) for f in ("china.jpg", "flower.jpg") if os.path.exists(os.path.join(base, f))]
-    except ImportError:
-        pass
-    if not images:
-        raise SystemExit("no photos found (needs scikit-image or scikit-learn)")
-    out = []
-    for im in images:
-        buf = io.BytesIO()
-        im.convert("RGB").resize((500, 375)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+from inference.class_index import write_index_to_name
+from tools.photos import photo_jpegs
+from tools.timing import seconds_per_call
 
 
 def build_model_dir(dtype: torch.dtype, workdir: str) -> str:
@@ -72,6 +44,7 @@ def build_model_dir(dtype: torch.dtype, workdir: str) -> str:
 
 def make_handler(model_dir: str, *, tta: str, batch: int):
     from ts.context import Context
+
     from handlers.classifier_handler import ImageClassifierHandler
     cfg = model_config(input_size=224, resize_size=256, tta=tta, topk=5, batch_size=batch, max_forward_batch=4096)
     manifest = {"model": {"modelName": "resnet50", "modelVersion": "1.0", "serializedFile": "model.pt"}}
@@ -79,17 +52,6 @@ def make_handler(model_dir: str, *, tta: str, batch: int):
     handler = ImageClassifierHandler()
     handler.initialize(ctx)
     return handler, ctx
-
-
-def timed(fn, *, min_seconds: float = 1.0, min_reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    reps, start = 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - start < min_seconds:
-        fn()
-        reps += 1
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps
 
 
 def main() -> int:
@@ -103,7 +65,7 @@ def main() -> int:
         return 0
     from ts.context import RequestProcessor
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    payloads = photos()
+    payloads = [data for _, data in photo_jpegs()]
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; ResNet-50 (100 classes) {args.dtype}; "
           f"{len(payloads)} distinct 500x375 JPEG q90 photos")
     print(f"{'tta':<6} {'batch':>5} {'pipeline img/s':>15} {'forward-only img/s':>19} {'ratio':>6} "
@@ -123,13 +85,13 @@ def main() -> int:
                     out = handler.postprocess(batch)
                     last["timings"], last["out"] = batch.timings, out
 
-                t_pipe = timed(pipeline)
+                t_pipe = seconds_per_call(pipeline)
                 body = json.loads(last["out"][0])
                 assert len(body["predictions"]) == 5, body
                 canvas = handler.preprocess(rows).canvas
-                from training.tta import tta_views
+                from inference.tta import tta_views
                 views = tta_views(canvas, tta, crop_size=224)
-                t_fwd = timed(lambda: handler.forward(views))
+                t_fwd = seconds_per_call(lambda: handler.forward(views))
                 tm = last["timings"]
                 print(f"{tta:<6} {b:>5} {b / t_pipe:>15,.0f} {b / t_fwd:>19,.0f} {t_fwd / t_pipe:>6.2f} "
                       f"{tm['decode']:>10.2f} {tm['preprocess']:>14.2f} {tm['forward']:>11.2f}", flush=True)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
+
+from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
 
 from .formats import VARIANTS
 from .verify import DEFAULT_MAX_DROP
+from .wrappers import GRAPH_TTA_MODES
 
 REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written
 
@@ -40,7 +44,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
     p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, help="largest accepted top-1 accuracy drop "
                    "of a reduced-precision variant, in points (default: %(default)s)")
-    p.add_argument("--graph-tta", default="flip", choices=["flip", "five_crop", "ten_crop"],
+    p.add_argument("--graph-tta", default="flip", choices=GRAPH_TTA_MODES,
                    help="TTA of the onnx-tta graph; five_crop/ten_crop take input at the resize size "
                    "(default: %(default)s)")
     p.add_argument("--graph-topk", type=int, default=5, help="k of the onnx-topk graph (default: %(default)s)")
@@ -66,7 +70,7 @@ def _archive_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export archive", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build MODEL_STORE/NAME.mar with torch-model-archiver from an export folder: the graph, the "
-        "handler and its helper modules, index_to_name.json, model_card.json and model-config.yaml. The archive "
+        "handler, the inference core (inference/), index_to_name.json, model_card.json and model-config.yaml. The archive "
         "is self-contained: a stock TorchServe with torch/torchvision (plus onnxruntime or openvino for those "
         "variants) serves it. With several variants, one archive each, named NAME_<variant>.")
     p.add_argument("--dir", required=True, help="export folder written by `python -m export`")
@@ -79,28 +83,8 @@ def _archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", default="model_store", help="folder the archive is written to")
     p.add_argument("--archive-format", default="default", choices=["default", "no-archive"],
                    help="default: a zip .mar; no-archive: a plain folder, for development")
-    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (dynamic server-side batching)")
-    p.add_argument("--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms")
-    p.add_argument("--workers", type=int, default=1, help="minWorkers = maxWorkers")
-    p.add_argument("--response-timeout", type=int, default=60, help="TorchServe responseTimeout in s")
-    p.add_argument("--topk", type=int, default=5, help="classes returned per image (clients may send X-Top-K)")
-    p.add_argument("--tta", default="flip", choices=["none", "flip", "five_crop", "ten_crop", "multi_scale"],
-                   help="test-time augmentation in the handler, all views in one forward (ignored for onnx-tta and "
-                   "onnx-topk graphs)")
-    p.add_argument("--tta-scales", default=None, help="comma-separated scales for multi_scale (default 1.0,1.15,0.87)")
-    p.add_argument("--tta-aggregate", default="softmax", choices=["softmax", "logits"],
-                   help="mean of the views' softmax, or softmax of their mean logits")
-    p.add_argument("--adaptive-tta", action="store_true", help="plain forward first; TTA views only for images "
-                   "whose confidence is below --adaptive-threshold")
-    p.add_argument("--adaptive-metric", default="confidence", choices=["confidence", "margin"],
-                   help="top-1 probability, or top-1 minus top-2")
-    p.add_argument("--adaptive-threshold", type=float, default=0.9, help="below this, TTA is applied")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are refused with 413")
-    p.add_argument("--max-images-per-request", type=int, default=32, help="images one request may carry")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: OMP_NUM_THREADS, else "
-                   "cores / workers)")
-    p.add_argument("--openvino-precision", default="auto", choices=["auto", "f32", "bf16"],
-                   help="OpenVINO inference precision hint: auto = bf16 where the CPU has bf16 instructions")
+    add_arguments(p, WorkerSettings)
+    add_arguments(p, HandlerSettings)
     return p
 
 
@@ -109,16 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "archive":
         from .archive import build_archives
         args = _archive_parser().parse_args(argv[1:])
-        for path in build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
+        options = {f.name: getattr(args, f.name) for cls in (WorkerSettings, HandlerSettings) for f in fields(cls)
+                   if f.metadata["cli"]}
+        try:
+            paths = build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
                                    file_name=args.file_name, model_store=args.model_store,
-                                   archive_format=args.archive_format, batch_size=args.batch_size,
-                                   max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
-                                   response_timeout_s=args.response_timeout, topk=args.topk, tta=args.tta,
-                                   tta_scales=[float(x) for x in args.tta_scales.split(",")] if args.tta_scales else None,
-                                   tta_aggregate=args.tta_aggregate, adaptive_tta=args.adaptive_tta,
-                                   adaptive_metric=args.adaptive_metric, adaptive_threshold=args.adaptive_threshold,
-                                   max_pixels=args.max_pixels, max_images_per_request=args.max_images_per_request,
-                                   threads=args.threads, openvino_precision=args.openvino_precision):
+                                   archive_format=args.archive_format, **options)
+        except (SettingsError, FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        for path in paths:
             print(f"wrote {path}")
         return 0
     if argv and argv[0] == "verify":

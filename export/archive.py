@@ -1,9 +1,9 @@
 """Build self-contained ``.mar`` archives with ``torch-model-archiver``.
 
-An archive holds the exported graph (``.xml`` + ``.bin`` for OpenVINO), the handler and its helper
-modules (copied flat: the handler imports them as top-level modules inside TorchServe's model
-directory), ``index_to_name.json``, ``model_card.json`` and ``model-config.yaml`` (batching, workers
-and handler settings).
+An archive holds the exported graph (``.xml`` + ``.bin`` for OpenVINO), the handler, the inference
+core as a package directory (``inference/``: the handler imports it exactly as in the repository),
+``index_to_name.json``, ``model_card.json`` and ``model-config.yaml`` (TorchServe's batching and
+worker keys, and the handler's section), written from :mod:`inference.settings`.
 """
 from __future__ import annotations
 
@@ -13,43 +13,51 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
-from training.class_index import INDEX_FILE
+import inference
+from inference.class_index import INDEX_FILE
+from inference.settings import HandlerSettings, WorkerSettings
 
 from .exporter import EXPORT_MANIFEST
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "classifier_handler.py"
-# The handler's helper modules: each depends on torch/torchvision/Pillow (and onnxruntime/openvino) only.
-HELPERS = [REPO / "handlers" / "backends.py", REPO / "handlers" / "pipeline.py", REPO / "training" / "presets.py",
-           REPO / "training" / "images.py", REPO / "training" / "class_index.py", REPO / "training" / "tta.py"]
+CORE = Path(inference.__file__).resolve().parent  # the inference package, carried whole
 
 
-def model_config(*, batch_size: int = 8, max_batch_delay_ms: int = 10, workers: int = 1, response_timeout_s: int = 60,
-                 topk: int = 5, tta: str = "flip", tta_scales: list[float] | None = None,
-                 tta_aggregate: str = "softmax", adaptive_tta: bool = False, adaptive_metric: str = "confidence",
-                 adaptive_threshold: float = 0.9, max_pixels: int = 40_000_000, max_images_per_request: int = 32,
-                 max_forward_batch: int = 256, threads: int = 0, input_size: int, resize_size: int,
-                 graph_output: str = "logits", graph_tta: str = "none", graph_topk: int | None = None,
-                 precision: str = "fp32", openvino_precision: str = "auto") -> dict:
-    """The archive's ``model-config.yaml``: TorchServe's keys at top level, the handler's under ``handler``."""
-    handler = {"topk": topk, "tta": "none" if graph_output != "logits" else tta, "tta_aggregate": tta_aggregate,
-               "adaptive_tta": adaptive_tta, "adaptive_metric": adaptive_metric,
-               "adaptive_threshold": adaptive_threshold, "max_pixels": max_pixels,
-               "max_images_per_request": max_images_per_request, "max_forward_batch": max_forward_batch,
-               "threads": threads, "input_size": input_size, "resize_size": resize_size,
-               "graph_output": graph_output, "graph_tta": graph_tta, "precision": precision,
-               "openvino_precision": openvino_precision}
-    if tta_scales:
-        handler["tta_scales"] = [float(s) for s in tta_scales]
-    if graph_topk:
-        handler["graph_topk"] = graph_topk
-        handler["topk"] = min(topk, graph_topk)
-    return {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
-            "responseTimeout": response_timeout_s, "handler": handler}
+def split_options(options: dict) -> tuple[WorkerSettings, dict]:
+    """``options`` (field names of both settings classes) -> (WorkerSettings, the handler's options)."""
+    worker_names = {f.name for f in fields(WorkerSettings)}
+    handler_names = {f.name for f in fields(HandlerSettings)}
+    unknown = sorted(set(options) - worker_names - handler_names)
+    if unknown:
+        raise TypeError(f"unknown archive option(s): {', '.join(unknown)}")
+    return (WorkerSettings(**{k: v for k, v in options.items() if k in worker_names}),
+            {k: v for k, v in options.items() if k in handler_names})
+
+
+def model_config(**options) -> dict:
+    """The archive's ``model-config.yaml``: TorchServe's keys at top level, the handler's under ``handler``.
+
+    ``options`` are field names of :class:`WorkerSettings` and :class:`HandlerSettings` (the graph's
+    facts ``input_size`` etc. included); each is validated there.
+    """
+    workers, handler = split_options(options)
+    return {**workers.to_config(), "handler": HandlerSettings(**handler).to_config()}
+
+
+def stage_core(dest: Path) -> Path:
+    """Copy the inference package into ``dest/inference`` (no caches) and return ``dest``.
+
+    torch-model-archiver copies the *contents* of a folder named in ``--extra-files`` into the
+    archive's root, so the folder handed to it is ``dest``, which holds the package folder itself.
+    """
+    shutil.copytree(CORE, dest / CORE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def load_manifest(export_dir: str | os.PathLike) -> dict:
@@ -62,7 +70,10 @@ def load_manifest(export_dir: str | os.PathLike) -> dict:
 def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
                   file_name: str | None = None, model_store: str | os.PathLike = "model_store",
                   archive_format: str = "default", **config) -> Path:
-    """Write ``model_store/FILE_NAME.mar`` (or a folder for ``no-archive``) and return its path."""
+    """Write ``model_store/FILE_NAME.mar`` (or a folder for ``no-archive``) and return its path.
+
+    ``config``: field names of :class:`WorkerSettings` and :class:`HandlerSettings` (defaults there).
+    """
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     if variant not in manifest["variants"]:
@@ -70,8 +81,14 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     info = manifest["variants"][variant]
     model_store = Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
-    cfg = model_config(input_size=info["input_size"], resize_size=manifest["resize_size"], graph_output=info["output"],
-                       graph_tta=info["tta"], graph_topk=info["topk"], precision=info["precision"], **config)
+    options = dict(config)
+    if info["output"] != "logits":
+        options["tta"] = "none"  # the graph does its own TTA/top-k
+    if info["topk"]:
+        options["topk"] = min(options.get("topk", HandlerSettings.topk), info["topk"])
+    cfg = model_config(**options, input_size=info["input_size"], resize_size=manifest["resize_size"],
+                       graph_output=info["output"], graph_tta=info["tta"], graph_topk=info["topk"],
+                       precision=info["precision"])
     file_name = file_name or name
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "model-config.yaml"
@@ -83,7 +100,8 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
         card_path = Path(tmp) / "model_card.json"
         card_path.write_text(json.dumps(card, indent=1))
         graph, *rest = [export_dir / f for f in info["files"]]
-        extra = [str(p) for p in HELPERS] + [str(export_dir / INDEX_FILE), str(card_path)] + [str(p) for p in rest]
+        core = stage_core(Path(tmp) / "core")
+        extra = [str(core), str(export_dir / INDEX_FILE), str(card_path)] + [str(p) for p in rest]
         export_path = Path(tmp) / "out"
         export_path.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,

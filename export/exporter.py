@@ -8,15 +8,32 @@ from datetime import datetime, timezone
 
 import torch
 
-from handlers.backends import load_backend
+from inference.backends import load_backend
+from inference.class_index import INDEX_FILE, write_index_to_name
+from inference.transforms import normalize
 from training.checkpoint import load_checkpoint, load_model
-from training.class_index import INDEX_FILE, write_index_to_name
-from training.presets import normalize
 
-from .formats import (VARIANTS, Variant, export_onnx, files_of, onnx_to_fp16, onnx_to_int8, onnx_to_openvino,
-                      _trace_frozen)
-from .verify import (DEFAULT_MAX_DROP, EvalSet, compare, effective_precision, format_table, load_calibration,
-                     load_eval_set, problems, run_backend)
+from .formats import (
+    VARIANTS,
+    Variant,
+    _trace_frozen,
+    export_onnx,
+    files_of,
+    onnx_to_fp16,
+    onnx_to_int8,
+    onnx_to_openvino,
+)
+from .verify import (
+    DEFAULT_MAX_DROP,
+    EvalSet,
+    compare,
+    effective_precision,
+    format_table,
+    load_calibration,
+    load_eval_set,
+    problems,
+    run_backend,
+)
 from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
 
 EXPORT_MANIFEST = "export.json"

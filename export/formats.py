@@ -10,7 +10,6 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -148,7 +147,3 @@ def files_of(variant: Variant, out_dir: str) -> list[str]:
     """Every file a variant consists of (OpenVINO IR: .xml and .bin)."""
     path = os.path.join(out_dir, variant.filename)
     return [path, path[:-4] + ".bin"] if variant.runtime == "openvino" else [path]
-
-
-def to_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

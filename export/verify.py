@@ -12,14 +12,14 @@ Tolerances (explicit, and tested):
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils import benchmark
 
-from training.data import scan_image_folder
-from training.images import read_image_file
-from training.presets import EvalPreset
+from inference.images import read_image_file
+from inference.transforms import EvalPreset
+from training.image_folder import scan_image_folder
 
 RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
 CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 convolutions
@@ -56,7 +56,8 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
 def load_calibration(folder: str, spec, *, count: int, seed: int = 1) -> torch.Tensor:
     """Calibration images need no labels: every image under ``folder`` (any layout), at the input size."""
     from pathlib import Path
-    from training.data import IMAGE_EXTENSIONS
+
+    from training.image_folder import IMAGE_EXTENSIONS
 
     paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
@@ -66,14 +67,13 @@ def load_calibration(folder: str, spec, *, count: int, seed: int = 1) -> torch.T
 
 
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
-    """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8."""
+    """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8 (the median of
+    ``torch.utils.benchmark.Timer`` blocks over 0.2 s, at torch's current thread count)."""
     for _ in range(3):  # warm-up (TorchScript's profiling executor optimizes after a few runs)
         backend(images[:8])
-    reps, start = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - start < 0.2:
-        backend(images[:8])
-        reps += 1
-    ms = (time.perf_counter() - start) * 1000 / (reps * min(8, len(images)))
+    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": images[:8]},
+                            num_threads=torch.get_num_threads())
+    ms = timer.blocked_autorange(min_run_time=0.2).median * 1000 / min(8, len(images))
     parts = [backend(images[i:i + chunk]) for i in range(0, len(images), chunk)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat([p[j].cpu() for p in parts]) for j in range(len(parts[0]))), ms

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.tta import tta_views
+from inference.tta import tta_views
 
 GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")
 
@@ -46,7 +46,7 @@ class FusedNormalization(nn.Module):
 class InGraphTTA(nn.Module):
     """uint8 -> mean softmax over TTA views, every view in ONE forward of ``base`` (uint8 -> logits).
 
-    The views are ``training.tta.tta_views``, the handler's own: ``flip`` takes input at the crop size;
+    The views are ``inference.tta.tta_views``, the handler's own: ``flip`` takes input at the crop size;
     ``five_crop`` (5 views) and ``ten_crop`` (the five and their flips) take the resize-size square.
     """
 

@@ -6,15 +6,13 @@ adaptive: TTA only for the uncertain ones) -> postprocess (top-k per request, JS
 status). A bad request gets its own 4xx and JSON error; the rest of its batch is answered normally.
 A failure of the model answers the batch with 500 and a log line, never a hung request.
 
-Settings come from the archive's ``model-config.yaml`` (``handler:`` section): topk, tta
-(none|flip|five_crop|ten_crop|multi_scale), tta_scales, tta_aggregate (softmax|logits),
-adaptive_tta, adaptive_metric (confidence|margin), adaptive_threshold, max_pixels,
-max_images_per_request, max_forward_batch, threads, openvino_precision, and the graph's facts
-(input_size, resize_size, graph_output, graph_tta, graph_topk).
+Settings come from the archive's ``model-config.yaml`` (``handler:`` section), read and validated by
+:class:`inference.settings.HandlerSettings`: an unknown key or a bad value stops the worker at
+start-up with a message naming the key.
 
-TorchServe requires exactly one class in this module: helpers live in the other modules.
-Inside a ``.mar`` the helper modules sit flat next to this file; inside the repository they live
-in ``handlers/`` and ``training/``. The imports below work in both places.
+TorchServe requires exactly one class in this module. Everything else is the inference core,
+``inference/``, which the archive carries as a package directory, so the imports below are the same
+in the repository and inside a ``.mar``.
 """
 from __future__ import annotations
 
@@ -28,23 +26,16 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-try:  # inside the repository
-    from handlers.backends import load_backend, openvino_precision
-    from handlers.pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request,
-                                   topk_predictions, worker_threads)
-    from training.class_index import INDEX_FILE, read_index_to_name
-    from training.images import DEFAULT_MAX_PIXELS, ImageError, decode_many
-    from training.presets import EvalPreset
-    from training.tta import (AGGREGATES, DEFAULT_SCALES, TTA_MODES, adaptive_predict_proba, canvas_preset,
-                              num_views, predict_proba)
-except ImportError:  # inside a .mar: flat modules in the model directory
-    from backends import load_backend, openvino_precision
-    from pipeline import (Batch, RequestError, error_body, header, parse_topk, read_request, topk_predictions,
-                          worker_threads)
-    from class_index import INDEX_FILE, read_index_to_name
-    from images import DEFAULT_MAX_PIXELS, ImageError, decode_many
-    from presets import EvalPreset
-    from tta import AGGREGATES, DEFAULT_SCALES, TTA_MODES, adaptive_predict_proba, canvas_preset, num_views, predict_proba
+from inference.backends import load_backend, openvino_precision
+from inference.batch import Batch
+from inference.class_index import INDEX_FILE, read_index_to_name
+from inference.images import ImageError, decode_many
+from inference.requests import RequestError, header, parse_topk, read_request
+from inference.responses import error_body, topk_predictions
+from inference.settings import HandlerSettings
+from inference.threads import worker_threads
+from inference.transforms import EvalPreset
+from inference.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +45,10 @@ class ImageClassifierHandler(BaseHandler):
         props = context.system_properties
         model_dir = props["model_dir"]
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
-        cfg = yaml_cfg.get("handler", {}) or {}
+        self.settings = cfg = HandlerSettings.from_config(yaml_cfg.get("handler"))
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
-        workers = int(yaml_cfg.get("minWorkers", 1) or 1)
-        self.threads = worker_threads(int(cfg.get("threads") or 0), workers=workers)
+        self.threads = worker_threads(cfg.threads, workers=int(yaml_cfg.get("minWorkers", 1) or 1))
         torch.set_num_threads(self.threads)
         index_path = os.path.join(model_dir, INDEX_FILE)
         if not os.path.isfile(index_path):
@@ -66,19 +56,18 @@ class ImageClassifierHandler(BaseHandler):
                                     f"{context.manifest.get('model', {}).get('modelName', '?')}: rebuild it with "
                                     "`python -m export archive`")
         self.class_names = read_index_to_name(index_path)
-        self._configure_tta(cfg)
-        self.max_topk = int(cfg.get("graph_topk") or len(self.class_names))
-        self.default_topk = min(int(cfg.get("topk", 5)), self.max_topk)
-        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
-        self.max_images = int(cfg.get("max_images_per_request", 32))
-        self.max_forward_batch = int(cfg.get("max_forward_batch", 256))
-        input_size, resize_size = int(cfg["input_size"]), int(cfg.get("resize_size") or cfg["input_size"])
-        self.crop_size = input_size
-        self.canvas = canvas_preset(self.tta, crop_size=input_size, resize_size=resize_size) \
-            if self.graph_output == "logits" else EvalPreset(crop_size=input_size, resize_size=resize_size)
+        self.graph_output, self.tta = cfg.graph_output, cfg.handler_tta
+        self.adaptive = cfg.adaptive_tta and self.tta != "none"
+        self.views = num_views(self.tta, cfg.tta_scales)
+        self.tta_label = cfg.graph_tta if self.graph_output == "probabilities" else self.tta
+        self.max_topk = cfg.graph_topk or len(self.class_names)
+        self.default_topk = min(cfg.topk, self.max_topk)
+        self.crop_size, resize_size = cfg.input_size, cfg.resize_size or cfg.input_size
+        self.canvas = canvas_preset(self.tta, crop_size=self.crop_size, resize_size=resize_size) \
+            if self.graph_output == "logits" else EvalPreset(crop_size=self.crop_size, resize_size=resize_size)
         serialized = context.manifest["model"]["serializedFile"]
         self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
-                                    precision=openvino_precision(str(cfg.get("openvino_precision", "auto"))))
+                                    precision=openvino_precision(cfg.openvino_precision))
         self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
@@ -98,31 +87,12 @@ class ImageClassifierHandler(BaseHandler):
                  (time.perf_counter() - start) * 1000)
         self.initialized = True
 
-    def _configure_tta(self, cfg: dict) -> None:
-        # What the graph returns: logits (TTA here), probabilities (TTA in the graph) or its own top-k.
-        self.graph_output = str(cfg.get("graph_output", "logits"))
-        if self.graph_output not in ("logits", "probabilities", "topk"):
-            raise ValueError(f"model-config.yaml handler.graph_output {self.graph_output!r} is not "
-                             "logits, probabilities or topk")
-        self.tta = str(cfg.get("tta", "none")) if self.graph_output == "logits" else "none"
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"model-config.yaml handler.tta must be one of {TTA_MODES}, got {self.tta!r}")
-        self.scales = tuple(float(s) for s in cfg.get("tta_scales") or DEFAULT_SCALES)
-        self.aggregate = str(cfg.get("tta_aggregate", "softmax"))
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"model-config.yaml handler.tta_aggregate must be one of {AGGREGATES}")
-        self.adaptive = bool(cfg.get("adaptive_tta", False)) and self.tta != "none"
-        self.adaptive_metric = str(cfg.get("adaptive_metric", "confidence"))
-        self.adaptive_threshold = float(cfg.get("adaptive_threshold", 0.9))
-        self.views = num_views(self.tta, self.scales)
-        self.tta_label = str(cfg.get("graph_tta", "none")) if self.graph_output == "probabilities" else self.tta
-
     def forward(self, images: torch.Tensor):
         """The backend over ``images``, chunked by ``max_forward_batch``."""
-        if len(images) <= self.max_forward_batch:
+        step = self.settings.max_forward_batch
+        if len(images) <= step:
             return self.backend(images)
-        parts = [self.backend(images[i:i + self.max_forward_batch])
-                 for i in range(0, len(images), self.max_forward_batch)]
+        parts = [self.backend(images[i:i + step]) for i in range(0, len(images), step)]
         if isinstance(parts[0], tuple):
             return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
         return torch.cat(parts)
@@ -135,7 +105,7 @@ class ImageClassifierHandler(BaseHandler):
         for i, row in enumerate(data):
             try:
                 headers = self.context.get_all_request_header(i) if self.context else {}
-                req = read_request(row, max_images=self.max_images, content_type=header(headers, "content-type"))
+                req = read_request(row, max_images=self.settings.max_images_per_request, content_type=header(headers, "content-type"))
                 batch.topk[i] = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk,
                                            body_value=req.topk)
             except RequestError as e:
@@ -144,7 +114,7 @@ class ImageClassifierHandler(BaseHandler):
             batch.requests[i] = req
             payloads += req.images
             owners += [i] * len(req.images)
-        decoded = decode_many(payloads, max_pixels=self.max_pixels, device=self.device, pool=self.decode_pool,
+        decoded = decode_many(payloads, max_pixels=self.settings.max_pixels, device=self.device, pool=self.decode_pool,
                               jpeg_batch_decoder=self.jpeg_batch_decoder)
         position: dict[int, int] = {}
         for image, owner in zip(decoded, owners):
@@ -166,7 +136,7 @@ class ImageClassifierHandler(BaseHandler):
         if batch.canvas is None:
             return batch
         start = time.perf_counter()
-        n = len(batch.canvas)
+        n, cfg = len(batch.canvas), self.settings
         try:
             applied = torch.full((n,), self.tta != "none")
             if self.graph_output == "topk":
@@ -176,11 +146,11 @@ class ImageClassifierHandler(BaseHandler):
                     probs = self.forward(batch.canvas)
                 elif self.adaptive:
                     probs, applied = adaptive_predict_proba(
-                        self.forward, batch.canvas, self.tta, crop_size=self.crop_size, scales=self.scales,
-                        how=self.aggregate, metric=self.adaptive_metric, threshold=self.adaptive_threshold)
+                        self.forward, batch.canvas, self.tta, crop_size=self.crop_size, scales=cfg.tta_scales,
+                        how=cfg.tta_aggregate, metric=cfg.adaptive_metric, threshold=cfg.adaptive_threshold)
                 else:
                     probs = predict_proba(self.forward, batch.canvas, self.tta, crop_size=self.crop_size,
-                                          scales=self.scales, how=self.aggregate)
+                                          scales=cfg.tta_scales, how=cfg.tta_aggregate)
                 values, indices = probs.topk(max(batch.topk[i] for i in set(batch.owners)), dim=1)
             batch.values, batch.indices, batch.tta_applied = values.cpu(), indices.cpu(), applied.cpu()
         except Exception as e:  # the model failed: 500 for this batch, with the cause in the log

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
-from scripts.client import predict_files
-from scripts.ts_server import REPO, TorchServe
+from tools import REPO
+from tools.client import predict_files
+from tools.locust import locust_command, summary
+from tools.torchserve import TorchServe
 
 PY = sys.executable
 DATA = "data/fashion-mnist"
@@ -57,13 +59,13 @@ def served_accuracy(server: TorchServe, offline_csv: str) -> tuple[float, float,
 def load_test(server: TorchServe) -> None:
     prefix = REPO / "logs" / "locust"
     prefix.parent.mkdir(exist_ok=True)
-    step("load test: locust, 8 users, 20 s", PY, "-m", "locust", "-f", "locustfile.py", "--headless", "-u", "8", "-r", "8",
-         "-t", "20s", "--host", server.url, "--images", f"{DATA}/test", "--model-name", MODEL,
-         "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING")
-    with open(f"{prefix}_stats.csv") as f:
-        agg = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
-    print(f"locust: {float(agg['Requests/s']):.1f} requests/s, p50 {agg['50%']} ms, p99 {agg['99%']} ms, "
-          f"failures {agg['Failure Count']} of {agg['Request Count']}", flush=True)
+    step("load test: locust, 8 users, 20 s", *locust_command(
+        server.url, images=f"{DATA}/test", model=MODEL, users=8, seconds=20, prefix=prefix, loglevel="WARNING",
+        stop_timeout=None, locustfile="locustfile.py"))
+    s = summary(prefix)
+    p50, p99 = ("n/a" if v is None else f"{v:.0f}" for v in (s["p50_ms"], s["p99_ms"]))
+    print(f"locust: {s['requests_per_s']:.1f} requests/s, p50 {p50} ms, p99 {p99} ms, "
+          f"failures {s['failures']} of {s['requests']}", flush=True)
 
 
 def main() -> int:

@@ -8,9 +8,12 @@ import argparse
 import json
 import sys
 
-from .models import list_models
+from inference.tta import TTA_MODES
 
-TTA_CHOICES = ["none", "flip", "five_crop", "ten_crop", "multi_scale"]
+from .evaluation import EVAL_FORMAT_CHOICES
+from .fashion_mnist import FASHION_MNIST_DIR
+from .formats import AUTO, FORMAT_CHOICES
+from .models import list_models
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,14 +27,14 @@ def _parser() -> argparse.ArgumentParser:
                           description="Write Fashion-MNIST (Debian package dataset-fashion-mnist) as "
                           "OUT/train/<class>/*.png and OUT/test/<class>/*.png. Skips splits already written.")
     prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX .gz files")
+    prep.add_argument("--source", default=FASHION_MNIST_DIR, help="folder of the IDX .gz files")
 
     st = sub.add_parser("stats", help="per-channel mean/std of a data set's training images",
                         description="Compute the channel mean/std (0..1 scale) of the training split after the "
                         "evaluation resize/crop; pass the result to train --normalize M1,M2,M3,S1,S2,S3 (train "
                         "computes it itself with the default --normalize dataset).")
     st.add_argument("--data", required=True, help="data set root (as for train)")
-    st.add_argument("--format", default="auto", choices=["auto", "imagefolder", "inat", "cifar"], help="data format")
+    st.add_argument("--format", default=AUTO, choices=FORMAT_CHOICES, help="data format")
     st.add_argument("--input-size", type=int, default=32, help="crop size (as for train)")
     st.add_argument("--resize-size", type=int, default=None, help="resize size (as for train)")
     st.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
@@ -52,10 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     e.add_argument("--data", required=True, help="labelled images: class folders (e.g. DATA/test), or a data-set "
                    "root as for train (its test/val split)")
-    e.add_argument("--format", default="auto", choices=["auto", "folder", "imagefolder", "inat", "cifar"],
+    e.add_argument("--format", default=AUTO, choices=EVAL_FORMAT_CHOICES,
                    help="how to read --data (auto: a data-set root if it is one, else class folders)")
-    e.add_argument("--tta", default="none", choices=TTA_CHOICES,
-                   help="test-time augmentation, exactly as the handler does it (see training/tta.py)")
+    e.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation, exactly as the handler does it (see inference/tta.py)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
     e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     pr.add_argument("--images", required=True, help="folder of images (any layout)")
     pr.add_argument("--out", required=True, help="CSV file to write")
-    pr.add_argument("--tta", default="none", choices=TTA_CHOICES, help="test-time augmentation")
+    pr.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
     pr.add_argument("--topk", type=int, default=1, help="classes per image in the CSV")
     pr.add_argument("--batch-size", type=int, default=256, help="images per forward")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -79,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     if args.command == "prepare-fashion-mnist":
-        from .data import prepare_fashion_mnist
+        from .fashion_mnist import prepare_fashion_mnist
         print(f"Fashion-MNIST written to {prepare_fashion_mnist(args.out, source=args.source)}")
     elif args.command == "stats":
-        from .data import build_datasets, dataset_stats
-        from .presets import EvalPreset
+        from inference.transforms import EvalPreset
+
+        from .formats import build_datasets
+        from .stats import dataset_stats
         preset = EvalPreset(crop_size=args.input_size, resize_size=args.resize_size)
         train_ds, _ = build_datasets(args.data, format=args.format, train_transform=preset)
         mean, std = dataset_stats(train_ds, max_images=args.max_images)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best epoch {best['epoch']}: test top-1 {best['selected_top1']:.2%} ({best['weights']} weights) "
                   f"-> {cfg.out}/best.pt")
     elif args.command == "evaluate":
-        from .engine import evaluate
+        from .evaluation import evaluate
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
         m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
                      device=args.device, format=args.format)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
               f"on {m['images']} images (tta={m['tta']}); metrics, predictions and plots in {out}")
     elif args.command == "predict":
-        from .engine import predict_folder
+        from .evaluation import predict_folder
         n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
                            device=args.device, topk=args.topk)
         print(f"{n} images classified -> {args.out}")

@@ -17,6 +17,12 @@ from typing import Any
 
 import yaml
 
+from .formats import AUTO, FORMAT_CHOICES
+from .losses import LOSSES
+from .optim import OPTIMIZERS, SCHEDULES
+from .presets import TrainPreset
+from .runtime import AMP_MODES
+
 
 def _opt(default, help: str, **extra) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -28,7 +34,7 @@ class TrainConfig:
     data: str = _opt(None, "data set root: an ImageFolder tree (train/ + test/ or val/), an iNaturalist-style "
                      "folder (train.json + val.json) or CIFAR-10/100 python pickles")
     out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv")
-    format: str = _opt("auto", "data format", choices=("auto", "imagefolder", "inat", "cifar"))
+    format: str = _opt(AUTO, "data format", choices=FORMAT_CHOICES)
     input_size: int = _opt(32, "model input size in pixels (the evaluation center crop)")
     resize_size: int | None = _opt(None, "shorter side before the evaluation crop (default: the input size)")
     normalize: str = _opt("dataset", "mean/std fused into the exported graph: 'dataset' (computed on the "
@@ -38,13 +44,12 @@ class TrainConfig:
     balanced_sampler: bool = _opt(False, "sample classes equally often (weights 1/class frequency; single process)")
     # -- augmentation (training.presets.TrainPreset) and batch mixing (training.mixing.BatchMixer)
     augment: str = _opt("pad_crop", "geometric augmentation: pad-and-crop (small images), random-resized-crop "
-                        "(large images) or none", choices=("pad_crop", "random_resized_crop", "none"))
+                        "(large images) or none", choices=TrainPreset.MODES)
     hflip: float = _opt(0.5, "horizontal flip probability")
     rotation: float = _opt(0.0, "random rotation range in degrees (0: off)")
     color_jitter: float = _opt(0.0, "ColorJitter strength for brightness/contrast/saturation (0: off)")
     affine: float = _opt(0.0, "RandomAffine translate/scale strength (0: off)")
-    auto_augment: str | None = _opt(None, "automatic augmentation policy", choices=(None, "randaugment",
-                                                                                    "trivialaugment"))
+    auto_augment: str | None = _opt(None, "automatic augmentation policy", choices=TrainPreset.AUTO_AUGMENT)
     random_erase: float = _opt(0.0, "RandomErasing probability (0: off)")
     mixup_alpha: float = _opt(0.0, "Mixup Beta(alpha, alpha) parameter (0: off)")
     cutmix_alpha: float = _opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off)")
@@ -58,20 +63,19 @@ class TrainConfig:
                                   "downloaded); otherwise training starts from scratch")
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun (DDP)")
     # -- loss
-    loss: str = _opt("ce", "loss function", choices=("ce", "focal"))
+    loss: str = _opt("ce", "loss function", choices=LOSSES)
     label_smoothing: float = _opt(0.1, "label smoothing of the targets")
     focal_gamma: float = _opt(2.0, "focal loss focusing parameter gamma")
     focal_alpha: float | None = _opt(None, "focal loss scalar alpha weight (default: none)")
     weighted_loss: bool = _opt(False, "weight classes by inverse training-set frequency")
     # -- optimisation
-    optimizer: str = _opt("adamw", "optimizer (sgd = SGD with Nesterov momentum)", choices=("adamw", "sgd"))
+    optimizer: str = _opt("adamw", "optimizer (sgd = SGD with Nesterov momentum)", choices=OPTIMIZERS)
     epochs: int = _opt(10, "number of epochs")
     batch_size: int = _opt(128, "images per step (per process under torchrun)")
     lr: float = _opt(2e-3, "peak learning rate (of the head when --backbone-lr-scale is set)")
     weight_decay: float = _opt(0.05, "weight decay (not applied to norm layers and biases)")
     momentum: float = _opt(0.9, "SGD momentum")
-    schedule: str = _opt("cosine", "learning-rate schedule (after warm-up)",
-                         choices=("cosine", "cosine_restarts", "plateau", "step", "constant"))
+    schedule: str = _opt("cosine", "learning-rate schedule (after warm-up)", choices=SCHEDULES)
     warmup_epochs: float = _opt(0.2, "linear warm-up length in (fractional) epochs")
     min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of --lr")
     restart_epochs: int = _opt(10, "cosine_restarts: epochs of the first cycle")
@@ -85,8 +89,7 @@ class TrainConfig:
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
     early_stopping: int = _opt(0, "stop after this many epochs without a better test top-1 (0: off)")
     # -- execution
-    amp: str = _opt("auto", "autocast precision: auto = bf16 on CUDA, none on CPU",
-                    choices=("auto", "none", "bf16", "fp16"))
+    amp: str = _opt("auto", "autocast precision: auto = bf16 on CUDA, none on CPU", choices=AMP_MODES)
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "random seed (weights, data order, augmentation)")
@@ -152,8 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = f.metadata.get("parse") or {"int": int, "float": float, "int | None": int,
                                             "float | None": float}.get(str(f.type), str)
-        kwargs = {"choices": f.metadata["choices"]} if f.metadata.get("choices") and None not in f.metadata["choices"] \
-            else {}
+        choices = f.metadata.get("choices")
+        # None (off) is typed as "none" on the command line; validate() turns it back into None
+        kwargs = {"choices": tuple("none" if c is None else c for c in choices)} if choices else {}
         parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
@@ -163,8 +167,3 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig(**values).validate()
 
-
-def explicit_options(args: argparse.Namespace) -> set[str]:
-    """The field names the user gave on the command line (for ``--resume`` overrides)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return {k for k in vars(args) if k in names}

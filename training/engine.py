@@ -1,67 +1,38 @@
-"""Training and evaluation loops.
+"""The training loop: :class:`Trainer` and :func:`train`.
 
 One loop serves a laptop CPU, one GPU and ``torchrun`` (DDP): the pieces are small modules of this
-package (data, presets, mixing, losses, optim, finetune, distributed, reports) wired here.
+package (formats, stats, sampling, mixing, losses, optim, finetune, distributed, runtime, run_log,
+reports) wired here. Each epoch is evaluated with :func:`training.evaluation.predict`, the same forward
+as offline evaluation.
 """
 from __future__ import annotations
 
-import csv
 import os
-import random
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import ModelSpec, load_model, save_checkpoint
+from inference.transforms import EvalPreset, normalize
+
+from .checkpoint import ModelSpec, save_checkpoint
 from .config import TrainConfig
-from .data import build_datasets, class_balanced_sampler, dataset_stats, parse_normalize
-from .distributed import DistInfo, all_mean, barrier, broadcast, init_distributed, shutdown
+from .datasets import LazyDataset
+from .distributed import all_mean, barrier, broadcast, init_distributed, shutdown
+from .evaluation import predict
 from .finetune import ProgressiveUnfreezer, load_pretrained, param_groups, parse_schedule
+from .formats import build_datasets
 from .losses import build_loss, class_weights
 from .mixing import BatchMixer
 from .optim import EarlyStopping, build_optimizer, build_schedule
-from .presets import EvalPreset, TrainPreset, normalize
-from .reports import topk_accuracy
-from .tta import canvas_preset, predict_proba
-
-LOG_COLUMNS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "ema_top1", "lr", "seconds"]
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA, none on CPU (most CPUs lack fast bf16)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: torch.device, tta: str = "none",
-            progress: bool = True, desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(probabilities (N, K), labels (N,))`` in loader order; batches are TTA canvases
-    (``training.tta.canvas_preset``)."""
-    model.eval()
-    forward = lambda x: model(normalize(x, mean=spec.mean, std=spec.std))  # noqa: E731
-    probs, labels = [], []
-    for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
-        probs.append(predict_proba(forward, images.to(device), tta, crop_size=spec.input_size).float().cpu())
-        labels.append(target)
-    return torch.cat(probs), torch.cat(labels)
+from .presets import TrainPreset
+from .reports import nll, topk_accuracy
+from .run_log import add_scalars, append_log, open_tensorboard, start_log
+from .runtime import autocast_dtype, seed_everything
+from .sampling import class_balanced_sampler
+from .stats import dataset_stats, parse_normalize
 
 
 def ema_avg_fn(decay: float):
@@ -73,11 +44,6 @@ def ema_avg_fn(decay: float):
         d = min(decay, (1.0 + n) / (10.0 + n))
         return averaged * d + current * (1.0 - d)
     return avg_fn
-
-
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the true class (the plain cross-entropy of the predictions)."""
-    return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
 
 
 def train_preset(cfg: TrainConfig) -> TrainPreset:
@@ -150,7 +116,7 @@ class Trainer:
         ds = self.train_ds
         if getattr(ds, "cache", None) is not None:
             return ds.cache
-        return _Lazy(len(ds), lambda i: self.eval_preset(ds.read(i)))  # read(): before the training transform
+        return LazyDataset(len(ds), lambda i: self.eval_preset(ds.read(i)))  # read(): before the training transform
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -245,8 +211,8 @@ class Trainer:
     def begin(self) -> None:
         if self.main:
             self.cfg.save_yaml(os.path.join(self.cfg.out, "config.yaml"))
-            self._write_log_header()
-        self.writer = self._tensorboard()
+            start_log(self.cfg.out, self.history)
+        self.writer = open_tensorboard(self.cfg.out) if self.cfg.tensorboard and self.main else None
 
     def run_epoch(self, epoch: int) -> bool:
         """Train, evaluate, schedule and checkpoint one epoch; returns whether to stop early."""
@@ -330,15 +296,13 @@ class Trainer:
         selected = {"weights": "ema" if use_ema else "model", "selected_top1": score}
         metrics.update(selected)
         self.history.append(metrics)
-        self._append_log(metrics)
+        append_log(self.cfg.out, metrics)
         ema_txt = f", EMA top-1 {metrics['ema_top1']:.2%}" if self.ema is not None else ""
         self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, test loss {metrics['test_loss']:.4f}, "
                  f"test top-1 {metrics['test_top1']:.2%}, top-5 {metrics['test_top5']:.2%}{ema_txt} "
                  f"({metrics['seconds']:.0f} s)")
         if writer is not None:
-            for key in ("train_loss", "test_loss", "test_top1", "test_top5", "ema_top1", "lr"):
-                if key in metrics:
-                    writer.add_scalar(key, metrics[key], epoch)
+            add_scalars(writer, metrics, epoch)
         stop = self.stopper.step(score) if self.stopper is not None else False
         improved = score > self.best.get("selected_top1", self.best["test_top1"])
         if improved:
@@ -359,118 +323,7 @@ class Trainer:
                          early_stopping=self.stopper.state_dict() if self.stopper is not None else None)
         save_checkpoint(path, self.spec, weights, metrics=metrics, extra=extra)
 
-    def _write_log_header(self) -> None:
-        path = os.path.join(self.cfg.out, "log.csv")
-        rows = [[h.get(c, "") for c in LOG_COLUMNS] for h in self.history]  # kept on --resume
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *rows])
-
-    def _append_log(self, m: dict) -> None:
-        fmt = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}"}
-        row = [fmt.get(c, "{:.5f}").format(m[c]) if c in m else "" for c in LOG_COLUMNS]
-        with open(os.path.join(self.cfg.out, "log.csv"), "a", newline="") as f:
-            csv.writer(f).writerow(row)
-
-    def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
-        return SummaryWriter(os.path.join(self.cfg.out, "tensorboard"))
-
-
-class _Lazy(torch.utils.data.Dataset):
-    """``(load(i), label)`` for ``i < n``: images computed on access (mean/std, unlabelled folders)."""
-
-    def __init__(self, n: int, load, label: int = 0):
-        self.n, self.load, self.label = n, load, label
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.load(i), self.label
-
 
 def train(cfg: TrainConfig) -> dict:
     """Train one run; returns the best epoch's metrics (rank 0; other ranks get ``{}``)."""
     return Trainer(cfg.validate()).run()
-
-
-def eval_dataset(data: str, *, format: str = "auto", transform=None):
-    """The labelled images to evaluate on: a class-folder tree (``DIR/test``), or the test split of any
-    data-set root that ``train`` reads (ImageFolder root, iNaturalist JSON, CIFAR pickles)."""
-    from .data import ImageFolderDataset, build_datasets, detect_format
-
-    if format == "auto":
-        try:
-            format = detect_format(data)
-        except (ValueError, FileNotFoundError):
-            format = "folder"  # not a data-set root: the class folders themselves
-    if format == "folder":
-        return ImageFolderDataset(data, transform=transform, progress=False)
-    return build_datasets(data, format=format, eval_transform=transform, progress=False)[1]
-
-
-def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int = 256, out_dir: str | None = None,
-             device: str = "auto", progress: bool = True, plots: bool = True, format: str = "auto") -> dict:
-    """Evaluate a checkpoint on labelled images (see :func:`eval_dataset`): top-1/3/5, macro
-    precision/recall/F1, per-class numbers and the confusion matrix; with ``out_dir``: metrics.json,
-    predictions.csv and PNG plots."""
-    import json
-
-    from .reports import (classification_metrics, classification_report, plot_confusion_matrix,
-                          plot_per_class_accuracy, plot_training_curves, write_predictions_csv)
-
-    dev = pick_device(device)
-    spec, model = load_model(checkpoint)
-    model.to(dev)
-    ds = eval_dataset(data, format=format, transform=canvas_preset(tta, crop_size=spec.input_size,
-                                                                   resize_size=spec.resize_size))
-    if list(ds.classes) != spec.class_names:
-        raise ValueError(f"the classes of {data} ({ds.classes}) differ from the checkpoint's ({spec.class_names})")
-    probs, labels = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta,
-                            progress=progress)
-    metrics = {**classification_metrics(probs, labels, spec.class_names), "tta": tta, "checkpoint": str(checkpoint),
-               "data": str(data)}
-    metrics["report"] = classification_report(metrics)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        write_predictions_csv(os.path.join(out_dir, "predictions.csv"), ds.paths, labels, probs, spec.class_names)
-        if plots:
-            metrics["plots"] = [
-                plot_confusion_matrix(metrics["confusion"], spec.class_names,
-                                      os.path.join(out_dir, "confusion_matrix.png")),
-                plot_per_class_accuracy(metrics, os.path.join(out_dir, "per_class_accuracy.png"))]
-            log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
-            if os.path.isfile(log_csv):
-                metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
-    return metrics
-
-
-def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "none", batch_size: int = 256,
-                   device: str = "auto", topk: int = 1, progress: bool = True) -> int:
-    """Predictions for an unlabelled folder (searched recursively) as CSV; returns the image count."""
-    from pathlib import Path
-
-    from .data import IMAGE_EXTENSIONS
-    from .images import read_image_file
-    from .reports import write_predictions_csv
-
-    paths = sorted(str(p) for p in Path(images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
-    dev = pick_device(device)
-    spec, model = load_model(checkpoint)
-    model.to(dev)
-    preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
-    ds = _Lazy(len(paths), lambda i: preset(read_image_file(paths[i])), label=-1)
-    probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta, progress=progress,
-                       desc="predict")
-    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
-    write_predictions_csv(out_csv, paths, None, probs, spec.class_names, topk=topk)
-    return len(paths)

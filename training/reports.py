@@ -23,6 +23,11 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
 
 
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class (the plain cross-entropy of the predictions)."""
+    return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+
+
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(K, K)`` int64 counts; rows are the true class, columns the predicted one."""
     idx = labels.long() * num_classes + pred.long()

@@ -1,9 +1,10 @@
 """A .mar must run without this repository importable (stock TorchServe + torch/torchvision/onnxruntime).
 
-The in-repo tests cannot show that: the editable install makes ``training``/``handlers`` importable
-everywhere, so a TorchServe worker would silently use the repository's modules instead of the
-archive's. Here a clean interpreter hides the repository, extracts the archive and drives its
-handler with TorchServe's own Context."""
+The in-repo tests cannot show that: the editable install makes ``inference``/``training``/``handlers``
+importable everywhere, so a TorchServe worker would silently use the repository's modules instead of
+the archive's. Here a clean interpreter hides the repository, extracts the archive and drives its
+handler with TorchServe's own Context: the inference core must come from the archive's own
+``inference/`` package, and nothing of training/export/handlers may be loaded."""
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     repo, model_dir, image = sys.argv[1:4]
     sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != os.path.realpath(repo)]
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    hidden = [m for m in ("training", "handlers", "export") if importlib.util.find_spec(m) is not None]
+    hidden = [m for m in ("inference", "training", "handlers", "export") if importlib.util.find_spec(m) is not None]
     assert not hidden, f"the repository is still importable: {hidden}"
     sys.path.insert(0, model_dir)
     import yaml
@@ -34,7 +35,8 @@ SCRIPT = textwrap.dedent('''
     handler.context = ctx
     out = handler.postprocess(handler.inference(handler.preprocess([{"body": bytearray(open(image, "rb").read())}])))
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("training", "handlers", "export"))
-    print(json.dumps({"response": json.loads(out[0]), "repo_modules": loaded}))
+    core = sorted(os.path.relpath(m.__file__, model_dir) for n, m in sys.modules.items() if n.split(".")[0] == "inference")
+    print(json.dumps({"response": json.loads(out[0]), "repo_modules": loaded, "core": core}))
 ''')
 
 
@@ -52,5 +54,13 @@ def test_archive_runs_with_the_repository_hidden(export_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["repo_modules"] == []
+    # the core came from the archive's package directory, every module of it that the handler uses
+    assert "inference/__init__.py" in result["core"] and "inference/images.py" in result["core"]
+    assert all(path.startswith("inference/") for path in result["core"]), result["core"]
+    with zipfile.ZipFile(store / "alone.mar") as z:
+        names = set(z.namelist())
+    packaged = {f"inference/{p.name}" for p in (REPO / "inference").glob("*.py")}
+    assert packaged <= names, packaged - names  # a new module of the core travels by itself
+    assert not any("__pycache__" in n for n in names) and "images.py" not in names  # no flat copies
     preds = result["response"]["predictions"]
     assert len(preds) == 2 and preds[0]["class"] in ("circle", "horizontal", "vertical")

@@ -15,11 +15,11 @@ from export.archive import build_archive, build_archives
 from export.formats import VARIANTS
 from export.verify import MIN_TOP1_AGREEMENT, RTOL, effective_precision, problems
 from export.wrappers import FusedNormalization
-from handlers.backends import load_backend
+from inference.backends import load_backend
+from inference.transforms import normalize
+from inference.tta import predict_proba
 from tests.conftest import REPO
 from training.checkpoint import load_model
-from training.presets import normalize
-from training.tta import predict_proba
 
 
 def eager_logits(checkpoint, x):
@@ -178,14 +178,15 @@ def test_unknown_format_is_refused(checkpoint, tmp_path):
                                            ("openvino-int8", "model_ov_int8.xml")])
 def test_archive_is_self_contained(export_dir, tmp_path, variant, graph):
     mar = build_archive(export_dir, variant=variant, name="shapes", version="2.0", model_store=tmp_path, topk=2,
-                        tta="flip", batch_size=4, max_batch_delay_ms=50)
+                        tta="flip", batch_size=4, max_batch_delay=50)
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(z.read("model-config.yaml"))
         card = json.loads(z.read("model_card.json"))
-    assert {graph, "classifier_handler.py", "backends.py", "pipeline.py", "presets.py", "images.py",
-            "class_index.py", "tta.py", "index_to_name.json", "model_card.json", "model-config.yaml"} <= names
+    core = {f"inference/{p.name}" for p in (REPO / "inference").glob("*.py")}
+    assert {graph, "classifier_handler.py", "index_to_name.json", "model_card.json", "model-config.yaml"} | core <= names
+    assert not {"images.py", "tta.py", "presets.py", "backends.py", "pipeline.py"} & names  # no flat copies
     if graph.endswith(".xml"):
         assert graph.replace(".xml", ".bin") in names
     assert manifest["model"]["modelName"] == "shapes" and manifest["model"]["modelVersion"] == "2.0"

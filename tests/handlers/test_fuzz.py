@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.pipeline import RequestError, parse_topk, read_request
-from training.images import ImageError, decode_rgb
+from inference.images import ImageError, decode_rgb
+from inference.requests import RequestError, parse_topk, read_request
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,11 +11,11 @@ from ts.context import Context, RequestProcessor
 
 from export.archive import model_config
 from handlers.classifier_handler import ImageClassifierHandler
+from inference.images import decode_rgb
+from inference.transforms import normalize
+from inference.tta import canvas_preset, predict_proba
 from tests.conftest import encode, pattern_image
 from training.checkpoint import load_model
-from training.images import decode_rgb
-from training.presets import normalize
-from training.tta import canvas_preset, predict_proba
 
 
 def make_context(model_dir, *, n=1, headers=None, serialized="model.onnx", **handler):
@@ -175,7 +175,8 @@ def test_a_failing_model_answers_500_for_its_batch_only(model_dir):
 
 def test_invalid_settings_fail_initialize(model_dir):
     for bad, match in (({"tta": "rotate"}, "handler.tta"), ({"tta_aggregate": "max"}, "tta_aggregate"),
-                       ({"graph_output": "boxes"}, "graph_output")):
+                       ({"graph_output": "boxes"}, "graph_output"), ({"topk": "three"}, "handler.topk must be"),
+                       ({"toppk": 3}, "unknown key.*toppk"), ({"input_size": None}, "input_size is required")):
         ctx = make_context(model_dir)
         ctx.model_yaml_config["handler"].update(bad)
         with pytest.raises(ValueError, match=match):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from export.archive import build_archive
-from scripts.ts_server import TorchServe
+from inference.images import decode_rgb
+from inference.transforms import EvalPreset, normalize
+from inference.tta import predict_proba
+from tools.torchserve import TorchServe
 from training.checkpoint import load_model
-from training.images import decode_rgb
-from training.presets import EvalPreset, normalize
-from training.tta import predict_proba
 
 BATCH_DELAY_MS = 300  # long enough that requests sent together land in one batch
 
@@ -18,14 +18,14 @@ SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-
 ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the handler
 
 
-@pytest.fixture(scope="module")  # one server at a time: see scripts/ts_server.py
+@pytest.fixture(scope="module")  # one server at a time: see tools/torchserve.py
 def server(export_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     for name, variant in SERVED.items():
         build_archive(export_dir, variant=variant, name=name, model_store=store, batch_size=8,
-                      max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="flip")
+                      max_batch_delay=BATCH_DELAY_MS, topk=2, tta="flip")
     build_archive(export_dir, variant="onnx", name=ADAPTIVE, model_store=store, batch_size=8,
-                  max_batch_delay_ms=BATCH_DELAY_MS, topk=2, tta="ten_crop", adaptive_tta=True,
+                  max_batch_delay=BATCH_DELAY_MS, topk=2, tta="ten_crop", adaptive_tta=True,
                   adaptive_threshold=0.999)
     # Version 2.0 of "shapes" (the TorchScript graph) sits in the store, registered later over HTTP.
     build_archive(export_dir, variant="torchscript", name="shapes", version="2.0", file_name="shapes_v2",

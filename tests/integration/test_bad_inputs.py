@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.client import predict
 from tests.conftest import encode, pattern_image
+from tools.client import predict
 
 pytestmark = pytest.mark.slow
 GOOD = encode(pattern_image("circle", size=30))

@@ -19,17 +19,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 
 import psutil
 import pytest
 
 from export.archive import build_archive
-from scripts.client import predict
-from scripts.ts_server import REPO, TorchServe, inference_arrivals
 from tests.conftest import encode, pattern_image
+from tools import REPO
+from tools.client import predict
+from tools.drain import inference_arrivals
+from tools.processes import worker_processes
+from tools.torchserve import TorchServe
 
 pytestmark = pytest.mark.slow
 
@@ -90,42 +91,18 @@ class LoadLoop:
             time.sleep(0.05)
 
 
-def _manage(server: TorchServe, method: str, path: str, timeout: float = 120) -> tuple[int, dict | str]:
-    req = urllib.request.Request(f"{server.management_url}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, body = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, body = e.code, e.read().decode()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body
-
-
 def _workers(server: TorchServe, model: str) -> list[dict]:
-    status, body = _manage(server, "GET", f"/models/{model}", timeout=10)
+    status, body = server.manage("GET", f"/models/{model}", timeout=10)
     assert status == 200, body
     return [w for m in body for w in m["workers"]]
-
-
-def _worker_children(server: TorchServe) -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process(server.pid).children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and any("model_service_worker" in a for a in p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.fixture(scope="class")
 def fault_server(export_dir, tmp_path_factory):
     """One model, one worker, batches of 4, a modest response timeout; the management API is on."""
     store = tmp_path_factory.mktemp("fault_store")
-    build_archive(export_dir, variant="onnx", name="shapes", model_store=store, batch_size=4, max_batch_delay_ms=20,
-                  workers=1, response_timeout_s=RESPONSE_TIMEOUT_S, topk=2, tta="none")
+    build_archive(export_dir, variant="onnx", name="shapes", model_store=store, batch_size=4, max_batch_delay=20,
+                  workers=1, response_timeout=RESPONSE_TIMEOUT_S, topk=2, tta="none")
     server = TorchServe(model_store=store, models="shapes=shapes.mar", overrides={"enable_model_api": "true"})
     server.start(timeout=180)
     pid = server.pid
@@ -139,7 +116,7 @@ class TestWorkerAndArchiveFaults:
         server = fault_server
         (old,) = _workers(server, "shapes")
         assert old["status"] == "READY"
-        assert old["pid"] in [p.pid for p in _worker_children(server)]  # the API names the real process
+        assert old["pid"] in [p.pid for p in worker_processes(server.pid)]  # the API names the real process
         load = LoadLoop(server.url, "shapes", threads=12, client_timeout=RESPONSE_TIMEOUT_S + 30).start()
         try:
             load.wait_for(lambda: sum(r[2] == 200 for r in load.results) >= 40, 60, "40 answers before the kill")
@@ -179,7 +156,7 @@ class TestWorkerAndArchiveFaults:
         assert all(r[1] - killed_at < 5 for r in failed), "the failed requests did not fail fast"
         assert max_latency < RESPONSE_TIMEOUT_S + MARGIN_S, f"a request took {max_latency:.1f} s"
         assert recovery_s < RECOVERY_LIMIT_S
-        assert [p.pid for p in _worker_children(server)] == [new_pid]
+        assert [p.pid for p in worker_processes(server.pid)] == [new_pid]
 
     def test_broken_archives_are_refused_while_the_served_model_keeps_answering(self, fault_server, export_dir,
                                                                                  tmp_path):
@@ -197,13 +174,13 @@ class TestWorkerAndArchiveFaults:
         load = LoadLoop(server.url, "shapes", threads=2, client_timeout=RESPONSE_TIMEOUT_S + 30).start()
         try:
             start = time.time()
-            garbage = _manage(server, "POST", "/models?url=x.mar&initial_workers=1&synchronous=true")
+            garbage = server.manage("POST", "/models?url=x.mar&initial_workers=1&synchronous=true")
             garbage_s = time.time() - start
             start = time.time()
-            garbage_named = _manage(server, "POST", "/models?url=x.mar&model_name=x&initial_workers=1&synchronous=true")
+            garbage_named = server.manage("POST", "/models?url=x.mar&model_name=x&initial_workers=1&synchronous=true")
             garbage_named_s = time.time() - start
             start = time.time()
-            noindex = _manage(server, "POST", "/models?url=noindex.mar&initial_workers=1&synchronous=true")
+            noindex = server.manage("POST", "/models?url=noindex.mar&initial_workers=1&synchronous=true")
             noindex_s = time.time() - start
             answered = len(load.results)
             load.wait_for(lambda: len(load.results) >= answered + 10, 30, "10 more answers after the registrations")
@@ -221,9 +198,9 @@ class TestWorkerAndArchiveFaults:
         assert garbage_named[0] == 500 and "Failed to start workers" in garbage_named[1]["message"], garbage_named
         assert noindex[0] == 500 and "noindex" in noindex[1]["message"], noindex
         assert problem, "model_log.log does not say that index_to_name.json is missing"
-        status, models = _manage(server, "GET", "/models")
+        status, models = server.manage("GET", "/models")
         assert [m["modelName"] for m in models["models"]] == ["shapes"]  # nothing half-registered is left
-        load.wait_for(lambda: len(_worker_children(server)) == 1, 30, "the failed workers to exit")
+        load.wait_for(lambda: len(worker_processes(server.pid)) == 1, 30, "the failed workers to exit")
         assert load.results and all(r[2] == 200 for r in load.results), \
             [r for r in load.results if r[2] != 200][:5]
 
@@ -237,7 +214,7 @@ SLOW_DELAY_MS = 3000  # the batch waits this long for company: requests sit in f
 def slow_store(export_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("slow_store")
     build_archive(export_dir, variant="onnx", name="slow", model_store=store, batch_size=8,
-                  max_batch_delay_ms=SLOW_DELAY_MS, workers=1, response_timeout_s=20, topk=2, tta="none")
+                  max_batch_delay=SLOW_DELAY_MS, workers=1, response_timeout=20, topk=2, tta="none")
     return store
 
 

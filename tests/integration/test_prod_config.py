@@ -2,13 +2,14 @@
 registration only from the model store, everything on loopback."""
 import json
 import urllib.error
-import urllib.request
 
 import pytest
 
 from export.archive import build_archive
-from scripts.ts_server import REPO, TorchServe, read_properties
 from tests.conftest import encode, pattern_image
+from tools import REPO
+from tools.client import call
+from tools.torchserve import TorchServe, read_properties
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +18,8 @@ def _call(url, *, method="GET", key=None, data=None, ctype=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if ctype:
         headers["Content-Type"] = ctype
-    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        return call(url, method=method, data=data, headers=headers)
     except urllib.error.URLError as e:  # not listening yet
         return 0, str(e)
 

@@ -10,16 +10,16 @@ import sys
 import pytest
 
 from export.archive import build_archive
-from scripts.ts_server import REPO
+from tools import REPO
 
 DURATION, USERS = 60, 8
-WARMUP = WINDOW = 10  # scripts.soak.windows(60): duration / 10, at least 10 s
+WARMUP = WINDOW = 10  # scripts.soak_verdict.windows(60): duration / 10, at least 10 s
 
 
 @pytest.mark.slow
 def test_soak_60s_no_failures_no_latency_creep_no_memory_growth(export_dir, tmp_path):
     archive = build_archive(export_dir, variant="onnx", name="soak", model_store=tmp_path / "store", batch_size=8,
-                            max_batch_delay_ms=10, workers=1, topk=2, tta="none")
+                            max_batch_delay=10, workers=1, topk=2, tta="none")
     out = tmp_path / "soak"
     proc = subprocess.run([sys.executable, "-m", "scripts.soak", "--duration", str(DURATION), "--users", str(USERS),
                            "--out", str(out), "--archive", str(archive)], cwd=REPO, capture_output=True, text=True,
@@ -79,7 +79,7 @@ def _rows(p99_last=200.0, rss_last=500.0, failures=0, pids="101"):
     ({"pids": "202"}, "worker processes were replaced"),
 ])
 def test_the_verdict_catches_each_problem(change, problem):
-    from scripts.soak import evaluate
+    from scripts.soak_verdict import evaluate
     result = evaluate(_rows(**change), duration=DURATION, users=USERS)
     if problem is None:
         assert result["passed"] and not result["problems"], result["problems"]

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from scripts.client import predict
 from tests.conftest import encode, pattern_image
 from tests.integration.conftest import ADAPTIVE
+from tools.client import predict
 
 pytestmark = pytest.mark.slow
 
@@ -75,28 +75,19 @@ def test_int8_and_topk_graphs_serve_the_same_top1(server, eager):
     assert status == 400 and "between 1 and 2" in body["detail"]
 
 
-def _manage(server, method, path):
-    req = urllib.request.Request(f"{server.management_url}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_versioned_management_api_v1_and_v2_side_by_side(server):
     data = encode(pattern_image("horizontal", size=30))
-    status, body = _manage(server, "POST", "/models?url=shapes_v2.mar&initial_workers=1&synchronous=true")
+    status, body = server.manage("POST", "/models?url=shapes_v2.mar&initial_workers=1&synchronous=true")
     assert status == 200, body
-    status, versions = _manage(server, "GET", "/models/shapes/all")
+    status, versions = server.manage("GET", "/models/shapes/all")
     assert status == 200 and sorted(v["modelVersion"] for v in versions) == ["1.0", "2.0"]
     assert predict(server.url, "shapes", data)[1]["version"] == "1.0"  # the default stays 1.0
     status, body = predict(server.url, "shapes/2.0", data)
     assert status == 200 and body["version"] == "2.0" and body["tta"] == "none"
-    assert _manage(server, "PUT", "/models/shapes/2.0/set-default")[0] == 200
+    assert server.manage("PUT", "/models/shapes/2.0/set-default")[0] == 200
     assert predict(server.url, "shapes", data)[1]["version"] == "2.0"
-    assert _manage(server, "PUT", "/models/shapes/1.0/set-default")[0] == 200
-    assert _manage(server, "DELETE", "/models/shapes/2.0")[0] == 200
+    assert server.manage("PUT", "/models/shapes/1.0/set-default")[0] == 200
+    assert server.manage("DELETE", "/models/shapes/2.0")[0] == 200
 
 
 def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:

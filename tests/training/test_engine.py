@@ -43,8 +43,9 @@ def _log(run) -> list[dict]:
 
 
 def test_config_yaml_and_cli_precedence(tmp_path):
-    from training.config import add_arguments, from_args
     import argparse
+
+    from training.config import add_arguments, from_args
     (tmp_path / "c.yaml").write_text("data: d\nout: o\nepochs: 7\nlr: 0.01\nmixup_alpha: 0.2\n")
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -190,26 +191,9 @@ def test_fine_tuning_a_backbone_model_with_local_weights(image_folder, tmp_path,
     assert not torch.equal(state["backbone.layer4.0.conv1.weight"], donor["layer4.0.conv1.weight"])  # trained
 
 
-def test_stats_and_predict_commands(image_folder, tmp_path, capsys):
-    assert main(["stats", "--data", str(image_folder), "--input-size", "16"]) == 0
-    out = capsys.readouterr().out
-    stats = json.loads(out.splitlines()[0])
-    assert len(stats["mean"]) == 3 and all(0 < s < 1 for s in stats["std"]) and stats["images"] == 72
-    assert "--normalize " in out
-    from training.checkpoint import ModelSpec, save_checkpoint
-    spec = ModelSpec(arch="cbam_resnet", class_names=["circle", "horizontal", "vertical"], input_size=16,
-                     resize_size=16, mean=tuple(stats["mean"]), std=tuple(stats["std"]), model_kwargs=TINY_KWARGS)
-    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
-    assert main(["predict", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(image_folder / "test"),
-                 "--out", str(tmp_path / "p.csv"), "--topk", "2", "--tta", "flip"]) == 0
-    with open(tmp_path / "p.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 90 and rows[0]["pred_name"] in spec.class_names and rows[0]["label"] == ""
-    assert "top2_name" in rows[0]
-
-
 def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
     import importlib.util
+
     from training.engine import Trainer
     cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "tb"), model_kwargs=TINY_KWARGS, input_size=16,
                       batch_size=16, epochs=1, tensorboard=True, progress=False)
@@ -219,16 +203,3 @@ def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
     else:
         Trainer(cfg).run()
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def test_train_and_evaluate_on_cifar_pickles(tmp_path):
-    from tests.training.test_data import _cifar10
-    _cifar10(tmp_path / "cifar", n=16)
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(tmp_path / "cifar"), "--model-kwargs", json.dumps(TINY_KWARGS),
-                 "--epochs", "1", "--batch-size", "8", "--no-progress", "--out", str(run)]) == 0
-    ckpt = torch.load(run / "best.pt", weights_only=True)
-    assert len(ckpt["class_names"]) == 10 and ckpt["input_size"] == 32
-    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path / "cifar"),
-                 "--out", str(run / "eval")]) == 0
-    assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 16  # the test_batch

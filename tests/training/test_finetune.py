@@ -3,8 +3,14 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from training.finetune import (ALL_STAGES, DEFAULT_SCHEDULE, ProgressiveUnfreezer, load_pretrained, param_groups,
-                               parse_schedule)
+from training.finetune import (
+    ALL_STAGES,
+    DEFAULT_SCHEDULE,
+    ProgressiveUnfreezer,
+    load_pretrained,
+    param_groups,
+    parse_schedule,
+)
 from training.models import build_model
 
 TINY_RESNEXT = {"layers": (1, 1, 1, 1), "width_per_group": 4}

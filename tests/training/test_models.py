@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from torchvision.models.resnet import ResNet
 
 from training.layers import CBAM, ChannelAttention, SpatialAttention, SqueezeExcite
@@ -97,6 +96,7 @@ def test_full_size_backbones_are_torchvisions_without_fc():
         se = build_model("se_resnext101_32x8d", num_classes=10)
         attention = build_model("resnet50_attention", num_classes=10)
     assert count_parameters(resnext) == 88_791_336
+    assert count_parameters(resnet) == 25_557_032
     assert count_parameters(se.backbone) == 88_791_336 - 2_049_000 == 86_742_336  # fc is 2048 x 1000 + 1000
     assert count_parameters(attention.backbone) == 25_557_032 - 2_049_000 == 23_508_032
     expected = {k: v.shape for k, v in resnext.state_dict().items() if not k.startswith("fc.")}

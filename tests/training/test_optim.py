@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from training.optim import (EarlyStopping, build_optimizer, build_schedule, cosine_restarts_factor, param_groups,
-                            split_decay, step_decay_factor, warmup_factor)
+from training.optim import (
+    EarlyStopping,
+    build_optimizer,
+    build_schedule,
+    cosine_restarts_factor,
+    param_groups,
+    split_decay,
+    step_decay_factor,
+    warmup_factor,
+)
 
 
 def small_model() -> nn.Module:

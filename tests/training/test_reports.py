@@ -5,9 +5,18 @@ import pytest
 import torch
 from PIL import Image
 
-from training.reports import (classification_metrics, classification_report, confusion_matrix, label_layout,
-                              plot_confusion_matrix, plot_per_class_accuracy, plot_training_curves, read_log,
-                              topk_accuracy, write_predictions_csv)
+from training.reports import (
+    classification_metrics,
+    classification_report,
+    confusion_matrix,
+    label_layout,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    plot_training_curves,
+    read_log,
+    topk_accuracy,
+    write_predictions_csv,
+)
 
 NAMES = ["cat", "dog", "bird", "fish"]
 

@@ -11,8 +11,6 @@ can run view 0 alone and the other views only where needed:
 * ``ten_crop``   -- the five crops and their flips
 * ``multi_scale``-- for each scale ``s``: the center ``round(crop * s)`` square resized to ``crop``
   (``s > 1`` sees more context, ``s < 1`` zooms in); canvas at the resize size
-
-Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
 from __future__ import annotations
 
@@ -21,14 +19,12 @@ from typing import Callable, Sequence
 import torch
 from torchvision.transforms.v2 import functional as F
 
-try:  # inside the repository
-    from training.presets import EvalPreset
-except ImportError:  # inside a .mar
-    from presets import EvalPreset
+from inference.transforms import EvalPreset
 
 TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "multi_scale")
 DEFAULT_SCALES = (1.0, 1.15, 0.87)
 AGGREGATES = ("softmax", "logits")
+ADAPTIVE_METRICS = ("confidence", "margin")  # top-1 probability, or top-1 minus top-2
 
 
 def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) -> EvalPreset:
@@ -96,7 +92,7 @@ def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch
 
 def uncertain(probs: torch.Tensor, *, metric: str = "confidence", threshold: float = 0.9) -> torch.Tensor:
     """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``."""
-    if metric not in ("confidence", "margin"):
+    if metric not in ADAPTIVE_METRICS:
         raise ValueError(f"adaptive TTA metric must be confidence or margin, got {metric!r}")
     top = probs.topk(min(2, probs.shape[1]), dim=1).values
     score = top[:, 0] if metric == "confidence" else top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)

@@ -1,7 +1,6 @@
 """The class-index file: ``index_to_name.json`` maps ``"0"``, ``"1"``, ... to class names.
 
-TorchServe's format; written by export into every archive, read by the handler. Flat-importable
-(no relative imports): it travels inside the ``.mar``.
+TorchServe's format; written by export into every archive, read by the handler.
 """
 from __future__ import annotations
 

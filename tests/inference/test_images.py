@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from inference.images import ImageError, ImageTooLargeError, decode_rgb
 from tests.conftest import encode, pattern_image
-from training.images import ImageError, ImageTooLargeError, decode_rgb
 
 
 def test_png_and_jpeg_decode_to_rgb_uint8():
@@ -78,8 +78,10 @@ def test_decode_many_batched_jpeg_path_equals_one_by_one():
     """The GPU path's logic (all JPEGs in one decode_jpeg call) run on the CPU: same pixels, and a bad
     or oversized JPEG only fails itself."""
     from concurrent.futures import ThreadPoolExecutor
+
     from torchvision.io import ImageReadMode, decode_jpeg
-    from training.images import decode_many
+
+    from inference.images import decode_many
 
     calls = []
 

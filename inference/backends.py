@@ -2,7 +2,6 @@
 
 Single-output graphs give a float32 tensor (logits, or probabilities for in-graph TTA); the in-graph
 top-k graph gives ``(values, indices)``. Shared by the handler and by export's verification.
-Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
 from __future__ import annotations
 
@@ -13,6 +12,10 @@ import warnings
 import torch
 
 log = logging.getLogger(__name__)
+
+GRAPH_OUTPUTS = ("logits", "probabilities", "topk")  # probabilities: in-graph TTA; topk: (values, indices)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")         # what a graph's weights and math are
+OPENVINO_PRECISIONS = ("auto", "f32", "bf16")         # OpenVINO's inference precision hint; auto: bf16 if the CPU has it
 
 
 def _single(outputs: list[torch.Tensor]):

@@ -1,17 +1,13 @@
-"""The handler's pure functions: reading requests, per-request options, top-k formatting, errors.
+"""Reading one request of a TorchServe batch: its images and its per-request options (top-k).
 
-Each is tested without TorchServe. Flat-importable (no relative imports): it travels inside the
-``.mar``.
+Pure functions, tested without TorchServe. A problem is a :class:`RequestError` with the HTTP status
+to answer, so that one bad request never fails its batch neighbours.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import json
-import os
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 TOPK_HEADER = "x-top-k"
 TOPK_FIELD = "topk"
@@ -32,22 +28,6 @@ class Request:
     images: list[bytes | bytearray]
     multi: bool = False
     topk: object = None
-
-
-@dataclass
-class Batch:
-    """What the handler's preprocess hands to inference and postprocess."""
-    size: int                                             # requests in the batch
-    owners: list[int] = field(default_factory=list)       # request index of each decoded image
-    canvas: torch.Tensor | None = None                    # (M, 3, R, R) uint8, one row per image
-    requests: dict[int, Request] = field(default_factory=dict)
-    topk: dict[int, int] = field(default_factory=dict)
-    errors: dict[int, Exception] = field(default_factory=dict)
-    values: torch.Tensor | None = None                    # (M, k) top-k probabilities, sorted
-    indices: torch.Tensor | None = None                   # (M, k) their class indices
-    tta_applied: torch.Tensor | None = None               # (M,) bool
-    failure: Exception | None = None                      # the model itself failed: 500 for the batch
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _b64(item, where: str) -> bytes:
@@ -135,36 +115,3 @@ def parse_topk(headers: dict | None, *, default: int, num_classes: int, body_val
     if not 1 <= k <= num_classes:
         raise RequestError(f"{source} must be between 1 and {num_classes}, got {k}", error="bad top-k")
     return k
-
-
-def topk_predictions(values: torch.Tensor, indices: torch.Tensor, ks: list[int],
-                     class_names: list[str]) -> list[list[dict]]:
-    """Sorted top-k ``(N, >= max(ks))`` -> per row its ``ks[i]`` best classes as ``{"class", "index", "confidence"}``."""
-    values, indices = values.tolist(), indices.tolist()
-    return [[{"class": class_names[j], "index": j, "confidence": round(p, 6)} for p, j in zip(v[:k], ix[:k])]
-            for v, ix, k in zip(values, indices, ks)]
-
-
-def error_body(error: str, detail: str) -> str:
-    return json.dumps({"error": error, "detail": detail})
-
-
-def worker_threads(configured: int = 0, *, workers: int = 1, env: dict | None = None, cores: int | None = None) -> int:
-    """Threads for one worker's forward and decode pool, so that workers never oversubscribe the CPU.
-
-    ``configured`` (model-config.yaml ``threads``) wins; then ``OMP_NUM_THREADS`` from the worker's
-    environment (a container's CPU limit is set this way: ``os.cpu_count()`` there is the node's); else
-    the CPUs this process may run on, divided among the workers.
-    """
-    if configured and int(configured) > 0:
-        return int(configured)
-    env = os.environ if env is None else env
-    try:
-        from_env = int(env.get("OMP_NUM_THREADS", "0"))
-    except ValueError:
-        from_env = 0
-    if from_env > 0:
-        return from_env
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))

@@ -6,8 +6,6 @@ refused before any pixel is allocated. JPEGs are decoded by torchvision (libjpeg
 Pillow); every other format by Pillow. torchvision 0.29's PNG decoder crashes the process (segfault
 after "libpng error: IDAT: incorrect data check") on a corrupted PNG, which our fuzz test found: one
 such request would kill a TorchServe worker, so PNG/GIF/WEBP/BMP/TIFF never reach it.
-
-Flat-importable (no relative imports): it travels inside the ``.mar``.
 """
 from __future__ import annotations
 

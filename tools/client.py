@@ -1,4 +1,9 @@
-"""A small HTTP client for the predictions endpoint (standard library only)."""
+"""HTTP calls to a TorchServe's inference and management APIs (standard library only).
+
+``predict`` posts one image to ``/predictions/MODEL``; ``predict_files`` posts many at once (so the
+server batches them); ``call`` is any request, answered as ``(status, text)`` whatever the status;
+``manage`` is a management-API call whose body is parsed as JSON where it is JSON.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +11,26 @@ import mimetypes
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+
+def call(url: str, *, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
+         timeout: float = 60) -> tuple[int, str]:
+    """``(status, body text)``: an HTTP error status is an answer here, not an exception."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def manage(management_url: str, method: str, path: str, *, timeout: float = 120) -> tuple[int, dict | list | str]:
+    """A management-API call (``path`` such as ``/models?url=x.mar``): the body as JSON, else as text."""
+    status, body = call(f"{management_url}{path}", method=method, timeout=timeout)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
 
 
 def predict(url: str, model: str, data: bytes, *, content_type: str = "image/png", topk: int | None = None,

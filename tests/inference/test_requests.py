@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from handlers.pipeline import RequestError, error_body, parse_topk, read_request, topk_predictions, worker_threads
+from inference.requests import RequestError, parse_topk, read_request
+from inference.responses import error_body, topk_predictions
+from inference.threads import worker_threads
 
 
 def b64(data: bytes) -> str:

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from inference.images import ImageError, decode_many, decode_rgb
 from tests.conftest import encode, pattern_image
 from tests.handlers.test_fuzz import SEEDS, mutated_images
-from training.images import ImageError, decode_many, decode_rgb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,0 +1,20 @@
+"""The inference core: image bytes -> top-k, shared by training's evaluation, export's verification
+and the TorchServe handler.
+
+One concept per module:
+
+* ``images``      -- reading and decoding image bytes (header check first, EXIF orientation)
+* ``transforms``  -- the evaluation transform (resize + center crop on uint8) and ``normalize``
+* ``tta``         -- test-time augmentation views, their aggregation and adaptive gating
+* ``class_index`` -- the ``index_to_name.json`` file
+* ``backends``    -- the runtimes (TorchScript, ONNX Runtime, OpenVINO; imported lazily)
+* ``settings``    -- every key of ``model-config.yaml``, its default, type and allowed values
+* ``requests``    -- reading one request of a batch (raw, JSON/base64, multipart) and its top-k
+* ``responses``   -- top-k answers with class names and confidences, JSON error bodies
+* ``batch``       -- what one TorchServe batch carries between the handler's stages
+* ``threads``     -- threads per worker
+
+It imports only torch, torchvision, Pillow and numpy (and the runtimes lazily), never ``training``,
+``export`` or ``handlers``. The ``.mar`` archive carries this folder as a package, so the handler
+imports it exactly as in the repository.
+"""

@@ -1,0 +1,188 @@
+"""The model's settings: one definition of every key of an archive's ``model-config.yaml``.
+
+:class:`WorkerSettings` are TorchServe's own keys at the top level (batching, workers, timeout);
+:class:`HandlerSettings` is the ``handler:`` section our handler reads. Each field carries its
+default, its type (the annotation), its allowed values or range and its ``--help`` text, and
+nothing else defines them: ``export archive`` writes ``model-config.yaml`` with :meth:`to_config`
+and builds its command-line options with :func:`add_arguments`; the handler reads its section with
+:meth:`HandlerSettings.from_config`, which refuses an unknown key or a bad value with a message that
+names the key.
+"""
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import dataclass, field, fields
+
+from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
+from inference.images import DEFAULT_MAX_PIXELS
+from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, TTA_MODES
+
+
+class SettingsError(ValueError):
+    """A bad ``model-config.yaml``: the message names the key."""
+
+
+def _opt(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+         maximum: float | None = None, cli: bool = True, yaml_key: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+                                            "cli": cli, "yaml_key": yaml_key})
+
+
+def _check(cls, name: str, value, where: str):
+    """``value`` coerced to the field's annotated type and checked against its choices and range."""
+    hint = typing.get_type_hints(cls)[name]
+    meta = next(f for f in fields(cls) if f.name == name).metadata
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise SettingsError(f"{where}.{name} is required")
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    bad = SettingsError(f"{where}.{name} must be {_describe(base)}, got {value!r}")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif base is str:
+        if not isinstance(value, str):
+            raise bad
+    elif typing.get_origin(base) is tuple:  # tuple[float, ...]
+        if not isinstance(value, (list, tuple)) or not value or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise bad
+        value = tuple(float(v) for v in value)
+    items = value if isinstance(value, tuple) else (value,)
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise SettingsError(f"{where}.{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    for v in items:
+        if meta["minimum"] is not None and v < meta["minimum"]:
+            raise SettingsError(f"{where}.{name} must be >= {meta['minimum']}, got {value!r}")
+        if meta["maximum"] is not None and v > meta["maximum"]:
+            raise SettingsError(f"{where}.{name} must be <= {meta['maximum']}, got {value!r}")
+    return value
+
+
+def _describe(base) -> str:
+    if typing.get_origin(base) is tuple:
+        return "a non-empty list of numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
+
+
+class _Settings:
+    """What both settings classes share: validation on construction, reading and writing YAML."""
+
+    WHERE = "model-config.yaml"
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check(type(self), f.name, getattr(self, f.name), self.WHERE))
+
+    @classmethod
+    def from_config(cls, section: dict | None):
+        """Read a ``model-config.yaml`` mapping; unknown keys and bad values raise :class:`SettingsError`."""
+        section = dict(section or {})
+        known = {f.metadata["yaml_key"] or f.name: f.name for f in fields(cls)}
+        unknown = sorted(k for k in section if k not in known and k not in cls.IGNORED)
+        if unknown:
+            raise SettingsError(f"{cls.WHERE}: unknown key(s) {', '.join(map(str, unknown))}; the known keys are "
+                                f"{', '.join(known)}")
+        return cls(**{known[k]: v for k, v in section.items() if k in known})
+
+    def to_config(self) -> dict:
+        """The YAML mapping (keys in definition order; ``None`` values left out)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.metadata["yaml_key"] or f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class WorkerSettings(_Settings):
+    """TorchServe's keys at the top of ``model-config.yaml`` (one worker count: min = max)."""
+
+    WHERE: typing.ClassVar[str] = "model-config.yaml"
+    IGNORED: typing.ClassVar[frozenset] = frozenset({"maxWorkers", "handler"})
+
+    batch_size: int = _opt(8, "TorchServe batchSize (dynamic server-side batching)", minimum=1, yaml_key="batchSize")
+    max_batch_delay: int = _opt(10, "TorchServe maxBatchDelay in ms", minimum=0, yaml_key="maxBatchDelay")
+    workers: int = _opt(1, "minWorkers = maxWorkers", minimum=1, yaml_key="minWorkers")
+    response_timeout: int = _opt(60, "TorchServe responseTimeout in s", minimum=1, yaml_key="responseTimeout")
+
+    def to_config(self) -> dict:
+        out = super().to_config()
+        return {"minWorkers": out.pop("minWorkers"), "maxWorkers": self.workers, **out}
+
+
+@dataclass(frozen=True)
+class HandlerSettings(_Settings):
+    """The ``handler:`` section. The last six fields are facts of the graph, written by ``export archive``."""
+
+    WHERE: typing.ClassVar[str] = "model-config.yaml handler"
+    IGNORED: typing.ClassVar[frozenset] = frozenset()
+
+    topk: int = _opt(5, "classes returned per image (clients may send X-Top-K or a topk field)", minimum=1)
+    tta: str = _opt("flip", "test-time augmentation in the handler, all views in one forward (ignored for "
+                    "onnx-tta and onnx-topk graphs)", choices=TTA_MODES)
+    tta_scales: tuple[float, ...] = _opt(DEFAULT_SCALES, "scales of multi_scale TTA (comma-separated on the "
+                                         "command line)", minimum=0.1, maximum=4.0)
+    tta_aggregate: str = _opt("softmax", "mean of the views' softmax, or softmax of their mean logits",
+                              choices=AGGREGATES)
+    adaptive_tta: bool = _opt(False, "plain forward first; TTA views only for images whose score is below "
+                              "--adaptive-threshold")
+    adaptive_metric: str = _opt("confidence", "adaptive TTA's score: top-1 probability (confidence), or top-1 "
+                                "minus top-2 (margin)", choices=ADAPTIVE_METRICS)
+    adaptive_threshold: float = _opt(0.9, "below this score, TTA is applied", minimum=0.0, maximum=1.0)
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "larger images are refused with 413", minimum=1)
+    max_images_per_request: int = _opt(32, "images one request may carry (more: 413)", minimum=1)
+    max_forward_batch: int = _opt(256, "largest batch of views in one forward (larger ones are chunked)",
+                                  minimum=1)
+    threads: int = _opt(0, "intra-op threads per worker (0: OMP_NUM_THREADS, else cores / workers)", minimum=0)
+    openvino_precision: str = _opt("auto", "OpenVINO inference precision hint: auto = bf16 where the CPU has "
+                                   "bf16 instructions", choices=OPENVINO_PRECISIONS)
+    input_size: int = _opt(None, "the graph's input size in pixels", minimum=1, cli=False)
+    resize_size: int | None = _opt(None, "shorter side before the center crop (default: input_size)", minimum=1,
+                                   cli=False)
+    graph_output: str = _opt("logits", "what the graph returns", choices=GRAPH_OUTPUTS, cli=False)
+    graph_tta: str = _opt("none", "TTA inside the graph (graph_output: probabilities)", choices=TTA_MODES,
+                          cli=False)
+    graph_topk: int | None = _opt(None, "k of an in-graph top-k (graph_output: topk)", minimum=1, cli=False)
+    precision: str = _opt("fp32", "the graph's precision", choices=PRECISIONS, cli=False)
+
+    @property
+    def handler_tta(self) -> str:
+        """The TTA the handler applies: none when the graph returns probabilities or its own top-k."""
+        return self.tta if self.graph_output == "logits" else "none"
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--option`` per command-line field of ``cls``, with its default, type, choices and help."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if not f.metadata["cli"]:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        kwargs = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(type=lambda text: tuple(float(x) for x in text.split(",") if x.strip()),
+                          metavar="S1,S2,...", default=",".join(map(str, f.default)))
+        else:
+            kwargs.update(type=hint, choices=f.metadata["choices"])
+        parser.add_argument(flag, **kwargs)
+
+
+def from_args(args: argparse.Namespace, cls, **facts):
+    """``cls`` from the parsed options of :func:`add_arguments` plus the non-CLI ``facts``."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata["cli"] and hasattr(args, f.name)}
+    return cls(**values, **facts)

@@ -1,0 +1,55 @@
+"""The evaluation transform: THE resize/crop of the project, on uint8 ``(C, H, W)`` tensors.
+
+:class:`EvalPreset` is called by training's evaluation, export's verification and the TorchServe
+handler alike, so served and offline pixels are identical. It only resizes and crops; conversion to
+float and mean/std normalization happen inside the exported graph (``export/wrappers.py``) or, for
+the eager model, in :func:`normalize`.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+
+class EvalPreset:
+    """Resize the shorter side to ``resize_size`` (antialiased), then center-crop ``crop_size``."""
+
+    def __init__(self, *, crop_size: int, resize_size: int | None = None,
+                 interpolation: InterpolationMode = InterpolationMode.BILINEAR, antialias: bool = True):
+        self.crop_size = int(crop_size)
+        self.resize_size = int(resize_size or crop_size)
+        self.interpolation = interpolation
+        self.antialias = antialias
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """``image``: uint8 ``(..., C, H, W)``; images of one shape may be batched."""
+        image = F.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=self.antialias)
+        return F.center_crop(image, [self.crop_size, self.crop_size])
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Transform images of any sizes into one ``(N, C, crop, crop)`` uint8 batch.
+
+        Images that share a shape are resized together in one call; the output keeps input order.
+        """
+        if not images:
+            raise ValueError("EvalPreset.batch needs at least one image")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(i)
+        out = torch.empty((len(images), images[0].shape[0], self.crop_size, self.crop_size),
+                          dtype=images[0].dtype, device=images[0].device)
+        for idx in groups.values():
+            out[idx] = self(torch.stack([images[i] for i in idx]))
+        return out
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(crop_size={self.crop_size}, resize_size={self.resize_size}, "
+                f"interpolation={self.interpolation.value}, antialias={self.antialias})")
+
+
+def normalize(images: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` -> float, ``/255`` then ``(x - mean) / std``: what the exported graph does."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t

