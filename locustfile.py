@@ -7,8 +7,15 @@ Settings (environment variables, or the same names as locust options ``--images`
   MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
   TOPK        optional X-Top-K header value
   MAX_IMAGES  how many images to load into memory (default 500)
-  SCHEMA      ours (default): {"predictions": [...]} from this project's handler; stock: the
-              {"class name": probability, ...} object of TorchServe's built-in image_classifier
+  SCHEMA      the protocol and the expected answer:
+              ours (default): raw bytes to /predictions/MODEL_NAME, {"predictions": [...]} back;
+              stock: the same request, the {"class name": probability, ...} object of TorchServe's
+              built-in image_classifier back;
+              kserve_v1: {"instances": [{"data": "<b64>"}]} to /v1/models/MODEL_NAME:predict,
+              {"predictions": [<one result object>]} back;
+              oip_v2: the Open Inference Protocol, {"inputs": [{"name": "image", "shape": [1],
+              "datatype": "BYTES", "data": ["<b64>"]}]} to /v2/models/MODEL_NAME/infer, the tensors
+              labels/scores/indices of shape [1, k] back (what Triton/KServe v2 clients send)
 
 Every response is checked: status 200, JSON with a non-empty "predictions" list whose entries have
 "class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
@@ -16,6 +23,7 @@ as a failure.
 """
 from __future__ import annotations
 
+import base64
 import itertools
 import mimetypes
 import os
@@ -34,7 +42,7 @@ def _options(parser):
     parser.add_argument("--topk", default=os.environ.get("TOPK", ""), help="X-Top-K header (empty: model default)")
     parser.add_argument("--max-images", type=int, default=int(os.environ.get("MAX_IMAGES", "500")),
                         help="images loaded into memory")
-    parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=["ours", "stock"],
+    parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=list(SCHEMAS),
                         help="expected response body")
 
 
@@ -78,20 +86,61 @@ def check_body(body: dict, topk: int | None) -> str | None:
     return None
 
 
+def check_kserve_v1_body(body, topk: int | None) -> str | None:
+    preds = body.get("predictions") if isinstance(body, dict) else None
+    if not isinstance(preds, list) or len(preds) != 1 or not isinstance(preds[0], dict):
+        return "expected {\"predictions\": [<one result object>]}"
+    return check_body(preds[0], topk)
+
+
+def check_oip_v2_body(body, topk: int | None) -> str | None:
+    outputs = {o.get("name"): o for o in body.get("outputs", [])} if isinstance(body, dict) else {}
+    if set(outputs) != {"labels", "scores", "indices"}:
+        return f"expected outputs labels, scores, indices; got {sorted(map(str, outputs))}"
+    shape = outputs["scores"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == 1 and (not topk or shape[1] == topk)):
+        return f"scores shape {shape}, expected [1, {topk or 'k'}]"
+    if not all(0.0 <= float(v) <= 1.0 for v in outputs["scores"].get("data", [])):
+        return "scores must be probabilities"
+    return None
+
+
+def _raw(data: bytes, ctype: str, topk: int | None):
+    return {"data": data, "headers": {"Content-Type": ctype, **({"X-Top-K": str(topk)} if topk else {})}}
+
+
+def _kserve_v1(data: bytes, ctype: str, topk: int | None):
+    return {"json": {"instances": [{"data": base64.b64encode(data).decode()}], **({"topk": topk} if topk else {})}}
+
+
+def _oip_v2(data: bytes, ctype: str, topk: int | None):
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(data).decode()]}]}
+    return {"json": {**body, **({"parameters": {"topk": topk}} if topk else {})}}
+
+
+# schema -> (route, request builder, answer check)
+SCHEMAS = {
+    "ours": ("/predictions/{model}", _raw, check_body),
+    "stock": ("/predictions/{model}", _raw, lambda body, topk: check_stock_body(body)),
+    "kserve_v1": ("/v1/models/{model}:predict", _kserve_v1, check_kserve_v1_body),
+    "oip_v2": ("/v2/models/{model}/infer", _oip_v2, check_oip_v2_body),
+}
+
+
 class ClassifierUser(HttpUser):
     def on_start(self):
         opts = self.environment.parsed_options
-        self.path = f"/predictions/{opts.model_name}"
+        route, self.build, check = SCHEMAS[opts.schema]
+        self.path = route.format(model=opts.model_name)
         self.topk = int(opts.topk) if opts.topk else None
-        self.headers = {"X-Top-K": str(self.topk)} if self.topk else {}
         self.payloads = itertools.cycle(random.sample(PAYLOADS, len(PAYLOADS)))
-        self.check = check_stock_body if opts.schema == "stock" else (lambda body: check_body(body, self.topk))
+        self.check = lambda body: check(body, self.topk)
 
     @task
     def classify(self):
         name, data, ctype = next(self.payloads)
-        with self.client.post(self.path, data=data, headers={"Content-Type": ctype, **self.headers},
-                              name=self.path, catch_response=True) as r:
+        with self.client.post(self.path, **self.build(data, ctype, self.topk), name=self.path,
+                              catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return

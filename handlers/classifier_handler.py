@@ -3,7 +3,9 @@
 initialize -> preprocess (read; decode in a thread pool, or JPEGs in one nvjpeg call on a GPU; eval
 resize/crop on the device, batched) -> inference (all TTA views of all images in ONE forward, or
 adaptive: TTA only for the uncertain ones) -> postprocess (top-k per request, JSON, per-request
-status). A bad request gets its own 4xx and JSON error; the rest of its batch is answered normally.
+status). Each request of a batch may speak its own protocol (TorchServe's, KServe v1 or the Open Inference
+Protocol v2: ``inference.protocols``) and is answered in it. A bad request gets its own 4xx and JSON
+error; the rest of its batch is answered normally.
 A failure of the model answers the batch with 500 and a log line, never a hung request.
 
 Settings come from the archive's ``model-config.yaml`` (``handler:`` section), read and validated by
@@ -16,7 +18,6 @@ in the repository and inside a ``.mar``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,12 +27,13 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from inference import protocols
 from inference.backends import load_backend, openvino_precision
 from inference.batch import Batch
 from inference.class_index import INDEX_FILE, read_index_to_name
 from inference.images import ImageError, decode_many
-from inference.requests import RequestError, header, parse_topk, read_request
-from inference.responses import error_body, topk_predictions
+from inference.requests import RequestError, parse_topk
+from inference.responses import topk_predictions
 from inference.settings import HandlerSettings
 from inference.threads import worker_threads
 from inference.transforms import EvalPreset
@@ -103,9 +105,10 @@ class ImageClassifierHandler(BaseHandler):
         batch = Batch(size=len(data))
         payloads, owners = [], []
         for i, row in enumerate(data):
+            headers = self.context.get_all_request_header(i) if self.context else {}
+            batch.protocols[i] = protocol = protocols.detect(row, headers)
             try:
-                headers = self.context.get_all_request_header(i) if self.context else {}
-                req = read_request(row, max_images=self.settings.max_images_per_request, content_type=header(headers, "content-type"))
+                req = protocols.read(row, protocol, headers=headers, max_images=self.settings.max_images_per_request)
                 batch.topk[i] = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk,
                                            body_value=req.topk)
             except RequestError as e:
@@ -171,8 +174,9 @@ class ImageClassifierHandler(BaseHandler):
                 if self.adaptive:
                     body["tta_applied"] = bool(applied)
                 per_request.setdefault(owner, []).append(body)
-            for owner, bodies in per_request.items():
-                out[owner] = json.dumps(bodies if batch.requests[owner].multi else bodies[0])
+            for owner, results in per_request.items():
+                out[owner] = protocols.render(batch.requests[owner], results, model_name=self.model_name,
+                                              model_version=self.model_version)
         if batch.failure is not None:
             for owner in set(batch.owners):
                 batch.errors[owner] = RequestError(f"the model failed on this batch: {batch.failure}", status=500,
@@ -180,7 +184,9 @@ class ImageClassifierHandler(BaseHandler):
         for i, err in batch.errors.items():
             status = getattr(err, "status", 400)
             kind = getattr(err, "error", None) or ("image too large" if status == 413 else "bad image")
-            out[i] = error_body(kind, str(err))
+            out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err),
+                                            status=status, model_name=self.model_name,
+                                            model_version=self.model_version)
             if self.context is not None:
                 self.context.set_response_status(status, kind, idx=i)
         if self.context is not None:

@@ -15,6 +15,7 @@ class Batch:
     owners: list[int] = field(default_factory=list)       # request index of each decoded image
     canvas: torch.Tensor | None = None                    # (M, 3, R, R) uint8, one row per image
     requests: dict[int, Request] = field(default_factory=dict)
+    protocols: dict[int, str] = field(default_factory=dict)  # request index -> its protocol
     topk: dict[int, int] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
     values: torch.Tensor | None = None                    # (M, k) top-k probabilities, sorted

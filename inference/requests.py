@@ -24,14 +24,18 @@ class RequestError(ValueError):
 
 @dataclass
 class Request:
-    """One HTTP request: its images, whether it gets a list back, and a ``topk`` from its body."""
+    """One request: its images, whether it gets a list back, a ``topk`` from its body, the protocol it
+    speaks (``inference.protocols``), and for the Open Inference Protocol its ``id`` and wanted outputs."""
     images: list[bytes | bytearray]
     multi: bool = False
     topk: object = None
+    protocol: str = "torchserve"
+    id: str | None = None
+    outputs: tuple[str, ...] | None = None
 
 
-def _b64(item, where: str) -> bytes:
-    data = item.get("data") if isinstance(item, dict) else item
+def decode_b64(data, where: str) -> bytes:
+    """The bytes of one base64-encoded image; ``where`` names it in the error."""
     if not isinstance(data, str):
         raise RequestError(f'{where}: expected a base64 string (JSON {{"data": "<base64 image>"}})', error="bad json")
     try:
@@ -41,6 +45,10 @@ def _b64(item, where: str) -> bytes:
     if not decoded:
         raise RequestError(f"{where} is empty: expected a base64-encoded image", error="empty body")
     return decoded
+
+
+def _b64(item, where: str) -> bytes:
+    return decode_b64(item.get("data") if isinstance(item, dict) else item, where)
 
 
 def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None) -> Request:

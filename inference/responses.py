@@ -14,5 +14,7 @@ def topk_predictions(values: torch.Tensor, indices: torch.Tensor, ks: list[int],
             for v, ix, k in zip(values, indices, ks)]
 
 
-def error_body(error: str, detail: str) -> str:
-    return json.dumps({"error": error, "detail": detail})
+def error_body(error: str, detail: str, *, status: int = 400) -> str:
+    """``{"error": kind, "detail": message, "code": HTTP status}``: the same shape on every route, so that
+    a gRPC client (TorchServe 0.12 answers gRPC OK with this body) still sees the status."""
+    return json.dumps({"error": error, "detail": detail, "code": status})

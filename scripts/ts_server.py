@@ -26,17 +26,21 @@ STATE_FILE = REPO / ".torchserve" / "server.json"
 
 
 def serve(args: argparse.Namespace) -> int:
-    ports = tuple(int(re.search(r":(\d+)", read_properties(args.config)[k]).group(1))
+    props = read_properties(args.config)
+    ports = tuple(int(re.search(r":(\d+)", props[k]).group(1))
                   for k in ("inference_address", "management_address", "metrics_address"))
-    server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, log_dir=str(REPO / "logs"))
+    grpc_ports = (int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+    server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,
+                        log_dir=str(REPO / "logs"))
     if not any(Path(args.model_store).glob("*.mar")):
         print(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive ...`) first")
         return 1
     server.start(foreground=True)
     STATE_FILE.parent.mkdir(exist_ok=True)
     STATE_FILE.write_text(json.dumps(server.state()))
-    print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management {server.management_url}, "
-          f"metrics {server.metrics_url}/metrics; stop with Ctrl-C or `make stop`", flush=True)
+    print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management "
+          f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
+          f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(drain_timeout=30))
     try:
         server.launcher.wait()

@@ -52,6 +52,10 @@ def model_of_uri(uri: str) -> str | None:
         return parts[1]
     if len(parts) in (2, 3) and parts[-1] == "predict":
         return parts[0]
+    if len(parts) == 3 and parts[0] == "v1" and parts[1] == "models" and parts[2].endswith(":predict"):
+        return parts[2].removesuffix(":predict")  # KServe v1
+    if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "infer":
+        return parts[2]  # Open Inference Protocol, with or without /versions/V
     return None
 
 

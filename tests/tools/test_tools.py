@@ -56,6 +56,8 @@ def test_summary_and_history_read_the_aggregated_rows(tmp_path):
 @pytest.mark.parametrize("uri, model", [
     ("/predictions/shapes", "shapes"), ("/predictions/shapes/2.0", "shapes"), ("/predictions/a%20b", "a b"),
     ("/invocations?model_name=m", "m"), ("/models/m/invoke", "m"), ("/ping", None), ("/metrics", None),
+    ("/v1/models/m:predict", "m"), ("/v2/models/m/infer", "m"), ("/v2/models/m/versions/2/infer", "m"),
+    ("/v2/health/ready", None), ("/v2/models/m", None),
 ])
 def test_model_of_uri(uri, model):
     assert model_of_uri(uri) == model

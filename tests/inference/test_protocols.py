@@ -1,0 +1,124 @@
+"""inference.protocols: TorchServe native, KServe v1 and Open Inference Protocol v2 bodies."""
+import base64
+import json
+import struct
+
+import pytest
+
+from inference.protocols import KSERVE_V1, OIP_V2, TORCHSERVE, detect, read, render, render_error
+from inference.requests import Request, RequestError
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
+JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 20
+B64 = base64.b64encode(PNG).decode()
+
+
+def oip(data, **extra):
+    return {"inputs": [{"name": "image", "shape": [len(data)], "datatype": "BYTES", "data": data}], **extra}
+
+
+def test_the_protocol_is_told_by_the_body():
+    assert detect({"body": bytearray(PNG)}, {}) == TORCHSERVE
+    assert detect({"body": {"data": B64}}, {}) == TORCHSERVE
+    assert detect({"body": {"instances": [B64]}}, {}) == KSERVE_V1
+    assert detect({"body": oip([B64])}, {}) == OIP_V2
+    assert detect({"body": bytearray(b'{"inputs": []}')}, {"inference-header-content-length": "14"}) == OIP_V2
+    assert detect({"data": bytearray(PNG)}, {}) == TORCHSERVE  # multipart / gRPC Predictions
+    # a JSON body sent without a JSON content type arrives as bytes: still told by its shape
+    assert detect({"body": bytearray(json.dumps({"instances": [B64]}).encode())}, {}) == KSERVE_V1
+
+
+def test_kserve_v1_instances_in_every_documented_shape():
+    body = {"instances": [{"data": B64}, {"b64": B64}, B64, {"data": {"b64": B64}}], "topk": 2}
+    req = read({"body": body}, KSERVE_V1)
+    assert req.images == [PNG] * 4 and req.multi and req.topk == 2 and req.protocol == KSERVE_V1
+    assert read({"body": {"instances": [B64], "parameters": {"topk": 3}}}, KSERVE_V1).topk == 3
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"instances": []}, "non-empty list"),
+    ({"instances": "x"}, "non-empty list"),
+    ({"instances": [{"data": B64}, {"data": "%%%"}]}, r"instances\[1\] is not valid base64"),
+    ({"instances": [{"image": B64}]}, r"instances\[0\]: expected a base64 string"),
+])
+def test_kserve_v1_errors_name_the_instance(body, match):
+    with pytest.raises(RequestError, match=match):
+        read({"body": body}, KSERVE_V1)
+
+
+def test_oip_v2_json_request():
+    req = read({"body": oip([B64, B64], id="r-1", parameters={"topk": 3}, outputs=[{"name": "labels"}])}, OIP_V2)
+    assert req.images == [PNG, PNG] and req.id == "r-1" and req.topk == 3 and req.outputs == ("labels",)
+    nested = oip([[B64], [B64]])
+    nested["inputs"][0]["shape"] = [2, 1]
+    assert read({"body": nested}, OIP_V2).images == [PNG, PNG]
+
+
+def test_oip_v2_binary_tensor_extension_with_raw_and_base64_elements():
+    elements = [JPEG, B64.encode()]
+    blob = b"".join(struct.pack("<I", len(e)) + e for e in elements)
+    head = json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    req = read({"body": bytearray(head + blob)}, OIP_V2, headers={"Inference-Header-Content-Length": str(len(head))})
+    assert req.images == [JPEG, PNG]
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"inputs": []}, "exactly one tensor"),
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [0.5]}]}, "datatype must be BYTES"),
+    ({"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [B64]}]}, r"shape \[3\] holds 3"),
+    ({"inputs": [{"name": "image", "shape": "2", "datatype": "BYTES", "data": [B64]}]}, "shape must be a list"),
+    ({**oip([B64]), "outputs": [{"name": "probabilities"}]}, '"outputs" may name labels, scores, indices'),
+    ({**oip([B64]), "id": 7}, '"id" must be a string'),
+    (oip(["not base64!"]), "element 0 is not valid base64"),
+])
+def test_oip_v2_malformed_requests(body, match):
+    with pytest.raises(RequestError, match=match):
+        read({"body": body}, OIP_V2)
+
+
+def test_binary_request_with_a_wrong_header_length():
+    with pytest.raises(RequestError, match="does not frame a JSON inference header"):
+        read({"body": bytearray(b'{"inputs": []}xx')}, OIP_V2, headers={"inference-header-content-length": "3"})
+
+
+def test_max_images_holds_for_every_protocol():
+    with pytest.raises(RequestError, match="limit is 2") as e:
+        read({"body": {"instances": [B64] * 3}}, KSERVE_V1, max_images=2)
+    assert e.value.status == 413
+    with pytest.raises(RequestError, match="limit is 2"):
+        read({"body": oip([B64] * 3)}, OIP_V2, max_images=2)
+
+
+RESULTS = [{"predictions": [{"class": "cat", "index": 1, "confidence": 0.75},
+                            {"class": "dog", "index": 0, "confidence": 0.25}], "model": "m", "version": "1", "tta": "flip"},
+           {"predictions": [{"class": "dog", "index": 0, "confidence": 0.5},
+                            {"class": "cat", "index": 1, "confidence": 0.5}], "model": "m", "version": "1", "tta": "flip"}]
+
+
+def test_answers_per_protocol():
+    assert json.loads(render(Request([PNG]), RESULTS[:1], model_name="m", model_version="1")) == RESULTS[0]
+    assert json.loads(render(Request([PNG, PNG], multi=True), RESULTS, model_name="m", model_version="1")) == RESULTS
+    v1 = json.loads(render(Request([PNG] * 2, multi=True, protocol=KSERVE_V1), RESULTS, model_name="m",
+                           model_version="1"))
+    assert v1 == {"predictions": RESULTS}  # real objects, not JSON strings
+    v2 = json.loads(render(Request([PNG] * 2, multi=True, protocol=OIP_V2, id="r-1"), RESULTS, model_name="m",
+                           model_version="1"))
+    assert v2["id"] == "r-1" and v2["model_name"] == "m" and v2["model_version"] == "1"
+    out = {o["name"]: o for o in v2["outputs"]}
+    assert out["labels"] == {"name": "labels", "datatype": "BYTES", "shape": [2, 2], "data": ["cat", "dog", "dog", "cat"]}
+    assert out["scores"]["datatype"] == "FP32" and out["scores"]["data"] == [0.75, 0.25, 0.5, 0.5]
+    assert out["indices"]["datatype"] == "INT64" and out["indices"]["data"] == [1, 0, 0, 1]
+    only = json.loads(render(Request([PNG] * 2, multi=True, protocol=OIP_V2, outputs=("scores",)), RESULTS,
+                             model_name="m", model_version="1"))
+    assert [o["name"] for o in only["outputs"]] == ["scores"] and only["id"] == ""
+
+
+def test_error_bodies_per_protocol():
+    err = json.loads(render_error(OIP_V2, "bad image", "not an image", status=400, model_name="m", model_version="1"))
+    assert err["error"] == "bad image: not an image"
+    # what TorchServe's OIP gRPC path needs to turn it into a ModelInferResponse without killing the worker
+    assert err["model_name"] == "m" and err["id"] == "" and err["outputs"][0]["data"] == ["bad image: not an image"]
+    for protocol in (TORCHSERVE, KSERVE_V1):
+        assert json.loads(render_error(protocol, "bad image", "not an image", status=413)) == \
+            {"error": "bad image", "detail": "not an image", "code": 413}

@@ -1,0 +1,169 @@
+"""Every protocol against a real TorchServe, with clients nobody here wrote: tritonclient (Open Inference
+Protocol over HTTP, JSON and binary tensors), requests (KServe v1), grpcio stubs compiled from
+TorchServe's own protos (inference.proto ``Predictions``, open_inference_grpc.proto ``ModelInfer``)."""
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from google.protobuf import empty_pb2
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import encode, pattern_image
+from tools import grpc_stubs
+from tools.client import predict
+from tools.locust import locust_command, run_locust, summary
+
+pytestmark = pytest.mark.slow
+
+IMAGES = [encode(pattern_image("circle", size=30, seed=11)), encode(pattern_image("vertical", size=36, seed=12),
+                                                                     "JPEG", quality=90)]
+B64 = [base64.b64encode(d).decode() for d in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def native(server):
+    """What TorchServe's own /predictions route answers for each image, top-2: the reference."""
+    out = []
+    for data, ctype in zip(IMAGES, ("image/png", "image/jpeg")):
+        status, body = predict(server.url, "shapes", data, content_type=ctype, topk=2)
+        assert status == 200, body
+        out.append(body)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    return grpc_stubs.compile_stubs(tmp_path_factory.mktemp("stubs"))
+
+
+def _host(server):
+    return server.url.removeprefix("http://")
+
+
+def test_tritonclient_http_health_and_two_base64_images(server, native):
+    client = triton_http.InferenceServerClient(url=_host(server))
+    assert client.is_server_live() and client.is_server_ready()
+    image = triton_http.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(np.array(B64, dtype=object), binary_data=False)
+    outputs = [triton_http.InferRequestedOutput(n, binary_data=False) for n in ("labels", "scores", "indices")]
+    result = client.infer("shapes", [image], outputs=outputs, request_id="req-7", parameters={"topk": 2})
+    labels, scores, indices = (result.as_numpy(n) for n in ("labels", "scores", "indices"))
+    assert labels.shape == scores.shape == indices.shape == (2, 2)
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+    assert result.get_response()["id"] == "req-7"
+    for i, ref in enumerate(native):
+        assert [p["index"] for p in ref["predictions"]] == indices[i].tolist()
+        assert [p["class"] for p in ref["predictions"]] == [x.decode() if isinstance(x, bytes) else x for x in labels[i]]
+        assert scores[i].tolist() == pytest.approx([p["confidence"] for p in ref["predictions"]], abs=1e-6)
+
+
+def test_tritonclient_http_binary_tensors_carry_the_raw_image_bytes(server, native):
+    client = triton_http.InferenceServerClient(url=_host(server))
+    image = triton_http.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
+    result = client.infer("shapes", [image], outputs=[triton_http.InferRequestedOutput("indices", binary_data=False)])
+    assert result.as_numpy("indices")[:, 0].tolist() == [ref["predictions"][0]["index"] for ref in native]
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["indices"]
+
+
+def test_tritonclient_http_bad_input_is_a_400_with_the_oip_error(server):
+    client = triton_http.InferenceServerClient(url=_host(server))
+    wrong = triton_http.InferInput("image", [1], "FP32")
+    wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32), binary_data=False)
+    with pytest.raises(InferenceServerException, match="datatype must be BYTES") as e:
+        client.infer("shapes", [wrong])
+    assert e.value.status() == "400"
+    # model metadata (GET /v2/models/NAME) is not served by TorchServe 0.12's frontend: README says so
+    with pytest.raises(InferenceServerException):
+        client.get_model_metadata("shapes")
+
+
+def test_kserve_v1_two_instances_are_real_json_objects(server, native):
+    r = requests.post(f"{server.url}/v1/models/shapes:predict", timeout=30,
+                      json={"instances": [{"data": B64[0]}, {"b64": B64[1]}], "topk": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body) == ["predictions"] and len(body["predictions"]) == 2
+    assert [p["predictions"] for p in body["predictions"]] == [ref["predictions"] for ref in native]
+
+
+def test_each_protocol_gets_its_own_4xx_while_a_neighbour_succeeds(server):
+    jobs = [("v1", "/v1/models/shapes:predict", {"instances": [{"data": "%%% not base64"}]}),
+            ("v2", "/v2/models/shapes/infer", {"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES",
+                                                           "data": B64}]}),
+            ("good v2", "/v2/models/shapes/infer", {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                                "data": B64[:1]}]}),
+            ("good v1", "/v1/models/shapes:predict", {"instances": [B64[1]]})]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # sent together: one batch window on this server
+        answers = list(pool.map(lambda j: requests.post(server.url + j[1], json=j[2], timeout=30), jobs))
+    bad_v1, bad_v2, good_v2, good_v1 = answers
+    assert bad_v1.status_code == 400 and bad_v1.json()["error"] == "bad base64" and bad_v1.json()["code"] == 400
+    assert bad_v2.status_code == 400 and "shape [3] holds 3 elements but 2" in bad_v2.json()["error"]
+    assert good_v2.status_code == 200 and good_v2.json()["outputs"][0]["shape"] == [1, 2]
+    assert good_v1.status_code == 200 and len(good_v1.json()["predictions"]) == 1
+
+
+def test_grpc_predictions_with_torchserves_inference_proto(server, stubs, native):
+    pb, pb_grpc = grpc_stubs.load(stubs, "inference")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_ports[0]}") as channel:
+        stub = pb_grpc.InferenceAPIsServiceStub(channel)
+        assert stub.Ping(empty_pb2.Empty()).health
+        reply = stub.Predictions(pb.PredictionsRequest(model_name="shapes", input={"data": IMAGES[0], "topk": b"2"}))
+        assert json.loads(reply.prediction)["predictions"] == native[0]["predictions"]
+        # a per-request error comes back as gRPC OK with the JSON error (TorchServe 0.12 drops the code)
+        reply = stub.Predictions(pb.PredictionsRequest(model_name="shapes", input={"data": b"garbage"}))
+        err = json.loads(reply.prediction)
+        assert err["error"] == "bad image" and err["code"] == 400 and "not an image" in err["detail"]
+
+
+def test_oip_grpc_model_infer_with_torchserves_proto(server, stubs, native):
+    pb, pb_grpc = grpc_stubs.load(stubs, "open_inference_grpc")
+    tensor = pb.ModelInferRequest.InferInputTensor
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_ports[0]}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+        request = pb.ModelInferRequest(model_name="shapes", inputs=[tensor(
+            name="image", datatype="BYTES", shape=[2], contents=pb.InferTensorContents(bytes_contents=IMAGES))])
+        reply = stub.ModelInfer(request)
+        out = {o.name: o for o in reply.outputs}
+        assert list(out["indices"].shape) == [2, 2]
+        assert list(out["indices"].contents.int64_contents) == \
+            [p["index"] for ref in native for p in ref["predictions"]]
+        # TorchServe writes BYTES outputs JSON-quoted: '"circle"'
+        assert [json.loads(b) for b in out["labels"].contents.bytes_contents] == \
+            [p["class"] for ref in native for p in ref["predictions"]]
+        bad = stub.ModelInfer(pb.ModelInferRequest(model_name="shapes", inputs=[tensor(
+            name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"junk"]))]))
+        assert [o.name for o in bad.outputs] == ["error"] and b"not an image" in bad.outputs[0].contents.bytes_contents[0]
+        # the worker survived the error: the next call is answered
+        assert len(stub.ModelInfer(request).outputs) == 3
+
+
+def test_tritonclient_grpc_does_not_reach_torchserves_oip_service(server):
+    """TorchServe 0.12 names its OIP service org.pytorch.serve.grpc.openinference.GRPCInferenceService, not
+    KServe's inference.GRPCInferenceService that tritonclient.grpc calls: UNIMPLEMENTED (README says so)."""
+    client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{server.grpc_ports[0]}")
+    with pytest.raises(InferenceServerException, match="(?i)unimplemented"):
+        client.is_server_live()
+
+
+@pytest.mark.parametrize("schema", ["kserve_v1", "oip_v2"])
+def test_locust_speaks_the_protocol_and_checks_the_answers(server, image_folder, tmp_path, schema):
+    prefix = tmp_path / schema
+    cmd = locust_command(server.url, images=image_folder / "test", model="shapes", users=2, seconds=4, prefix=prefix,
+                         schema=schema)
+    rc, _ = run_locust(cmd + ["--topk", "2"], log=tmp_path / "locust.log", timeout=120)
+    stats = summary(prefix)
+    assert stats["requests"] > 5, (tmp_path / "locust.log").read_text()[-2000:]
+    assert stats["failures"] == 0 and rc == 0, (tmp_path / "locust.log").read_text()[-2000:]
+    # and failures are counted: a top-k beyond the 3 classes is refused (400) in every protocol
+    bad = tmp_path / "bad"
+    run_locust(locust_command(server.url, images=image_folder / "test", model="shapes", users=1, seconds=2,
+                              prefix=bad, schema=schema) + ["--topk", "99"], timeout=120)
+    assert summary(bad)["failures"] == summary(bad)["requests"] > 0
