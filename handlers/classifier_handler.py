@@ -28,10 +28,11 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from inference import protocols
+from inference.admission import admit
 from inference.backends import load_backend, openvino_precision
 from inference.batch import Batch
 from inference.class_index import INDEX_FILE, read_index_to_name
-from inference.images import ImageError, decode_many
+from inference.images import ImageError, decode_many, probe
 from inference.requests import RequestError, parse_topk
 from inference.responses import topk_predictions
 from inference.settings import HandlerSettings
@@ -115,25 +116,60 @@ class ImageClassifierHandler(BaseHandler):
                 batch.errors[i] = e
                 continue
             batch.requests[i] = req
-            payloads += req.images
-            owners += [i] * len(req.images)
-        decoded = decode_many(payloads, max_pixels=self.settings.max_pixels, device=self.device, pool=self.decode_pool,
+        # admission: every image's header first, then the request and batch budgets (no pixel decoded yet)
+        cfg = self.settings
+        limits = dict(max_pixels=cfg.max_pixels, max_aspect_ratio=cfg.max_aspect_ratio, max_frames=cfg.max_frames)
+        infos: dict[int, list] = {}
+        for i, req in batch.requests.items():
+            infos[i] = []
+            for k, data in enumerate(req.images):
+                try:
+                    infos[i].append(probe(data, **limits))
+                except ImageError as e:
+                    batch.errors[i] = self._image_error(req, k, e)
+                    break
+        batch.errors.update(admit({i: v for i, v in infos.items() if i not in batch.errors},
+                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=cfg.max_batch_pixels))
+        for i, req in batch.requests.items():
+            if i not in batch.errors:
+                payloads += req.images
+                owners += [i] * len(req.images)
+        decoded = decode_many(payloads, **limits, device=self.device, pool=self.decode_pool,
                               jpeg_batch_decoder=self.jpeg_batch_decoder)
         position: dict[int, int] = {}
         for image, owner in zip(decoded, owners):
             k = position[owner] = position.get(owner, -1) + 1
             if isinstance(image, ImageError) and owner not in batch.errors:
-                if batch.requests[owner].multi:  # the whole request fails; the message says which image
-                    image = type(image)(f"image {k} of {len(batch.requests[owner].images)}: {image}")
-                batch.errors[owner] = image
+                batch.errors[owner] = self._image_error(batch.requests[owner], k, image)
         batch.timings["decode"] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         images = [(img, o) for img, o in zip(decoded, owners) if o not in batch.errors]
         if images:
             batch.owners = [o for _, o in images]
-            batch.canvas = self.canvas.batch([img for img, _ in images])
+            try:
+                batch.canvas = self.canvas.batch([img for img, _ in images])
+            except Exception:  # e.g. out of memory: find the requests that fail on their own, answer the rest
+                log.exception("%s: stacking a batch of %d images failed; retrying request by request",
+                              self.model_name, len(images))
+                batch.canvas, batch.owners = self._stack_per_request(images, batch)
         batch.timings["preprocess"] = (time.perf_counter() - start) * 1000
         return batch
+
+    @staticmethod
+    def _image_error(req, k: int, error: ImageError) -> ImageError:
+        """The error of image ``k``; a request of several images fails whole, the message says which."""
+        return type(error)(f"image {k} of {len(req.images)}: {error}") if req.multi else error
+
+    def _stack_per_request(self, images: list, batch: Batch):
+        parts, owners = [], []
+        for owner in dict.fromkeys(o for _, o in images):
+            mine = [img for img, o in images if o == owner]
+            try:
+                parts.append(self.canvas.batch(mine))
+                owners += [owner] * len(mine)
+            except Exception as e:
+                batch.errors[owner] = RequestError(f"preprocessing failed: {e}", status=500, error="preprocess failed")
+        return (torch.cat(parts) if parts else None), owners
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         if batch.canvas is None:
@@ -183,7 +219,8 @@ class ImageClassifierHandler(BaseHandler):
                                                    error="inference failed")
         for i, err in batch.errors.items():
             status = getattr(err, "status", 400)
-            kind = getattr(err, "error", None) or ("image too large" if status == 413 else "bad image")
+            kind = getattr(err, "error", None) or {413: "image too large", 415: "unsupported image format"}.get(
+                status, "bad image")
             out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err),
                                             status=status, model_name=self.model_name,
                                             model_version=self.model_version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +22,11 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvis
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7300x5500 photo passes, a 20000x20000 bomb does not
+DEFAULT_MAX_ASPECT_RATIO = 20.0  # long side / short side: a 6:1 panorama passes, a 100000x50 strip does not
+DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far more frames is refused
+# The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
+# many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
 
@@ -35,19 +41,60 @@ class ImageTooLargeError(ImageError):
     status = 413
 
 
-def image_size(data: bytes | bytearray) -> tuple[int, int]:
-    """``(width, height)`` from the header only; raises :class:`ImageError` for non-images."""
+class UnsupportedFormatError(ImageError):
+    status = 415
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before any pixel is decoded."""
+    format: str
+    width: int
+    height: int
+    frames: int = 1
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+          max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES) -> ImageInfo:
+    """Format, size and frame count from the header only, checked against the allow-list and the
+    bounds: :class:`UnsupportedFormatError` (415), :class:`ImageTooLargeError` (413) or
+    :class:`ImageError` (400), each naming the problem."""
     if not data:
         raise ImageError("empty body: expected the bytes of an image (JPEG, PNG, WEBP, GIF, BMP, TIFF)")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
+            fmt, (width, height) = im.format, im.size
+            if fmt not in FORMATS:
+                raise UnsupportedFormatError(f"unsupported image format {fmt}: send {', '.join(FORMATS)}")
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is "
+                                         f"{max_pixels}")
+            if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
+                raise ImageTooLargeError(f"image is {width}x{height}: its aspect ratio is beyond the limit of "
+                                         f"{max_aspect_ratio:g}:1")
+            frames = int(getattr(im, "n_frames", 1) or 1)  # GIF: counted by walking its frames, no decoding
+            if frames > max_frames:
+                raise ImageTooLargeError(f"animated image of {frames} frames; the limit is {max_frames} (only the "
+                                         "first is used)")
+            return ImageInfo(fmt, width, height, frames)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
         raise ImageTooLargeError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image: the {len(data)} bytes sent match no known image format") from None
     except Exception as e:  # Pillow raises various errors on broken headers
         raise ImageError(f"unreadable image header: {e}") from None
+
+
+def image_size(data: bytes | bytearray) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no bounds); raises :class:`ImageError` for non-images."""
+    info = probe(data, max_pixels=2**62, max_aspect_ratio=float("inf"), max_frames=2**62)
+    return info.width, info.height
 
 
 def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:
@@ -68,15 +115,17 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
         return t.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
 
 
-def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Decode image bytes into an RGB uint8 ``(3, H, W)`` tensor with EXIF orientation applied.
+def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES) -> torch.Tensor:
+    """Decode image bytes into an RGB uint8 ``(3, H, W)`` tensor with EXIF orientation applied (the
+    first frame of an animated image).
 
-    Raises :class:`ImageTooLargeError` (413) above ``max_pixels`` and :class:`ImageError` (400) for
-    anything that is not a decodable image, with a message that names the problem.
+    The header is checked first (:func:`probe`): 415 outside the allow-list of formats, 413 above
+    ``max_pixels``, ``max_aspect_ratio`` or ``max_frames``, 400 for anything that is not a
+    decodable image, each with a message that names the problem.
     """
-    width, height = image_size(data)
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    info = probe(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_frames=max_frames)
+    width, height = info.width, info.height
     if bytes(data[:3]) == JPEG_MAGIC:
         buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
         try:
@@ -94,9 +143,9 @@ def read_image_file(path: str) -> torch.Tensor:
         return decode_rgb(f.read())
 
 
-
-def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS, device=None,
-                pool=None, jpeg_batch_decoder=None) -> list[torch.Tensor | ImageError]:
+def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
+                device=None, pool=None, jpeg_batch_decoder=None) -> list[torch.Tensor | ImageError]:
     """Decode many images; each result is an RGB uint8 ``(3, H, W)`` tensor on ``device`` or the
     :class:`ImageError` that image raised (one bad image never fails the others).
 
@@ -105,9 +154,11 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
     GPU; other formats, and every JPEG again if the batched call fails, go through
     :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``.
     """
+    limits = dict(max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_frames=max_frames)
+
     def one(data):
         try:
-            image = decode_rgb(data, max_pixels=max_pixels)
+            image = decode_rgb(data, **limits)
             return image.to(device, non_blocking=True) if device is not None else image
         except ImageError as e:
             return e
@@ -120,10 +171,7 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
             # complete JPEGs (ending with the EOI marker) go to the batch decoder, the rest to the CPU.
             if bytes(data[:3]) == JPEG_MAGIC and bytes(data[-2:]) == JPEG_EOI:
                 try:
-                    width, height = image_size(data)
-                    if width * height > max_pixels:
-                        raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; "
-                                                 f"the limit is {max_pixels}")
+                    probe(data, **limits)
                     batched.append(i)
                 except ImageError as e:
                     results[i] = e

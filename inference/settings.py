@@ -14,8 +14,9 @@ import argparse
 import typing
 from dataclasses import dataclass, field, fields
 
+from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
-from inference.images import DEFAULT_MAX_PIXELS
+from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, TTA_MODES
 
 
@@ -142,7 +143,15 @@ class HandlerSettings(_Settings):
     adaptive_metric: str = _opt("confidence", "adaptive TTA's score: top-1 probability (confidence), or top-1 "
                                 "minus top-2 (margin)", choices=ADAPTIVE_METRICS)
     adaptive_threshold: float = _opt(0.9, "below this score, TTA is applied", minimum=0.0, maximum=1.0)
-    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "larger images are refused with 413", minimum=1)
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "pixels of one image (from its header); larger: 413", minimum=1)
+    max_request_pixels: int = _opt(DEFAULT_MAX_REQUEST_PIXELS, "decoded pixels of all images of one request; "
+                                   "more: 413", minimum=1)
+    max_batch_pixels: int = _opt(DEFAULT_MAX_BATCH_PIXELS, "decoded pixels a worker admits per batch; the "
+                                 "requests beyond it get 503 (retry)", minimum=1)
+    max_aspect_ratio: float = _opt(DEFAULT_MAX_ASPECT_RATIO, "long side / short side of one image; beyond: 413",
+                                   minimum=1.0)
+    max_frames: int = _opt(DEFAULT_MAX_FRAMES, "frames of an animated image (only the first is used); more: 413",
+                           minimum=1)
     max_images_per_request: int = _opt(32, "images one request may carry (more: 413)", minimum=1)
     max_forward_batch: int = _opt(256, "largest batch of views in one forward (larger ones are chunked)",
                                   minimum=1)

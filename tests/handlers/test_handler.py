@@ -181,3 +181,41 @@ def test_invalid_settings_fail_initialize(model_dir):
         ctx.model_yaml_config["handler"].update(bad)
         with pytest.raises(ValueError, match=match):
             ImageClassifierHandler().initialize(ctx)
+
+
+def test_admission_budgets_answer_413_and_503_per_request(model_dir):
+    handler = handler_for(model_dir, max_request_pixels=2000, max_batch_pixels=2000)  # the images are 30x30
+    ctx = make_context(model_dir, n=4)
+    three = {"body": {"data": [base64.b64encode(IMAGES[0]).decode()] * 3}}  # 2700 pixels in one request
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, three, {"body": bytearray(IMAGES[1])},
+                             {"body": bytearray(IMAGES[2])}])
+    assert [ctx.get_response_status(i)[0] for i in range(4)] == [200, 413, 200, 503]
+    assert json.loads(out[1])["error"] == "request too large" and "limit per request is 2000" in out[1]
+    assert json.loads(out[3])["error"] == "busy" and json.loads(out[2])["predictions"]
+
+
+def test_a_failure_while_stacking_fails_only_the_requests_it_comes_from(model_dir):
+    handler = handler_for(model_dir)
+    stack = handler.canvas.batch
+
+    def flaky(images):
+        if any(img.shape[-1] == 64 for img in images):
+            raise RuntimeError("simulated out of memory while resizing")
+        return stack(images)
+
+    handler.canvas.batch = flaky
+    ctx = make_context(model_dir, n=2)
+    big = encode(pattern_image("circle", size=64, seed=3))
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(big)}])
+    assert ctx.get_response_status(0)[0] == 200 and json.loads(out[0])["predictions"]
+    assert ctx.get_response_status(1)[0] == 500 and "simulated out of memory" in json.loads(out[1])["detail"]
+
+
+def test_an_unsupported_format_is_415(model_dir):
+    handler = handler_for(model_dir)
+    ctx = make_context(model_dir, n=2)
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, "ICO")
+    out = run(handler, ctx, [{"body": bytearray(buf.getvalue())}, {"body": bytearray(IMAGES[0])}])
+    assert ctx.get_response_status(0)[0] == 415 and json.loads(out[0])["error"] == "unsupported image format"
+    assert ctx.get_response_status(1)[0] == 200

@@ -1,0 +1,37 @@
+"""Admission control: what one request and one batch may cost in decoded pixels, decided from the
+images' headers before any pixel is decoded.
+
+A request whose images add up to more than ``max_request_pixels`` is refused with 413. The batch's
+requests are then admitted in order while their total stays within ``max_batch_pixels``; the rest get
+503 with a reason (retry later), never the whole batch. The first request that fits its own budget
+is always admitted, so a batch always makes progress. Together with the per-image bounds of
+``inference.images.probe`` this caps what a worker holds decoded at once, whatever the bodies' sizes
+(a PNG of a few KB can decode to hundreds of MB).
+"""
+from __future__ import annotations
+
+from inference.images import ImageInfo
+from inference.requests import RequestError
+
+DEFAULT_MAX_REQUEST_PIXELS = 64_000_000   # e.g. five 12 MP photos in one request
+DEFAULT_MAX_BATCH_PIXELS = 128_000_000    # ~384 MB of RGB at full resolution, before the resize
+
+
+def admit(requests: dict[int, list[ImageInfo]], *, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+          max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS) -> dict[int, RequestError]:
+    """``{request index: its images' headers}`` -> the errors of the requests that are not admitted."""
+    errors: dict[int, RequestError] = {}
+    total, admitted = 0, 0
+    for i in sorted(requests):
+        pixels = sum(info.pixels for info in requests[i])
+        if pixels > max_request_pixels:
+            errors[i] = RequestError(f"the request's {len(requests[i])} images decode to {pixels} pixels; the limit "
+                                     f"per request is {max_request_pixels}", status=413, error="request too large")
+        elif admitted and total + pixels > max_batch_pixels:
+            errors[i] = RequestError(f"the worker's budget of {max_batch_pixels} decoded pixels per batch is taken by "
+                                     f"other requests (this one needs {pixels}): retry", status=503,
+                                     error="busy")
+        else:
+            total += pixels
+            admitted += 1
+    return errors

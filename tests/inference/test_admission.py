@@ -1,0 +1,81 @@
+"""inference.admission and the header bounds of inference.images.probe."""
+import io
+
+import pytest
+from PIL import Image
+
+from inference.admission import admit
+from inference.images import (
+    FORMATS,
+    ImageError,
+    ImageInfo,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+    decode_rgb,
+    probe,
+)
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PPM", "PCX"])
+def test_formats_outside_the_allow_list_are_415_even_when_pillow_opens_them(fmt):
+    data = _encode(Image.new("RGB", (16, 16), "red"), fmt)
+    Image.open(io.BytesIO(data)).load()  # Pillow would decode it
+    with pytest.raises(UnsupportedFormatError, match=f"unsupported image format {fmt}") as e:
+        decode_rgb(data)
+    assert e.value.status == 415 and "JPEG" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_every_accepted_format_reports_its_header_facts(fmt):
+    info = probe(_encode(Image.new("RGB", (40, 24), "blue"), fmt))
+    assert info == ImageInfo(fmt, 40, 24, 1) and info.format in FORMATS and info.pixels == 960
+
+
+def test_extreme_aspect_ratios_are_refused_from_the_header():
+    strip = _encode(Image.new("L", (4000, 20)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="aspect ratio is beyond the limit of 20:1"):
+        decode_rgb(strip)
+    assert decode_rgb(strip, max_aspect_ratio=250).shape == (3, 20, 4000)
+    tall = _encode(Image.new("L", (10, 500)), "GIF")
+    with pytest.raises(ImageTooLargeError, match="10x500"):
+        probe(tall)
+
+
+def test_an_animation_of_many_frames_is_refused_and_a_short_one_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), (i % 256, i * 7 % 256, i * 13 % 256)) for i in range(1500)]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10)
+    with pytest.raises(ImageTooLargeError, match="1500 frames; the limit is 1000"):
+        decode_rgb(data)
+    short = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:3], duration=10)
+    assert probe(short).frames == 3 and decode_rgb(short).shape == (3, 8, 8)
+
+
+def test_own_pixel_limit_is_checked_before_pillows_guard():
+    data = _encode(Image.new("1", (7000, 7000)), "PNG")  # 49 MP, under Pillow's 89 MP warning
+    with pytest.raises(ImageTooLargeError, match="7000x7000 = 49000000 pixels; the limit is 40000000"):
+        probe(data)
+    with pytest.raises(ImageError, match="not an image"):
+        probe(b"hello world")
+
+
+def _info(mp: float) -> ImageInfo:
+    return ImageInfo("PNG", int(mp * 1000), 1000)
+
+
+def test_request_budget_413_and_batch_budget_503_in_order():
+    errors = admit({0: [_info(10)], 1: [_info(30), _info(30), _info(10)], 2: [_info(50)], 3: [_info(30)],
+                    4: [_info(5)]}, max_request_pixels=64_000_000, max_batch_pixels=80_000_000)
+    assert errors[1].status == 413 and "70000000 pixels" in str(errors[1])  # 70 MP > 64 MP per request
+    assert errors[3].status == 503 and errors[3].error == "busy" and "retry" in str(errors[3])  # 60 + 30 > 80
+    assert set(errors) == {1, 3}  # 0, 2 and 4 (10 + 50 + 5 MP) are admitted
+
+
+def test_the_first_request_that_fits_its_own_budget_is_always_admitted():
+    errors = admit({5: [_info(60)], 6: [_info(1)]}, max_request_pixels=64_000_000, max_batch_pixels=50_000_000)
+    assert 5 not in errors and errors[6].status == 503

@@ -1,0 +1,71 @@
+"""Admission control on a real TorchServe: images that are small on the wire and huge decoded are refused
+from their headers, in every accepted format, within seconds, while a good neighbour in the same batch
+is answered; the workers' memory stays bounded (measured from their PIDs)."""
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import encode, pattern_image
+from tools.processes import worker_processes
+
+pytestmark = pytest.mark.slow
+
+GOOD = encode(pattern_image("circle", size=30))
+SIDE = 6500  # 42.25 MP: over our 40 MP per image, under Pillow's own 89 MP warning and 179 MP error
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _bombs() -> dict[str, bytes]:
+    one_bit, gray = Image.new("1", (SIDE, SIDE)), Image.new("L", (SIDE, SIDE))
+    return {"png": _encode(one_bit, "PNG"), "gif": _encode(one_bit, "GIF"), "bmp": _encode(one_bit, "BMP"),
+            "tiff": _encode(one_bit, "TIFF", compression="group4"), "jpeg": _encode(gray, "JPEG", quality=50),
+            "webp": _encode(gray, "WEBP", quality=10, method=0)}
+
+
+def _post(url, **kwargs):
+    start = time.perf_counter()
+    r = requests.post(url, timeout=60, **kwargs)
+    return r.status_code, r.json(), time.perf_counter() - start
+
+
+def _rss(server) -> int:
+    return sum(p.memory_info().rss for p in worker_processes(server.pid))
+
+
+def test_decoded_size_bombs_are_refused_from_the_header_while_a_neighbour_succeeds(server):
+    url = f"{server.url}/predictions/shapes"
+    frames = [Image.new("RGB", (8, 8), (i % 256, i * 7 % 256, i * 13 % 256)) for i in range(3000)]
+    many_small = [base64.b64encode(_encode(Image.new("1", (3000, 3000)), "PNG")).decode()] * 30  # 270 MP, ~50 KB
+    cases = {**{f"{fmt} {SIDE}x{SIDE}": (data, 413, "the limit is 40000000") for fmt, data in _bombs().items()},
+             "40000x100 strip": (_encode(Image.new("1", (40000, 100)), "PNG"), 413, "aspect ratio"),
+             "3000-frame gif": (_encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10), 413,
+                                "3000 frames")}
+    rss_before = _rss(server)
+    for name, (data, status, words) in cases.items():
+        assert len(data) < 6_000_000, name
+        with ThreadPoolExecutor(2) as pool:  # sent together: one batch (300 ms window on this server)
+            bad = pool.submit(_post, url, data=data, headers={"Content-Type": "application/octet-stream"})
+            good = pool.submit(_post, url, data=GOOD, headers={"Content-Type": "image/png"})
+            (code, body, seconds), (good_code, good_body, _) = bad.result(), good.result()
+        print(f"{name}: {len(data)} bytes -> {code} in {seconds:.2f} s: {body.get('detail')}")
+        assert code == status and words in body["detail"] and seconds < 5, (name, body)
+        assert good_code == 200 and good_body["predictions"]
+    code, body, seconds = _post(url, json={"data": many_small})
+    print(f"30 x 9 MP PNGs ({sum(map(len, many_small))} bytes of base64) -> {code} in {seconds:.2f} s")
+    assert code == 413 and body["error"] == "request too large" and seconds < 5
+    fits = _encode(Image.new("L", (3000, 2000), 128), "PNG")  # 6 MP: within every budget
+    code, body, _ = _post(url, data=fits, headers={"Content-Type": "image/png"})
+    assert code == 200 and body["predictions"]
+    growth = _rss(server) - rss_before
+    print(f"workers' RSS growth over the admission cases: {growth / 2**20:.0f} MiB")
+    assert growth < 1.5 * 2**30
