@@ -124,7 +124,7 @@ def _bytes_elements(blob: bytes, where: str) -> list[bytes]:
     return out
 
 
-def _image_bytes(element: bytes, where: str) -> bytes:
+def _image_bytes(element: bytes) -> bytes:
     """A binary BYTES element: the image itself, or its base64 text (image bytes are never strict base64)."""
     try:
         decoded = base64.b64decode(element, validate=True)
@@ -153,14 +153,14 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
     size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) \
         else None
     if size is not None:
-        elements = [_image_bytes(e, f'input "{name}"') for e in _bytes_elements(binary[:size], f'input "{name}"')]
+        elements = [_image_bytes(e) for e in _bytes_elements(binary[:size], f'input "{name}"')]
     else:
         data = tensor.get("data")
         if not isinstance(data, list):
             raise RequestError(f'input "{name}": "data" must be a list of base64 strings', error="bad request")
         # TorchServe's OIP gRPC service base64-encodes bytes_contents into this JSON: a client that sent
         # base64 text there arrives encoded twice, one that sent the image bytes once (_image_bytes).
-        elements = [_image_bytes(decode_b64(d, f'input "{name}" element {i}'), f'input "{name}"')
+        elements = [_image_bytes(decode_b64(d, f'input "{name}" element {i}'))
                     for i, d in enumerate(_flatten(data))]
     if math.prod(shape) != len(elements) or not elements:
         raise RequestError(f'input "{name}": shape {shape} holds {math.prod(shape)} elements but {len(elements)} '
