@@ -130,12 +130,14 @@ class ImageClassifierHandler(BaseHandler):
                     break
         batch.errors.update(admit({i: v for i, v in infos.items() if i not in batch.errors},
                                   max_request_pixels=cfg.max_request_pixels, max_batch_pixels=cfg.max_batch_pixels))
+        headers_read = []
         for i, req in batch.requests.items():
             if i not in batch.errors:
                 payloads += req.images
                 owners += [i] * len(req.images)
+                headers_read += infos[i]
         decoded = decode_many(payloads, **limits, device=self.device, pool=self.decode_pool,
-                              jpeg_batch_decoder=self.jpeg_batch_decoder)
+                              jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read)
         position: dict[int, int] = {}
         for image, owner in zip(decoded, owners):
             k = position[owner] = position.get(owner, -1) + 1

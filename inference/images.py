@@ -116,15 +116,18 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
 
 
 def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES) -> torch.Tensor:
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
+               info: ImageInfo | None = None) -> torch.Tensor:
     """Decode image bytes into an RGB uint8 ``(3, H, W)`` tensor with EXIF orientation applied (the
     first frame of an animated image).
 
     The header is checked first (:func:`probe`): 415 outside the allow-list of formats, 413 above
     ``max_pixels``, ``max_aspect_ratio`` or ``max_frames``, 400 for anything that is not a
-    decodable image, each with a message that names the problem.
+    decodable image, each with a message that names the problem. ``info``: this image's :func:`probe`
+    result with the same bounds, when the caller has already read it (the header is not read twice).
     """
-    info = probe(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_frames=max_frames)
+    if info is None:
+        info = probe(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_frames=max_frames)
     width, height = info.width, info.height
     if bytes(data[:3]) == JPEG_MAGIC:
         buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
@@ -145,20 +148,23 @@ def read_image_file(path: str) -> torch.Tensor:
 
 def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
-                device=None, pool=None, jpeg_batch_decoder=None) -> list[torch.Tensor | ImageError]:
+                device=None, pool=None, jpeg_batch_decoder=None,
+                infos: list[ImageInfo] | None = None) -> list[torch.Tensor | ImageError]:
     """Decode many images; each result is an RGB uint8 ``(3, H, W)`` tensor on ``device`` or the
     :class:`ImageError` that image raised (one bad image never fails the others).
 
     ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call,
     e.g. ``lambda datas: torchvision.io.decode_jpeg(datas, device="cuda", ...)`` for nvjpeg on the
     GPU; other formats, and every JPEG again if the batched call fails, go through
-    :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``.
+    :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``. ``infos``: the images'
+    :func:`probe` results, when the caller has read the headers already (admission control).
     """
     limits = dict(max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, max_frames=max_frames)
 
-    def one(data):
+    def one(item):
+        data, info = item
         try:
-            image = decode_rgb(data, **limits)
+            image = decode_rgb(data, **limits, info=info)
             return image.to(device, non_blocking=True) if device is not None else image
         except ImageError as e:
             return e
@@ -171,7 +177,8 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
             # complete JPEGs (ending with the EOI marker) go to the batch decoder, the rest to the CPU.
             if bytes(data[:3]) == JPEG_MAGIC and bytes(data[-2:]) == JPEG_EOI:
                 try:
-                    probe(data, **limits)
+                    if infos is None:
+                        probe(data, **limits)
                     batched.append(i)
                 except ImageError as e:
                     results[i] = e
@@ -185,6 +192,6 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
                 batched = []
     rest = [i for i in range(len(payloads)) if results[i] is None]
     mapper = pool.map if pool is not None else map
-    for i, result in zip(rest, mapper(one, [payloads[i] for i in rest])):
+    for i, result in zip(rest, mapper(one, [(payloads[i], infos[i] if infos else None) for i in rest])):
         results[i] = result
     return results
