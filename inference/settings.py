@@ -30,10 +30,8 @@ def _opt(default, help: str, *, choices: tuple | None = None, minimum: float | N
                                             "cli": cli, "yaml_key": yaml_key})
 
 
-def _check(cls, name: str, value, where: str):
-    """``value`` coerced to the field's annotated type and checked against its choices and range."""
-    hint = typing.get_type_hints(cls)[name]
-    meta = next(f for f in fields(cls) if f.name == name).metadata
+def _check(name: str, hint, meta, value, where: str):
+    """``value`` coerced to the field's annotated type ``hint`` and checked against its choices and range."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if value is None:
@@ -83,8 +81,9 @@ class _Settings:
     WHERE = "model-config.yaml"
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            object.__setattr__(self, f.name, _check(type(self), f.name, getattr(self, f.name), self.WHERE))
+            object.__setattr__(self, f.name, _check(f.name, hints[f.name], f.metadata, getattr(self, f.name), self.WHERE))
 
     @classmethod
     def from_config(cls, section: dict | None):
