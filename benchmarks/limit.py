@@ -46,6 +46,6 @@ def in_process_limit(c: Config, prep: ExportedModel, payload_dir: Path, seconds:
     def one_batch():
         chunk = [datas[(at[0] + k) % len(datas)] for k in range(batch)]
         at[0] += batch
-        canvas = preset.batch(decode_many(chunk))
+        canvas = torch.stack(decode_many(chunk, transform=preset, min_side=preset.min_decode_side))  # as the handler
         predict_proba(backend, canvas, c.tta, crop_size=spec.input_size).topk(5, dim=1)
     return rate(one_batch, batch, min_run_time=seconds)

@@ -32,7 +32,7 @@ def run(args) -> list[dict]:
     if args.limit:
         paths, labels = paths[:: max(1, len(paths) // args.limit)], labels[:: max(1, len(labels) // args.limit)]
     labels = torch.tensor(labels)
-    decoded = [read_image_file(p) for p in paths]
+    decoded = [read_image_file(p, min_side=resize) for p in paths]  # as the handler decodes (the canvas needs resize)
     backend = load_backend(args.graph, threads=torch.get_num_threads())
     configs = [("none", None), ("flip", None), ("multi_scale", None), ("ten_crop", None)]
     configs += [("flip", t) for t in args.thresholds]

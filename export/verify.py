@@ -48,7 +48,7 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
     if classes != spec.class_names:
         raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")
     idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
-    decoded = [read_image_file(paths[i]) for i in idx]
+    decoded = [read_image_file(paths[i], min_side=crop.min_decode_side) for i in idx]  # as the server decodes
     return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[i] for i in idx]),
                    f"{len(idx)} images of {data}")
 
@@ -63,7 +63,8 @@ def load_calibration(folder: str, spec, *, count: int, seed: int = 1) -> torch.T
     if not paths:
         raise ValueError(f"no calibration images under {folder}")
     paths = random.Random(seed).sample(paths, min(count, len(paths)))
-    return EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size).batch([read_image_file(p) for p in paths])
+    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
+    return preset.batch([read_image_file(p, min_side=preset.min_decode_side) for p in paths])
 
 
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):

@@ -1,7 +1,7 @@
 """TorchServe handler for the exported uint8-input classifiers.
 
-initialize -> preprocess (read; decode in a thread pool, or JPEGs in one nvjpeg call on a GPU; eval
-resize/crop on the device, batched) -> inference (all TTA views of all images in ONE forward, or
+initialize -> preprocess (read; header checks and pixel budgets; decode + eval resize/crop image by image in a
+thread pool, JPEGs reduced in the DCT domain to what the resize needs, or all JPEGs in one nvjpeg call on a GPU) -> inference (all TTA views of all images in ONE forward, or
 adaptive: TTA only for the uncertain ones) -> postprocess (top-k per request, JSON, per-request
 status). Each request of a batch may speak its own protocol (TorchServe's, KServe v1 or the Open Inference
 Protocol v2: ``inference.protocols``) and is answered in it. A bad request gets its own 4xx and JSON
@@ -136,8 +136,11 @@ class ImageClassifierHandler(BaseHandler):
                 payloads += req.images
                 owners += [i] * len(req.images)
                 headers_read += infos[i]
+        # decode -> canvas one image at a time per pool thread (full-size pixels released at once); JPEGs are
+        # decoded reduced in the DCT domain down to the canvas' resize size (nvjpeg on a GPU: full size)
         decoded = decode_many(payloads, **limits, device=self.device, pool=self.decode_pool,
-                              jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read)
+                              jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read, transform=self.canvas,
+                              min_side=self.canvas.min_decode_side)
         position: dict[int, int] = {}
         for image, owner in zip(decoded, owners):
             k = position[owner] = position.get(owner, -1) + 1
@@ -149,7 +152,7 @@ class ImageClassifierHandler(BaseHandler):
         if images:
             batch.owners = [o for _, o in images]
             try:
-                batch.canvas = self.canvas.batch([img for img, _ in images])
+                batch.canvas = torch.stack([img for img, _ in images])
             except Exception:  # e.g. out of memory: find the requests that fail on their own, answer the rest
                 log.exception("%s: stacking a batch of %d images failed; retrying request by request",
                               self.model_name, len(images))
@@ -167,7 +170,7 @@ class ImageClassifierHandler(BaseHandler):
         for owner in dict.fromkeys(o for _, o in images):
             mine = [img for img, o in images if o == owner]
             try:
-                parts.append(self.canvas.batch(mine))
+                parts.append(torch.stack(mine))
                 owners += [owner] * len(mine)
             except Exception as e:
                 batch.errors[owner] = RequestError(f"preprocessing failed: {e}", status=500, error="preprocess failed")

@@ -22,6 +22,13 @@ class EvalPreset:
         self.interpolation = interpolation
         self.antialias = antialias
 
+    @property
+    def min_decode_side(self) -> int:
+        """The shorter side this transform needs from the decoder (``inference.images.decode_rgb``'s
+        ``min_side``): any image at least this large comes out the same size, so a JPEG may be decoded
+        reduced down to it."""
+        return self.resize_size
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: uint8 ``(..., C, H, W)``; images of one shape may be batched."""
         image = F.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=self.antialias)

@@ -16,6 +16,12 @@ from tqdm import tqdm
 from inference.images import read_image_file
 
 
+def _min_decode_side(transform) -> int | None:
+    """The evaluation transform (``inference.transforms.EvalPreset``) lets JPEGs be decoded reduced to
+    its resize size, as the server does; a training transform (random crops) gets full-size images."""
+    return getattr(transform, "min_decode_side", None)
+
+
 class LabelledImages(Dataset):
     """Shared ``__len__``/``__getitem__``/cache logic; subclasses set ``classes``, ``paths``, ``labels``.
 
@@ -29,11 +35,12 @@ class LabelledImages(Dataset):
     cache: torch.Tensor | None = None
 
     def _build_cache(self, cache_transform, *, progress: bool, desc: str) -> None:
-        self.cache = torch.stack([cache_transform(read_image_file(p))
+        min_side = _min_decode_side(cache_transform)
+        self.cache = torch.stack([cache_transform(read_image_file(p, min_side=min_side))
                                   for p in tqdm(self.paths, desc=desc, disable=not progress, mininterval=1.0)])
 
     def _load(self, i: int) -> torch.Tensor:
-        return read_image_file(self.paths[i])
+        return read_image_file(self.paths[i], min_side=_min_decode_side(self.transform))
 
     def read(self, i: int) -> torch.Tensor:
         """Image ``i`` before ``transform``: the cached tensor, or the decoded file."""

@@ -105,7 +105,7 @@ def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "no
     spec, model = load_model(checkpoint)
     model.to(dev)
     preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
-    ds = LazyDataset(len(paths), lambda i: preset(read_image_file(paths[i])), label=-1)
+    ds = LazyDataset(len(paths), lambda i: preset(read_image_file(paths[i], min_side=preset.min_decode_side)), label=-1)
     probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta, progress=progress,
                        desc="predict")
     os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)

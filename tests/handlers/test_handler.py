@@ -12,7 +12,7 @@ from ts.context import Context, RequestProcessor
 from export.archive import model_config
 from handlers.classifier_handler import ImageClassifierHandler
 from inference.images import decode_rgb
-from inference.transforms import normalize
+from inference.transforms import EvalPreset, normalize
 from inference.tta import canvas_preset, predict_proba
 from tests.conftest import encode, pattern_image
 from training.checkpoint import load_model
@@ -194,21 +194,38 @@ def test_admission_budgets_answer_413_and_503_per_request(model_dir):
     assert json.loads(out[3])["error"] == "busy" and json.loads(out[2])["predictions"]
 
 
-def test_a_failure_while_stacking_fails_only_the_requests_it_comes_from(model_dir):
+def test_a_failure_of_the_transform_fails_only_the_request_it_comes_from(model_dir):
     handler = handler_for(model_dir)
-    stack = handler.canvas.batch
 
-    def flaky(images):
-        if any(img.shape[-1] == 64 for img in images):
-            raise RuntimeError("simulated out of memory while resizing")
-        return stack(images)
+    class Flaky(EvalPreset):
+        def __call__(self, image):
+            if image.shape[-1] == 64:
+                raise RuntimeError("simulated out of memory while resizing")
+            return super().__call__(image)
 
-    handler.canvas.batch = flaky
+    handler.canvas = Flaky(crop_size=handler.canvas.crop_size, resize_size=handler.canvas.resize_size)
     ctx = make_context(model_dir, n=2)
     big = encode(pattern_image("circle", size=64, seed=3))
     out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(big)}])
     assert ctx.get_response_status(0)[0] == 200 and json.loads(out[0])["predictions"]
     assert ctx.get_response_status(1)[0] == 500 and "simulated out of memory" in json.loads(out[1])["detail"]
+    assert json.loads(out[1])["error"] == "preprocess failed"
+
+
+def test_a_failure_while_stacking_is_retried_request_by_request(model_dir, monkeypatch):
+    handler = handler_for(model_dir)
+    stack = torch.stack
+
+    def flaky(tensors, *args, **kwargs):
+        if len(tensors) > 1:
+            raise RuntimeError("simulated out of memory while stacking")
+        return stack(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "stack", flaky)
+    ctx = make_context(model_dir, n=2)
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(IMAGES[1])}])
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 200]
+    assert all(json.loads(o)["predictions"] for o in out)
 
 
 def test_an_unsupported_format_is_415(model_dir):

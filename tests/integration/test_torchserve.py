@@ -5,19 +5,24 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
 
 from tests.conftest import encode, pattern_image
 from tests.integration.conftest import ADAPTIVE
 from tools.client import predict
+from tools.photos import phone_photo
 
 pytestmark = pytest.mark.slow
 
 
 def _payloads():
-    return [(encode(pattern_image(k, size=s, seed=i), fmt, **kw), ctype)
-            for i, (k, s, fmt, kw, ctype) in enumerate([
-                ("circle", 30, "PNG", {}, "image/png"), ("vertical", 41, "JPEG", {"quality": 90}, "image/jpeg"),
-                ("horizontal", 26, "PNG", {}, "image/png"), ("circle", 64, "JPEG", {"quality": 75}, "image/jpeg")])]
+    small = [(encode(pattern_image(k, size=s, seed=i), fmt, **kw), ctype)
+             for i, (k, s, fmt, kw, ctype) in enumerate([
+                 ("circle", 30, "PNG", {}, "image/png"), ("vertical", 41, "JPEG", {"quality": 90}, "image/jpeg"),
+                 ("horizontal", 26, "PNG", {}, "image/png"), ("circle", 64, "JPEG", {"quality": 75}, "image/jpeg")])]
+    # a 12 MP phone photo, stored sideways with an EXIF orientation: decoded reduced in the DCT domain
+    phone = phone_photo(Image.fromarray(pattern_image("vertical", size=300, seed=7)), noise=0.0, sideways=True)
+    return small + [(phone, "image/jpeg")]
 
 
 @pytest.mark.parametrize("model", ["shapes", "shapes_ts", "shapes_tta"])
