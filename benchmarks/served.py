@@ -54,21 +54,26 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
             "locust_cpu_s": locust_cpu_s}
 
 
-def run_served(c: Config, store: Path, payload_dir: Path, users: list[int], duration: int, work: Path,
-               model: str, limit: float | None) -> dict:
-    """Serve configuration ``c`` alone and load it at each user count (``limit``: its in-process limit)."""
+def run_served(c: Config, store: Path, payloads: dict[str, Path], users: list[int], duration: int, work: Path,
+               model: str, limit: float | None, *, other_sets: bool = True) -> dict:
+    """Serve configuration ``c`` alone and load it at each user count with the first payload set of
+    ``payloads`` (``{set name: folder}``), then, with ``other_sets``, with each other set at the
+    highest user count (``limit``: its in-process limit). Every run records its ``set``."""
     server = TorchServe(model_store=store, models=f"{c.name}={c.name}.mar", env={**os.environ, **c.env},
                         overrides={"async_logging": "true"})
     server.start(timeout=300)
+    first, *others = payloads
+    plan = [(first, u) for u in users] + ([(s, max(users)) for s in others] if other_sets else [])
     runs = []
     try:
-        for u in users:
+        for set_name, u in plan:
             cpu0 = cpu_seconds(server.pid)
-            r = load_run(server.url, c.name, payload_dir, u, duration, c.kind, work / f"{c.name}-{u}")
+            r = load_run(server.url, c.name, payloads[set_name], u, duration, c.kind, work / f"{c.name}-{set_name}-{u}")
             r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+            r["set"] = set_name
             runs.append(r)
-            print(f"{model:<12.12} {c.name:<20} {u:>3} users: {r['img_s']:7.1f} img/s  p50 {r['p50_ms']} ms  "
-                  f"p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server {r['server_cpu_s']:.0f} s, "
+            print(f"{model:<12.12} {c.name:<20} {set_name:<9} {u:>3} users: {r['img_s']:7.1f} img/s  p50 {r['p50_ms']} "
+                  f"ms  p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server {r['server_cpu_s']:.0f} s, "
                   f"locust {r['locust_cpu_s']:.0f} s", flush=True)
     finally:
         server.stop()

@@ -154,15 +154,16 @@ def photo_jpegs(set_name: str = "jpeg500", *, limit: int | None = None) -> list[
     return [(f"{photo.name}.jpg", data) for photo, data in _encoded(sources()[:limit], set_name)]
 
 
-def write_photos(out: Path, sets: tuple[str, ...] = ("jpeg500",)) -> Path:
+def write_photos(out: Path, sets: tuple[str, ...] = ("jpeg500",), *, limit: int | None = None) -> Path:
     """The photos as ``out/SET/photos/NAME.jpg`` for each of ``sets`` (originals copied to
-    ``out/original/photos/``); returns ``out/jpeg500``."""
+    ``out/original/photos/``; ``limit``: only the first photos in the sets after ``jpeg500``); returns
+    ``out/jpeg500``."""
     orig_dir = out / "original" / "photos"
     orig_dir.mkdir(parents=True, exist_ok=True)
     for set_name in dict.fromkeys(("jpeg500", *sets)):
         jpeg_dir = out / set_name / "photos"
         jpeg_dir.mkdir(parents=True, exist_ok=True)
-        for photo, data in _encoded(sources(), set_name):
+        for photo, data in _encoded(sources()[:None if set_name == "jpeg500" else limit], set_name):
             if photo.path is not None and set_name == "jpeg500":
                 shutil.copy(photo.path, orig_dir / photo.path.name)
             (jpeg_dir / f"{photo.name}.jpg").write_bytes(data)

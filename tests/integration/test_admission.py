@@ -69,3 +69,37 @@ def test_decoded_size_bombs_are_refused_from_the_header_while_a_neighbour_succee
     growth = _rss(server) - rss_before
     print(f"workers' RSS growth over the admission cases: {growth / 2**20:.0f} MiB")
     assert growth < 1.5 * 2**30
+
+
+def _peak_rss(server) -> int:
+    """The workers' peak resident memory (VmHWM) since :func:`_reset_peak_rss`, summed."""
+    total = 0
+    for p in worker_processes(server.pid):
+        with open(f"/proc/{p.pid}/status") as f:
+            total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return total
+
+
+def _reset_peak_rss(server) -> None:
+    for p in worker_processes(server.pid):  # Linux: "5" resets the peak RSS to the current RSS
+        with open(f"/proc/{p.pid}/clear_refs", "w") as f:
+            f.write("5")
+
+
+def test_phone_photos_within_budget_are_decoded_in_bounded_memory(server):
+    """Five 12 MP JPEGs in one request (61 MP, within the 64 MP budget): answered, and the workers' peak
+    memory grows by a small multiple of the canvases (reduced decoding, one image at a time), not by
+    the 5 x 36 MB of full-size RGB."""
+    from tools.photos import phone_photo
+    photos = [phone_photo(Image.fromarray(pattern_image(k, size=200, seed=i)), noise=0, sideways=i % 2 == 1)
+              for i, k in enumerate(["circle", "vertical", "horizontal", "circle", "vertical"])]
+    url = f"{server.url}/predictions/shapes"
+    _post(url, data=photos[0], headers={"Content-Type": "image/jpeg"})  # warm the worker's allocator
+    _reset_peak_rss(server)
+    rss_before = _rss(server)
+    code, body, seconds = _post(url, json={"data": [base64.b64encode(p).decode() for p in photos]})
+    growth = _peak_rss(server) - rss_before
+    print(f"5 x 12 MP JPEGs ({sum(map(len, photos))} bytes) -> {code} in {seconds:.2f} s; workers' peak RSS "
+          f"growth {growth / 2**20:.0f} MiB")
+    assert code == 200 and len(body) == 5 and all(b["predictions"] for b in body)
+    assert growth < 1.5 * 2**30
