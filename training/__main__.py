@@ -40,9 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
 
     t = sub.add_parser("train", help="train a model",
-                       description="Train on the training split, evaluate on the test (or val) split every epoch; "
-                       "write OUT/best.pt (best test top-1), OUT/last.pt (resumable), OUT/config.yaml and "
-                       "OUT/log.csv. Architectures: " + ", ".join(list_models()) + ". Under torchrun every "
+                       description="Train on the training split and evaluate on the validation split every epoch "
+                       "(DATA/val next to DATA/test, else --val-fraction of the training images); write "
+                       "OUT/best.pt (best validation top-1), OUT/last.pt (exactly resumable), OUT/config.yaml and "
+                       "OUT/log.csv (validation numbers). The test split is read once, at the end, to evaluate "
+                       "best.pt: OUT/test_metrics.json. Unreadable training images are skipped and counted "
+                       "(--max-bad-images). Architectures: " + ", ".join(list_models()) + ". Under torchrun every "
                        "process trains on its share of each batch (DDP); rank 0 logs, evaluates and saves.")
     add_arguments(t)
 
@@ -101,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_args(args)
         best = train(cfg)
         if best:
-            print(f"best epoch {best['epoch']}: test top-1 {best['selected_top1']:.2%} ({best['weights']} weights) "
-                  f"-> {cfg.out}/best.pt")
+            chosen = (f"val top-1 {best['selected_val_top1']:.2%}" if "selected_val_top1" in best
+                      else "the last epoch, no validation split")
+            test = f"; test top-1 {best['test_top1']:.2%} (test split, once)" if "test_top1" in best else ""
+            print(f"best epoch {best['epoch']} ({best['weights']} weights, {chosen}){test} -> {cfg.out}/best.pt")
     elif args.command == "evaluate":
         from .evaluation import evaluate
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")

@@ -7,6 +7,7 @@ the weights and training metrics.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,9 +41,47 @@ def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, model: nn.Module, 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {"format_version": FORMAT_VERSION, **asdict(spec), "mean": list(spec.mean), "std": list(spec.std),
             "state_dict": state, "metrics": dict(metrics or {}), **(extra or {})}
-    tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    write_atomically(path, ckpt)
+
+
+def write_atomically(path: str | os.PathLike, obj) -> None:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is always either the previous file or the new one.
+
+    The bytes go to a temporary file in the same folder (the same file system, so the rename is
+    atomic), are flushed and ``fsync``-ed, then ``os.replace`` swaps it in and the folder is synced
+    (the rename itself survives a power cut). On any failure the temporary file is removed and the
+    previous ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict, dict]:

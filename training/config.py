@@ -1,6 +1,8 @@
 """The training configuration: one dataclass, loadable from YAML, overridable from the command line.
 
 Precedence: the dataclass defaults < ``--config FILE.yaml`` < options given on the command line.
+With ``--resume CHECKPOINT`` the checkpoint's saved configuration comes between the defaults and
+``--config``: options left off the resume command keep the run's values (:func:`resume_config`).
 The resolved configuration is saved as ``RUN/config.yaml`` and inside every checkpoint, so a run can
 be repeated (``python -m training train --config RUN/config.yaml``) and resumed.
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -33,7 +36,8 @@ class TrainConfig:
     # -- data
     data: str = _opt(None, "data set root: an ImageFolder tree (train/ + test/ or val/), an iNaturalist-style "
                      "folder (train.json + val.json) or CIFAR-10/100 python pickles")
-    out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv")
+    out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv (per epoch, "
+                    "validation split), test_metrics.json (test split, once, at the end)")
     format: str = _opt(AUTO, "data format", choices=FORMAT_CHOICES)
     input_size: int = _opt(32, "model input size in pixels (the evaluation center crop)")
     resize_size: int | None = _opt(None, "shorter side before the evaluation crop (default: the input size)")
@@ -42,6 +46,13 @@ class TrainConfig:
     workers: int = _opt(0, "DataLoader worker processes (persistent; pinned memory on CUDA)")
     cache: bool = _opt(True, "decode every image once into memory (turn off with --no-cache for large data sets)")
     balanced_sampler: bool = _opt(False, "sample classes equally often (weights 1/class frequency; single process)")
+    val_fraction: float = _opt(0.1, "fraction of the training images held out (stratified by class, seeded by "
+                               "--seed) as the validation split that chooses best.pt, unless an ImageFolder root "
+                               "has val/ next to test/ (then val/ is it); 0: no validation split, best.pt is the "
+                               "last epoch (EMA weights with --ema). The test split is never read for this: it is "
+                               "evaluated once, at the end")
+    max_bad_images: int = _opt(10, "unreadable training images (not an image, truncated, unreadable file) skipped "
+                               "with a warning naming each and counted in the log; one more is an error")
     # -- augmentation (training.presets.TrainPreset) and batch mixing (training.mixing.BatchMixer)
     augment: str = _opt("pad_crop", "geometric augmentation: pad-and-crop (small images), random-resized-crop "
                         "(large images) or none", choices=TrainPreset.MODES)
@@ -87,15 +98,19 @@ class TrainConfig:
                                 "'0:,2:layer4,4:layer3,6:layer2' (head only until epoch 2); epochs count from 0")
     ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated and checkpointed")
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
-    early_stopping: int = _opt(0, "stop after this many epochs without a better test top-1 (0: off)")
+    early_stopping: int = _opt(0, "stop after this many epochs without a better validation top-1 (0: off; "
+                               "needs a validation split)")
     # -- execution
     amp: str = _opt("auto", "autocast precision: auto = bf16 on CUDA, none on CPU", choices=AMP_MODES)
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "random seed (weights, data order, augmentation)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ... (under torchrun: cuda:LOCAL_RANK)")
-    resume: str | None = _opt(None, "continue from a checkpoint (RUN/last.pt): weights, optimizer, schedule, "
-                              "AMP scaler, EMA and epoch; --epochs/--lr given with it override the saved run")
+    resume: str | None = _opt(None, "continue exactly from a checkpoint (RUN/last.pt): weights, optimizer, "
+                              "schedule, AMP scaler, EMA, early stopping, epoch and random-generator states. "
+                              "Options left off come from the checkpoint's saved configuration, options given "
+                              "override it (e.g. --epochs, --lr); a different architecture, class list, input "
+                              "size or mean/std is refused")
     tensorboard: bool = _opt(False, "also log scalars to RUN/tensorboard (needs the tensorboard package)")
     progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
 
@@ -114,6 +129,10 @@ class TrainConfig:
             raise ValueError("--epochs and --batch-size must be at least 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("--ema-decay must be in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if self.max_bad_images < 0:
+            raise ValueError(f"--max-bad-images must be >= 0, not {self.max_bad_images}")
         return self
 
     def to_dict(self) -> dict:
@@ -161,9 +180,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
+def saved_config(checkpoint: str) -> dict:
+    """The training configuration saved in ``checkpoint`` (``RUN/last.pt``), without its ``resume``;
+    options this version no longer has are dropped, options it added keep their defaults."""
+    import torch
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--resume {checkpoint}: checkpoint not found")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {checkpoint}: the checkpoint holds no training configuration (not written by "
+                         "python -m training train)")
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in names and k != "resume"}
+
+
+def resume_config(checkpoint: str, given: dict | None = None) -> TrainConfig:
+    """The configuration of ``--resume checkpoint``: the checkpoint's saved one, overridden by the
+    options in ``given`` (those given on the command line or in ``--config``), and nothing else:
+    an option left off keeps the run's value, not the default."""
+    return TrainConfig(**{**saved_config(checkpoint), **(given or {}), "resume": checkpoint}).validate()
+
+
 def from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update({k: v for k, v in vars(args).items() if k in names})  # only typed options (SUPPRESS)
+    if values.get("resume"):
+        return resume_config(values["resume"], values)
     return TrainConfig(**values).validate()
 

@@ -71,3 +71,13 @@ def all_mean(value: float, info: DistInfo, device: torch.device = torch.device("
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / info.world_size
+
+
+def gather(value, info: DistInfo) -> list:
+    """Every rank's Python value, in rank order, on every rank (``[value]`` for one process): the RNG
+    states that ``last.pt`` keeps per rank, the unreadable images each rank met."""
+    if not info.enabled:
+        return [value]
+    box = [None] * info.world_size
+    dist.all_gather_object(box, value)
+    return box

@@ -4,10 +4,23 @@ One loop serves a laptop CPU, one GPU and ``torchrun`` (DDP): the pieces are sma
 package (formats, stats, sampling, mixing, losses, optim, finetune, distributed, runtime, run_log,
 reports) wired here. Each epoch is evaluated with :func:`training.evaluation.predict`, the same forward
 as offline evaluation.
+
+Which split is used for what:
+
+* every epoch the model (and the EMA) is evaluated on the **validation** split (``DATA/val`` next to
+  ``DATA/test``, or ``--val-fraction`` of the training images); ``best.pt`` keeps the best epoch's
+  weights by validation top-1 (ties: lower validation loss), ``log.csv`` has the ``val_*`` numbers;
+* the **test** split is read once, after the last epoch, to evaluate ``best.pt``
+  (``RUN/test_metrics.json``, and ``best.pt``'s ``metrics``); nothing during training reads it;
+* without a validation split (``--val-fraction 0``) ``best.pt`` is the last epoch.
+
+``last.pt`` holds everything an exact ``--resume`` needs, the random generators' states included;
+``best.pt`` is written before ``last.pt`` records it, both atomically.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -17,21 +30,21 @@ from tqdm import tqdm
 
 from inference.transforms import EvalPreset, normalize
 
-from .checkpoint import ModelSpec, save_checkpoint
+from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint, write_atomically
 from .config import TrainConfig
-from .datasets import LazyDataset
-from .distributed import all_mean, barrier, broadcast, init_distributed, shutdown
+from .datasets import LazyDataset, TrainingImages, check_bad_images, collate_reporting, split_digest
+from .distributed import all_mean, barrier, broadcast, gather, init_distributed, shutdown
 from .evaluation import predict
 from .finetune import ProgressiveUnfreezer, load_pretrained, param_groups, parse_schedule
-from .formats import build_datasets
+from .formats import build_splits
 from .losses import build_loss, class_weights
 from .mixing import BatchMixer
 from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
 from .reports import nll, topk_accuracy
-from .run_log import add_scalars, append_log, open_tensorboard, start_log
-from .runtime import autocast_dtype, seed_everything
-from .sampling import class_balanced_sampler
+from .run_log import TEST_METRICS_FILE, add_scalars, append_log, open_tensorboard, start_log, write_test_metrics
+from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
+from .sampling import EpochSampler, class_balanced_sampler
 from .stats import dataset_stats, parse_normalize
 
 
@@ -53,8 +66,24 @@ def train_preset(cfg: TrainConfig) -> TrainPreset:
                        random_erase=cfg.random_erase)
 
 
+def _short(names: list) -> str:
+    """A class list for a one-line message: all of a short list, else its length and first entries."""
+    names = list(names)
+    return str(names) if len(names) <= 12 else f"[{len(names)} classes: {', '.join(map(str, names[:5]))}, ...]"
+
+
+def _better(a: tuple[float, float], b: tuple[float, float] | None) -> bool:
+    """Whether ``(top1, loss)`` ``a`` beats ``b``: higher top-1, then lower loss (NaN never wins)."""
+    if b is None:
+        return True
+    if a[0] != b[0]:
+        return a[0] > b[0]
+    return a[1] < b[1]
+
+
 class Trainer:
-    """Everything one run holds; ``run()`` trains, evaluates and checkpoints epoch by epoch."""
+    """Everything one run holds; ``run()`` trains, validates and checkpoints epoch by epoch, then
+    evaluates ``best.pt`` once on the test split."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -63,13 +92,15 @@ class Trainer:
         seed_everything(cfg.seed + self.dist.rank)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        resume = self._open_resume(cfg.resume) if cfg.resume else None  # refuse a mismatch before any work
         os.makedirs(cfg.out, exist_ok=True)
+        self.bad_images: dict[str, str] = {}  # every unreadable training image met so far: path -> reason
         self._build_data()
         self._build_model()
         self._build_optimisation()
         self.start_epoch, self.history, self.writer = 1, [], None
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if resume is not None:
+            self._resume(cfg.resume, resume)
 
     # -- set-up -------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -79,12 +110,26 @@ class Trainer:
                              "evaluation center crop, so the random crops could never see the rest of the image")
         self.eval_preset = EvalPreset(crop_size=cfg.input_size, resize_size=cfg.resize_size)
         progress = cfg.progress and self.main
-        self.train_ds, self.test_ds = build_datasets(
-            cfg.data, format=cfg.format, train_transform=train_preset(cfg),
-            eval_transform=None if cfg.cache else self.eval_preset,
-            cache_transform=self.eval_preset if cfg.cache else None, progress=progress)
-        if list(self.train_ds.classes) != list(self.test_ds.classes):
-            raise ValueError(f"the classes of the training and test splits of {cfg.data} differ")
+        self.splits = splits = build_splits(
+            cfg.data, format=cfg.format, train_transform=train_preset(cfg), eval_transform=self.eval_preset,
+            cache=cfg.cache, val_fraction=cfg.val_fraction, seed=cfg.seed, max_bad_images=cfg.max_bad_images,
+            progress=progress)
+        self.note_bad_images(splits.bad_images)
+        # the training images: augmentation seeded per (seed, epoch, index), unreadable files replaced and reported
+        self.train_ds = TrainingImages(splits.train, seed=cfg.seed, max_bad_images=cfg.max_bad_images)
+        if splits.val is None:
+            self.val_ds = None
+        elif splits.val_carved:  # training images too: skipped and counted like them
+            self.val_ds = TrainingImages(splits.val, max_bad_images=cfg.max_bad_images)
+        else:
+            self.val_ds = splits.val
+        self.test_ds = splits.test  # read once, at the end (test_best); never cached
+        if cfg.early_stopping and self.val_ds is None:
+            raise ValueError("--early-stopping needs a validation split: with --val-fraction 0 and no val/ folder "
+                             "there is none (the test split is never used to choose)")
+        self.selection = {"split": None if self.val_ds is None else "val", "source": splits.val_name,
+                          "images": 0 if self.val_ds is None else len(self.val_ds),
+                          "digest": None if self.val_ds is None else split_digest(self.val_ds)}
         self.mean, self.std = parse_normalize(
             cfg.normalize, dataset_stats_fn=lambda: dataset_stats(self._stats_view(), max_images=5000,
                                                                    progress=progress))
@@ -94,29 +139,49 @@ class Trainer:
                               model_kwargs=dict(cfg.model_kwargs or {}))
         if cfg.balanced_sampler and self.dist.enabled:
             raise ValueError("--balanced-sampler is not supported under torchrun (use --weighted-loss instead)")
-        if cfg.balanced_sampler:
-            sampler = class_balanced_sampler(self.train_ds.labels,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
+        self.sampler_generator = None
+        if cfg.balanced_sampler:  # its generator's state goes into last.pt
+            self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
+            sampler = class_balanced_sampler(self.train_ds.labels, generator=self.sampler_generator)
         else:  # also for one process: the same permutation as N processes would share between them
             sampler = DistributedSampler(self.train_ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                          shuffle=True, seed=cfg.seed, drop_last=True)
-        loader_kwargs = dict(num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
-                             persistent_workers=cfg.workers > 0)
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                       **loader_kwargs)
+        self.loader_kwargs = dict(num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        # Each loader draws its workers' base seed from a generator of its own, not torch's global one,
+        # so the global stream (dropout, Mixup/CutMix) does not depend on when iterators are created.
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=EpochSampler(sampler),
+                                       drop_last=True, collate_fn=collate_reporting, persistent_workers=cfg.workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.seed), **self.loader_kwargs)
         if len(self.train_loader) == 0:
             raise ValueError(f"{len(self.train_ds)} training images are fewer than one batch of {cfg.batch_size} "
                              f"per process: lower --batch-size")
-        self.test_loader = DataLoader(self.test_ds, batch_size=cfg.batch_size * 2, shuffle=False, **loader_kwargs)
+        self.val_loader = None
+        if self.val_ds is not None:
+            self.val_loader = DataLoader(
+                self.val_ds, batch_size=cfg.batch_size * 2, shuffle=False, persistent_workers=cfg.workers > 0,
+                collate_fn=collate_reporting if isinstance(self.val_ds, TrainingImages) else None,
+                generator=torch.Generator().manual_seed(cfg.seed), **self.loader_kwargs)
         self.mixer = BatchMixer(num_classes=num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
                                 prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
+        self.log(f"data: {len(self.train_ds)} training images ({splits.train_name}); "
+                 + (f"validation split, which chooses best.pt: {len(self.val_ds)} images ({splits.val_name}); "
+                    if self.val_ds is not None else
+                    "no validation split (--val-fraction 0, no val/ folder): best.pt is the last epoch's weights"
+                    f"{' (EMA)' if cfg.ema else ''}; ")
+                 + f"test split: {len(self.test_ds)} images ({splits.test_name}), evaluated once, at the end")
 
     def _stats_view(self):
         """The training images through the evaluation transform only (no augmentation) for mean/std."""
-        ds = self.train_ds
-        if getattr(ds, "cache", None) is not None:
-            return ds.cache
-        return LazyDataset(len(ds), lambda i: self.eval_preset(ds.read(i)))  # read(): before the training transform
+        train = self.splits.train
+        if getattr(train, "cache", None) is not None:
+            return train.cache
+        cached = getattr(train, "cached", False)  # a subset of a cached data set: the cache is evaluation-sized
+
+        def load(i):
+            image, _, bad = self.train_ds.read_robust(i)  # before the training transform
+            self.note_bad_images(bad)
+            return image if cached else self.eval_preset(image)
+        return LazyDataset(len(train), load)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -167,12 +232,58 @@ class Trainer:
                                     alpha=cfg.focal_alpha, weight=weight)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.stopper = EarlyStopping(patience=cfg.early_stopping) if cfg.early_stopping else None
-        self.best = {"test_top1": -1.0}
+        self.best: dict = {}  # the metrics of the epoch best.pt holds
 
-    def _resume(self, path: str) -> None:
+    # -- resume -------------------------------------------------------------------------------------
+    def _open_resume(self, path: str) -> dict:
+        """Load ``--resume``'s checkpoint and refuse it when the architecture or image size differ
+        (the classes, mean/std and validation split are checked once the data is read)."""
+        cfg = self.cfg
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {path}: checkpoint not found")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if "optimizer" not in ckpt:
             raise ValueError(f"{path} holds no training state (optimizer, schedule): resume from RUN/last.pt")
+        where = f"--resume {path}: the checkpoint's"
+        if ckpt["arch"] != cfg.arch:
+            raise ValueError(f"{where} architecture {ckpt['arch']!r} differs from --arch {cfg.arch!r}")
+        if dict(ckpt.get("model_kwargs") or {}) != dict(cfg.model_kwargs or {}):
+            raise ValueError(f"{where} architecture arguments (--model-kwargs) {dict(ckpt.get('model_kwargs') or {})} "
+                             f"differ from {dict(cfg.model_kwargs or {})}")
+        if int(ckpt["input_size"]) != cfg.input_size:
+            raise ValueError(f"{where} input size {ckpt['input_size']} differs from --input-size {cfg.input_size}")
+        resize = EvalPreset(crop_size=cfg.input_size, resize_size=cfg.resize_size).resize_size
+        if int(ckpt.get("resize_size") or ckpt["input_size"]) != resize:
+            raise ValueError(f"{where} resize size {ckpt.get('resize_size')} differs from this run's {resize} "
+                             f"(--resize-size {cfg.resize_size})")
+        return ckpt
+
+    def _check_resume_data(self, path: str, ckpt: dict) -> None:
+        cfg = self.cfg
+        where = f"--resume {path}: the checkpoint's"
+        if list(ckpt["class_names"]) != list(self.spec.class_names):
+            raise ValueError(f"{where} classes {_short(ckpt['class_names'])} differ from {cfg.data}'s "
+                             f"{_short(self.spec.class_names)}")
+        # the validation split first: a different one also changes the training images' mean/std
+        was = ckpt.get("selection")
+        if was is not None and (was.get("split"), was.get("digest")) != (self.selection["split"],
+                                                                          self.selection["digest"]):
+            def describe(s: dict) -> str:
+                if not s.get("split"):
+                    return "none"
+                return s["source"] if str(s["source"]).startswith(f"{s['images']} images") else \
+                    f"{s['images']} images, {s['source']}"
+            raise ValueError(f"{where} validation split ({describe(was)}) differs from this run's "
+                             f"({describe(self.selection)}): resume with the same --data, --val-fraction and --seed")
+        saved = (tuple(float(v) for v in ckpt["mean"]), tuple(float(v) for v in ckpt["std"]))
+        if any(abs(a - b) > 1e-6 for a, b in zip(saved[0] + saved[1], tuple(self.mean) + tuple(self.std))):
+            fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"  # noqa: E731
+            raise ValueError(f"{where} normalization mean {fmt(saved[0])} / std {fmt(saved[1])} differs from this "
+                             f"run's mean {fmt(self.mean)} / std {fmt(self.std)} (--normalize {cfg.normalize} on "
+                             f"{cfg.data})")
+
+    def _resume(self, path: str, ckpt: dict) -> None:
+        self._check_resume_data(path, ckpt)
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
@@ -182,31 +293,73 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema_state_dict"])
         if self.stopper is not None and ckpt.get("early_stopping"):
             self.stopper.load_state_dict(ckpt["early_stopping"])
+        saved_cfg = dict(ckpt.get("config") or {})
         # The schedule was built for this run's --epochs, so a longer run stretches it from here on;
         # a new --lr scales the peak (and with it the current and minimum) learning rates.
-        if self.cfg.lr != ckpt["config"]["lr"]:
-            self.schedule.scale_lr(self.cfg.lr / ckpt["config"]["lr"])
-        self.best = dict(ckpt.get("best") or self.best)
+        if "lr" in saved_cfg and self.cfg.lr != saved_cfg["lr"]:
+            self.schedule.scale_lr(self.cfg.lr / saved_cfg["lr"])
+        self.best = dict(ckpt.get("best") or {})
+        if "selected_val_top1" not in self.best:  # an older checkpoint's (chosen on the test split): start over
+            self.best = {}
         self.history = list(ckpt.get("history") or [])
+        for bad_path, reason in ckpt.get("bad_images") or []:
+            self.bad_images.setdefault(bad_path, reason)
         self.start_epoch = int(ckpt["epoch"]) + 1
-        self.log(f"resumed from {path} at epoch {self.start_epoch} (best test top-1 so far "
-                 f"{self.best['test_top1']:.2%})")
+        if self.sampler_generator is not None and ckpt.get("sampler_generator") is not None:
+            self.sampler_generator.set_state(ckpt["sampler_generator"])
+        states = ckpt.get("rng_states")
+        exact = bool(states) and len(states) == self.dist.world_size
+        if exact:  # last: whatever building the run drew, epoch start_epoch draws what it drew uninterrupted
+            set_rng_state(states[self.dist.rank])
+        else:
+            self.warn(f"warning: --resume {path}: " + ("no random-generator state saved (an older checkpoint)"
+                                                       if not states else f"random-generator states of {len(states)} "
+                                                       f"processes saved, this run has {self.dist.world_size}")
+                      + ": the run continues, but not exactly as it would have uninterrupted")
+        changed = [f"--{k.replace('_', '-')} {saved_cfg[k]!r} -> {v!r}" for k, v in self.cfg.to_dict().items()
+                   if k in saved_cfg and k != "resume" and saved_cfg[k] != v]
+        best = (f"best val top-1 so far {self.best['selected_val_top1']:.2%} (epoch {self.best['epoch']})"
+                if self.best else "no best epoch yet")
+        self.log(f"resumed from {path} at epoch {self.start_epoch} ({best}"
+                 f"{'; random-generator states restored' if exact else ''})"
+                 + (f"; options changed: {', '.join(changed)}" if changed else ""))
 
     # -- the loop -----------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         if self.main:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.main:
+            print(message, file=sys.stderr, flush=True)
+
+    def note_bad_images(self, bad, *, enforce: bool = True) -> None:
+        """Record unreadable training images (``(path, reason)`` pairs; each new one logged once) and,
+        with ``enforce``, raise the clear error once more than ``--max-bad-images`` were met."""
+        for path, reason in bad:
+            if path in self.bad_images:
+                continue
+            reason = str(reason)
+            if reason.startswith(f"{path}: "):
+                reason = reason[len(path) + 2:]
+            self.bad_images[path] = reason
+            self.warn(f"warning: skipped unreadable training image {path} ({reason}); {len(self.bad_images)} "
+                      f"skipped so far, at most {self.cfg.max_bad_images} (--max-bad-images)")
+        if enforce and self.bad_images:
+            check_bad_images(len(self.bad_images), self.cfg.max_bad_images, example=next(iter(self.bad_images)))
+
     def run(self) -> dict:
+        """Train the remaining epochs, then evaluate ``best.pt`` on the test split; returns its metrics."""
         self.begin()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 if self.run_epoch(epoch):
-                    self.log(f"early stopping: no better test top-1 for {self.cfg.early_stopping} epochs")
+                    self.log(f"early stopping: no better validation top-1 for {self.cfg.early_stopping} epochs")
                     break
+            result = self.test_best()
         finally:
             self.finish()
-        return self.best if self.main else {}
+        return result if self.main else {}
 
     def begin(self) -> None:
         if self.main:
@@ -215,7 +368,7 @@ class Trainer:
         self.writer = open_tensorboard(self.cfg.out) if self.cfg.tensorboard and self.main else None
 
     def run_epoch(self, epoch: int) -> bool:
-        """Train, evaluate, schedule and checkpoint one epoch; returns whether to stop early."""
+        """Train, validate, schedule and checkpoint one epoch; returns whether to stop early."""
         start = time.time()
         if self.unfreezer is not None:
             opened = self.unfreezer.apply(epoch - 1)
@@ -236,13 +389,15 @@ class Trainer:
         self.net.train()
         if self.unfreezer is not None:
             self.unfreezer.set_train_mode()
-        sampler = self.train_loader.sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        self.train_loader.sampler.set_epoch(epoch)  # EpochSampler: the data order and the augmentation seeds
         total, seen = 0.0, 0
+        met = []  # unreadable images this process met this epoch
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and self.main),
                    mininterval=1.0)
-        for images, labels in bar:
+        for images, labels, bad in bar:
+            if bad:  # one process: the log line and the --max-bad-images error at once; DDP: all ranks below
+                met += bad
+                self.note_bad_images(bad, enforce=not self.dist.enabled)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             x = normalize(images, mean=self.mean, std=self.std)
@@ -265,65 +420,145 @@ class Trainer:
             total += loss.item() * len(images)
             seen += len(images)
             bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{self.schedule.lr:.2e}")
+        if self.dist.enabled:  # every rank learns what the others met (rank 0 logs; all decide on the cap alike)
+            self.note_bad_images([b for rank_bad in gather(met, self.dist) for b in rank_bad], enforce=False)
         return all_mean(total / max(1, seen), self.dist, self.device if self.device.type == "cuda" else
                         torch.device("cpu"))
 
     def evaluate_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict | None:
-        """Rank 0 evaluates the whole test split (the model and, with --ema, the EMA weights)."""
+        """Rank 0 evaluates the validation split (the model and, with --ema, the EMA weights); never the test split."""
         if not self.main:
             return None
-        probs, labels = predict(self.model, self.test_loader, self.spec, device=self.device,
-                                progress=self.cfg.progress)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "test_loss": nll(probs, labels),
-                   "test_top1": topk_accuracy(probs, labels, 1), "test_top5": topk_accuracy(probs, labels, 5),
-                   "lr": self.schedule.lr, "weights": "model"}
-        if self.ema is not None:
-            ema_probs, _ = predict(self.ema.module, self.test_loader, self.spec, device=self.device,
-                                   progress=self.cfg.progress, desc="evaluate EMA")
-            metrics["ema_top1"] = topk_accuracy(ema_probs, labels, 1)
-            metrics["ema_top5"] = topk_accuracy(ema_probs, labels, 5)
+        metrics = {"epoch": epoch, "train_loss": train_loss}
+        if self.val_loader is not None:
+            bad: list = []
+            probs, labels = predict(self.model, self.val_loader, self.spec, device=self.device,
+                                    progress=self.cfg.progress, desc="validate", bad=bad)
+            metrics.update(val_loss=nll(probs, labels), val_top1=topk_accuracy(probs, labels, 1),
+                           val_top5=topk_accuracy(probs, labels, 5))
+            if self.ema is not None:
+                ema_probs, _ = predict(self.ema.module, self.val_loader, self.spec, device=self.device,
+                                       progress=self.cfg.progress, desc="validate EMA", bad=bad)
+                metrics.update(val_loss_ema=nll(ema_probs, labels), val_top1_ema=topk_accuracy(ema_probs, labels, 1),
+                               val_top5_ema=topk_accuracy(ema_probs, labels, 5))
+            self.note_bad_images(bad, enforce=False)
+        metrics["lr"] = self.schedule.lr
         metrics["seconds"] = seconds + 0.0
         return metrics
 
     def end_of_epoch(self, epoch: int, metrics: dict | None, writer) -> bool:
-        """Schedule, checkpoints, log; returns whether to stop early (rank 0 decides)."""
-        score = broadcast(None if metrics is None else max(metrics["test_top1"], metrics.get("ema_top1", -1.0)),
-                          self.dist)
+        """Choose, schedule, checkpoint, log; returns whether to stop early (rank 0 decides)."""
+        use_ema, score, error = False, None, None
+        if self.main:
+            if self.val_loader is not None:  # model or EMA, whichever validates better; then best.pt if better
+                model_score = (metrics["val_top1"], metrics["val_loss"])
+                ema_score = (metrics.get("val_top1_ema"), metrics.get("val_loss_ema"))
+                use_ema = self.ema is not None and _better(ema_score, model_score)
+                chosen = ema_score if use_ema else model_score
+                metrics.update(selected_val_top1=chosen[0], selected_val_loss=chosen[1])
+                score = chosen[0]
+            else:  # nothing to choose on: the last epoch, EMA weights when kept; plateau follows the training loss
+                use_ema = self.ema is not None
+                score = -metrics["train_loss"]
+            metrics["weights"] = "ema" if use_ema else "model"
+            metrics["bad_images"] = len(self.bad_images)
+            if len(self.bad_images) > self.cfg.max_bad_images:
+                try:
+                    check_bad_images(len(self.bad_images), self.cfg.max_bad_images,
+                                     example=next(iter(self.bad_images)))
+                except ValueError as e:
+                    error = str(e)
+        score, error = broadcast((score, error), self.dist)
+        if error:
+            raise ValueError(error)
         self.schedule.step_epoch(score)
+        rng_states = gather(rng_state(), self.dist)  # every rank's, for an exact --resume (a collective call)
         if not self.main:
             return False
-        use_ema = self.ema is not None and metrics["ema_top1"] > metrics["test_top1"]
-        selected = {"weights": "ema" if use_ema else "model", "selected_top1": score}
-        metrics.update(selected)
+        if self.val_loader is not None:
+            improved = _better((metrics["selected_val_top1"], metrics["selected_val_loss"]),
+                               (self.best["selected_val_top1"], self.best["selected_val_loss"])
+                               if self.best else None)
+        else:
+            improved = True
         self.history.append(metrics)
         append_log(self.cfg.out, metrics)
-        ema_txt = f", EMA top-1 {metrics['ema_top1']:.2%}" if self.ema is not None else ""
-        self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, test loss {metrics['test_loss']:.4f}, "
-                 f"test top-1 {metrics['test_top1']:.2%}, top-5 {metrics['test_top5']:.2%}{ema_txt} "
+        if self.val_loader is not None:
+            ema_txt = f", EMA val top-1 {metrics['val_top1_ema']:.2%}" if self.ema is not None else ""
+            text = (f"val loss {metrics['val_loss']:.4f}, val top-1 {metrics['val_top1']:.2%}, "
+                    f"val top-5 {metrics['val_top5']:.2%}{ema_txt}{' (best so far)' if improved else ''}")
+        else:
+            text = "no validation split"
+        bad_txt = f", {len(self.bad_images)} unreadable training images skipped" if self.bad_images else ""
+        self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, {text}{bad_txt} "
                  f"({metrics['seconds']:.0f} s)")
         if writer is not None:
             add_scalars(writer, metrics, epoch)
         stop = self.stopper.step(score) if self.stopper is not None else False
-        improved = score > self.best.get("selected_top1", self.best["test_top1"])
-        if improved:
+        if improved:  # best.pt first: last.pt then records a best.pt that exists
             self.best = dict(metrics)
-        self._save(os.path.join(self.cfg.out, "last.pt"), epoch, metrics, weights=self.model, training_state=True)
-        if improved:
             weights = self.ema.module if use_ema else self.model
             self._save(os.path.join(self.cfg.out, "best.pt"), epoch, metrics, weights=weights, training_state=False)
+        self._save(os.path.join(self.cfg.out, "last.pt"), epoch, metrics, weights=self.model, training_state=True,
+                   rng_states=rng_states)
         return stop
 
+    def test_best(self) -> dict:
+        """Rank 0 evaluates ``best.pt`` on the test split, once: ``RUN/test_metrics.json``, the log and
+        ``best.pt``'s metrics (``test_*``) say so. Returns best.pt's metrics with the test numbers."""
+        if not self.main:
+            return {}
+        path = os.path.join(self.cfg.out, "best.pt")
+        if not os.path.isfile(path):
+            self.log("no best.pt (no epoch trained): the test split is not evaluated")
+            return dict(self.best)
+        spec, state_dict, ckpt = load_checkpoint(path)
+        model = spec.build()
+        model.load_state_dict(state_dict)
+        model.to(self.device)
+        loader = DataLoader(self.test_ds, batch_size=self.cfg.batch_size * 2, shuffle=False,
+                            generator=torch.Generator().manual_seed(self.cfg.seed), **self.loader_kwargs)
+        probs, labels = predict(model, loader, spec, device=self.device, progress=self.cfg.progress, desc="test")
+        test = {"test_loss": nll(probs, labels), "test_top1": topk_accuracy(probs, labels, 1),
+                "test_top5": topk_accuracy(probs, labels, 5), "test_images": len(labels)}
+        metrics = {**{k: v for k, v in dict(ckpt.get("metrics") or {}).items() if not k.startswith("test_")}, **test}
+        ckpt["metrics"] = metrics
+        write_atomically(path, ckpt)  # best.pt carries its test numbers (export copies them into export.json)
+        chosen = (f"chosen on the validation split, val top-1 {metrics['selected_val_top1']:.2%}"
+                  if "selected_val_top1" in metrics else "the last epoch (no validation split)")
+        write_test_metrics(self.cfg.out, {
+            "split": "test", "data": self.splits.test_name, "images": len(labels),
+            "top1": test["test_top1"], "top5": test["test_top5"], "loss": test["test_loss"],
+            "checkpoint": os.path.abspath(path), "epoch": int(ckpt["epoch"]), "weights": metrics.get("weights"),
+            "selected_on": {"split": self.selection["split"], "source": self.selection["source"],
+                            "images": self.selection["images"], "val_top1": metrics.get("selected_val_top1"),
+                            "val_loss": metrics.get("selected_val_loss")},
+            "bad_training_images": sorted(self.bad_images)})
+        self.log(f"test split ({self.splits.test_name}, {len(labels)} images, evaluated once, at the end): "
+                 f"top-1 {test['test_top1']:.2%}, top-5 {test['test_top5']:.2%}, loss {test['test_loss']:.4f} "
+                 f"with best.pt (epoch {ckpt['epoch']}, {metrics.get('weights')} weights, {chosen}) "
+                 f"-> {os.path.join(self.cfg.out, TEST_METRICS_FILE)}")
+        self.best = metrics
+        return metrics
+
     # -- files ----------------------------------------------------------------------------------------
-    def _save(self, path: str, epoch: int, metrics: dict, *, weights: nn.Module, training_state: bool) -> None:
-        extra = {"epoch": epoch, "config": self.cfg.to_dict(), "best": self.best, "history": self.history}
+    def _save(self, path: str, epoch: int, metrics: dict, *, weights: nn.Module, training_state: bool,
+              rng_states: list | None = None) -> None:
+        extra = {"epoch": epoch, "config": self.cfg.to_dict(), "best": self.best, "history": self.history,
+                 "selection": self.selection}
         if training_state:  # what --resume needs; best.pt stays a lean deployable checkpoint
             extra.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
                          scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                          ema_state_dict=self.ema.state_dict() if self.ema is not None else None,
-                         early_stopping=self.stopper.state_dict() if self.stopper is not None else None)
+                         early_stopping=self.stopper.state_dict() if self.stopper is not None else None,
+                         rng_states=rng_states,
+                         sampler_generator=None if self.sampler_generator is None else
+                         self.sampler_generator.get_state(),
+                         bad_images=[[p, r] for p, r in self.bad_images.items()])
         save_checkpoint(path, self.spec, weights, metrics=metrics, extra=extra)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train one run; returns the best epoch's metrics (rank 0; other ranks get ``{}``)."""
+    """Train one run; returns ``best.pt``'s metrics: its epoch's validation numbers and the final test
+    split's (``test_*``) (rank 0; other ranks get ``{}``)."""
     return Trainer(cfg.validate()).run()

@@ -37,13 +37,18 @@ EVAL_FORMAT_CHOICES = (AUTO, FOLDER, *FORMATS)  # what eval_dataset(format=...) 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: torch.device, tta: str = "none",
-            progress: bool = True, desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
+            progress: bool = True, desc: str = "evaluate", bad: list | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(probabilities (N, K), labels (N,))`` in loader order; batches are TTA canvases
-    (``inference.tta.canvas_preset``)."""
+    (``inference.tta.canvas_preset``). Batches may be ``(images, labels, bad)``
+    (:func:`training.datasets.collate_reporting`): the unreadable files go to ``bad`` when given."""
     model.eval()
     forward = lambda x: model(normalize(x, mean=spec.mean, std=spec.std))  # noqa: E731
     probs, labels = [], []
-    for images, target in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        images, target = batch[0], batch[1]
+        if bad is not None and len(batch) > 2:
+            bad.extend(batch[2])
         probs.append(predict_proba(forward, images.to(device), tta, crop_size=spec.input_size).float().cpu())
         labels.append(target)
     return torch.cat(probs), torch.cat(labels)

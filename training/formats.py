@@ -1,19 +1,26 @@
 """The data-set formats and :func:`build_datasets`: which format a data folder is, and its train/test sets.
 
 * ``imagefolder`` (:mod:`training.image_folder`): ``DATA/train`` and ``DATA/test`` (or ``DATA/val``);
+  with both ``DATA/test`` and ``DATA/val``, ``val/`` is the validation split;
 * ``inat`` (:mod:`training.inat`): ``DATA/train.json`` and ``DATA/val.json`` (or ``DATA/test.json``);
 * ``cifar`` (:mod:`training.cifar`): a folder of CIFAR-10/100 python pickles.
 
 :data:`FORMATS` is the list the command line offers (``--format``, with ``auto``: :func:`detect_format`).
+:func:`build_datasets` returns the train and test sets (``evaluate`` and ``stats`` read them);
+:func:`build_splits` the three splits training reads: train, validation (``DATA/val`` next to
+``DATA/test``, else a stratified, seeded fraction of the training images) and test.
 """
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from .cifar import CIFAR_SUBFOLDERS, CifarDataset, is_cifar_folder
+from .datasets import ImageSubset, stratified_split
 from .image_folder import ImageFolderDataset
 from .inat import InatDataset
 
@@ -81,3 +88,85 @@ def build_datasets(data: str | os.PathLike, *, format: str = AUTO, train_transfo
         raise ValueError(f"the classes of {train_name} ({len(train_ds.classes)}) and {test_name} "
                          f"({len(test_ds.classes)}) differ")
     return train_ds, test_ds
+
+
+@dataclass
+class Splits:
+    """The splits of one training run (:func:`build_splits`).
+
+    ``train`` has the training transform; ``val`` (``None``: no validation split) and ``test`` give
+    evaluation-transformed images. ``val_carved``: ``val`` was held out of the training images.
+    ``bad_images``: the ``(path, reason)`` of unreadable training files skipped while caching.
+    """
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    train_name: str
+    val_name: str | None
+    test_name: str
+    val_carved: bool = False
+    bad_images: list = field(default_factory=list)
+
+
+def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform=None, eval_transform=None,
+                 cache: bool = True, val_fraction: float = 0.1, seed: int = 0, max_bad_images: int | None = None,
+                 progress: bool = True) -> Splits:
+    """Train, validation and test splits of a data folder, for training.
+
+    * The **test** split is what :func:`build_datasets` calls it (``DATA/test`` or ``DATA/val``;
+      ``val.json``/``test.json``; CIFAR's test batch). It is never cached: nothing of it is decoded
+      until it is evaluated, and training evaluates it once, at the end.
+    * The **validation** split, which chooses ``best.pt``: ``DATA/val`` when an ImageFolder root has
+      both ``test/`` and ``val/``; otherwise ``val_fraction`` of the training images, stratified by
+      class and seeded by ``seed`` (:func:`~training.datasets.stratified_split`); none when
+      ``val_fraction`` is 0.
+    * **train**: the remaining training images.
+
+    ``eval_transform`` is the deterministic evaluation transform. With ``cache`` the training (and
+    validation) images are decoded once through it into memory and ``train_transform`` runs on every
+    access; without, every access decodes the file. ``max_bad_images``: how many unreadable training
+    files caching may skip (``None``: an error naming the first).
+    """
+    root = Path(data)
+    if format == AUTO:
+        format = detect_format(root)
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected {AUTO} or one of {', '.join(FORMATS)}")
+    cached = dict(cache_transform=eval_transform if cache else None, progress=progress)
+    val_ds = val_name = None
+    if format == "imagefolder":
+        train_dir = _first(root, ("train",), Path.is_dir, "sub-folders")
+        test_dir = _first(root, ("test", "val"), Path.is_dir, "sub-folders")
+        base = ImageFolderDataset(train_dir, transform=train_transform, max_bad_images=max_bad_images, **cached)
+        test_ds = ImageFolderDataset(test_dir, transform=eval_transform, progress=progress)
+        train_name, test_name = str(train_dir), str(test_dir)
+        if test_dir.name == "test" and (root / "val").is_dir():
+            val_ds = ImageFolderDataset(root / "val", transform=None if cache else eval_transform, **cached)
+            val_name = str(root / "val")
+    elif format == "inat":
+        train_json = _first(root, ("train.json",), Path.is_file, "files")
+        test_json = _first(root, ("val.json", "test.json"), Path.is_file, "files")
+        base = InatDataset(train_json, root=root, transform=train_transform, max_bad_images=max_bad_images, **cached)
+        test_ds = InatDataset(test_json, root=root, transform=eval_transform, progress=progress)
+        train_name, test_name = str(train_json), str(test_json)
+    else:
+        base = CifarDataset(root, split="train", transform=train_transform, **cached)
+        test_ds = CifarDataset(root, split="test", transform=eval_transform, progress=progress)
+        train_name, test_name = f"{base.root} (train)", f"{test_ds.root} (test)"
+    for name, ds in ((test_name, test_ds), (val_name, val_ds)):
+        if ds is not None and base.classes != ds.classes:
+            raise ValueError(f"the classes of {train_name} ({len(base.classes)}) and {name} "
+                             f"({len(ds.classes)}) differ")
+    train_ds, carved = base, False
+    if val_ds is None and val_fraction > 0:
+        keep, held = stratified_split(base.labels, val_fraction, seed=seed)
+        if not held:
+            raise ValueError(f"--val-fraction {val_fraction} holds out no image of {train_name} "
+                             f"({len(base)} images): raise it, add a val/ folder, or pass --val-fraction 0")
+        evaluated = copy.copy(base)  # shares paths, labels and the cache; decodes as the evaluation does
+        evaluated.transform = None if cache else eval_transform
+        train_ds, val_ds, carved = ImageSubset(base, keep), ImageSubset(evaluated, held), True
+        val_name = f"{len(held)} images held out of {train_name} (--val-fraction {val_fraction}, stratified, seed {seed})"
+    return Splits(train=train_ds, val=val_ds, test=test_ds, train_name=train_name, val_name=val_name,
+                  test_name=test_name, val_carved=carved, bad_images=list(getattr(base, "bad_images", [])))

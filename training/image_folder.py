@@ -53,14 +53,18 @@ class ImageFolderDataset(LabelledImages):
     deterministic part, e.g. :class:`~inference.transforms.EvalPreset`) and kept in memory; ``transform``
     then runs on the cached tensor each time (the random part). Without it images are decoded on
     every access, for data sets that do not fit in memory.
+
+    ``max_bad_images``: ``None`` (an unreadable file while caching is an error naming it) or how many
+    unreadable files caching may skip (listed in ``bad_images``; see ``LabelledImages._build_cache``).
     """
 
-    def __init__(self, root: str | os.PathLike, *, transform=None, cache_transform=None, progress: bool = True):
+    def __init__(self, root: str | os.PathLike, *, transform=None, cache_transform=None, progress: bool = True,
+                 max_bad_images: int | None = None):
         self.root = str(root)
         self.classes, self.paths, labels = scan_image_folder(root)
         self.labels = torch.tensor(labels)
         self.transform = transform
         self.cache = None
         if cache_transform is not None:
-            self._build_cache(cache_transform, progress=progress, desc=f"decode {root}")
+            self._build_cache(cache_transform, progress=progress, desc=f"decode {root}", max_bad_images=max_bad_images)
 

@@ -87,11 +87,12 @@ def read_inat_json(json_path: str | os.PathLike, *, root: str | os.PathLike | No
 class InatDataset(LabelledImages):
     """An iNaturalist-2021-style JSON file (see :func:`read_inat_json`) as uint8 tensors.
 
-    ``transform``/``cache_transform``/``progress`` as in :class:`~training.image_folder.ImageFolderDataset`.
+    ``transform``/``cache_transform``/``progress``/``max_bad_images`` as in
+    :class:`~training.image_folder.ImageFolderDataset`.
     """
 
     def __init__(self, json_path: str | os.PathLike, *, root: str | os.PathLike | None = None, transform=None,
-                 cache_transform=None, progress: bool = True):
+                 cache_transform=None, progress: bool = True, max_bad_images: int | None = None):
         self.json_path = str(json_path)
         self.root = str(root if root is not None else Path(json_path).parent)
         self.classes, self.paths, labels = read_inat_json(json_path, root=root)
@@ -99,4 +100,5 @@ class InatDataset(LabelledImages):
         self.transform = transform
         self.cache = None
         if cache_transform is not None:
-            self._build_cache(cache_transform, progress=progress, desc=f"decode {json_path}")
+            self._build_cache(cache_transform, progress=progress, desc=f"decode {json_path}",
+                              max_bad_images=max_bad_images)

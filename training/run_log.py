@@ -1,14 +1,24 @@
-"""The run's epoch log: ``RUN/log.csv`` (one row per epoch, :data:`LOG_COLUMNS`; read back by
-:func:`training.reports.read_log`) and, with ``--tensorboard``, the same scalars in ``RUN/tensorboard``."""
+"""The run's files besides the checkpoints.
+
+* ``RUN/log.csv``: one row per epoch (:data:`LOG_COLUMNS`; read back by :func:`training.reports.read_log`).
+  Every accuracy and loss in it is on the **validation** split (``val_*`` columns; ``val_top1_ema``:
+  the EMA weights); ``bad_images`` counts the unreadable training images skipped so far.
+* ``RUN/test_metrics.json``: the **test** split, evaluated once, at the end, with ``best.pt``
+  (:func:`write_test_metrics`); the test split is never read during training.
+* with ``--tensorboard``, the epoch scalars in ``RUN/tensorboard``.
+"""
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 LOG_FILE = "log.csv"
-LOG_COLUMNS = ["epoch", "train_loss", "test_loss", "test_top1", "test_top5", "ema_top1", "lr", "seconds"]
-SCALARS = ("train_loss", "test_loss", "test_top1", "test_top5", "ema_top1", "lr")  # what TensorBoard gets
-_FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}"}  # the rest: "{:.5f}"
+TEST_METRICS_FILE = "test_metrics.json"
+LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr", "seconds",
+               "bad_images"]
+SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr")  # what TensorBoard gets
+_FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
 
 
 def start_log(out: str, history: list[dict]) -> None:
@@ -23,6 +33,16 @@ def append_log(out: str, metrics: dict) -> None:
     row = [_FORMATS.get(c, "{:.5f}").format(metrics[c]) if c in metrics else "" for c in LOG_COLUMNS]
     with open(os.path.join(out, LOG_FILE), "a", newline="") as f:
         csv.writer(f).writerow(row)
+
+
+def write_test_metrics(out: str, metrics: dict) -> str:
+    """``out/test_metrics.json``: the final test-split evaluation (``"split": "test"``); returns its path."""
+    path = os.path.join(out, TEST_METRICS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def open_tensorboard(out: str):

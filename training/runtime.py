@@ -1,4 +1,5 @@
-"""The execution settings of a run: the device, the autocast precision (:data:`AMP_MODES`) and seeding."""
+"""The execution settings of a run: the device, the autocast precision (:data:`AMP_MODES`), seeding and the
+random generators' states (saved in ``last.pt`` for an exact ``--resume``)."""
 from __future__ import annotations
 
 import random
@@ -29,3 +30,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global random generator's state (torch CPU, CUDA when available, numpy, Python ``random``)
+    as tensors, lists and numbers, so that it is saved in a checkpoint that loads with
+    ``torch.load(weights_only=True)``; :func:`set_rng_state` restores it."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "state": list(py_state), "gauss": py_gauss}}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        for device, cuda_state in enumerate(list(state["cuda"])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)  # the devices both machines have
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))

@@ -31,3 +31,23 @@ def inat_folder(tmp_path):
     write_inat(tmp_path, "train", 3)
     write_inat(tmp_path, "val", 2, seed=5)
     return tmp_path
+
+
+SHAPES = ("circle", "horizontal", "vertical")
+
+
+def write_shapes(root, splits: dict, size: int = 20, classes=SHAPES):
+    """``root/<split>/<class>/<i>.png`` pattern images, ``splits`` = {split name: images per class}."""
+    for s, (split, n) in enumerate(splits.items()):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (d / f"{i:03d}.png").write_bytes(encode(pattern_image(c, size=size, seed=1000 * s + 7 * i + len(c))))
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory):
+    """A few seconds' worth of training: 3 classes x 12 train and x 4 test images of 20 px."""
+    return write_shapes(tmp_path_factory.mktemp("small"), {"train": 12, "test": 4})

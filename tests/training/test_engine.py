@@ -86,7 +86,7 @@ def test_recipe_run_writes_config_log_and_ema_checkpoints(image_folder, tmp_path
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["mixup_alpha"] == 0.2 and saved["loss"] == "focal" and saved["ema"] is True
     rows = _log(run)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["ema_top1"] for r in rows)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["val_top1_ema"] for r in rows)
     best = torch.load(run / "best.pt", weights_only=True)
     last = torch.load(run / "last.pt", weights_only=True)
     assert best["metrics"]["weights"] in ("model", "ema") and "optimizer" not in best  # lean deployable checkpoint
@@ -96,30 +96,17 @@ def test_recipe_run_writes_config_log_and_ema_checkpoints(image_folder, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
+def test_resume_extends_a_finished_run_with_more_epochs_and_a_new_lr(image_folder, tmp_path):
+    """(Bit-for-bit resumption with every source of randomness on: tests/training/test_resume.py.)"""
     from training.config import TrainConfig
     from training.engine import Trainer
 
     def cfg(out, **kw):
-        return TrainConfig(**{**dict(data=str(image_folder), out=str(out), model_kwargs=NO_DROPOUT, input_size=16,
-                                     batch_size=16, epochs=3, augment="none", hflip=0.0, ema=True, ema_decay=0.9,
-                                     progress=False), **kw})
-    full, part = tmp_path / "full", tmp_path / "part"
-    Trainer(cfg(full)).run()
-    interrupted = Trainer(cfg(part))  # the same 3-epoch run, stopped after epoch 2
-    interrupted.begin()
-    for epoch in (1, 2):
-        interrupted.run_epoch(epoch)
-    interrupted.finish()
-    Trainer(cfg(part, resume=str(part / "last.pt"))).run()
-    a = torch.load(full / "last.pt", weights_only=True)
+        return TrainConfig(**{**dict(data=str(image_folder), out=str(out), model_kwargs=TINY_KWARGS, input_size=16,
+                                     batch_size=16, epochs=3, ema=True, ema_decay=0.9, progress=False), **kw})
+    part = tmp_path / "part"
+    Trainer(cfg(part)).run()
     b = torch.load(part / "last.pt", weights_only=True)
-    assert b["epoch"] == 3 and [int(r["epoch"]) for r in _log(part)] == [1, 2, 3]
-    for key in ("state_dict", "ema_state_dict"):
-        for k, v in a[key].items():
-            assert torch.allclose(v.float(), b[key][k].float(), atol=1e-5), (key, k)
-    assert b["metrics"]["lr"] == pytest.approx(a["metrics"]["lr"])
-    # more epochs and a new peak lr for a finished run
     more = Trainer(cfg(part, resume=str(part / "last.pt"), epochs=4, lr=1e-3))
     assert more.start_epoch == 4
     more.run()
@@ -127,7 +114,7 @@ def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
     c = torch.load(part / "last.pt", weights_only=True)  # the stretched schedule trained epoch 4 (lr > 0)
     assert c["epoch"] == 4 and not torch.equal(c["state_dict"]["fc.weight"], b["state_dict"]["fc.weight"])
     with pytest.raises(ValueError, match="no training state"):
-        Trainer(cfg(tmp_path / "x", resume=str(full / "best.pt")))
+        Trainer(cfg(tmp_path / "x", resume=str(part / "best.pt")))
 
 
 @pytest.mark.slow

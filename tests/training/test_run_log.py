@@ -10,4 +10,4 @@ def test_log_keeps_resumed_rows_and_leaves_missing_columns_empty(tmp_path):
     append_log(str(tmp_path), {"epoch": 2, "train_loss": 0.25, "lr": 1e-3, "seconds": 1.26, "weights": "model"})
     log = read_log(tmp_path / "log.csv")
     assert list(log) == LOG_COLUMNS and log["epoch"] == [1.0, 2.0] and log["train_loss"] == [0.5, 0.25]
-    assert log["lr"][1] == 1e-3 and log["seconds"][1] == 1.3 and math.isnan(log["ema_top1"][1])
+    assert log["lr"][1] == 1e-3 and log["seconds"][1] == 1.3 and math.isnan(log["val_top1_ema"][1])
