@@ -27,9 +27,11 @@ def _export_parser() -> argparse.ArgumentParser:
         "What is folded: /255, -mean and /std become one per-channel multiply-add (not merged into the first\n"
         "convolution: with zero padding that would change the border pixels); BatchNorm is folded into the\n"
         "convolutions (TorchScript freezing; the ONNX exporter in eval mode).\n\n"
-        "Every variant is compared with the eager model on real images (--data) and refused (not written) when\n"
-        "it is off tolerance or loses more than --max-drop top-1 points (exit status 3: the others are written);\n"
-        "DIR/export.json lists each file with its runtime, precision, input, outputs and numbers. Subcommands: `python -m export verify --help`,\n"
+        "Every variant is written and compared with the eager model on real images (--data) in a staging folder\n"
+        "inside DIR, and refused (never moved into DIR) when it is off tolerance or loses more than --max-drop\n"
+        "top-1 points (exit status 3: the others are written). DIR/export.json lists each file with its SHA-256,\n"
+        "runtime, precision, input, outputs, numbers, date and checkpoint; a later run into DIR replaces the\n"
+        "entries of the variants it writes and keeps the others. Subcommands: `python -m export verify --help`,\n"
         "`python -m export archive --help`.\n\nVariants (--formats):\n" + _variant_table())
     p.add_argument("--checkpoint", required=True, help="best.pt/last.pt written by `python -m training train`")
     p.add_argument("--out", required=True, help="output folder")
@@ -56,7 +58,9 @@ def _verify_parser() -> argparse.ArgumentParser:
         prog="python -m export verify", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run eager and every exported graph (ONNX Runtime CPU, and CUDA EP when present; OpenVINO with "
         "the f32 and bf16 precision hints; TorchScript) on real images and print max/mean absolute difference, "
-        "top-1 and top-k agreement, accuracy and latency per image.")
+        "top-1 and top-k agreement, accuracy and latency per image. A graph whose SHA-256 differs from export.json "
+        "(or the model card), or that was exported from another checkpoint, is reported and not run; with "
+        "--archive, a checkpoint whose SHA-256 differs from the card's checkpoint_sha256 is refused.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dir", help="export folder")
     src.add_argument("--archive", help="a .mar built by `python -m export archive`")
@@ -72,7 +76,9 @@ def _archive_parser() -> argparse.ArgumentParser:
         description="Build MODEL_STORE/NAME.mar with torch-model-archiver from an export folder: the graph, the "
         "handler, the inference core (inference/), index_to_name.json, model_card.json and model-config.yaml. The archive "
         "is self-contained: a stock TorchServe with torch/torchvision (plus onnxruntime or openvino for those "
-        "variants) serves it. With several variants, one archive each, named NAME_<variant>.")
+        "variants) serves it. With several variants, one archive each, named NAME_<variant>. A graph is packed only "
+        "when its SHA-256 is the one export.json records; the archive is written under a temporary name in the "
+        "model store and renamed onto NAME.mar, so an earlier NAME.mar stays whole until the new one is complete.")
     p.add_argument("--dir", required=True, help="export folder written by `python -m export`")
     p.add_argument("--variant", "--format", dest="variant", default="onnx",
                    help=f"comma-separated variants to archive ({', '.join(VARIANTS)}, or all exported)")
@@ -105,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     if argv and argv[0] == "verify":
-        from .exporter import verify
+        from .audit import verify
         args = _verify_parser().parse_args(argv[1:])
-        rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
-                      archive=args.archive)
+        try:
+            rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
+                          archive=args.archive)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         bad = {k: r["problems"] for k, r in rows.items() if r.get("problems")}
         for k, v in bad.items():
             print(f"{k}: {'; '.join(v)}")
@@ -124,17 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     if calib is None and args.data:
         sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train")
         calib = sibling if os.path.isdir(sibling) else None
-    exporter = Exporter(args.checkpoint, args.out, graph_tta=args.graph_tta, graph_topk=args.graph_topk)
     try:
+        exporter = Exporter(args.checkpoint, args.out, graph_tta=args.graph_tta, graph_topk=args.graph_topk)
         manifest = exporter.run(names, data=args.data, calib_data=calib, eval_images=args.eval_images,
                                 calib_images=args.calib_images, max_drop=args.max_drop)
     except RefusedVariants as e:
         print(f"error: {e}", file=sys.stderr)
         return REFUSED_EXIT
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    for name, entry in manifest["variants"].items():
-        print(f"wrote {name}: {', '.join(os.path.join(args.out, f) for f in entry['files'])}")
+    for name in names:
+        print(f"wrote {name}: {', '.join(os.path.join(args.out, f) for f in manifest['variants'][name]['files'])}")
     return 0
 
 

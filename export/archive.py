@@ -4,6 +4,11 @@ An archive holds the exported graph (``.xml`` + ``.bin`` for OpenVINO), the hand
 core as a package directory (``inference/``: the handler imports it exactly as in the repository),
 ``index_to_name.json``, ``model_card.json`` and ``model-config.yaml`` (TorchServe's batching and
 worker keys, and the handler's section), written from :mod:`inference.settings`.
+
+The graph files are copied out of the export folder and packed only when the copies have the SHA-256
+that ``export.json`` records; the archive is built elsewhere and copied into the model store under a
+temporary name, then ``os.replace``-d onto ``NAME.mar`` (:mod:`export.atomic`): an earlier archive of
+that name stays whole until the new one is complete.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import inference
 from inference.class_index import INDEX_FILE
 from inference.settings import HandlerSettings, WorkerSettings
 
-from .exporter import EXPORT_MANIFEST
+from .atomic import clean_stale, publish_file, publish_tree
+from .integrity import check_files
+from .manifest import EXPORT_MANIFEST, PROVENANCE, load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "classifier_handler.py"
@@ -60,11 +67,27 @@ def stage_core(dest: Path) -> Path:
     return dest
 
 
-def load_manifest(export_dir: str | os.PathLike) -> dict:
-    path = Path(export_dir) / EXPORT_MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m export --checkpoint ... --out {export_dir}` first")
-    return json.loads(path.read_text())
+def copy_checked(*, export_dir: Path, info: dict, dest: Path) -> list[Path]:
+    """Copy the variant's files into ``dest`` and check the copies (what will be packed) against the
+    SHA-256 that ``export.json`` records; return the copies' paths, the graph first."""
+    dest.mkdir()
+    for f in info["files"]:
+        src = export_dir / f
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} not found ({export_dir / EXPORT_MANIFEST} lists it): export it again")
+        shutil.copyfile(src, dest / f)
+    check_files(folder=dest, expected=info.get("sha256", {}), files=info["files"],
+                record=str(export_dir / EXPORT_MANIFEST))
+    return [dest / f for f in info["files"]]
+
+
+def model_card(*, manifest: dict, info: dict, **extra) -> dict:
+    """The archive's ``model_card.json``: the export's top level, the variant's own provenance (its date
+    and checkpoint, which may be an earlier run's) over it, and ``extra``."""
+    card = {k: v for k, v in manifest.items() if k != "variants"}
+    card.update({k: info[k] for k in PROVENANCE if k in info})
+    card.update(extra)
+    return card
 
 
 def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
@@ -90,16 +113,18 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
                        graph_output=info["output"], graph_tta=info["tta"], graph_topk=info["topk"],
                        precision=info["precision"])
     file_name = file_name or name
+    target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
+    clean_stale(folder=model_store, name=target.name)  # what a killed build left
     with tempfile.TemporaryDirectory() as tmp:
+        graph, *rest = copy_checked(export_dir=export_dir, info=info, dest=Path(tmp) / "graph")
         config_path = Path(tmp) / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        card = {k: v for k, v in manifest.items() if k != "variants"}
-        card.update(name=name, version=version, variant=variant, variant_info=info, runtime=info["runtime"],
-                    precision=info["precision"], tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
-                    parity=info["parity"], handler=cfg["handler"])
+        card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
+                          runtime=info["runtime"], precision=info["precision"],
+                          tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
+                          parity=info["parity"], handler=cfg["handler"])
         card_path = Path(tmp) / "model_card.json"
         card_path.write_text(json.dumps(card, indent=1))
-        graph, *rest = [export_dir / f for f in info["files"]]
         core = stage_core(Path(tmp) / "core")
         extra = [str(core), str(export_dir / INDEX_FILE), str(card_path)] + [str(p) for p in rest]
         export_path = Path(tmp) / "out"
@@ -112,12 +137,10 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         built = export_path / (name if archive_format == "no-archive" else f"{name}.mar")
-        target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        shutil.move(built, target)  # tmp may be another file system: move, not rename
+        if archive_format == "no-archive":
+            publish_tree(src=built, dst=target)
+        else:
+            publish_file(src=built, dst=target)  # tmp may be another file system: copied in, then renamed
     return target
 
 

@@ -1,8 +1,12 @@
-"""Checkpoint -> every requested graph variant, each verified, listed in ``export.json``."""
+"""Checkpoint -> every requested graph variant, each verified, listed in ``export.json``: one transaction.
+
+Every graph is written and verified in a staging folder inside the output folder
+(:mod:`export.staging`); only the accepted ones, ``index_to_name.json`` and the merged
+``export.json`` (:mod:`export.manifest`) are then moved in. A refused variant, a failure or a
+crash leaves the earlier graphs and ``export.json`` as they were.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from datetime import datetime, timezone
 
@@ -11,8 +15,9 @@ import torch
 from inference.backends import load_backend
 from inference.class_index import INDEX_FILE, write_index_to_name
 from inference.transforms import normalize
-from training.checkpoint import load_checkpoint, load_model
+from training.checkpoint import load_checkpoint
 
+from .atomic import write_json
 from .formats import (
     VARIANTS,
     Variant,
@@ -23,11 +28,13 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
+from .integrity import file_hashes, sha256
+from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
+from .staging import Staging, recover
 from .verify import (
     DEFAULT_MAX_DROP,
     EvalSet,
     compare,
-    effective_precision,
     format_table,
     load_calibration,
     load_eval_set,
@@ -36,29 +43,28 @@ from .verify import (
 )
 from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
 
-EXPORT_MANIFEST = "export.json"
+__all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "sha256"]
+
 NEEDS_ONNX = {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
 NEEDS_CALIBRATION = {"onnx-int8", "openvino-int8"}
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Exporter:
     def __init__(self, checkpoint: str, out: str, *, graph_tta: str = "flip", graph_topk: int = 5):
         self.checkpoint = checkpoint
         self.out = out
-        self.spec, self.model = load_model(checkpoint)
-        _, _, self.ckpt = load_checkpoint(checkpoint)
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        self.checkpoint_sha256 = sha256(checkpoint)  # of the bytes loaded: checked again once they are
+        self.spec, state_dict, self.ckpt = load_checkpoint(checkpoint)
+        self.model = self.spec.build()
+        self.model.load_state_dict(state_dict)
+        self.model.eval()
+        if sha256(checkpoint) != self.checkpoint_sha256:
+            raise ValueError(f"{checkpoint} changed while it was read (is training still writing it?); try again")
         self.base = FusedNormalization(self.model, mean=self.spec.mean, std=self.spec.std).eval()
         self.graph_tta = graph_tta
         self.graph_topk = min(graph_topk, self.spec.num_classes)
-        os.makedirs(out, exist_ok=True)
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
@@ -87,9 +93,10 @@ class Exporter:
         return evalset.full if self.input_size(variant) != self.spec.input_size else evalset.crops
 
     # -- writing --------------------------------------------------------------------------------------
-    def write(self, variant: Variant, calibration: torch.Tensor | None) -> str:
-        path = os.path.join(self.out, variant.filename)
-        onnx_fp32 = os.path.join(self.out, VARIANTS["onnx"].filename)
+    def write(self, variant: Variant, calibration: torch.Tensor | None, *, folder: str) -> str:
+        """Write ``variant`` into ``folder`` (derived variants read ``folder``'s fp32 ONNX); return its path."""
+        path = os.path.join(folder, variant.filename)
+        onnx_fp32 = os.path.join(folder, VARIANTS["onnx"].filename)
         if variant.runtime == "torchscript":
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[variant.precision]
             module = FusedNormalization(self.spec.build().eval(), mean=self.spec.mean, std=self.spec.std, dtype=dtype)
@@ -117,11 +124,34 @@ class Exporter:
                     {"name": "indices", "dtype": "int64", "shape": ["N", self.graph_topk]}]
         return [{"name": variant.output, "dtype": "float32", "shape": ["N", n]}]
 
+    def check(self, variant: Variant, path: str, evalset: EvalSet, *, ref_acc: float | None,
+              max_drop: float) -> tuple[dict, list[str]]:
+        """Run the written graph against the eager model: ``(numbers, problems)``."""
+        backend = load_backend(path)
+        output, ms = run_backend(backend, self.graph_input(variant, evalset))
+        result = compare(output, self.reference(variant, evalset), kind=variant.output, labels=evalset.labels,
+                         k=min(5, self.spec.num_classes))
+        result["ms_per_image"] = ms
+        result["images"] = len(evalset.crops)
+        result["runtime"] = backend.providers
+        return result, problems(variant.precision, result, reference_accuracy=ref_acc, max_drop=max_drop)
+
+    def entry(self, variant: Variant, *, folder: str, parity: dict, provenance: dict) -> dict:
+        files = [os.path.basename(f) for f in files_of(variant, folder)]
+        size = self.input_size(variant)
+        return {**variant.describe(), "files": files, "sha256": file_hashes(folder=folder, files=files),
+                "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size]},
+                "input_size": size, "outputs": self.outputs(variant),
+                "tta": self.graph_tta if variant.output == "probabilities" else "none",
+                "topk": self.graph_topk if variant.output == "topk" else None, "parity": parity, **provenance}
+
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
             speed_only: bool = False, log=print) -> dict:
-        """``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models);
+        """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.
+
+        ``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models);
         their accuracy is then unchecked and the manifest says so."""
         if NEEDS_CALIBRATION & set(names) and calib_data is None:
             raise ValueError("INT8 variants need calibration images (--calib-data, by default the train/ folder "
@@ -129,6 +159,10 @@ class Exporter:
         if NEEDS_CALIBRATION & set(names) and data is None and not speed_only:
             raise ValueError("INT8 variants need --data (labelled images: the accuracy check) and calibration "
                              "images (--calib-data, by default the train/ folder next to --data)")
+        os.makedirs(self.out, exist_ok=True)
+        recover(out=self.out, log=log)
+        earlier = read_manifest(self.out)
+        check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
         ordered = (["onnx"] if NEEDS_ONNX & set(names) and "onnx" not in names else []) + names
         evalset = load_eval_set(data, self.spec, count=eval_images)
         calibration = None
@@ -138,52 +172,42 @@ class Exporter:
         with torch.no_grad():
             ref_logits = self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
         ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
-        write_index_to_name(os.path.join(self.out, INDEX_FILE), self.spec.class_names)
+        run = self.manifest({}, ref_acc, evalset.source)
+        run["speed_only"] = bool(speed_only and evalset.labels is None)
+        provenance = {k: run[k] for k in PROVENANCE}
         entries, rows, refused = {}, {}, {}
-        for name in ordered:
-            variant = VARIANTS[name]
-            path = self.write(variant, calibration)
-            backend = load_backend(path)
-            output, ms = run_backend(backend, self.graph_input(variant, evalset))
-            result = compare(output, self.reference(variant, evalset), kind=variant.output, labels=evalset.labels,
-                             k=min(5, self.spec.num_classes))
-            result["ms_per_image"] = ms
-            result["images"] = len(evalset.crops)
-            result["runtime"] = backend.providers
-            bad = problems(variant.precision, result, reference_accuracy=ref_acc, max_drop=max_drop)
-            rows[name] = result
-            if bad:
-                refused[name] = bad
-                for f in files_of(variant, self.out):
-                    if os.path.exists(f):
-                        os.remove(f)
-                continue
-            if name in names:
-                entries[name] = {**variant.describe(), "files": [os.path.basename(f) for f in files_of(variant, self.out)],
-                                 "input": {"name": "images", "dtype": "uint8",
-                                           "shape": ["N", 3, self.input_size(variant), self.input_size(variant)]},
-                                 "input_size": self.input_size(variant), "outputs": self.outputs(variant),
-                                 "tta": self.graph_tta if variant.output == "probabilities" else "none",
-                                 "topk": self.graph_topk if variant.output == "topk" else None, "parity": result}
-            elif os.path.exists(path):  # fp32 ONNX written only as the source of other variants
-                os.remove(path)
-        log(f"parity against eager fp32 on {evalset.source}:")
-        log(format_table(rows, reference_accuracy=ref_acc))
-        manifest = self.manifest(entries, ref_acc, evalset.source)
-        manifest["speed_only"] = bool(speed_only and evalset.labels is None)
-        with open(os.path.join(self.out, EXPORT_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
+        with Staging(out=self.out) as staging:
+            for name in ordered:
+                variant = VARIANTS[name]
+                if name in NEEDS_ONNX and "onnx" in refused:
+                    refused[name] = ["its source, the fp32 onnx graph, was refused"]
+                    continue
+                path = self.write(variant, calibration, folder=staging.path)
+                rows[name], bad = self.check(variant, path, evalset, ref_acc=ref_acc, max_drop=max_drop)
+                if bad:
+                    refused[name] = bad
+                elif name in names:  # not the fp32 ONNX written only as the source of other variants
+                    entries[name] = self.entry(variant, folder=staging.path, parity=rows[name], provenance=provenance)
+            log(f"parity against eager fp32 on {evalset.source}:")
+            log(format_table(rows, reference_accuracy=ref_acc))
+            manifest = merge(earlier=earlier, run=run, entries=entries)
+            if entries:
+                write_index_to_name(staging.file(INDEX_FILE), self.spec.class_names)
+                write_json(path=staging.file(EXPORT_MANIFEST), obj=manifest)
+                staging.commit([f for e in entries.values() for f in e["files"]] + [INDEX_FILE, EXPORT_MANIFEST])
         if refused:
             raise RefusedVariants(refused)
         return manifest
 
-    def manifest(self, entries: dict, ref_acc: float | None, source: str) -> dict:
+    def facts(self) -> dict:
         s = self.spec
         return {"arch": s.arch, "model_kwargs": s.model_kwargs, "class_names": s.class_names,
-                "input_size": s.input_size, "resize_size": s.resize_size, "mean": list(s.mean), "std": list(s.std),
-                "variants": entries, "eager_accuracy": ref_acc, "verified_on": source,
+                "input_size": s.input_size, "resize_size": s.resize_size, "mean": list(s.mean), "std": list(s.std)}
+
+    def manifest(self, entries: dict, ref_acc: float | None, source: str) -> dict:
+        return {**self.facts(), "variants": entries, "eager_accuracy": ref_acc, "verified_on": source,
                 "training_metrics": self.ckpt.get("metrics", {}), "checkpoint": os.path.abspath(self.checkpoint),
-                "checkpoint_sha256": sha256(self.checkpoint),
+                "checkpoint_sha256": self.checkpoint_sha256,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -191,64 +215,3 @@ class RefusedVariants(RuntimeError):
     def __init__(self, refused: dict[str, list[str]]):
         self.refused = refused
         super().__init__("refused (not written): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items()))
-
-
-def verify(export_dir: str, *, data: str | None, checkpoint: str | None = None, eval_images: int = 500,
-           archive: str | None = None, log=print) -> dict[str, dict]:
-    """Re-run every graph of an export folder (or of one ``.mar``) against the eager model.
-
-    ONNX graphs run on ONNX Runtime's CPU EP and, where present, the CUDA EP; OpenVINO graphs with
-    the f32 and the bf16 precision hint; TorchScript on the CPU and, where present, CUDA.
-    """
-    import tempfile
-    import zipfile
-
-    tmp = None
-    if archive:
-        tmp = tempfile.TemporaryDirectory()
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp.name)
-        card = json.load(open(os.path.join(tmp.name, "model_card.json")))
-        manifest = {**card, "variants": {card["variant"]: card["variant_info"]}}
-        export_dir = tmp.name
-    else:
-        manifest = json.load(open(os.path.join(export_dir, EXPORT_MANIFEST)))
-    exporter = Exporter(checkpoint or manifest["checkpoint"], tempfile.mkdtemp(prefix="verify-"),
-                        graph_tta=next((v["tta"] for v in manifest["variants"].values() if v["tta"] != "none"), "flip"),
-                        graph_topk=next((v["topk"] for v in manifest["variants"].values() if v["topk"]), 5))
-    if exporter.spec.class_names != manifest["class_names"]:
-        raise ValueError("the checkpoint's classes differ from the exported graphs'")
-    evalset = load_eval_set(data, exporter.spec, count=eval_images)
-    with torch.no_grad():
-        ref_logits = exporter.model(normalize(evalset.crops, mean=exporter.spec.mean, std=exporter.spec.std))
-    ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
-    rows = {}
-    cuda = torch.cuda.is_available()
-    for name, info in manifest["variants"].items():
-        variant = VARIANTS[name]
-        path = os.path.join(export_dir, info["files"][0])
-        runs = [("cpu", {})]
-        if variant.runtime == "openvino":
-            runs = [("f32", {"precision": "f32"}), ("bf16", {"precision": "bf16"})]
-        elif cuda:
-            runs.append(("cuda", {"device": torch.device("cuda")}))
-        for label, kwargs in runs:
-            row = f"{name} ({label})"
-            try:
-                backend = load_backend(path, **kwargs)
-            except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
-                rows[row] = {"error": f"not run: {e}"}
-                continue
-            output, ms = run_backend(backend, exporter.graph_input(variant, evalset))
-            result = compare(output, exporter.reference(variant, evalset), kind=variant.output,
-                             labels=evalset.labels, k=min(5, exporter.spec.num_classes))
-            result.update(ms_per_image=ms, runtime=backend.providers)
-            bad = problems(effective_precision(variant.precision, hint=label), result, reference_accuracy=ref_acc,
-                           max_drop=DEFAULT_MAX_DROP, cuda=label == "cuda")
-            result["problems"] = bad
-            rows[row] = result
-    log(f"verification against eager fp32 on {evalset.source}:")
-    log(format_table(rows, reference_accuracy=ref_acc))
-    if tmp:
-        tmp.cleanup()
-    return rows

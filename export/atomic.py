@@ -1,0 +1,141 @@
+"""Crash-safe replacement of files and folders: the new bytes go to a temporary name in the destination's
+own folder (same file system), are fsynced, then ``os.replace``-d onto the final name.
+
+A reader sees the old file or the new one, never a part; a failure removes the temporary; a killed
+process leaves at worst a hidden ``.NAME.<pid>.<random>.tmp`` that :func:`clean_stale` removes
+once that process is gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import BinaryIO
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames in ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}."
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_bytes(*, path: str | os.PathLike, data: bytes) -> None:
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def write_json(*, path: str | os.PathLike, obj) -> None:
+    write_bytes(path=path, data=(json.dumps(obj, indent=1) + "\n").encode())
+
+
+def copy_stream(*, src: BinaryIO, dst: BinaryIO) -> None:
+    """Copy the open file ``src`` to the open file ``dst`` in 1 MiB blocks."""
+    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def publish_file(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` (any file system) onto ``dst``: through a temporary in ``dst``'s folder."""
+    folder, name = os.path.split(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            copy_stream(src=inp, dst=out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the folder ``src`` onto ``dst``. The copy is complete before ``dst`` changes; an existing
+    ``dst`` is renamed away and the copy renamed in (two renames: folders cannot be replaced in one)."""
+    folder, name = os.path.split(os.path.abspath(dst))
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    old = None
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if os.path.lexists(dst):
+            old = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+            os.replace(dst, old)  # onto the empty folder just made
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None and not os.path.lexists(dst):
+            os.replace(old, dst)  # put the earlier one back
+            old = None
+        _remove(tmp)
+        raise
+    finally:
+        if old is not None:
+            _remove(old)
+    fsync_dir(folder)
+
+
+def clean_stale(*, folder: str | os.PathLike, name: str) -> list[str]:
+    """Remove the temporaries of ``folder/name`` that processes no longer alive left; return their names."""
+    prefix = f".{name}."
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            _remove(os.path.join(folder, entry))
+            removed.append(entry)
+    return removed

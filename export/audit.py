@@ -1,0 +1,128 @@
+"""``python -m export verify``: re-run the graphs of an export folder or of one ``.mar`` against the eager
+model, after checking that they are the files that were exported, from that checkpoint.
+
+* Graph files whose SHA-256 differs from ``export.json`` (or the model card) are reported, not run.
+* ``--archive``: a checkpoint whose SHA-256 differs from the model card's ``checkpoint_sha256`` is
+  refused (:class:`~export.integrity.IntegrityError`) before it is loaded.
+* ``--dir``: an entry exported from another checkpoint than the reference is reported, not run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import torch
+
+from inference.backends import load_backend
+from inference.transforms import normalize
+
+from .exporter import Exporter
+from .formats import VARIANTS
+from .integrity import check_checkpoint, hash_mismatches
+from .manifest import EXPORT_MANIFEST, load_manifest
+from .verify import DEFAULT_MAX_DROP, compare, effective_precision, format_table, load_eval_set, problems, run_backend
+
+CARD = "model_card.json"
+
+
+def _read_archive(archive: str, dest: str) -> dict:
+    if not os.path.isfile(archive):
+        raise FileNotFoundError(f"archive not found: {archive}")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(dest)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{archive} is not a .mar (zip) archive: {e}") from None
+    card_path = os.path.join(dest, CARD)
+    if not os.path.isfile(card_path):
+        raise ValueError(f"{archive} has no {CARD}: not built by `python -m export archive`")
+    with open(card_path) as f:
+        card = json.load(f)
+    return {**card, "variants": {card["variant"]: card["variant_info"]}}
+
+
+def _stale(info: dict, *, manifest: dict, folder: str, record: str, reference_sha256: str,
+           reference: str) -> list[str]:
+    """Why an entry's graph is not the one to compare (empty: it is). Entries written before graph
+    hashes were recorded are compared unchecked."""
+    out = []
+    if "sha256" in info:
+        out = hash_mismatches(folder=folder, expected=info["sha256"], files=info["files"], record=record)
+    exported_from = info.get("checkpoint_sha256") or manifest.get("checkpoint_sha256")
+    if exported_from and exported_from != reference_sha256:
+        out.append(f"exported from the checkpoint with sha256 {exported_from}; {reference} has {reference_sha256} "
+                   f"(pass the right one with --checkpoint)")
+    return out
+
+
+def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None = None, eval_images: int = 500,
+           archive: str | None = None, log=print) -> dict[str, dict]:
+    """Re-run every graph of an export folder (or of one ``.mar``) against the eager model.
+
+    ONNX graphs run on ONNX Runtime's CPU EP and, where present, the CUDA EP; OpenVINO graphs with
+    the f32 and the bf16 precision hint; TorchScript on the CPU and, where present, CUDA.
+    """
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        if archive:
+            manifest = _read_archive(archive, tmp)
+            folder, record = tmp, f"the model card of {archive}"
+            reference = checkpoint or manifest["checkpoint"]
+            check_checkpoint(path=reference, expected=manifest.get("checkpoint_sha256"), record=record)
+        else:
+            manifest = load_manifest(export_dir)
+            folder, record = export_dir, os.path.join(export_dir, EXPORT_MANIFEST)
+            reference = checkpoint or manifest["checkpoint"]
+        variants = manifest["variants"]
+        exporter = Exporter(reference, folder,
+                            graph_tta=next((v["tta"] for v in variants.values() if v["tta"] != "none"), "flip"),
+                            graph_topk=next((v["topk"] for v in variants.values() if v["topk"]), 5))
+        if archive:  # the bytes loaded are the bytes checked
+            check_checkpoint(path=reference, expected=manifest.get("checkpoint_sha256"),
+                             actual=exporter.checkpoint_sha256, record=record)
+        if exporter.spec.class_names != manifest["class_names"]:
+            raise ValueError("the checkpoint's classes differ from the exported graphs'")
+        return _compare_all(exporter, manifest, folder=folder, record=record, reference=reference, data=data,
+                            eval_images=eval_images, log=log)
+
+
+def _compare_all(exporter: Exporter, manifest: dict, *, folder: str, record: str, reference: str,
+                 data: str | None, eval_images: int, log) -> dict[str, dict]:
+    evalset = load_eval_set(data, exporter.spec, count=eval_images)
+    with torch.no_grad():
+        ref_logits = exporter.model(normalize(evalset.crops, mean=exporter.spec.mean, std=exporter.spec.std))
+    ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
+    rows = {}
+    cuda = torch.cuda.is_available()
+    for name, info in manifest["variants"].items():
+        variant = VARIANTS[name]
+        stale = _stale(info, manifest=manifest, folder=folder, record=record, reference_sha256=exporter.checkpoint_sha256,
+                       reference=reference)
+        if stale:
+            rows[name] = {"error": "not run: " + "; ".join(stale), "problems": stale}
+            continue
+        path = os.path.join(folder, info["files"][0])
+        runs = [("cpu", {})]
+        if variant.runtime == "openvino":
+            runs = [("f32", {"precision": "f32"}), ("bf16", {"precision": "bf16"})]
+        elif cuda:
+            runs.append(("cuda", {"device": torch.device("cuda")}))
+        for label, kwargs in runs:
+            row = f"{name} ({label})"
+            try:
+                backend = load_backend(path, **kwargs)
+            except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
+                rows[row] = {"error": f"not run: {e}"}
+                continue
+            output, ms = run_backend(backend, exporter.graph_input(variant, evalset))
+            result = compare(output, exporter.reference(variant, evalset), kind=variant.output,
+                             labels=evalset.labels, k=min(5, exporter.spec.num_classes))
+            result.update(ms_per_image=ms, runtime=backend.providers)
+            bad = problems(effective_precision(variant.precision, hint=label), result, reference_accuracy=ref_acc,
+                           max_drop=DEFAULT_MAX_DROP, cuda=label == "cuda")
+            result["problems"] = bad
+            rows[row] = result
+    log(f"verification against eager fp32 on {evalset.source}:")
+    log(format_table(rows, reference_accuracy=ref_acc))
+    return rows
