@@ -73,7 +73,8 @@ def main() -> int:
     os.chdir(REPO)
     step("data: Fashion-MNIST as an ImageFolder tree", PY, "-m", "training", "prepare-fashion-mnist", "--out", DATA)
     step("train (CPU)", PY, "-m", "training", "train", "--data", DATA, *TRAIN_ARGS, "--out", RUN)
-    step(f"evaluate offline (tta={TTA}, the same TTA the server applies)", PY, "-m", "training", "evaluate",
+    step(f"evaluate offline on the test split (tta={TTA}, the same TTA the server applies; best.pt was chosen on "
+         "the validation split carved from train/)", PY, "-m", "training", "evaluate",
          "--checkpoint", f"{RUN}/best.pt", "--data", f"{DATA}/test", "--tta", TTA, "--out", f"{RUN}/eval")
     rc = step("export: every graph variant (fused normalization; fp16/bf16/INT8; in-graph TTA and top-k), each "
          "checked against eager on 500 real test images", PY, "-m", "export", "--checkpoint", f"{RUN}/best.pt",
@@ -92,7 +93,8 @@ def main() -> int:
     print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
     try:
         top1, offline, mismatches, n = served_accuracy(server, f"{RUN}/eval/predictions.csv")
-        print(f"\nserved top-1: {top1:.2%} on {n} images (offline top-1: {offline:.2%}, mismatches: {mismatches})",
+        print(f"\nserved top-1: {top1:.2%} on {n} test-split images (offline top-1: {offline:.2%}, mismatches: "
+              f"{mismatches})",
               flush=True)
         load_test(server)
     finally:
