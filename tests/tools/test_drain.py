@@ -1,0 +1,190 @@
+"""The drain's bookkeeping without a TorchServe: which access-log lines are answers to counted requests
+(every inference route, gRPC included; refusals excluded), and ``drain`` / ``make stop`` against a
+stand-in ``/metrics``. The lines are TorchServe 0.12's, as measured (tests/integration/test_prod_config.py
+runs the same against a real server)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tools import REPO
+from tools.drain import AccessLogAnswers, answered_model, drain, model_of_uri, outstanding
+
+GRPC = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
+OIP = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
+
+
+def line(thread: str | None, method: str, uri: str, status: int, protocol: str = "HTTP/1.1") -> str:
+    """An access-log line as TorchServe writes it: with the thread (tools.torchserve's pattern) or without
+    (TorchServe's default pattern)."""
+    where = f" [{thread}]" if thread else ""
+    return f'2026-12-02T02:23:36,070{where} - /127.0.0.1:36684 "{method} {uri} {protocol}" {status} 12\n'
+
+
+def grpc_line(thread: str | None, call: str, code: int) -> str:
+    return line(thread, "gRPC", call, code, "HTTP/2.0")
+
+
+@pytest.mark.parametrize("uri, model", [
+    ("/explanations/shapes", "shapes"), ("/explanations/shapes/2.0", "shapes"),
+    ("/v1/models/m:explain", "m"), ("/v2/models/m/explain", "m"), ("/v1/models/a.b:predict", "a.b"),
+    ("/v2/health/live", None), ("/v1/models/m", None), ("/token?type=inference", None),
+])
+def test_model_of_uri_covers_every_counted_route(uri, model):
+    assert model_of_uri(uri) == model
+
+
+@pytest.mark.parametrize("text, expected", [
+    # answered by the model's worker thread: an answer, whatever the route or status
+    (line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200), ("shapes", False)),
+    (line("W-9000-shapes_1.0", "POST", "/explanations/shapes", 503), ("shapes", False)),
+    (line("W-9001-shapes_2.0", "POST", "/v2/models/shapes/infer", 200), ("shapes", False)),
+    (line("W-9000-shapes_1.0", "POST", "/v1/models/shapes:explain", 503), ("shapes", False)),
+    (grpc_line("W-9000-shapes_ts_1.0", f"{GRPC}/Predictions", 0), ("shapes_ts", False)),
+    (grpc_line("W-9000-shapes_1.0", f"{GRPC}/StreamPredictions", 13), ("shapes", False)),
+    # refused on a Netty / gRPC thread before TorchServe counted it: no answer
+    (line("epollEventLoopGroup-3-3", "POST", "/predictions/shapes", 400), (None, False)),   # no / wrong key
+    (line("epollEventLoopGroup-3-1", "POST", "/predictions/shapes/9.9", 404), (None, False)),
+    (line("epollEventLoopGroup-3-1", "POST", "/v2/models/shapes/versions/1.0/infer", 501), (None, False)),
+    (grpc_line("grpc-default-executor-0", f"{GRPC}/Predictions", 13), (None, False)),       # model not found
+    # a full queue answers 503 on the Netty thread after counting the arrival: an answer
+    (line("epollEventLoopGroup-3-2", "POST", "/predictions/shapes", 503), ("shapes", False)),
+    # not inference, or never counted as an arrival
+    (grpc_line("W-9000-shapes_1.0", f"{OIP}/ModelInfer", 0), (None, False)),
+    (grpc_line("pool-2-thread-3", f"{GRPC}/Ping", 0), (None, False)),
+    (line("W-9000-extra_1.0", "POST", "/models?url=extra.mar&synchronous=true", 200), (None, False)),
+    (line("epollEventLoopGroup-4-1", "GET", "/metrics", 200), (None, False)),
+    (line("W-9000-shapes_1.0", "OPTIONS", "/predictions/shapes", 200), (None, False)),
+    # TorchServe's default pattern (no thread): by the URI; gRPC answers name no model
+    (line(None, "POST", "/predictions/a", 200), ("a", False)),
+    (line(None, "POST", "/predictions/a", 400), ("a", False)),
+    (grpc_line(None, f"{GRPC}/Predictions", 0), (None, True)),
+    (grpc_line(None, f"{OIP}/ModelInfer", 0), (None, False)),
+])
+def test_which_lines_answer_a_counted_request(text, expected):
+    assert answered_model(text) == expected
+
+
+def test_outstanding_subtracts_unattributed_grpc_answers():
+    assert outstanding({"a": 3, "b": 1}, {"a": 1}) == 3
+    assert outstanding({"a": 3, "b": 1}, {"a": 1}, grpc_answers=2) == 1
+    assert outstanding({"a": 1}, {"a": 5}) == 0          # more answers than arrivals of a do not cover b
+    assert outstanding({"a": 1, "b": 1}, {"a": 5}) == 1
+
+
+def test_access_log_answers_read_grpc_lines_incrementally(tmp_path):
+    log = tmp_path / "access_log.log"
+    log.write_text(grpc_line("W-9000-m_1.0", f"{GRPC}/Predictions", 0) + grpc_line(None, f"{GRPC}/Predictions", 0))
+    answers = AccessLogAnswers(log)
+    assert answers.read() == {"m": 1} and answers.grpc == 1
+    with open(log, "a") as f:
+        f.write(line("W-9000-m_1.0", "POST", "/v2/models/m/infer", 200) + grpc_line("W-9000-m_1.0", GRPC, 0)[:30])
+    assert answers.read() == {"m": 2} and answers.grpc == 1
+
+
+class Metrics:
+    """A stand-in for TorchServe's /metrics: ``ts_inference_requests_total`` per model from ``arrivals``."""
+
+    def __init__(self):
+        self.arrivals: dict[str, int] = {}
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                body = "".join(f'ts_inference_requests_total{{model_name="{m}",model_version="default",'
+                               f'hostname="vm",}} {float(n)}\n' for m, n in metrics.arrivals.items())
+                body = "# TYPE ts_inference_requests_total counter\n" + body
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def metrics():
+    m = Metrics()
+    yield m
+    m.close()
+
+
+def test_drain_after_v2_and_grpc_answers_finds_nothing_outstanding(metrics, tmp_path):
+    log = tmp_path / "access_log.log"
+    metrics.arrivals = {"shapes": 2}
+    log.write_text(line("W-9000-shapes_1.0", "POST", "/v2/models/shapes/infer", 200)
+                   + grpc_line("W-9000-shapes_1.0", f"{GRPC}/Predictions", 0))
+    result = drain(metrics.url, log, timeout=5)
+    assert result["drained"] and result["in_flight"] == 0, result
+
+
+def test_drain_waits_for_a_grpc_answer_and_ignores_refusals(metrics, tmp_path):
+    log = tmp_path / "access_log.log"
+    metrics.arrivals = {"shapes": 3, "slow": 1}
+    log.write_text(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200) * 3
+                   + line("epollEventLoopGroup-3-1", "POST", "/predictions/slow", 400) * 5     # refused: no key
+                   + grpc_line("grpc-default-executor-0", f"{GRPC}/Predictions", 13) * 5       # refused: no model
+                   + grpc_line("W-9000-shapes_1.0", f"{OIP}/ModelInfer", 0))                  # never counted
+
+    def answer_later():
+        time.sleep(0.6)
+        with open(log, "a") as f:
+            f.write(grpc_line("W-9001-slow_1.0", f"{GRPC}/Predictions", 0))
+    t = threading.Thread(target=answer_later)
+    t.start()
+    result = drain(metrics.url, log, timeout=10)
+    t.join()
+    assert result["drained"] and result["in_flight"] == 1 and result["seconds"] >= 0.5, result
+
+
+def test_drain_gives_up_when_a_grpc_request_stays_unanswered(metrics, tmp_path):
+    log = tmp_path / "access_log.log"
+    metrics.arrivals = {"m": 1}
+    log.write_text(grpc_line("grpc-default-executor-1", f"{GRPC}/Predictions", 13))
+    result = drain(metrics.url, log, timeout=0.3)
+    assert not result["drained"] and result["in_flight"] == 1 and "1 of 1" in result["reason"], result
+
+
+def test_drain_counts_grpc_answers_of_a_log_without_thread_names(metrics, tmp_path):
+    log = tmp_path / "access_log.log"
+    metrics.arrivals = {"a": 2}
+    log.write_text(line(None, "POST", "/predictions/a", 200) + grpc_line(None, f"{GRPC}/Predictions", 0))
+    assert drain(metrics.url, log, timeout=5)["drained"]
+
+
+def test_make_stop_after_a_grpc_request_says_drained(metrics, tmp_path):
+    """``python -m scripts.ts_server stop`` (make stop) on a state file: drained, then SIGTERM to the PID."""
+    log = tmp_path / "access_log.log"
+    log.write_text("before this server started\n")
+    offset = log.stat().st_size
+    with open(log, "a") as f:
+        f.write(line("W-9000-shapes_1.0", "POST", "/v2/models/shapes/infer", 200)
+                + grpc_line("W-9000-shapes_1.0", f"{GRPC}/Predictions", 0))
+    metrics.arrivals = {"shapes": 2}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "server.json"
+        state.write_text(json.dumps({"pid": sleeper.pid, "metrics_url": metrics.url, "access_log": str(log),
+                                     "access_log_offset": offset}))
+        cli = subprocess.run([sys.executable, "-m", "scripts.ts_server", "stop", "--state-file", str(state),
+                              "--drain-timeout", "10"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert "drained: 0 requests in flight answered" in cli.stdout, cli.stdout
+        assert f"sent SIGTERM to TorchServe PID {sleeper.pid}" in cli.stdout
+        assert sleeper.wait(timeout=10) != 0 and not state.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
