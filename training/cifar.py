@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .datasets import LabelledImages
+from .progress import tqdm
 
 CIFAR10_TRAIN = re.compile(r"data_batch_(\d+)")
 CIFAR_SUBFOLDERS = ("cifar-10-batches-py", "cifar-100-python")  # what the official archives extract to

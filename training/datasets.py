@@ -20,9 +20,10 @@ import hashlib
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data import default_collate as _default_collate
-from tqdm import tqdm
 
 from inference.images import ImageError, read_image_file
+
+from .progress import tqdm
 
 UNREADABLE = (ImageError, OSError)  # what reading one image file can raise: not an image, truncated, I/O
 

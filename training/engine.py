@@ -26,7 +26,6 @@ import time
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from inference.transforms import EvalPreset, normalize
 
@@ -41,6 +40,7 @@ from .losses import build_loss, class_weights
 from .mixing import BatchMixer
 from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
+from .progress import tqdm
 from .reports import nll, topk_accuracy
 from .run_log import TEST_METRICS_FILE, add_scalars, append_log, open_tensorboard, start_log, write_test_metrics
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from inference.images import read_image_file
 from inference.transforms import normalize
@@ -21,6 +20,7 @@ from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset
 from .formats import AUTO, FORMATS, build_datasets, detect_format
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from .progress import tqdm
 from .reports import (
     classification_metrics,
     classification_report,

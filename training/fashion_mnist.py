@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .image_folder import CLASS_NAMES_FILE, folder_name
+from .progress import tqdm
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

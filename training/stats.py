@@ -6,7 +6,8 @@ The mean/std a model is trained with are fused into the exported graph (see
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
+
+from .progress import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
