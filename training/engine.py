@@ -149,12 +149,19 @@ class Trainer:
         self.loader_kwargs = dict(num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
         # Each loader draws its workers' base seed from a generator of its own, not torch's global one,
         # so the global stream (dropout, Mixup/CutMix) does not depend on when iterators are created.
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=EpochSampler(sampler),
+        per_process = len(self.train_ds) // self.dist.world_size
+        batch_size = cfg.batch_size
+        if batch_size > per_process >= 2:  # a small set trains: one batch of everything it has
+            batch_size = per_process
+            if self.main:
+                print(f"warning: --batch-size {cfg.batch_size} is larger than the {per_process} training images per "
+                      f"process; training with batches of {batch_size}", file=sys.stderr, flush=True)
+        self.train_loader = DataLoader(self.train_ds, batch_size=batch_size, sampler=EpochSampler(sampler),
                                        drop_last=True, collate_fn=collate_reporting, persistent_workers=cfg.workers > 0,
                                        generator=torch.Generator().manual_seed(cfg.seed), **self.loader_kwargs)
         if len(self.train_loader) == 0:
-            raise ValueError(f"{len(self.train_ds)} training images are fewer than one batch of {cfg.batch_size} "
-                             f"per process: lower --batch-size")
+            raise ValueError(f"{len(self.train_ds)} training images are too few to train on ({per_process} per process; "
+                             "batch normalization needs at least 2 per batch): add images")
         self.val_loader = None
         if self.val_ds is not None:
             self.val_loader = DataLoader(

@@ -60,3 +60,14 @@ def test_evaluate_writes_metrics_predictions_and_plots(run_dir, image_folder, ca
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_model(tmp_path / "nope.pt")
+
+
+def test_a_set_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, capsys):
+    from tests.training.conftest import write_shapes
+    data = write_shapes(tmp_path / "tiny", {"train": 3, "test": 1})  # 9 training images
+    out = tmp_path / "run"
+    main(["train", "--data", str(data), "--arch", "cbam_resnet", "--model-kwargs", json.dumps(TINY_KWARGS),
+          "--epochs", "1", "--batch-size", "64", "--input-size", "16", "--val-fraction", "0", "--out", str(out)])
+    assert "--batch-size 64 is larger than the 9 training images per process; training with batches of 9" in \
+        capsys.readouterr().err
+    assert (out / "best.pt").is_file()
