@@ -97,7 +97,7 @@ def _archive_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "archive":
-        from .archive import build_archives
+        from .archive import archive_plan, archiver_command, build_archives
         args = _archive_parser().parse_args(argv[1:])
         options = {f.name: getattr(args, f.name) for cls in (WorkerSettings, HandlerSettings) for f in fields(cls)
                    if f.metadata["cli"]}
@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                                    archive_format=args.archive_format, **options)
         except (SettingsError, FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        for path in paths:
-            print(f"wrote {path}")
+        plan = archive_plan(args.dir, variants=args.variant, name=args.name, file_name=args.file_name)
+        for path, (variant, name, file_name) in zip(paths, plan):
+            print(f"wrote {path}; the same by hand:\n  " + archiver_command(
+                args.dir, variant=variant, name=name, version=args.version, file_name=file_name,
+                model_store=args.model_store, archive_format=args.archive_format))
         return 0
     if argv and argv[0] == "verify":
         from .audit import verify

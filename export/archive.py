@@ -8,12 +8,16 @@ worker keys, and the handler's section), written from :mod:`inference.settings`.
 The graph files are copied out of the export folder and packed only when the copies have the SHA-256
 that ``export.json`` records; the archive is built elsewhere and copied into the model store under a
 temporary name, then ``os.replace``-d onto ``NAME.mar`` (:mod:`export.atomic`): an earlier archive of
-that name stays whole until the new one is complete.
+that name stays whole until the new one is complete. The archiver's inputs (``model-config.yaml``,
+``model_card.json``, ``requirements.txt``, the core) stay in ``EXPORT/archive/NAME/``, and
+:func:`archiver_command` gives the raw ``torch-model-archiver`` command that packs them by hand.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,13 +31,14 @@ import inference
 from inference.class_index import INDEX_FILE
 from inference.settings import HandlerSettings, WorkerSettings
 
-from .atomic import clean_stale, publish_file, publish_tree
+from .atomic import clean_stale, publish_file, publish_tree, write_bytes
 from .integrity import check_files
 from .manifest import EXPORT_MANIFEST, PROVENANCE, load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "handlers" / "classifier_handler.py"
 CORE = Path(inference.__file__).resolve().parent  # the inference package, carried whole
+ARCHIVE_INPUTS = "archive"  # EXPORT/archive/NAME/: the archiver's inputs, kept for the raw command
 
 
 def split_options(options: dict) -> tuple[WorkerSettings, dict]:
@@ -90,6 +95,60 @@ def model_card(*, manifest: dict, info: dict, **extra) -> dict:
     return card
 
 
+def requirements(runtime: str) -> str:
+    """``requirements.txt`` for the graph's runtime, pinned to the versions it was exported and checked
+    with (for TorchServe's ``install_py_dep_per_model=true``); torch itself is TorchServe's own."""
+    modules = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}.get(runtime.split("-")[0], []) + ["PIL"]
+    installed = importlib.metadata.packages_distributions()  # module -> distributions (onnxruntime-gpu, pillow)
+    lines = []
+    for module in modules:
+        dist = installed.get(module, [module])[0]
+        lines.append(f"{dist}=={importlib.metadata.version(dist)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_inputs(*, export_dir: Path, file_name: str, cfg: dict, card: dict, runtime: str) -> Path:
+    """The archiver's inputs, kept in ``EXPORT/archive/FILE_NAME/`` (each written atomically) so the raw
+    ``torch-model-archiver`` command :func:`archiver_command` prints can be re-run by hand:
+    ``model-config.yaml``, ``model_card.json``, ``requirements.txt`` and ``core/inference/``."""
+    inputs = export_dir / ARCHIVE_INPUTS / file_name
+    inputs.mkdir(parents=True, exist_ok=True)
+    write_bytes(path=inputs / "model-config.yaml", data=yaml.safe_dump(cfg, sort_keys=False).encode())
+    write_bytes(path=inputs / "model_card.json", data=json.dumps(card, indent=1).encode())
+    write_bytes(path=inputs / "requirements.txt", data=requirements(runtime).encode())
+    shutil.rmtree(inputs / "core", ignore_errors=True)
+    stage_core(inputs / "core")
+    return inputs
+
+
+def archiver_arguments(*, inputs: Path, export_dir: Path, graph: Path, rest: list[Path], name: str, version: str,
+                       export_path: Path, archive_format: str) -> list[str]:
+    extra = [inputs / "core", export_dir / INDEX_FILE, inputs / "model_card.json", *rest]
+    return ["--model-name", name, "--version", version, "--serialized-file", str(graph), "--handler", str(HANDLER),
+            "--extra-files", ",".join(map(str, extra)), "--config-file", str(inputs / "model-config.yaml"),
+            "--requirements-file", str(inputs / "requirements.txt"), "--export-path", str(export_path),
+            "--archive-format", archive_format, "--force"]
+
+
+def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, version: str = "1.0",
+                     file_name: str | None = None, model_store: str | os.PathLike = "model_store",
+                     archive_format: str = "default") -> str:
+    """The raw ``torch-model-archiver`` command line equivalent to :func:`build_archive` (after it ran: its
+    inputs are in the export folder). ``build_archive`` itself runs it on hash-checked copies of the graph
+    and writes to a temporary name in the store, then renames; by hand, name the file with ``--model-name``."""
+    export_dir = Path(export_dir)
+    info = load_manifest(export_dir)["variants"][variant]
+    graph, *rest = (export_dir / f for f in info["files"])
+    args = archiver_arguments(inputs=export_dir / ARCHIVE_INPUTS / (file_name or name), export_dir=export_dir,
+                              graph=graph, rest=rest, name=name, version=version, export_path=Path(model_store),
+                              archive_format=archive_format)
+    command = shlex.join(["torch-model-archiver", *args])
+    if file_name and file_name != name:  # the archiver names the file after the model
+        command += " && " + shlex.join(["mv", str(Path(model_store) / f"{name}.mar"),
+                                        str(Path(model_store) / f"{file_name}.mar")])
+    return command
+
+
 def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
                   file_name: str | None = None, model_store: str | os.PathLike = "model_store",
                   archive_format: str = "default", **config) -> Path:
@@ -115,24 +174,18 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     file_name = file_name or name
     target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
     clean_stale(folder=model_store, name=target.name)  # what a killed build left
+    inputs = write_inputs(export_dir=export_dir, file_name=file_name, cfg=cfg, runtime=info["runtime"],
+                          card=model_card(manifest=manifest, info=info, name=name, version=version, variant=variant,
+                                          variant_info=info, runtime=info["runtime"], precision=info["precision"],
+                                          tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
+                                          parity=info["parity"], handler=cfg["handler"]))
     with tempfile.TemporaryDirectory() as tmp:
         graph, *rest = copy_checked(export_dir=export_dir, info=info, dest=Path(tmp) / "graph")
-        config_path = Path(tmp) / "model-config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
-                          runtime=info["runtime"], precision=info["precision"],
-                          tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
-                          parity=info["parity"], handler=cfg["handler"])
-        card_path = Path(tmp) / "model_card.json"
-        card_path.write_text(json.dumps(card, indent=1))
-        core = stage_core(Path(tmp) / "core")
-        extra = [str(core), str(export_dir / INDEX_FILE), str(card_path)] + [str(p) for p in rest]
         export_path = Path(tmp) / "out"
         export_path.mkdir()
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", version,
-               "--serialized-file", str(graph), "--handler", str(HANDLER), "--extra-files", ",".join(extra),
-               "--config-file", str(config_path), "--export-path", str(export_path),
-               "--archive-format", archive_format, "--force"]
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging"] + archiver_arguments(
+            inputs=inputs, export_dir=export_dir, graph=graph, rest=rest, name=name, version=version,
+            export_path=export_path, archive_format=archive_format)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
@@ -144,11 +197,19 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     return target
 
 
-def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
-                   **kwargs) -> list[Path]:
-    """One archive per variant; with several, model and file names get a ``_<variant>`` suffix."""
+def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
+                 file_name: str | None = None) -> list[tuple[str, str, str]]:
+    """``(variant, model name, file name)`` of each archive of ``variants`` (``all``, or a comma list);
+    with several, model and file names get a ``_<variant>`` suffix."""
     manifest = load_manifest(export_dir)
     names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     if len(names) == 1:
-        return [build_archive(export_dir, variant=names[0], name=name, file_name=file_name, **kwargs)]
-    return [build_archive(export_dir, variant=v, name=f"{name}_{v.replace('-', '_')}", **kwargs) for v in names]
+        return [(names[0], name, file_name or name)]
+    return [(v, f"{name}_{v.replace('-', '_')}", f"{name}_{v.replace('-', '_')}") for v in names]
+
+
+def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
+                   **kwargs) -> list[Path]:
+    """One archive per variant of :func:`archive_plan`."""
+    return [build_archive(export_dir, variant=v, name=n, file_name=f, **kwargs)
+            for v, n, f in archive_plan(export_dir, variants=variants, name=name, file_name=file_name)]
