@@ -7,11 +7,14 @@ once that process is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
+
+from training.checkpoint import fsync_dir  # noqa: F401  (re-exported: staging uses it too)
 
 
 def pid_alive(pid: int) -> bool:
@@ -34,20 +37,6 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames in ``path`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
@@ -59,19 +48,27 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def write_bytes(*, path: str | os.PathLike, data: bytes) -> None:
-    folder, name = os.path.split(os.path.abspath(path))
+@contextlib.contextmanager
+def _replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A file to write ``dst``'s new bytes into: a temporary in ``dst``'s folder, fsynced and
+    ``os.replace``-d onto ``dst`` when the block ends, removed if it raises."""
+    folder, name = os.path.split(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, dst)
     except BaseException:
         _remove(tmp)
         raise
     fsync_dir(folder)
+
+
+def write_bytes(*, path: str | os.PathLike, data: bytes) -> None:
+    with _replacing(path) as f:
+        f.write(data)
 
 
 def write_json(*, path: str | os.PathLike, obj) -> None:
@@ -85,18 +82,8 @@ def copy_stream(*, src: BinaryIO, dst: BinaryIO) -> None:
 
 def publish_file(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy ``src`` (any file system) onto ``dst``: through a temporary in ``dst``'s folder."""
-    folder, name = os.path.split(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            copy_stream(src=inp, dst=out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        _remove(tmp)
-        raise
-    fsync_dir(folder)
+    with open(src, "rb") as inp, _replacing(dst) as out:
+        copy_stream(src=inp, dst=out)
 
 
 def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -67,13 +67,14 @@ def write_atomically(path: str | os.PathLike, obj) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(folder)
+    fsync_dir(folder)
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows)."""
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows).
+    ``export.atomic`` uses it too."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
