@@ -9,7 +9,7 @@ from dataclasses import fields
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
 
 from .formats import VARIANTS
-from .verify import DEFAULT_MAX_DROP
+from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
 from .wrappers import GRAPH_TTA_MODES
 
 REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written
@@ -39,8 +39,17 @@ def _export_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--data", default=None, help="labelled ImageFolder tree (e.g. DATA/test) for parity and accuracy; "
                    "without it parity uses random images and INT8 variants are refused")
-    p.add_argument("--calib-data", default=None, help="images for INT8 calibration (default: the train/ folder "
-                   "next to --data)")
+    p.add_argument("--calib-data", default=None, help="images for INT8 calibration (default: the training images "
+                   "of the checkpoint's run, without its validation images)")
+    p.add_argument("--val-data", default=None, help="labelled images (not the test split) that INT8's accuracy "
+                   "control is judged on (default: the checkpoint's run's validation split: DATA/val, or the same "
+                   "seeded --val-fraction of DATA/train that chose best.pt)")
+    p.add_argument("--val-images", type=int, default=2000, help="validation images for INT8's accuracy control "
+                   "(default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_INT8_AGREEMENT,
+                   help="smallest accepted share of images whose INT8 top-1 equals fp32's, on --data "
+                   "(default: %(default)s); INT8 keeps layers in fp32 until the validation split is within this "
+                   "and --max-drop, then the test gate (--data) checks both again")
     p.add_argument("--eval-images", type=int, default=500, help="images of --data used for parity/accuracy "
                    "(default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
@@ -132,14 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         names = parse_variants(args.formats)
     except ValueError as e:
         raise SystemExit(f"--formats: {e}") from None
-    calib = args.calib_data
-    if calib is None and args.data:
-        sibling = os.path.join(os.path.dirname(os.path.abspath(args.data)), "train")
-        calib = sibling if os.path.isdir(sibling) else None
     try:
         exporter = Exporter(args.checkpoint, args.out, graph_tta=args.graph_tta, graph_topk=args.graph_topk)
-        manifest = exporter.run(names, data=args.data, calib_data=calib, eval_images=args.eval_images,
-                                calib_images=args.calib_images, max_drop=args.max_drop)
+        manifest = exporter.run(names, data=args.data, calib_data=args.calib_data, eval_images=args.eval_images,
+                                calib_images=args.calib_images, max_drop=args.max_drop, val_data=args.val_data,
+                                val_images=args.val_images, min_agreement=args.min_agreement)
     except RefusedVariants as e:
         print(f"error: {e}", file=sys.stderr)
         return REFUSED_EXIT

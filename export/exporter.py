@@ -28,8 +28,10 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
+from .int8 import Budget, attention_scopes, onnx_int8, openvino_int8, within_budget
 from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
+from .splits import held_out
 from .staging import Staging, recover
 from .verify import (
     DEFAULT_MAX_DROP,
@@ -38,6 +40,7 @@ from .verify import (
     format_table,
     load_calibration,
     load_eval_set,
+    load_labelled,
     problems,
     run_backend,
 )
@@ -65,6 +68,9 @@ class Exporter:
         self.base = FusedNormalization(self.model, mean=self.spec.mean, std=self.spec.std).eval()
         self.graph_tta = graph_tta
         self.graph_topk = min(graph_topk, self.spec.num_classes)
+        self.int8_reports: dict[str, dict] = {}  # accuracy control of this run's INT8 variants
+        self.validation = None  # (images, labels, source) of the held-out validation split, for INT8
+        self.budget = Budget()
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
@@ -109,13 +115,27 @@ class Exporter:
             export_onnx(self.module(variant), self.example(variant), path, output_names=["probabilities", "indices"])
         elif variant.name == "onnx-fp16":
             onnx_to_fp16(onnx_fp32, path)
-        elif variant.name == "onnx-int8":
+        elif variant.name == "onnx-int8" and self.validation is None:  # speed-only: nothing to control on
             onnx_to_int8(onnx_fp32, path, calibration)
+        elif variant.name == "onnx-int8":
+            ov_report = self.int8_reports.get("openvino-int8") or self.openvino_int8(
+                onnx_fp32, os.path.join(folder, ".oracle_ov_int8.xml"), calibration)
+            images, labels, _ = self.validation
+            self.int8_reports[variant.name] = onnx_int8(
+                onnx_fp32, path, calibration=calibration, val_images=images, val_labels=labels, budget=self.budget,
+                exclude=ov_report["kept_fp32"], log=self.log)
         elif variant.name == "openvino":
             onnx_to_openvino(onnx_fp32, path)
-        elif variant.name == "openvino-int8":
+        elif variant.name == "openvino-int8" and self.validation is None:
             onnx_to_openvino(onnx_fp32, path, calibration=calibration)
+        elif variant.name == "openvino-int8":
+            self.int8_reports[variant.name] = self.openvino_int8(onnx_fp32, path, calibration)
         return path
+
+    def openvino_int8(self, onnx_fp32: str, path: str, calibration: torch.Tensor) -> dict:
+        images, labels, _ = self.validation
+        return openvino_int8(onnx_fp32, path, calibration=calibration, val_images=images, val_labels=labels,
+                             budget=self.budget, ignored=attention_scopes(self.model), log=self.log)
 
     def outputs(self, variant: Variant) -> list[dict]:
         n = self.spec.num_classes
@@ -134,12 +154,24 @@ class Exporter:
         result["ms_per_image"] = ms
         result["images"] = len(evalset.crops)
         result["runtime"] = backend.providers
-        return result, problems(variant.precision, result, reference_accuracy=ref_acc, max_drop=max_drop)
+        bad = problems(variant.precision, result, reference_accuracy=ref_acc, max_drop=max_drop,
+                       min_agreement=self.budget.min_agreement)
+        report = self.int8_reports.get(variant.name)
+        if report is not None:
+            result["validation"] = report["validation"]
+            result["kept_fp32"] = len(report["kept_fp32"])
+            if not within_budget(report):
+                v = report["validation"]
+                bad.append(f"breaks the INT8 budget on the validation split even with {len(report['kept_fp32'])} "
+                           f"layers in fp32 (accuracy {v['accuracy']:.2%} vs {v['fp32_accuracy']:.2%}, agreement "
+                           f"{v['top1_agreement']:.2%})")
+        return result, bad
 
     def entry(self, variant: Variant, *, folder: str, parity: dict, provenance: dict) -> dict:
         files = [os.path.basename(f) for f in files_of(variant, folder)]
         size = self.input_size(variant)
-        return {**variant.describe(), "files": files, "sha256": file_hashes(folder=folder, files=files),
+        int8 = {"int8": self.int8_reports[variant.name]} if variant.name in self.int8_reports else {}
+        return {**variant.describe(), **int8, "files": files, "sha256": file_hashes(folder=folder, files=files),
                 "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size]},
                 "input_size": size, "outputs": self.outputs(variant),
                 "tta": self.graph_tta if variant.output == "probabilities" else "none",
@@ -148,27 +180,45 @@ class Exporter:
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
+            val_data: str | None = None, val_images: int = 2000, min_agreement: float | None = None,
             speed_only: bool = False, log=print) -> dict:
         """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.
 
-        ``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models);
-        their accuracy is then unchecked and the manifest says so."""
-        if NEEDS_CALIBRATION & set(names) and calib_data is None:
-            raise ValueError("INT8 variants need calibration images (--calib-data, by default the train/ folder "
-                             "next to --data)")
-        if NEEDS_CALIBRATION & set(names) and data is None and not speed_only:
-            raise ValueError("INT8 variants need --data (labelled images: the accuracy check) and calibration "
-                             "images (--calib-data, by default the train/ folder next to --data)")
+        INT8 variants are accuracy-controlled (:mod:`export.int8`): calibrated on training images and
+        judged on held-out validation images (:mod:`export.splits`), then gated on ``data`` like the others.
+        ``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models): plain
+        post-training INT8 on ``calib_data``, accuracy unchecked, and the manifest says so."""
+        self.log = log
+        int8 = NEEDS_CALIBRATION & set(names)
+        if int8 and speed_only and calib_data is None:
+            raise ValueError("speed-only INT8 variants need calibration images (calib_data)")
+        if int8 and data is None and not speed_only:
+            raise ValueError("INT8 variants need --data (labelled test images: the final accuracy gate); they are "
+                             "calibrated on training images and judged on the validation split first")
+        self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
+                             else min_agreement)
         os.makedirs(self.out, exist_ok=True)
         recover(out=self.out, log=log)
         earlier = read_manifest(self.out)
         check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
         ordered = (["onnx"] if NEEDS_ONNX & set(names) and "onnx" not in names else []) + names
+        if "onnx-int8" in ordered and "openvino-int8" in ordered:  # ONNX INT8 excludes what OpenVINO's kept
+            ordered.remove("onnx-int8")
+            ordered.insert(ordered.index("openvino-int8") + 1, "onnx-int8")
         evalset = load_eval_set(data, self.spec, count=eval_images)
         calibration = None
-        if NEEDS_CALIBRATION & set(names):
+        if int8 and speed_only and data is None:
             calibration = load_calibration(calib_data, self.spec, count=calib_images)
-            log(f"calibration: {len(calibration)} images of {calib_data}")
+            log(f"calibration (speed-only INT8, accuracy unchecked): {len(calibration)} images of {calib_data}")
+        elif int8:
+            split = held_out(checkpoint_config=self.ckpt.get("config") or {}, class_names=self.spec.class_names,
+                             val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images)
+            calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
+            images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
+            self.validation = (images, labels, split.val_source)
+            log(f"INT8: calibration on {split.calib_source}; accuracy control on {split.val_source} (budget on "
+                f"the test gate: <= {self.budget.max_drop} points, >= {self.budget.min_agreement:.1%} top-1 "
+                f"agreement with fp32; {self.budget.margin:.0%} of each on validation)")
         with torch.no_grad():
             ref_logits = self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
         ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
@@ -190,6 +240,8 @@ class Exporter:
                     entries[name] = self.entry(variant, folder=staging.path, parity=rows[name], provenance=provenance)
             log(f"parity against eager fp32 on {evalset.source}:")
             log(format_table(rows, reference_accuracy=ref_acc))
+            for line in int8_summary(rows, self.int8_reports):
+                log(line)
             manifest = merge(earlier=earlier, run=run, entries=entries)
             if entries:
                 write_index_to_name(staging.file(INDEX_FILE), self.spec.class_names)
@@ -209,6 +261,23 @@ class Exporter:
                 "training_metrics": self.ckpt.get("metrics", {}), "checkpoint": os.path.abspath(self.checkpoint),
                 "checkpoint_sha256": self.checkpoint_sha256,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def int8_summary(rows: dict[str, dict], reports: dict[str, dict]) -> list[str]:
+    """One line per INT8 variant: its accuracy cost on the test gate, layers kept in fp32, speed vs fp32."""
+    fp32_ms = {"openvino-int8": rows.get("openvino", {}).get("ms_per_image"),
+               "onnx-int8": rows.get("onnx", {}).get("ms_per_image")}
+    out = []
+    for name, report in reports.items():
+        r = rows.get(name)
+        if r is None or "error" in r:
+            continue
+        cost = r.get("accuracy_change_points")
+        speed = f", {fp32_ms[name] / r['ms_per_image']:.2f}x the fp32 graph's speed" if fp32_ms.get(name) else ""
+        out.append(f"{name}: accuracy {'n/a' if cost is None else f'{cost:+.2f}'} points, top-1 agreement "
+                   f"{r['top1_agreement']:.2%} on the test gate; {len(report['kept_fp32'])} of {report['layers']} "
+                   f"layers kept in fp32{': ' + ', '.join(report['kept_fp32']) if report['kept_fp32'] else ''}{speed}")
+    return out
 
 
 class RefusedVariants(RuntimeError):

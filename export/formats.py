@@ -112,8 +112,9 @@ class _CalibrationReader:
         return next(self.batches, None)
 
 
-def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor) -> None:
-    """Static INT8 (QDQ, per-channel weights, MinMax calibration) with ONNX Runtime's quantizer."""
+def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor, *, exclude: list[str] | None = None) -> None:
+    """Static INT8 (QDQ, per-channel weights, MinMax calibration) with ONNX Runtime's quantizer; the nodes
+    named in ``exclude`` stay fp32 (:mod:`export.int8` passes the layers its accuracy control kept)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -122,7 +123,7 @@ def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor) -> None:
         quant_pre_process(src, prepared, skip_symbolic_shape=True)
         quantize_static(prepared, dst, _CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude or []))
     finally:
         for p in (prepared, prepared + ".data"):
             if os.path.exists(p):
@@ -130,7 +131,8 @@ def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor) -> None:
 
 
 def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None = None) -> None:
-    """OpenVINO IR (fp32 weights) from the ONNX graph; INT8 through NNCF when ``calibration`` is given."""
+    """OpenVINO IR (fp32 weights) from the ONNX graph; plain NNCF INT8 when ``calibration`` is given (speed-only
+    exports of random-weight models: trained models get :func:`export.int8.openvino_int8`)."""
     import openvino as ov
 
     model = ov.convert_model(src)

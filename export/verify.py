@@ -7,7 +7,9 @@ Tolerances (explicit, and tested):
 | fp32 | 1e-4 (1e-3 on CUDA: TF32 convolutions) | >= 99.5% | -- |
 | fp16 | 1e-2 | >= 99.5% | <= --max-drop points |
 | bf16 | 5e-2 | >= 99.5% | <= --max-drop points |
-| int8 | (reported) | (reported) | <= --max-drop points |
+| int8 | (reported) | >= --min-agreement (99%) on labelled data | <= --max-drop points |
+
+INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the validation split).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
 CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 convolutions
 MIN_TOP1_AGREEMENT = 0.995
 DEFAULT_MAX_DROP = 0.5  # top-1 accuracy points
+DEFAULT_MIN_INT8_AGREEMENT = 0.99  # share of images whose INT8 top-1 is fp32's
 
 
 @dataclass
@@ -53,18 +56,29 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
                    f"{len(idx)} images of {data}")
 
 
-def load_calibration(folder: str, spec, *, count: int, seed: int = 1) -> torch.Tensor:
-    """Calibration images need no labels: every image under ``folder`` (any layout), at the input size."""
+def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:
+    """Calibration images need no labels: every image under the folder ``source`` (any layout), or the
+    image files listed in ``source``, at the input size."""
     from pathlib import Path
 
     from training.image_folder import IMAGE_EXTENSIONS
 
-    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no calibration images under {folder}")
+    if isinstance(source, str):
+        paths = sorted(str(p) for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise ValueError(f"no calibration images under {source}")
+    else:
+        paths = list(source)
     paths = random.Random(seed).sample(paths, min(count, len(paths)))
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
     return preset.batch([read_image_file(p, min_side=preset.min_decode_side) for p in paths])
+
+
+def load_labelled(paths: list[str], labels: list[int], spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images at the input size (decoded as the server decodes them) and their labels."""
+    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
+    images = preset.batch([read_image_file(p, min_side=preset.min_decode_side) for p in paths])
+    return images, torch.tensor(labels)
 
 
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
@@ -117,9 +131,12 @@ def effective_precision(precision: str, *, hint: str | None = None) -> str:
 
 
 def problems(precision: str, result: dict, *, reference_accuracy: float | None, max_drop: float,
-             cuda: bool = False) -> list[str]:
-    """What makes a variant unacceptable (empty list: acceptable)."""
+             min_agreement: float = DEFAULT_MIN_INT8_AGREEMENT, cuda: bool = False) -> list[str]:
+    """What makes a variant unacceptable (empty list: acceptable). INT8's agreement rule applies on
+    labelled data (a speed-only INT8 of random weights on random images has no answers worth keeping)."""
     out = []
+    if precision == "int8" and result.get("accuracy") is not None and result["top1_agreement"] < min_agreement:
+        out.append(f"top-1 agreement with fp32 {result['top1_agreement']:.2%} < --min-agreement {min_agreement:.1%}")
     rtol = CUDA_FP32_RTOL if cuda and precision == "fp32" else RTOL[precision]
     if rtol is not None and result["max_rel_diff"] > rtol:
         out.append(f"max relative difference {result['max_rel_diff']:.1e} > {rtol:.0e}")

@@ -1,8 +1,14 @@
 """The training configuration: one dataclass, loadable from YAML, overridable from the command line.
 
-Precedence: the dataclass defaults < ``--config FILE.yaml`` < options given on the command line.
-With ``--resume CHECKPOINT`` the checkpoint's saved configuration comes between the defaults and
-``--config``: options left off the resume command keep the run's values (:func:`resume_config`).
+Precedence: the dataclass defaults < the named preset (``--preset``, :data:`PRESETS`) < ``--config
+FILE.yaml`` < options given on the command line. The default preset ``small`` is the dataclass itself
+(small images: 32 px, pad-and-crop, in-memory cache); ``photo`` sets what photos need (224 px crops
+of a 256 px resize, random resized crops, flips, colour jitter, ImageNet mean/std, no cache, batch
+32), and every option given still overrides it: ``--preset photo --input-size 160``. With ``--resume
+CHECKPOINT`` the checkpoint's saved configuration comes between the defaults and ``--config``: options
+left off the resume command keep the run's values (:func:`resume_config`), a preset among them.
+:meth:`TrainConfig.create` applies the preset as the command line does (``TrainConfig(...)`` itself
+takes its values as given).
 The resolved configuration is saved as ``RUN/config.yaml`` and inside every checkpoint, so a run can
 be repeated (``python -m training train --config RUN/config.yaml``) and resumed.
 
@@ -31,9 +37,33 @@ def _opt(default, help: str, **extra) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+#: Named sets of defaults (``--preset NAME``): field name -> value, over the dataclass defaults and under
+#: ``--config`` and the command line. ``photo``: torchvision's ImageNet recipe (RandomResizedCrop 224 of
+#: the image, flip, colour jitter; evaluation Resize 256 + CenterCrop 224, ImageNet mean/std as
+#: torchvision's pretrained weights expect), decoded per access (the cache would keep only the centre
+#: crop) and a batch that fits ResNet-50 at 224 px in memory.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {},
+    "photo": {"input_size": 224, "resize_size": 256, "augment": "random_resized_crop", "hflip": 0.5,
+              "color_jitter": 0.4, "cache": False, "normalize": "imagenet", "batch_size": 32},
+}
+DEFAULT_PRESET = "small"
+
+
+def _describe_presets() -> str:
+    def flag(name: str, value) -> str:
+        if isinstance(value, bool):
+            return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+        return f"--{name.replace('_', '-')} {value}"
+    return "; ".join(f"{name}: " + (", ".join(flag(k, v) for k, v in values.items()) or "the defaults shown here")
+                     for name, values in PRESETS.items())
+
+
 @dataclass
 class TrainConfig:
     # -- data
+    preset: str = _opt(DEFAULT_PRESET, "named defaults (" + _describe_presets() + "); options given on the "
+                       "command line or in --config override the preset's", choices=tuple(PRESETS))
     data: str = _opt(None, "data set root: an ImageFolder tree (train/ + test/ or val/), an iNaturalist-style "
                      "folder (train.json + val.json) or CIFAR-10/100 python pickles")
     out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv (per epoch, "
@@ -135,6 +165,12 @@ class TrainConfig:
             raise ValueError(f"--max-bad-images must be >= 0, not {self.max_bad_images}")
         return self
 
+    @classmethod
+    def create(cls, **values) -> "TrainConfig":
+        """The validated configuration of ``values`` over their preset's (``preset=``), as the command line
+        builds it: ``TrainConfig.create(data=..., out=..., preset="photo", input_size=160)``."""
+        return cls(**with_preset(values)).validate()
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -199,8 +235,20 @@ def saved_config(checkpoint: str) -> dict:
 def resume_config(checkpoint: str, given: dict | None = None) -> TrainConfig:
     """The configuration of ``--resume checkpoint``: the checkpoint's saved one, overridden by the
     options in ``given`` (those given on the command line or in ``--config``), and nothing else:
-    an option left off keeps the run's value, not the default."""
-    return TrainConfig(**{**saved_config(checkpoint), **(given or {}), "resume": checkpoint}).validate()
+    an option left off keeps the run's value, not the default. The run's preset is in its saved values;
+    a different ``preset`` given applies that preset's values, under the other options given."""
+    saved, given = saved_config(checkpoint), dict(given or {})
+    if "preset" in given and given["preset"] != saved.get("preset", DEFAULT_PRESET):
+        given = with_preset(given)
+    return TrainConfig(**{**saved, **given, "resume": checkpoint}).validate()
+
+
+def with_preset(values: dict) -> dict:
+    """``values`` over the values of the preset they name (``values["preset"]``, else :data:`DEFAULT_PRESET`)."""
+    name = values.get("preset") or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"preset: {name!r} is not one of {tuple(PRESETS)}")
+    return {**PRESETS[name], **values}
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
@@ -209,5 +257,5 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k in names})  # only typed options (SUPPRESS)
     if values.get("resume"):
         return resume_config(values["resume"], values)
-    return TrainConfig(**values).validate()
+    return TrainConfig.create(**values)
 

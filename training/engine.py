@@ -196,7 +196,7 @@ class Trainer:
         model = self.spec.build()
         if cfg.pretrained:
             report = load_pretrained(model, cfg.pretrained)
-            self.log(f"pretrained weights from {cfg.pretrained}: {report['loaded']} tensors loaded, "
+            self.log(f"pretrained weights from {cfg.pretrained}: {len(report['loaded'])} tensors loaded, "
                      f"{len(report['missing'])} missing, {len(report['skipped'])} skipped")
         self.unfreezer = ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze)) if cfg.unfreeze else None
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
@@ -426,7 +426,8 @@ class Trainer:
                 self.ema.update_parameters(self.model)
             total += loss.item() * len(images)
             seen += len(images)
-            bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{self.schedule.lr:.2e}")
+            # refresh=False: drawn at the bar's own interval (plain lines every 30 s off a terminal), not every step
+            bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{self.schedule.lr:.2e}", refresh=False)
         if self.dist.enabled:  # every rank learns what the others met (rank 0 logs; all decide on the cap alike)
             self.note_bad_images([b for rank_bad in gather(met, self.dist) for b in rank_bad], enforce=False)
         return all_mean(total / max(1, seen), self.dist, self.device if self.device.type == "cuda" else

@@ -31,6 +31,17 @@ class _PlainLines(io.TextIOBase):
         self.stream.flush()
 
 
+class _PlainBar(_tqdm):
+    """tqdm whose ``set_postfix``/``set_description`` wait for the next interval instead of redrawing
+    at once (tqdm's default ``refresh=True`` would print one plain line per training step)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+    def set_description(self, desc=None, refresh=False):
+        super().set_description(desc, refresh=refresh)
+
+
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -43,5 +54,5 @@ def tqdm(iterable=None, *, file=None, mininterval: float = 1.0, **kwargs):
     stream = file if file is not None else sys.stderr
     if _is_terminal(stream):
         return _tqdm(iterable, file=stream, mininterval=mininterval, **kwargs)
-    return _tqdm(iterable, file=_PlainLines(stream), mininterval=max(mininterval, PLAIN_INTERVAL_S), ascii=True,
+    return _PlainBar(iterable, file=_PlainLines(stream), mininterval=max(mininterval, PLAIN_INTERVAL_S), ascii=True,
                  ncols=100, **kwargs)

@@ -140,8 +140,9 @@ def test_tolerances_are_enforced():
     assert "top-1 agreement" in problems("fp16", {**ok, "top1_agreement": 0.99}, reference_accuracy=None,
                                          max_drop=0.5)[0]
     assert problems("bf16", {**ok, "max_rel_diff": 4e-2}, reference_accuracy=0.9, max_drop=0.5) == []
-    assert "drops 1.00 points" in problems("int8", {**ok, "max_rel_diff": 1.0, "top1_agreement": 0.5, "accuracy": 0.89},
-                                           reference_accuracy=0.9, max_drop=0.5)[0]
+    int8 = problems("int8", {**ok, "max_rel_diff": 1.0, "top1_agreement": 0.5, "accuracy": 0.89},
+                    reference_accuracy=0.9, max_drop=0.5)
+    assert any("drops 1.00 points" in p for p in int8) and any("agreement" in p for p in int8)
 
 
 def test_openvino_bf16_hint_lowers_only_fp32_graphs():

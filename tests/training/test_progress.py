@@ -29,6 +29,15 @@ def test_plain_lines_are_rate_limited():
     assert len(out.getvalue().splitlines()) <= 3  # start, end: not one line per redraw
 
 
+def test_a_postfix_set_every_step_does_not_print_a_line_per_step():
+    out = io.StringIO()
+    bar = tqdm(range(1000), desc="epoch 1/1", file=out)
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.4f}")
+        bar.set_description("epoch 1/1")
+    assert len(out.getvalue().splitlines()) <= 3
+
+
 def test_a_terminal_gets_tqdm_bar():
     out = _Terminal()
     for _ in tqdm(range(10), desc="x", file=out, mininterval=0):

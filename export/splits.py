@@ -1,0 +1,90 @@
+"""Which images an INT8 export calibrates on and controls its accuracy on: never the test images.
+
+* **Validation** (the accuracy control's judge): ``--val-data`` when given; else the training run's own
+  validation split, rebuilt from the checkpoint's saved config -- ``DATA/val`` when the run had one,
+  otherwise the same stratified, seeded ``--val-fraction`` of ``DATA/train`` that chose ``best.pt``
+  (:func:`training.datasets.stratified_split`, so the very same images).
+* **Calibration**: ``--calib-data`` when given; else the training images of that run *minus* the
+  validation images held out of them.
+
+The test split (``--data``) is only the final report and gate: it chooses nothing.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.datasets import stratified_split
+from training.image_folder import IMAGE_EXTENSIONS, scan_image_folder
+
+
+@dataclass
+class HeldOut:
+    """Labelled validation images and the unlabelled calibration images, as file paths."""
+    val_paths: list[str]
+    val_labels: list[int]
+    val_source: str
+    calib_paths: list[str]
+    calib_source: str
+
+
+def _images_under(folder: str) -> list[str]:
+    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no images under {folder}")
+    return paths
+
+
+def _labelled(folder: str, class_names: list[str]) -> tuple[list[str], list[int]]:
+    classes, paths, labels = scan_image_folder(folder)
+    if classes != list(class_names):
+        raise ValueError(f"the classes of {folder} differ from the checkpoint's: {classes} vs {list(class_names)}")
+    return paths, labels
+
+
+def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str | None = None,
+             calib_data: str | None = None, val_images: int = 2000, calib_images: int = 300,
+             seed: int = 0) -> HeldOut:
+    """The validation and calibration images for an INT8 export (see the module docstring)."""
+    cfg = checkpoint_config or {}
+    root = cfg.get("data")
+    train_dir = os.path.join(root, "train") if root else None
+    train_paths = train_labels = held = None
+    if val_data is None or calib_data is None:
+        if not root or not os.path.isdir(train_dir):
+            raise ValueError("INT8 needs held-out validation images and training images to calibrate on: pass "
+                             "--val-data (labelled, not the test split) and --calib-data"
+                             + (f" (the training data {root} recorded in the checkpoint is not here)" if root else ""))
+        train_paths, train_labels = _labelled(train_dir, class_names)
+    if val_data is not None:
+        val_paths, val_labels = _labelled(val_data, class_names)
+        val_source = val_data
+    elif os.path.isdir(os.path.join(root, "val")) and os.path.isdir(os.path.join(root, "test")):
+        val_paths, val_labels = _labelled(os.path.join(root, "val"), class_names)
+        val_source = os.path.join(root, "val")
+    else:
+        fraction = float(cfg.get("val_fraction") or 0)
+        if fraction <= 0:
+            raise ValueError("the checkpoint's run held out no validation images (--val-fraction 0): pass --val-data")
+        keep, held = stratified_split(train_labels, fraction, seed=int(cfg.get("seed", 0)))
+        val_paths, val_labels = [train_paths[i] for i in held], [train_labels[i] for i in held]
+        val_source = f"the run's validation split ({fraction:g} of {train_dir}, seed {cfg.get('seed', 0)})"
+    if calib_data is not None:
+        calib_paths, calib_source = _images_under(calib_data), calib_data
+    else:
+        held_set = set(held or [])
+        calib_paths = [p for i, p in enumerate(train_paths) if i not in held_set]
+        calib_source = f"{train_dir} (without the validation images)" if held_set else train_dir
+    overlap = set(map(os.path.abspath, calib_paths)) & set(map(os.path.abspath, val_paths))
+    if overlap:
+        raise ValueError(f"{len(overlap)} validation images are also calibration images (e.g. {sorted(overlap)[0]}): "
+                         "keep --val-data and --calib-data apart")
+    rng = random.Random(seed)
+    if len(val_paths) > val_images:  # a stratified-enough sample: random, seeded
+        idx = sorted(rng.sample(range(len(val_paths)), val_images))
+        val_paths, val_labels = [val_paths[i] for i in idx], [val_labels[i] for i in idx]
+    calib_paths = rng.sample(calib_paths, min(calib_images, len(calib_paths)))
+    return HeldOut(val_paths, val_labels, f"{len(val_paths)} images of {val_source}", calib_paths,
+                   f"{len(calib_paths)} images of {calib_source}")
