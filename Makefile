@@ -15,7 +15,7 @@ help:
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
-	@echo "make bench  - stock TorchServe vs ours vs in-process limit, one sitting (about 16 minutes)"
+	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (about 35 minutes, estimated)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
 	@echo "make validate-deploy - validate deploy/ (Kubernetes, KServe) offline"
 	@echo "make audit  - pip-audit of the pinned dependencies (exit 1 on findings not in deploy/audit-ignore.txt)"

@@ -1,34 +1,42 @@
-"""``make bench``: stock TorchServe vs this project's handler vs the in-process limit, in ONE sitting.
+"""``make bench``: stock TorchServe vs this project's handler vs the in-process limit, like for like, in ONE sitting.
 
-Same weights (ResNet-50, 100 classes, random init fixed by seed 0) and the same payloads (real photos
-shipped in packages: foolbox's 20 ImageNet JPEGs and matplotlib's grace_hopper.jpg, re-encoded as JPEG
-q90: ``jpeg500`` at 500x375 for every configuration and user count; ``phone12mp`` at 4032x3024 with
-phone-like file sizes and ``mixed`` from 0.1 to 12 MP, at the highest user count for the
-``--set-configs``; see ``tools.photos``):
+Same weights (random init fixed by seed 0, ``tools.models``; ResNet-50 with 100 classes first, the
+stock baseline's model) and the same payloads (real photos re-encoded as JPEG q90, ``tools.photos``:
+``jpeg500`` at 500x375, ``phone12mp`` at 4032x3024 with phone-like file sizes, ``mixed`` from 0.1 to
+12 MP). What makes every ratio like for like (``benchmarks.sitting`` runs it):
 
-* stock   -- TorchServe's built-in ``image_classifier`` handler serving an eager .mar, in the best
-             stock configuration measured on this kind of machine: 2 workers, OMP_NUM_THREADS=1,
-             batch 8, max delay 10 ms;
-             (``--configs ours_fp32_1w,ours_ov_int8_2w`` run the other worker/thread splits)
-* ours    -- this project's handler with the exported graphs (ONNX Runtime fp32, OpenVINO f32/INT8),
-             TTA none / flip / adaptive flip;
-* limit   -- the same backend in-process, no HTTP: decode + preprocess + forward at batch 8.
+* **the same split search for stock and ours**: every configuration is served at each workers x
+  threads point of ONE grid (``benchmarks.configs.search_grid``; 1x1, 1x2, 2x1 on 2 cores) in a short
+  search run at the highest user count, and its best is its split (stock's best is the baseline);
+  the grid and every search result go to the JSON. TTA configurations take ``ours_fp32``'s split; the
+  models after the first take the first model's splits.
+* **the in-process limit in the same split** (``benchmarks.limit``): W processes of T threads (and a
+  decode pool of T) running decode + preprocess + forward at batch 8 at once, img/s summed.
+* **gated variants only in best_gated/stock** (``benchmarks.gates``, ``--gates``): fp32 graphs by
+  parity with eager; reduced precision only with a passing gate record from a trained model;
+  the rest are reported as speed-only, in their own column.
+* **repeats**: each configuration measured ``--repeats`` times at the highest user count, interleaved
+  (stock, ours, ..., stock, ours, ...), all servers up at once; medians and min-max are reported and
+  every ratio comes from the medians of this sitting.
+* **payloads**: the first set for every configuration, the other sets for ``--set-configs``.
 
-Load comes from locustfile.py (headless, closed loop) at each of --users. Printed last: a table of
-img/s, p50, p99 and failures per configuration, then one machine-readable line
-``ratios: isa=C ours/stock=X best/stock=V served/limit=Y flip_tta_cost=Z adaptive_tta_cost=W small/12mp=S
-ours/stock_12mp=P`` (``small/12mp``: ours_fp32 of the decode-bound ``cbam_resnet``, 500x375 img/s over 12 MP
-img/s; ``ours/stock_12mp``: the first model, 12 MP set).
-Full results: benchmarks/results/bench-<time>.json and PNG plots next to it.
+Stock is TorchServe's built-in ``image_classifier`` serving an eager .mar (threads through
+OMP_NUM_THREADS); ours is this project's handler with the exported graphs (ONNX Runtime fp32, OpenVINO
+f32/bf16-hint/INT8), TTA none / flip / adaptive flip. Everything serves batch 8, max delay 10 ms. Load
+comes from locustfile.py (headless, closed loop). Printed last: the search table, per model the result
+table, each configuration's served/limit, then one machine-readable line (``benchmarks.report``)::
 
-Modules: ``benchmarks.configs`` (the configurations), ``benchmarks.served`` (archives, TorchServe and
-locust), ``benchmarks.limit`` (the in-process limit), ``benchmarks.report`` (table, ratios, plots);
-models, photos, locust and TorchServe come from ``tools``.
+    ratios: isa=C ours/stock=X runtime_gap=X best_gated/stock=X served/limit=X flip_tta_cost=X
+    adaptive_tta_cost=X small/12mp=X ours/stock_12mp=X best_speed_only/stock=X ...
+
+Full results: benchmarks/results/bench-<time>.json (grid, search, limits, every run, medians, gates,
+the TTA cost breakdown) and PNG plots next to it. The defaults are sized to stay under about 40 minutes on 2 cores (``wall_s`` in the JSON).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,113 +44,161 @@ import time
 
 import psutil
 
-from benchmarks.configs import CONFIGS
-from benchmarks.limit import adaptive_threshold, in_process_limit
+from benchmarks.configs import CONFIGS, Split, parse_grid, search_grid
+from benchmarks.gates import DEFAULT_GATES, GateFileError, load_gates
 from benchmarks.report import isa_class, machine, plots, report
-from benchmarks.served import build_archives, run_served
+from benchmarks.sitting import ModelSitting, Plan
+from export.atomic import write_bytes
 from tools import REPO
-from tools.models import MODELS, export_random_model
+from tools.models import MODELS, default_variants
 from tools.photos import SETS, write_photos
 
 WORK = REPO / "benchmarks" / ".work"
 RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_CONFIGS = "stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,ours_ov_int8"
+SMOKE = {"models": ["smoke"], "configs": ["ours_fp32", "ours_fp32_flip"], "users": [1, 16], "duration": 2,
+         "low_duration": 2, "search_duration": 2, "warmup": 1, "limit_seconds": 1.0, "tta_seconds": 0.2,
+         "photos": 3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--users", default="1,4,16", help="closed-loop user counts")
-    p.add_argument("--duration", type=int, default=20, help="seconds per load level")
-    p.add_argument("--configs", default="stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,"
-                   "ours_ov_int8",
-                   help=f"configurations to run (of {', '.join(CONFIGS)})")
-    p.add_argument("--models", default="resnet50,cbam_resnet,se_resnext101_32x8d",
-                   help="models, the first with every configuration (its ratios are printed last), the others with "
-                   "--other-configs at --other-users")
+    p.add_argument("--users", default="1,16", help="closed-loop user counts; the highest is searched, repeated and "
+                   "gives the ratios, the others run once per configuration")
+    p.add_argument("--duration", type=int, default=15, help="seconds of each measured run at the highest user count")
+    p.add_argument("--low-duration", type=int, default=10, help="seconds of each run at the lower user counts")
+    p.add_argument("--search-duration", type=int, default=10, help="seconds of each search run (per grid point)")
+    p.add_argument("--warmup", type=int, default=3, help="seconds of the uncounted run on each freshly started server")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each configuration at the highest "
+                   "user count (medians reported)")
+    p.add_argument("--grid", default=",".join(map(str, search_grid())),
+                   help="workers x threads points of the split search, for stock and ours alike")
+    p.add_argument("--limit-seconds", type=float, default=8.0, help="seconds of each in-process limit measurement")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations of the first model (of {', '.join(CONFIGS)})")
+    p.add_argument("--models", default="resnet50,cbam_resnet",
+                   help=f"models (of {', '.join(MODELS)}), the first with --configs (its ratios are printed last), "
+                   "the others with --other-configs in the first model's splits")
     p.add_argument("--other-configs", default="ours_fp32,ours_ov_bf16,ours_ov_int8",
                    help="configurations for the models after the first")
-    p.add_argument("--other-users", default="1,16", help="closed-loop user counts for the models after the first")
     p.add_argument("--sets", default=",".join(SETS),
-                   help=f"payload sets (of {', '.join(SETS)}); the first at every user count, the others at the highest")
+                   help=f"payload sets (of {', '.join(SETS)}); jpeg500 for every configuration, the others for --set-configs")
     p.add_argument("--set-configs", default="stock,ours_fp32",
                    help="configurations that also run the payload sets after the first")
     p.add_argument("--small-model", default="cbam_resnet", help="the decode-bound model whose small/12mp is printed")
-    p.add_argument("--smoke", action="store_true", help="CI: a tiny model, ours_fp32 only, 1 user, 5 s, "
-                   "3 photos in the second payload set")
+    p.add_argument("--gates", default=None, help=f"gate records of trained models (default {DEFAULT_GATES.relative_to(REPO)}, "
+                   "may be absent); see benchmarks/gates.py for the format")
+    p.add_argument("--smoke", action="store_true", help="CI: the tiny model, ours_fp32 and its flip TTA, the whole "
+                   "grid, 2-second runs, 3 photos in the second payload set")
     return p.parse_args(argv)
 
 
-def run_model(model: str, names: list[str], users: list[int], duration: int, payloads: dict, work,
-              set_configs: list[str]) -> dict:
-    """Every configuration in ``names`` for one model: its in-process limit, then served under load
-    (the ``set_configs`` on every payload set of ``payloads``)."""
-    payload_dir = next(iter(payloads.values()))
-    configs = [CONFIGS[n] for n in names]
-    work.mkdir()
-    prep = export_random_model(model, work, calib_data=payload_dir)
-    threshold = adaptive_threshold(prep.export_dir, prep.spec, payload_dir) if any(c.adaptive for c in configs) else 0.9
-    store = work / "model_store"
-    build_archives(configs, prep, store, threshold)
-    results = []
-    for c in configs:
-        limit = in_process_limit(c, prep, payload_dir) if c.kind == "ours" else None
-        results.append(run_served(c, store, payloads, users, duration, work, model, limit,
-                                  other_sets=c.name in set_configs))
-    return {"users": users, "adaptive_threshold": threshold, "results": results}
+def json_safe(obj):
+    """``obj`` with NaN/inf floats as None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    users = [int(u) for u in args.users.split(",")]
-    names = args.configs.split(",")
+    try:
+        users = sorted({int(u) for u in args.users.split(",") if u.strip()})
+        grid = parse_grid(args.grid)
+    except ValueError as e:
+        return fail(f"--users/--grid: {e}")
+    names = [n for n in args.configs.split(",") if n]
+    other_names = [n for n in args.other_configs.split(",") if n]
     models = [m for m in args.models.split(",") if m]
+    plan = Plan(grid=grid, top_users=max(users or [16]), low_users=tuple(u for u in users if u != max(users or [16])),
+                duration=args.duration, low_duration=args.low_duration, search_duration=args.search_duration,
+                warmup=args.warmup, repeats=args.repeats, limit_seconds=args.limit_seconds,
+                set_configs=tuple(n for n in args.set_configs.split(",") if n))
+    photos = None
     if args.smoke:
-        models, users, args.duration, names = ["smoke"], [1], 5, ["ours_fp32"]
+        models, names = SMOKE["models"], SMOKE["configs"]
+        plan.top_users, plan.low_users = max(SMOKE["users"]), tuple(SMOKE["users"][:-1])
+        for k in ("duration", "low_duration", "search_duration", "warmup", "limit_seconds", "tta_seconds"):
+            setattr(plan, k, SMOKE[k])
+        photos = SMOKE["photos"]
     unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        return fail(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    unknown = [n for n in names + other_names + list(plan.set_configs) if n not in CONFIGS]
     if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    work = WORK / ("smoke" if args.smoke else "full")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    sets = ["jpeg500"] + [s for s in args.sets.split(",") if s and s != "jpeg500"]  # jpeg500: every user count
+        return fail(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    stock_models = [m for i, m in enumerate(models) if "stock" in (names if i == 0 else other_names) and m != "resnet50"]
+    if stock_models:
+        return fail(f"stock serves benchmarks/stock_resnet50.py (ResNet-50, 100 classes): it cannot run for "
+                    f"{', '.join(stock_models)}; leave stock out of their configurations")
+    missing = [f"{CONFIGS[n].name} ({m} exports {', '.join(default_variants(m))})" for i, m in enumerate(models)
+               for n in (names if i == 0 else other_names)
+               if CONFIGS[n].kind == "ours" and CONFIGS[n].variant not in default_variants(m)]
+    if missing:
+        return fail(f"no graph for {'; '.join(missing)}")
+    sets = ["jpeg500"] + [s for s in args.sets.split(",") if s and s != "jpeg500"]
     if args.smoke:
         sets = sets[:2]
     unknown = [s for s in sets if s not in SETS]
     if unknown:
-        raise SystemExit(f"unknown payload set(s) {unknown}; choose from {', '.join(SETS)}")
-    write_photos(work / "payloads", tuple(sets), limit=3 if args.smoke else None)
+        return fail(f"unknown payload set(s) {unknown}; choose from {', '.join(SETS)}")
+    try:
+        gates = load_gates(args.gates, required=args.gates is not None)
+    except GateFileError as e:
+        return fail(str(e))
+    work = WORK / ("smoke" if args.smoke else "full")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_photos(work / "payloads", tuple(sets), limit=photos)
     payloads = {s: work / "payloads" / s for s in sets}
-    set_configs = [n for n in args.set_configs.split(",") if n]
+    started = time.time()
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {isa_class()}; models "
-          f"{', '.join(models)}; {len(list(payloads[sets[0]].rglob('*.jpg')))} photos in each of {', '.join(sets)}",
-          flush=True)
-    summaries, all_results = {}, {}
+          f"{', '.join(models)}; {len(list(payloads[sets[0]].rglob('*.jpg')))} photos in each of {', '.join(sets)}; grid "
+          f"{', '.join(map(str, grid))}; {plan.repeats} interleaved repeats of {plan.duration} s at {plan.top_users} users; "
+          f"{len(gates)} gate record(s)", flush=True)
+    sittings: dict[str, dict] = {}
+    inherit: dict[str, Split] = {}
     for i, model in enumerate(models):
-        # The first model gets the full matrix (stock included); the others the fp32 and the best variant.
-        model_names = names if i == 0 else [n for n in args.other_configs.split(",") if n]
-        model_users = users if i == 0 else [int(u) for u in args.other_users.split(",")]
-        all_results[model] = run_model(model, model_names, model_users, args.duration, payloads, work / model,
-                                       set_configs)
-    for model in models:
-        small = all_results.get(args.small_model, all_results[model])["results"]
-        summaries[model] = report(all_results[model]["results"], users if model == models[0] else
-                                  [int(u) for u in args.other_users.split(",")],
-                                  all_results[model]["adaptive_threshold"], small_model=small)
+        sitting = ModelSitting(model, names if i == 0 else other_names, plan=plan, payloads=payloads,
+                               work=work / model, gates=gates, inherit=inherit if i else None)
+        sittings[model] = sitting.run()
+        print(f"{model}: done after {time.time() - started:.0f} s", flush=True)
+        if i == 0:
+            inherit = {r["name"]: Split(**r["split"]) for r in sittings[model]["results"] if r["split"]}
+    first = models[0]
+    small = sittings.get(args.small_model, sittings[first])
+    grid_names = [str(g) for g in grid]
+    summaries = {m: report(s, top=plan.top_users, low=list(plan.low_users), grid=grid_names, small=small)
+                 for m, s in sittings.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"bench-{stamp}{'-smoke' if args.smoke else ''}"
-    first = models[0]
-    pngs = plots(all_results[first]["results"], out)
-    out.with_suffix(".json").write_text(json.dumps({
-        "model": first, "users": users, "duration_s": args.duration, "machine": machine(),
-        "adaptive_threshold": all_results[first]["adaptive_threshold"], "results": all_results[first]["results"],
-        "summary": summaries[first], "models": all_results, "summaries": summaries, "plots": pngs},
-        indent=1, default=str))
-    print(f"\nfull results: {out.with_suffix('.json')}; plots: {', '.join(pngs)}")
+    pngs = plots(sittings[first]["results"], out)
+    write_bytes(path=out.with_suffix(".json"), data=json.dumps(json_safe({
+        "model": first, "users": users, "machine": machine(), "grid": grid_names,
+        "plan": {**plan.__dict__, "grid": grid_names}, "gates": {"path": str(args.gates or DEFAULT_GATES),
+                                                                "records": list(gates.values())},
+        "results": sittings[first]["results"], "summary": summaries[first], "models": sittings, "summaries": summaries,
+        "wall_s": round(time.time() - started), "plots": pngs}), indent=1, default=str, allow_nan=False).encode())
+    print(f"\nfull results: {out.with_suffix('.json')}; plots: {', '.join(pngs)}; {time.time() - started:.0f} s")
     for model in models:
+        print(f"\n{model}: split search at {plan.top_users} users (img/s)")
+        print(summaries[model]["search_table"])
         print(f"\n{model}:")
         print(summaries[model]["table"])
-    print(f"\n(ratios of {first})")
-    print(summaries[first]["ratios"])
+    s = summaries[first]
+    print(f"\n(ratios of {first}; served/limit per configuration: "
+          + ", ".join(f"{n}={v:.2f}" for n, v in s["served_over_limit"].items())
+          + f"; best gated: {s['best_gated']}; best speed-only: {s['best_speed_only']})")
+    print(s["ratios"])
     return 0
 
 

@@ -1,20 +1,31 @@
-"""The in-process limit: what the served backend does without HTTP or TorchServe, in this process.
+"""The in-process limit: what a served configuration does without HTTP or TorchServe, in the SAME split.
 
-``in_process_limit`` runs decode + preprocess + forward (+ TTA) + top-k at the served batch size
-through the same exported graph and backend settings as the handler, timed by ``tools.timing``
-(median over blocks of ``torch.utils.benchmark.Timer``, at torch's current thread count).
+``in_process_limit`` runs, for a configuration served as W workers x T threads, W processes
+(``multiprocessing``, spawned) of T threads each -- T intra-op threads for the backend and a decode
+pool of T threads, as each TorchServe worker of the handler has -- all at once, each doing what one
+worker does with a batch: header probe, decode + canvas (``inference.images.decode_many``, JPEGs
+reduced as the handler decodes them), the TTA views and forward (``inference.tta``; adaptive TTA at the
+served threshold), top-k, at the served batch size through the same exported graph and backend
+settings. Each process is timed by ``tools.timing`` (median over blocks of
+``torch.utils.benchmark.Timer``); they start together behind a barrier, and every process keeps
+working until the last one has finished its measurement, so no measurement sees a half-idle machine.
+The limit is the sum of their img/s: served/limit <= 1 then means what it says.
+
+``LimitJob.eager`` runs the same pipeline through eager PyTorch fp32 (the checkpoint's model with the
+normalization in front), for ``runtime_gap``: in-process ONNX Runtime fp32 / eager fp32, same split.
 ``adaptive_threshold`` picks the confidence threshold the adaptive-TTA configuration is served with.
 """
 from __future__ import annotations
 
-import json
+import multiprocessing as mp
+import queue as queue_module
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.configs import Config
-from tools.models import ExportedModel
-from tools.timing import rate
+from benchmarks.configs import BATCH, Split
 
 
 def adaptive_threshold(export_dir: Path, spec, payload_dir: Path, quantile: float = 0.25) -> float:
@@ -29,23 +40,122 @@ def adaptive_threshold(export_dir: Path, spec, payload_dir: Path, quantile: floa
     return float(conf.quantile(quantile))
 
 
-def in_process_limit(c: Config, prep: ExportedModel, payload_dir: Path, seconds: float = 8.0, batch: int = 8) -> float:
-    """Images per second: decode + preprocess + forward (+ TTA) at the served batch size, no HTTP."""
-    from inference.backends import load_backend, openvino_precision
-    from inference.images import decode_many
-    from inference.tta import canvas_preset, predict_proba
-    spec = prep.spec
-    info = json.loads((prep.export_dir / "export.json").read_text())["variants"][c.variant]
-    precision = openvino_precision(c.handler.get("openvino_precision", "auto"))  # as the served handler does
-    backend = load_backend(str(prep.export_dir / info["files"][0]), threads=torch.get_num_threads(),
-                           precision=precision)
-    datas = [p.read_bytes() for p in sorted(payload_dir.rglob("*.jpg"))]
-    preset = canvas_preset(c.tta, crop_size=spec.input_size, resize_size=spec.resize_size)
-    at = [0]
+@dataclass(frozen=True)
+class LimitJob:
+    """What one worker of a configuration runs; ``graph`` (an exported graph) or ``eager`` (a checkpoint)."""
+    payloads: tuple[str, ...]          # JPEG files, cycled through as the load generator does
+    crop_size: int
+    resize_size: int
+    graph: str | None = None
+    eager: str | None = None           # checkpoint path: eager PyTorch fp32 instead of a graph
+    precision: str = "f32"             # OpenVINO inference precision hint (resolved, as the handler does)
+    tta: str = "none"
+    adaptive: bool = False
+    threshold: float = 0.9
+    max_forward_batch: int = 256       # the handler's chunking of the views
+    batch: int = BATCH
+    seconds: float = 8.0
 
-    def one_batch():
-        chunk = [datas[(at[0] + k) % len(datas)] for k in range(batch)]
-        at[0] += batch
-        canvas = torch.stack(decode_many(chunk, transform=preset, min_side=preset.min_decode_side))  # as the handler
-        predict_proba(backend, canvas, c.tta, crop_size=spec.input_size).topk(5, dim=1)
-    return rate(one_batch, batch, min_run_time=seconds)
+
+def _forward(job: LimitJob, threads: int):
+    """The backend as the handler calls it (chunked by ``max_forward_batch``)."""
+    if job.eager:
+        from export.wrappers import FusedNormalization
+        from training.checkpoint import load_checkpoint
+        spec, state, _ = load_checkpoint(job.eager)
+        net = spec.build().eval()
+        net.load_state_dict(state)
+        module = FusedNormalization(net, mean=spec.mean, std=spec.std).eval()
+
+        def backend(images):
+            with torch.inference_mode():
+                return module(images)
+    else:
+        from inference.backends import load_backend
+        backend = load_backend(job.graph, threads=threads, precision=job.precision)
+    step = job.max_forward_batch
+
+    def forward(images):
+        if len(images) <= step:
+            return backend(images)
+        return torch.cat([backend(images[i:i + step]) for i in range(0, len(images), step)])
+    return forward
+
+
+def _one_worker(job: LimitJob, threads: int, barrier, done, processes: int, results) -> None:
+    """One process of the limit: load, warm up, wait for the others, measure, keep the load until all are done."""
+    counted = False
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from inference.images import decode_many, probe
+        from inference.tta import adaptive_predict_proba, canvas_preset, predict_proba
+        from tools.timing import rate
+
+        torch.set_num_threads(threads)
+        forward = _forward(job, threads)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        datas = [Path(p).read_bytes() for p in job.payloads]
+        preset = canvas_preset(job.tta, crop_size=job.crop_size, resize_size=job.resize_size)
+        at = [0]
+
+        def one_batch():
+            chunk = [datas[(at[0] + k) % len(datas)] for k in range(job.batch)]
+            at[0] += job.batch
+            infos = [probe(d) for d in chunk]  # the handler's admission reads every header first
+            canvas = torch.stack(decode_many(chunk, infos=infos, pool=pool, transform=preset,
+                                             min_side=preset.min_decode_side))
+            if job.adaptive:
+                probs, _ = adaptive_predict_proba(forward, canvas, job.tta, crop_size=job.crop_size,
+                                                  threshold=job.threshold)
+            else:
+                probs = predict_proba(forward, canvas, job.tta, crop_size=job.crop_size)
+            probs.topk(min(5, probs.shape[1]), dim=1)
+
+        for _ in range(2):
+            one_batch()
+        barrier.wait(timeout=600)
+        img_s = rate(one_batch, job.batch, min_run_time=job.seconds, threads=threads)
+        with done.get_lock():
+            done.value += 1
+        counted = True
+        while done.value < processes:  # the others are still measuring: keep the machine as loaded
+            one_batch()
+        results.put(("ok", img_s))
+    except BaseException:  # noqa: BLE001 -- reported to the parent, which raises it
+        barrier.abort()
+        if not counted:
+            with done.get_lock():
+                done.value += 1
+        results.put(("error", traceback.format_exc()))
+
+
+def in_process_limit(job: LimitJob, split: Split, *, timeout: float = 900) -> dict:
+    """``split.workers`` processes of ``split.threads`` threads running ``job`` at once: ``img_s`` (their
+    sum), ``per_process``, ``processes``, ``threads`` and ``decode_pool`` (threads of each one's pool)."""
+    ctx = mp.get_context("spawn")
+    barrier, done, results = ctx.Barrier(split.workers), ctx.Value("i", 0), ctx.Queue()
+    procs = [ctx.Process(target=_one_worker, args=(job, split.threads, barrier, done, split.workers, results),
+                         daemon=True) for _ in range(split.workers)]
+    for p in procs:
+        p.start()
+    out, errors = [], []
+    try:
+        for _ in procs:
+            try:
+                status, value = results.get(timeout=timeout)
+            except queue_module.Empty:
+                errors.append(f"no result after {timeout:.0f} s")
+                break
+            (out if status == "ok" else errors).append(value)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("in-process limit failed:\n" + "\n".join(errors))
+    return {"img_s": sum(out), "per_process": out, "processes": split.workers, "threads": split.threads,
+            "decode_pool": split.threads, "batch": job.batch, "tta": job.tta, "adaptive": job.adaptive,
+            "runtime": "eager fp32" if job.eager else Path(job.graph).name, "precision": job.precision}

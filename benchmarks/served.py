@@ -1,19 +1,21 @@
-"""The served side of ``make bench``: one archive per configuration, and locust load against each.
+"""The served side of ``make bench``: one archive per configuration and split, its TorchServe, locust runs.
 
-``build_archives`` writes the ``.mar`` of every configuration (the stock one with
-``torch-model-archiver`` and TorchServe's built-in ``image_classifier``, ours with
-``export.archive.build_archive``); ``run_served`` starts a TorchServe of its own for one
-configuration and drives it with ``locustfile.py`` at each user count, recording throughput,
-latency percentiles and the CPU seconds of the server and of locust.
+``build_archive_for`` writes the ``.mar`` of a configuration at one workers x threads split (the stock
+one with ``torch-model-archiver`` and TorchServe's built-in ``image_classifier``, ours with
+``export.archive.build_archive``); ``Served`` is that archive in a TorchServe of its own (its own
+ports and temporary folder, stopped by PID), kept running between runs so that runs of different
+configurations can be interleaved; ``Served.run`` drives it with ``locustfile.py`` (headless, closed
+loop) and records throughput, latency percentiles and the CPU seconds of the server and of locust.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from benchmarks.configs import Config
+from benchmarks.configs import BATCH, MAX_BATCH_DELAY, Config, Split
 from tools import REPO
 from tools.locust import locust_command, run_locust, summary
 from tools.models import ExportedModel
@@ -21,26 +23,33 @@ from tools.processes import cpu_seconds
 from tools.torchserve import TorchServe
 
 STOCK_MODEL_FILE = REPO / "benchmarks" / "stock_resnet50.py"
+RESPONSE_TIMEOUT = 120
 
 
-def build_archives(configs: list[Config], prep: ExportedModel, store: Path, threshold: float) -> None:
+def archive_name(c: Config, split: Split) -> str:
+    return f"{c.name}_{split}"
+
+
+def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path, threshold: float) -> str:
+    """Write ``store/NAME.mar`` for ``c`` served as ``split``; returns NAME (the model's name in URLs)."""
     from export.archive import build_archive
     store.mkdir(parents=True, exist_ok=True)
-    for c in configs:
-        if c.kind == "stock":
-            cfg = store / "stock-config.yaml"
-            cfg.write_text(f"minWorkers: {c.workers}\nmaxWorkers: {c.workers}\nbatchSize: 8\nmaxBatchDelay: 10\n"
-                           "responseTimeout: 120\n")
-            cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", c.name, "--version", "1.0",
-                   "--model-file", str(STOCK_MODEL_FILE), "--serialized-file", str(prep.state_dict),
-                   "--handler", "image_classifier", "--extra-files", str(prep.export_dir / "index_to_name.json"),
-                   "--config-file", str(cfg), "--export-path", str(store), "--force"]
-            subprocess.run(cmd, check=True, capture_output=True)
-        else:
-            build_archive(prep.export_dir, variant=c.variant, name=c.name, model_store=store, batch_size=8,
-                          max_batch_delay=10, workers=c.workers, threads=c.threads, topk=5, tta=c.tta,
-                          adaptive_tta=c.adaptive, adaptive_threshold=threshold, response_timeout=120,
-                          **c.handler)
+    name = archive_name(c, split)
+    if c.kind == "stock":
+        cfg = store / f"{name}-config.yaml"
+        cfg.write_text(f"minWorkers: {split.workers}\nmaxWorkers: {split.workers}\nbatchSize: {BATCH}\n"
+                       f"maxBatchDelay: {MAX_BATCH_DELAY}\nresponseTimeout: {RESPONSE_TIMEOUT}\n")
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
+               "--model-file", str(STOCK_MODEL_FILE), "--serialized-file", str(prep.state_dict),
+               "--handler", "image_classifier", "--extra-files", str(prep.export_dir / "index_to_name.json"),
+               "--config-file", str(cfg), "--export-path", str(store), "--force"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:
+        build_archive(prep.export_dir, variant=c.variant, name=name, model_store=store, batch_size=BATCH,
+                      max_batch_delay=MAX_BATCH_DELAY, workers=split.workers, threads=split.threads, topk=5,
+                      tta=c.tta, adaptive_tta=c.adaptive, adaptive_threshold=threshold,
+                      response_timeout=RESPONSE_TIMEOUT, **c.handler)
+    return name
 
 
 def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, schema: str, prefix: Path) -> dict:
@@ -54,27 +63,30 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
             "locust_cpu_s": locust_cpu_s}
 
 
-def run_served(c: Config, store: Path, payloads: dict[str, Path], users: list[int], duration: int, work: Path,
-               model: str, limit: float | None, *, other_sets: bool = True) -> dict:
-    """Serve configuration ``c`` alone and load it at each user count with the first payload set of
-    ``payloads`` (``{set name: folder}``), then, with ``other_sets``, with each other set at the
-    highest user count (``limit``: its in-process limit). Every run records its ``set``."""
-    server = TorchServe(model_store=store, models=f"{c.name}={c.name}.mar", env={**os.environ, **c.env},
-                        overrides={"async_logging": "true"})
-    server.start(timeout=300)
-    first, *others = payloads
-    plan = [(first, u) for u in users] + ([(s, max(users)) for s in others] if other_sets else [])
-    runs = []
-    try:
-        for set_name, u in plan:
-            cpu0 = cpu_seconds(server.pid)
-            r = load_run(server.url, c.name, payloads[set_name], u, duration, c.kind, work / f"{c.name}-{set_name}-{u}")
-            r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
-            r["set"] = set_name
-            runs.append(r)
-            print(f"{model:<12.12} {c.name:<20} {set_name:<9} {u:>3} users: {r['img_s']:7.1f} img/s  p50 {r['p50_ms']} "
-                  f"ms  p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server {r['server_cpu_s']:.0f} s, "
-                  f"locust {r['locust_cpu_s']:.0f} s", flush=True)
-    finally:
-        server.stop()
-    return {"name": c.name, "config": c.__dict__, "limit_img_s": limit, "runs": runs}
+class Served:
+    """Configuration ``c`` at ``split`` in its own TorchServe: ``start()``, ``run(...)``, ``stop()``."""
+
+    def __init__(self, c: Config, split: Split, *, store: Path, name: str, work: Path, label: str):
+        self.c, self.split, self.name, self.work, self.label = c, split, name, work, label
+        self.server = TorchServe(model_store=store, models=f"{name}={name}.mar", env={**os.environ, **c.env_for(split)},
+                                 overrides={"async_logging": "true"})
+
+    def start(self) -> "Served":
+        self.server.start(timeout=300)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def run(self, payload_dir: Path, users: int, seconds: int, *, tag: str, quiet: bool = False, **fields) -> dict:
+        """One locust run at ``users`` on the photos of ``payload_dir``; ``fields`` are recorded with it."""
+        cpu0, t0 = cpu_seconds(self.server.pid), time.time()
+        r = load_run(self.server.url, self.name, payload_dir, users, seconds, self.c.kind, self.work / tag)
+        r["server_cpu_s"] = cpu_seconds(self.server.pid) - cpu0
+        r.update(fields, split=str(self.split), duration_s=seconds, started=round(t0, 3))
+        if not quiet:
+            print(f"{self.label:<12.12} {self.c.name:<19} {str(self.split):<4} {fields.get('set', ''):<9} {users:>3} "
+                  f"users{'' if 'repeat' not in fields else ' #' + str(fields['repeat'] + 1)}: {r['img_s']:7.1f} img/s"
+                  f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server "
+                  f"{r['server_cpu_s']:.0f} s, locust {r['locust_cpu_s']:.0f} s", flush=True)
+        return r

@@ -1,26 +1,77 @@
-"""A ~30-second smoke of `make bench` (one configuration, one user) so the benchmark keeps working."""
+"""A ~2-minute smoke of `make bench` (tiny model, ours_fp32 and its flip TTA, the whole grid, 2-second runs):
+the like-for-like structure (split search, same-split in-process limit, interleaved repeats, medians, gates)
+is in the JSON and the last line is the ratios line of the issue."""
 import json
+import re
+import statistics
 import subprocess
 import sys
 
 import pytest
 
+from benchmarks.configs import search_grid
+from benchmarks.report import RATIO_KEYS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+RATIOS = re.compile(r"^ratios: isa=(AVX2|AVX512|AVX512_BF16|AMX) " + " ".join(
+    re.escape(k) + r"=(nan|\d+\.\d\d)" for k in RATIO_KEYS) + r"( \S+=\S+)*$")
+
 
 def test_bench_smoke_runs_end_to_end():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("ratios: isa=") and " ours/stock=" in lines[-1] and " small/12mp=" in lines[-1]
-    assert float(lines[-1].split("small/12mp=")[1].split()[0]) > 0  # the 12 MP set was served
+    match = RATIOS.match(lines[-1])
+    assert match, lines[-1]
+    printed = dict(zip(RATIO_KEYS, match.groups()[1:]))
+    for k in ("runtime_gap", "served/limit", "flip_tta_cost", "small/12mp"):  # what the smoke measures
+        assert float(printed[k]) > 0, (k, lines[-1])
+    assert printed["ours/stock"] == "nan"  # no stock in the smoke: never a made-up number
     report = next(line for line in lines if line.startswith("full results: ")).split()[2].rstrip(";")
     data = json.loads(open(report).read())
-    small, phone = data["results"][0]["runs"]
-    assert (small["set"], phone["set"]) == ("jpeg500", "phone12mp")
-    for run in small, phone:
-        assert run["users"] == 1 and run["failures"] == 0 and run["img_s"] > 0 and run["requests"] > 0
-    assert data["results"][0]["limit_img_s"] > 0
+
+    grid = [str(s) for s in search_grid()]
+    assert data["grid"] == grid and data["plan"]["repeats"] == 3
+    fp32, flip = data["results"]
+    # the split search: every grid point measured and recorded, the best one chosen
+    assert [e["split"] for e in fp32["search"]] == grid
+    assert all(e["img_s"] > 0 and e["failures"] == 0 for e in fp32["search"])
+    best = max(fp32["search"], key=lambda e: e["img_s"])
+    split = f"{fp32['split']['workers']}x{fp32['split']['threads']}"
+    assert split == best["split"] and fp32["split_source"] == "search"
+    assert flip["split"] == fp32["split"] and flip["split_source"] == "ours_fp32" and flip["search"] == []
+    # the in-process limit in the same split: W processes x T threads (decode pool T), img/s summed
+    for r in (fp32, flip):
+        lim = r["limit"]
+        assert (lim["processes"], lim["threads"], lim["decode_pool"]) == (r["split"]["workers"], r["split"]["threads"],
+                                                                         r["split"]["threads"])
+        assert len(lim["per_process"]) == lim["processes"] and lim["img_s"] == pytest.approx(sum(lim["per_process"]))
+        assert r["limit_img_s"] == lim["img_s"] > 0
+        assert r["gate"]["status"] == "parity" and r["gate"]["counts"]
+    eager = data["models"]["smoke"]["eager_limit"]
+    assert eager["runtime"] == "eager fp32" and eager["processes"] == fp32["split"]["workers"] and eager["img_s"] > 0
+    # interleaved repeats at 16 users: fp32 #1, flip #1, fp32 #2, ...; medians and min-max of them
+    top = sorted((x for r in (fp32, flip) for x in r["runs"] if x["set"] == "jpeg500" and x["users"] == 16),
+                 key=lambda x: x["started"])
+    assert [(x["repeat"], x["split"]) for x in top] == [(i, split) for i in range(3) for _ in range(2)]
+    assert [x["img_s"] for x in top[0::2]] == [x["img_s"] for x in fp32["runs"] if x["set"] == "jpeg500"
+                                               and x["users"] == 16]
+    for r in (fp32, flip):
+        runs = [x for x in r["runs"] if x["set"] == "jpeg500" and x["users"] == 16]
+        m = r["medians"]["jpeg500@16"]
+        assert m["n"] == 3 and m["img_s"] == statistics.median(x["img_s"] for x in runs)
+        assert m["min"] <= m["img_s"] <= m["max"] and m["failures"] == 0
+        assert r["medians"]["jpeg500@1"]["n"] == 1
+    phone = [x for x in fp32["runs"] if x["set"] == "phone12mp"]
+    assert len(phone) == 3 and all(x["users"] == 16 and x["failures"] == 0 and x["img_s"] > 0 for x in phone)
+    # every printed ratio is the one computed from those medians
+    values = data["summary"]["values"]
+    assert float(printed["flip_tta_cost"]) == pytest.approx(
+        fp32["medians"]["jpeg500@16"]["img_s"] / flip["medians"]["jpeg500@16"]["img_s"], abs=0.006)
+    assert float(printed["served/limit"]) == pytest.approx(values["served/limit"], abs=0.006)
+    assert values["ours/stock"] is None and set(RATIO_KEYS) <= set(values)
+    b = data["models"]["smoke"]["tta_breakdown"]
+    assert b["threads"] == flip["split"]["threads"] and b["ms"]["forward_2n"] > 0 and b["forward_2n_over_n"] > 1
