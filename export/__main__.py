@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import fields
 
+from inference.cli import run as run_cli
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
 
 from .formats import VARIANTS
@@ -156,5 +157,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake (a missing file, a wrong order): one line, exit status 2
+    sys.exit(run_cli(main, expected=(ValueError,)))

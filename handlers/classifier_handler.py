@@ -10,7 +10,8 @@ A failure of the model answers the batch with 500 and a log line, never a hung r
 
 Settings come from the archive's ``model-config.yaml`` (``handler:`` section), read and validated by
 :class:`inference.settings.HandlerSettings`: an unknown key or a bad value stops the worker at
-start-up with a message naming the key.
+start-up with a message naming the key. Threads follow the model's live workers (``inference.threads``);
+metrics: ``inference.metrics``; ``describe_handle`` answers the archive's model card.
 
 TorchServe requires exactly one class in this module. Everything else is the inference core,
 ``inference/``, which the archive carries as a package directory, so the imports below are the same
@@ -18,12 +19,13 @@ in the repository and inside a ``.mar``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
@@ -32,11 +34,13 @@ from inference.admission import admit
 from inference.backends import load_backend, openvino_precision
 from inference.batch import Batch
 from inference.class_index import INDEX_FILE, read_index_to_name
+from inference.explain import explain_request
 from inference.images import ImageError, decode_many, probe
+from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError, parse_topk
 from inference.responses import topk_predictions
 from inference.settings import HandlerSettings
-from inference.threads import worker_threads
+from inference.threads import WorkerThreads
 from inference.transforms import EvalPreset
 from inference.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
 
@@ -51,8 +55,10 @@ class ImageClassifierHandler(BaseHandler):
         self.settings = cfg = HandlerSettings.from_config(yaml_cfg.get("handler"))
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
-        self.threads = worker_threads(cfg.threads, workers=int(yaml_cfg.get("minWorkers", 1) or 1))
-        torch.set_num_threads(self.threads)
+        # threads = cores // the model's live workers, re-sized as they change (inference.threads)
+        self.worker_threads = WorkerThreads(configured=cfg.threads, workers=int(yaml_cfg.get("minWorkers", 1) or 1),
+                                            model_dir=model_dir, interval=cfg.threads_check_interval,
+                                            name=context.manifest.get("model", {}).get("modelName", ""))
         index_path = os.path.join(model_dir, INDEX_FILE)
         if not os.path.isfile(index_path):
             raise FileNotFoundError(f"{INDEX_FILE} is missing from the archive of model "
@@ -69,9 +75,12 @@ class ImageClassifierHandler(BaseHandler):
         self.canvas = canvas_preset(self.tta, crop_size=self.crop_size, resize_size=resize_size) \
             if self.graph_output == "logits" else EvalPreset(crop_size=self.crop_size, resize_size=resize_size)
         serialized = context.manifest["model"]["serializedFile"]
-        self.backend = load_backend(os.path.join(model_dir, serialized), device=self.device, threads=self.threads,
-                                    precision=openvino_precision(cfg.openvino_precision))
-        self.decode_pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
+        precision = openvino_precision(cfg.openvino_precision)
+        load = lambda threads: load_backend(os.path.join(model_dir, serialized), device=self.device,  # noqa: E731
+                                            threads=threads, precision=precision)
+        self.backend = load(self.worker_threads.threads)
+        if self.backend.name != "torchscript" and self.device.type == "cpu":  # threads fixed when created
+            self.worker_threads.rebuild = lambda threads: setattr(self, "backend", load(threads))
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -86,7 +95,7 @@ class ImageClassifierHandler(BaseHandler):
         self.forward(warm)
         log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, warm-up %.0f ms", self.model_name,
                  self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)), self.device,
-                 self.threads, self.tta, " (adaptive)" if self.adaptive else "", self.default_topk,
+                 self.worker_threads.threads, self.tta, " (adaptive)" if self.adaptive else "", self.default_topk,
                  (time.perf_counter() - start) * 1000)
         self.initialized = True
 
@@ -102,6 +111,7 @@ class ImageClassifierHandler(BaseHandler):
 
     # -- the TorchServe contract ---------------------------------------------------------------------
     def preprocess(self, data: list[dict]) -> Batch:
+        self.worker_threads.follow()  # the model's worker count changed: re-size the threads first
         start = time.perf_counter()
         batch = Batch(size=len(data))
         payloads, owners = [], []
@@ -138,7 +148,7 @@ class ImageClassifierHandler(BaseHandler):
                 headers_read += infos[i]
         # decode -> canvas one image at a time per pool thread (full-size pixels released at once); JPEGs are
         # decoded reduced in the DCT domain down to the canvas' resize size (nvjpeg on a GPU: full size)
-        decoded = decode_many(payloads, **limits, device=self.device, pool=self.decode_pool,
+        decoded = decode_many(payloads, **limits, device=self.device, pool=self.worker_threads.pool,
                               jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read, transform=self.canvas,
                               min_side=self.canvas.min_decode_side)
         position: dict[int, int] = {}
@@ -237,18 +247,46 @@ class ImageClassifierHandler(BaseHandler):
         self._record_metrics(batch)
         return out
 
+    # -- POST /explanations/NAME and /v1/models/NAME:explain: occlusion maps (inference.explain) ------------
+    def _is_explain(self):
+        """BaseHandler asks request 0 only, but one batch may mix /predictions and /explanations requests."""
+        n = len(self.context.request_processor or []) if self.context is not None else 0
+        self.explaining = {i for i in range(n) if self.context.get_request_header(i, "explain") == "True"}
+        return bool(self.explaining)
+
+    def explain_handle(self, batch: Batch, raw_data: list[dict]) -> list[str]:
+        """An explanation for each explanation request; the batch's prediction requests answered as usual."""
+        answers = {}
+        for i in sorted(self.explaining - set(batch.errors)):
+            try:
+                answers[i] = explain_request(
+                    self.forward, batch.canvas[[k for k, o in enumerate(batch.owners) if o == i]], batch.requests[i],
+                    settings=self.settings, output=self.graph_output, class_names=self.class_names,
+                    headers=self.context.get_all_request_header(i), row=raw_data[i], crop_size=self.crop_size,
+                    model_name=self.model_name, model_version=self.model_version)
+            except RequestError as e:
+                batch.errors[i] = e
+        keep = [k for k, o in enumerate(batch.owners) if o not in self.explaining]
+        batch.canvas, batch.owners = (batch.canvas[keep] if keep else None), [batch.owners[k] for k in keep]
+        out = self.postprocess(self.inference(batch))  # predictions, every error, content types, metrics
+        return [answers.get(i, body) for i, body in enumerate(out)]
+
     def _record_metrics(self, batch: Batch) -> None:
+        """Per batch: the stage timings as histograms (s) and gauges (ms), and the gauges of inference.metrics."""
         metrics = getattr(self.context, "metrics", None) if self.context is not None else None
         if metrics is None:
             return
-        for stage, ms in batch.timings.items():
-            metrics.add_time(f"{stage.capitalize()}Ms", round(ms, 3), None, "ms")
-        metrics.add_metric("BatchSize", batch.size, "count", None, metric_type=MetricTypes.GAUGE)
-        images = len(batch.owners)
-        if images:
-            applied = int(batch.tta_applied.sum()) if batch.tta_applied is not None else 0
-            views = images + applied * (self.views - 1) if self.adaptive else images * self.views
-            metrics.add_metric("TTAViewsPerImage", round(views / images, 3), "count", None, metric_type=MetricTypes.GAUGE)
-            if self.adaptive:
-                metrics.add_metric("AdaptiveTTATriggerRate", round(100.0 * applied / images, 2), "percent", None,
-                                   metric_type=MetricTypes.GAUGE)
+        sizing = self.worker_threads
+        for name, value in batch_metrics(batch, views=self.views, adaptive=self.adaptive, threads=sizing.threads,
+                                         workers=sizing.workers):
+            kind, unit, _ = METRICS[name]
+            metrics.add_metric(name, value, unit, None, [Dimension("ModelName", self.model_name),
+                               Dimension("Level", "Model")], metric_type=MetricTypes(kind))
+
+    def describe_handle(self) -> str:
+        """``GET /models/NAME?customized=true``: the archive's model_card.json, as ``customizedMetadata``."""
+        path = os.path.join(self.context.system_properties["model_dir"], "model_card.json")
+        if not os.path.isfile(path):
+            return json.dumps({"error": "this archive has no model_card.json (`python -m export archive` packs one)"})
+        with open(path) as f:
+            return json.dumps(json.load(f))

@@ -12,7 +12,9 @@ One concept per module:
 * ``requests``    -- reading one request of a batch (raw, JSON/base64, multipart) and its top-k
 * ``responses``   -- top-k answers with class names and confidences, JSON error bodies
 * ``batch``       -- what one TorchServe batch carries between the handler's stages
-* ``threads``     -- threads per worker
+* ``threads``     -- threads per worker, following the model's live workers
+* ``metrics``     -- the handler's metrics: names, types (histograms, gauges), units, values
+* ``cli``         -- how every command line ends on a user's mistake (one line, exit status 2)
 
 It imports only torch, torchvision, Pillow and numpy (and the runtimes lazily), never ``training``,
 ``export`` or ``handlers``. The ``.mar`` archive carries this folder as a package, so the handler

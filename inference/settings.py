@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, fields
 
 from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
+from inference.cli import UsageError
+from inference.explain import DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
 from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, TTA_MODES
 
 
-class SettingsError(ValueError):
+class SettingsError(UsageError, ValueError):
     """A bad ``model-config.yaml``: the message names the key."""
 
 
@@ -37,7 +39,7 @@ def _check(name: str, hint, meta, value, where: str):
     if value is None:
         if optional:
             return None
-        raise SettingsError(f"{where}.{name} is required")
+        raise SettingsError(f"{where}.{name} is required ({meta['help']}; `python -m export archive` writes it)")
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
     bad = SettingsError(f"{where}.{name} must be {_describe(base)}, got {value!r}")
     if base is bool:
@@ -154,9 +156,22 @@ class HandlerSettings(_Settings):
     max_images_per_request: int = _opt(32, "images one request may carry (more: 413)", minimum=1)
     max_forward_batch: int = _opt(256, "largest batch of views in one forward (larger ones are chunked)",
                                   minimum=1)
-    threads: int = _opt(0, "intra-op threads per worker (0: OMP_NUM_THREADS, else cores / workers)", minimum=0)
+    threads: int = _opt(0, "intra-op threads per worker (0: OMP_NUM_THREADS, else cores / the model's live "
+                        "workers, re-sized when their number changes)", minimum=0)
+    threads_check_interval: float = _opt(2.0, "seconds between counts of the model's live workers when threads "
+                                         "is 0 (0: count only at start-up)", minimum=0.0)
     openvino_precision: str = _opt("auto", "OpenVINO inference precision hint: auto = bf16 where the CPU has "
                                    "bf16 instructions", choices=OPENVINO_PRECISIONS)
+    explain_grid: int = _opt(DEFAULT_GRID, "explanations: cells per side of the occlusion grid (grid^2 + 1 "
+                             "forwards per image)", minimum=1, maximum=MAX_GRID)
+    explain_fill: str = _opt("mean", "explanations: an occluded cell is filled with the image's mean colour or "
+                             "mid grey", choices=FILLS)
+    explain_views_per_forward: int = _opt(DEFAULT_VIEWS_PER_FORWARD, "explanations: occluded views per forward "
+                                          "(also capped by --max-forward-batch)", minimum=1)
+    explain_max_images: int = _opt(4, "explanations: images one explanation request may carry (more: 413)",
+                                   minimum=1)
+    explain_overlay: bool = _opt(False, "explanations carry overlay_png_base64 (the heatmap over the image) "
+                                 "unless the request says otherwise (X-Explain-Overlay or an overlay field)")
     input_size: int = _opt(None, "the graph's input size in pixels", minimum=1, cli=False)
     resize_size: int | None = _opt(None, "shorter side before the center crop (default: input_size)", minimum=1,
                                    cli=False)

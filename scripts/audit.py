@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except (IgnoreFileError, OSError) as e:
         print(f"audit: {e}", file=sys.stderr)
         return 2
+    if args.requirement is not None and not args.requirement.is_file():
+        print(f"audit: invalid requirements input: {args.requirement} not found (-r takes a pinned requirements "
+              "file, one NAME==VERSION a line)", file=sys.stderr)
+        return 2
     if importlib.util.find_spec("pip_audit") is None:
         print("audit: pip-audit is not installed (make setup installs it with the dev extra)", file=sys.stderr)
         return 2

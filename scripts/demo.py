@@ -4,6 +4,7 @@ Each stage runs the same command a user would type (printed before it runs).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import random
@@ -68,7 +69,11 @@ def load_test(server: TorchServe) -> None:
           f"failures {s['failures']} of {s['requests']}", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0] + " Takes no "
+                            "options: each stage prints the command it runs (about 15 minutes on 2 cores); it "
+                            "writes data/fashion-mnist, runs/demo, exports/demo and model_store/fmnist.mar."
+                            ).parse_args(argv)
     start = time.time()
     os.chdir(REPO)
     step("data: Fashion-MNIST as an ImageFolder tree", PY, "-m", "training", "prepare-fashion-mnist", "--out", DATA)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import psutil
 
+from inference.cli import UsageError
+from inference.cli import run as run_cli
 from scripts.soak_verdict import evaluate, merge, plot, report, write_csv
 from tools import REPO
 from tools.locust import history, locust_command, run_locust
@@ -53,8 +55,11 @@ DEFAULT_ARCHIVE = REPO / "model_store" / "fmnist.mar"
 
 # --- model and payloads ---------------------------------------------------------------------------
 def model_name_of(archive: Path) -> str:
-    with zipfile.ZipFile(archive) as z:
-        return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        raise UsageError(f"{archive} is not a .mar archive (write one with `python -m export archive`)") from None
 
 
 def choose_archive(args, work: Path, payload_dir: Path) -> tuple[Path, str, str]:
@@ -123,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-growth", type=float, default=0.10, help="largest allowed worker RSS growth (fraction)")
     p.add_argument("--sample-interval", type=float, default=1.0, help="seconds between RSS samples")
     args = p.parse_args(argv)
+    if args.duration <= 0 or args.users < 1 or args.sample_interval <= 0:
+        raise UsageError("--duration and --sample-interval must be > 0 and --users at least 1")
+    if args.archive and not Path(args.archive).is_file():
+        raise UsageError(f"--archive {args.archive}: file not found (a .mar written by `python -m export archive`)")
+    if args.images and not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: folder not found")
     out = Path(args.out).resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -178,5 +189,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary["passed"] else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake (a wrong path, a bad option): one line, exit status 2
+    sys.exit(run_cli(main))

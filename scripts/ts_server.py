@@ -25,6 +25,10 @@ import signal
 import sys
 from pathlib import Path
 
+import psutil
+
+from inference.cli import UsageError
+from inference.cli import run as run_cli
 from tools import REPO
 from tools.drain import drain
 from tools.torchserve import DEFAULT_CONFIG, TorchServe, read_properties
@@ -34,18 +38,25 @@ RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_fi
 
 
 def serve(args: argparse.Namespace) -> int:
+    if not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: file not found (config.properties, or config.prod.properties for "
+                         "the locked-down profile)")
+    if not any(Path(args.model_store).glob("*.mar")):
+        raise UsageError(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive "
+                         "...`) first")
+    state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
+    if state_file.is_file():
+        pid = json.loads(state_file.read_text()).get("pid")
+        if pid and _running(pid):
+            raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
     props = read_properties(args.config)
     ports = tuple(int(re.search(r":(\d+)", props[k]).group(1))
                   for k in ("inference_address", "management_address", "metrics_address"))
     grpc_ports = (int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
-    state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     overrides = {"enable_model_api": "true"} if getattr(args, "enable_model_api", False) else None
     server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,
                         overrides=overrides, log_dir=str(getattr(args, "log_dir", None) or REPO / "logs"),
                         workdir=getattr(args, "run_dir", None) or RUN_DIR)
-    if not any(Path(args.model_store).glob("*.mar")):
-        print(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive ...`) first")
-        return 1
     try:
         server.start(foreground=True)
     except (RuntimeError, TimeoutError) as e:
@@ -70,6 +81,14 @@ def serve(args: argparse.Namespace) -> int:
     server.forget_keys()  # `make stop` ends the Java process itself: its keys are void
     state_file.unlink(missing_ok=True)
     return 0
+
+
+def _running(pid: int) -> bool:
+    """``pid`` is a live TorchServe (not a PID the system gave to another process since)."""
+    try:
+        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
 
 
 def stop(args: argparse.Namespace) -> int:
@@ -122,5 +141,5 @@ def main(argv: list[str] | None = None) -> int:
     return {"serve": serve, "stop": stop}[args.command](args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake (no archives, a wrong path, serving twice): one line, exit status 2
+    sys.exit(run_cli(main))

@@ -131,6 +131,10 @@ class TorchServe:
                       "grpc_inference_port": str(self.grpc_ports[0]), "grpc_management_port": str(self.grpc_ports[1]),
                       "model_store": str(self.model_store), "load_models": models})
         props.update(overrides or {})
+        if props.get("metrics_config") and not Path(props["metrics_config"]).is_absolute():
+            # relative to the repository root, where `make serve` and a plain `torchserve` run from (TorchServe
+            # itself reads it from its working directory, a private folder here)
+            props["metrics_config"] = str(REPO / props["metrics_config"])
         self.props = props
         self.token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
         self.config_path = self.workdir / "config.properties"

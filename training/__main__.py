@@ -1,4 +1,4 @@
-"""``python -m training {prepare-fashion-mnist,stats,train,evaluate,predict}``.
+"""``python -m training {prepare-fashion-mnist,split,stats,train,evaluate,predict,explain}``.
 
 Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m training train ...`` (DDP).
 """
@@ -8,12 +8,14 @@ import argparse
 import json
 import sys
 
+from inference.cli import run as run_cli
 from inference.tta import TTA_MODES
 
 from .evaluation import EVAL_FORMAT_CHOICES
 from .fashion_mnist import FASHION_MNIST_DIR
 from .formats import AUTO, FORMAT_CHOICES
 from .models import list_models
+from .split import add_arguments as split_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
                           "OUT/train/<class>/*.png and OUT/test/<class>/*.png. Skips splits already written.")
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--source", default=FASHION_MNIST_DIR, help="folder of the IDX .gz files")
+
+    sp = sub.add_parser("split", help="split a folder of labelled images into train/val/test",
+                        description="Split IMAGES/<class>/<image files> into OUT/train/<class>/, OUT/val/<class>/ "
+                        "and OUT/test/<class>/ (what train --data OUT reads): stratified by class, seeded, copies or "
+                        "symlinks, written into a hidden folder next to OUT and renamed onto it at the end. Prints "
+                        "the counts per class and split.")
+    split_arguments(sp)
 
     st = sub.add_parser("stats", help="per-channel mean/std of a data set's training images",
                         description="Compute the channel mean/std (0..1 scale) of the training split after the "
@@ -77,6 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--topk", type=int, default=1, help="classes per image in the CSV")
     pr.add_argument("--batch-size", type=int, default=256, help="images per forward")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+    from inference.explain import FILLS, MAX_GRID
+    from inference.settings import HandlerSettings
+    ex = sub.add_parser("explain", help="write the occlusion heatmap of one image's top-1 class as a PNG",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Occlusion sensitivity of the top-1 class, as the server's /explanations "
+                        "computes it (inference/explain.py), on the eager model: the image at the model's input "
+                        "(evaluation resize + center crop) under its heatmap, written to OUT.")
+    ex.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
+    ex.add_argument("--image", required=True, help="the image file to explain")
+    ex.add_argument("--out", required=True, help="the PNG to write")
+    ex.add_argument("--grid", type=int, default=HandlerSettings.explain_grid,
+                    help=f"cells per side of the occlusion grid, 1 to {MAX_GRID}")
+    ex.add_argument("--fill", default=HandlerSettings.explain_fill, choices=FILLS, help="what hides a cell")
+    ex.add_argument("--views-per-forward", type=int, default=HandlerSettings.explain_views_per_forward,
+                    help="occluded views per forward")
+    ex.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return p
 
 
@@ -87,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-fashion-mnist":
         from .fashion_mnist import prepare_fashion_mnist
         print(f"Fashion-MNIST written to {prepare_fashion_mnist(args.out, source=args.source)}")
+    elif args.command == "split":
+        from .split import run as run_split
+        return run_split(args)
     elif args.command == "stats":
         from inference.transforms import EvalPreset
 
@@ -121,8 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
                            device=args.device, topk=args.topk)
         print(f"{n} images classified -> {args.out}")
+    elif args.command == "explain":
+        from inference.explain import MAX_GRID
+
+        from .explain import explain_image
+        if not 1 <= args.grid <= MAX_GRID or args.views_per_forward < 1:
+            print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
+            return 2
+        try:
+            r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
+                              views_per_forward=args.views_per_forward, device=args.device)
+        except (OSError, ValueError) as e:  # a missing file, not a checkpoint, not an image, a grid too fine
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{r['class']} (p={r['probability']:.3f}): {args.grid}x{args.grid} occlusion map over the "
+              f"{r['size']}x{r['size']} input -> {r['out']}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake (a missing file, a wrong order): one line, exit status 2
+    sys.exit(run_cli(main, expected=(ValueError,)))

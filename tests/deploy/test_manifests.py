@@ -45,7 +45,8 @@ CRD_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "kserve-inferenceservice-v1beta1.schema.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.schema.json",
 }
-YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml")
+                    and p.name != "metrics.yaml")  # TorchServe's metrics configuration, not a Kubernetes object
 
 
 # -- loading and schema validation ---------------------------------------------------------------------
@@ -415,7 +416,13 @@ POD_DIFFERS = {
     "inference_address": "binds the pod IP (0.0.0.0): probes and the Service connect to it",
     "metrics_address": "binds the pod IP (0.0.0.0): Prometheus scrapes it",
     "model_store": "the volume mounted at /home/model-server/model-store",
+    "metrics_config": "the ConfigMap's copy of metrics.yaml, mounted at /home/model-server/config",
 }
+
+
+def test_pod_metrics_yaml_is_the_repositorys():
+    assert (BASE / "metrics.yaml").read_text() == (REPO / "metrics.yaml").read_text()
+    assert read_properties(BASE / "config.properties")["metrics_config"] == "/home/model-server/config/metrics.yaml"
 
 
 def test_pod_config_keeps_what_our_config_relies_on(k8s_props):

@@ -1,0 +1,56 @@
+"""How the project's command lines end on a user's mistake: one line on stderr saying what to do, exit
+status 2, no traceback.
+
+Every ``__main__`` of the project (``python -m training``, ``python -m export``, ``python -m benchmarks.bench``,
+``python -m scripts.ts_server``, ``python -m scripts.soak``, ...) runs its ``main`` through :func:`run`. A
+mistake is :class:`UsageError` (raised where the code knows what the user should do), a missing or
+unreadable path (``FileNotFoundError``, ``NotADirectoryError``, ``IsADirectoryError``,
+``PermissionError``), ``SystemExit`` with a message (``raise SystemExit("error: ...")``), or any type a
+command adds with ``expected=``; anything else is a bug and keeps its traceback. ``CLI_TRACEBACK=1`` in
+the environment shows the traceback of a mistake too. It lives in the core because every package may
+import the core, and nothing else: it needs only the standard library.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+USAGE_EXIT = 2  # argparse's status for a bad option; the same for every other mistake
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; the message says what to do."""
+
+
+MISTAKES = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error: <message>`` on one line; an ``OSError`` without a message of ours reads ``PATH: reason``."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror and \
+            str(error).startswith(f"[Errno {error.errno}]"):
+        text = f"{error.filename}: {error.strerror[0].lower()}{error.strerror[1:]}"
+    else:
+        text = str(error)
+    text = " ".join(text.split()) or type(error).__name__
+    return text if text.startswith("error: ") else f"error: {text}"
+
+
+def run(main: Callable[..., int | None], *args, expected: tuple[type[BaseException], ...] = ()) -> int:
+    """``main(*args)``'s exit status; a mistake (see the module docstring) is printed as one line and is 2."""
+    try:
+        return int(main(*args) or 0)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(one_line(str(e.code)), file=sys.stderr)
+        return USAGE_EXIT
+    except MISTAKES + tuple(expected) as e:
+        if os.environ.get("CLI_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(one_line(e), file=sys.stderr)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

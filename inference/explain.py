@@ -1,0 +1,192 @@
+"""Explanations: occlusion sensitivity of the top-1 class, computed with batched forwards through any backend.
+
+For each image (uint8 ``(3, S, S)``, what the model sees), the plain forward gives the top-1 class ``c``
+and its probability ``p``. The image is cut into ``grid x grid`` cells (cell ``(r, k)`` covers rows
+``edges[r]:edges[r + 1]`` and the same columns, ``edges`` = :func:`cell_edges`: patch = stride = ``S / grid``,
+no overlap); each cell in turn is filled with the image's mean colour (``fill="mean"``) or mid grey and the
+image run again. The cell's attribution is ``p`` minus ``c``'s probability with that cell hidden: positive,
+the cell supports ``c``; near zero, it does not matter; negative, hiding it makes ``c`` more likely. The
+``grid**2`` views of all images go through ``forward`` (``uint8 NCHW -> logits or probabilities``, as every
+runtime of ``inference.backends`` and the eager model are called) in forwards of at most ``max_views``, so
+one image costs ``grid**2 + 1`` views, bounded by :data:`MAX_GRID`.
+
+Also here: the PNG heatmap overlay (Pillow) and, for the handler's ``/explanations`` route and KServe v1
+``:explain``, the options and the answer of one explanation request.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image, ImageOps
+
+from inference.protocols import KSERVE_V1, OIP_V2
+from inference.requests import Request, RequestError, header
+from inference.tta import tta_views
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = 7                 # 49 occluded views per image
+MAX_GRID = 16                    # at most 256 occluded views per image
+DEFAULT_VIEWS_PER_FORWARD = 64
+FILLS = ("mean", "grey")         # what an occluded cell is filled with: the image's mean colour, or 128 grey
+OUTPUTS = ("logits", "probabilities")  # what ``forward`` returns (a top-k graph cannot be explained)
+GREY = 128
+OVERLAY_HEADER = "x-explain-overlay"   # X-Explain-Overlay: true|false
+OVERLAY_FIELD = "overlay"              # or {"overlay": true} (also KServe v1 "parameters": {"overlay": true})
+METHOD = "occlusion"
+
+
+@dataclass(frozen=True)
+class Occlusion:
+    """The explanations of ``N`` images: top-1 class, its probability, the ``(N, grid, grid)`` maps."""
+    indices: torch.Tensor        # (N,) int64
+    probabilities: torch.Tensor  # (N,) float32
+    maps: torch.Tensor           # (N, grid, grid) float32: drop of the top-1 probability per occluded cell
+
+
+def cell_edges(size: int, grid: int) -> list[int]:
+    """The ``grid + 1`` cell boundaries along a side of ``size`` pixels (cells differ by at most a pixel)."""
+    return [round(k * size / grid) for k in range(grid + 1)]
+
+
+def _probabilities(out, output: str) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        raise ValueError("occlusion needs every class's score: this graph returns only a top-k (values, indices)")
+    out = out.float()
+    return out.softmax(-1) if output == "logits" else out
+
+
+def _fills(images: torch.Tensor, fill: str) -> torch.Tensor:
+    """``(N, C, 1, 1)`` fill colour per image."""
+    if fill == "mean":
+        return images.float().mean(dim=(2, 3), keepdim=True).round().to(images.dtype)
+    return torch.full((*images.shape[:2], 1, 1), GREY, dtype=images.dtype, device=images.device)
+
+
+def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, grid: int = DEFAULT_GRID,
+              fill: str = "mean", max_views: int = DEFAULT_VIEWS_PER_FORWARD, output: str = "logits") -> Occlusion:
+    """Occlusion sensitivity of each image's top-1 class; ``images``: uint8 ``(N, C, H, W)``.
+
+    ``forward`` is called on at most ``max_views`` images at a time: ``ceil(N / max_views)`` plain
+    forwards, then ``ceil(N * grid**2 / max_views)`` forwards of occluded views (built chunk by chunk,
+    so memory is bounded by ``max_views`` images too).
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"occlusion needs a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= min(MAX_GRID, h, w):
+        raise ValueError(f"grid must be an integer from 1 to {min(MAX_GRID, h, w)} for {h}x{w} images, got {grid!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if isinstance(max_views, bool) or not isinstance(max_views, int) or max_views < 1:
+        raise ValueError(f"max_views must be a positive integer, got {max_views!r}")
+    rows, cols = cell_edges(h, grid), cell_edges(w, grid)
+    cells, total = grid * grid, n * grid * grid
+    with torch.no_grad():
+        base = torch.cat([_probabilities(forward(images[i:i + max_views]), output).cpu()
+                          for i in range(0, n, max_views)])
+        top = base.argmax(1)
+        p0 = base.gather(1, top[:, None])[:, 0]
+        fills = _fills(images, fill)
+        drops = torch.empty(total, dtype=torch.float32)
+        for start in range(0, total, max_views):
+            ids = range(start, min(total, start + max_views))
+            owners = [k // cells for k in ids]
+            views = images[owners]  # advanced indexing: a copy
+            for j, k in enumerate(ids):
+                r, c = divmod(k % cells, grid)
+                views[j, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fills[owners[j]]
+            probs = _probabilities(forward(views), output).cpu()
+            drops[start:start + len(ids)] = p0[owners] - probs[torch.arange(len(ids)), top[owners]]
+    return Occlusion(top, p0, drops.view(n, grid, grid))
+
+
+def render_overlay(image: torch.Tensor, attribution: torch.Tensor, *, alpha: float = 0.6) -> bytes:
+    """The PNG of ``image`` (uint8 ``(3, H, W)``) under its heatmap: the positive attributions scaled to
+    their maximum, upsampled (bilinear) to ``H x W``, coloured blue -> yellow -> red and blended in
+    proportion to their value (cells that do not support the class leave the image as it is)."""
+    rgb = Image.fromarray(image.detach().cpu().permute(1, 2, 0).contiguous().numpy())
+    a = attribution.detach().float().cpu().clamp(min=0)
+    peak = float(a.max()) if a.numel() else 0.0
+    heat = (a / peak * 255).round().to(torch.uint8) if peak > 0 else torch.zeros_like(a, dtype=torch.uint8)
+    heat_image = Image.fromarray(heat.numpy()).resize(rgb.size, Image.Resampling.BILINEAR)
+    coloured = ImageOps.colorize(heat_image, black="blue", mid="yellow", white="red")
+    mask = heat_image.point(lambda v: round(v * alpha))
+    buf = io.BytesIO()
+    Image.composite(coloured, rgb, mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def overlay_requested(headers: dict | None, row: dict | None, *, default: bool) -> bool:
+    """Whether a request asks for the overlay: an ``overlay`` field of its JSON body (or of KServe v1's
+    ``parameters``), else the ``X-Explain-Overlay`` header, else ``default``."""
+    value, where = header(headers, OVERLAY_HEADER), "X-Explain-Overlay"
+    body = (row or {}).get("body")
+    if isinstance(body, dict):
+        params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+        field_value = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
+        if field_value is not None:
+            value, where = field_value, f'"{OVERLAY_FIELD}"'
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise RequestError(f"{where} must be true or false, got {value!r}", error="bad request")
+
+
+def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, req: Request, *,
+                    settings, output: str, class_names: list[str], headers: dict | None = None,
+                    row: dict | None = None, crop_size: int | None = None, model_name: str = "",
+                    model_version: str = "") -> str:
+    """The answer body of one explanation request whose decoded images are ``images`` (uint8 canvases:
+    their center ``crop_size`` square, the handler's plain view, is what is explained). ``settings``: the
+    handler's :class:`inference.settings.HandlerSettings` (its ``explain_*`` fields). Raises
+    :class:`RequestError`: 501 for a top-k graph or the Open Inference Protocol, 413 beyond
+    ``explain_max_images``, 400 for a bad option, 500 when the model fails."""
+    if req.protocol == OIP_V2:
+        raise RequestError("explanations are answered on /explanations/NAME and KServe v1 "
+                           "/v1/models/NAME:explain, not in the Open Inference Protocol", status=501,
+                           error="not implemented")
+    if output not in OUTPUTS:
+        raise RequestError(f"this archive's graph returns only its top-{settings.graph_topk or 'k'} classes, "
+                           "not every class's score, so it cannot be explained: serve the onnx, openvino or "
+                           "torchscript variant of the model for explanations", status=501, error="not implemented")
+    if len(req.images) > settings.explain_max_images:
+        raise RequestError(f"{len(req.images)} images in one explanation request; the limit is "
+                           f"{settings.explain_max_images} (each costs {settings.explain_grid ** 2 + 1} forwards)",
+                           status=413, error="too many images")
+    overlay = overlay_requested(headers, row, default=settings.explain_overlay)
+    images = tta_views(images, "none", crop_size=crop_size)
+    grid = min(settings.explain_grid, *images.shape[-2:])  # cells of at least one pixel
+    try:
+        result = occlusion(forward, images, grid=grid, fill=settings.explain_fill,
+                           max_views=min(settings.explain_views_per_forward, settings.max_forward_batch),
+                           output=output)
+    except Exception as e:  # the model failed: this request's 500, with the cause in the log
+        log.exception("%s: explaining %d images failed", model_name, len(images))
+        raise RequestError(f"the model failed while explaining: {e}", status=500, error="inference failed") from None
+    answers = []
+    for k, (index, p, cells) in enumerate(zip(result.indices.tolist(), result.probabilities.tolist(), result.maps)):
+        body = {"class": class_names[index], "index": index, "probability": round(p, 6), "method": METHOD,
+                "grid_size": grid, "fill": settings.explain_fill,
+                "grid": [[round(v, 6) for v in line] for line in cells.tolist()],
+                "model": model_name, "version": model_version}
+        if overlay:
+            body["overlay_png_base64"] = base64.b64encode(render_overlay(images[k], cells)).decode()
+        answers.append(body)
+    if req.protocol == KSERVE_V1:
+        return json.dumps({"explanations": answers})
+    return json.dumps(answers if req.multi else answers[0])

@@ -1,0 +1,87 @@
+"""Every command line on a user's mistake (a missing file, a wrong order, a bad option): exit status 2 and
+one line on stderr that says what to do, no traceback (``inference.cli``). Each case runs the command as
+a user does, in a fresh interpreter."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from inference.cli import UsageError, one_line, run
+from tests.conftest import REPO
+
+# torch logs this at import on machines with a CUDA_HOME but no CUDA runtime (glog format): not ours
+TORCH_IMPORT_NOISE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*\] ")
+
+
+def cases(tmp):
+    nope, empty, noexport = tmp / "nope", tmp / "empty", tmp / "noexport"
+    return {
+        "training prepare-fashion-mnist": (["-m", "training", "prepare-fashion-mnist", "--out", tmp / "fm",
+                                            "--source", nope], "dataset-fashion-mnist"),
+        "training stats": (["-m", "training", "stats", "--data", nope], f"data folder not found: {nope}"),
+        "training train": (["-m", "training", "train", "--data", nope, "--out", tmp / "run"],
+                           "data folder not found"),
+        "training evaluate": (["-m", "training", "evaluate", "--checkpoint", tmp / "best.pt", "--data", empty],
+                              f"checkpoint not found: {tmp / 'best.pt'}"),
+        "training predict": (["-m", "training", "predict", "--checkpoint", tmp / "best.pt", "--images", empty,
+                              "--out", tmp / "p.csv"], "no images"),
+        "export": (["-m", "export", "--checkpoint", tmp / "best.pt", "--out", tmp / "ex"], "checkpoint not found"),
+        "export archive before export": (["-m", "export", "archive", "--dir", noexport, "--name", "m",
+                                          "--model-store", tmp / "store"],
+                                         f"{noexport / 'export.json'} not found: run `python -m export"),
+        "export verify": (["-m", "export", "verify", "--archive", tmp / "m.mar"], "archive not found"),
+        "benchmarks.bench": (["-m", "benchmarks.bench", "--gates", tmp / "g.json"], "gate file"),
+        "scripts.ts_server no archives": (["-m", "scripts.ts_server", "serve", "--model-store", empty,
+                                           "--state-file", tmp / "s.json"], "no .mar archives in"),
+        "scripts.ts_server no config": (["-m", "scripts.ts_server", "serve", "--config", tmp / "c.properties"],
+                                        "--config"),
+        "scripts.soak": (["-m", "scripts.soak", "--archive", tmp / "m.mar", "--out", tmp / "soak"],
+                         "--archive"),
+        "scripts.soak options": (["-m", "scripts.soak", "--duration", "0", "--out", tmp / "soak"], "--duration"),
+        "scripts/audit.py": (["scripts/audit.py", "-r", tmp / "req.txt"], f"{tmp / 'req.txt'} not found"),
+    }
+
+
+@pytest.mark.parametrize("name", list(cases(REPO)))
+def test_a_mistake_is_one_line_and_exit_status_2(name, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noexport").mkdir()
+    argv, expected = cases(tmp_path)[name]
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not TORCH_IMPORT_NOISE.match(ln)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(("error: ", "audit: ")) and expected in lines[0], lines[0]
+    assert not (tmp_path / "ex").exists() and not (tmp_path / "store").exists()  # nothing half-written
+
+
+def test_bad_options_are_argparse_exit_status_2():
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo", "--epochs", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --epochs 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # the demo did not start
+
+
+def test_run_turns_mistakes_into_one_line_and_keeps_bugs(capsys, monkeypatch):
+    def raises(error):
+        def main():
+            raise error
+        return main
+
+    assert run(raises(UsageError("--x: bad,\n  try --y"))) == 2
+    assert capsys.readouterr().err == "error: --x: bad, try --y\n"
+    assert run(raises(FileNotFoundError(2, "No such file or directory", "/a/b"))) == 2
+    assert capsys.readouterr().err == "error: /a/b: no such file or directory\n"
+    assert run(raises(SystemExit("error: already one line"))) == 2
+    assert capsys.readouterr().err == "error: already one line\n"
+    assert run(raises(SystemExit(3))) == 3 and run(lambda: None) == 0 and run(lambda: 1) == 1
+    assert run(raises(ValueError("no images")), expected=(ValueError,)) == 2
+    with pytest.raises(RuntimeError):  # not a mistake: a bug keeps its traceback
+        run(raises(RuntimeError("boom")))
+    with pytest.raises(ValueError):
+        run(raises(ValueError("unexpected")))
+    monkeypatch.setenv("CLI_TRACEBACK", "1")
+    with pytest.raises(UsageError):
+        run(raises(UsageError("shown with its traceback")))
+    assert one_line(PermissionError(13, "Permission denied", "/x")) == "error: /x: permission denied"
