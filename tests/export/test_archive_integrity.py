@@ -125,5 +125,5 @@ def test_verify_dir_reports_a_changed_graph_without_running_it(checkpoint, tmp_p
 def test_verify_cli_refusal_is_one_line_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "export", "verify", "--archive", str(tmp_path / "none.mar")],
                           cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user mistake: one line, exit 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: archive not found: {tmp_path / 'none.mar'}"
