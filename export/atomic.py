@@ -14,19 +14,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Iterator
 
-from training.checkpoint import fsync_dir  # noqa: F401  (re-exported: staging uses it too)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+from training.checkpoint import fsync_dir, pid_alive  # noqa: F401  (re-exported: staging uses them too)
 
 
 def fsync_file(path: str | os.PathLike) -> None:

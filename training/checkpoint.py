@@ -70,6 +70,20 @@ def write_atomically(path: str | os.PathLike, obj) -> None:
     fsync_dir(folder)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this one always does); tells a killed writer's leftover
+    temporary from a live writer's. ``training.split`` and ``export.atomic`` use it."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows).
     ``export.atomic`` uses it too."""

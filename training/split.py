@@ -36,6 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .checkpoint import pid_alive
 from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS
 
 SPLITS = ("train", "val", "test")
@@ -149,16 +150,6 @@ def summary_table(plan: dict[str, dict[str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _hidden(out: Path, kind: str) -> str:
     return f".{out.name}.{kind}-"
 
@@ -171,7 +162,7 @@ def clean_stale(out: Path) -> None:
     pattern = re.compile(re.escape(out.name) + r"\.(split|old)-(\d+)-")
     for entry in sorted(out.parent.iterdir()):
         m = pattern.match(entry.name[1:]) if entry.name.startswith(".") else None
-        if not m or _pid_alive(int(m.group(2))):
+        if not m or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and (entry / "split").is_dir() and not os.path.lexists(out):
             os.rename(entry / "split", out)  # killed between moving the old split aside and renaming the new one in
