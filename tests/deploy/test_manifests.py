@@ -432,10 +432,23 @@ def test_pod_config_keeps_what_our_config_relies_on(k8s_props):
     differ = {k: (ours[k], k8s_props[k]) for k in ours if ours[k] != k8s_props[k] and k not in POD_DIFFERS}
     assert not differ, f"values differ from config.properties without a documented reason: {differ}"
     assert k8s_props["metrics_mode"] == "prometheus"
-    assert k8s_props["enable_model_api"] == "false" and k8s_props["allowed_urls"] == "^$"
+    assert k8s_props["enable_model_api"] == "false"
     assert k8s_props["management_address"].startswith("http://127.0.0.1:")
     assert k8s_props["disable_token_authorization"] == "true", "the documented decision (base/config.properties)"
     assert int(k8s_props["job_queue_size"]) > 0 and k8s_props["load_models"] == "all"
+
+
+@pytest.mark.parametrize("config", [BASE / "config.properties", REPO / "deploy" / "kserve" / "config" / "config.properties"],
+                         ids=["kubernetes", "kserve"])
+def test_deployed_configs_register_nothing_and_share_the_locked_down_allowed_urls(config):
+    """Registration is off in every deployed profile, and should someone turn it on, allowed_urls is the
+    locked-down profile's (only NAME.mar in the store; tests/tools/test_prod_profile.py checks what it
+    matches), never a pattern that lets TorchServe load any directory from disk."""
+    props, prod = read_properties(config), read_properties(REPO / "config.prod.properties")
+    assert props["enable_model_api"] == "false"
+    assert props["allowed_urls"] == prod["allowed_urls"]
+    assert re.fullmatch(props["allowed_urls"], "/home/model-server/model-store/some_dir", re.I)  # matched: refused
+    assert not re.fullmatch(props["allowed_urls"], "fmnist.mar", re.I)  # unmatched: looked up in the store
 
 
 def test_prometheus_adapter_rule_reads_a_real_torchserve_metric(adapter_rules):
