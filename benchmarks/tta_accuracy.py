@@ -1,6 +1,8 @@
 """Accuracy and cost of the handler's TTA modes, adaptive TTA included, on a labelled image folder.
 
     python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx --data data/fashion-mnist/test
+    python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx --data data/fashion-mnist/train \
+        --val-fraction 0.1 --seed 0   # the validation split training held out: choose thresholds here
 
 Runs the handler's own functions in-process (decode -> canvas preset -> TTA views -> one forward ->
 aggregation) through the exported graph on the CPU, for every image of the folder, and prints a
@@ -8,6 +10,11 @@ Markdown table: top-1 accuracy, views per image, adaptive trigger rate, forward 
 its cost relative to no TTA. The time of a pass over the folder is the median of
 ``torch.utils.benchmark.Timer`` blocks (``tools.timing``): at least one warm-up pass and one timed pass
 per mode, more where a pass is shorter than ``--min-time``.
+
+``--val-fraction F --seed S`` evaluates on the images that ``python -m training train --val-fraction F
+--seed S`` held out of DATA (its training folder) to choose ``best.pt`` (``training.datasets.
+stratified_split``, the same function): tune adaptive-TTA thresholds there, then report the chosen one
+once on the test split. (The same images when training skipped no unreadable file of DATA.)
 """
 from __future__ import annotations
 
@@ -22,13 +29,23 @@ from inference.backends import load_backend
 from inference.images import read_image_file
 from inference.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
 from tools.timing import seconds_per_call
+from training.datasets import stratified_split
 from training.image_folder import scan_image_folder
+
+
+def evaluation_images(data: str, *, val_fraction: float = 0.0, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``(paths, labels)`` of DATA, or with ``val_fraction`` of the validation split training holds out of it."""
+    _, paths, labels = scan_image_folder(data)
+    if val_fraction:
+        _, held = stratified_split(labels, val_fraction, seed=seed)
+        paths, labels = [paths[i] for i in held], [labels[i] for i in held]
+    return paths, labels
 
 
 def run(args) -> list[dict]:
     manifest = json.load(open(os.path.join(os.path.dirname(args.graph), "export.json")))
     crop, resize = manifest["input_size"], manifest["resize_size"]
-    classes, paths, labels = scan_image_folder(args.data)
+    paths, labels = evaluation_images(args.data, val_fraction=args.val_fraction, seed=args.seed)
     if args.limit:
         paths, labels = paths[:: max(1, len(paths) // args.limit)], labels[:: max(1, len(labels) // args.limit)]
     labels = torch.tensor(labels)
@@ -73,6 +90,10 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64, help="images per forward (as the server's batch)")
     p.add_argument("--thresholds", default="0.6,0.8,0.9,0.95", help="adaptive TTA confidence thresholds")
     p.add_argument("--limit", type=int, default=0, help="use about this many images (0: all)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="use only the validation images `python -m training train --val-fraction F` held out of "
+                        "DATA (a training folder); 0: every image of DATA")
+    p.add_argument("--seed", type=int, default=0, help="with --val-fraction: the training run's --seed")
     p.add_argument("--min-time", type=float, default=1.0,
                    help="seconds of timed passes per mode at least (the median pass is reported)")
     args = p.parse_args()

@@ -103,9 +103,12 @@ def stop(args: argparse.Namespace) -> int:
         try:
             os.kill(pid, 0)
             result = drain(state["metrics_url"], state["access_log"], offset=state.get("access_log_offset", 0),
+                           ts_log=state.get("ts_log"), ts_log_offset=state.get("ts_log_offset", 0),
                            timeout=drain_timeout)
             if result["drained"]:
-                print(f"drained: {result['in_flight']} requests in flight answered in {result['seconds']} s",
+                n = len(result["busy_workers"])
+                busy = f" ({n} busy worker{'s' * (n != 1)} now idle)" if n else ""
+                print(f"drained: {result['in_flight']} requests in flight answered{busy} in {result['seconds']} s",
                       flush=True)
             else:
                 print(f"not drained: {result['reason']}", flush=True)

@@ -29,8 +29,21 @@ What TorchServe 0.12 counts and logs, per route (measured; tests/integration/tes
   404 / gRPC INTERNAL; an undecodable body: 500; the 501 above) and for a full job queue (HTTP 503,
   after the arrival was counted). The gRPC line does not name the model (it is in the body).
 
+What those records cannot show, the workers' own log can: every job, whatever its route, is taken
+from the model's queue by a worker thread, which logs (in ``ts_log.log``) ``get first job`` when it
+takes the first job of a batch (TRACE, ``org.pytorch.serve.wlm.Model``), ``Flushing req.cmd`` when it
+sends the batch to its Python process and ``Backend response time`` when the answers are back (or
+``Backend worker thread exception`` / a ``State change`` when the process died, which answers the
+batch with errors). A worker is busy from the first to one of the last; a job waits in the queue only
+while every worker of its model is busy. So, given ``ts_log``, the drain also waits until no worker
+is busy, twice ``settle`` seconds apart with no worker line in between (log4j writes asynchronously
+and a job leaves the queue a moment before its line is written): that covers ``ModelInfer``, and
+every other job TorchServe took in but did not count. It cannot cover a model whose workers are all
+gone (crashed and restarting), whose queued jobs wait for the restart.
+
 So ``tools.torchserve.TorchServe`` starts TorchServe with its own log4j2.xml, TorchServe's with the
-thread name added to the access log (``%d{ISO8601} [%t] - %m%n``), and an answer is a line of an
+thread name added to the access log (``%d{ISO8601} [%t] - %m%n``) and TRACE for
+``org.pytorch.serve.wlm.Model`` (two lines per batch), and an answer is a line of an
 inference route on a worker thread, attributed to that worker's model (gRPC included), or an HTTP 503
 of an inference route on any thread. Refusals are then never taken for answers. Left uncounted: a
 gRPC call refused by a full queue (its INTERNAL is indistinguishable from an unknown model's), so a
@@ -113,6 +126,58 @@ def answered_model(line: str) -> tuple[str | None, bool]:
     return name, False
 
 
+TS_LOG_RE = re.compile(r'^\S+ \[\s*[A-Z]+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<msg>.*)$')
+BUSY_MESSAGES = ("get first job: ", "Flushing req.cmd ")            # a batch taken, a batch sent to the backend
+IDLE_MESSAGES = ("Backend response time: ", "Backend worker thread exception")  # answered, or died
+WORKER_THREAD_RE = re.compile(r'^W-\d+-.+_[^_]*$')
+
+
+def worker_event(line: str) -> tuple[str, bool] | None:
+    """``(worker thread, busy after this line)`` for a ``ts_log.log`` line of a worker's batch cycle,
+    else None."""
+    m = TS_LOG_RE.match(line)
+    if not m or not WORKER_THREAD_RE.match(m["thread"]):
+        return None
+    msg = m["msg"]
+    if msg.startswith(BUSY_MESSAGES):
+        return m["thread"], True
+    if msg.startswith(IDLE_MESSAGES) or " State change " in msg:
+        return m["thread"], False
+    return None
+
+
+class WorkerActivity:
+    """Which TorchServe worker threads are busy with a batch, read incrementally from ``ts_log.log``
+    from ``offset`` on (the size it had when the server started). ``events`` counts the batch-cycle
+    lines read so far (TorchServe's log4j2.xml writes each ``org.pytorch.serve`` line twice, which does
+    not change who is busy)."""
+
+    def __init__(self, path: str | os.PathLike, offset: int = 0):
+        self.path, self.pos, self._partial = Path(path), int(offset), b""
+        self.busy: dict[str, bool] = {}
+        self.events = 0
+
+    def read(self) -> list[str]:
+        """The busy worker threads, sorted."""
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.pos:  # rolled over: start again
+                    self.pos, self._partial = 0, b""
+                f.seek(self.pos)
+                data = f.read()
+                self.pos = f.tell()
+        except FileNotFoundError:
+            data = b""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            event = worker_event(line.decode(errors="replace"))
+            if event is not None:
+                self.busy[event[0]] = event[1]
+                self.events += 1
+        return sorted(t for t, b in self.busy.items() if b)
+
+
 class AccessLogAnswers:
     """Inference answers per model, read incrementally from ``access_log.log`` from ``offset`` on
     (TorchServe writes one line per response, just before it writes the response itself); ``grpc``:
@@ -148,34 +213,51 @@ def outstanding(arrivals: dict[str, int], answers: dict[str, int], grpc_answers:
     return max(0, sum(max(0, n - answers.get(m, 0)) for m, n in arrivals.items()) - grpc_answers)
 
 
-def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, timeout: float = 30,
-          poll: float = 0.05) -> dict:
+def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0,
+          ts_log: str | os.PathLike | None = None, ts_log_offset: int = 0, timeout: float = 30,
+          poll: float = 0.05, settle: float = 0.25) -> dict:
     """Wait until every inference request that had arrived when this was called is answered.
 
-    Done when the answers logged since start cover, model by model, the arrivals counted at the call,
-    or when nothing at all is in flight; gives up after ``timeout`` seconds. Exact
-    when one worker serves each model (TorchServe's job queue is first in, first out); with several
-    workers a later batch can finish first, and under continuous traffic the drain may then end a batch
-    early. Returns ``{"drained", "in_flight", "seconds", "reason"}``.
+    Counted requests: done when the answers logged since start cover, model by model, the arrivals
+    counted at the call, or when nothing counted is in flight at all. Exact when one worker serves each
+    model (TorchServe's job queue is first in, first out); with several workers a later batch can finish
+    first. With ``ts_log`` (``ts_log.log``, read from ``ts_log_offset``) it also waits until no worker is
+    busy, ``settle`` seconds apart twice (module docstring): that covers what TorchServe does not count
+    (gRPC ``ModelInfer``), and under continuous traffic it waits for a pause, or gives up after
+    ``timeout`` seconds with the busy workers named. Returns ``{"drained", "in_flight", "seconds",
+    "reason", "busy_workers"}``: ``in_flight`` counted requests at the call, ``busy_workers`` the workers
+    busy at the call (a list, empty without ``ts_log``).
     """
     start = time.time()
     try:
         target = inference_arrivals(metrics_url)
     except OSError as e:
-        return {"drained": False, "in_flight": None, "seconds": 0.0, "reason": f"/metrics unreachable: {e}"}
+        return {"drained": False, "in_flight": None, "seconds": 0.0, "reason": f"/metrics unreachable: {e}",
+                "busy_workers": []}
     if target is None:
         return {"drained": False, "in_flight": None, "seconds": 0.0,
-                "reason": "/metrics is empty: the drain needs metrics_mode=prometheus"}
+                "reason": "/metrics is empty: the drain needs metrics_mode=prometheus", "busy_workers": []}
     answers = AccessLogAnswers(access_log, offset)
+    workers = WorkerActivity(ts_log, ts_log_offset) if ts_log is not None else None
     done = answers.read()
     in_flight = outstanding(target, done, answers.grpc)
-    left = in_flight
+    busy_at_call = workers.read() if workers is not None else []
+    left, busy = in_flight, busy_at_call
+    quiet_since, events = (start if not busy else None), (workers.events if workers is not None else 0)
+
+    def result(drained: bool, reason: str = "") -> dict:
+        return {"drained": drained, "in_flight": in_flight, "seconds": round(time.time() - start, 3),
+                "reason": reason, "busy_workers": busy_at_call}
     while True:
-        if left == 0:
-            return {"drained": True, "in_flight": in_flight, "seconds": round(time.time() - start, 3), "reason": ""}
-        if time.time() - start > timeout:
-            return {"drained": False, "in_flight": in_flight, "seconds": round(time.time() - start, 3),
-                    "reason": f"{left} of {in_flight} requests still unanswered after {timeout:.0f} s"}
+        now_t = time.time()
+        if left == 0 and (workers is None or (quiet_since is not None and now_t - quiet_since >= settle)):
+            return result(True)
+        if now_t - start > timeout:
+            if left:
+                return result(False, f"{left} of {in_flight} requests still unanswered after {timeout:.0f} s")
+            return result(False, f"workers still busy after {timeout:.0f} s: {', '.join(busy) or 'between batches'}"
+                                 " (requests TorchServe does not count, e.g. gRPC ModelInfer, or new traffic:"
+                                 " take the instance out of rotation first)")
         time.sleep(poll)
         done = answers.read()
         left = outstanding(target, done, answers.grpc)
@@ -184,4 +266,11 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, t
         except OSError:
             now = {}
         if now and outstanding(now, done, answers.grpc) == 0:
-            left = 0  # nothing in flight at all
+            left = 0  # nothing counted in flight at all
+        if workers is not None:
+            busy = workers.read()
+            if busy or workers.events != events:
+                quiet_since = None if busy else time.time()
+                events = workers.events
+            elif quiet_since is None:
+                quiet_since = time.time()

@@ -65,6 +65,9 @@ def java_env(env: dict | None = None) -> dict:
 
 KEY_FILE = "key_file.json"  # TorchServe 0.12's name, in the Java process's working directory
 ACCESS_LOG_PATTERN = "%d{ISO8601} [%t] - %m%n"  # TorchServe's "%d{ISO8601} - %m%n" plus the thread
+# "get first job" when a worker takes a batch's first job (TRACE): what tools.drain waits on for the jobs
+# TorchServe counts nowhere (gRPC ModelInfer). Two lines per batch, into the appenders of org.pytorch.serve.
+WORKER_TRACE_LOGGER = '<Logger name="org.pytorch.serve.wlm.Model" level="trace"/>'
 
 
 def log_config(dest: str | os.PathLike) -> Path | None:
@@ -79,7 +82,8 @@ def log_config(dest: str | os.PathLike) -> Path | None:
         return None
     new, n = re.subn(r'(name="access_log".*?<PatternLayout\s+pattern=")[^"]*(")',
                      lambda m: m[1] + ACCESS_LOG_PATTERN + m[2], xml, count=1, flags=re.S)
-    if n != 1:
+    new, k = re.subn(r'(\s*)<Loggers>', lambda m: f'{m[0]}{m[1]}\t{WORKER_TRACE_LOGGER}', new, count=1)
+    if n != 1 or k != 1:
         return None
     Path(dest).write_text(new)
     return Path(dest)
@@ -144,7 +148,7 @@ class TorchServe:
                          "METRICS_LOCATION": str(self.log_dir)})
         self.launcher: subprocess.Popen | None = None
         self.pid: int | None = None
-        self.access_log_offset = 0
+        self.access_log_offset = self.ts_log_offset = 0
         self.last_drain: dict | None = None
 
     @property
@@ -191,6 +195,8 @@ class TorchServe:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         access_log = self.log_dir / "access_log.log"  # shared with earlier runs when log_dir is: count from here
         self.access_log_offset = access_log.stat().st_size if access_log.is_file() else 0
+        ts_log = self.log_dir / "ts_log.log"
+        self.ts_log_offset = ts_log.stat().st_size if ts_log.is_file() else 0
         pid_file = self.workdir / ".model_server.pid"
         if pid_file.is_file():  # a fixed workdir: left by an earlier run, or a server that still runs there
             old = pid_file.read_text().strip()
@@ -282,13 +288,14 @@ class TorchServe:
     def drain(self, *, timeout: float = 30) -> dict:
         """Wait until the inference requests received so far are answered (``tools.drain.drain``)."""
         return drain(self.metrics_url, self.log_dir / "access_log.log", offset=self.access_log_offset,
-                     timeout=timeout)
+                     ts_log=self.log_dir / "ts_log.log", ts_log_offset=self.ts_log_offset, timeout=timeout)
 
     def state(self) -> dict:
         """What a later process needs to drain and stop this server (``python -m scripts.ts_server stop``)."""
         return {"pid": self.pid, "url": self.url, "management_url": self.management_url,
                 "metrics_url": self.metrics_url, "grpc_ports": list(self.grpc_ports),
                 "access_log": str(self.log_dir / "access_log.log"), "access_log_offset": self.access_log_offset,
+                "ts_log": str(self.log_dir / "ts_log.log"), "ts_log_offset": self.ts_log_offset,
                 "key_file": str(self.key_file) if self.token_auth else None}
 
     def stop(self, *, timeout: float = 60, drain_timeout: float = 0) -> None:

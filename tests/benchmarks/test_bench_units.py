@@ -120,3 +120,16 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert bench.main(["--models", "smoke", "--configs", "ours_ov_int8"]) == 2  # the smoke export has ONNX only
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 6 and all(line.startswith("error: ") for line in err)
+
+
+def test_tta_accuracy_val_fraction_uses_the_validation_split_training_held_out(image_folder):
+    """Thresholds are tuned on the images training chose best.pt on, never on the test split."""
+    from benchmarks.tta_accuracy import evaluation_images
+    from training.formats import build_splits
+
+    splits = build_splits(image_folder, cache=False, val_fraction=0.25, seed=3)
+    paths, labels = evaluation_images(str(image_folder / "train"), val_fraction=0.25, seed=3)
+    assert splits.val_carved and paths == list(splits.val.paths) and labels == splits.val.labels.tolist()
+    assert not set(paths) & set(splits.test.paths) and not set(paths) & set(splits.train.paths)
+    assert evaluation_images(str(image_folder / "train"), val_fraction=0.25, seed=4)[0] != paths  # seeded
+    assert len(evaluation_images(str(image_folder / "train"))[0]) == len(splits.train) + len(paths)

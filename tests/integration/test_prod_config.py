@@ -2,7 +2,8 @@
 ``make serve CONFIG=config.prod.properties [MODEL_API=1]`` starts it (``python -m scripts.ts_server
 serve``) on free loopback ports: ready with the keys, token authorization on every API but /metrics,
 the keys in the run folder, registration off by default and, with the option, only from archives in
-the store; ``make stop``'s drain counts /v1, /v2, /explanations and gRPC requests."""
+the store; ``make stop``'s drain counts /v1, /v2, /explanations and gRPC requests, and waits for a
+gRPC ModelInfer that TorchServe counts nowhere."""
 from __future__ import annotations
 
 import base64
@@ -195,6 +196,36 @@ def test_make_serve_with_the_prod_profile_is_ready_keyed_and_drains_every_route(
             assert status == 200 and json.loads(body)["outputs"], body
             assert json.loads(stub.Predictions(pb.PredictionsRequest(model_name="shapes", input={"data": IMAGE}),
                                                metadata=metadata).prediction)["predictions"]
+
+            # a gRPC ModelInfer alone in flight on the slow model: TorchServe counts it nowhere, so only
+            # the workers' log shows it; the drain waits for its answer (without ts_log it would not)
+            opb, opb_grpc = grpc_stubs.load(stubs, "open_inference_grpc")
+            oip = opb_grpc.GRPCInferenceServiceStub(channel)
+            tensor = opb.ModelInferRequest.InferInputTensor
+            infer = opb.ModelInferRequest(model_name="slow", inputs=[tensor(
+                name="image", datatype="BYTES", shape=[1], contents=opb.InferTensorContents(bytes_contents=[IMAGE]))])
+            oip_answer: dict[str, object] = {}
+            access_log = Path(state["access_log"])
+
+            def model_infer_answers() -> int:
+                return access_log.read_text().count('GRPCInferenceService/ModelInfer HTTP/2.0" 0 ')
+
+            def model_infer():
+                reply = oip.ModelInfer(infer, metadata=metadata, timeout=60)
+                oip_answer["outputs"] = [o.name for o in reply.outputs]
+            counted, answered = inference_arrivals(metrics), model_infer_answers()
+            sender = threading.Thread(target=model_infer, daemon=True)
+            sender.start()
+            time.sleep(1.0)  # in the slow model's batch window (3 s)
+            assert inference_arrivals(metrics) == counted  # not counted: the gap
+            assert drain(metrics, state["access_log"], offset=state["access_log_offset"], timeout=10)["seconds"] < 1
+            result = drain(metrics, state["access_log"], offset=state["access_log_offset"], ts_log=state["ts_log"],
+                           ts_log_offset=state["ts_log_offset"], timeout=30)
+            assert model_infer_answers() == answered + 1, result  # answered by the time the drain ended
+            sender.join(timeout=30)
+            assert result["drained"] and result["seconds"] >= 1.0, result  # it waited for the batch window
+            assert [w for w in result["busy_workers"] if w.endswith("-slow_1.0")], result
+            assert oip_answer["outputs"] == ["labels", "scores", "indices"], oip_answer
 
             # make stop with a /v2 and a gRPC request in flight on the slow model: both answered, then stopped
             answers: dict[str, object] = {}

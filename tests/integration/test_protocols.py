@@ -122,6 +122,33 @@ def test_grpc_predictions_with_torchserves_inference_proto(server, stubs, native
         assert err["error"] == "bad image" and err["code"] == 400 and "not an image" in err["detail"]
 
 
+def test_grpc_stream_predictions_ends_cleanly_and_the_worker_survives(server, stubs, native):
+    """TorchServe 0.12's StreamPredictions needs ts_stream_next=false on the last answer; without it the
+    frontend threw a NullPointerException, answered INTERNAL "Worker died." and restarted the worker."""
+    pb, pb_grpc = grpc_stubs.load(stubs, "inference")
+    log = server.log_dir / "ts_log.log"
+    log_start = log.stat().st_size
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_ports[0]}") as channel:
+        stub = pb_grpc.InferenceAPIsServiceStub(channel)
+        for _ in range(2):  # a second call reaches the same worker: it did not die
+            call = stub.StreamPredictions(pb.PredictionsRequest(model_name="shapes", input={"data": IMAGES[0],
+                                                                                       "topk": b"2"}), timeout=30)
+            replies = list(call)  # the stream ends: no RpcError
+            assert call.code() == grpc.StatusCode.OK
+            assert len(replies) == 1 and json.loads(replies[0].prediction)["predictions"] == native[0]["predictions"]
+        reply = stub.Predictions(pb.PredictionsRequest(model_name="shapes", input={"data": IMAGES[0], "topk": b"2"}))
+        assert json.loads(reply.prediction)["predictions"] == native[0]["predictions"]
+    with open(log, "rb") as f:
+        f.seek(log_start)
+        since = f.read().decode(errors="replace")
+    assert "NullPointerException" not in since and "Worker disconnected" not in since, since[-2000:]
+    # the header is for gRPC only: on HTTP it would turn the answer into a chunked stream
+    http = requests.post(f"{server.url}/predictions/shapes", data=IMAGES[0], headers={"Content-Type": "image/png"},
+                         timeout=30)
+    assert http.status_code == 200 and "ts_stream_next" not in http.headers
+    assert http.headers.get("Transfer-Encoding") != "chunked" and int(http.headers["Content-Length"]) == len(http.content)
+
+
 def test_oip_grpc_model_infer_with_torchserves_proto(server, stubs, native):
     pb, pb_grpc = grpc_stubs.load(stubs, "open_inference_grpc")
     tensor = pb.ModelInferRequest.InferInputTensor

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tools import REPO
-from tools.drain import AccessLogAnswers, answered_model, drain, model_of_uri, outstanding
+from tools.drain import AccessLogAnswers, WorkerActivity, answered_model, drain, model_of_uri, outstanding, worker_event
 
 GRPC = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 OIP = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
@@ -86,6 +86,46 @@ def test_access_log_answers_read_grpc_lines_incrementally(tmp_path):
     with open(log, "a") as f:
         f.write(line("W-9000-m_1.0", "POST", "/v2/models/m/infer", 200) + grpc_line("W-9000-m_1.0", GRPC, 0)[:30])
     assert answers.read() == {"m": 2} and answers.grpc == 1
+
+
+def ts_line(thread: str, level: str, logger: str, msg: str) -> str:
+    """A ts_log.log line as TorchServe 0.12's log4j2.xml writes it ("%d{ISO8601} [%-5p] %t %c - %m%n")."""
+    return f"2026-12-02T15:22:08,254 [{level:<5}] {thread} org.pytorch.serve.wlm.{logger} - {msg}\n"
+
+
+W = "W-9000-slow_1.0"
+TAKEN = ts_line(W, "TRACE", "Model", "get first job: 8c004305-c0a6-420f-9776-2760907ad795")
+FLUSHED = ts_line(W, "DEBUG", "WorkerThread", "Flushing req.cmd PREDICT repeats 1 to backend at: 1796224928215")
+ANSWERED = ts_line(W, "INFO", "WorkerThread", "Backend response time: 72")
+
+
+@pytest.mark.parametrize("text, expected", [
+    (TAKEN, (W, True)), (FLUSHED, (W, True)), (ANSWERED, (W, False)),
+    (ts_line(W, "WARN", "WorkerThread", "Backend worker thread exception."), (W, False)),
+    (ts_line(W, "DEBUG", "WorkerThread", f"{W} State change WORKER_MODEL_LOADED -> WORKER_STOPPED"), (W, False)),
+    (ts_line(f"{W}-stdout", "INFO", "WorkerLifeCycle", "result=[METRICS]HandlerTime.Milliseconds:72.22"), None),
+    (ts_line("epollEventLoopGroup-5-1", "INFO", "WorkerThread", "9000 Worker disconnected. WORKER_MODEL_LOADED"),
+     None),
+    ("java.lang.NullPointerException: Cannot invoke ...\n", None),
+])
+def test_which_ts_log_lines_make_a_worker_busy_or_idle(text, expected):
+    assert worker_event(text) == expected
+
+
+def test_worker_activity_follows_each_worker_incrementally(tmp_path):
+    log = tmp_path / "ts_log.log"
+    other = "W-9001-shapes_1.0"
+    log.write_text("from an earlier server\n" + TAKEN)
+    offset = len("from an earlier server\n")
+    activity = WorkerActivity(log, offset)
+    assert activity.read() == [W]
+    with open(log, "a") as f:  # each org.pytorch.serve line comes twice; a line may be half written
+        f.write(FLUSHED * 2 + ts_line(other, "TRACE", "Model", "get first job: x") + ANSWERED[:20])
+    assert activity.read() == [W, other]
+    with open(log, "a") as f:
+        f.write(ANSWERED[20:] + ANSWERED)
+    assert activity.read() == [other] and activity.events == 6
+    assert WorkerActivity(tmp_path / "missing.log").read() == []
 
 
 class Metrics:
@@ -188,3 +228,50 @@ def test_make_stop_after_a_grpc_request_says_drained(metrics, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_drain_waits_for_a_busy_worker_that_no_counter_shows(metrics, tmp_path):
+    """A gRPC ModelInfer in flight: TorchServe counts no arrival, but its worker took the job."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {"slow": 1}
+    log.write_text(line(W, "POST", "/predictions/slow", 200))
+    ts_log.write_text(TAKEN + ANSWERED + TAKEN + FLUSHED)
+
+    def answer_later():
+        time.sleep(0.6)
+        with open(ts_log, "a") as f:
+            f.write(ANSWERED)
+        with open(log, "a") as f:
+            f.write(grpc_line(W, f"{OIP}/ModelInfer", 0))
+    t = threading.Thread(target=answer_later)
+    t.start()
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=10)
+    t.join()
+    assert result["drained"] and result["in_flight"] == 0 and result["busy_workers"] == [W], result
+    assert result["seconds"] >= 0.6 + 0.25, result  # answered, then quiet for `settle`
+    # without the workers' log the drain sees nothing in flight and ends at once: the gap this closes
+    assert drain(metrics.url, log, timeout=10)["seconds"] < 0.5
+
+
+def test_drain_restarts_its_quiet_window_when_a_batch_comes_and_goes(metrics, tmp_path):
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {}
+    ts_log.write_text(TAKEN + ANSWERED)
+
+    def short_batch():
+        time.sleep(0.15)
+        with open(ts_log, "a") as f:  # taken and answered between two polls
+            f.write(TAKEN + FLUSHED + ANSWERED)
+    t = threading.Thread(target=short_batch)
+    t.start()
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=10, settle=0.3)
+    t.join()
+    assert result["drained"] and result["busy_workers"] == [] and result["seconds"] >= 0.15 + 0.3, result
+
+
+def test_drain_gives_up_on_a_worker_that_stays_busy_and_names_it(metrics, tmp_path):
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {}
+    ts_log.write_text(TAKEN)
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=0.3)
+    assert not result["drained"] and W in result["reason"] and "ModelInfer" in result["reason"], result

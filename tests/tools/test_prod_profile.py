@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -101,10 +102,14 @@ def test_the_dev_profile_needs_no_keys(tmp_path):
         server.__exit__()
 
 
-def test_log_config_adds_the_thread_to_the_access_log_only(tmp_path):
+def test_log_config_adds_the_thread_to_the_access_log_and_the_workers_trace(tmp_path):
     path = log_config(tmp_path / "log4j2.xml")
     assert path is not None
     text = path.read_text()
     access = text[text.index('name="access_log"'):]
     assert access[:access.index("</RollingFile>")].count(f'pattern="{ACCESS_LOG_PATTERN}"') == 1
     assert text.count("[%t]") == 1 and 'name="ts_log"' in text
+    # the drain's worker activity: TRACE for the queue's "get first job", no appender of its own (no copies)
+    loggers = ET.fromstring(text).find("Loggers")
+    model = [e for e in loggers if e.get("name") == "org.pytorch.serve.wlm.Model"]
+    assert len(model) == 1 and model[0].get("level") == "trace" and not list(model[0])
