@@ -47,14 +47,6 @@ from inference.tta import adaptive_predict_proba, canvas_preset, num_views, pred
 log = logging.getLogger(__name__)
 
 
-def is_grpc_call(headers: dict | None) -> bool:
-    """Whether TorchServe 0.12 handed this request in from gRPC: an HTTP request always brings its
-    request-level headers (strings: Host, Content-Length, ...); a gRPC call brings only the per-input
-    ``{"content-type": ...}`` dicts under its input names (``Predictions``: ``data``; ``ModelInfer``:
-    ``body``)."""
-    return not any(isinstance(v, str) for v in (headers or {}).values())
-
-
 class ImageClassifierHandler(BaseHandler):
     def initialize(self, context):
         props = context.system_properties
@@ -252,10 +244,7 @@ class ImageClassifierHandler(BaseHandler):
         if self.context is not None:
             for i in range(batch.size):
                 self.context.set_response_content_type(i, "application/json")
-                if is_grpc_call(self.context.get_all_request_header(i)):
-                    # TorchServe 0.12 ends a gRPC StreamPredictions call only on an answer that says
-                    # ts_stream_next=false; without it the frontend's GRPCJob throws a NullPointerException
-                    # and restarts the worker. Never on HTTP: there the header turns the answer chunked.
+                if protocols.is_grpc_call(self.context.get_all_request_header(i)):  # see its docstring
                     self.context.set_response_header(i, "ts_stream_next", "false")
         self._record_metrics(batch)
         return out

@@ -45,6 +45,17 @@ def _body(row: dict | None, headers: dict | None):
     return body
 
 
+def is_grpc_call(headers: dict | None) -> bool:
+    """Whether TorchServe 0.12 handed this request in from gRPC: an HTTP request always brings its
+    request-level headers (strings: Host, Content-Length, ...); a gRPC call brings only the per-input
+    ``{"content-type": ...}`` dicts under its input names (``Predictions``: ``data``; ``ModelInfer``:
+    ``body``). The handler answers gRPC calls with ``ts_stream_next=false``: TorchServe 0.12 ends a
+    ``StreamPredictions`` call only on an answer that says so (without it its GRPCJob throws a
+    NullPointerException and restarts the worker); never on HTTP, where the header turns the answer
+    into a chunked stream."""
+    return not any(isinstance(v, str) for v in (headers or {}).values())
+
+
 def detect(row: dict | None, headers: dict | None) -> str:
     """Which protocol one request of a batch speaks, from its body's shape (and one header)."""
     body = _body(row, headers)

@@ -237,12 +237,3 @@ def test_an_unsupported_format_is_415(model_dir):
     assert ctx.get_response_status(0)[0] == 415 and json.loads(out[0])["error"] == "unsupported image format"
     assert ctx.get_response_status(1)[0] == 200
 
-
-def test_grpc_calls_are_told_apart_from_http_requests_by_their_headers():
-    """What TorchServe 0.12 hands the handler (seen on a real server): an HTTP request's own headers are
-    strings; a gRPC call has only its inputs' content-type dicts. Only gRPC answers get ts_stream_next."""
-    from handlers.classifier_handler import is_grpc_call
-    assert is_grpc_call({"data": {"content-type": ""}})                 # gRPC Predictions / StreamPredictions
-    assert is_grpc_call({"body": {"content-type": "application/json"}})  # OIP ModelInfer
-    assert is_grpc_call({}) and is_grpc_call(None)
-    assert not is_grpc_call({"Host": "127.0.0.1:8080", "content-length": "12", "body": {"content-type": "image/png"}})

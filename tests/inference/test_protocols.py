@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from inference.protocols import KSERVE_V1, OIP_V2, TORCHSERVE, detect, read, render, render_error
+from inference.protocols import KSERVE_V1, OIP_V2, TORCHSERVE, detect, is_grpc_call, read, render, render_error
 from inference.requests import Request, RequestError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
@@ -122,3 +122,12 @@ def test_error_bodies_per_protocol():
     for protocol in (TORCHSERVE, KSERVE_V1):
         assert json.loads(render_error(protocol, "bad image", "not an image", status=413)) == \
             {"error": "bad image", "detail": "not an image", "code": 413}
+
+
+def test_grpc_calls_are_told_apart_from_http_requests_by_their_headers():
+    """What TorchServe 0.12 hands the handler (seen on a real server): an HTTP request's own headers are
+    strings; a gRPC call has only its inputs' content-type dicts. Only gRPC answers get ts_stream_next."""
+    assert is_grpc_call({"data": {"content-type": ""}})                 # gRPC Predictions / StreamPredictions
+    assert is_grpc_call({"body": {"content-type": "application/json"}})  # OIP ModelInfer
+    assert is_grpc_call({}) and is_grpc_call(None)
+    assert not is_grpc_call({"Host": "127.0.0.1:8080", "content-length": "12", "body": {"content-type": "image/png"}})
