@@ -126,6 +126,23 @@ def answered_model(line: str) -> tuple[str | None, bool]:
     return name, False
 
 
+def _new_lines(tail) -> list[str]:
+    """The complete lines appended to ``tail.path`` since ``tail.pos`` (a half-written last line waits
+    in ``tail._partial``); from the start again when the file was rolled over; none while it is missing."""
+    try:
+        with open(tail.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < tail.pos:  # rolled over (daily or at 100 MB): start again
+                tail.pos, tail._partial = 0, b""
+            f.seek(tail.pos)
+            data = f.read()
+            tail.pos = f.tell()
+    except FileNotFoundError:
+        data = b""
+    lines = (tail._partial + data).split(b"\n")
+    tail._partial = lines.pop()
+    return [line.decode(errors="replace") for line in lines]
+
+
 TS_LOG_RE = re.compile(r'^\S+ \[\s*[A-Z]+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<msg>.*)$')
 BUSY_MESSAGES = ("get first job: ", "Flushing req.cmd ")            # a batch taken, a batch sent to the backend
 IDLE_MESSAGES = ("Backend response time: ", "Backend worker thread exception")  # answered, or died
@@ -159,19 +176,8 @@ class WorkerActivity:
 
     def read(self) -> list[str]:
         """The busy worker threads, sorted."""
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.pos:  # rolled over: start again
-                    self.pos, self._partial = 0, b""
-                f.seek(self.pos)
-                data = f.read()
-                self.pos = f.tell()
-        except FileNotFoundError:
-            data = b""
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            event = worker_event(line.decode(errors="replace"))
+        for line in _new_lines(self):
+            event = worker_event(line)
             if event is not None:
                 self.busy[event[0]] = event[1]
                 self.events += 1
@@ -188,19 +194,8 @@ class AccessLogAnswers:
         self.grpc = 0
 
     def read(self) -> dict[str, int]:
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.pos:  # rolled over (daily or at 100 MB): start again
-                    self.pos, self._partial = 0, b""
-                f.seek(self.pos)
-                data = f.read()
-                self.pos = f.tell()
-        except FileNotFoundError:
-            return dict(self.counts)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            name, unattributed = answered_model(line.decode(errors="replace"))
+        for line in _new_lines(self):
+            name, unattributed = answered_model(line)
             if name is not None:
                 self.counts[name] = self.counts.get(name, 0) + 1
             self.grpc += unattributed
