@@ -32,10 +32,20 @@ export), one per architecture and variant::
 
 Other keys are kept and ignored. A later record for the same ``(arch, variant)`` replaces an earlier
 one (append to the file as exports are redone).
+
+Writing records: ``python -m benchmarks.gates --dir exports/NAME --data DATA/test`` re-runs every graph
+of an export folder against its eager checkpoint (``python -m export verify``, the export's own
+tolerances) on labelled images and records one entry per reduced-precision variant: ``passed`` only
+where every precision hint it was run with passed (an INT8 IR runs with OpenVINO's f32 and bf16 hints;
+the bench serves it with ``auto``), with the worst accuracy change and agreement of those runs.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tools import REPO
@@ -106,3 +116,88 @@ def verdict(*, arch: str, variant_info: dict, variant: str, runtime_precision: s
         return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec,
                 "label": f"speed-only (gate failed: {numbers})"}
     return {"status": GATED, "counts": True, "gate_variant": key, "record": rec, "label": f"gated ({numbers})"}
+
+
+# -- writing records from a verified export ------------------------------------------------------------
+_ROW = re.compile(r"^(?P<variant>\S+) \((?P<label>[^)]+)\)$")  # export.audit's "NAME (HINT)" rows
+
+
+def records_from_verify(rows: dict[str, dict], *, variants: dict[str, dict], arch: str, source: str) -> list[dict]:
+    """Gate records from ``export.audit.verify``'s rows (one per graph and precision hint or device):
+    one record per reduced-precision variant, passed only where every run of it passed."""
+    runs: dict[str, dict[str, dict]] = {}
+    for row, result in rows.items():
+        if result.get("problems") and "error" in result:  # a graph that is not the exported one
+            raise ValueError(f"{row}: {result['error']}")
+        m = _ROW.match(row)
+        if m is None or "error" in result:  # e.g. the bf16 hint on a CPU without bf16: not run, not judged
+            continue
+        info = variants[m["variant"]]
+        key = gate_variant(info, variant=m["variant"],
+                           runtime_precision=m["label"] if info.get("runtime") == "openvino" else None)
+        if key is None:
+            continue
+        if result.get("accuracy_change_points") is None:
+            raise ValueError(f"{row}: no accuracy was measured: --data must be labelled images")
+        runs.setdefault(key, {})[m["label"]] = {
+            "accuracy": result["accuracy"], "accuracy_change_points": result["accuracy_change_points"],
+            "top1_agreement": result["top1_agreement"], "problems": result["problems"]}
+    return [{"arch": arch, "variant": key, "passed": not any(r["problems"] for r in by_label.values()),
+             "accuracy_change_points": min(r["accuracy_change_points"] for r in by_label.values()),
+             "top1_agreement": min(r["top1_agreement"] for r in by_label.values()),
+             "source": source, "runs": by_label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            for key, by_label in sorted(runs.items())]
+
+
+def write_records(path: str | Path, records: list[dict]) -> list[dict]:
+    """Merge ``records`` into the gate file (a record replaces the one of the same arch and variant),
+    written atomically; return the file's records."""
+    from export.atomic import write_json
+
+    merged = load_gates(path)
+    merged.update({(r["arch"], r["variant"]): r for r in records})
+    out = sorted(merged.values(), key=lambda r: (r["arch"], r["variant"]))
+    write_json(path=path, obj={"gates": out})
+    return out
+
+
+def record(export_dir: str, *, data: str, eval_images: int, gates: str | Path = DEFAULT_GATES, log=print) -> list[dict]:
+    """Verify ``export_dir``'s graphs on ``data`` and write their gate records into ``gates``."""
+    from export.audit import verify
+    from export.manifest import load_manifest
+
+    manifest = load_manifest(export_dir)
+    rows = verify(export_dir, data=data, eval_images=eval_images, log=log)
+    source = (f"python -m benchmarks.gates --dir {export_dir} --data {data} --eval-images {eval_images} "
+              f"(checkpoint {manifest['checkpoint']}, sha256 {manifest.get('checkpoint_sha256', '?')[:12]})")
+    records = records_from_verify(rows, variants=manifest["variants"], arch=manifest["arch"], source=source)
+    if not records:
+        raise ValueError(f"{export_dir} has no reduced-precision variant to gate (export openvino-int8, onnx-int8, "
+                         f"onnx-fp16 or openvino, on a CPU with bf16 for openvino-bf16)")
+    write_records(gates, records)
+    for r in records:
+        log(f"{r['arch']}/{r['variant']}: {'PASSED' if r['passed'] else 'FAILED'} "
+            f"({r['accuracy_change_points']:+.2f} points, {r['top1_agreement']:.2%} top-1 agreement, worst of "
+            f"{', '.join(r['runs'])}) -> {gates}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gates", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Record the accuracy gate of a trained model's reduced-precision graphs for `make bench`: "
+        "re-run every graph of an export folder against its eager checkpoint on labelled images (`python -m "
+        "export verify`) and write one record per variant and architecture into the gate file.")
+    p.add_argument("--dir", required=True, help="export folder of a TRAINED checkpoint (`python -m export`)")
+    p.add_argument("--data", required=True, help="labelled ImageFolder tree the gate is judged on (its test split)")
+    p.add_argument("--eval-images", type=int, default=10000, help="images of --data used")
+    p.add_argument("--gates", default=str(DEFAULT_GATES), help="gate file to merge the records into")
+    args = p.parse_args(argv)
+    records = record(args.dir, data=args.data, eval_images=args.eval_images, gates=args.gates)
+    return 0 if all(r["passed"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    from inference.cli import run as run_cli
+
+    sys.exit(run_cli(main, expected=(ValueError, GateFileError)))

@@ -87,12 +87,16 @@ def random_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_dir(checkpoint, image_folder, tmp_path_factory) -> Path:
-    """Every variant of the trained checkpoint, verified on the test images (calibrated on train/)."""
+    """Every variant of the trained checkpoint, verified on the test images (calibrated on train/).
+
+    INT8's agreement gate is 98% here, not the default 99%: on 90 test images 99% allows no changed
+    answer at all, and the accuracy control judges on the few validation images of this tiny set (10% of 72), which
+    cannot see one in 90 (on an AMX Xeon the OpenVINO INT8 graph changed 1 of the 90, 98.9%)."""
     from export.__main__ import main
 
     out = tmp_path_factory.mktemp("export")
     assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--formats", "all",
-                 "--data", str(image_folder / "test"), "--graph-topk", "2"]) == 0
+                 "--data", str(image_folder / "test"), "--graph-topk", "2", "--min-agreement", "0.98"]) == 0
     return out
 
 
