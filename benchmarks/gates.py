@@ -28,7 +28,10 @@ export), one per architecture and variant::
 * ``passed``: the export gate's verdict (accuracy within its max drop AND top-1 agreement);
 * ``accuracy_change_points``: the variant's top-1 minus fp32's, in points (negative: a drop);
 * ``top1_agreement``: the fraction of images whose top-1 equals fp32's (0..1);
-* ``source``: what was exported and judged on (checkpoint, images).
+* ``source``: what was exported and judged on (checkpoint, images);
+* ``kept_fp32`` (INT8, optional): the layers the accuracy control left in fp32. The bench's INT8 graph of
+  random weights then leaves the same layers in fp32 (``tools.models.export_random_model``), so that its
+  speed is that of the graph that kept accuracy; a graph quantized otherwise is speed-only.
 
 Other keys are kept and ignored. A later record for the same ``(arch, variant)`` replaces an earlier
 one (append to the file as exports are redone).
@@ -112,6 +115,10 @@ def verdict(*, arch: str, variant_info: dict, variant: str, runtime_precision: s
         return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": None,
                 "label": f"speed-only (no gate record for {arch}/{key})"}
     numbers = f"{rec['accuracy_change_points']:+.2f} pts, {rec['top1_agreement']:.1%} agree"
+    kept = variant_info.get("speed_only_kept_fp32")
+    if "kept_fp32" in rec and kept is not None and sorted(kept) != sorted(rec["kept_fp32"]):
+        return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec,
+                "label": f"speed-only (INT8 of {len(kept)} fp32 layers; the gated graph kept {len(rec['kept_fp32'])})"}
     if not rec["passed"]:
         return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec,
                 "label": f"speed-only (gate failed: {numbers})"}
@@ -142,9 +149,11 @@ def records_from_verify(rows: dict[str, dict], *, variants: dict[str, dict], arc
         runs.setdefault(key, {})[m["label"]] = {
             "accuracy": result["accuracy"], "accuracy_change_points": result["accuracy_change_points"],
             "top1_agreement": result["top1_agreement"], "problems": result["problems"]}
+    kept = {name: info["int8"]["kept_fp32"] for name, info in variants.items() if "kept_fp32" in info.get("int8", {})}
     return [{"arch": arch, "variant": key, "passed": not any(r["problems"] for r in by_label.values()),
              "accuracy_change_points": min(r["accuracy_change_points"] for r in by_label.values()),
              "top1_agreement": min(r["top1_agreement"] for r in by_label.values()),
+             **({"kept_fp32": kept[key]} if key in kept else {}),
              "source": source, "runs": by_label, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             for key, by_label in sorted(runs.items())]
 

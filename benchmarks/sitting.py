@@ -29,7 +29,7 @@ from benchmarks.gates import verdict
 from benchmarks.limit import LimitJob, adaptive_threshold, in_process_limit
 from benchmarks.served import Served, build_archive_for
 from benchmarks.tta_cost import breakdown
-from tools.models import export_random_model
+from tools.models import arch_of, export_random_model
 
 
 @dataclass
@@ -82,7 +82,10 @@ class ModelSitting:
     def run(self) -> dict:
         self.work.mkdir(parents=True)
         first_set = next(iter(self.payloads.values()))
-        self.prep = export_random_model(self.model, self.work, calib_data=first_set)
+        # INT8 keeps in fp32 what the gated export of a trained model of this architecture kept (benchmarks.gates)
+        gated_int8 = self.gates.get((arch_of(self.model), "openvino-int8")) or {}
+        self.prep = export_random_model(self.model, self.work, calib_data=first_set,
+                                        keep_fp32=gated_int8.get("kept_fp32") or [])
         self.manifest = json.loads((self.prep.export_dir / "export.json").read_text())
         self.threshold = adaptive_threshold(self.prep.export_dir, self.prep.spec, first_set) \
             if any(c.adaptive for c in self.configs) else 0.9

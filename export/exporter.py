@@ -28,7 +28,7 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
-from .int8 import Budget, attention_scopes, onnx_int8, openvino_int8, within_budget
+from .int8 import Budget, attention_scopes, onnx_int8, onnx_node_name, openvino_int8, within_budget
 from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
 from .splits import held_out
@@ -71,6 +71,7 @@ class Exporter:
         self.int8_reports: dict[str, dict] = {}  # accuracy control of this run's INT8 variants
         self.validation = None  # (images, labels, source) of the held-out validation split, for INT8
         self.budget = Budget()
+        self.keep_fp32: list[str] = []  # speed-only INT8: layers left fp32 (see run)
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
@@ -116,7 +117,7 @@ class Exporter:
         elif variant.name == "onnx-fp16":
             onnx_to_fp16(onnx_fp32, path)
         elif variant.name == "onnx-int8" and self.validation is None:  # speed-only: nothing to control on
-            onnx_to_int8(onnx_fp32, path, calibration)
+            onnx_to_int8(onnx_fp32, path, calibration, exclude=[onnx_node_name(n) for n in self.keep_fp32])
         elif variant.name == "onnx-int8":
             ov_report = self.int8_reports.get("openvino-int8") or self.openvino_int8(
                 onnx_fp32, os.path.join(folder, ".oracle_ov_int8.xml"), calibration)
@@ -127,7 +128,7 @@ class Exporter:
         elif variant.name == "openvino":
             onnx_to_openvino(onnx_fp32, path)
         elif variant.name == "openvino-int8" and self.validation is None:
-            onnx_to_openvino(onnx_fp32, path, calibration=calibration)
+            onnx_to_openvino(onnx_fp32, path, calibration=calibration, ignored=self.keep_fp32)
         elif variant.name == "openvino-int8":
             self.int8_reports[variant.name] = self.openvino_int8(onnx_fp32, path, calibration)
         return path
@@ -171,6 +172,8 @@ class Exporter:
         files = [os.path.basename(f) for f in files_of(variant, folder)]
         size = self.input_size(variant)
         int8 = {"int8": self.int8_reports[variant.name]} if variant.name in self.int8_reports else {}
+        if variant.precision == "int8" and variant.name not in self.int8_reports:
+            int8 = {"speed_only_kept_fp32": self.keep_fp32}
         return {**variant.describe(), **int8, "files": files, "sha256": file_hashes(folder=folder, files=files),
                 "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size]},
                 "input_size": size, "outputs": self.outputs(variant),
@@ -181,14 +184,18 @@ class Exporter:
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
             val_data: str | None = None, val_images: int = 2000, min_agreement: float | None = None,
-            speed_only: bool = False, log=print) -> dict:
+            speed_only: bool = False, keep_fp32: list[str] = (), log=print) -> dict:
         """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.
 
         INT8 variants are accuracy-controlled (:mod:`export.int8`): calibrated on training images and
         judged on held-out validation images (:mod:`export.splits`), then gated on ``data`` like the others.
         ``speed_only``: allow INT8 without labelled ``data`` (benchmarks of random-weight models): plain
-        post-training INT8 on ``calib_data``, accuracy unchecked, and the manifest says so."""
+        post-training INT8 on ``calib_data``, accuracy unchecked, and the manifest says so; ``keep_fp32``:
+        the OpenVINO layer names such INT8 graphs leave in fp32 (those that the accuracy-controlled export of
+        a trained model of the same architecture kept, so that the speed measured is that of a graph that
+        keeps accuracy; recorded in the entry as ``speed_only_kept_fp32``)."""
         self.log = log
+        self.keep_fp32 = list(keep_fp32)
         int8 = NEEDS_CALIBRATION & set(names)
         if int8 and speed_only and calib_data is None:
             raise ValueError("speed-only INT8 variants need calibration images (calib_data)")

@@ -130,9 +130,11 @@ def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor, *, exclude: list
                 os.remove(p)
 
 
-def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None = None) -> None:
+def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None = None,
+                     ignored: list[str] = ()) -> None:
     """OpenVINO IR (fp32 weights) from the ONNX graph; plain NNCF INT8 when ``calibration`` is given (speed-only
-    exports of random-weight models: trained models get :func:`export.int8.openvino_int8`)."""
+    exports of random-weight models: trained models get :func:`export.int8.openvino_int8`), with the layers
+    named in ``ignored`` left in fp32."""
     import openvino as ov
 
     model = ov.convert_model(src)
@@ -141,7 +143,8 @@ def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None
 
         batches = [calibration[i:i + 1].numpy() for i in range(len(calibration))]
         model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                              preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False)
+                              preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
+                              ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False))
     ov.save_model(model, dst_xml, compress_to_fp16=False)
 
 

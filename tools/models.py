@@ -30,15 +30,21 @@ class ExportedModel:
     export_dir: Path        # the exported graphs and export.json
 
 
+def arch_of(model: str) -> str:
+    """The architecture (``export.json``'s ``arch``) of a model of :data:`MODELS`."""
+    return "cbam_resnet" if model == "smoke" else model
+
+
 def default_variants(model: str) -> list[str]:
     return ["onnx"] if model == "smoke" else ["onnx", "openvino", "openvino-int8"]
 
 
 def export_random_model(model: str, work: Path, *, calib_data: Path | None = None,
-                        variants: list[str] | None = None) -> ExportedModel:
+                        variants: list[str] | None = None, keep_fp32: list[str] = ()) -> ExportedModel:
     """Checkpoint ``work/MODEL.pt`` (and ``work/MODEL_state.pth``) and its ``variants`` (default: ONNX and,
-    except for ``smoke``, OpenVINO f32/INT8, calibrated on ``calib_data``) under ``work/export_MODEL``.
-    Accuracy is not checked (``speed_only``): the weights are random."""
+    except for ``smoke``, OpenVINO f32/INT8, calibrated on ``calib_data``, INT8 with the layers named in
+    ``keep_fp32`` left in fp32) under ``work/export_MODEL``. Accuracy is not checked (``speed_only``): the
+    weights are random."""
     from export.exporter import Exporter
     from training.checkpoint import ModelSpec, save_checkpoint
 
@@ -46,7 +52,7 @@ def export_random_model(model: str, work: Path, *, calib_data: Path | None = Non
         raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     torch.manual_seed(0)
     size, resize, kwargs, classes = MODELS[model]
-    arch = "cbam_resnet" if model == "smoke" else model
+    arch = arch_of(model)
     spec = ModelSpec(arch=arch, class_names=[f"class_{i:03d}" for i in range(classes)], input_size=size,
                      resize_size=resize, mean=IMAGENET_MEAN, std=IMAGENET_STD, model_kwargs=kwargs)
     net = spec.build().eval()
@@ -58,5 +64,5 @@ def export_random_model(model: str, work: Path, *, calib_data: Path | None = Non
     Exporter(str(ckpt), str(export_dir)).run(variants or default_variants(model), data=None,
                                              calib_data=None if calib_data is None else str(calib_data),
                                              eval_images=16, calib_images=64, speed_only=True,
-                                             log=lambda *a: None)
+                                             keep_fp32=keep_fp32, log=lambda *a: None)
     return ExportedModel(spec, ckpt, state_dict, export_dir)

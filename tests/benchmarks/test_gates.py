@@ -78,3 +78,44 @@ def test_records_from_a_real_export_of_a_trained_model_feed_the_bench_verdict(ex
     v = verdict(arch=int8["arch"], variant_info=export_manifest["variants"]["openvino-int8"], variant="openvino-int8",
                 runtime_precision="f32", gates=load_gates(gates))
     assert v["counts"] == int8["passed"] and v["record"]["source"].startswith("python -m benchmarks.gates")
+
+
+def test_an_int8_record_counts_only_for_a_graph_that_keeps_its_fp32_layers():
+    rec = {"arch": "resnet50", "variant": "openvino-int8", "passed": True, "accuracy_change_points": -0.1,
+           "top1_agreement": 0.995, "source": "s", "kept_fp32": ["/model/conv1/Conv/WithoutBiases", "/model/fc/Gemm"]}
+    gates = {("resnet50", "openvino-int8"): rec}
+    same = {**INT8, "speed_only_kept_fp32": list(reversed(rec["kept_fp32"]))}
+    assert verdict(arch="resnet50", variant_info=same, variant="openvino-int8", runtime_precision="bf16",
+                   gates=gates)["counts"]
+    fewer = {**INT8, "speed_only_kept_fp32": []}
+    v = verdict(arch="resnet50", variant_info=fewer, variant="openvino-int8", runtime_precision="bf16", gates=gates)
+    assert not v["counts"] and "kept 2" in v["label"]
+    rows = {"openvino-int8 (f32)": row()}
+    [r] = records_from_verify(rows, variants={"openvino-int8": {**INT8, "int8": {"kept_fp32": ["a", "b"]}}},
+                              arch="resnet50", source="s")
+    assert r["kept_fp32"] == ["a", "b"]
+
+
+def test_speed_only_int8_leaves_the_named_layers_in_fp32(tmp_path, image_folder):
+    import openvino as ov
+
+    from export.int8 import QUANTIZABLE_OV, kept_layers_openvino
+    from tools.models import export_random_model
+
+    def kept(folder, **kw):
+        prep = export_random_model("smoke", tmp_path / folder, calib_data=image_folder / "train",
+                                   variants=["onnx", "openvino-int8"], **kw)
+        manifest = json.loads((prep.export_dir / "export.json").read_text())
+        names, layers = kept_layers_openvino(ov.Core().read_model(str(prep.export_dir / "model_ov_int8.xml")))
+        return set(names), layers, manifest["variants"]["openvino-int8"]["speed_only_kept_fp32"]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, layers, recorded = kept("a")
+    assert recorded == [] and len(plain) < layers
+    ir = ov.Core().read_model(str(tmp_path / "a" / "export_smoke" / "model_ov_int8.xml"))
+    quantized = [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV
+                 and op.get_friendly_name() not in plain][:2]
+    assert len(quantized) == 2
+    now, _, recorded = kept("b", keep_fp32=quantized)
+    assert set(quantized) <= now and recorded == quantized
