@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
+
+# The test process is a gRPC client (tests/integration/test_protocols.py, ...) and later forks DataLoader
+# workers (tests/training/). With gRPC core's fork support on (its default), a fork after gRPC calls hangs or
+# crashes now and then: CI died with SIGSEGV in tests/training/test_bad_images.py (2026-12-02), and a loop of
+# gRPC calls + a 1-worker DataLoader hung in 5 of 5 runs of 100 forks here, 0 of 10 runs with this set
+# (grpc/grpc#32992). Set before anything imports grpc; tests/test_grpc_fork.py guards it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import numpy as np
 import pytest
