@@ -32,6 +32,9 @@ from .optim import OPTIMIZERS, SCHEDULES
 from .presets import TrainPreset
 from .runtime import AMP_MODES
 
+#: How DataLoader workers start (``--worker-start``); see ``Trainer.__init__``.
+WORKER_STARTS = ("forkserver", "fork")
+
 
 def _opt(default, help: str, **extra) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -74,6 +77,10 @@ class TrainConfig:
     normalize: str = _opt("dataset", "mean/std fused into the exported graph: 'dataset' (computed on the "
                           "training images), 'imagenet', or 'M1,M2,M3,S1,S2,S3'")
     workers: int = _opt(0, "DataLoader worker processes (persistent; pinned memory on CUDA)")
+    worker_start: str = _opt("forkserver", "how the workers start: forkserver (safe when this process has other "
+                             "threads; a script that builds the Trainer itself needs the `if __name__ == "
+                             "'__main__':` guard) or fork (no guard needed; may hang or crash with threads: gRPC, "
+                             "ONNX Runtime, OpenVINO)", choices=WORKER_STARTS)
     cache: bool = _opt(True, "decode every image once into memory (turn off with --no-cache for large data sets)")
     balanced_sampler: bool = _opt(False, "sample classes equally often (weights 1/class frequency; single process)")
     val_fraction: float = _opt(0.1, "fraction of the training images held out (stratified by class, seeded by "

@@ -19,6 +19,7 @@ Which split is used for what:
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
@@ -46,6 +47,9 @@ from .run_log import TEST_METRICS_FILE, add_scalars, append_log, open_tensorboar
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
 from .sampling import EpochSampler, class_balanced_sampler
 from .stats import dataset_stats, parse_normalize
+
+# What the fork server imports once, so that each worker forked from it starts in milliseconds, not seconds.
+WORKER_PRELOAD = ("torch", "torchvision", "PIL.Image", "training.datasets", "training.formats", "training.presets")
 
 
 def ema_avg_fn(decay: float):
@@ -146,7 +150,20 @@ class Trainer:
         else:  # also for one process: the same permutation as N processes would share between them
             sampler = DistributedSampler(self.train_ds, num_replicas=self.dist.world_size, rank=self.dist.rank,
                                          shuffle=True, seed=cfg.seed, drop_last=True)
-        self.loader_kwargs = dict(num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        # Workers start from a fork server by default (--worker-start), not by forking this process: a fork
+        # copies the locks that this process's other threads hold (gRPC, ONNX Runtime, OpenVINO, OpenMP pools of
+        # a program that embeds the Trainer), and the parent or child then hangs or crashes now and then; CI's
+        # test process died with SIGSEGV so. Python 3.14 makes forkserver Linux's default for the same reason.
+        # The fork server starts once per process and imports WORKER_PRELOAD once; each worker forked from it
+        # starts in milliseconds. The data set is pickled to each worker (cached tensors go through shared
+        # memory, once).
+        context = None
+        if cfg.workers > 0:
+            context = multiprocessing.get_context(cfg.worker_start)
+            if cfg.worker_start == "forkserver":
+                context.set_forkserver_preload(list(WORKER_PRELOAD))  # takes effect when the server first starts
+        self.loader_kwargs = dict(num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+                                  multiprocessing_context=context)
         # Each loader draws its workers' base seed from a generator of its own, not torch's global one,
         # so the global stream (dropout, Mixup/CutMix) does not depend on when iterators are created.
         per_process = len(self.train_ds) // self.dist.world_size

@@ -3,7 +3,7 @@ import argparse
 
 from inference.tta import TTA_MODES
 from training.__main__ import _parser
-from training.config import PRESETS, TrainConfig, add_arguments
+from training.config import PRESETS, WORKER_STARTS, TrainConfig, add_arguments
 from training.evaluation import EVAL_FORMAT_CHOICES
 from training.formats import FORMAT_CHOICES, FORMATS
 from training.losses import LOSSES
@@ -23,7 +23,7 @@ def test_train_choices_are_the_module_constants():
     assert _choices(p) == {"format": FORMAT_CHOICES, "augment": TrainPreset.MODES,
                            "auto_augment": tuple("none" if c is None else c for c in TrainPreset.AUTO_AUGMENT),
                            "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
-                           "preset": tuple(PRESETS)}
+                           "preset": tuple(PRESETS), "worker_start": WORKER_STARTS}
     assert FORMAT_CHOICES[1:] == FORMATS and EVAL_FORMAT_CHOICES[2:] == FORMATS
     assert TrainConfig(data="d", out="o", auto_augment="none").validate().auto_augment is None
 

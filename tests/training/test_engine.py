@@ -190,3 +190,26 @@ def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
     else:
         Trainer(cfg).run()
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_dataloader_workers_start_from_a_fork_server_unless_told(image_folder, tmp_path, start):
+    """--worker-start forkserver (the default): workers are not forks of the training process, whose other
+    threads may hold locks (the test process's gRPC, ONNX Runtime and OpenVINO pools crashed CI with SIGSEGV);
+    --worker-start fork keeps the old way."""
+    import psutil
+
+    from training.engine import Trainer
+
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "run"), model_kwargs=TINY_KWARGS, input_size=16,
+                      batch_size=8, epochs=1, workers=2, cache=False, progress=False, worker_start=start)
+    assert TrainConfig().worker_start == "forkserver"
+    batches = iter(Trainer(cfg.validate()).train_loader)
+    try:
+        images, labels, _ = next(batches)
+        assert images.shape[1:] == (3, 16, 16) and len(labels) == len(images)
+        parents = {psutil.Process(w.pid).ppid() for w in batches._workers}  # private, the only handle on them
+        assert len(batches._workers) == 2 and len(parents) == 1  # one fork server, or this process
+        assert (parents == {os.getpid()}) == (start == "fork")
+    finally:
+        batches._shutdown_workers()
