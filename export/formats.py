@@ -141,10 +141,13 @@ def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None
     if calibration is not None:
         import nncf
 
+        from inference.signal_stack import keep_signal_stack
+
         batches = [calibration[i:i + 1].numpy() for i in range(len(calibration))]
-        model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                              preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
-                              ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False))
+        with keep_signal_stack():  # NNCF's engines make Core objects of their own (see inference.signal_stack)
+            model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                                  preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
+                                  ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False))
     ov.save_model(model, dst_xml, compress_to_fp16=False)
 
 

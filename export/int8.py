@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from inference.signal_stack import keep_signal_stack, openvino_core
+
 from .verify import DEFAULT_MAX_DROP
 from .verify import DEFAULT_MIN_INT8_AGREEMENT as DEFAULT_MIN_AGREEMENT
 
@@ -128,7 +130,7 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
     import nncf
     import openvino as ov
 
-    core = ov.Core()
+    core = openvino_core()
     model = ov.convert_model(onnx_path)
     weighted = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV]
     ends = [weighted[0], weighted[-1]] if weighted else []
@@ -150,14 +152,15 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
     validation = nncf.Dataset(items, lambda item: item[0])
     level = logging.getLogger("nncf").level
     logging.getLogger("nncf").setLevel(logging.WARNING)  # its progress bars and per-step lines
-    try:
-        quantized = nncf.quantize_with_accuracy_control(
-            model, calib, validation, validate, max_drop=1.0, drop_type=nncf.DropType.ABSOLUTE,
-            preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), fast_bias_correction=False,
-            ignored_scope=nncf.IgnoredScope(names=ends, patterns=list(ignored), validate=False),
-            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
-                max_num_iterations=max_reverts, ranking_subset_size=min(ranking_images, len(items)),
-                num_ranking_workers=1))
+    try:  # NNCF's engines make Core objects of their own: keep this thread's signal stack valid
+        with keep_signal_stack():
+            quantized = nncf.quantize_with_accuracy_control(
+                model, calib, validation, validate, max_drop=1.0, drop_type=nncf.DropType.ABSOLUTE,
+                preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), fast_bias_correction=False,
+                ignored_scope=nncf.IgnoredScope(names=ends, patterns=list(ignored), validate=False),
+                advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=max_reverts, ranking_subset_size=min(ranking_images, len(items)),
+                    num_ranking_workers=1))
     finally:
         logging.getLogger("nncf").setLevel(level)
     ov.save_model(quantized, dst_xml, compress_to_fp16=False)

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from .signal_stack import openvino_core
+
 log = logging.getLogger(__name__)
 
 GRAPH_OUTPUTS = ("logits", "probabilities", "topk")  # probabilities: in-graph TTA; topk: (values, indices)
@@ -87,9 +89,7 @@ class OpenVINOBackend:
 
     def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0,
                  precision: str = "f32", hint: str = "LATENCY"):
-        import openvino as ov
-
-        core = ov.Core()
+        core = openvino_core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise RuntimeError("this CPU has no bf16 support (OpenVINO lists no BF16 capability)")
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint}
@@ -110,10 +110,10 @@ def openvino_precision(wanted: str = "auto") -> str:
     if wanted != "auto":
         return wanted
     try:
-        import openvino as ov
+        import openvino  # noqa: F401
     except ImportError:
         return "f32"
-    return "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    return "bf16" if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
 
 
 def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, precision: str = "f32"):

@@ -195,8 +195,8 @@ def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
 @pytest.mark.parametrize("start", ["forkserver", "fork"])
 def test_dataloader_workers_start_from_a_fork_server_unless_told(image_folder, tmp_path, start):
     """--worker-start forkserver (the default): workers are not forks of the training process, whose other
-    threads may hold locks (the test process's gRPC, ONNX Runtime and OpenVINO pools crashed CI with SIGSEGV);
-    --worker-start fork keeps the old way."""
+    threads may hold locks (the test process's gRPC, ONNX Runtime and OpenVINO pools); --worker-start fork
+    keeps the old way."""
     import psutil
 
     from training.engine import Trainer

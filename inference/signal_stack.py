@@ -1,0 +1,79 @@
+"""The calling thread's signal alternate stack, kept valid across OpenVINO's CPU plugin.
+
+OpenVINO's CPU plugin (2026.4, ``src/plugins/intel_cpu/src/sigstack_manager.cpp``) installs a signal
+alternate stack of its own on the thread that creates it (so that the kernel grants AMX to the process)
+and, when destroyed, puts back the stack it found only if its own is still the current one, then unmaps
+its own. Two plugins (one per ``openvino.Core`` that used the CPU) destroyed in the order they were made
+leave the thread's alternate stack pointing at unmapped memory: A saves Python's, B saves A's, A is
+destroyed (B is current: nothing restored, A unmapped), B is destroyed (A restored: unmapped). The next
+signal whose handler runs on the alternate stack (every handler Python installs: SIGINT, SIGTERM, SIGCHLD,
+faulthandler's) cannot be delivered, and the kernel kills the process with SIGSEGV, silently (nothing can
+run to print a traceback). Measured: CI's test process died so three times, when a subprocess ended after
+the OpenVINO tests; ``tests/inference/test_signal_stack.py`` reproduces the sequence.
+
+Two defences, both here: :func:`openvino_core` is the one ``Core`` of the process (one plugin, never
+destroyed before exit; OpenVINO recommends one ``Core`` per application anyway), and
+:func:`keep_signal_stack` wraps code that makes ``Core`` objects of its own (NNCF's engines): it puts back
+the alternate stack that was current before, so a plugin destroyed later finds its stack not current and
+restores nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+
+class _StackT(ctypes.Structure):
+    """``stack_t`` of <signal.h> (Linux)."""
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.sigaltstack.argtypes = [ctypes.POINTER(_StackT), ctypes.POINTER(_StackT)]
+    return libc
+
+
+def current_signal_stack() -> tuple[int | None, int, int] | None:
+    """The calling thread's alternate signal stack as ``(address, flags, size)``; None off Linux."""
+    libc = _libc()
+    if libc is None:
+        return None
+    old = _StackT()
+    if libc.sigaltstack(None, ctypes.byref(old)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack")
+    return old.ss_sp, old.ss_flags, old.ss_size
+
+
+@contextlib.contextmanager
+def keep_signal_stack():
+    """Run the block, then put back the calling thread's alternate signal stack as it was before."""
+    libc = _libc()
+    saved = _StackT()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        saved.ss_flags &= ~1  # SS_ONSTACK is reported, never set
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
+@functools.cache
+def openvino_core():
+    """The process's one ``openvino.Core`` (see the module docstring: a second one, destroyed in the
+    wrong order, breaks signal delivery)."""
+    import openvino as ov
+
+    core = ov.Core()
+    # Creates the CPU plugin now, on this thread: its alternate stack (large enough for AMX's state) stays
+    # installed for the life of the process.
+    core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return core
