@@ -28,7 +28,7 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
-from .int8 import Budget, attention_scopes, onnx_int8, onnx_node_name, openvino_int8, within_budget
+from .int8 import DEFAULT_MARGIN, Budget, attention_scopes, onnx_int8, onnx_node_name, openvino_int8, within_budget
 from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
 from .splits import held_out
@@ -184,7 +184,7 @@ class Exporter:
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
             val_data: str | None = None, val_images: int = 2000, min_agreement: float | None = None,
-            speed_only: bool = False, keep_fp32: list[str] = (), log=print) -> dict:
+            val_margin: float = DEFAULT_MARGIN, speed_only: bool = False, keep_fp32: list[str] = (), log=print) -> dict:
         """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.
 
         INT8 variants are accuracy-controlled (:mod:`export.int8`): calibrated on training images and
@@ -202,8 +202,10 @@ class Exporter:
         if int8 and data is None and not speed_only:
             raise ValueError("INT8 variants need --data (labelled test images: the final accuracy gate); they are "
                              "calibrated on training images and judged on the validation split first")
+        if not 0 < val_margin <= 1:
+            raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
-                             else min_agreement)
+                             else min_agreement, margin=val_margin)
         os.makedirs(self.out, exist_ok=True)
         recover(out=self.out, log=log)
         earlier = read_manifest(self.out)

@@ -8,7 +8,8 @@ images (:mod:`export.splits`; never the test split):
 * top-1 agreement with fp32 at least ``min_agreement``,
 
 each scaled by ``margin`` on validation (default 1: the same budget; the exporter's gate then checks
-it again on the test images, so a graph must keep it on both). Both rules are folded into one score so that NNCF's single ``max_drop``
+it again on the test images, so a graph must keep it on both; ``--val-margin`` below 1 leaves room for
+the sampling noise between the two splits). Both rules are folded into one score so that NNCF's single ``max_drop``
 enforces them together::
 
     score = 1 - max((1 - agreement) / (1 - min_agreement'), (fp32_accuracy - accuracy) / max_drop')

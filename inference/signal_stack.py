@@ -40,25 +40,30 @@ def _libc():
     return libc
 
 
+def _read(libc) -> _StackT:
+    stack = _StackT()
+    if libc.sigaltstack(None, ctypes.byref(stack)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack")
+    return stack
+
+
 def current_signal_stack() -> tuple[int | None, int, int] | None:
     """The calling thread's alternate signal stack as ``(address, flags, size)``; None off Linux."""
     libc = _libc()
     if libc is None:
         return None
-    old = _StackT()
-    if libc.sigaltstack(None, ctypes.byref(old)) != 0:
-        raise OSError(ctypes.get_errno(), "sigaltstack")
-    return old.ss_sp, old.ss_flags, old.ss_size
+    stack = _read(libc)
+    return stack.ss_sp, stack.ss_flags, stack.ss_size
 
 
 @contextlib.contextmanager
 def keep_signal_stack():
     """Run the block, then put back the calling thread's alternate signal stack as it was before."""
     libc = _libc()
-    saved = _StackT()
-    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+    if libc is None:
         yield
         return
+    saved = _read(libc)
     try:
         yield
     finally:

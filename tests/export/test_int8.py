@@ -44,6 +44,17 @@ def test_the_int8_gate_checks_agreement_as_well_as_accuracy():
     assert problems("int8", {**result, "accuracy": None}, reference_accuracy=None, max_drop=0.5) == []
 
 
+@pytest.mark.parametrize("margin", ["0", "1.5", "-0.2"])
+def test_val_margin_outside_zero_to_one_is_one_clear_line(checkpoint, image_folder, tmp_path, margin):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--formats", "openvino-int8",
+              "--data", str(image_folder / "test"), "--val-margin", margin])
+    assert str(e.value).startswith("error: --val-margin must be in (0, 1]")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_held_out_rebuilds_the_runs_validation_split_and_calibrates_without_it(checkpoint, image_folder):
     spec, _, ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["config"]
