@@ -35,6 +35,18 @@ def test_budget_score_is_one_for_fp32_and_negative_past_either_rule():
     assert b.score(pred=swap, ref=ref, labels=labels) < 0  # the net accuracy gate alone would pass this
 
 
+def test_budget_score_accepts_a_graph_exactly_on_the_threshold():
+    b = Budget(max_drop=0.5, min_agreement=0.99, margin=0.7)  # 99.3% agreement on validation
+    labels = np.zeros(2000, dtype=int)
+    pred = labels.copy()
+    pred[:14] = 1  # 1986 of 2000 agree: exactly 99.3%, and 0.7 points lost: over the accuracy budget
+    assert b.score(pred=pred, ref=labels, labels=labels) < 0
+    b = Budget(max_drop=5, min_agreement=0.99, margin=0.7)
+    assert b.score(pred=pred, ref=labels, labels=labels) == 0.0  # on the agreement threshold: kept
+    pred[14] = 1
+    assert b.score(pred=pred, ref=labels, labels=labels) < 0
+
+
 def test_the_int8_gate_checks_agreement_as_well_as_accuracy():
     result = {"max_rel_diff": 1.0, "top1_agreement": 0.985, "accuracy": 0.90}
     out = problems("int8", result, reference_accuracy=0.90, max_drop=0.5)
