@@ -83,12 +83,6 @@ def _verify_parser() -> argparse.ArgumentParser:
     src.add_argument("--archive", help="a .mar built by `python -m export archive`")
     p.add_argument("--data", default=None, help="labelled ImageFolder tree")
     p.add_argument("--checkpoint", default=None, help="eager reference (default: the one recorded at export)")
-    p.add_argument("--val-margin", type=float, default=DEFAULT_MARGIN,
-                   help="share of --max-drop and of the disagreement that --min-agreement allows which INT8's "
-                   "accuracy control may spend on the validation split (default: %(default)s); below 1 it keeps "
-                   "more layers in fp32 so that sampling noise between validation and test images does not "
-                   "refuse the graph at the test gate (0.7 with 2000 validation images: about two standard "
-                   "errors of a 99%% agreement)")
     p.add_argument("--eval-images", type=int, default=500, help="images used")
     return p
 
