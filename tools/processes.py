@@ -17,6 +17,11 @@ def cpu_seconds(pid: int) -> float:
         procs = [p] + p.children(recursive=True)
     except psutil.Error:
         return 0.0
+    return processes_cpu(procs)
+
+
+def processes_cpu(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` so far; one that has ended counts 0."""
     total = 0.0
     for q in procs:
         try:
