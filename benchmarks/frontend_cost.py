@@ -39,7 +39,7 @@ from tools.torchserve import TorchServe
 HANDLER = Path(__file__).with_name("echo_handler.py")
 MODEL = "echo"
 SETS = ("jpeg500", "phone12mp")
-# Java thread names (``comm``, digits folded) -> the group they are reported in
+# Java thread names (``/proc/PID/task/*/comm``, 15 characters at most) -> the group they are reported in
 GROUPS = (("netty", r"^epollEventLoop|^nioEventLoop"), ("workers", r"^W-"), ("jit", r"Compiler"),
           ("gc", r"^GC |^G1 |^VM Thread"))
 
