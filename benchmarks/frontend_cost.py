@@ -45,7 +45,8 @@ GROUPS = (("netty", r"^epollEventLoop|^nioEventLoop"), ("workers", r"^W-"), ("ji
 
 
 def thread_cpu(pid: int) -> collections.Counter:
-    """CPU seconds of each thread group (:data:`GROUPS`, else ``other``) of process ``pid`` so far."""
+    """CPU seconds of each thread group (:data:`GROUPS`, else ``other``) of process ``pid`` so far, over
+    its live threads (the frontend's are: event loops, worker and compiler threads live as long as it)."""
     out: collections.Counter = collections.Counter()
     tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
