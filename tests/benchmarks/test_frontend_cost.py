@@ -1,5 +1,4 @@
 """benchmarks.frontend_cost: the do-nothing handler, the Java thread accounting, and one real short run."""
-import os
 import re
 
 import pytest
