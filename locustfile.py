@@ -30,7 +30,7 @@ import os
 import random
 from pathlib import Path
 
-from locust import HttpUser, events, task
+from locust import FastHttpUser, events, task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -127,7 +127,9 @@ SCHEMAS = {
 }
 
 
-class ClassifierUser(HttpUser):
+class ClassifierUser(FastHttpUser):
+    """geventhttpclient (``FastHttpUser``), not requests: the load generator shares the machine with the server
+    in ``make bench``, and requests' client cost several times more CPU per request."""
     def on_start(self):
         opts = self.environment.parsed_options
         route, self.build, check = SCHEMAS[opts.schema]

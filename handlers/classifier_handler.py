@@ -77,7 +77,8 @@ class ImageClassifierHandler(BaseHandler):
         serialized = context.manifest["model"]["serializedFile"]
         precision = openvino_precision(cfg.openvino_precision)
         load = lambda threads: load_backend(os.path.join(model_dir, serialized), device=self.device,  # noqa: E731
-                                            threads=threads, precision=precision)
+                                            threads=threads, precision=precision,
+                                            pinning=cfg.openvino_cpu_pinning)
         self.backend = load(self.worker_threads.threads)
         if self.backend.name != "torchscript" and self.device.type == "cpu":  # threads fixed when created
             self.worker_threads.rebuild = lambda threads: setattr(self, "backend", load(threads))

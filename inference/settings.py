@@ -162,6 +162,8 @@ class HandlerSettings(_Settings):
                                          "is 0 (0: count only at start-up)", minimum=0.0)
     openvino_precision: str = _opt("auto", "OpenVINO inference precision hint: auto = bf16 where the CPU has "
                                    "bf16 instructions", choices=OPENVINO_PRECISIONS)
+    openvino_cpu_pinning: bool = _opt(False, "pin OpenVINO's inference threads to cores (OpenVINO's default; "
+                                      "off here: pinned, every worker of a model takes the same first cores)")
     explain_grid: int = _opt(DEFAULT_GRID, "explanations: cells per side of the occlusion grid (grid^2 + 1 "
                              "forwards per image)", minimum=1, maximum=MAX_GRID)
     explain_fill: str = _opt("mean", "explanations: an occluded cell is filled with the image's mean colour or "

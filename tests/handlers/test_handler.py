@@ -237,3 +237,12 @@ def test_an_unsupported_format_is_415(model_dir):
     assert ctx.get_response_status(0)[0] == 415 and json.loads(out[0])["error"] == "unsupported image format"
     assert ctx.get_response_status(1)[0] == 200
 
+
+
+def test_openvino_archives_are_unpinned_unless_the_settings_say_so(model_dir, export_dir):
+    for f in ("model_ov.xml", "model_ov.bin"):
+        shutil.copy(export_dir / f, model_dir)
+    for settings, pinned in (({}, False), ({"openvino_cpu_pinning": True}, True)):
+        h = handler_for(model_dir, serialized="model_ov.xml", openvino_precision="f32", **settings)
+        assert h.backend.compiled.get_property("ENABLE_CPU_PINNING") is pinned
+        assert h.backend.providers == ["CPU f32" + (" pinned" if pinned else "")]
