@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_module
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class LimitJob:
     graph: str | None = None
     eager: str | None = None           # checkpoint path: eager PyTorch fp32 instead of a graph
     precision: str = "f32"             # OpenVINO inference precision hint (resolved, as the handler does)
+    pinning: bool = False              # OpenVINO's ENABLE_CPU_PINNING (the handler's openvino_cpu_pinning)
     tta: str = "none"
     adaptive: bool = False
     threshold: float = 0.9
@@ -72,7 +74,7 @@ def _forward(job: LimitJob, threads: int):
                 return module(images)
     else:
         from inference.backends import load_backend
-        backend = load_backend(job.graph, threads=threads, precision=job.precision)
+        backend = load_backend(job.graph, threads=threads, precision=job.precision, pinning=job.pinning)
     step = job.max_forward_batch
 
     def forward(images):
@@ -133,6 +135,7 @@ def _one_worker(job: LimitJob, threads: int, barrier, done, processes: int, resu
 def in_process_limit(job: LimitJob, split: Split, *, timeout: float = 900) -> dict:
     """``split.workers`` processes of ``split.threads`` threads running ``job`` at once: ``img_s`` (their
     sum), ``per_process``, ``processes``, ``threads`` and ``decode_pool`` (threads of each one's pool)."""
+    started = time.time()
     ctx = mp.get_context("spawn")
     barrier, done, results = ctx.Barrier(split.workers), ctx.Value("i", 0), ctx.Queue()
     procs = [ctx.Process(target=_one_worker, args=(job, split.threads, barrier, done, split.workers, results),
@@ -158,4 +161,5 @@ def in_process_limit(job: LimitJob, split: Split, *, timeout: float = 900) -> di
         raise RuntimeError("in-process limit failed:\n" + "\n".join(errors))
     return {"img_s": sum(out), "per_process": out, "processes": split.workers, "threads": split.threads,
             "decode_pool": split.threads, "batch": job.batch, "tta": job.tta, "adaptive": job.adaptive,
-            "runtime": "eager fp32" if job.eager else Path(job.graph).name, "precision": job.precision}
+            "runtime": "eager fp32" if job.eager else Path(job.graph).name, "precision": job.precision,
+            "pinning": job.pinning, "started": started}

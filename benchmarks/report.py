@@ -114,7 +114,7 @@ def report(sitting: dict, *, top: int, low: list[int], grid: list[str], small: d
         chosen = f"{r['split']['workers']}x{r['split']['threads']}" if r["split"] else "-"
         search.append(f"| {r['name']} | " + " | ".join(got.get(g, "-") for g in grid)
                       + f" | {chosen}{'' if r['split_source'] in (None, 'search') else ' (of ' + r['split_source'] + ')'} |")
-    head = (f"| configuration | split | gate | in-process limit img/s (same split) | served/limit | {top} users img/s, "
+    head = (f"| configuration | split | gate | in-process limit img/s (same split, median of the rounds) | served/limit | {top} users img/s, "
             f"gated: median [min–max] (p50/p99 ms) | {top} users img/s, SPEED-ONLY (not gated) | "
             + "".join(f"{s} {top} users img/s | " for s in others)
             + "".join(f"{u} user(s) img/s | " for u in low) + "failures |")
@@ -124,6 +124,8 @@ def report(sitting: dict, *, top: int, low: list[int], grid: list[str], small: d
         main = _cell(m.get(f"{FIRST_SET}@{top}"))
         counted = r["gate"]["counts"] or r["config"]["kind"] == "stock"
         lim = f"{r['limit_img_s']:.1f}" if r.get("limit_img_s") else "-"
+        if len(r.get("limits") or []) > 1:  # one per round of the repeats: median [min–max]
+            lim += f" [{min(x['img_s'] for x in r['limits']):.1f}–{max(x['img_s'] for x in r['limits']):.1f}]"
         sl = _div(median_of(r, FIRST_SET, top), r.get("limit_img_s"))
         split = f"{r['split']['workers']}x{r['split']['threads']}" if r["split"] else "-"
         lines.append(f"| {r['name']} | {split} | {r['gate']['label']} | {lim} | "

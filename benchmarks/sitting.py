@@ -7,13 +7,16 @@ For one model (random weights, ``tools.models``) and its configurations (``bench
    that is not counted); the best img/s is its split. Every result is recorded. The best server stays
    up; the others are stopped. Configurations with ``split_of`` (TTA) take that configuration's
    split; the models after the first take the first model's splits (``inherit``).
-2. **Limits.** Each ours configuration's in-process limit in its split (``benchmarks.limit``), and eager
-   PyTorch fp32 in ``ours_fp32``'s split (``runtime_gap``); a TTA cost breakdown
-   (``benchmarks.tta_cost``) in the flip configuration's threads.
-3. **Repeats.** With every chosen server up (idle ones cost nothing), ``repeats`` rounds at the
-   highest user count on the first payload set, each round every configuration in turn (stock, ours,
-   ..., stock, ours, ...); then the same for the ``set_configs`` on the other payload sets; then one
-   run per configuration at each lower user count. Medians and min-max per (set, users).
+2. **TTA breakdown** (``benchmarks.tta_cost``) in the flip configuration's threads.
+3. **Repeats and limits.** With every chosen server up (idle ones cost nothing), ``repeats`` rounds at
+   the highest user count on the first payload set, each round every configuration in turn (stock,
+   ours, ..., stock, ours, ...) and then, in the same round, each ours configuration's in-process
+   limit in its split (``benchmarks.limit``) and eager PyTorch fp32 in ``ours_fp32``'s split
+   (``runtime_gap``): the limit is the median of the rounds, so a slow or fast moment of the machine
+   reaches the served runs and the limits alike (one limit per sitting once read 56.7 img/s and, an
+   hour later, 93.4 for the same configuration). Then the same served rounds for the ``set_configs``
+   on the other payload sets; then one run per configuration at each lower user count. Medians and
+   min-max per (set, users).
 """
 from __future__ import annotations
 
@@ -94,8 +97,8 @@ class ModelSitting:
             for c in self.configs:
                 self.results[c.name] = self.describe(c)
                 self.choose_split(c)
-            extra = self.limits()
-            self.repeats()
+            extra = self.tta_breakdown()
+            self.repeats(extra)
         finally:
             for s in self.servers.values():
                 s.stop()
@@ -197,31 +200,41 @@ class ModelSitting:
                         max_forward_batch=c.handler.get("max_forward_batch", HandlerSettings.max_forward_batch),
                         seconds=self.plan.limit_seconds, **kw)
 
-    def limits(self) -> dict:
-        extra: dict = {}
+    def limit_round(self, extra: dict, round_: int) -> None:
+        """One in-process limit of every ours configuration in its split, and of eager fp32 in ``ours_fp32``'s,
+        appended to their lists (``limits``, ``extra["eager_limits"]``); ``limit_img_s`` / ``eager_limit`` are
+        the medians so far. A failed limit is recorded (``limit_errors``); the served runs still count."""
         for c in self.configs:
             res = self.results[c.name]
             if c.kind != "ours" or not res["split"]:
                 continue
             split = Split(**res["split"])
             try:
-                res["limit"] = in_process_limit(self.job(c), split)
-            except RuntimeError as e:  # recorded: the served runs of this configuration still count
-                res["limit_error"] = str(e)[-2000:]
-                print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit failed: {str(e)[-300:]}",
-                      flush=True)
+                lim = in_process_limit(self.job(c), split)
+            except RuntimeError as e:
+                res.setdefault("limit_errors", []).append(str(e)[-2000:])
+                print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit #{round_ + 1} failed: "
+                      f"{str(e)[-300:]}", flush=True)
                 continue
-            res["limit_img_s"] = res["limit"]["img_s"]
-            print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit {res['limit_img_s']:.1f} img/s "
+            res.setdefault("limits", []).append(lim)
+            res["limit"] = lim
+            res["limit_img_s"] = statistics.median(x["img_s"] for x in res["limits"])
+            print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit #{round_ + 1} {lim['img_s']:.1f} img/s "
                   f"({split.workers} process(es) x {split.threads} thread(s): "
-                  + " + ".join(f"{x:.1f}" for x in res["limit"]["per_process"]) + ")", flush=True)
+                  + " + ".join(f"{x:.1f}" for x in lim["per_process"]) + ")", flush=True)
         fp32 = self.results.get("ours_fp32")
         if fp32 and fp32["split"]:
             split = Split(**fp32["split"])
             eager = in_process_limit(self.job(CONFIGS["ours_fp32"], eager=str(self.prep.ckpt)), split)
-            extra["eager_limit"] = eager
-            print(f"{self.model:<12.12} {'eager fp32':<19} {split!s:<4} in-process limit {eager['img_s']:.1f} img/s",
-                  flush=True)
+            runs = extra.setdefault("eager_limits", [])
+            runs.append(eager)
+            extra["eager_limit"] = {**eager, "img_s": statistics.median(x["img_s"] for x in runs),
+                                    "runs": [x["img_s"] for x in runs]}
+            print(f"{self.model:<12.12} {'eager fp32':<19} {split!s:<4} in-process limit #{round_ + 1} "
+                  f"{eager['img_s']:.1f} img/s", flush=True)
+
+    def tta_breakdown(self) -> dict:
+        extra: dict = {}
         flip = next((c for c in self.configs if c.tta == "flip" and not c.adaptive and self.results[c.name]["split"]),
                     None)
         if flip is not None:
@@ -241,13 +254,14 @@ class ModelSitting:
                   flush=True)
         return extra
 
-    def repeats(self) -> None:
+    def repeats(self, extra: dict) -> None:
         plan = self.plan
         (first_set, first), *others = self.payloads.items()
         live = [c for c in self.configs if c.name in self.servers]
         for i in range(plan.repeats):
             for c in live:
                 self.measure(c, first_set, first, plan.top_users, plan.duration, repeat=i)
+            self.limit_round(extra, i)
         for i in range(plan.repeats):
             for set_name, folder in others:
                 for c in live:
