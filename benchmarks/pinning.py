@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.configs import BATCH, parse_grid, search_grid
+from tools.photos import jpeg_files
 
 
 def compare(graph: str, *, payloads, crop_size: int, resize_size: int, grid, precision: str = "f32",
@@ -70,13 +71,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     manifest = json.loads(manifest_path.read_text())
-    if args.images:
-        payloads = sorted(str(x) for x in Path(args.images).rglob("*.jpg"))
-    else:
-        import tempfile
-
-        from tools.photos import write_photos
-        payloads = sorted(str(x) for x in write_photos(Path(tempfile.mkdtemp(prefix="pinning-"))).rglob("*.jpg"))
+    payloads = jpeg_files(args.images, prefix="pinning-")
     if not payloads:
         print(f"error: no .jpg under {args.images}", file=sys.stderr)
         return 2

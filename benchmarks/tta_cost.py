@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.configs import BATCH
+from tools.photos import jpeg_files
 
 
 def breakdown(graph: str, *, payloads, crop_size: int, resize_size: int, threads: int = 1, batch: int = BATCH,
@@ -96,13 +97,7 @@ def main(argv=None) -> int:
         print(f"error: {graph} or its export.json not found", file=sys.stderr)
         return 2
     manifest = json.loads(manifest_path.read_text())
-    if args.images:
-        payloads = sorted(str(x) for x in Path(args.images).rglob("*.jpg"))
-    else:
-        import tempfile
-
-        from tools.photos import write_photos
-        payloads = sorted(str(x) for x in write_photos(Path(tempfile.mkdtemp(prefix="tta-cost-"))).rglob("*.jpg"))
+    payloads = jpeg_files(args.images, prefix="tta-cost-")
     if not payloads:
         print(f"error: no .jpg under {args.images}", file=sys.stderr)
         return 2

@@ -15,13 +15,15 @@ matplotlib's ``grace_hopper.jpg`` (matplotlib is a dependency). With foolbox: 21
 
 ``photo_jpegs(set)`` gives ``(file name, JPEG bytes)`` in memory; ``write_photos(out, sets)`` writes them
 as ``out/SET/photos/*.jpg`` (and the original files under ``out/original/photos/``) for ``locustfile.py
---images`` and for calibration, and returns ``out/jpeg500``.
+--images`` and for calibration, and returns ``out/jpeg500``; ``jpeg_files(folder)`` lists a folder's
+JPEGs, or writes the ``jpeg500`` set to a temporary folder and lists those (the CLIs' ``--images``).
 """
 from __future__ import annotations
 
 import importlib.util
 import io
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -168,3 +170,10 @@ def write_photos(out: Path, sets: tuple[str, ...] = ("jpeg500",), *, limit: int 
                 shutil.copy(photo.path, orig_dir / photo.path.name)
             (jpeg_dir / f"{photo.name}.jpg").write_bytes(data)
     return out / "jpeg500"
+
+
+def jpeg_files(folder: str | Path | None, *, prefix: str = "photos-") -> list[str]:
+    """The ``*.jpg`` files under ``folder`` (recursively, sorted); without a folder, the ``jpeg500`` set
+    written to a new temporary folder named ``prefix...``. Empty when ``folder`` holds no JPEG."""
+    root = Path(folder) if folder else write_photos(Path(tempfile.mkdtemp(prefix=prefix)))
+    return sorted(str(x) for x in root.rglob("*.jpg"))

@@ -17,7 +17,7 @@ from tools import REPO
 from tools.client import call, manage
 from tools.drain import AccessLogAnswers, model_of_uri
 from tools.locust import history, locust_command, number, summary
-from tools.photos import photo_jpegs, write_photos
+from tools.photos import jpeg_files, photo_jpegs, write_photos
 from tools.processes import cpu_seconds, worker_processes
 from tools.timing import measure, rate
 
@@ -109,6 +109,16 @@ def test_photos_in_memory_and_on_disk_are_the_same_jpegs(tmp_path):
     folder = write_photos(tmp_path)
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "photos").glob("*.jpg")}
     assert on_disk == {name: hashlib.sha256(data).hexdigest() for name, data in photos}
+
+
+def test_jpeg_files_lists_a_folder_or_writes_the_default_set(tmp_path):
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    for name in ("b/c/z.jpg", "b/a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert jpeg_files(tmp_path) == [str(tmp_path / "b" / "a.jpg"), str(tmp_path / "b" / "c" / "z.jpg")]
+    assert jpeg_files(tmp_path / "b" / "c" / "empty-here") == []
+    written = jpeg_files(None, prefix="test-jpeg-files-")
+    assert len(written) == len(photo_jpegs()) and all("test-jpeg-files-" in p and "/jpeg500/" in p for p in written)
 
 
 def test_timing_reports_the_median_and_keeps_torch_threads():
