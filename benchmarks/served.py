@@ -30,32 +30,35 @@ def archive_name(c: Config, split: Split) -> str:
     return f"{c.name}_{split}"
 
 
-def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path, threshold: float) -> str:
-    """Write ``store/NAME.mar`` for ``c`` served as ``split``; returns NAME (the model's name in URLs)."""
+def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path, threshold: float, *,
+                      batch: int = BATCH, max_batch_delay: int = MAX_BATCH_DELAY) -> str:
+    """Write ``store/NAME.mar`` for ``c`` served as ``split`` (TorchServe ``batchSize`` ``batch``, ``maxBatchDelay``
+    ``max_batch_delay`` ms); returns NAME (the model's name in URLs)."""
     from export.archive import build_archive
     store.mkdir(parents=True, exist_ok=True)
     name = archive_name(c, split)
     if c.kind == "stock":
         cfg = store / f"{name}-config.yaml"
-        cfg.write_text(f"minWorkers: {split.workers}\nmaxWorkers: {split.workers}\nbatchSize: {BATCH}\n"
-                       f"maxBatchDelay: {MAX_BATCH_DELAY}\nresponseTimeout: {RESPONSE_TIMEOUT}\n")
+        cfg.write_text(f"minWorkers: {split.workers}\nmaxWorkers: {split.workers}\nbatchSize: {batch}\n"
+                       f"maxBatchDelay: {max_batch_delay}\nresponseTimeout: {RESPONSE_TIMEOUT}\n")
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
                "--model-file", str(STOCK_MODEL_FILE), "--serialized-file", str(prep.state_dict),
                "--handler", "image_classifier", "--extra-files", str(prep.export_dir / "index_to_name.json"),
                "--config-file", str(cfg), "--export-path", str(store), "--force"]
         subprocess.run(cmd, check=True, capture_output=True)
     else:
-        build_archive(prep.export_dir, variant=c.variant, name=name, model_store=store, batch_size=BATCH,
-                      max_batch_delay=MAX_BATCH_DELAY, workers=split.workers, threads=split.threads, topk=5,
+        build_archive(prep.export_dir, variant=c.variant, name=name, model_store=store, batch_size=batch,
+                      max_batch_delay=max_batch_delay, workers=split.workers, threads=split.threads, topk=5,
                       tta=c.tta, adaptive_tta=c.adaptive, adaptive_threshold=threshold,
                       response_timeout=RESPONSE_TIMEOUT, **c.handler)
     return name
 
 
-def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, schema: str, prefix: Path) -> dict:
+def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, schema: str, prefix: Path, *,
+             processes: int | None = None) -> dict:
     """One locust run: ``img_s`` (answered without failure per second), failures, percentiles."""
     cmd = locust_command(url, images=payload_dir, model=model, users=users, seconds=seconds, prefix=prefix,
-                         schema=schema)
+                         schema=schema, processes=processes)
     _, locust_cpu_s = run_locust(cmd)
     s = summary(prefix)
     return {"users": users, "img_s": s["ok_per_s"], "requests": s["requests"], "failures": s["failures"],
@@ -66,8 +69,10 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
 class Served:
     """Configuration ``c`` at ``split`` in its own TorchServe: ``start()``, ``run(...)``, ``stop()``."""
 
-    def __init__(self, c: Config, split: Split, *, store: Path, name: str, work: Path, label: str):
+    def __init__(self, c: Config, split: Split, *, store: Path, name: str, work: Path, label: str,
+                 locust_processes: int | None = None):
         self.c, self.split, self.name, self.work, self.label = c, split, name, work, label
+        self.locust_processes = locust_processes
         self.server = TorchServe(model_store=store, models=f"{name}={name}.mar", env={**os.environ, **c.env_for(split)},
                                  overrides={"async_logging": "true"})
 
@@ -81,7 +86,8 @@ class Served:
     def run(self, payload_dir: Path, users: int, seconds: int, *, tag: str, quiet: bool = False, **fields) -> dict:
         """One locust run at ``users`` on the photos of ``payload_dir``; ``fields`` are recorded with it."""
         cpu0, t0 = cpu_seconds(self.server.pid), time.time()
-        r = load_run(self.server.url, self.name, payload_dir, users, seconds, self.c.kind, self.work / tag)
+        r = load_run(self.server.url, self.name, payload_dir, users, seconds, self.c.kind, self.work / tag,
+                     processes=self.locust_processes)
         r["server_cpu_s"] = cpu_seconds(self.server.pid) - cpu0
         r.update(fields, split=str(self.split), duration_s=seconds, started=round(t0, 3))
         if not quiet:

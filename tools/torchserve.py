@@ -49,6 +49,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launcher() -> list[str]:
+    """TorchServe's ``torchserve`` script beside this Python, else the module it runs (a ``pip install
+    --target`` or ``PYTHONPATH`` install has the package but no script there, e.g. on a GPU machine)."""
+    script = Path(sys.executable).parent / "torchserve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ts.model_server"]
+
+
 def java_env(env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     if not env.get("JAVA_HOME"):
@@ -204,7 +211,7 @@ class TorchServe:
                 raise RuntimeError(f"TorchServe PID {old} already runs in {self.workdir}: stop it first")
             pid_file.unlink()  # else _java_pid would read the stale PID as this server's
         self.key_file.unlink(missing_ok=True)  # a stale one from an earlier run would be read as this run's keys
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+        cmd = [*_launcher(), "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
         logging_config = log_config(self.workdir / "log4j2.xml")
         if logging_config is not None:
