@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def ratios(results: list[dict], set_names: list[str]) -> dict:
+def ratios(results: list[dict]) -> dict:
     """ours/stock per set (each of ours) and 500x375 / 12 MP per configuration, from img/s."""
     rate = {(r["config"], r["set"]): r["img_s"] for r in results}
     out = {}
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"  cpu: server {r['server_cpu_s']:.0f} s, locust {r['locust_cpu_s']:.0f} s", flush=True)
         finally:
             served.stop()
-    summary = ratios(results, args.set_names)
+    summary = ratios(results)
     print("ratios: " + " ".join(f"{k}={v}" for k, v in summary.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "model": args.model,
