@@ -139,8 +139,11 @@ class ImageClassifierHandler(BaseHandler):
                 except ImageError as e:
                     batch.errors[i] = self._image_error(req, k, e)
                     break
+        # an image costs what it is decoded to: reduced JPEGs on the CPU, full size through nvjpeg on a GPU
+        min_side = None if self.jpeg_batch_decoder is not None else self.canvas.min_decode_side
         batch.errors.update(admit({i: v for i, v in infos.items() if i not in batch.errors},
-                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=cfg.max_batch_pixels))
+                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=cfg.max_batch_pixels,
+                                  min_side=min_side))
         headers_read = []
         for i, req in batch.requests.items():
             if i not in batch.errors:

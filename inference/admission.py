@@ -1,6 +1,11 @@
 """Admission control: what one request and one batch may cost in decoded pixels, decided from the
 images' headers before any pixel is decoded.
 
+An image costs the pixels it will be decoded to (``ImageInfo.decoded_pixels``): a JPEG that the CPU
+decodes reduced in the DCT domain (``min_side``: the evaluation transform's) costs its reduced size,
+e.g. 504x378 for a 12 MP phone photo going to a 256 resize; with ``min_side=None`` (the GPU's nvjpeg
+path, which decodes JPEGs at full size) every image costs its full size.
+
 A request whose images add up to more than ``max_request_pixels`` is refused with 413. The batch's
 requests are then admitted in order while their total stays within ``max_batch_pixels``; the rest get
 503 with a reason (retry later), never the whole batch. The first request that fits its own budget
@@ -18,12 +23,13 @@ DEFAULT_MAX_BATCH_PIXELS = 128_000_000    # ~384 MB of RGB at full resolution, b
 
 
 def admit(requests: dict[int, list[ImageInfo]], *, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
-          max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS) -> dict[int, RequestError]:
-    """``{request index: its images' headers}`` -> the errors of the requests that are not admitted."""
+          max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS, min_side: int | None = None) -> dict[int, RequestError]:
+    """``{request index: its images' headers}`` -> the errors of the requests that are not admitted;
+    ``min_side``: the decoder's (see the module docstring)."""
     errors: dict[int, RequestError] = {}
     total, admitted = 0, 0
     for i in sorted(requests):
-        pixels = sum(info.pixels for info in requests[i])
+        pixels = sum(info.decoded_pixels(min_side) for info in requests[i])
         if pixels > max_request_pixels:
             errors[i] = RequestError(f"the request's {len(requests[i])} images decode to {pixels} pixels; the limit "
                                      f"per request is {max_request_pixels}", status=413, error="request too large")

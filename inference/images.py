@@ -31,6 +31,7 @@ DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
+JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for files that start with JPEG_MAGIC
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
 JPEG_SCALES = (8, 4, 2)          # libjpeg-turbo's DCT-domain reductions (1/8, 1/4, 1/2) that Pillow's draft uses
@@ -68,6 +69,13 @@ class ImageInfo:
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+    def decoded_pixels(self, min_side: int | None = None) -> int:
+        """The pixels :func:`decode_rgb` decodes this image to with the same ``min_side``: a JPEG reduced
+        in the DCT domain by :func:`jpeg_scale` (each side rounded up, as libjpeg does), any other image
+        at full size. What admission counts (``inference.admission``)."""
+        scale = jpeg_scale(self.width, self.height, min_side) if self.format in JPEG_FORMATS else 1
+        return -(-self.width // scale) * -(-self.height // scale)
 
 
 def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,

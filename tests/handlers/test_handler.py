@@ -194,6 +194,28 @@ def test_admission_budgets_answer_413_and_503_per_request(model_dir):
     assert json.loads(out[3])["error"] == "busy" and json.loads(out[2])["predictions"]
 
 
+def test_the_batch_budget_counts_jpegs_at_their_reduced_size(model_dir):
+    """Two 400x300 photos against a 10,000-pixel batch budget: as JPEGs each is decoded reduced to 50x38
+    (1/8, for the model's resize to 36) and both are answered; as PNGs (decoded at full size) the second
+    gets 503."""
+    handler = handler_for(model_dir, max_request_pixels=200_000, max_batch_pixels=10_000)
+    assert handler.canvas.min_decode_side <= 37  # 300 // 8
+    photo = pattern_image("circle", size=400, seed=5)[:300]  # 400 wide, 300 high
+    for fmt, statuses in (("JPEG", [200, 200]), ("PNG", [200, 503])):
+        data = encode(photo, fmt)
+        ctx = make_context(model_dir, n=2)
+        out = run(handler, ctx, [{"body": bytearray(data)}, {"body": bytearray(data)}])
+        assert [ctx.get_response_status(i)[0] for i in range(2)] == statuses, (fmt, out)
+    # with a batched JPEG decoder (the GPU's nvjpeg: full size; torchvision's CPU decoder stands in) a JPEG
+    # costs its full size
+    from torchvision.io import ImageReadMode, decode_jpeg
+    handler.jpeg_batch_decoder = lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    ctx = make_context(model_dir, n=2)
+    data = encode(photo, "JPEG")
+    run(handler, ctx, [{"body": bytearray(data)}, {"body": bytearray(data)}])
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
+
+
 def test_a_failure_of_the_transform_fails_only_the_request_it_comes_from(model_dir):
     handler = handler_for(model_dir)
 

@@ -79,3 +79,28 @@ def test_request_budget_413_and_batch_budget_503_in_order():
 def test_the_first_request_that_fits_its_own_budget_is_always_admitted():
     errors = admit({5: [_info(60)], 6: [_info(1)]}, max_request_pixels=64_000_000, max_batch_pixels=50_000_000)
     assert 5 not in errors and errors[6].status == 503
+
+
+@pytest.mark.parametrize("size, min_side, scale", [((1000, 750), 100, 4), ((1001, 749), 90, 8), ((640, 480), 256, 1),
+                                                  ((4032, 3024), 256, 8), ((333, 1001), 160, 2)])
+def test_decoded_pixels_are_what_the_decoder_gives(size, min_side, scale):
+    """Checked against the decoder itself (libjpeg-turbo's scaled IDCT rounds each side up)."""
+    data = _encode(Image.new("RGB", size, (90, 140, 200)), "JPEG", quality=80)
+    info = probe(data)
+    image = decode_rgb(data, min_side=min_side)
+    assert info.decoded_pixels(min_side) == image.shape[1] * image.shape[2]
+    assert image.shape[1:] == (-(-size[1] // scale), -(-size[0] // scale))
+    assert info.decoded_pixels(None) == info.pixels == size[0] * size[1]  # the GPU's nvjpeg: full size
+    png = probe(_encode(Image.new("RGB", size), "PNG"))
+    assert png.decoded_pixels(min_side) == png.pixels  # only JPEGs are decoded reduced
+
+
+def test_phone_photos_cost_their_reduced_size_on_the_cpu_and_full_size_on_the_gpu():
+    """16 requests of one 12 MP JPEG: decoded reduced to 504x378 for a 256 resize, they all fit the 128 MP
+    batch budget; at full size (nvjpeg) the first 10 do (10 x 12.2 MP) and the rest get 503."""
+    phones = {i: [ImageInfo("JPEG", 4032, 3024)] for i in range(16)}
+    assert admit(phones, min_side=256) == {}
+    gpu = admit(phones, min_side=None)
+    assert sorted(gpu) == list(range(10, 16)) and all(e.status == 503 for e in gpu.values())
+    pngs = {i: [ImageInfo("PNG", 4032, 3024)] for i in range(16)}
+    assert sorted(admit(pngs, min_side=256)) == list(range(10, 16))

@@ -87,9 +87,9 @@ def _reset_peak_rss(server) -> None:
 
 
 def test_phone_photos_within_budget_are_decoded_in_bounded_memory(server):
-    """Five 12 MP JPEGs in one request (61 MP, within the 64 MP budget): answered, and the workers' peak
-    memory grows by a small multiple of the canvases (reduced decoding, one image at a time), not by
-    the 5 x 36 MB of full-size RGB."""
+    """Five 12 MP JPEGs in one request (61 MP at full size; admission counts what they are decoded to,
+    about 1 MP reduced): answered, and the workers' peak memory grows by a small multiple of the canvases
+    (reduced decoding, one image at a time), not by the 5 x 36 MB of full-size RGB."""
     from tools.photos import phone_photo
     photos = [phone_photo(Image.fromarray(pattern_image(k, size=200, seed=i)), noise=0, sideways=i % 2 == 1)
               for i, k in enumerate(["circle", "vertical", "horizontal", "circle", "vertical"])]
