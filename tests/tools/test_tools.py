@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -111,14 +112,17 @@ def test_photos_in_memory_and_on_disk_are_the_same_jpegs(tmp_path):
     assert on_disk == {name: hashlib.sha256(data).hexdigest() for name, data in photos}
 
 
-def test_jpeg_files_lists_a_folder_or_writes_the_default_set(tmp_path):
+def test_jpeg_files_lists_a_folder_or_writes_the_default_set(tmp_path, monkeypatch):
     (tmp_path / "b" / "c").mkdir(parents=True)
     for name in ("b/c/z.jpg", "b/a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert jpeg_files(tmp_path) == [str(tmp_path / "b" / "a.jpg"), str(tmp_path / "b" / "c" / "z.jpg")]
     assert jpeg_files(tmp_path / "b" / "c" / "empty-here") == []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the temporary folder lands in tmp_path
+    (tmp_path / "tmp").mkdir()
     written = jpeg_files(None, prefix="test-jpeg-files-")
     assert len(written) == len(photo_jpegs()) and all("test-jpeg-files-" in p and "/jpeg500/" in p for p in written)
+    assert all(p.startswith(str(tmp_path / "tmp")) for p in written)
 
 
 def test_timing_reports_the_median_and_keeps_torch_threads():
