@@ -95,6 +95,19 @@ def test_decoded_pixels_are_what_the_decoder_gives(size, min_side, scale):
     assert png.decoded_pixels(min_side) == png.pixels  # only JPEGs are decoded reduced
 
 
+@pytest.mark.parametrize("mode, options", [("CMYK", {}), ("L", {"progressive": True}), ("RGB", {"progressive": True}),
+                                           ("RGB", {"format": "MPO", "save_all": True})])
+def test_decoded_pixels_hold_for_every_kind_of_jpeg(mode, options):
+    options = dict(options)
+    fmt = options.pop("format", "JPEG")
+    if fmt == "MPO":
+        options["append_images"] = [Image.new(mode, (1000, 750), 90)]
+    data = _encode(Image.new(mode, (1000, 750), 120), fmt, quality=80, **options)
+    info = probe(data)
+    image = decode_rgb(data, min_side=100)
+    assert info.format == fmt and info.decoded_pixels(100) == image.shape[1] * image.shape[2] == 250 * 188
+
+
 def test_phone_photos_cost_their_reduced_size_on_the_cpu_and_full_size_on_the_gpu():
     """16 requests of one 12 MP JPEG: decoded reduced to 504x378 for a 256 resize, they all fit the 128 MP
     batch budget; at full size (nvjpeg) the first 10 do (10 x 12.2 MP) and the rest get 503."""
