@@ -7,7 +7,8 @@ count (gated variants and speed-only ones in separate, labelled columns), the ot
 lower user counts -- and the ``ratios: ...`` line, every ratio from medians of this sitting:
 
 * ``ours/stock``: ours_fp32 / stock (both at their searched best split), first payload set, top users;
-* ``runtime_gap``: in-process ONNX Runtime fp32 / in-process eager fp32, ours_fp32's split;
+* ``runtime_gap``: in-process ONNX Runtime fp32 (ours_fp32's split) / in-process eager fp32 (stock's split:
+  each runtime where its served side runs, as in ``ours/stock``; ours_fp32's when stock is not run);
 * ``best_gated/stock``: the fastest non-TTA ours variant that is gated (``benchmarks.gates``) / stock;
 * ``served/limit``: the worst over the ours configurations of served / in-process limit (same split);
 * ``flip_tta_cost``, ``adaptive_tta_cost``: ours_fp32 / the TTA configuration (same split);

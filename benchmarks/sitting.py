@@ -11,8 +11,8 @@ For one model (random weights, ``tools.models``) and its configurations (``bench
 3. **Repeats and limits.** With every chosen server up (idle ones cost nothing), ``repeats`` rounds at
    the highest user count on the first payload set, each round every configuration in turn (stock,
    ours, ..., stock, ours, ...) and then, in the same round, each ours configuration's in-process
-   limit in its split (``benchmarks.limit``) and eager PyTorch fp32 in ``ours_fp32``'s split
-   (``runtime_gap``): the limit is the median of the rounds, so a slow or fast moment of the machine
+   limit in its split (``benchmarks.limit``) and eager PyTorch fp32 in stock's split (``runtime_gap``;
+   ``ours_fp32``'s where stock is not run; :func:`eager_split`): the limit is the median of the rounds, so a slow or fast moment of the machine
    reaches the served runs and the limits alike (one limit per sitting once read 56.7 img/s and, an
    hour later, 93.4 for the same configuration). Then the same served rounds for the ``set_configs``
    on the other payload sets; then one run per configuration at each lower user count. Medians and
@@ -33,6 +33,17 @@ from benchmarks.limit import LimitJob, adaptive_threshold, in_process_limit
 from benchmarks.served import Served, build_archive_for
 from benchmarks.tta_cost import breakdown
 from tools.models import arch_of, export_random_model
+
+
+def eager_split(results: dict) -> tuple[Split, str] | None:
+    """Where eager fp32's in-process limit runs: in stock's chosen split (stock is eager fp32 served), so that
+    ``runtime_gap`` compares each runtime in the split its served side runs in, as ``ours/stock`` does; in
+    ``ours_fp32``'s where stock has no split. ``(split, whose)``, or None without ours_fp32."""
+    fp32, stock = results.get("ours_fp32"), results.get("stock")
+    if not (fp32 and fp32.get("split")):
+        return None
+    whose = "stock" if stock and stock.get("split") else "ours_fp32"
+    return Split(**results[whose]["split"]), whose
 
 
 @dataclass
@@ -201,7 +212,7 @@ class ModelSitting:
                         seconds=self.plan.limit_seconds, **kw)
 
     def limit_round(self, extra: dict, round_: int) -> None:
-        """One in-process limit of every ours configuration in its split, and of eager fp32 in ``ours_fp32``'s,
+        """One in-process limit of every ours configuration in its split, and of eager fp32 (:func:`eager_split`),
         appended to their lists (``limits``, ``extra["eager_limits"]``); ``limit_img_s`` / ``eager_limit`` are
         the medians so far. A failed limit is recorded (``limit_errors``); the served runs still count."""
         for c in self.configs:
@@ -222,14 +233,14 @@ class ModelSitting:
             print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit #{round_ + 1} {lim['img_s']:.1f} img/s "
                   f"({split.workers} process(es) x {split.threads} thread(s): "
                   + " + ".join(f"{x:.1f}" for x in lim["per_process"]) + ")", flush=True)
-        fp32 = self.results.get("ours_fp32")
-        if fp32 and fp32["split"]:
-            split = Split(**fp32["split"])
+        where = eager_split(self.results)
+        if where is not None:
+            split, whose = where
             eager = in_process_limit(self.job(CONFIGS["ours_fp32"], eager=str(self.prep.ckpt)), split)
             runs = extra.setdefault("eager_limits", [])
             runs.append(eager)
             extra["eager_limit"] = {**eager, "img_s": statistics.median(x["img_s"] for x in runs),
-                                    "runs": [x["img_s"] for x in runs]}
+                                    "runs": [x["img_s"] for x in runs], "split": str(split), "split_of": whose}
             print(f"{self.model:<12.12} {'eager fp32':<19} {split!s:<4} in-process limit #{round_ + 1} "
                   f"{eager['img_s']:.1f} img/s", flush=True)
 

@@ -59,6 +59,7 @@ def test_bench_smoke_runs_end_to_end():
         assert r["gate"]["status"] == "parity" and r["gate"]["counts"]
     eager = data["models"]["smoke"]["eager_limit"]
     assert eager["runtime"] == "eager fp32" and eager["processes"] == fp32["split"]["workers"] and eager["img_s"] > 0
+    assert eager["split_of"] == "ours_fp32" and eager["split"] == split  # no stock in the smoke
     assert len(eager["runs"]) == 3 and eager["img_s"] == pytest.approx(statistics.median(eager["runs"]))
     # interleaved repeats at 16 users: fp32 #1, flip #1, fp32 #2, ...; medians and min-max of them
     top = sorted((x for r in (fp32, flip) for x in r["runs"] if x["set"] == "jpeg500" and x["users"] == 16),

@@ -9,7 +9,7 @@ from benchmarks import bench
 from benchmarks.configs import CONFIGS, Split, parse_grid, search_grid
 from benchmarks.gates import GateFileError, load_gates, verdict
 from benchmarks.report import RATIO_KEYS, ratios, ratios_line
-from benchmarks.sitting import medians
+from benchmarks.sitting import eager_split, medians
 
 
 def test_search_grid_is_every_split_of_all_or_half_the_cores():
@@ -109,6 +109,14 @@ def test_medians_and_ratios_are_like_for_like():
     assert line.startswith("ratios: isa=AVX2 ours/stock=2.00 runtime_gap=1.25 best_gated/stock=2.73 served/limit=0.88 "
                            "flip_tta_cost=2.00 adaptive_tta_cost=nan small/12mp=4.40 ours/stock_12mp=2.50 ")
     assert [w.split("=")[0] for w in line.split()[2:2 + len(RATIO_KEYS)]] == list(RATIO_KEYS)
+
+
+def test_eager_fp32_limit_runs_in_stocks_split_else_in_ours_fp32s():
+    two_by_one, one_by_two = {"workers": 2, "threads": 1}, {"workers": 1, "threads": 2}
+    assert eager_split({"stock": {"split": two_by_one}, "ours_fp32": {"split": one_by_two}}) == (Split(2, 1), "stock")
+    assert eager_split({"ours_fp32": {"split": one_by_two}}) == (Split(1, 2), "ours_fp32")
+    assert eager_split({"stock": {"split": None}, "ours_fp32": {"split": one_by_two}}) == (Split(1, 2), "ours_fp32")
+    assert eager_split({"stock": {"split": two_by_one}}) is None  # no ONNX Runtime side: no runtime_gap
 
 
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
