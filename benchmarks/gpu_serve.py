@@ -101,7 +101,8 @@ class GpuSampler:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default=DEFAULTS["configs"], help=f"comma-separated, of: {', '.join(CONFIG_NAMES)}")
     p.add_argument("--sets", default=DEFAULTS["sets"], help=f"payload sets (tools.photos), of: {', '.join(SETS)}")
     p.add_argument("--split", default=DEFAULTS["split"], help="WORKERSxTHREADS of every configuration")
