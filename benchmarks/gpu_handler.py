@@ -83,16 +83,14 @@ def main() -> int:
 def decode_paths(payloads: list[bytes], batch: int) -> tuple[float, float]:
     """ms per image of the GPU path (nvjpeg, batch of ``batch``, full size, resize/crop on the GPU) and of the CPU
     path (DCT-reduced decode, resize/crop, one thread), to the 256/224 canvas."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from inference.images import decode_many
+    from inference.images import batch_jpeg_decoder, decode_many
     from inference.transforms import EvalPreset
     preset = EvalPreset(crop_size=224, resize_size=256)
     datas = [payloads[i % len(payloads)] for i in range(batch)]
 
     def gpu():
-        out = decode_many(datas, device=torch.device("cuda"), transform=preset, jpeg_batch_decoder=lambda d: decode_jpeg(
-            d, mode=ImageReadMode.RGB, device="cuda", apply_exif_orientation=True))
+        out = decode_many(datas, device=torch.device("cuda"), transform=preset,
+                          jpeg_batch_decoder=batch_jpeg_decoder("cuda"))
         torch.cuda.synchronize()
         return out
 

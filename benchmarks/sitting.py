@@ -12,8 +12,8 @@ For one model (random weights, ``tools.models``) and its configurations (``bench
    the highest user count on the first payload set, each round every configuration in turn (stock,
    ours, ..., stock, ours, ...) and then, in the same round, each ours configuration's in-process
    limit in its split (``benchmarks.limit``) and eager PyTorch fp32 in stock's split (``runtime_gap``;
-   ``ours_fp32``'s where stock is not run; :func:`eager_split`): the limit is the median of the rounds, so a slow or fast moment of the machine
-   reaches the served runs and the limits alike (one limit per sitting once read 56.7 img/s and, an
+   ``ours_fp32``'s where stock is not run; :func:`eager_split`): the limit is the median of the rounds,
+   so a slow or fast moment of the machine reaches the served runs and the limits alike (one limit per sitting once read 56.7 img/s and, an
    hour later, 93.4 for the same configuration). Then the same served rounds for the ``set_configs``
    on the other payload sets; then one run per configuration at each lower user count. Medians and
    min-max per (set, users).

@@ -35,7 +35,7 @@ from inference.backends import load_backend, openvino_precision
 from inference.batch import Batch
 from inference.class_index import INDEX_FILE, read_index_to_name
 from inference.explain import explain_request
-from inference.images import ImageError, decode_many, probe
+from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError, parse_topk
 from inference.responses import topk_predictions
@@ -84,9 +84,7 @@ class ImageClassifierHandler(BaseHandler):
             self.worker_threads.rebuild = lambda threads: setattr(self, "backend", load(threads))
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
-            from torchvision.io import ImageReadMode, decode_jpeg
-            self.jpeg_batch_decoder = lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device,
-                                                                apply_exif_orientation=True)
+            self.jpeg_batch_decoder = batch_jpeg_decoder(self.device)
         self.model_name = context.manifest["model"].get("modelName", "")
         self.model_version = context.manifest["model"].get("modelVersion", "")
         batch = int(yaml_cfg.get("batchSize", 1) or 1)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
@@ -152,6 +152,12 @@ def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
     return next((s for s in JPEG_SCALES if short // s >= min_side), 1)
 
 
+def batch_jpeg_decoder(device: torch.device | str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """torchvision's ``decode_jpeg`` over a list of JPEG byte tensors in ONE call, RGB with EXIF orientation,
+    straight into ``device``'s memory (nvjpeg on a GPU): :func:`decode_many`'s ``jpeg_batch_decoder``."""
+    return lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
 def _decode_jpeg_reduced(data: bytes | bytearray, scale: int) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
@@ -220,7 +226,7 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
     ``min_side`` is passed to :func:`decode_rgb` (reduced JPEG decoding on the CPU).
 
     ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call at
-    full size, e.g. ``lambda datas: torchvision.io.decode_jpeg(datas, device="cuda", ...)`` for nvjpeg
+    full size, e.g. ``batch_jpeg_decoder("cuda")`` for nvjpeg
     on the GPU; other formats, and every JPEG again if the batched call fails, go through
     :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``. ``infos``: the images'
     :func:`probe` results, when the caller has read the headers already (admission control).

@@ -208,8 +208,8 @@ def test_the_batch_budget_counts_jpegs_at_their_reduced_size(model_dir):
         assert [ctx.get_response_status(i)[0] for i in range(2)] == statuses, (fmt, out)
     # with a batched JPEG decoder (the GPU's nvjpeg: full size; torchvision's CPU decoder stands in) a JPEG
     # costs its full size
-    from torchvision.io import ImageReadMode, decode_jpeg
-    handler.jpeg_batch_decoder = lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    from inference.images import batch_jpeg_decoder
+    handler.jpeg_batch_decoder = batch_jpeg_decoder("cpu")
     ctx = make_context(model_dir, n=2)
     data = encode(photo, "JPEG")
     run(handler, ctx, [{"body": bytearray(data)}, {"body": bytearray(data)}])

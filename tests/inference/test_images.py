@@ -79,15 +79,13 @@ def test_decode_many_batched_jpeg_path_equals_one_by_one():
     or oversized JPEG only fails itself."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from inference.images import decode_many
+    from inference.images import batch_jpeg_decoder, decode_many
 
     calls = []
 
     def batch_decoder(datas):
         calls.append(len(datas))
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return batch_jpeg_decoder("cpu")(datas)
 
     good = [encode(pattern_image(k, size=40, seed=i), "JPEG", quality=90) for i, k in enumerate(["circle", "vertical"])]
     png = encode(pattern_image("horizontal", size=30))

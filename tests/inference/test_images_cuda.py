@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from inference.images import ImageError, decode_many, decode_rgb
+from inference.images import ImageError, batch_jpeg_decoder, decode_many, decode_rgb
 from tests.conftest import encode, pattern_image
 from tests.handlers.test_fuzz import SEEDS, mutated_images
 
@@ -12,8 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def gpu_decoder(datas):
-    from torchvision.io import ImageReadMode, decode_jpeg
-    return decode_jpeg(datas, mode=ImageReadMode.RGB, device="cuda", apply_exif_orientation=True)
+    return batch_jpeg_decoder("cuda")(datas)
 
 
 def test_nvjpeg_batch_matches_cpu_and_isolates_a_bad_jpeg():
