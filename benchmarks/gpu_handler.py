@@ -121,9 +121,15 @@ def run_set(model_dir: str, set_name: str, payloads: list[bytes], args) -> None:
                 last["timings"], last["out"] = batch.timings, out
 
             t_pipe = seconds_per_call(pipeline)
-            body = json.loads(last["out"][0])
-            assert len(body["predictions"]) == 5, body
-            views = tta_views(handler.preprocess(rows).canvas, tta, crop_size=224)
+            refused = [(i, ctx.get_response_status(i)) for i in range(b) if ctx.get_response_status(i)[0] != 200]
+            if refused:  # every image counted must have been answered, not refused by a budget
+                i, status = refused[0]
+                raise SystemExit(f"{set_name} batch {b}: {len(refused)} of {b} requests not answered with 200, "
+                                 f"e.g. request {i}: {status} {last['out'][i][:200]}")
+            assert all(len(json.loads(out)["predictions"]) == 5 for out in last["out"])
+            canvas = handler.preprocess(rows).canvas
+            assert len(canvas) == b, (len(canvas), b)
+            views = tta_views(canvas, tta, crop_size=224)
             t_fwd = seconds_per_call(lambda: handler.forward(views))
             tm = last["timings"]
             print(f"{set_name:<10} {tta:<6} {b:>5} {b / t_pipe:>15,.0f} {b / t_fwd:>19,.0f} {t_fwd / t_pipe:>6.2f} "

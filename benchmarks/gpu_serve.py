@@ -12,8 +12,9 @@ model of ``make bench``) to locust's closed-loop users. ``stock`` is TorchServe'
 the GPU); ``ours_*`` is this project's handler with the exported TorchScript graph (fp32 or fp16,
 uint8 in, normalization inside): every complete JPEG of a batch decoded by nvjpeg in ONE call at full
 size, resized and cropped on the GPU, TTA views in one forward. Every configuration serves the same
-workers x threads split and batch; ours admits a full batch of phone photos (``max_batch_pixels`` =
-batch x 12.2 MP: on a GPU JPEGs are decoded at full size, and the 128 MP default admits 10).
+workers x threads split and batch; ours runs with the handler's default budgets, which on a GPU admit a
+full batch of phone photos (``inference.admission.batch_pixel_budget``: batch x 24 MP where nvjpeg decodes
+JPEGs at full size).
 
 Printed: img/s (answered without failure), p50/p99, failures, the GPU's mean utilization while the
 run lasted (NVML, where ``pynvml`` is installed), locust's CPU seconds (a locust process near one CPU
@@ -42,7 +43,7 @@ from benchmarks.served import Served, build_archive_for
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools.models import MODELS, export_random_model
-from tools.photos import PHONE_SIZE, SETS, write_photos
+from tools.photos import SETS, write_photos
 
 VARIANTS = {"ours_fp32": ("torchscript", "none"), "ours_fp16": ("torchscript-fp16", "none"),
             "ours_fp16_flip": ("torchscript-fp16", "flip"), "ours_onnx": ("onnx", "none")}
@@ -51,16 +52,15 @@ DEFAULTS = dict(configs="stock,ours_fp32,ours_fp16,ours_fp16_flip", sets="jpeg50
                 users=64, seconds=15, locust_processes=4, model="resnet50")
 
 
-def configs(names: list[str], *, batch: int) -> list[Config]:
-    """The configurations named; ours admits ``batch`` phone photos per batch."""
-    budget = {"max_batch_pixels": batch * PHONE_SIZE[0] * PHONE_SIZE[1]}
+def configs(names: list[str]) -> list[Config]:
+    """The configurations named, with the handler's default settings (the budgets included)."""
     out = []
     for name in names:
         if name == "stock":
             out.append(Config("stock", "stock", variant="eager"))
         else:
             variant, tta = VARIANTS[name]
-            out.append(Config(name, "ours", variant, tta=tta, handler=budget))
+            out.append(Config(name, "ours", variant, tta=tta))
     return out
 
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; torch {torch.__version__}; {args.model}; split {split}, batch {args.batch}, "
           f"{args.users} users, {args.seconds} s a run; work {work}", flush=True)
     payloads = write_photos(work / "payloads", tuple(args.set_names), limit=args.photos).parent
-    chosen = configs(args.config_names, batch=args.batch)
+    chosen = configs(args.config_names)
     variants = sorted({c.variant for c in chosen if c.kind == "ours"})
     t0 = time.time()
     prep = export_random_model(args.model, work, variants=variants or ["torchscript"])  # stock: the state dict

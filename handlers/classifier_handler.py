@@ -30,7 +30,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from inference import protocols
-from inference.admission import admit
+from inference.admission import admit, batch_pixel_budget
 from inference.backends import load_backend, openvino_precision
 from inference.batch import Batch
 from inference.class_index import INDEX_FILE, read_index_to_name
@@ -87,16 +87,24 @@ class ImageClassifierHandler(BaseHandler):
             self.jpeg_batch_decoder = batch_jpeg_decoder(self.device)
         self.model_name = context.manifest["model"].get("modelName", "")
         self.model_version = context.manifest["model"].get("modelVersion", "")
-        batch = int(yaml_cfg.get("batchSize", 1) or 1)
+        self.batch_size = batch = int(yaml_cfg.get("batchSize", 1) or 1)
         warm = torch.zeros((batch * self.views, 3, self.crop_size, self.crop_size), dtype=torch.uint8,
                            device=self.device)
         start = time.perf_counter()
         self.forward(warm)
-        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, warm-up %.0f ms", self.model_name,
-                 self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)), self.device,
-                 self.worker_threads.threads, self.tta, " (adaptive)" if self.adaptive else "", self.default_topk,
+        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d decoded pixels, warm-up "
+                 "%.0f ms", self.model_name, self.model_version, self.backend.name,
+                 ", ".join(map(str, self.backend.providers)), self.device, self.worker_threads.threads, self.tta,
+                 " (adaptive)" if self.adaptive else "", self.default_topk, self.max_batch_pixels,
                  (time.perf_counter() - start) * 1000)
         self.initialized = True
+
+    @property
+    def max_batch_pixels(self) -> int:
+        """The batch budget in decoded pixels: the configured one, else the decoder's default
+        (``inference.admission.batch_pixel_budget``: larger where nvjpeg decodes full size)."""
+        return batch_pixel_budget(self.settings.max_batch_pixels, batch_size=self.batch_size,
+                                  full_size=self.jpeg_batch_decoder is not None)
 
     def forward(self, images: torch.Tensor):
         """The backend over ``images``, chunked by ``max_forward_batch``."""
@@ -140,7 +148,7 @@ class ImageClassifierHandler(BaseHandler):
         # an image costs what it is decoded to: reduced JPEGs on the CPU, full size through nvjpeg on a GPU
         min_side = None if self.jpeg_batch_decoder is not None else self.canvas.min_decode_side
         batch.errors.update(admit({i: v for i, v in infos.items() if i not in batch.errors},
-                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=cfg.max_batch_pixels,
+                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=self.max_batch_pixels,
                                   min_side=min_side))
         headers_read = []
         for i, req in batch.requests.items():

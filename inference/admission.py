@@ -12,6 +12,10 @@ requests are then admitted in order while their total stays within ``max_batch_p
 is always admitted, so a batch always makes progress. Together with the per-image bounds of
 ``inference.images.probe`` this caps what a worker holds decoded at once, whatever the bodies' sizes
 (a PNG of a few KB can decode to hundreds of MB).
+
+The batch budget, unless configured, follows the decoder (:func:`batch_pixel_budget`): 128 MP where JPEGs
+are decoded reduced (the CPU: over 600 phone photos), ``batch_size`` x 24 MP where nvjpeg holds every JPEG
+of the batch at full size (a GPU), so that a full batch of 12-20 MP phone photos is admitted there too.
 """
 from __future__ import annotations
 
@@ -20,6 +24,17 @@ from inference.requests import RequestError
 
 DEFAULT_MAX_REQUEST_PIXELS = 64_000_000   # e.g. five 12 MP photos in one request
 DEFAULT_MAX_BATCH_PIXELS = 128_000_000    # ~384 MB of RGB at full resolution, before the resize
+FULL_SIZE_PIXELS_PER_SLOT = 24_000_000    # a batch slot's share when JPEGs decode at full size (GPU): 72 MB
+
+
+def batch_pixel_budget(configured: int | None, *, batch_size: int, full_size: bool) -> int:
+    """The ``max_batch_pixels`` a worker uses: ``configured`` when set; else :data:`DEFAULT_MAX_BATCH_PIXELS`,
+    or, where JPEGs are decoded at full size (``full_size``: nvjpeg on a GPU), ``batch_size`` x
+    :data:`FULL_SIZE_PIXELS_PER_SLOT` when that is more (e.g. 384 MP, 1.2 GB of GPU memory, for a batch of 16)."""
+    if configured is not None:
+        return configured
+    return max(DEFAULT_MAX_BATCH_PIXELS, batch_size * FULL_SIZE_PIXELS_PER_SLOT) if full_size \
+        else DEFAULT_MAX_BATCH_PIXELS
 
 
 def admit(requests: dict[int, list[ImageInfo]], *, max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,

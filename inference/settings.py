@@ -14,7 +14,7 @@ import argparse
 import typing
 from dataclasses import dataclass, field, fields
 
-from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, FULL_SIZE_PIXELS_PER_SLOT
 from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
 from inference.cli import UsageError
 from inference.explain import DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
@@ -147,8 +147,10 @@ class HandlerSettings(_Settings):
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "pixels of one image (from its header); larger: 413", minimum=1)
     max_request_pixels: int = _opt(DEFAULT_MAX_REQUEST_PIXELS, "decoded pixels of all images of one request; "
                                    "more: 413", minimum=1)
-    max_batch_pixels: int = _opt(DEFAULT_MAX_BATCH_PIXELS, "decoded pixels a worker admits per batch; the "
-                                 "requests beyond it get 503 (retry)", minimum=1)
+    max_batch_pixels: int | None = _opt(None, "decoded pixels a worker admits per batch; the requests beyond it "
+                                        f"get 503 (retry). Unset: {DEFAULT_MAX_BATCH_PIXELS} on the CPU; on a GPU "
+                                        f"(nvjpeg decodes JPEGs at full size) batchSize x {FULL_SIZE_PIXELS_PER_SLOT}"
+                                        " if more", minimum=1)
     max_aspect_ratio: float = _opt(DEFAULT_MAX_ASPECT_RATIO, "long side / short side of one image; beyond: 413",
                                    minimum=1.0)
     max_frames: int = _opt(DEFAULT_MAX_FRAMES, "frames of an animated image (only the first is used); more: 413",
@@ -196,6 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if not f.metadata["cli"]:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        if type(None) in typing.get_args(hint):  # int | None: an int on the command line, unset by default
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         kwargs = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

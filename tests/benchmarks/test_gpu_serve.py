@@ -21,11 +21,14 @@ def test_mistakes_print_one_line(capsys, args, message):
     assert message in err and "\n" not in err
 
 
-def test_ours_admits_a_full_batch_of_phone_photos():
-    (stock, ours) = gpu_serve.configs(["stock", "ours_fp16_flip"], batch=16)
+def test_ours_admits_a_full_batch_of_phone_photos_with_the_default_budget():
+    from inference.admission import batch_pixel_budget
+    from tools.photos import PHONE_SIZE
+    (stock, ours) = gpu_serve.configs(["stock", "ours_fp16_flip"])
     assert stock.kind == "stock" and not stock.handler
-    assert ours.variant == "torchscript-fp16" and ours.tta == "flip"
-    assert ours.handler["max_batch_pixels"] == 16 * 4032 * 3024
+    assert ours.variant == "torchscript-fp16" and ours.tta == "flip" and "max_batch_pixels" not in ours.handler
+    batch = gpu_serve.DEFAULTS["batch"]
+    assert batch_pixel_budget(None, batch_size=batch, full_size=True) >= batch * PHONE_SIZE[0] * PHONE_SIZE[1]
 
 
 def test_ratios_are_ours_over_stock_per_set_and_small_over_12mp_per_config():

@@ -216,6 +216,20 @@ def test_the_batch_budget_counts_jpegs_at_their_reduced_size(model_dir):
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
 
 
+def test_the_default_batch_budget_grows_with_the_batch_where_jpegs_decode_full_size(model_dir):
+    """Unset, max_batch_pixels is 128 MP on the CPU and batchSize x 24 MP on a GPU (nvjpeg's batched
+    decoder; torchvision's CPU decoder stands in), where it is more; a configured budget is kept as it is."""
+    from inference.images import batch_jpeg_decoder
+    ctx = make_context(model_dir)
+    ctx.model_yaml_config["batchSize"] = 16
+    handler = ImageClassifierHandler()
+    handler.initialize(ctx)
+    assert handler.settings.max_batch_pixels is None and handler.max_batch_pixels == 128_000_000
+    handler.jpeg_batch_decoder = batch_jpeg_decoder("cpu")
+    assert handler.max_batch_pixels == 16 * 24_000_000
+    assert handler_for(model_dir, max_batch_pixels=10_000).max_batch_pixels == 10_000
+
+
 def test_a_failure_of_the_transform_fails_only_the_request_it_comes_from(model_dir):
     handler = handler_for(model_dir)
 

@@ -4,7 +4,7 @@ import io
 import pytest
 from PIL import Image
 
-from inference.admission import admit
+from inference.admission import DEFAULT_MAX_BATCH_PIXELS, admit, batch_pixel_budget
 from inference.images import (
     FORMATS,
     ImageError,
@@ -117,3 +117,20 @@ def test_phone_photos_cost_their_reduced_size_on_the_cpu_and_full_size_on_the_gp
     assert sorted(gpu) == list(range(10, 16)) and all(e.status == 503 for e in gpu.values())
     pngs = {i: [ImageInfo("PNG", 4032, 3024)] for i in range(16)}
     assert sorted(admit(pngs, min_side=256)) == list(range(10, 16))
+
+
+def test_the_batch_budget_follows_the_decoder_unless_configured():
+    """Reduced JPEG decoding (CPU): 128 MP; full-size nvjpeg (GPU): 24 MP a batch slot when that is more, so a
+    full batch of 12 MP phone photos (4032x3024 = 12.2 MP) is admitted; a configured budget always wins."""
+    phone = [ImageInfo("JPEG", 4032, 3024)]
+    for batch in (1, 4, 8, 16, 64):
+        cpu = batch_pixel_budget(None, batch_size=batch, full_size=False)
+        gpu = batch_pixel_budget(None, batch_size=batch, full_size=True)
+        assert cpu == DEFAULT_MAX_BATCH_PIXELS and gpu == max(DEFAULT_MAX_BATCH_PIXELS, batch * 24_000_000)
+        full_batch = {i: phone for i in range(batch)}
+        assert admit(full_batch, max_batch_pixels=gpu) == {}  # nvjpeg: every photo at full size, all admitted
+        assert admit(full_batch, max_batch_pixels=cpu, min_side=256) == {}  # reduced to 504x378 on the CPU
+        assert batch_pixel_budget(5_000_000, batch_size=batch, full_size=True) == 5_000_000
+    # the old fixed 128 MP on a GPU: ten phone photos of a batch of 16, the other six 503
+    refused = admit({i: phone for i in range(16)}, max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS)
+    assert sorted(refused) == list(range(10, 16)) and all(e.status == 503 for e in refused.values())

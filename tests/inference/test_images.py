@@ -209,3 +209,46 @@ def test_reduced_decoding_agrees_with_full_decoding_on_12mp_photos():
     print(f"\n{len(full)} photos at 12 MP: top-1 agreement {agreement:.1%}, max probability difference {max_diff:.3f}, "
           f"mean pixel difference {pixel_diff:.2f}/255 (reduced 1/8 vs full decode)")
     assert agreement >= 0.95 and max_diff < 0.1 and pixel_diff < 1.5
+
+
+def test_batched_decode_resizes_images_of_one_shape_together(monkeypatch):
+    """After a batched decode (nvjpeg on a GPU; the same call on the CPU here) the images of one shape are
+    resized in groups of at most GROUP_PIXELS: the same canvases as image by image; when a group's call
+    fails its images go image by image, and only an image that fails on its own fails."""
+    from inference import images
+    from inference.images import PreprocessError, batch_jpeg_decoder, decode_many
+    from inference.transforms import EvalPreset
+
+    rng = np.random.default_rng(0)
+    shapes = [(48, 64), (48, 64), (64, 48), (48, 64), (48, 64), (96, 96)]  # (height, width)
+    datas = [encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "JPEG", quality=90) for h, w in shapes]
+    preset = EvalPreset(crop_size=24, resize_size=28)
+    expected = [preset(decode_rgb(d)) for d in datas]
+
+    class Counting(EvalPreset):
+        def __init__(self, *, fail_groups=False, fail_width=None, **kw):
+            super().__init__(**kw)
+            self.groups, self.fail_groups, self.fail_width = [], fail_groups, fail_width
+
+        def batch(self, images):
+            self.groups.append(len(images))
+            if self.fail_groups:
+                raise RuntimeError("simulated out of memory for the group")
+            return super().batch(images)
+
+        def __call__(self, image):
+            if image.shape[-1] == self.fail_width:
+                raise RuntimeError("simulated failure of this image")
+            return super().__call__(image)
+
+    monkeypatch.setattr(images, "GROUP_PIXELS", 3 * 64 * 48)  # three 64x48 images per call
+    counting = Counting(crop_size=24, resize_size=28)
+    out = decode_many(datas, jpeg_batch_decoder=batch_jpeg_decoder("cpu"), transform=counting)
+    assert counting.groups == [3]  # four 64x48: a group of 3, then 1 alone; 48x64 and 96x96 alone
+    assert all(torch.equal(got, want) for got, want in zip(out, expected))
+
+    failing = Counting(fail_groups=True, fail_width=96, crop_size=24, resize_size=28)
+    out = decode_many(datas, jpeg_batch_decoder=batch_jpeg_decoder("cpu"), transform=failing)
+    assert failing.groups == [3]
+    assert all(torch.equal(got, want) for got, want in zip(out[:5], expected[:5]))
+    assert isinstance(out[5], PreprocessError) and "simulated failure of this image" in str(out[5])

@@ -70,3 +70,8 @@ def test_cli_options_come_from_the_fields():
     assert from_args(p.parse_args([]), HandlerSettings, input_size=28) == HandlerSettings(input_size=28)
     with pytest.raises(SystemExit):
         p.parse_args(["--tta", "rotate"])
+    # an int that may be left unset (its default then depends on the device): unset is None, set is an int
+    assert from_args(p.parse_args([]), HandlerSettings, input_size=28).max_batch_pixels is None
+    assert from_args(p.parse_args(["--max-batch-pixels", "400000000"]), HandlerSettings,
+                     input_size=28).max_batch_pixels == 400_000_000
+    assert "max_batch_pixels" not in HandlerSettings(input_size=28).to_config()  # unset: left to the worker
