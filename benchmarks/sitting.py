@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.configs import CONFIGS, Config, Split
+from benchmarks.configs import BATCH, CONFIGS, Config, Split
 from benchmarks.gates import verdict
 from benchmarks.limit import LimitJob, adaptive_threshold, in_process_limit
 from benchmarks.served import Served, build_archive_for
@@ -60,6 +60,7 @@ class Plan:
     limit_seconds: float = 8.0
     tta_seconds: float = 1.0     # per item and round of the TTA breakdown (3 rounds)
     set_configs: tuple[str, ...] = ("stock", "ours_fp32")
+    batch: int = BATCH          # TorchServe batchSize of every configuration, and the in-process limit's batch
 
 
 def key(set_name: str, users: int) -> str:
@@ -137,7 +138,7 @@ class ModelSitting:
         return out
 
     def start(self, c: Config, split: Split) -> Served:
-        name = build_archive_for(c, split, self.prep, self.store, self.threshold)
+        name = build_archive_for(c, split, self.prep, self.store, self.threshold, batch=self.plan.batch)
         served = Served(c, split, store=self.store, name=name, work=self.work, label=self.model).start()
         try:
             if self.plan.warmup:
@@ -209,7 +210,7 @@ class ModelSitting:
                         precision=self.results[c.name].get("runtime_precision") or "f32", tta=c.tta,
                         adaptive=c.adaptive, threshold=self.threshold,
                         max_forward_batch=c.handler.get("max_forward_batch", HandlerSettings.max_forward_batch),
-                        seconds=self.plan.limit_seconds, **kw)
+                        seconds=self.plan.limit_seconds, **{"batch": self.plan.batch, **kw})
 
     def limit_round(self, extra: dict, round_: int) -> None:
         """One in-process limit of every ours configuration in its split, and of eager fp32 (:func:`eager_split`),
@@ -255,7 +256,7 @@ class ModelSitting:
                 extra["tta_breakdown"] = breakdown(
                     str(self.prep.export_dir / info["files"][0]), payloads=self.job(flip).payloads,
                     crop_size=self.prep.spec.input_size, resize_size=self.prep.spec.resize_size,
-                    threads=split.threads, min_run_time=self.plan.tta_seconds)
+                    threads=split.threads, batch=self.plan.batch, min_run_time=self.plan.tta_seconds)
             finally:
                 torch.set_num_threads(threads)
             b = extra["tta_breakdown"]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.configs import search_grid
+from benchmarks.configs import BATCH, search_grid
 from benchmarks.report import RATIO_KEYS
 from tests.conftest import REPO
 
@@ -53,6 +53,7 @@ def test_bench_smoke_runs_end_to_end():
             assert (lim["processes"], lim["threads"], lim["decode_pool"]) == (
                 r["split"]["workers"], r["split"]["threads"], r["split"]["threads"])
             assert len(lim["per_process"]) == lim["processes"] and lim["img_s"] == pytest.approx(sum(lim["per_process"]))
+            assert lim["batch"] == data["plan"]["batch"] == BATCH  # the served batch size (--batch)
             assert rounds[i] < lim["started"] < rounds[i + 1]
         assert r["limit_img_s"] > 0
         assert r["limit_img_s"] == pytest.approx(statistics.median(x["img_s"] for x in r["limits"]))
