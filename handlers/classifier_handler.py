@@ -92,17 +92,15 @@ class ImageClassifierHandler(BaseHandler):
                            device=self.device)
         start = time.perf_counter()
         self.forward(warm)
-        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d decoded pixels, warm-up "
-                 "%.0f ms", self.model_name, self.model_version, self.backend.name,
-                 ", ".join(map(str, self.backend.providers)), self.device, self.worker_threads.threads, self.tta,
-                 " (adaptive)" if self.adaptive else "", self.default_topk, self.max_batch_pixels,
-                 (time.perf_counter() - start) * 1000)
+        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d px, warm-up %.0f ms",
+                 self.model_name, self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)),
+                 self.device, self.worker_threads.threads, self.tta, " (adaptive)" if self.adaptive else "",
+                 self.default_topk, self.max_batch_pixels, (time.perf_counter() - start) * 1000)
         self.initialized = True
 
     @property
     def max_batch_pixels(self) -> int:
-        """The batch budget in decoded pixels: the configured one, else the decoder's default
-        (``inference.admission.batch_pixel_budget``: larger where nvjpeg decodes full size)."""
+        """Decoded pixels per batch: as configured, else the decoder's (``inference.admission.batch_pixel_budget``)."""
         return batch_pixel_budget(self.settings.max_batch_pixels, batch_size=self.batch_size,
                                   full_size=self.jpeg_batch_decoder is not None)
 
@@ -156,8 +154,7 @@ class ImageClassifierHandler(BaseHandler):
                 payloads += req.images
                 owners += [i] * len(req.images)
                 headers_read += infos[i]
-        # decode -> canvas one image at a time per pool thread (full-size pixels released at once); JPEGs are
-        # decoded reduced in the DCT domain down to the canvas' resize size (nvjpeg on a GPU: full size)
+        # decode -> canvas image by image per pool thread, JPEGs DCT-reduced (GPU: nvjpeg, then same-shape groups)
         decoded = decode_many(payloads, **limits, device=self.device, pool=self.worker_threads.pool,
                               jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read, transform=self.canvas,
                               min_side=self.canvas.min_decode_side)
@@ -246,9 +243,8 @@ class ImageClassifierHandler(BaseHandler):
             status = getattr(err, "status", 400)
             kind = getattr(err, "error", None) or {413: "image too large", 415: "unsupported image format"}.get(
                 status, "bad image")
-            out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err),
-                                            status=status, model_name=self.model_name,
-                                            model_version=self.model_version)
+            out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err), status=status,
+                                            model_name=self.model_name, model_version=self.model_version)
             if self.context is not None:
                 self.context.set_response_status(status, kind, idx=i)
         if self.context is not None:

@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from inference.transforms import transform_by_shape
+
 # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
@@ -35,9 +37,6 @@ JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for files that start with JPEG_
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
 JPEG_SCALES = (8, 4, 2)          # libjpeg-turbo's DCT-domain reductions (1/8, 1/4, 1/2) that Pillow's draft uses
-# The most decoded pixels that decode_many resizes in one call after a batched (nvjpeg) decode: the resize
-# works on a float32 copy, so 48 MP is ~0.6 GB of device memory at once (256 images of 500x375, 3 of 12 MP).
-GROUP_PIXELS = 48_000_000
 
 
 class ImageError(ValueError):
@@ -214,32 +213,6 @@ def read_image_file(path: str, *, min_side: int | None = None) -> torch.Tensor:
         return decode_rgb(f.read(), min_side=min_side)
 
 
-def _transform_by_shape(images: list[torch.Tensor], transform, one: Callable) -> list:
-    """``images`` (already decoded, e.g. by nvjpeg) through ``transform``: the ones of one shape together, at most
-    :data:`GROUP_PIXELS` per call, when ``transform`` has a ``batch`` method (``EvalPreset``); else, or when a
-    group's call fails (e.g. out of memory), image by image through ``one`` (which fails only its own image)."""
-    if len(images) < 2 or not hasattr(transform, "batch"):
-        return [one(image) for image in images]
-    out: list = [None] * len(images)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, image in enumerate(images):
-        groups.setdefault(tuple(image.shape), []).append(k)
-    for shape, members in groups.items():
-        step = max(1, GROUP_PIXELS // (shape[-1] * shape[-2]))
-        for start in range(0, len(members), step):
-            chunk = members[start:start + step]
-            if len(chunk) == 1:
-                out[chunk[0]] = one(images[chunk[0]])
-                continue
-            try:
-                canvases = list(transform.batch([images[k] for k in chunk]))
-            except Exception:  # the group's call failed: image by image, so that only a bad one fails
-                canvases = [one(images[k]) for k in chunk]
-            for k, canvas in zip(chunk, canvases):
-                out[k] = canvas
-    return out
-
-
 def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
                 device=None, pool=None, jpeg_batch_decoder=None, infos: list[ImageInfo] | None = None,
@@ -257,7 +230,7 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
     ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call at
     full size, e.g. ``batch_jpeg_decoder("cuda")`` for nvjpeg on the GPU, and a ``transform`` with a
     ``batch`` method (:class:`inference.transforms.EvalPreset`) then resizes the ones of one shape
-    together (:data:`GROUP_PIXELS` at a time: a few kernel launches per group instead of per image). Other
+    together (``inference.transforms.transform_by_shape``: a few kernel launches per group, not per image). Other
     formats, and every JPEG again if the batched call fails, go through
     :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``. ``infos``: the images'
     :func:`probe` results, when the caller has read the headers already (admission control).
@@ -296,7 +269,7 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
             try:
                 decoded = jpeg_batch_decoder([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8)
                                               for i in batched])
-                for i, image in zip(batched, _transform_by_shape(decoded, transform, transformed)):
+                for i, image in zip(batched, transform_by_shape(decoded, transform, one=transformed)):
                     results[i] = image
             except RuntimeError:  # one undecodable JPEG fails the whole call: decode those one by one
                 for i in batched:

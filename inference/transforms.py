@@ -7,6 +7,8 @@ the eager model, in :func:`normalize`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -53,6 +55,38 @@ class EvalPreset:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop_size={self.crop_size}, resize_size={self.resize_size}, "
                 f"interpolation={self.interpolation.value}, antialias={self.antialias})")
+
+
+# The most pixels that transform_by_shape resizes in one call: on a GPU the resize works on a float32 copy,
+# so 48 MP is ~0.6 GB of device memory at once (256 images of 500x375, 3 of 12 MP).
+GROUP_PIXELS = 48_000_000
+
+
+def transform_by_shape(images: list[torch.Tensor], transform, *, one: Callable) -> list:
+    """``images`` (decoded already, e.g. by nvjpeg on a GPU) through ``transform``: the ones of one shape
+    together, at most :data:`GROUP_PIXELS` per call, when ``transform`` has a ``batch`` method
+    (:class:`EvalPreset`); else, or when a group's call fails (e.g. out of memory), image by image through
+    ``one`` (which fails only its own image). Results in input order."""
+    if len(images) < 2 or not hasattr(transform, "batch"):
+        return [one(image) for image in images]
+    out: list = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    for shape, members in groups.items():
+        step = max(1, GROUP_PIXELS // (shape[-1] * shape[-2]))
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            if len(chunk) == 1:
+                out[chunk[0]] = one(images[chunk[0]])
+                continue
+            try:
+                canvases = list(transform.batch([images[k] for k in chunk]))
+            except Exception:  # the group's call failed: image by image, so that only a bad one fails
+                canvases = [one(images[k]) for k in chunk]
+            for k, canvas in zip(chunk, canvases):
+                out[k] = canvas
+    return out
 
 
 def normalize(images: torch.Tensor, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

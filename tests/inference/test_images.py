@@ -213,9 +213,9 @@ def test_reduced_decoding_agrees_with_full_decoding_on_12mp_photos():
 
 def test_batched_decode_resizes_images_of_one_shape_together(monkeypatch):
     """After a batched decode (nvjpeg on a GPU; the same call on the CPU here) the images of one shape are
-    resized in groups of at most GROUP_PIXELS: the same canvases as image by image; when a group's call
+    resized in groups of at most transforms.GROUP_PIXELS: the same canvases as image by image; when a group's call
     fails its images go image by image, and only an image that fails on its own fails."""
-    from inference import images
+    from inference import transforms
     from inference.images import PreprocessError, batch_jpeg_decoder, decode_many
     from inference.transforms import EvalPreset
 
@@ -241,7 +241,7 @@ def test_batched_decode_resizes_images_of_one_shape_together(monkeypatch):
                 raise RuntimeError("simulated failure of this image")
             return super().__call__(image)
 
-    monkeypatch.setattr(images, "GROUP_PIXELS", 3 * 64 * 48)  # three 64x48 images per call
+    monkeypatch.setattr(transforms, "GROUP_PIXELS", 3 * 64 * 48)  # three 64x48 images per call
     counting = Counting(crop_size=24, resize_size=28)
     out = decode_many(datas, jpeg_batch_decoder=batch_jpeg_decoder("cpu"), transform=counting)
     assert counting.groups == [3]  # four 64x48: a group of 3, then 1 alone; 48x64 and 96x96 alone
