@@ -73,8 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "user count (medians reported)")
     p.add_argument("--grid", default=",".join(map(str, search_grid())),
                    help="workers x threads points of the split search, for stock and ours alike")
-    p.add_argument("--batch", type=int, default=BATCH, help="TorchServe batchSize of every configuration (maxBatchDelay "
-                   f"{MAX_BATCH_DELAY} ms), and the batch of the in-process limits")
+    p.add_argument("--batch", type=int, default=BATCH, help="TorchServe batchSize of every configuration, and the batch "
+                   "of the in-process limits")
+    p.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY, help="TorchServe maxBatchDelay of every "
+                   "configuration, ms")
     p.add_argument("--limit-seconds", type=float, default=8.0, help="seconds of each in-process limit measurement")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations of the first model (of {', '.join(CONFIGS)})")
     p.add_argument("--models", default="resnet50,cbam_resnet",
@@ -119,13 +121,16 @@ def main(argv=None) -> int:
         return fail(f"--users/--grid: {e}")
     if args.batch < 1:
         return fail(f"--batch must be at least 1, got {args.batch}")
+    if args.max_batch_delay < 0:
+        return fail(f"--max-batch-delay must be 0 or more, got {args.max_batch_delay}")
     names = [n for n in args.configs.split(",") if n]
     other_names = [n for n in args.other_configs.split(",") if n]
     models = [m for m in args.models.split(",") if m]
     plan = Plan(grid=grid, top_users=max(users or [16]), low_users=tuple(u for u in users if u != max(users or [16])),
                 duration=args.duration, low_duration=args.low_duration, search_duration=args.search_duration,
                 warmup=args.warmup, repeats=args.repeats, limit_seconds=args.limit_seconds,
-                set_configs=tuple(n for n in args.set_configs.split(",") if n), batch=args.batch)
+                set_configs=tuple(n for n in args.set_configs.split(",") if n), batch=args.batch,
+                max_batch_delay=args.max_batch_delay)
     photos = None
     if args.smoke:
         models, names = SMOKE["models"], SMOKE["configs"]

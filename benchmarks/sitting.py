@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.configs import BATCH, CONFIGS, Config, Split
+from benchmarks.configs import BATCH, CONFIGS, MAX_BATCH_DELAY, Config, Split
 from benchmarks.gates import verdict
 from benchmarks.limit import LimitJob, adaptive_threshold, in_process_limit
 from benchmarks.served import Served, build_archive_for
@@ -61,6 +61,7 @@ class Plan:
     tta_seconds: float = 1.0     # per item and round of the TTA breakdown (3 rounds)
     set_configs: tuple[str, ...] = ("stock", "ours_fp32")
     batch: int = BATCH          # TorchServe batchSize of every configuration, and the in-process limit's batch
+    max_batch_delay: int = MAX_BATCH_DELAY  # ms, TorchServe maxBatchDelay of every configuration
 
 
 def key(set_name: str, users: int) -> str:
@@ -138,7 +139,8 @@ class ModelSitting:
         return out
 
     def start(self, c: Config, split: Split) -> Served:
-        name = build_archive_for(c, split, self.prep, self.store, self.threshold, batch=self.plan.batch)
+        name = build_archive_for(c, split, self.prep, self.store, self.threshold, batch=self.plan.batch,
+                                 max_batch_delay=self.plan.max_batch_delay)
         served = Served(c, split, store=self.store, name=name, work=self.work, label=self.model).start()
         try:
             if self.plan.warmup:

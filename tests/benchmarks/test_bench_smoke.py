@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.configs import BATCH, search_grid
+from benchmarks.configs import BATCH, MAX_BATCH_DELAY, search_grid
 from benchmarks.report import RATIO_KEYS
 from tests.conftest import REPO
 
@@ -35,6 +35,7 @@ def test_bench_smoke_runs_end_to_end():
 
     grid = [str(s) for s in search_grid()]
     assert data["grid"] == grid and data["plan"]["repeats"] == 3
+    assert (data["plan"]["batch"], data["plan"]["max_batch_delay"]) == (BATCH, MAX_BATCH_DELAY)  # --batch, --max-batch-delay
     fp32, flip = data["results"]
     # the split search: every grid point measured and recorded, the best one chosen
     assert [e["split"] for e in fp32["search"]] == grid
