@@ -55,7 +55,8 @@ from tools.photos import SETS, write_photos
 
 WORK = REPO / "benchmarks" / ".work"
 RESULTS = REPO / "benchmarks" / "results"
-DEFAULT_CONFIGS = "stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,ours_ov_int8"
+DEFAULT_CONFIGS = ("stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,ours_ov_bf16_flip,"
+                   "ours_ov_int8")
 SMOKE = {"models": ["smoke"], "configs": ["ours_fp32", "ours_fp32_flip"], "users": [1, 16], "duration": 2,
          "low_duration": 2, "search_duration": 2, "warmup": 1, "limit_seconds": 1.0, "tta_seconds": 0.2,
          "photos": 3}

@@ -4,8 +4,8 @@ A configuration (:class:`Config`) is a handler, a graph variant, a TTA mode and 
 split (workers x threads per worker) is not fixed here: each configuration that ``searched`` is
 served at every point of :func:`search_grid` in a short search phase and keeps its best, stock and
 ours alike, so that neither side is measured at a split chosen for it by hand. A configuration with
-``split_of`` takes the split chosen for that one (the TTA configurations use ``ours_fp32``'s, so that
-their cost is measured against the same backend in the same split).
+``split_of`` takes the split chosen for that one (the TTA configurations use ``ours_fp32``'s, or
+``ours_ov_bf16``'s for its flip, so that their cost is measured against the same backend in the same split).
 
 ``stock`` is TorchServe's built-in ``image_classifier`` (eager PyTorch; its threads can only be set
 through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, which :meth:`Config.env_for` sets to the threads of
@@ -88,5 +88,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("ours_ov_f32", "ours", "openvino", handler={"openvino_precision": "f32"}),
     # bf16 where the CPU has it (AVX-512-bf16/AMX), else f32: OpenVINO's own default on such CPUs
     Config("ours_ov_bf16", "ours", "openvino", handler={"openvino_precision": "auto"}),
+    # flip TTA on that graph: what TTA costs on the variant one would deploy on such a CPU (its split)
+    Config("ours_ov_bf16_flip", "ours", "openvino", tta="flip", searched=False, split_of="ours_ov_bf16",
+           handler={"openvino_precision": "auto"}),
     Config("ours_ov_int8", "ours", "openvino-int8"),
 ]}

@@ -11,7 +11,8 @@ lower user counts -- and the ``ratios: ...`` line, every ratio from medians of t
   each runtime where its served side runs, as in ``ours/stock``; ours_fp32's when stock is not run);
 * ``best_gated/stock``: the fastest non-TTA ours variant that is gated (``benchmarks.gates``) / stock;
 * ``served/limit``: the worst over the ours configurations of served / in-process limit (same split);
-* ``flip_tta_cost``, ``adaptive_tta_cost``: ours_fp32 / the TTA configuration (same split);
+* ``flip_tta_cost``, ``adaptive_tta_cost``: ours_fp32 / the TTA configuration (same split); the extra
+  ``flip_tta_cost_bf16``: ours_ov_bf16 / ours_ov_bf16_flip;
 * ``small/12mp``: the decode-bound model's ours_fp32, 500x375 / 12 MP; ``ours/stock_12mp``: 12 MP set;
 * extra keys: ``best_speed_only/stock`` (ungated variants, never in best_gated), ``ours/stock_mixed``,
   ``p99<stock`` (how many ours configurations have a median p99 below stock's) and the chosen splits.
@@ -84,6 +85,8 @@ def ratios(sitting: dict, *, top: int, small: dict | None = None, eager_limit: d
         "ours/stock_12mp": _div(median_of(by.get("ours_fp32"), PHONE_SET, top), median_of(by.get("stock"), PHONE_SET, top)),
         "best_speed_only/stock": _div(best_speed[1], stock),
         "ours/stock_mixed": _div(median_of(by.get("ours_fp32"), MIXED_SET, top), median_of(by.get("stock"), MIXED_SET, top)),
+        "flip_tta_cost_bf16": _div(median_of(by.get("ours_ov_bf16"), FIRST_SET, top),
+                                   median_of(by.get("ours_ov_bf16_flip"), FIRST_SET, top)),
     }
     return {"values": values, "best_gated": best_gated[0], "best_speed_only": best_speed[0],
             "served_over_limit": served_limit,
@@ -94,7 +97,8 @@ def ratios(sitting: dict, *, top: int, small: dict | None = None, eager_limit: d
 def ratios_line(isa: str, r: dict) -> str:
     v = r["values"]
     main = " ".join(f"{k}={v[k]:.2f}" for k in RATIO_KEYS)
-    extra = f" best_speed_only/stock={v['best_speed_only/stock']:.2f} ours/stock_mixed={v['ours/stock_mixed']:.2f}"
+    extra = (f" best_speed_only/stock={v['best_speed_only/stock']:.2f} ours/stock_mixed={v['ours/stock_mixed']:.2f}"
+             f" flip_tta_cost_bf16={v['flip_tta_cost_bf16']:.2f}")
     if r["p99_below_stock"] is not None:
         extra += f" p99<stock={r['p99_below_stock']}"
     if "stock" in r["splits"]:

@@ -28,6 +28,9 @@ def test_stock_threads_come_from_the_environment_and_tta_takes_fp32s_split():
     assert CONFIGS["stock"].searched and CONFIGS["ours_fp32"].searched and CONFIGS["ours_ov_int8"].searched
     for name in ("ours_fp32_flip", "ours_fp32_adaptive"):
         assert not CONFIGS[name].searched and CONFIGS[name].split_of == "ours_fp32"
+    bf16, flip = CONFIGS["ours_ov_bf16"], CONFIGS["ours_ov_bf16_flip"]
+    assert not flip.searched and flip.split_of == "ours_ov_bf16" and flip.tta == "flip"
+    assert (flip.variant, flip.handler) == (bf16.variant, bf16.handler)  # the same graph and precision, plus flip
 
 
 RECORD = {"arch": "resnet50", "variant": "openvino-int8", "passed": True, "accuracy_change_points": -0.3,
@@ -90,6 +93,7 @@ def test_medians_and_ratios_are_like_for_like():
                limit=25.0),
         result("ours_fp32_flip", "ours", "flip", True, [run(11.0)], limit=12.0),
         result("ours_ov_bf16", "ours", "none", True, [run(30.0)], limit=31.0),
+        result("ours_ov_bf16_flip", "ours", "flip", True, [run(20.0)], limit=21.0),
         result("ours_ov_int8", "ours", "none", False, [run(90.0, p99=2000)], limit=100.0),
     ]}
     sitting["results"][0]["runs"].append(run(2.0, set_name="phone12mp"))
@@ -104,11 +108,13 @@ def test_medians_and_ratios_are_like_for_like():
     assert r["served_over_limit"]["ours_ov_int8"] == pytest.approx(0.9)
     assert v["flip_tta_cost"] == pytest.approx(2.0) and math.isnan(v["adaptive_tta_cost"])
     assert v["small/12mp"] == pytest.approx(22.0 / 5.0) and v["ours/stock_12mp"] == pytest.approx(2.5)
-    assert r["p99_below_stock"] == "3/4"
+    assert v["flip_tta_cost_bf16"] == pytest.approx(1.5)
+    assert r["p99_below_stock"] == "4/5"
     line = ratios_line("AVX2", r)
     assert line.startswith("ratios: isa=AVX2 ours/stock=2.00 runtime_gap=1.25 best_gated/stock=2.73 served/limit=0.88 "
                            "flip_tta_cost=2.00 adaptive_tta_cost=nan small/12mp=4.40 ours/stock_12mp=2.50 ")
     assert [w.split("=")[0] for w in line.split()[2:2 + len(RATIO_KEYS)]] == list(RATIO_KEYS)
+    assert " flip_tta_cost_bf16=1.50" in line
 
 
 def test_eager_fp32_limit_runs_in_stocks_split_else_in_ours_fp32s():
