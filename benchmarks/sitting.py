@@ -212,7 +212,7 @@ class ModelSitting:
                         precision=self.results[c.name].get("runtime_precision") or "f32", tta=c.tta,
                         adaptive=c.adaptive, threshold=self.threshold,
                         max_forward_batch=c.handler.get("max_forward_batch", HandlerSettings.max_forward_batch),
-                        seconds=self.plan.limit_seconds, **{"batch": self.plan.batch, **kw})
+                        seconds=self.plan.limit_seconds, batch=self.plan.batch, **kw)
 
     def limit_round(self, extra: dict, round_: int) -> None:
         """One in-process limit of every ours configuration in its split, and of eager fp32 (:func:`eager_split`),

@@ -230,8 +230,8 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
     ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call at
     full size, e.g. ``batch_jpeg_decoder("cuda")`` for nvjpeg on the GPU, and a ``transform`` with a
     ``batch`` method (:class:`inference.transforms.EvalPreset`) then resizes the ones of one shape
-    together (``inference.transforms.transform_by_shape``: a few kernel launches per group, not per image). Other
-    formats, and every JPEG again if the batched call fails, go through
+    together (``inference.transforms.transform_by_shape``: a few kernel launches per group, not per
+    image). Other formats, and every JPEG again if the batched call fails, go through
     :func:`decode_rgb` (in ``pool`` when given) and are moved to ``device``. ``infos``: the images'
     :func:`probe` results, when the caller has read the headers already (admission control).
     """
