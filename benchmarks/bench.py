@@ -16,15 +16,18 @@ stock baseline's model) and the same payloads (real photos re-encoded as JPEG q9
   parity with eager; reduced precision only with a passing gate record from a trained model;
   the rest are reported as speed-only, in their own column.
 * **repeats**: each configuration measured ``--repeats`` times at the highest user count, interleaved
-  (stock, ours, ..., stock, ours, ...), all servers up at once; medians and min-max are reported and
-  every ratio comes from the medians of this sitting.
+  (stock, ours, ..., stock, ours, ...), all servers up at once and each loaded for ``--settle`` uncounted
+  seconds first (TorchServe's JIT); medians and min-max are reported and every ratio comes from the
+  medians of this sitting.
 * **payloads**: the first set for every configuration, the other sets for ``--set-configs``.
 
 Stock is TorchServe's built-in ``image_classifier`` serving an eager .mar (threads through
 OMP_NUM_THREADS); ours is this project's handler with the exported graphs (ONNX Runtime fp32, OpenVINO
 f32/bf16-hint/INT8), TTA none / flip / adaptive flip. Everything serves batch 8, max delay 10 ms. Load
 comes from locustfile.py (headless, closed loop). Printed last: the search table, per model the result
-table, each configuration's served/limit, then one machine-readable line (``benchmarks.report``)::
+table, where each configuration's served/limit goes (``benchmarks.accounting``: the cores of the workers,
+the frontend, locust and idle in the steady part of the runs), then one machine-readable line
+(``benchmarks.report``)::
 
     ratios: isa=C ours/stock=X runtime_gap=X best_gated/stock=X served/limit=X flip_tta_cost=X
     adaptive_tta_cost=X small/12mp=X ours/stock_12mp=X best_speed_only/stock=X ...
@@ -58,7 +61,7 @@ RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_CONFIGS = ("stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f32,ours_ov_bf16,ours_ov_bf16_flip,"
                    "ours_ov_int8")
 SMOKE = {"models": ["smoke"], "configs": ["ours_fp32", "ours_fp32_flip"], "users": [1, 16], "duration": 2,
-         "low_duration": 2, "search_duration": 2, "warmup": 1, "limit_seconds": 1.0, "tta_seconds": 0.2,
+         "low_duration": 2, "search_duration": 2, "warmup": 1, "settle": 1, "limit_seconds": 1.0, "tta_seconds": 0.2,
          "photos": 3}
 
 
@@ -70,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--low-duration", type=int, default=10, help="seconds of each run at the lower user counts")
     p.add_argument("--search-duration", type=int, default=10, help="seconds of each search run (per grid point)")
     p.add_argument("--warmup", type=int, default=3, help="seconds of the uncounted run on each freshly started server")
+    p.add_argument("--settle", type=int, default=Plan.settle, help="seconds of the uncounted run of each chosen "
+                   "server before the repeats, so that TorchServe's JIT has compiled the request path (0: none)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each configuration at the highest "
                    "user count (medians reported)")
     p.add_argument("--grid", default=",".join(map(str, search_grid())),
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
         return fail(f"--users/--grid: {e}")
     if args.batch < 1:
         return fail(f"--batch must be at least 1, got {args.batch}")
+    if min(args.warmup, args.settle) < 0:
+        return fail(f"--warmup and --settle must be 0 or more, got {args.warmup} and {args.settle}")
     if args.max_batch_delay < 0:
         return fail(f"--max-batch-delay must be 0 or more, got {args.max_batch_delay}")
     names = [n for n in args.configs.split(",") if n]
@@ -129,14 +136,14 @@ def main(argv=None) -> int:
     models = [m for m in args.models.split(",") if m]
     plan = Plan(grid=grid, top_users=max(users or [16]), low_users=tuple(u for u in users if u != max(users or [16])),
                 duration=args.duration, low_duration=args.low_duration, search_duration=args.search_duration,
-                warmup=args.warmup, repeats=args.repeats, limit_seconds=args.limit_seconds,
+                warmup=args.warmup, settle=args.settle, repeats=args.repeats, limit_seconds=args.limit_seconds,
                 set_configs=tuple(n for n in args.set_configs.split(",") if n), batch=args.batch,
                 max_batch_delay=args.max_batch_delay)
     photos = None
     if args.smoke:
         models, names = SMOKE["models"], SMOKE["configs"]
         plan.top_users, plan.low_users = max(SMOKE["users"]), tuple(SMOKE["users"][:-1])
-        for k in ("duration", "low_duration", "search_duration", "warmup", "limit_seconds", "tta_seconds"):
+        for k in ("duration", "low_duration", "search_duration", "warmup", "settle", "limit_seconds", "tta_seconds"):
             setattr(plan, k, SMOKE[k])
         photos = SMOKE["photos"]
     unknown = [m for m in models if m not in MODELS]
@@ -204,6 +211,10 @@ def main(argv=None) -> int:
         print(summaries[model]["search_table"])
         print(f"\n{model}:")
         print(summaries[model]["table"])
+        if summaries[model]["accounting"]:
+            print(f"\n{model}: where served/limit goes (cores used during the steady part of the runs at "
+                  f"{plan.top_users} users, medians; benchmarks/accounting.py)")
+            print(summaries[model]["accounting_table"])
     s = summaries[first]
     print(f"\n(ratios of {first}; served/limit per configuration: "
           + ", ".join(f"{n}={v:.2f}" for n, v in s["served_over_limit"].items())

@@ -9,7 +9,9 @@ served threshold), top-k, at the served batch size through the same exported gra
 settings. Each process is timed by ``tools.timing`` (median over blocks of
 ``torch.utils.benchmark.Timer``); they start together behind a barrier, and every process keeps
 working until the last one has finished its measurement, so no measurement sees a half-idle machine.
-The limit is the sum of their img/s: served/limit <= 1 then means what it says.
+The limit is the sum of their img/s: served/limit <= 1 then means what it says. ``cores`` is the sum of
+the CPU time each process (all its threads) used while measured over the wall time: the limit's CPU per
+image, which ``benchmarks.accounting`` sets against the served workers'.
 
 ``LimitJob.eager`` runs the same pipeline through eager PyTorch fp32 (the checkpoint's model with the
 normalization in front), for ``runtime_gap``: in-process ONNX Runtime fp32 / eager fp32, same split.
@@ -117,13 +119,15 @@ def _one_worker(job: LimitJob, threads: int, barrier, done, processes: int, resu
         for _ in range(2):
             one_batch()
         barrier.wait(timeout=600)
+        cpu0, wall0 = time.process_time(), time.perf_counter()  # all of this process's threads
         img_s = rate(one_batch, job.batch, min_run_time=job.seconds, threads=threads)
+        cores = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         with done.get_lock():
             done.value += 1
         counted = True
         while done.value < processes:  # the others are still measuring: keep the machine as loaded
             one_batch()
-        results.put(("ok", img_s))
+        results.put(("ok", (img_s, cores)))
     except BaseException:  # noqa: BLE001 -- reported to the parent, which raises it
         barrier.abort()
         if not counted:
@@ -134,7 +138,8 @@ def _one_worker(job: LimitJob, threads: int, barrier, done, processes: int, resu
 
 def in_process_limit(job: LimitJob, split: Split, *, timeout: float = 900) -> dict:
     """``split.workers`` processes of ``split.threads`` threads running ``job`` at once: ``img_s`` (their
-    sum), ``per_process``, ``processes``, ``threads`` and ``decode_pool`` (threads of each one's pool)."""
+    sum), ``per_process``, ``cores`` (the CPU they used over wall time, summed) and ``per_process_cores``,
+    ``processes``, ``threads`` and ``decode_pool`` (threads of each one's pool)."""
     started = time.time()
     ctx = mp.get_context("spawn")
     barrier, done, results = ctx.Barrier(split.workers), ctx.Value("i", 0), ctx.Queue()
@@ -159,7 +164,9 @@ def in_process_limit(job: LimitJob, split: Split, *, timeout: float = 900) -> di
                 p.join()
     if errors:
         raise RuntimeError("in-process limit failed:\n" + "\n".join(errors))
-    return {"img_s": sum(out), "per_process": out, "processes": split.workers, "threads": split.threads,
+    return {"img_s": sum(x for x, _ in out), "per_process": [x for x, _ in out],
+            "cores": sum(c for _, c in out), "per_process_cores": [c for _, c in out],
+            "processes": split.workers, "threads": split.threads,
             "decode_pool": split.threads, "batch": job.batch, "tta": job.tta, "adaptive": job.adaptive,
             "runtime": "eager fp32" if job.eager else Path(job.graph).name, "precision": job.precision,
             "pinning": job.pinning, "started": started}

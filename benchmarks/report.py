@@ -17,6 +17,7 @@ lower user counts -- and the ``ratios: ...`` line, every ratio from medians of t
 * extra keys: ``best_speed_only/stock`` (ungated variants, never in best_gated), ``ours/stock_mixed``,
   ``p99<stock`` (how many ours configurations have a median p99 below stock's) and the chosen splits.
 
+``report`` also carries where each configuration's served/limit goes (``benchmarks.accounting``).
 ``plots`` draws the medians against users and the latency distribution at the highest load;
 ``machine`` describes the CPU and ``isa_class`` names its class.
 """
@@ -27,6 +28,8 @@ import os
 from pathlib import Path
 
 import psutil
+
+from benchmarks.accounting import accounting_table
 
 FIRST_SET, PHONE_SET, MIXED_SET = "jpeg500", "phone12mp", "mixed"  # tools.photos' payload sets
 RATIO_KEYS = ("ours/stock", "runtime_gap", "best_gated/stock", "served/limit", "flip_tta_cost",
@@ -140,8 +143,9 @@ def report(sitting: dict, *, top: int, low: list[int], grid: list[str], small: d
                      + "".join(f"{_cell(m.get(f'{FIRST_SET}@{u}'), spread=False)} | " for u in low)
                      + f"{sum(x['failures'] for x in r['runs'])} |")
     values = ratios(sitting, top=top, small=small)
+    cpu_table, cpu = accounting_table(results, top=top, set_name=FIRST_SET)
     return {"table": "\n".join(lines), "search_table": "\n".join(search), "ratios": ratios_line(isa_class(), values),
-            **values, "at_users": top}
+            **values, "at_users": top, "accounting": cpu, "accounting_table": cpu_table}
 
 
 def plots(results: list[dict], out: Path) -> list[str]:

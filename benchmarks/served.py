@@ -5,7 +5,8 @@ one with ``torch-model-archiver`` and TorchServe's built-in ``image_classifier``
 ``export.archive.build_archive``); ``Served`` is that archive in a TorchServe of its own (its own
 ports and temporary folder, stopped by PID), kept running between runs so that runs of different
 configurations can be interleaved; ``Served.run`` drives it with ``locustfile.py`` (headless, closed
-loop) and records throughput, latency percentiles and the CPU seconds of the server and of locust.
+loop) and records throughput, latency percentiles, the CPU seconds of the server and of locust, and the
+cores each party used in the run's steady part (``benchmarks.cpu_window``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.configs import BATCH, MAX_BATCH_DELAY, Config, Split
+from benchmarks.cpu_window import CpuWindow
 from tools import REPO
 from tools.locust import locust_command, run_locust, summary
 from tools.models import ExportedModel
@@ -66,6 +68,14 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
             "locust_cpu_s": locust_cpu_s}
 
 
+def _cores(cpu: dict | None) -> str:
+    if not cpu:
+        return ""
+    idle = cpu["cores"] - cpu["machine_busy_cores"]
+    return (f"; cores: workers {cpu['workers_cores']:.2f}, frontend {cpu['frontend_cores']:.2f}, "
+            f"locust {cpu['locust_cores']:.2f}, idle {idle:.2f} of {cpu['cores']}")
+
+
 class Served:
     """Configuration ``c`` at ``split`` in its own TorchServe: ``start()``, ``run(...)``, ``stop()``."""
 
@@ -85,14 +95,18 @@ class Served:
 
     def run(self, payload_dir: Path, users: int, seconds: int, *, tag: str, quiet: bool = False, **fields) -> dict:
         """One locust run at ``users`` on the photos of ``payload_dir``; ``fields`` are recorded with it."""
+        prefix = self.work / tag
+        Path(f"{prefix}_stats_history.csv").unlink(missing_ok=True)
         cpu0, t0 = cpu_seconds(self.server.pid), time.time()
-        r = load_run(self.server.url, self.name, payload_dir, users, seconds, self.c.kind, self.work / tag,
-                     processes=self.locust_processes)
+        with CpuWindow(self.server.pid, history_csv=f"{prefix}_stats_history.csv", seconds=seconds) as window:
+            r = load_run(self.server.url, self.name, payload_dir, users, seconds, self.c.kind, prefix,
+                         processes=self.locust_processes)
         r["server_cpu_s"] = cpu_seconds(self.server.pid) - cpu0
+        r["cpu"] = window.result
         r.update(fields, split=str(self.split), duration_s=seconds, started=round(t0, 3))
         if not quiet:
             print(f"{self.label:<12.12} {self.c.name:<19} {str(self.split):<4} {fields.get('set', ''):<9} {users:>3} "
                   f"users{'' if 'repeat' not in fields else ' #' + str(fields['repeat'] + 1)}: {r['img_s']:7.1f} img/s"
                   f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  failures {r['failures']}  cpu: server "
-                  f"{r['server_cpu_s']:.0f} s, locust {r['locust_cpu_s']:.0f} s", flush=True)
+                  f"{r['server_cpu_s']:.0f} s, locust {r['locust_cpu_s']:.0f} s" + _cores(r["cpu"]), flush=True)
         return r

@@ -8,7 +8,10 @@ For one model (random weights, ``tools.models``) and its configurations (``bench
    up; the others are stopped. Configurations with ``split_of`` (TTA) take that configuration's
    split; the models after the first take the first model's splits (``inherit``).
 2. **TTA breakdown** (``benchmarks.tta_cost``) in the flip configuration's threads.
-3. **Repeats and limits.** With every chosen server up (idle ones cost nothing), ``repeats`` rounds at
+3. **Repeats and limits.** With every chosen server up (idle ones cost nothing) and each of them loaded for
+   ``settle`` uncounted seconds first (a fresh TorchServe's Java spends about twice the CPU per request
+   until its JIT has compiled the request path: a sitting of 2026-12-04 measured 1.03 ms of frontend CPU
+   per image in the first round of OpenVINO INT8 and 0.73 in the third), ``repeats`` rounds at
    the highest user count on the first payload set, each round every configuration in turn (stock,
    ours, ..., stock, ours, ...) and then, in the same round, each ours configuration's in-process
    limit in its split (``benchmarks.limit``) and eager PyTorch fp32 in stock's split (``runtime_gap``;
@@ -56,6 +59,7 @@ class Plan:
     low_duration: int = 10      # seconds of each lower-user run
     search_duration: int = 10   # seconds of each search run
     warmup: int = 3             # seconds of the uncounted run on a freshly started server
+    settle: int = 20            # seconds of the uncounted run of each chosen server before the repeats (JIT)
     repeats: int = 3
     limit_seconds: float = 8.0
     tta_seconds: float = 1.0     # per item and round of the TTA breakdown (3 rounds)
@@ -235,7 +239,7 @@ class ModelSitting:
             res["limit_img_s"] = statistics.median(x["img_s"] for x in res["limits"])
             print(f"{self.model:<12.12} {c.name:<19} {split!s:<4} in-process limit #{round_ + 1} {lim['img_s']:.1f} img/s "
                   f"({split.workers} process(es) x {split.threads} thread(s): "
-                  + " + ".join(f"{x:.1f}" for x in lim["per_process"]) + ")", flush=True)
+                  + " + ".join(f"{x:.1f}" for x in lim["per_process"]) + f"; {lim['cores']:.2f} cores busy)", flush=True)
         where = eager_split(self.results)
         if where is not None:
             split, whose = where
@@ -272,6 +276,8 @@ class ModelSitting:
         plan = self.plan
         (first_set, first), *others = self.payloads.items()
         live = [c for c in self.configs if c.name in self.servers]
+        for c in live if plan.settle else ():  # TorchServe's JIT at steady state, as in a server that has been up
+            self.servers[c.name].run(first, plan.top_users, plan.settle, tag=f"{c.name}-settle", quiet=True)
         for i in range(plan.repeats):
             for c in live:
                 self.measure(c, first_set, first, plan.top_users, plan.duration, repeat=i)

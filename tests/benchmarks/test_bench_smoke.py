@@ -56,6 +56,8 @@ def test_bench_smoke_runs_end_to_end():
             assert len(lim["per_process"]) == lim["processes"] and lim["img_s"] == pytest.approx(sum(lim["per_process"]))
             assert lim["batch"] == data["plan"]["batch"] == BATCH  # the served batch size (--batch)
             assert rounds[i] < lim["started"] < rounds[i + 1]
+            # the CPU its processes used (all their threads: T intra-op + a decode pool of T)
+            assert 0 < lim["cores"] <= lim["processes"] * 2 * lim["threads"] + 0.1
         assert r["limit_img_s"] > 0
         assert r["limit_img_s"] == pytest.approx(statistics.median(x["img_s"] for x in r["limits"]))
         assert r["gate"]["status"] == "parity" and r["gate"]["counts"]
@@ -75,6 +77,16 @@ def test_bench_smoke_runs_end_to_end():
         assert m["n"] == 3 and m["img_s"] == statistics.median(x["img_s"] for x in runs)
         assert m["min"] <= m["img_s"] <= m["max"] and m["failures"] == 0
         assert r["medians"]["jpeg500@1"]["n"] == 1
+    # where served/limit goes: each measured run's cores, party by party, and the split of the ratio
+    for r in (fp32, flip):
+        for x in (x for x in r["runs"] if x["set"] == "jpeg500" and x["users"] == 16):
+            assert x["cpu"]["workers_cores"] > 0 and x["cpu"]["frontend_cores"] > 0 and x["cpu"]["locust_cores"] > 0
+            assert x["cpu"]["machine_busy_cores"] <= x["cpu"]["cores"] + 0.1
+        a = data["summary"]["accounting"][r["name"]]
+        assert a["share"] * a["efficiency"] == pytest.approx(a["served/limit"])
+        assert a["served/limit"] == pytest.approx(data["summary"]["served_over_limit"][r["name"]])
+        assert a["ceiling_server_only"] > a["ceiling"] > 0
+    assert "where served/limit goes" in proc.stdout
     phone = [x for x in fp32["runs"] if x["set"] == "phone12mp"]
     assert len(phone) == 3 and all(x["users"] == 16 and x["failures"] == 0 and x["img_s"] > 0 for x in phone)
     # every printed ratio is the one computed from those medians

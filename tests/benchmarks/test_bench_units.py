@@ -134,8 +134,9 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert bench.main(["--models", "smoke", "--configs", "ours_ov_int8"]) == 2  # the smoke export has ONNX only
     assert bench.main(["--batch", "0"]) == 2
     assert bench.main(["--max-batch-delay", "-1"]) == 2
+    assert bench.main(["--settle", "-5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 8 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 9 and all(line.startswith("error: ") for line in err)
 
 
 def test_tta_accuracy_val_fraction_uses_the_validation_split_training_held_out(image_folder):

@@ -1,0 +1,56 @@
+"""`benchmarks.cpu_window` on real processes: a child that keeps one core busy stands in for the frontend,
+the window opens when a stats history file gets its first row (as locust writes it) and closes before the
+run's end; no row, no window."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from benchmarks.cpu_window import CpuWindow
+
+BUSY = "import time\nend = time.time() + 30\nwhile time.time() < end:\n    pass\n"
+HEADER = "Timestamp,User Count,Type,Name,Requests/s\n"
+
+
+@pytest.fixture
+def busy_process():
+    p = subprocess.Popen([sys.executable, "-c", BUSY])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_the_window_counts_the_cores_of_the_run_once_it_has_started(tmp_path, busy_process):
+    history = tmp_path / "run_stats_history.csv"
+    history.write_text(HEADER)  # the header alone: not started yet
+
+    def locust_starts():
+        time.sleep(0.5)
+        history.write_text(HEADER + "1796417982,16,,Aggregated,0.0\n")
+
+    t = threading.Thread(target=locust_starts)
+    t0 = time.perf_counter()
+    with CpuWindow(busy_process.pid, history_csv=history, seconds=2.0) as w:
+        t.start()
+        time.sleep(3.0)
+    t.join()
+    r = w.result
+    assert r is not None and 0.9 <= r["window_s"] <= 1.1  # [0.5 s settle, 2 s - 0.5 s margin] after the first row
+    assert r["cores"] >= 1
+    assert 0.7 <= r["frontend_cores"] <= 1.05  # the busy child: one core
+    assert r["workers_cores"] == 0 and r["locust_cores"] == 0  # it has no TorchServe workers; no locust runs
+    assert r["machine_busy_cores"] >= 0.7
+    assert time.perf_counter() - t0 < 3.5
+
+
+def test_no_window_when_the_run_never_starts_or_ends_first(tmp_path, busy_process):
+    with CpuWindow(busy_process.pid, history_csv=tmp_path / "absent.csv", seconds=2.0) as w:
+        time.sleep(0.3)
+    assert w.result is None
+    history = tmp_path / "h.csv"
+    history.write_text(HEADER + "1796417982,16,,Aggregated,0.0\n")
+    with CpuWindow(busy_process.pid, history_csv=history, seconds=12.0) as w:  # the run ends before the window
+        time.sleep(0.5)
+    assert w.result is None
