@@ -2,12 +2,14 @@
 the ratios computed from them (speed-only variants never in best_gated), and the CLI's one-line errors."""
 import json
 import math
+from collections import Counter
 
 import pytest
 
 from benchmarks import bench
 from benchmarks.configs import CONFIGS, Split, parse_grid, search_grid
 from benchmarks.gates import GateFileError, load_gates, verdict
+from benchmarks.limit import block_batches
 from benchmarks.report import RATIO_KEYS, ratios, ratios_line
 from benchmarks.sitting import eager_split, medians
 
@@ -150,3 +152,14 @@ def test_tta_accuracy_val_fraction_uses_the_validation_split_training_held_out(i
     assert not set(paths) & set(splits.test.paths) and not set(paths) & set(splits.train.paths)
     assert evaluation_images(str(image_folder / "train"), val_fraction=0.25, seed=4)[0] != paths  # seeded
     assert len(evaluation_images(str(image_folder / "train"))[0]) == len(splits.train) + len(paths)
+
+
+def test_adaptive_tta_limits_are_timed_over_whole_cycles_of_the_photos():
+    assert block_batches(21, 8, adaptive=False) == 1  # a batch costs the same whatever its photos
+    for photos, batch in ((21, 8), (16, 8), (3, 8), (7, 1)):
+        n = block_batches(photos, batch, adaptive=True)  # which photos trigger TTA sets a batch's cost
+        taken = Counter(i % photos for i in range(n * batch))  # the photos taken in turn, as the limit does
+        assert set(taken.values()) == {n * batch // photos} and len(taken) == photos  # each equally often
+        assert all(len({i % photos for i in range(m * batch)}) < photos or m * batch % photos
+                   for m in range(1, n))  # and no shorter block does that
+    assert block_batches(21, 8, adaptive=True) == 21
