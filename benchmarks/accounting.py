@@ -9,7 +9,7 @@ which records the cores its processes kept busy):
   Python, the handler's request and response work, and sharing the cores cost the workers per image);
 * ``share × efficiency`` = served ÷ limit (an identity: the cores cancel);
 * what the rest of the machine's cores did during the runs: TorchServe's Java frontend, the load
-  generator (locust), other processes, idle;
+  generator (locust), other processes and the hypervisor's steal, idle;
 * ``ceiling``: the img/s all the machine's cores would serve at the measured CPU per image of the
   workers, the frontend and locust together, were no core ever idle, ÷ the limit -- the most served/limit
   can reach while the frontend and the load generator share the machine; ``ceiling_server_only``: the

@@ -42,9 +42,10 @@ def _locust_tree() -> list[psutil.Process]:
 
 
 def machine_busy() -> float:
-    """CPU seconds the whole machine has spent outside idle and iowait since boot."""
+    """CPU seconds the whole machine has spent outside idle and iowait since boot; steal (the hypervisor's
+    share of a virtual CPU) counts as busy, guest time only once (Linux counts it in user already)."""
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return sum(t) - t.idle - sum(getattr(t, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
 
 
 class CpuWindow:

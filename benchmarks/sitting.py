@@ -276,8 +276,9 @@ class ModelSitting:
         plan = self.plan
         (first_set, first), *others = self.payloads.items()
         live = [c for c in self.configs if c.name in self.servers]
-        for c in live if plan.settle else ():  # TorchServe's JIT at steady state, as in a server that has been up
-            self.servers[c.name].run(first, plan.top_users, plan.settle, tag=f"{c.name}-settle", quiet=True)
+        if plan.settle:  # TorchServe's JIT at steady state, as in a server that has been up a while
+            for c in live:
+                self.servers[c.name].run(first, plan.top_users, plan.settle, tag=f"{c.name}-settle", quiet=True)
         for i in range(plan.repeats):
             for c in live:
                 self.measure(c, first_set, first, plan.top_users, plan.duration, repeat=i)
