@@ -57,7 +57,8 @@ def _export_parser() -> argparse.ArgumentParser:
                    "accuracy control may spend on the validation split (default: %(default)s); below 1 it keeps "
                    "more layers in fp32 so that sampling noise between validation and test images does not "
                    "refuse the graph at the test gate (0.7 with 2000 validation images: about two standard "
-                   "errors of a 99%% agreement)")
+                   "errors of a 99%% agreement; 1: the whole budget, a coin flip at the test gate for a graph "
+                   "that just keeps it)")
     p.add_argument("--eval-images", type=int, default=500, help="images of --data used for parity/accuracy "
                    "(default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")

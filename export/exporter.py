@@ -31,6 +31,8 @@ from .formats import (
 from .int8 import DEFAULT_MARGIN, Budget, attention_scopes, onnx_int8, onnx_node_name, openvino_int8, within_budget
 from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
+from .speed import describe as describe_speed
+from .speed import int8_speedup
 from .splits import held_out
 from .staging import Staging, recover
 from .verify import (
@@ -50,6 +52,7 @@ __all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "sha256"]
 
 NEEDS_ONNX = {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
 NEEDS_CALIBRATION = {"onnx-int8", "openvino-int8"}
+FP32_SOURCE = {"onnx-int8": "onnx", "openvino-int8": "openvino"}  # what each INT8 graph's speed is compared with
 
 
 class Exporter:
@@ -137,6 +140,15 @@ class Exporter:
         images, labels, _ = self.validation
         return openvino_int8(onnx_fp32, path, calibration=calibration, val_images=images, val_labels=labels,
                              budget=self.budget, ignored=attention_scopes(self.model), log=self.log)
+
+    def int8_speed(self, name: str, path: str, evalset: EvalSet, *, folder: str) -> dict:
+        """:func:`export.speed.int8_speedup` of INT8 graph ``name`` against its fp32 graph (written into ``folder``
+        for the comparison if this run did not ask for it: staging keeps only what is committed)."""
+        fp32 = VARIANTS[FP32_SOURCE[name]]
+        fp32_path = os.path.join(folder, fp32.filename)
+        if not os.path.exists(fp32_path):
+            self.write(fp32, None, folder=folder)
+        return int8_speedup(fp32_path, path, self.graph_input(VARIANTS[name], evalset))
 
     def outputs(self, variant: Variant) -> list[dict]:
         n = self.spec.num_classes
@@ -243,6 +255,8 @@ class Exporter:
                     continue
                 path = self.write(variant, calibration, folder=staging.path)
                 rows[name], bad = self.check(variant, path, evalset, ref_acc=ref_acc, max_drop=max_drop)
+                if name in FP32_SOURCE:
+                    rows[name]["speed_vs_fp32"] = self.int8_speed(name, path, evalset, folder=staging.path)
                 if bad:
                     refused[name] = bad
                 elif name in names:  # not the fp32 ONNX written only as the source of other variants
@@ -273,16 +287,15 @@ class Exporter:
 
 
 def int8_summary(rows: dict[str, dict], reports: dict[str, dict]) -> list[str]:
-    """One line per INT8 variant: its accuracy cost on the test gate, layers kept in fp32, speed vs fp32."""
-    fp32_ms = {"openvino-int8": rows.get("openvino", {}).get("ms_per_image"),
-               "onnx-int8": rows.get("onnx", {}).get("ms_per_image")}
+    """One line per INT8 variant: its accuracy cost on the test gate, layers kept in fp32, speed vs fp32
+    (:mod:`export.speed`)."""
     out = []
     for name, report in reports.items():
         r = rows.get(name)
         if r is None or "error" in r:
             continue
         cost = r.get("accuracy_change_points")
-        speed = f", {fp32_ms[name] / r['ms_per_image']:.2f}x the fp32 graph's speed" if fp32_ms.get(name) else ""
+        speed = f"; {describe_speed(r['speed_vs_fp32'])}" if r.get("speed_vs_fp32") else ""
         out.append(f"{name}: accuracy {'n/a' if cost is None else f'{cost:+.2f}'} points, top-1 agreement "
                    f"{r['top1_agreement']:.2%} on the test gate; {len(report['kept_fp32'])} of {report['layers']} "
                    f"layers kept in fp32{': ' + ', '.join(report['kept_fp32']) if report['kept_fp32'] else ''}{speed}")

@@ -7,9 +7,11 @@ images (:mod:`export.splits`; never the test split):
 * top-1 accuracy at most ``max_drop`` points below fp32's, and
 * top-1 agreement with fp32 at least ``min_agreement``,
 
-each scaled by ``margin`` on validation (default 1: the same budget; the exporter's gate then checks
-it again on the test images, so a graph must keep it on both; ``--val-margin`` below 1 leaves room for
-the sampling noise between the two splits). Both rules are folded into one score so that NNCF's single ``max_drop``
+each scaled by ``margin`` on validation (default 0.7; the exporter's gate then checks the whole budget
+again on the test images, so a graph must keep it on both). The margin leaves room for the sampling noise
+between the two splits: with margin 1 a graph that just keeps the budget on 2,000 validation images is
+a coin flip at the test gate (the demo model of 2026-12-05: 99.10% agreement on validation, 98.93% on the
+10,000 test images: refused; with 0.7 the same checkpoint gave 99.15% on test: accepted). Both rules are folded into one score so that NNCF's single ``max_drop``
 enforces them together::
 
     score = 1 - max((1 - agreement) / (1 - min_agreement'), (fp32_accuracy - accuracy) / max_drop')
@@ -48,7 +50,7 @@ from .verify import DEFAULT_MIN_INT8_AGREEMENT as DEFAULT_MIN_AGREEMENT
 
 QUANTIZABLE_OV = ("Convolution", "GroupConvolution", "MatMul")
 QUANTIZABLE_ONNX = ("Conv", "MatMul", "Gemm")
-DEFAULT_MARGIN = 1.0  # the test gate checks the same budget again on other images
+DEFAULT_MARGIN = 0.7  # of each budget on validation: ~2 standard errors of a 99% agreement on 2000 images to spare
 
 
 @dataclass(frozen=True)

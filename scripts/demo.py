@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     step(f"evaluate offline on the test split (tta={TTA}, the same TTA the server applies; best.pt was chosen on "
          "the validation split carved from train/)", PY, "-m", "training", "evaluate",
          "--checkpoint", f"{RUN}/best.pt", "--data", f"{DATA}/test", "--tta", TTA, "--out", f"{RUN}/eval")
+    # The whole test split: INT8's gate (>= 99% of fp32's answers) on export's default 500 images would be
+    # decided by sampling noise (one standard error of a 99% agreement is 0.44 points on 500 images, 0.1 on 10,000).
     rc = step("export: every graph variant (fused normalization; fp16/bf16/INT8; in-graph TTA and top-k), each "
-         "checked against eager on 500 real test images", PY, "-m", "export", "--checkpoint", f"{RUN}/best.pt",
-         "--out", EXPORT, "--formats", "all", "--data", f"{DATA}/test", ok=(0, 3))
+         "checked against eager on the 10,000 test images", PY, "-m", "export", "--checkpoint", f"{RUN}/best.pt",
+         "--out", EXPORT, "--formats", "all", "--data", f"{DATA}/test", "--eval-images", "10000", ok=(0, 3))
     # Exit status 3: the accuracy gate refused some variants (INT8 that cannot keep 99% of fp32's answers
     # and 0.5 top-1 points even with its sensitive layers in fp32); the rest were written.
     if rc == 3:

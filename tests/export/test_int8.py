@@ -112,6 +112,7 @@ def test_accuracy_control_keeps_layers_in_fp32_where_int8_breaks_the_budget(rand
                "--calib-data", str(image_folder / "train"), "--max-drop", "100", "--min-agreement", "0.98"])
     out = capsys.readouterr()
     assert "kept in fp32" in out.out
+    assert "speed against its fp32 graph" in out.out and "on 1 thread (per core:" in out.out
     manifest = json.loads((tmp_path / "export.json").read_text()) if (tmp_path / "export.json").exists() else {}
     if rc == 0:
         info = manifest["variants"]["openvino-int8"]["int8"]
