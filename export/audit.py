@@ -18,7 +18,7 @@ import torch
 from inference.backends import load_backend
 from inference.transforms import normalize
 
-from .exporter import Exporter
+from .exporter import Exporter, int8_summary
 from .formats import VARIANTS
 from .integrity import check_checkpoint, hash_mismatches
 from .manifest import EXPORT_MANIFEST, load_manifest
@@ -125,4 +125,7 @@ def _compare_all(exporter: Exporter, manifest: dict, *, folder: str, record: str
             rows[row] = result
     log(f"verification against eager fp32 on {evalset.source}:")
     log(format_table(rows, reference_accuracy=ref_acc))
+    reports = {name: info["int8"] for name, info in manifest["variants"].items() if "int8" in info}
+    for line in int8_summary(rows, reports, where=f"on {evalset.source}"):
+        log(line)
     return rows

@@ -48,7 +48,7 @@ from .verify import (
 )
 from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
 
-__all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "sha256"]
+__all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "int8_summary", "sha256"]
 
 NEEDS_ONNX = {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
 NEEDS_CALIBRATION = {"onnx-int8", "openvino-int8"}
@@ -286,18 +286,19 @@ class Exporter:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def int8_summary(rows: dict[str, dict], reports: dict[str, dict]) -> list[str]:
-    """One line per INT8 variant: its accuracy cost on the test gate, layers kept in fp32, speed vs fp32
-    (:mod:`export.speed`)."""
+def int8_summary(rows: dict[str, dict], reports: dict[str, dict], *, where: str = "on the test gate") -> list[str]:
+    """One line per INT8 row: its accuracy cost ``where``, layers kept in fp32 (``reports``: the accuracy
+    control's, by variant), speed vs fp32 (:mod:`export.speed`). A row is named after its variant, or
+    ``"VARIANT (LABEL)"`` as ``verify`` names its runs."""
     out = []
-    for name, report in reports.items():
-        r = rows.get(name)
-        if r is None or "error" in r:
+    for row, r in rows.items():
+        report = reports.get(row.split(" (")[0])
+        if report is None or "error" in r:
             continue
         cost = r.get("accuracy_change_points")
         speed = f"; {describe_speed(r['speed_vs_fp32'])}" if r.get("speed_vs_fp32") else ""
-        out.append(f"{name}: accuracy {'n/a' if cost is None else f'{cost:+.2f}'} points, top-1 agreement "
-                   f"{r['top1_agreement']:.2%} on the test gate; {len(report['kept_fp32'])} of {report['layers']} "
+        out.append(f"{row}: accuracy {'n/a' if cost is None else f'{cost:+.2f}'} points, top-1 agreement "
+                   f"{r['top1_agreement']:.2%} {where}; {len(report['kept_fp32'])} of {report['layers']} "
                    f"layers kept in fp32{': ' + ', '.join(report['kept_fp32']) if report['kept_fp32'] else ''}{speed}")
     return out
 

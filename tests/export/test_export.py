@@ -223,6 +223,11 @@ def test_verify_cli_prints_the_table_for_a_dir_and_an_archive(export_dir, image_
     for row in ("onnx (cpu)", "onnx-int8 (cpu)", "torchscript-bf16 (cpu)", "openvino (f32)", "openvino (bf16)",
                 "openvino-int8 (f32)", "eager fp32"):
         assert row in proc.stdout, row
+    # per INT8 run: its accuracy cost on these images and the layers export.json says it keeps in fp32
+    kept = json.loads((export_dir / "export.json").read_text())["variants"]["openvino-int8"]["int8"]["kept_fp32"]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("openvino-int8 (f32): accuracy "))
+    assert "on 30 images of" in line and f"{len(kept)} of " in line and "layers kept in fp32" in line
+    assert any(x.startswith("onnx-int8 (cpu): accuracy ") for x in proc.stdout.splitlines())
     mar = build_archive(export_dir, variant="onnx-fp16", name="shapes", model_store=tmp_path)
     proc = subprocess.run([sys.executable, "-m", "export", "verify", "--archive", str(mar), "--data",
                            str(image_folder / "test"), "--eval-images", "30"], cwd=REPO, capture_output=True, text=True)
