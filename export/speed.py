@@ -13,8 +13,9 @@ cores. So :func:`int8_speedup` times the INT8 graph and its fp32 graph
 in turns (``rounds`` x (fp32, INT8), each a ``torch.utils.benchmark`` measurement of ``min_run_time``
 seconds at batch ``batch``) and compares the medians, so that a slow moment of a shared machine reaches
 both graphs. The two differ most on small graphs, whose many tiny operations do not scale over threads:
-on the Fashion-MNIST demo model (2-vCPU AMX Xeon, 2026-12-05) OpenVINO INT8 was 1.78x its fp32 graph on
-one thread and 1.36x on two, where the attention gates' reductions took twice as long on two threads as on one.
+on the Fashion-MNIST demo model (2-vCPU AMX Xeon, 2026-12-05) OpenVINO INT8 was 1.73x its fp32 graph on
+one thread and 1.30x on two, where the attention gates' reductions took twice as long on two threads as on one
+(docs/results.md).
 """
 from __future__ import annotations
 
