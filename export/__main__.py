@@ -31,7 +31,8 @@ def _export_parser() -> argparse.ArgumentParser:
         "convolutions (TorchScript freezing; the ONNX exporter in eval mode).\n\n"
         "Every variant is written and compared with the eager model on real images (--data) in a staging folder\n"
         "inside DIR, and refused (never moved into DIR) when it is off tolerance or loses more than --max-drop\n"
-        "top-1 points (exit status 3: the others are written). DIR/export.json lists each file with its SHA-256,\n"
+        "top-1 points (exit status 3: the others are written). Each INT8 variant is also timed against its fp32\n"
+        "graph, in turns, on one thread (per core) and on all (one process). DIR/export.json lists each file with its SHA-256,\n"
         "runtime, precision, input, outputs, numbers, date and checkpoint; a later run into DIR replaces the\n"
         "entries of the variants it writes and keeps the others. Subcommands: `python -m export verify --help`,\n"
         "`python -m export archive --help`.\n\nVariants (--formats):\n" + _variant_table())
