@@ -10,7 +10,7 @@ from inference.cli import run as run_cli
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
 
 from .formats import VARIANTS
-from .int8 import DEFAULT_MARGIN
+from .int8 import DEFAULT_MARGIN, DEFAULT_MAX_REVERTS
 from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
 from .wrappers import GRAPH_TTA_MODES
 
@@ -60,6 +60,10 @@ def _export_parser() -> argparse.ArgumentParser:
                    "refuse the graph at the test gate (0.7 with 2000 validation images: about two standard "
                    "errors of a 99%% agreement; 1: the whole budget, a coin flip at the test gate for a graph "
                    "that just keeps it)")
+    p.add_argument("--max-reverts", type=int, default=DEFAULT_MAX_REVERTS,
+                   help="iterations of INT8's accuracy control (NNCF's max_num_iterations; default: %(default)s): each "
+                   "reverts one more group of layers to fp32, or steps back and re-ranks (minutes on a large "
+                   "model); more lets a model whose INT8 churns keep the budget, with more layers in fp32")
     p.add_argument("--eval-images", type=int, default=500, help="images of --data used for parity/accuracy "
                    "(default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = exporter.run(names, data=args.data, calib_data=args.calib_data, eval_images=args.eval_images,
                                 calib_images=args.calib_images, max_drop=args.max_drop, val_data=args.val_data,
                                 val_images=args.val_images, min_agreement=args.min_agreement,
-                                val_margin=args.val_margin)
+                                val_margin=args.val_margin, max_reverts=args.max_reverts)
     except RefusedVariants as e:
         print(f"error: {e}", file=sys.stderr)
         return REFUSED_EXIT

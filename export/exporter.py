@@ -28,7 +28,16 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
-from .int8 import DEFAULT_MARGIN, Budget, attention_scopes, onnx_int8, onnx_node_name, openvino_int8, within_budget
+from .int8 import (
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_REVERTS,
+    Budget,
+    attention_scopes,
+    onnx_int8,
+    onnx_node_name,
+    openvino_int8,
+    within_budget,
+)
 from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
 from .speed import describe as describe_speed
@@ -75,6 +84,7 @@ class Exporter:
         self.validation = None  # (images, labels, source) of the held-out validation split, for INT8
         self.budget = Budget()
         self.keep_fp32: list[str] = []  # speed-only INT8: layers left fp32 (see run)
+        self.max_reverts = DEFAULT_MAX_REVERTS
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
@@ -139,7 +149,8 @@ class Exporter:
     def openvino_int8(self, onnx_fp32: str, path: str, calibration: torch.Tensor) -> dict:
         images, labels, _ = self.validation
         return openvino_int8(onnx_fp32, path, calibration=calibration, val_images=images, val_labels=labels,
-                             budget=self.budget, ignored=attention_scopes(self.model), log=self.log)
+                             budget=self.budget, ignored=attention_scopes(self.model), max_reverts=self.max_reverts,
+                             log=self.log)
 
     def int8_speed(self, name: str, path: str, evalset: EvalSet, *, folder: str) -> dict:
         """:func:`export.speed.int8_speedup` of INT8 graph ``name`` against its fp32 graph (written into ``folder``
@@ -196,7 +207,8 @@ class Exporter:
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
             eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
             val_data: str | None = None, val_images: int = 2000, min_agreement: float | None = None,
-            val_margin: float = DEFAULT_MARGIN, speed_only: bool = False, keep_fp32: list[str] = (), log=print) -> dict:
+            val_margin: float = DEFAULT_MARGIN, max_reverts: int = DEFAULT_MAX_REVERTS, speed_only: bool = False,
+            keep_fp32: list[str] = (), log=print) -> dict:
         """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.
 
         INT8 variants are accuracy-controlled (:mod:`export.int8`): calibrated on training images and
@@ -216,6 +228,9 @@ class Exporter:
                              "calibrated on training images and judged on the validation split first")
         if not 0 < val_margin <= 1:
             raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
+        if max_reverts < 1:
+            raise ValueError(f"--max-reverts must be at least 1, got {max_reverts}")
+        self.max_reverts = max_reverts
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
                              else min_agreement, margin=val_margin)
         os.makedirs(self.out, exist_ok=True)

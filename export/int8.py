@@ -27,7 +27,8 @@ fp32 scores 1 and a graph is within budget iff ``score >= 0``, i.e. an absolute 
   activation downstream (on the demo model: 98.7% top-1 agreement with them in INT8, 99.1% without).
   So do the first and the last weighted layer (the stem convolution on the three input channels, and
   the classifier), as is usual for INT8: 99.4% agreement with all of these in fp32.
-  At most ``max_reverts`` groups are reverted (each costs a re-ranking pass), then it gives up.
+  At most ``max_reverts`` iterations (``--max-reverts``): each reverts one group, and one that made the
+  budget worse is stepped back and costs a re-ranking pass (NNCF's ``max_num_iterations``); then it gives up.
 * **ONNX Runtime** (``onnx-int8``): ORT's static QDQ quantizer with the same layers excluded
   (``nodes_to_exclude``; the OpenVINO IR keeps the ONNX node names), then the same budget checked on
   the same validation images; a graph that still breaks it is refused by the exporter.
@@ -50,6 +51,7 @@ from .verify import DEFAULT_MIN_INT8_AGREEMENT as DEFAULT_MIN_AGREEMENT
 
 QUANTIZABLE_OV = ("Convolution", "GroupConvolution", "MatMul")
 QUANTIZABLE_ONNX = ("Conv", "MatMul", "Gemm")
+DEFAULT_MAX_REVERTS = 8  # NNCF iterations: a revert, or a step back and re-ranking when a revert made it worse
 DEFAULT_MARGIN = 0.7  # of each budget on validation: ~2 standard errors of a 99% agreement on 2000 images to spare
 
 
@@ -129,7 +131,7 @@ def _top1_openvino(compiled, images: torch.Tensor, *, batch: int = 64) -> np.nda
 
 
 def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, val_images: torch.Tensor,
-                  val_labels: torch.Tensor, budget: Budget, ignored: list[str] = (), max_reverts: int = 8,
+                  val_labels: torch.Tensor, budget: Budget, ignored: list[str] = (), max_reverts: int = DEFAULT_MAX_REVERTS,
                   ranking_images: int = 150, log=print) -> dict:
     """Write the accuracy-controlled OpenVINO INT8 IR to ``dst_xml``; return its report. ``ignored``:
     node-name patterns kept fp32 from the start (:func:`attention_scopes`)."""

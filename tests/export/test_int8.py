@@ -121,3 +121,33 @@ def test_accuracy_control_keeps_layers_in_fp32_where_int8_breaks_the_budget(rand
     else:  # ONNX Runtime with the same exclusions may still break the budget: then it is refused, not written
         assert rc == 3 and "onnx-int8" in out.err and not (tmp_path / "model_int8.onnx").exists()
         assert manifest["variants"]["openvino-int8"]["int8"]["kept_fp32"]
+
+
+def test_max_reverts_below_one_is_one_clear_line(checkpoint, image_folder, tmp_path):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--formats", "openvino-int8",
+              "--data", str(image_folder / "test"), "--max-reverts", "0"])
+    assert str(e.value) == "error: --max-reverts must be at least 1, got 0"
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_reverts_is_nncfs_iteration_bound(checkpoint, image_folder, tmp_path, monkeypatch):
+    """--max-reverts reaches NNCF's accuracy restorer; a failure inside it leaves nothing written."""
+    import nncf
+
+    from export.__main__ import main
+
+    seen = {}
+
+    def stop(*args, advanced_accuracy_restorer_parameters, **kwargs):
+        seen["iterations"] = advanced_accuracy_restorer_parameters.max_num_iterations
+        raise RuntimeError("stopped inside the accuracy control")
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", stop)
+    with pytest.raises(RuntimeError, match="stopped inside"):
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--formats", "openvino-int8",
+              "--data", str(image_folder / "test"), "--max-reverts", "3", "--min-agreement", "0.98"])
+    assert seen == {"iterations": 3}
+    assert not (tmp_path / "out" / "export.json").exists()
