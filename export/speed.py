@@ -22,15 +22,10 @@ from __future__ import annotations
 import statistics
 
 import torch
-from torch.utils import benchmark
 
 from inference.backends import load_backend
 
-
-def _ms(backend, batch: torch.Tensor, *, threads: int, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": batch},
-                            num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
+from .verify import ms_per_image
 
 
 def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds: int = 5,
@@ -51,7 +46,7 @@ def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds
         times: dict[str, list[float]] = {name: [] for name in graphs}
         for _ in range(rounds):
             for name, backend in graphs.items():
-                times[name].append(_ms(backend, x, threads=threads, min_run_time=min_run_time))
+                times[name].append(ms_per_image(backend, x, threads=threads, min_run_time=min_run_time))
         fp32_ms, int8_ms = statistics.median(times["fp32"]), statistics.median(times["int8"])
         out[setting] = {"threads": threads, "fp32_ms": fp32_ms, "int8_ms": int8_ms,
                         "speedup": fp32_ms / int8_ms}

@@ -81,14 +81,19 @@ def load_labelled(paths: list[str], labels: list[int], spec) -> tuple[torch.Tens
     return images, torch.tensor(labels)
 
 
+def ms_per_image(backend, batch: torch.Tensor, *, threads: int, min_run_time: float = 0.2) -> float:
+    """ms per image of ``backend(batch)``: the median of ``torch.utils.benchmark.Timer`` blocks over
+    ``min_run_time`` seconds, with torch at ``threads`` threads."""
+    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": batch}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
+
+
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
-    """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8 (the median of
-    ``torch.utils.benchmark.Timer`` blocks over 0.2 s, at torch's current thread count)."""
+    """All outputs over ``images`` in chunks (concatenated), plus ms per image at batch 8
+    (:func:`ms_per_image` over 0.2 s, at torch's current thread count)."""
     for _ in range(3):  # warm-up (TorchScript's profiling executor optimizes after a few runs)
         backend(images[:8])
-    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": images[:8]},
-                            num_threads=torch.get_num_threads())
-    ms = timer.blocked_autorange(min_run_time=0.2).median * 1000 / min(8, len(images))
+    ms = ms_per_image(backend, images[:8], threads=torch.get_num_threads())
     parts = [backend(images[i:i + chunk]) for i in range(0, len(images), chunk)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat([p[j].cpu() for p in parts]) for j in range(len(parts[0]))), ms
