@@ -37,7 +37,9 @@ def test_thread_groups_add_up_to_the_process_cpu():
         child.wait()
     assert set(groups) == {"other"}  # no Java thread names in a Python process
     assert sum(groups.values()) == pytest.approx(t.user + t.system, abs=0.05)
-    assert sum(groups.values()) >= 0.4
+    # both spinning threads are counted (one alone is 0.2 s); /proc counts clock ticks, not the exact
+    # CPU time the child waited for, so a 0.4 s process can read 0.39
+    assert sum(groups.values()) >= 0.35
 
 
 @pytest.mark.parametrize("argv", [["--requests", "0"], ["--clients", "0"], ["--warmup", "-1"]])
