@@ -37,7 +37,7 @@ from inference.class_index import INDEX_FILE, read_index_to_name
 from inference.explain import explain_request
 from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
 from inference.metrics import METRICS, batch_metrics
-from inference.requests import RequestError, parse_topk
+from inference.requests import RequestError
 from inference.responses import topk_predictions
 from inference.settings import HandlerSettings
 from inference.threads import WorkerThreads
@@ -122,15 +122,13 @@ class ImageClassifierHandler(BaseHandler):
         payloads, owners = [], []
         for i, row in enumerate(data):
             headers = self.context.get_all_request_header(i) if self.context else {}
-            batch.protocols[i] = protocol = protocols.detect(row, headers)
-            try:
-                req = protocols.read(row, protocol, headers=headers, max_images=self.settings.max_images_per_request)
-                batch.topk[i] = parse_topk(headers, default=self.default_topk, num_classes=self.max_topk,
-                                           body_value=req.topk)
-            except RequestError as e:
-                batch.errors[i] = e
-                continue
-            batch.requests[i] = req
+            batch.protocols[i], req, topk = protocols.read_row(
+                row, headers, max_images=self.settings.max_images_per_request, default_topk=self.default_topk,
+                max_topk=self.max_topk)
+            if isinstance(req, RequestError):
+                batch.errors[i] = req
+            else:
+                batch.requests[i], batch.topk[i] = req, topk
         # admission: every image's header first, then the request and batch budgets (no pixel decoded yet)
         cfg = self.settings
         limits = dict(max_pixels=cfg.max_pixels, max_aspect_ratio=cfg.max_aspect_ratio, max_frames=cfg.max_frames)

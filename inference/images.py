@@ -244,11 +244,11 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
             image = decode_rgb(data, **limits, info=info, min_side=min_side)
         except ImageError as e:
             return e
-        return transformed(image.to(device, non_blocking=True) if device is not None else image)
+        return transformed(image, upload=device is not None)
 
-    def transformed(image):
-        try:
-            return finish(image)
+    def transformed(image, *, upload: bool = False):
+        try:  # the upload too: a device out of memory on one large image is that image's alone
+            return finish(image.to(device, non_blocking=True) if upload else image)
         except Exception as e:  # a failure here is this image's alone
             return PreprocessError(f"preprocessing the {image.shape[-1]}x{image.shape[-2]} image failed: {e}")
 
@@ -266,14 +266,17 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
                 except ImageError as e:
                     results[i] = e
         if batched:
+            tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in batched]
             try:
-                decoded = jpeg_batch_decoder([torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8)
-                                              for i in batched])
+                decoded = jpeg_batch_decoder(tensors)
                 for i, image in zip(batched, transform_by_shape(decoded, transform, one=transformed)):
                     results[i] = image
-            except RuntimeError:  # one undecodable JPEG fails the whole call: decode those one by one
-                for i in batched:
-                    results[i] = None
+            except RuntimeError:  # one undecodable JPEG fails the whole call: each alone again on the same
+                for i, data in zip(batched, tensors):  # decoder, so the others keep their full-size decode
+                    try:
+                        results[i] = transform_by_shape(jpeg_batch_decoder([data]), transform, one=transformed)[0]
+                    except RuntimeError:  # this one: through decode_rgb below
+                        results[i] = None
     rest = [i for i in range(len(payloads)) if results[i] is None]
     mapper = pool.map if pool is not None else map
     for i, result in zip(rest, mapper(one, [(payloads[i], infos[i] if infos else None) for i in rest])):

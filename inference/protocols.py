@@ -20,10 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import struct
 
-from inference.requests import Request, RequestError, decode_b64, header, read_request
+from inference.requests import Request, RequestError, decode_b64, header, parse_topk, read_request
 from inference.responses import error_body
 
 TORCHSERVE, KSERVE_V1, OIP_V2 = "torchserve", "kserve_v1", "oip_v2"
@@ -32,6 +33,8 @@ OIP_INPUT = "image"                                  # the documented input name
 OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}
 BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
 
+log = logging.getLogger(__name__)
+
 
 def _body(row: dict | None, headers: dict | None):
     """The request's body; a JSON object sent without a JSON content type (it arrives as bytes) parsed."""
@@ -39,7 +42,7 @@ def _body(row: dict | None, headers: dict | None):
     if isinstance(body, (bytes, bytearray)) and body[:1] == b"{" and header(headers, BINARY_HEADER) is None:
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
             return body
         return parsed if isinstance(parsed, dict) else body
     return body
@@ -69,6 +72,25 @@ def detect(row: dict | None, headers: dict | None) -> str:
     return TORCHSERVE
 
 
+def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: int, max_topk: int
+             ) -> tuple[str, Request | RequestError, int | None]:
+    """One request of a batch: ``(protocol, request, topk)``, or ``(protocol, error, None)`` -- the protocol
+    its answer (or error) speaks. Whatever the request holds, this only returns: a failure that is not a
+    :class:`RequestError` is a bug of ours met on an odd request, answered with that request's 500 alone
+    (and logged), never raised into TorchServe, which would answer the whole batch with 503."""
+    protocol = TORCHSERVE
+    try:
+        protocol = detect(row, headers)
+        req = read(row, protocol, headers=headers, max_images=max_images)
+        return protocol, req, parse_topk(headers, default=default_topk, num_classes=max_topk, body_value=req.topk)
+    except RequestError as e:
+        return protocol, e, None
+    except Exception as e:
+        log.exception("reading a %s request failed", protocol)
+        return protocol, RequestError(f"the request could not be read: {type(e).__name__}: {e}", status=500,
+                                      error="internal error"), None
+
+
 def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: int = 32) -> Request:
     """The images and options of one request in ``protocol``; raises :class:`RequestError`."""
     body = _body(row, headers)
@@ -78,7 +100,11 @@ def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: i
         req = read_oip_v2(body, headers)
     else:
         row = {**row, "body": body} if "body" in row else row
-        return read_request(row, max_images=max_images, content_type=header(headers, "content-type"))
+        # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
+        types = None if is_grpc_call(headers) else {k: v.get("content-type") for k, v in (headers or {}).items()
+                                                     if isinstance(v, dict)}
+        return read_request(row, max_images=max_images, content_type=header(headers, "content-type"),
+                            field_types=types)
     if len(req.images) > max_images:
         raise RequestError(f"{len(req.images)} images in one request; the limit is {max_images}", status=413,
                            error="too many images")
@@ -101,10 +127,18 @@ def read_kserve_v1(body: dict) -> Request:
     return Request(images, multi=True, topk=body.get("topk", parameters.get("topk")), protocol=KSERVE_V1)
 
 
-def _flatten(data) -> list:
-    out = []
-    for item in data:
-        out.extend(_flatten(item) if isinstance(item, list) else [item])
+def _flatten(data: list) -> list:
+    """The leaves of nested lists in order (row-major, as OIP's ``data`` may nest by ``shape``); a loop
+    with a stack, not recursion, so no nesting depth can raise ``RecursionError``."""
+    out, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
     return out
 
 
@@ -112,7 +146,7 @@ def _binary_body(raw: bytes | bytearray, length: str) -> tuple[dict, bytes]:
     try:
         n = int(length)
         head = json.loads(bytes(raw[:n]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError(f"the {BINARY_HEADER} header ({length!r}) does not frame a JSON inference header",
                            error="bad request") from None
     if not isinstance(head, dict):
@@ -164,6 +198,9 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
     size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) \
         else None
     if size is not None:
+        if type(size) is not int or size < 0:
+            raise RequestError(f'input "{name}": parameters.binary_data_size must be a non-negative integer, got '
+                               f'{size!r}', error="bad request")
         elements = [_image_bytes(e) for e in _bytes_elements(binary[:size], f'input "{name}"')]
     else:
         data = tensor.get("data")
@@ -180,7 +217,7 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
     wanted = None
     if outputs is not None:
         names = [o.get("name") if isinstance(o, dict) else None for o in outputs] if isinstance(outputs, list) else [None]
-        unknown = [n for n in names if n not in OIP_OUTPUTS]
+        unknown = [n for n in names if not isinstance(n, str) or n not in OIP_OUTPUTS]
         if unknown or not names:
             raise RequestError(f'"outputs" may name {", ".join(OIP_OUTPUTS)}; got {unknown or names}',
                                error="bad request")

@@ -51,18 +51,24 @@ def _b64(item, where: str) -> bytes:
     return decode_b64(item.get("data") if isinstance(item, dict) else item, where)
 
 
-def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None) -> Request:
+def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None,
+                 field_types: dict[str, str] | None = None) -> Request:
     """The images of one TorchServe request row.
 
     * raw body (``{"body": bytes}``): one image;
     * JSON (TorchServe hands it over parsed): ``{"data": "<b64>", "topk": 3}``, ``{"data": ["<b64>", ...]}``
       or ``["<b64>", {"data": "<b64>"}, ...]`` -- a list gives a list back;
-    * multipart form: every file field is an image (several give a list back); a ``topk`` field sets k.
+    * multipart form (``content_type`` ``multipart/form-data``, whatever its fields are named, ``body``
+      too): every file field is an image (several give a list back); a ``topk`` field sets k. Text fields
+      are not images: ``field_types`` (field name -> the content type TorchServe saw for it, when known)
+      tells them apart, as TorchServe gives a file field its part's content type
+      (``application/octet-stream`` when the part names none) and a text field none.
     """
     if not row:
         raise RequestError("empty request: send image bytes as the body, a multipart file field, or JSON "
                            '{"data": "<base64>"}', error="empty body")
-    if "body" in row:
+    multipart = (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
+    if "body" in row and not multipart:
         body = row["body"]
         if isinstance(body, (bytes, bytearray)):
             if not body:
@@ -86,7 +92,9 @@ def read_request(row: dict, *, max_images: int = 32, content_type: str | None = 
             raise RequestError(f"unsupported body of type {type(body).__name__}", status=415,
                                error="unsupported media type")
     else:  # multipart: one key per form field
-        files = [v for k, v in row.items() if k != TOPK_FIELD and isinstance(v, (bytes, bytearray)) and v]
+        text = {k for k, t in (field_types or {}).items() if not t}
+        files = [v for k, v in row.items() if k != TOPK_FIELD and k not in text and isinstance(v, (bytes, bytearray))
+                 and v]
         if not files:
             raise RequestError("no image found in the form: send each image as a file field", error="missing image")
         req = Request(files, multi=len(files) > 1, topk=row.get(TOPK_FIELD))

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from inference.images import ImageError, decode_rgb
+from inference.protocols import read_row
 from inference.requests import RequestError, parse_topk, read_request
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -83,3 +84,23 @@ def test_topk_from_anywhere_is_validated(body_value, header_value):
         assert e.status == 400
         return
     assert 1 <= k <= 10
+
+
+oip_like = st.fixed_dictionaries({"inputs": st.one_of(json_values, st.lists(st.dictionaries(
+    st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values, max_size=5), max_size=2))},
+    optional={"outputs": json_values, "parameters": json_values, "id": json_values})
+kserve_like = st.fixed_dictionaries({"instances": json_values}, optional={"parameters": json_values, "topk": json_values})
+
+
+@FUZZ
+@given(st.one_of(rows, st.fixed_dictionaries({"body": st.one_of(oip_like, kserve_like)})),
+       st.dictionaries(st.sampled_from(["content-type", "inference-header-content-length", "X-Top-K"]),
+                       st.text(max_size=12), max_size=3))
+def test_reading_any_protocol_never_raises_and_errors_are_4xx(row, headers):
+    """TorchServe answers the whole batch with 503 when the handler raises: read_row must not, and what it
+    refuses is the client's 4xx (a 500 here would be a bug of ours that the fuzzing found)."""
+    protocol, req, topk = read_row(row, headers, max_images=8, default_topk=2, max_topk=5)
+    if isinstance(req, RequestError):
+        assert 400 <= req.status < 500 and str(req), req
+    else:
+        assert 1 <= len(req.images) <= 8 and 1 <= topk <= 5

@@ -74,6 +74,28 @@ def test_decompression_bomb_is_refused_from_the_header():
     assert e.value.status == 413
 
 
+def test_a_jpeg_the_batch_decoder_refuses_leaves_the_others_on_it():
+    """nvjpeg refusing one complete JPEG fails its whole batched call: the others are decoded again by the
+    same decoder, one by one (their answers must not change because another request sent a bad file),
+    and only the refused one takes the CPU path."""
+    from inference.images import decode_many
+
+    good = [encode(pattern_image(k, size=40, seed=i), "JPEG", quality=90) for i, k in enumerate(["circle", "vertical"])]
+    refused = encode(pattern_image("horizontal", size=40), "JPEG", quality=90)
+    calls = []
+
+    def decoder(datas):
+        calls.append(len(datas))
+        if any(bytes(d.numpy()) == refused for d in datas):
+            raise RuntimeError("simulated nvjpeg failure")
+        return [torch.full((3, 40, 40), 7, dtype=torch.uint8) for _ in datas]  # marks the decoder's output
+
+    out = decode_many([good[0], refused, good[1]], jpeg_batch_decoder=decoder)
+    assert calls == [3, 1, 1, 1]
+    assert (out[0] == 7).all() and (out[2] == 7).all()
+    assert torch.equal(out[1], decode_rgb(refused))
+
+
 def test_decode_many_batched_jpeg_path_equals_one_by_one():
     """The GPU path's logic (all JPEGs in one decode_jpeg call) run on the CPU: same pixels, and a bad
     or oversized JPEG only fails itself."""

@@ -109,6 +109,40 @@ def test_each_protocol_gets_its_own_4xx_while_a_neighbour_succeeds(server):
     assert good_v1.status_code == 200 and len(good_v1.json()["predictions"]) == 1
 
 
+def test_bodies_that_used_to_fail_their_whole_batch_get_their_own_400(server, native):
+    """These raised out of the handler's preprocess (TypeError, RecursionError), and TorchServe answered
+    every request of their batch 503: now each is its own 400, and a good neighbour gets its 200."""
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": B64[:1]}
+    deep = b'{"data":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    jobs = [("/v2/models/shapes/infer", {"json": {"inputs": [{**tensor, "parameters": {"binary_data_size": "9"}}]}}),
+            ("/v2/models/shapes/infer", {"json": {"inputs": [tensor], "outputs": [{"name": ["labels"]}]}}),
+            ("/predictions/shapes", {"data": deep, "headers": {"Content-Type": "application/json"}}),
+            ("/v2/models/shapes/infer", {"json": {"inputs": [tensor]}})]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # sent together: one batch window on this server
+        answers = list(pool.map(lambda j: requests.post(server.url + j[0], timeout=30, **j[1]), jobs))
+    size, outputs, nested, good = answers
+    assert size.status_code == 400 and "binary_data_size must be a non-negative integer" in size.json()["error"]
+    assert outputs.status_code == 400 and '"outputs" may name' in outputs.json()["error"]
+    assert nested.status_code == 400 and "malformed JSON" in nested.json()["detail"]
+    assert good.status_code == 200 and good.json()["outputs"][0]["data"][0] == native[0]["predictions"][0]["class"]
+
+
+def test_multipart_text_fields_are_not_images_and_any_file_field_is(server, native):
+    """requests' multipart forms: a text field beside the file is not an image (it was: 'not an image'),
+    and a file field named "body" is one of the files (it was taken for a raw body, the others dropped)."""
+    url = f"{server.url}/predictions/shapes"
+    one = requests.post(url, files={"image": ("a.png", IMAGES[0], "image/png")}, data={"note": "holiday", "topk": "2"},
+                        timeout=30)
+    assert one.status_code == 200, one.text
+    got, ref = one.json()["predictions"], native[0]["predictions"]
+    assert [p["index"] for p in got] == [p["index"] for p in ref]
+    assert [p["confidence"] for p in got] == pytest.approx([p["confidence"] for p in ref], abs=1e-5)
+    two = requests.post(url, files={"body": ("a.png", IMAGES[0], "image/png"), "other": ("b.jpg", IMAGES[1])},
+                        timeout=30)  # the second part names no content type: application/octet-stream
+    assert two.status_code == 200, two.text
+    assert [r["predictions"][0]["class"] for r in two.json()] == [n["predictions"][0]["class"] for n in native]
+
+
 def test_grpc_predictions_with_torchserves_inference_proto(server, stubs, native):
     pb, pb_grpc = grpc_stubs.load(stubs, "inference")
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_ports[0]}") as channel:
