@@ -107,8 +107,8 @@ def _archive_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated variants to archive ({', '.join(VARIANTS)}, or all exported)")
     p.add_argument("--name", required=True, help="model name: the URL is /predictions/NAME")
     p.add_argument("--version", default="1.0", help="model version for TorchServe's versioned management API")
-    p.add_argument("--file-name", default=None, help="archive file name without .mar (default: the model name); "
-                   "lets two versions of one model sit in one model store")
+    p.add_argument("--file-name", default=None, help="archive file name without .mar (default: the model name; "
+                   "with several variants, FILE_NAME_<variant>); lets two versions of one model sit in one model store")
     p.add_argument("--model-store", default="model_store", help="folder the archive is written to")
     p.add_argument("--archive-format", default="default", choices=["default", "no-archive"],
                    help="default: a zip .mar; no-archive: a plain folder, for development")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -149,6 +150,19 @@ def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, 
     return command
 
 
+#: What torch-model-archiver accepts as a model name (model_archiver.model_packaging_utils); the file name too,
+#: as it becomes a path and a URL.
+ARCHIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+def check_name(value: str, option: str) -> str:
+    """``value`` when torch-model-archiver accepts it as a name; else ``ValueError``, before anything is written."""
+    if not ARCHIVE_NAME.match(value):
+        raise ValueError(f"{option} {value!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
+                         "(the name is a URL path segment and a file name)")
+    return value
+
+
 def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
                   file_name: str | None = None, model_store: str | os.PathLike = "model_store",
                   archive_format: str = "default", **config) -> Path:
@@ -157,6 +171,8 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     ``config``: field names of :class:`WorkerSettings` and :class:`HandlerSettings` (defaults there).
     """
     export_dir = Path(export_dir)
+    check_name(name, "--name")
+    check_name(file_name or name, "--file-name")
     manifest = load_manifest(export_dir)
     if variant not in manifest["variants"]:
         raise ValueError(f"{export_dir} holds no {variant} graph (it has: {', '.join(manifest['variants'])})")
@@ -200,12 +216,14 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
 def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
                  file_name: str | None = None) -> list[tuple[str, str, str]]:
     """``(variant, model name, file name)`` of each archive of ``variants`` (``all``, or a comma list);
-    with several, model and file names get a ``_<variant>`` suffix."""
+    with several, model and file names (``file_name``, else ``name``) get a ``_<variant>`` suffix."""
+    check_name(name, "--name")
+    check_name(file_name or name, "--file-name")
     manifest = load_manifest(export_dir)
     names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     if len(names) == 1:
         return [(names[0], name, file_name or name)]
-    return [(v, f"{name}_{v.replace('-', '_')}", f"{name}_{v.replace('-', '_')}") for v in names]
+    return [(v, f"{name}_{v.replace('-', '_')}", f"{file_name or name}_{v.replace('-', '_')}") for v in names]
 
 
 def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,

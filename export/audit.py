@@ -64,6 +64,8 @@ def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None =
     ONNX graphs run on ONNX Runtime's CPU EP and, where present, the CUDA EP; OpenVINO graphs with
     the f32 and the bf16 precision hint; TorchScript on the CPU and, where present, CUDA.
     """
+    if eval_images < 1:
+        raise ValueError(f"--eval-images must be at least 1, got {eval_images}")
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         if archive:
             manifest = _read_archive(archive, tmp)

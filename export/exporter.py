@@ -79,6 +79,8 @@ class Exporter:
             raise ValueError(f"{checkpoint} changed while it was read (is training still writing it?); try again")
         self.base = FusedNormalization(self.model, mean=self.spec.mean, std=self.spec.std).eval()
         self.graph_tta = graph_tta
+        if graph_topk < 1:
+            raise ValueError(f"--graph-topk must be at least 1, got {graph_topk}")
         self.graph_topk = min(graph_topk, self.spec.num_classes)
         self.int8_reports: dict[str, dict] = {}  # accuracy control of this run's INT8 variants
         self.validation = None  # (images, labels, source) of the held-out validation split, for INT8
@@ -230,6 +232,10 @@ class Exporter:
             raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
         if max_reverts < 1:
             raise ValueError(f"--max-reverts must be at least 1, got {max_reverts}")
+        for option, count in (("--eval-images", eval_images), ("--calib-images", calib_images),
+                              ("--val-images", val_images)):
+            if count < 1:
+                raise ValueError(f"{option} must be at least 1, got {count}")
         self.max_reverts = max_reverts
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
                              else min_agreement, margin=val_margin)

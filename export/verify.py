@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils import benchmark
 
-from inference.images import read_image_file
+from inference.images import ImageError, read_image_file
 from inference.transforms import EvalPreset
 from training.image_folder import scan_image_folder
 
@@ -40,6 +40,15 @@ class EvalSet:
     source: str
 
 
+def _read(path: str, *, min_side: int | None) -> torch.Tensor:
+    """One image file as the server decodes it; an unreadable one is an error naming the file (an export
+    gate must not run on fewer images than it says, so it is not skipped)."""
+    try:
+        return read_image_file(path, min_side=min_side)
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+
+
 def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalSet:
     crop = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
     full = EvalPreset(crop_size=spec.resize_size, resize_size=spec.resize_size)
@@ -51,7 +60,7 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
     if classes != spec.class_names:
         raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")
     idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
-    decoded = [read_image_file(paths[i], min_side=crop.min_decode_side) for i in idx]  # as the server decodes
+    decoded = [_read(paths[i], min_side=crop.min_decode_side) for i in idx]  # as the server decodes
     return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[i] for i in idx]),
                    f"{len(idx)} images of {data}")
 
@@ -71,13 +80,13 @@ def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1
         paths = list(source)
     paths = random.Random(seed).sample(paths, min(count, len(paths)))
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    return preset.batch([read_image_file(p, min_side=preset.min_decode_side) for p in paths])
+    return preset.batch([_read(p, min_side=preset.min_decode_side) for p in paths])
 
 
 def load_labelled(paths: list[str], labels: list[int], spec) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images at the input size (decoded as the server decodes them) and their labels."""
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    images = preset.batch([read_image_file(p, min_side=preset.min_decode_side) for p in paths])
+    images = preset.batch([_read(p, min_side=preset.min_decode_side) for p in paths])
     return images, torch.tensor(labels)
 
 

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     os.chdir(REPO)
     step("data: Fashion-MNIST as an ImageFolder tree", PY, "-m", "training", "prepare-fashion-mnist", "--out", DATA)
-    step("train (CPU)", PY, "-m", "training", "train", "--data", DATA, *TRAIN_ARGS, "--out", RUN)
+    step("train (CPU)", PY, "-m", "training", "train", "--data", DATA, *TRAIN_ARGS, "--out", RUN,
+         "--force")  # each demo trains anew
     step(f"evaluate offline on the test split (tta={TTA}, the same TTA the server applies; best.pt was chosen on "
          "the validation split carved from train/)", PY, "-m", "training", "evaluate",
          "--checkpoint", f"{RUN}/best.pt", "--data", f"{DATA}/test", "--tta", TTA, "--out", f"{RUN}/eval")

@@ -99,6 +99,10 @@ def stop(args: argparse.Namespace) -> int:
         return 0
     state = json.loads(state_file.read_text())
     pid = state["pid"]
+    if not _running(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now
+        print(f"TorchServe PID {pid} is not running (a stale {state_file}, removed); nothing to stop")
+        state_file.unlink(missing_ok=True)
+        return 0
     if drain_timeout > 0 and state.get("metrics_url") and state.get("access_log"):
         try:
             os.kill(pid, 0)

@@ -26,7 +26,19 @@ def cases(tmp):
                               f"checkpoint not found: {tmp / 'best.pt'}"),
         "training predict": (["-m", "training", "predict", "--checkpoint", tmp / "best.pt", "--images", empty,
                               "--out", tmp / "p.csv"], "no images"),
+        "training evaluate not a checkpoint": (["-m", "training", "evaluate", "--checkpoint", tmp / "junk.pt",
+                                               "--data", empty], "junk.pt is not a checkpoint written by"),
+        "training evaluate no such device": (["-m", "training", "evaluate", "--checkpoint", tmp / "junk.pt", "--data",
+                                             empty, "--device", "gpu"], "--device 'gpu' is not a device"),
+        "training train into another run": (["-m", "training", "train", "--data", nope, "--out", tmp / "oldrun"],
+                                            "already holds a run (log.csv): resume it with --resume"),
+        "training train resume not a checkpoint": (["-m", "training", "train", "--resume", tmp / "junk.pt"],
+                                                   "--resume " + str(tmp / "junk.pt") + " is not a checkpoint"),
         "export": (["-m", "export", "--checkpoint", tmp / "best.pt", "--out", tmp / "ex"], "checkpoint not found"),
+        "export archive bad name": (["-m", "export", "archive", "--dir", noexport, "--name", "my model",
+                                     "--model-store", tmp / "store"], "--name 'my model': use letters, digits"),
+        "export verify no images": (["-m", "export", "verify", "--dir", noexport, "--eval-images", "0"],
+                                    "--eval-images must be at least 1"),
         "export archive before export": (["-m", "export", "archive", "--dir", noexport, "--name", "m",
                                           "--model-store", tmp / "store"],
                                          f"{noexport / 'export.json'} not found: run `python -m export"),
@@ -47,6 +59,9 @@ def cases(tmp):
 def test_a_mistake_is_one_line_and_exit_status_2(name, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noexport").mkdir()
+    (tmp_path / "junk.pt").write_bytes(b"a YAML file, an ONNX graph: anything but a checkpoint")
+    (tmp_path / "oldrun").mkdir()
+    (tmp_path / "oldrun" / "log.csv").write_text("epoch\n1\n")
     argv, expected = cases(tmp_path)[name]
     proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not TORCH_IMPORT_NOISE.match(ln)]

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import predict_folder
         n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
                            device=args.device, topk=args.topk)
-        print(f"{n} images classified -> {args.out}")
+        print(f"{n} images classified -> {args.out}")  # skipped files were named on stderr
     elif args.command == "explain":
         from inference.explain import MAX_GRID
 

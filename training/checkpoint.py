@@ -99,11 +99,28 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def read_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> dict:
+    """The dict saved in ``path`` by :func:`save_checkpoint`; ``FileNotFoundError`` when there is no such file
+    and ``ValueError`` naming ``what`` for any other file (a TorchScript archive, an ONNX graph, a YAML file:
+    ``torch.load`` raises anything from ``RuntimeError`` to ``UnpicklingError``). Never unpickles arbitrary
+    objects (``weights_only=True``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}" if what == "checkpoint" else
+                                f"{what} {path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} is not a checkpoint written by `python -m training train` "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path} is not a checkpoint written by `python -m training train` (it holds a "
+                         f"{type(ckpt).__name__})")
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict, dict]:
     """Return ``(spec, state_dict, checkpoint)``. Never unpickles arbitrary objects."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     missing = [k for k in ("arch", "class_names", "input_size", "mean", "std", "state_dict") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
@@ -118,5 +135,9 @@ def load_model(path: str | os.PathLike) -> tuple[ModelSpec, nn.Module]:
     """Rebuild the trained model in eval mode."""
     spec, state_dict, _ = load_checkpoint(path)
     model = spec.build()
-    model.load_state_dict(state_dict)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # weights of another shape than the architecture the checkpoint names
+        raise ValueError(f"{path}: its weights do not fit its architecture {spec.arch!r} "
+                         f"({' '.join(str(e).split())[:200]})") from None
     return spec, model.eval()

@@ -19,6 +19,7 @@ the options, their defaults and the YAML keys are always the same names (``--mix
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -30,7 +31,11 @@ from .formats import AUTO, FORMAT_CHOICES
 from .losses import LOSSES
 from .optim import OPTIMIZERS, SCHEDULES
 from .presets import TrainPreset
-from .runtime import AMP_MODES
+from .runtime import AMP_MODES, check_device
+
+#: Options of one invocation, not of the recipe: kept out of ``RUN/config.yaml`` (repeating a run from it must
+#: not resume or replace another) and never taken from a checkpoint's saved configuration.
+INVOCATION_ONLY = ("resume", "force")
 
 #: How DataLoader workers start (``--worker-start``); see ``Trainer.__init__``.
 WORKER_STARTS = ("forkserver", "fork")
@@ -148,6 +153,8 @@ class TrainConfig:
                               "Options left off come from the checkpoint's saved configuration, options given "
                               "override it (e.g. --epochs, --lr); a different architecture, class list, input "
                               "size or mean/std is refused")
+    force: bool = _opt(False, "replace the run that --out already holds (best.pt, last.pt, log.csv, "
+                       "test_metrics.json are removed when training starts); without it such an --out is refused")
     tensorboard: bool = _opt(False, "also log scalars to RUN/tensorboard (needs the tensorboard package)")
     progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
 
@@ -170,6 +177,10 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
         if self.max_bad_images < 0:
             raise ValueError(f"--max-bad-images must be >= 0, not {self.max_bad_images}")
+        if os.environ.get("WORLD_SIZE", "1") == "1":  # under torchrun each rank's device is checked as it starts
+            check_device(self.device)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)")
         return self
 
     @classmethod
@@ -182,8 +193,10 @@ class TrainConfig:
         return asdict(self)
 
     def save_yaml(self, path: str) -> None:
+        """The recipe, to repeat the run with ``--config``: every option but :data:`INVOCATION_ONLY`."""
+        values = {k: v for k, v in self.to_dict().items() if k not in INVOCATION_ONLY}
         with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            yaml.safe_dump(values, f, sort_keys=False)
 
 
 def load_yaml(path: str) -> dict:
@@ -226,17 +239,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def saved_config(checkpoint: str) -> dict:
     """The training configuration saved in ``checkpoint`` (``RUN/last.pt``), without its ``resume``;
     options this version no longer has are dropped, options it added keep their defaults."""
-    import torch
+    from .checkpoint import read_checkpoint
 
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"--resume {checkpoint}: checkpoint not found")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    saved = read_checkpoint(checkpoint, what="--resume").get("config")
     if not isinstance(saved, dict):
         raise ValueError(f"--resume {checkpoint}: the checkpoint holds no training configuration (not written by "
                          "python -m training train)")
     names = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in names and k != "resume"}
+    return {k: v for k, v in saved.items() if k in names and k not in INVOCATION_ONLY}
 
 
 def resume_config(checkpoint: str, given: dict | None = None) -> TrainConfig:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .runtime import check_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,6 +35,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    check_device(device)
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
     if device == "auto" or (device == "cuda" and info.enabled):
         dev = torch.device(f"cuda:{info.local_rank}" if cuda and info.enabled else ("cuda" if cuda else "cpu"))

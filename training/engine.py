@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from inference.transforms import EvalPreset, normalize
 
-from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint, write_atomically
+from .checkpoint import ModelSpec, load_checkpoint, read_checkpoint, save_checkpoint, write_atomically
 from .config import TrainConfig
 from .datasets import LazyDataset, TrainingImages, check_bad_images, collate_reporting, split_digest
 from .distributed import all_mean, barrier, broadcast, gather, init_distributed, shutdown
@@ -43,7 +43,17 @@ from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
 from .progress import tqdm
 from .reports import nll, topk_accuracy
-from .run_log import TEST_METRICS_FILE, add_scalars, append_log, open_tensorboard, start_log, write_test_metrics
+from .run_log import (
+    CONFIG_FILE,
+    TEST_METRICS_FILE,
+    add_scalars,
+    append_log,
+    claim_run_folder,
+    clear_run_folder,
+    open_tensorboard,
+    start_log,
+    write_test_metrics,
+)
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
 from .sampling import EpochSampler, class_balanced_sampler
 from .stats import dataset_stats, parse_normalize
@@ -97,6 +107,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         resume = self._open_resume(cfg.resume) if cfg.resume else None  # refuse a mismatch before any work
+        self.replaced = claim_run_folder(cfg.out, resume=cfg.resume, force=cfg.force)  # before rank 0 writes
         os.makedirs(cfg.out, exist_ok=True)
         self.bad_images: dict[str, str] = {}  # every unreadable training image met so far: path -> reason
         self._build_data()
@@ -266,7 +277,7 @@ class Trainer:
         cfg = self.cfg
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {path}: checkpoint not found")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path, what="--resume")
         if "optimizer" not in ckpt:
             raise ValueError(f"{path} holds no training state (optimizer, schedule): resume from RUN/last.pt")
         where = f"--resume {path}: the checkpoint's"
@@ -375,6 +386,9 @@ class Trainer:
 
     def run(self) -> dict:
         """Train the remaining epochs, then evaluate ``best.pt`` on the test split; returns its metrics."""
+        if self.start_epoch > self.cfg.epochs:  # before any file is written: a no-op would claim a best.pt
+            raise ValueError(f"--resume {self.cfg.resume}: the run has trained its {self.start_epoch - 1} epochs "
+                             f"already; pass --epochs N (more than {self.start_epoch - 1}) to train on")
         self.begin()
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
@@ -388,7 +402,8 @@ class Trainer:
 
     def begin(self) -> None:
         if self.main:
-            self.cfg.save_yaml(os.path.join(self.cfg.out, "config.yaml"))
+            clear_run_folder(self.cfg.out, self.replaced)
+            self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
             start_log(self.cfg.out, self.history)
         self.writer = open_tensorboard(self.cfg.out) if self.cfg.tensorboard and self.main else None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -102,17 +103,36 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
 
 def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "none", batch_size: int = 256,
                    device: str = "auto", topk: int = 1, progress: bool = True) -> int:
-    """Predictions for an unlabelled folder (searched recursively) as CSV; returns the image count."""
+    """Predictions for an unlabelled folder (searched recursively) as CSV; returns the image count.
+
+    A file that is not a readable image (corrupt, truncated, too large) is skipped, named on stderr with
+    its reason, and left out of the CSV; none readable at all is an error."""
     paths = sorted(str(p) for p in Path(images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
+    if topk < 1 or batch_size < 1:
+        raise ValueError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
     model.to(dev)
     preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
-    ds = LazyDataset(len(paths), lambda i: preset(read_image_file(paths[i], min_side=preset.min_decode_side)), label=-1)
-    probs, _ = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta, progress=progress,
-                       desc="predict")
-    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
-    write_predictions_csv(out_csv, paths, None, probs, spec.class_names, topk=topk)
-    return len(paths)
+    blank = preset(torch.zeros((3, 8, 8), dtype=torch.uint8))  # stands in for a skipped file in its batch
+    bad: dict[int, str] = {}
+
+    def load(i: int) -> torch.Tensor:
+        try:
+            return preset(read_image_file(paths[i], min_side=preset.min_decode_side))
+        except (OSError, ValueError) as e:  # inference.images.ImageError is a ValueError
+            bad[i] = str(e)
+            return blank
+
+    probs, _ = predict(model, DataLoader(LazyDataset(len(paths), load, label=-1), batch_size=batch_size), spec,
+                       device=dev, tta=tta, progress=progress, desc="predict")
+    for i, reason in sorted(bad.items()):
+        print(f"skipped {paths[i]}: {reason}", file=sys.stderr)
+    if len(bad) == len(paths):
+        raise ValueError(f"none of the {len(paths)} files under {images} is a readable image (first: {paths[0]}: "
+                         f"{bad[0]})")
+    keep = [i for i in range(len(paths)) if i not in bad]
+    write_predictions_csv(out_csv, [paths[i] for i in keep], None, probs[keep], spec.class_names, topk=topk)
+    return len(keep)

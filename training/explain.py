@@ -47,10 +47,7 @@ def explain_image(checkpoint: str | os.PathLike, image: str | os.PathLike, *, ou
         raise FileNotFoundError(f"image not found: {image}")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        spec, model = load_model(checkpoint)
-    except Exception as e:  # torch.load of another file raises anything from KeyError to UnpicklingError
-        raise ValueError(f"{checkpoint} is not a checkpoint written by `python -m training train` ({e!r})") from None
+    spec, model = load_model(checkpoint)  # another file: ValueError (training.checkpoint.read_checkpoint)
     dev = pick_device(device)
     model.to(dev)
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)

@@ -6,6 +6,9 @@
 * ``RUN/test_metrics.json``: the **test** split, evaluated once, at the end, with ``best.pt``
   (:func:`write_test_metrics`); the test split is never read during training.
 * with ``--tensorboard``, the epoch scalars in ``RUN/tensorboard``.
+
+:func:`claim_run_folder` keeps one run per folder: a second ``train --out RUN`` is refused while RUN holds
+a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it.
 """
 from __future__ import annotations
 
@@ -18,7 +21,31 @@ TEST_METRICS_FILE = "test_metrics.json"
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr", "seconds",
                "bad_images"]
 SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr")  # what TensorBoard gets
+CONFIG_FILE = "config.yaml"
+RUN_FILES = ("best.pt", "last.pt", LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
 _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
+
+
+def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False) -> list[str]:
+    """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
+    ``force`` will replace (removed by :func:`clear_run_folder` when the run starts). Resuming a checkpoint
+    of ``out`` itself continues that run there."""
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
+        return []
+    if not force:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): resume it with --resume "
+                         f"{os.path.join(out, 'last.pt')}, choose a new --out, or pass --force to replace it")
+    return held + [name for name in (CONFIG_FILE,) if os.path.exists(os.path.join(out, name))]
+
+
+def clear_run_folder(out: str, names: list[str]) -> None:
+    """Remove the replaced run's files (``--force``), so that no file of it outlives the new run's start."""
+    for name in names:
+        try:
+            os.remove(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
 
 
 def start_log(out: str, history: list[dict]) -> None:
@@ -50,7 +77,7 @@ def open_tensorboard(out: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+        raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
     return SummaryWriter(os.path.join(out, "tensorboard"))
 
 

@@ -11,8 +11,26 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 _AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def check_device(device: str) -> str:
+    """``device`` when this machine has it (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...); otherwise a
+    ``ValueError`` that says so, before any work (``torch`` itself would fail at the first ``.to()``)."""
     if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if check_device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

@@ -214,7 +214,8 @@ def test_make_stop_after_a_grpc_request_says_drained(metrics, tmp_path):
         f.write(line("W-9000-shapes_1.0", "POST", "/v2/models/shapes/infer", 200)
                 + grpc_line("W-9000-shapes_1.0", f"{GRPC}/Predictions", 0))
     metrics.arrivals = {"shapes": 2}
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # stands in for TorchServe: `stop` signals only a PID whose command line is TorchServe's
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "org.pytorch.serve.ModelServer"])
     try:
         state = tmp_path / "server.json"
         state.write_text(json.dumps({"pid": sleeper.pid, "metrics_url": metrics.url, "access_log": str(log),
@@ -228,6 +229,22 @@ def test_make_stop_after_a_grpc_request_says_drained(metrics, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_make_stop_never_signals_a_pid_that_is_no_longer_torchserve(tmp_path):
+    """A state file outliving its server (kill -9, a closed terminal, a reboot): its PID may belong to any
+    process now. ``stop`` leaves that process alone and removes the stale file."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = tmp_path / "server.json"
+        state.write_text(json.dumps({"pid": other.pid, "metrics_url": "http://127.0.0.1:9", "access_log": "x"}))
+        cli = subprocess.run([sys.executable, "-m", "scripts.ts_server", "stop", "--state-file", str(state)],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and f"TorchServe PID {other.pid} is not running" in cli.stdout, cli
+        assert other.poll() is None and not state.exists()  # still alive, not signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_drain_waits_for_a_busy_worker_that_no_counter_shows(metrics, tmp_path):

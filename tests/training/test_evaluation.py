@@ -27,6 +27,35 @@ def test_stats_and_predict_commands(image_folder, tmp_path, capsys):
     assert "top2_name" in rows[0]
 
 
+def test_predict_skips_and_names_unreadable_files(image_folder, tmp_path, capsys):
+    """A corrupt photo among good ones: named on stderr with its reason, left out of the CSV, the rest
+    classified exactly as without it; a folder of nothing readable is one clear error."""
+    import shutil
+
+    import pytest
+
+    from training.checkpoint import ModelSpec, save_checkpoint
+    spec = ModelSpec(arch="cbam_resnet", class_names=["circle", "horizontal", "vertical"], input_size=16,
+                     resize_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, model_kwargs=TINY_KWARGS)
+    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
+    photos = tmp_path / "photos"
+    shutil.copytree(image_folder / "test" / "circle", photos)
+    good = sorted(photos.iterdir())
+    args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(photos), "--batch-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "clean.csv")]) == 0
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "p.csv")]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {photos / 'broken.jpg'}: " in captured.err and f"{len(good)} images classified" in captured.out
+    with open(tmp_path / "p.csv") as f, open(tmp_path / "clean.csv") as g:
+        assert list(csv.DictReader(f)) == list(csv.DictReader(g))
+    for p in good:
+        p.unlink()
+    with pytest.raises(ValueError, match="none of the 1 files .* is a readable image"):
+        main([*args, "--out", str(tmp_path / "none.csv")])
+
+
 def test_train_and_evaluate_on_cifar_pickles(tmp_path):
     from tests.training.test_cifar import _cifar10
     _cifar10(tmp_path / "cifar", n=16)

@@ -140,6 +140,13 @@ def test_resume_from_best_pt_or_a_missing_file_is_refused(one_epoch_run, tmp_pat
         main(["train", "--resume", str(tmp_path / "nope.pt")])
 
 
+def test_resuming_a_finished_run_asks_for_more_epochs(one_epoch_run, tmp_path):
+    """Nothing to train: refused before anything is written (it used to print a best.pt that did not exist)."""
+    with pytest.raises(ValueError, match=r"has trained its 1 epochs already; pass --epochs N \(more than 1\)"):
+        main(["train", "--resume", str(one_epoch_run / "last.pt"), "--out", str(tmp_path / "again")])
+    assert not any((tmp_path / "again").glob("*"))
+
+
 def test_options_left_off_a_resume_come_from_the_checkpoint(tmp_path):
     """Only what is typed overrides, even a value equal to the default; the rest is the saved run's."""
     saved = TrainConfig(data="d", out="runs/x", epochs=3, lr=1e-3, label_smoothing=0.05, mixup_alpha=0.2,

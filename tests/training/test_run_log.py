@@ -11,3 +11,37 @@ def test_log_keeps_resumed_rows_and_leaves_missing_columns_empty(tmp_path):
     log = read_log(tmp_path / "log.csv")
     assert list(log) == LOG_COLUMNS and log["epoch"] == [1.0, 2.0] and log["train_loss"] == [0.5, 0.25]
     assert log["lr"][1] == 1e-3 and log["seconds"][1] == 1.3 and math.isnan(log["val_top1_ema"][1])
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    """A second run into a folder that holds one is refused before any work; resuming that run there is not;
+    --force replaces it, and no file of the old run outlives the new one's start."""
+    import pytest
+
+    from training.run_log import claim_run_folder, clear_run_folder
+    out = tmp_path / "run"
+    assert claim_run_folder(str(out)) == []  # not there yet
+    out.mkdir()
+    assert claim_run_folder(str(out)) == []  # empty
+    for name in ("best.pt", "last.pt", "log.csv", "config.yaml", "notes.txt"):
+        (out / name).write_text("old run")
+    with pytest.raises(ValueError, match=r"already holds a run \(best.pt, last.pt, log.csv\): resume it with --resume"):
+        claim_run_folder(str(out))
+    assert claim_run_folder(str(out), resume=str(out / "last.pt")) == []  # continues this run, in place
+    with pytest.raises(ValueError, match="already holds a run"):  # another run's checkpoint is no licence
+        claim_run_folder(str(out), resume=str(tmp_path / "other" / "last.pt"))
+    replaced = claim_run_folder(str(out), force=True)
+    assert sorted(replaced) == ["best.pt", "config.yaml", "last.pt", "log.csv"]
+    assert (out / "best.pt").exists()  # nothing removed before the run starts
+    clear_run_folder(str(out), replaced)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the run's own files
+
+
+def test_config_yaml_repeats_the_recipe_not_the_invocation(tmp_path):
+    import yaml
+
+    from training.config import TrainConfig
+    cfg = TrainConfig.create(data="d", out="o", resume="o/last.pt", force=True, epochs=3)
+    cfg.save_yaml(str(tmp_path / "config.yaml"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["epochs"] == 3 and "resume" not in saved and "force" not in saved
