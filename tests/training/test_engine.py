@@ -184,9 +184,12 @@ def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
     from training.engine import Trainer
     cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "tb"), model_kwargs=TINY_KWARGS, input_size=16,
                       batch_size=16, epochs=1, tensorboard=True, progress=False)
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+    if importlib.util.find_spec("tensorboard") is None:  # refused by the configuration, before any work
+        with pytest.raises(ValueError, match="needs the tensorboard package"):
+            cfg.validate()
+        with pytest.raises(ValueError, match="needs the tensorboard package"):  # and by the writer itself
             Trainer(cfg).run()
+        assert not (tmp_path / "tb" / "tensorboard").exists()
     else:
         Trainer(cfg).run()
         assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
