@@ -5,8 +5,10 @@
 Settings (environment variables, or the same names as locust options ``--images`` etc.):
   IMAGES      folder of images (searched recursively; .png/.jpg/.jpeg/.webp); default data/fashion-mnist/test
   MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
-  TOPK        optional X-Top-K header value
+  TOPK        optional X-Top-K header value (an integer >= 1)
   MAX_IMAGES  how many images to load into memory (default 500)
+  TOKEN       optional inference key, sent as "Authorization: Bearer TOKEN" (TorchServe's token
+              authorization: the "inference" key of key_file.json, e.g. with config.prod.properties)
   SCHEMA      the protocol and the expected answer:
               ours (default): raw bytes to /predictions/MODEL_NAME, {"predictions": [...]} back;
               stock: the same request, the {"class name": probability, ...} object of TorchServe's
@@ -19,7 +21,9 @@ Settings (environment variables, or the same names as locust options ``--images`
 
 Every response is checked: status 200, JSON with a non-empty "predictions" list whose entries have
 "class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
-as a failure.
+as a failure, and so does a request that got no answer (connection refused or reset, a timeout).
+A bad setting (no images, an unknown SCHEMA, TOPK that is not an integer >= 1) stops locust at start-up
+with one line.
 """
 from __future__ import annotations
 
@@ -44,21 +48,46 @@ def _options(parser):
                         help="images loaded into memory")
     parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=list(SCHEMAS),
                         help="expected response body")
+    parser.add_argument("--token", default=os.environ.get("TOKEN", ""), help="inference key (token authorization)")
 
 
 def load_payloads(folder: str, limit: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
+    if limit < 1:
+        raise SystemExit(f"error: --max-images (MAX_IMAGES) must be at least 1, not {limit}")
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise SystemExit(f"no images under {folder!r} (set --images or IMAGES)")
+        raise SystemExit(f"error: no images under {folder!r} (set --images or IMAGES)")
     paths = random.Random(seed).sample(paths, min(limit, len(paths)))
     return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
+
+
+def parse_topk(value: str) -> int | None:
+    """``--topk``/``TOPK``: empty (the model's default) or an integer >= 1."""
+    if not value:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise SystemExit(f"error: --topk (TOPK) must be an integer >= 1, not {value!r}")
+    return int(value)
 
 
 PAYLOADS: list = []
 
 
+@events.init.add_listener
+def _check(environment, **_):
+    """At start-up, before any user runs: a mistake stops locust with one line (argparse does not check an
+    environment variable's default against ``choices``)."""
+    opts = environment.parsed_options
+    if opts is None:  # locust used as a library, without its command line
+        return
+    if opts.schema not in SCHEMAS:
+        raise SystemExit(f"error: --schema (SCHEMA) {opts.schema!r} is not one of {', '.join(SCHEMAS)}")
+    parse_topk(opts.topk)
+    PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+
+
 @events.test_start.add_listener
-def _load(environment, **_):
+def _load(environment, **_):  # again: the web UI may have changed --images or --max-images since start-up
     opts = environment.parsed_options
     PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
 
@@ -72,6 +101,10 @@ def check_stock_body(body) -> str | None:
     return None
 
 
+def _probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def check_body(body: dict, topk: int | None) -> str | None:
     """Return what is wrong with a prediction body of this project's handler, or None."""
     preds = body.get("predictions") if isinstance(body, dict) else None
@@ -80,9 +113,9 @@ def check_body(body: dict, topk: int | None) -> str | None:
     if topk and len(preds) != topk:
         return f"{len(preds)} predictions, expected {topk}"
     for p in preds:
-        if not (isinstance(p.get("class"), str) and isinstance(p.get("index"), int)
-                and 0.0 <= float(p.get("confidence", -1)) <= 1.0):
-            return f"bad prediction entry {p}"
+        if not (isinstance(p, dict) and isinstance(p.get("class"), str) and isinstance(p.get("index"), int)
+                and _probability(p.get("confidence"))):
+            return f"bad prediction entry {str(p)[:100]}"
     return None
 
 
@@ -94,13 +127,21 @@ def check_kserve_v1_body(body, topk: int | None) -> str | None:
 
 
 def check_oip_v2_body(body, topk: int | None) -> str | None:
-    outputs = {o.get("name"): o for o in body.get("outputs", [])} if isinstance(body, dict) else {}
+    listed = body.get("outputs") if isinstance(body, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(o, dict) for o in listed):
+        return "expected \"outputs\": a list of tensors"
+    outputs = {str(o.get("name")): o for o in listed}
     if set(outputs) != {"labels", "scores", "indices"}:
-        return f"expected outputs labels, scores, indices; got {sorted(map(str, outputs))}"
+        return f"expected outputs labels, scores, indices; got {sorted(outputs)}"
     shape = outputs["scores"].get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == 1 and (not topk or shape[1] == topk)):
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == 1 and isinstance(shape[1], int)
+            and shape[1] >= 1 and (not topk or shape[1] == topk)):
         return f"scores shape {shape}, expected [1, {topk or 'k'}]"
-    if not all(0.0 <= float(v) <= 1.0 for v in outputs["scores"].get("data", [])):
+    for name in outputs:
+        data = outputs[name].get("data")
+        if not isinstance(data, list) or len(data) != shape[1]:
+            return f"{name}: expected {shape[1]} values (shape {shape})"
+    if not all(_probability(v) for v in outputs["scores"]["data"]):
         return "scores must be probabilities"
     return None
 
@@ -134,22 +175,32 @@ class ClassifierUser(FastHttpUser):
         opts = self.environment.parsed_options
         route, self.build, check = SCHEMAS[opts.schema]
         self.path = route.format(model=opts.model_name)
-        self.topk = int(opts.topk) if opts.topk else None
+        self.topk = parse_topk(opts.topk)
+        self.auth = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
         self.payloads = itertools.cycle(random.sample(PAYLOADS, len(PAYLOADS)))
         self.check = lambda body: check(body, self.topk)
 
     @task
     def classify(self):
         name, data, ctype = next(self.payloads)
-        with self.client.post(self.path, **self.build(data, ctype, self.topk), name=self.path,
-                              catch_response=True) as r:
+        request = self.build(data, ctype, self.topk)
+        request["headers"] = {**request.get("headers", {}), **self.auth}
+        with self.client.post(self.path, **request, name=self.path, catch_response=True) as r:
+            if not r.status_code:  # no answer at all: locust's stand-in response carries the error, no text
+                r.failure(f"no response: {getattr(r, 'error', None) or 'connection failed'}")
+                return
             if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
-                problem = self.check(r.json())
+                body = r.json()
             except ValueError:
-                problem = "response is not JSON"
+                r.failure(f"{name}: response is not JSON")
+                return
+            try:
+                problem = self.check(body)
+            except Exception as e:  # a body of a shape no check foresaw: still this request's failure
+                problem = f"unexpected body ({type(e).__name__}: {e})"
             if problem:
                 r.failure(f"{name}: {problem}")
             else:

@@ -127,6 +127,11 @@ def main(argv=None) -> int:
         return fail(f"--users/--grid: {e}")
     if args.batch < 1:
         return fail(f"--batch must be at least 1, got {args.batch}")
+    if min(args.duration, args.low_duration, args.search_duration, args.repeats) < 1 or args.limit_seconds <= 0:
+        # locust's -t 0s means "no time limit": the sitting would never end
+        return fail(f"--duration, --low-duration, --search-duration and --repeats must be at least 1 and "
+                    f"--limit-seconds above 0, got {args.duration}, {args.low_duration}, {args.search_duration}, "
+                    f"{args.repeats} and {args.limit_seconds}")
     if min(args.warmup, args.settle) < 0:
         return fail(f"--warmup and --settle must be 0 or more, got {args.warmup} and {args.settle}")
     if args.max_batch_delay < 0:
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         return fail(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if len(set(models)) != len(models):
+        return fail(f"--models names a model twice: {args.models}")
     unknown = [n for n in names + other_names + list(plan.set_configs) if n not in CONFIGS]
     if unknown:
         return fail(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")

@@ -243,7 +243,13 @@ class ModelSitting:
         where = eager_split(self.results)
         if where is not None:
             split, whose = where
-            eager = in_process_limit(self.job(CONFIGS["ours_fp32"], eager=str(self.prep.ckpt)), split)
+            try:
+                eager = in_process_limit(self.job(CONFIGS["ours_fp32"], eager=str(self.prep.ckpt)), split)
+            except RuntimeError as e:  # as for ours: recorded, and the sitting goes on (runtime_gap: NaN)
+                extra.setdefault("eager_limit_errors", []).append(str(e)[-2000:])
+                print(f"{self.model:<12.12} {'eager fp32':<19} {split!s:<4} in-process limit #{round_ + 1} failed: "
+                      f"{str(e)[-300:]}", flush=True)
+                return
             runs = extra.setdefault("eager_limits", [])
             runs.append(eager)
             extra["eager_limit"] = {**eager, "img_s": statistics.median(x["img_s"] for x in runs),

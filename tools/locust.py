@@ -64,7 +64,10 @@ def number(value) -> float | None:
 def aggregated(prefix: str | Path) -> dict:
     """The raw ``Aggregated`` row of ``PREFIX_stats.csv``."""
     with open(f"{prefix}_stats.csv") as f:
-        return next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+        row = next((r for r in csv.DictReader(f) if r["Name"] == "Aggregated"), None)
+    if row is None:  # locust stopped before its first request (a bad setting: its own output says which)
+        raise ValueError(f"{prefix}_stats.csv has no Aggregated row: locust sent no request")
+    return row
 
 
 def summary(prefix: str | Path) -> dict:

@@ -337,6 +337,11 @@ class TorchServe:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """:meth:`stop`, then remove the working directory when it is this object's own temporary one
+        (configuration, logs with an access log line per request, worker sockets)."""
         self.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

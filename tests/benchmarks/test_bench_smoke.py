@@ -20,9 +20,14 @@ RATIOS = re.compile(r"^ratios: isa=(AVX2|AVX512|AVX512_BF16|AMX) " + " ".join(
 
 
 def test_bench_smoke_runs_end_to_end():
+    import tempfile
+    from pathlib import Path
+    folders = lambda: set(Path(tempfile.gettempdir()).glob("torchserve-*"))  # noqa: E731
+    before = folders()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke"], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert folders() <= before  # every server of the sitting removed its temporary folder
     lines = proc.stdout.strip().splitlines()
     match = RATIOS.match(lines[-1])
     assert match, lines[-1]

@@ -137,8 +137,11 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert bench.main(["--batch", "0"]) == 2
     assert bench.main(["--max-batch-delay", "-1"]) == 2
     assert bench.main(["--settle", "-5"]) == 2
+    assert bench.main(["--duration", "0"]) == 2  # locust's -t 0s has no end: the sitting would hang
+    assert bench.main(["--search-duration", "-1"]) == 2
+    assert bench.main(["--models", "resnet50,resnet50"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 9 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 12 and all(line.startswith("error: ") for line in err)
 
 
 def test_tta_accuracy_val_fraction_uses_the_validation_split_training_held_out(image_folder):

@@ -28,6 +28,7 @@ from tests.conftest import encode, pattern_image
 from tools import REPO, grpc_stubs
 from tools.client import call
 from tools.drain import drain, inference_arrivals
+from tools.locust import locust_command, summary
 from tools.torchserve import free_port, read_properties
 
 pytestmark = pytest.mark.slow
@@ -156,6 +157,15 @@ def test_make_serve_with_the_prod_profile_is_ready_keyed_and_drains_every_route(
         status, body = _call(pred, method="POST", data=IMAGE, ctype="image/png")
         assert status == 400 and "InvalidKeyException" in body
         assert _call(pred, method="POST", key="wrong", data=IMAGE, ctype="image/png")[0] == 400
+        # the load test as users run it against this profile: --token sends the inference key
+        (tmp_path / "photos").mkdir()
+        (tmp_path / "photos" / "circle.png").write_bytes(IMAGE)
+        for token, prefix in ((keys["inference"], "keyed"), (None, "keyless")):
+            cmd = locust_command(url, images=tmp_path / "photos", model="shapes", users=2, seconds=3,
+                                 prefix=tmp_path / prefix, stop_timeout=None) + (["--token", token] if token else [])
+            subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120)
+            load = summary(tmp_path / prefix)
+            assert load["requests"] > 0 and load["failures"] == (0 if token else load["requests"]), (prefix, load)
         assert _call(f"{mgmt}/models")[0] == 400
         assert _call(f"{mgmt}/models", key=keys["inference"])[0] == 400
         status, body = _call(f"{mgmt}/models", key=keys["management"])

@@ -1,0 +1,107 @@
+"""locustfile.py as users run it: real locust processes against small loopback servers. Every request
+that did not get a good answer counts as a failure (no answer at all, a malformed body), and a bad
+setting stops locust at start-up with one line. (Locust monkey-patches the interpreter with gevent, so
+it runs in its own process, as it does for users.)"""
+import http.server
+import json
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from tests.conftest import REPO, encode, pattern_image
+from tools.locust import locust_command, summary
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"predictions": [{"class": "circle", "index": 0, "confidence": 0.75}]}
+MALFORMED = [  # each once made the check raise, and locust then recorded the request nowhere
+    {"predictions": ["x"]},
+    {"predictions": [{"class": "circle", "index": 0, "confidence": None}]},
+    {"predictions": [{"class": "circle", "index": 0, "confidence": "abc"}]},
+]
+
+
+class Answers(http.server.BaseHTTPRequestHandler):
+    bodies: list = []
+    served = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps(self.bodies[Answers.served % len(self.bodies)]).encode()
+        Answers.served += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(encode(pattern_image("circle", size=20, seed=i)))
+    return folder
+
+
+def _locust(host, images, prefix, *extra, seconds=3):
+    cmd = locust_command(host, images=images, model="m", users=2, seconds=seconds, prefix=prefix,
+                         stop_timeout=None) + list(extra)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_a_server_that_does_not_answer_is_all_failures(images, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _locust(f"http://127.0.0.1:{port}", images, tmp_path / "closed")
+    s = summary(tmp_path / "closed")
+    assert s["requests"] > 0 and s["failures"] == s["requests"], s
+
+
+@pytest.mark.parametrize("bodies,failing", [([GOOD], False), (MALFORMED, True)], ids=["good", "malformed"])
+def test_every_answer_is_checked_and_counted(images, tmp_path, bodies, failing):
+    Answers.bodies, Answers.served = bodies, 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _locust(f"http://127.0.0.1:{server.server_address[1]}", images, tmp_path / "p")
+    finally:
+        server.shutdown()
+        server.server_close()
+    s = summary(tmp_path / "p")
+    # the answered requests are in the statistics (those of malformed bodies were in none before); locust's
+    # final CSV row lags the last moments of the run, so not all of them
+    assert Answers.served / 2 < s["requests"] <= Answers.served, (s, Answers.served)
+    assert s["failures"] == (s["requests"] if failing else 0), s
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--schema", "kserve"], "invalid choice: 'kserve'"),
+    (["--topk", "abc"], "error: --topk (TOPK) must be an integer >= 1, not 'abc'"),
+    (["--max-images", "0"], "error: --max-images (MAX_IMAGES) must be at least 1, not 0"),
+])
+def test_a_bad_setting_stops_locust_at_start_up(images, tmp_path, extra, message):
+    proc = _locust("http://127.0.0.1:9", images, tmp_path / "bad", *extra, seconds=30)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    stats = tmp_path / "bad_stats.csv"
+    assert not stats.exists() or "Aggregated" not in stats.read_text()  # no request was sent
+
+
+def test_schema_from_the_environment_is_checked_too(images, tmp_path):
+    """argparse never checks a default (here SCHEMA's) against the choices: the locustfile does."""
+    import os
+    import sys
+    cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "locustfile.py"), "--headless", "-u", "1", "-r", "1",
+           "-t", "30s", "--host", "http://127.0.0.1:9", "--images", str(images)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SCHEMA": "kserve"})
+    assert proc.returncode != 0 and "error: --schema (SCHEMA) 'kserve' is not one of ours, stock" in proc.stderr, \
+        proc.stderr[-2000:]
