@@ -71,6 +71,14 @@ def parse_topk(value: str) -> int | None:
 
 
 PAYLOADS: list = []
+_LOADED: list = [None]  # the (folder, limit) PAYLOADS hold: loaded once, again only when the web UI changed them
+
+
+def _payloads_for(opts) -> None:
+    key = (opts.images, opts.max_images)
+    if _LOADED[0] != key:
+        PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+        _LOADED[0] = key
 
 
 @events.init.add_listener
@@ -83,13 +91,12 @@ def _check(environment, **_):
     if opts.schema not in SCHEMAS:
         raise SystemExit(f"error: --schema (SCHEMA) {opts.schema!r} is not one of {', '.join(SCHEMAS)}")
     parse_topk(opts.topk)
-    PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+    _payloads_for(opts)
 
 
 @events.test_start.add_listener
-def _load(environment, **_):  # again: the web UI may have changed --images or --max-images since start-up
-    opts = environment.parsed_options
-    PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+def _load(environment, **_):  # the web UI may have changed --images or --max-images since start-up
+    _payloads_for(environment.parsed_options)
 
 
 def check_stock_body(body) -> str | None:

@@ -1,10 +1,12 @@
 """Shared fixtures: a generated ImageFolder tree, a small checkpoint and its exports."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 # The test process is a gRPC client (tests/integration/test_protocols.py, ...) and later forks DataLoader
@@ -44,6 +46,33 @@ def pattern_image(kind: str, size: int = 20, seed: int = 0) -> np.ndarray:
     img = np.where(mask[..., None], color, rng.integers(0, 60, 3)).astype(np.uint8)
     noise = rng.integers(0, 20, img.shape, dtype=np.uint8)
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def json_server(answer):
+    """A loopback HTTP server answering every POST with ``answer(request body bytes)`` as JSON (200); yields
+    its base URL. Stands in for a service a test must not reach (OSV) or for a misbehaving one."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.dumps(answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:

@@ -2,15 +2,12 @@
 that did not get a good answer counts as a failure (no answer at all, a malformed body), and a bad
 setting stops locust at start-up with one line. (Locust monkey-patches the interpreter with gevent, so
 it runs in its own process, as it does for users.)"""
-import http.server
-import json
 import socket
 import subprocess
-import threading
 
 import pytest
 
-from tests.conftest import REPO, encode, pattern_image
+from tests.conftest import REPO, encode, json_server, pattern_image
 from tools.locust import locust_command, summary
 
 pytestmark = pytest.mark.slow
@@ -23,22 +20,15 @@ MALFORMED = [  # each once made the check raise, and locust then recorded the re
 ]
 
 
-class Answers(http.server.BaseHTTPRequestHandler):
+class Answers:
+    """The bodies the stand-in server answers in turn, and how many it has answered."""
     bodies: list = []
     served = 0
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps(self.bodies[Answers.served % len(self.bodies)]).encode()
-        Answers.served += 1
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+    @classmethod
+    def next(cls, _request: bytes) -> dict:
+        cls.served += 1
+        return cls.bodies[(cls.served - 1) % len(cls.bodies)]
 
 
 @pytest.fixture
@@ -68,13 +58,8 @@ def test_a_server_that_does_not_answer_is_all_failures(images, tmp_path):
 @pytest.mark.parametrize("bodies,failing", [([GOOD], False), (MALFORMED, True)], ids=["good", "malformed"])
 def test_every_answer_is_checked_and_counted(images, tmp_path, bodies, failing):
     Answers.bodies, Answers.served = bodies, 0
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        _locust(f"http://127.0.0.1:{server.server_address[1]}", images, tmp_path / "p")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with json_server(Answers.next) as url:
+        _locust(url, images, tmp_path / "p")
     s = summary(tmp_path / "p")
     # the answered requests are in the statistics (those of malformed bodies were in none before); locust's
     # final CSV row lags the last moments of the run, so not all of them

@@ -7,15 +7,14 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import tomllib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from scripts import audit
+from tests.conftest import json_server
 
 # jinja2 2.10 really is vulnerable (sandbox escape, fixed in 2.10.1): the fake OSV answers what api.osv.dev does.
 JINJA_VULN = {"id": "GHSA-462w-v97r-4m45", "aliases": ["CVE-2019-10906", "PYSEC-2019-217"],
@@ -30,26 +29,14 @@ def fake_osv():
     """An OSV /v1/query endpoint on loopback; yields (url, the (name, version) pairs it was asked about)."""
     queries: list[tuple[str, str]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            q = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            key = (q["package"]["name"], q["version"])
-            queries.append(key)
-            body = json.dumps({"vulns": VULNERABLE[key]} if key in VULNERABLE else {}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(body: bytes) -> dict:
+        q = json.loads(body)
+        key = (q["package"]["name"], q["version"])
+        queries.append(key)
+        return {"vulns": VULNERABLE[key]} if key in VULNERABLE else {}
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1/query", queries
-    server.shutdown()
-    server.server_close()
+    with json_server(answer) as url:
+        yield f"{url}/v1/query", queries
 
 
 @pytest.fixture
