@@ -48,7 +48,7 @@ def _options(parser):
                         help="images loaded into memory")
     parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=list(SCHEMAS),
                         help="expected response body")
-    parser.add_argument("--token", default=os.environ.get("TOKEN", ""), help="inference key (token authorization)")
+    parser.add_argument("--token", default=os.environ.get("TOKEN", ""), help="inference key (token authorization); write --token=KEY: a key may start with '-'")
 
 
 def load_payloads(folder: str, limit: int, seed: int = 0) -> list[tuple[str, bytes, str]]:

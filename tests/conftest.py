@@ -49,13 +49,16 @@ def pattern_image(kind: str, size: int = 20, seed: int = 0) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def json_server(answer):
+def json_server(answer, *, headers: list | None = None):
     """A loopback HTTP server answering every POST with ``answer(request body bytes)`` as JSON (200); yields
-    its base URL. Stands in for a service a test must not reach (OSV) or for a misbehaving one."""
+    its base URL. Stands in for a service a test must not reach (OSV) or for a misbehaving one. ``headers``:
+    a list that gets each request's headers (a dict)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
+            if headers is not None:
+                headers.append(dict(self.headers))
             body = json.dumps(answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -40,9 +40,9 @@ def images(tmp_path):
     return folder
 
 
-def _locust(host, images, prefix, *extra, seconds=3):
+def _locust(host, images, prefix, *extra, seconds=3, token=None):
     cmd = locust_command(host, images=images, model="m", users=2, seconds=seconds, prefix=prefix,
-                         stop_timeout=None) + list(extra)
+                         stop_timeout=None, token=token) + list(extra)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -90,3 +90,15 @@ def test_schema_from_the_environment_is_checked_too(images, tmp_path):
                           env={**os.environ, "SCHEMA": "kserve"})
     assert proc.returncode != 0 and "error: --schema (SCHEMA) 'kserve' is not one of ours, stock" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_the_token_is_sent_even_when_it_starts_with_a_dash(images, tmp_path):
+    """TorchServe's keys are URL-safe base64 (the key file of a run held "k_giUnIe"): one in 64 starts with
+    "-", which ``--token KEY`` made argparse take for an option; locust then stopped before any request."""
+    Answers.bodies, Answers.served = [GOOD], 0
+    seen: list = []
+    with json_server(Answers.next, headers=seen) as url:
+        proc = _locust(url, images, tmp_path / "t", token="-k_giUnIe")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert seen and {h.get("Authorization") for h in seen} == {"Bearer -k_giUnIe"}, seen[:2]
+    assert summary(tmp_path / "t")["failures"] == 0

@@ -24,10 +24,11 @@ PERCENTILES = ("50%", "66%", "75%", "80%", "90%", "95%", "98%", "99%", "99.9%", 
 def locust_command(host: str, *, images: str | Path, model: str, users: int, seconds: int, prefix: str | Path,
                    schema: str | None = None, full_history: bool = False, loglevel: str = "ERROR",
                    stop_timeout: int | None = 10, locustfile: str | Path = LOCUSTFILE,
-                   processes: int | None = None) -> list[str]:
+                   processes: int | None = None, token: str | None = None) -> list[str]:
     """``users`` closed-loop users spawned at once for ``seconds``; CSVs under ``prefix``. ``processes``:
     locust forks that many load processes (its ``--processes``; for servers faster than one core of
-    locust, e.g. a GPU's)."""
+    locust, e.g. a GPU's). ``token``: the inference key, sent as ``--token=KEY`` (TorchServe's keys are
+    URL-safe base64: one in 64 starts with "-", which ``--token KEY`` would read as an option)."""
     cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(users), "-r", str(users),
            "-t", f"{seconds}s", "--host", host, "--images", str(images), "--model-name", model]
     if schema:
@@ -40,6 +41,8 @@ def locust_command(host: str, *, images: str | Path, model: str, users: int, sec
         cmd += ["--stop-timeout", str(stop_timeout)]
     if processes and processes > 1:
         cmd += ["--processes", str(processes)]
+    if token:
+        cmd.append(f"--token={token}")
     return cmd
 
 

@@ -162,8 +162,9 @@ def test_make_serve_with_the_prod_profile_is_ready_keyed_and_drains_every_route(
         (tmp_path / "photos" / "circle.png").write_bytes(IMAGE)
         for token, prefix in ((keys["inference"], "keyed"), (None, "keyless")):
             cmd = locust_command(url, images=tmp_path / "photos", model="shapes", users=2, seconds=3,
-                                 prefix=tmp_path / prefix, stop_timeout=None) + (["--token", token] if token else [])
-            subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120)
+                                 prefix=tmp_path / prefix, stop_timeout=None, token=token)
+            run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert Path(f"{tmp_path / prefix}_stats.csv").is_file(), (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
             load = summary(tmp_path / prefix)
             assert load["requests"] > 0 and load["failures"] == (0 if token else load["requests"]), (prefix, load)
         assert _call(f"{mgmt}/models")[0] == 400
