@@ -120,7 +120,7 @@ def _archive_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "archive":
-        from .archive import archive_plan, archiver_command, build_archives
+        from .archive import ArchiverError, archive_plan, archiver_command, build_archives
         args = _archive_parser().parse_args(argv[1:])
         options = {f.name: getattr(args, f.name) for cls in (WorkerSettings, HandlerSettings) for f in fields(cls)
                    if f.metadata["cli"]}
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
                                    file_name=args.file_name, model_store=args.model_store,
                                    archive_format=args.archive_format, **options)
-        except (SettingsError, FileNotFoundError, ValueError) as e:
+        except (SettingsError, FileNotFoundError, ValueError, ArchiverError) as e:
             raise SystemExit(f"error: {e}") from None
         plan = archive_plan(args.dir, variants=args.variant, name=args.name, file_name=args.file_name)
         for path, (variant, name, file_name) in zip(paths, plan):

@@ -32,7 +32,7 @@ import inference
 from inference.class_index import INDEX_FILE
 from inference.settings import HandlerSettings, WorkerSettings
 
-from .atomic import clean_stale, publish_file, publish_tree, write_bytes
+from .atomic import clean_stale, publish_file, publish_tree
 from .integrity import check_files
 from .manifest import EXPORT_MANIFEST, PROVENANCE, load_manifest
 
@@ -108,18 +108,22 @@ def requirements(runtime: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_inputs(*, export_dir: Path, file_name: str, cfg: dict, card: dict, runtime: str) -> Path:
-    """The archiver's inputs, kept in ``EXPORT/archive/FILE_NAME/`` (each written atomically) so the raw
-    ``torch-model-archiver`` command :func:`archiver_command` prints can be re-run by hand:
-    ``model-config.yaml``, ``model_card.json``, ``requirements.txt`` and ``core/inference/``."""
-    inputs = export_dir / ARCHIVE_INPUTS / file_name
-    inputs.mkdir(parents=True, exist_ok=True)
-    write_bytes(path=inputs / "model-config.yaml", data=yaml.safe_dump(cfg, sort_keys=False).encode())
-    write_bytes(path=inputs / "model_card.json", data=json.dumps(card, indent=1).encode())
-    write_bytes(path=inputs / "requirements.txt", data=requirements(runtime).encode())
-    shutil.rmtree(inputs / "core", ignore_errors=True)
-    stage_core(inputs / "core")
-    return inputs
+class ArchiverError(RuntimeError):
+    """torch-model-archiver refused the inputs; the message ends with its last line of output."""
+
+
+def write_inputs(*, dest: Path, cfg: dict, card: dict, runtime: str) -> Path:
+    """The archiver's inputs in the new folder ``dest``: ``model-config.yaml``, ``model_card.json``,
+    ``requirements.txt`` and ``core/inference/``. :func:`build_archive` writes them in its temporary
+    folder and, once the archive is built, publishes them as ``EXPORT/archive/FILE_NAME/`` so that the raw
+    ``torch-model-archiver`` command :func:`archiver_command` prints can be re-run by hand (a refused or
+    failed build leaves the earlier inputs, those of the archive in the store)."""
+    dest.mkdir()
+    (dest / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (dest / "model_card.json").write_text(json.dumps(card, indent=1))
+    (dest / "requirements.txt").write_text(requirements(runtime))
+    stage_core(dest / "core")
+    return dest
 
 
 def archiver_arguments(*, inputs: Path, export_dir: Path, graph: Path, rest: list[Path], name: str, version: str,
@@ -173,6 +177,9 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     export_dir = Path(export_dir)
     check_name(name, "--name")
     check_name(file_name or name, "--file-name")
+    if "," in str(export_dir):  # the archiver's --extra-files is a comma-separated list of paths
+        raise ValueError(f"{export_dir}: torch-model-archiver cannot take a path with ',' in --extra-files; "
+                         "move or link the export folder to a path without one")
     manifest = load_manifest(export_dir)
     if variant not in manifest["variants"]:
         raise ValueError(f"{export_dir} holds no {variant} graph (it has: {', '.join(manifest['variants'])})")
@@ -190,13 +197,13 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
     file_name = file_name or name
     target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
     clean_stale(folder=model_store, name=target.name)  # what a killed build left
-    inputs = write_inputs(export_dir=export_dir, file_name=file_name, cfg=cfg, runtime=info["runtime"],
-                          card=model_card(manifest=manifest, info=info, name=name, version=version, variant=variant,
-                                          variant_info=info, runtime=info["runtime"], precision=info["precision"],
-                                          tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"],
-                                          parity=info["parity"], handler=cfg["handler"]))
+    card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
+                      runtime=info["runtime"], precision=info["precision"],
+                      tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"], parity=info["parity"],
+                      handler=cfg["handler"])
     with tempfile.TemporaryDirectory() as tmp:
         graph, *rest = copy_checked(export_dir=export_dir, info=info, dest=Path(tmp) / "graph")
+        inputs = write_inputs(dest=Path(tmp) / "inputs", cfg=cfg, card=card, runtime=info["runtime"])
         export_path = Path(tmp) / "out"
         export_path.mkdir()
         cmd = [sys.executable, "-m", "model_archiver.model_packaging"] + archiver_arguments(
@@ -204,12 +211,15 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
             export_path=export_path, archive_format=archive_format)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+            said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            raise ArchiverError(f"torch-model-archiver failed (exit status {proc.returncode}): {said}")
         built = export_path / (name if archive_format == "no-archive" else f"{name}.mar")
         if archive_format == "no-archive":
             publish_tree(src=built, dst=target)
         else:
             publish_file(src=built, dst=target)  # tmp may be another file system: copied in, then renamed
+        (export_dir / ARCHIVE_INPUTS).mkdir(exist_ok=True)
+        publish_tree(src=inputs, dst=export_dir / ARCHIVE_INPUTS / file_name)  # what the by-hand command reads
     return target
 
 
@@ -221,6 +231,8 @@ def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
     check_name(file_name or name, "--file-name")
     manifest = load_manifest(export_dir)
     names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"--variant {variants!r} names no variant (e.g. onnx, or all)")
     if len(names) == 1:
         return [(names[0], name, file_name or name)]
     return [(v, f"{name}_{v.replace('-', '_')}", f"{file_name or name}_{v.replace('-', '_')}") for v in names]

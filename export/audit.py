@@ -22,7 +22,16 @@ from .exporter import Exporter, int8_summary
 from .formats import VARIANTS
 from .integrity import check_checkpoint, hash_mismatches
 from .manifest import EXPORT_MANIFEST, load_manifest
-from .verify import DEFAULT_MAX_DROP, compare, effective_precision, format_table, load_eval_set, problems, run_backend
+from .verify import (
+    DEFAULT_MAX_DROP,
+    DEFAULT_MIN_INT8_AGREEMENT,
+    compare,
+    effective_precision,
+    format_table,
+    load_eval_set,
+    problems,
+    run_backend,
+)
 
 CARD = "model_card.json"
 
@@ -114,15 +123,19 @@ def _compare_all(exporter: Exporter, manifest: dict, *, folder: str, record: str
             row = f"{name} ({label})"
             try:
                 backend = load_backend(path, **kwargs)
-            except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
+            except Exception as e:  # the bf16 hint on a CPU without bf16: reported, not a problem of the graph
                 rows[row] = {"error": f"not run: {e}"}
+                if label != "bf16":  # a graph that cannot be run at all is not verified
+                    rows[row]["problems"] = [f"could not be loaded: {' '.join(str(e).split())[:300]}"]
                 continue
             output, ms = run_backend(backend, exporter.graph_input(variant, evalset))
             result = compare(output, exporter.reference(variant, evalset), kind=variant.output,
                              labels=evalset.labels, k=min(5, exporter.spec.num_classes))
             result.update(ms_per_image=ms, runtime=backend.providers)
+            gate = info.get("gate", {})  # the gate the export applied (exports before it was recorded: defaults)
             bad = problems(effective_precision(variant.precision, hint=label), result, reference_accuracy=ref_acc,
-                           max_drop=DEFAULT_MAX_DROP, cuda=label == "cuda")
+                           max_drop=gate.get("max_drop", DEFAULT_MAX_DROP), cuda=label == "cuda",
+                           min_agreement=gate.get("min_agreement", DEFAULT_MIN_INT8_AGREEMENT))
             result["problems"] = bad
             rows[row] = result
     log(f"verification against eager fp32 on {evalset.source}:")

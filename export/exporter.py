@@ -15,7 +15,7 @@ import torch
 from inference.backends import load_backend
 from inference.class_index import INDEX_FILE, write_index_to_name
 from inference.transforms import normalize
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, restore_model
 
 from .atomic import write_json
 from .formats import (
@@ -72,9 +72,7 @@ class Exporter:
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         self.checkpoint_sha256 = sha256(checkpoint)  # of the bytes loaded: checked again once they are
         self.spec, state_dict, self.ckpt = load_checkpoint(checkpoint)
-        self.model = self.spec.build()
-        self.model.load_state_dict(state_dict)
-        self.model.eval()
+        self.model = restore_model(self.spec, state_dict, source=checkpoint)
         if sha256(checkpoint) != self.checkpoint_sha256:
             raise ValueError(f"{checkpoint} changed while it was read (is training still writing it?); try again")
         self.base = FusedNormalization(self.model, mean=self.spec.mean, std=self.spec.std).eval()
@@ -203,7 +201,8 @@ class Exporter:
                 "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size]},
                 "input_size": size, "outputs": self.outputs(variant),
                 "tta": self.graph_tta if variant.output == "probabilities" else "none",
-                "topk": self.graph_topk if variant.output == "topk" else None, "parity": parity, **provenance}
+                "topk": self.graph_topk if variant.output == "topk" else None, "parity": parity,
+                "gate": {"max_drop": self.budget.max_drop, "min_agreement": self.budget.min_agreement}, **provenance}
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
@@ -230,6 +229,14 @@ class Exporter:
                              "calibrated on training images and judged on the validation split first")
         if not 0 < val_margin <= 1:
             raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
+        for option, path in (("--val-data", val_data), ("--calib-data", calib_data)):
+            if path and data and os.path.realpath(path) == os.path.realpath(data):
+                raise ValueError(f"{option} is --data ({data}): the test images judge the graph last, so INT8 "
+                                 "must be calibrated and controlled on other images (the default: the training run's)")
+        if not max_drop >= 0:
+            raise ValueError(f"--max-drop is in top-1 points and must be >= 0, got {max_drop}")
+        if min_agreement is not None and not 0 < min_agreement <= 1:
+            raise ValueError(f"--min-agreement is a share in (0, 1] (0.99 for 99%), got {min_agreement}")
         if max_reverts < 1:
             raise ValueError(f"--max-reverts must be at least 1, got {max_reverts}")
         for option, count in (("--eval-images", eval_images), ("--calib-images", calib_images),

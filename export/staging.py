@@ -1,7 +1,9 @@
 """The export transaction: every file of a run is written and verified in a staging folder inside the
 output folder (so on its file system), then moved in with ``os.replace``.
 
-* :class:`Staging` -- ``OUT/.staging-<pid>-<random>/``, removed on success and on failure.
+* :class:`Staging` -- ``OUT/.staging-<pid>-<random>/``, removed on success and on failure; a failure or
+  Ctrl-C during the commit's renames finishes them first (or, when that fails too, leaves the folder to
+  :func:`recover`), so ``OUT`` never keeps half of a commit.
 * :meth:`Staging.commit` -- fsyncs the staged files, writes a journal naming them (``export.json``
   last), then renames each into ``OUT``. Nothing else ever writes into ``OUT``.
 * :func:`recover` -- run before an export: a staging folder whose process is gone is either finished
@@ -35,6 +37,11 @@ class Staging:
         return self
 
     def __exit__(self, *exc) -> None:
+        if os.path.isfile(self.file(JOURNAL)):  # the commit began: finish it, or leave it to recover()
+            try:
+                _move_in(staging=self.path, out=self.out, names=_journal(self.path))
+            except BaseException:  # a second Ctrl-C, a full disk: the next export's recover() finishes it
+                return
         shutil.rmtree(self.path, ignore_errors=True)
 
     def file(self, name: str) -> str:
@@ -59,6 +66,15 @@ def _move_in(*, staging: str, out: str, names: list[str]) -> None:
     fsync_dir(out)
 
 
+def _journal(path: str) -> list[str] | None:
+    """The files a staging folder's commit moves in, or None where it never wrote its (whole) journal."""
+    try:
+        with open(os.path.join(path, JOURNAL)) as f:
+            return [str(n) for n in json.load(f)["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _owner(entry: str) -> int | None:
     pid = entry[len(STAGING_PREFIX):].split("-", 1)[0]
     return int(pid) if pid.isdigit() else None
@@ -75,14 +91,9 @@ def recover(*, out: str | os.PathLike, log=print) -> list[str]:
         pid = _owner(entry) if entry.startswith(STAGING_PREFIX) else None
         if pid is None or not os.path.isdir(path) or (pid != os.getpid() and pid_alive(pid)):
             continue
-        journal = os.path.join(path, JOURNAL)
-        try:
-            with open(journal) as f:
-                names = json.load(f)["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            names = None  # no (complete) journal: that run never began its commit
+        names = _journal(path)  # None: that run never began its commit
         if names is not None:
-            _move_in(staging=path, out=out, names=[str(n) for n in names])
+            _move_in(staging=path, out=out, names=names)
             done.append(f"finished the interrupted commit of {entry}")
         else:
             done.append(f"removed the unfinished {entry}")

@@ -3,9 +3,9 @@ status 2, no traceback.
 
 Every ``__main__`` of the project (``python -m training``, ``python -m export``, ``python -m benchmarks.bench``,
 ``python -m scripts.ts_server``, ``python -m scripts.soak``, ...) runs its ``main`` through :func:`run`. A
-mistake is :class:`UsageError` (raised where the code knows what the user should do), a missing or
-unreadable path (``FileNotFoundError``, ``NotADirectoryError``, ``IsADirectoryError``,
-``PermissionError``), ``SystemExit`` with a message (``raise SystemExit("error: ...")``), or any type a
+mistake is :class:`UsageError` (raised where the code knows what the user should do), a missing,
+misplaced or unreadable path (``FileNotFoundError``, ``FileExistsError`` -- a file where a folder is to
+be made --, ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), ``SystemExit`` with a message (``raise SystemExit("error: ...")``), or any type a
 command adds with ``expected=``; anything else is a bug and keeps its traceback. ``CLI_TRACEBACK=1`` in
 the environment shows the traceback of a mistake too. It lives in the core because every package may
 import the core, and nothing else: it needs only the standard library.
@@ -13,6 +13,7 @@ import the core, and nothing else: it needs only the standard library.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -23,7 +24,7 @@ class UsageError(Exception):
     """A mistake the user can fix; the message says what to do."""
 
 
-MISTAKES = (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+MISTAKES = (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def one_line(error: BaseException | str) -> str:
@@ -33,6 +34,9 @@ def one_line(error: BaseException | str) -> str:
         text = f"{error.filename}: {error.strerror[0].lower()}{error.strerror[1:]}"
     else:
         text = str(error)
+    if "\nOriginal Traceback (most recent call last):" in text:  # re-raised from a DataLoader worker: its message
+        last = [line for line in text.splitlines() if line.strip()][-1]  # "pkg.module.ImageError: path: reason"
+        text = re.sub(r"^[A-Za-z_][\w.]*: ", "", last.strip(), count=1)
     text = " ".join(text.split()) or type(error).__name__
     return text if text.startswith("error: ") else f"error: {text}"
 

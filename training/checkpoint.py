@@ -131,13 +131,19 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelSpec, dict, dict]:
     return spec, ckpt["state_dict"], ckpt
 
 
-def load_model(path: str | os.PathLike) -> tuple[ModelSpec, nn.Module]:
-    """Rebuild the trained model in eval mode."""
-    spec, state_dict, _ = load_checkpoint(path)
+def restore_model(spec: ModelSpec, state_dict: dict, *, source: str | os.PathLike) -> nn.Module:
+    """``spec``'s model with ``state_dict``'s weights, in eval mode; weights that do not fit the architecture
+    (another version of the code, other model kwargs) are a ``ValueError`` naming ``source``."""
     model = spec.build()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:  # weights of another shape than the architecture the checkpoint names
-        raise ValueError(f"{path}: its weights do not fit its architecture {spec.arch!r} "
+        raise ValueError(f"{source}: its weights do not fit its architecture {spec.arch!r} "
                          f"({' '.join(str(e).split())[:200]})") from None
-    return spec, model.eval()
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelSpec, nn.Module]:
+    """Rebuild the trained model in eval mode."""
+    spec, state_dict, _ = load_checkpoint(path)
+    return spec, restore_model(spec, state_dict, source=path)

@@ -154,10 +154,19 @@ def test_openvino_bf16_hint_lowers_only_fp32_graphs():
     assert effective_precision("fp16") == "fp16"
 
 
-def test_a_variant_over_max_drop_is_refused_and_not_written(checkpoint, image_folder, tmp_path, capsys):
+def refuse_reduced_precision(monkeypatch):
+    """The export gate refuses every graph that is not fp32 (as one over --max-drop is)."""
+    from export import exporter
+    real = exporter.problems
+    monkeypatch.setattr(exporter, "problems", lambda precision, result, **kw: real(precision, result, **kw) + (
+        [] if precision == "fp32" else ["top-1 accuracy drops 9.99 points > --max-drop 0.5 (the test's gate)"]))
+
+
+def test_a_variant_over_max_drop_is_refused_and_not_written(checkpoint, image_folder, tmp_path, capsys, monkeypatch):
     from export.__main__ import main
+    refuse_reduced_precision(monkeypatch)
     rc = main(["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--formats", "onnx,onnx-int8",
-               "--data", str(image_folder / "test"), "--max-drop", "-100"])  # every variant "drops" > -100
+               "--data", str(image_folder / "test")])
     assert rc == 3 and "refused" in capsys.readouterr().err
     assert not (tmp_path / "model_int8.onnx").exists() and (tmp_path / "model.onnx").exists()
     assert list(json.loads((tmp_path / "export.json").read_text())["variants"]) == ["onnx"]

@@ -15,6 +15,7 @@ from export.exporter import Exporter
 from export.integrity import sha256
 from export.staging import recover
 from tests.conftest import REPO
+from tests.export.test_export import refuse_reduced_precision
 
 
 def snapshot(folder) -> dict[str, bytes]:
@@ -37,12 +38,14 @@ def test_export_json_records_the_sha256_of_every_graph_file(export_dir, export_m
     assert not list(export_dir.glob(".staging-*"))
 
 
-def test_a_refused_export_leaves_the_earlier_export_byte_identical(checkpoint, image_folder, tmp_path, capsys):
+def test_a_refused_export_leaves_the_earlier_export_byte_identical(checkpoint, image_folder, tmp_path, capsys,
+                                                                   monkeypatch):
     out = tmp_path / "ex"
     data = ["--data", str(image_folder / "test")]
     assert export(checkpoint, out, "onnx,onnx-fp16", *data) == 0
     before = snapshot(out)
-    assert export(checkpoint, out, "onnx-fp16", *data, "--max-drop", "-100") == 3  # every variant "drops" > -100
+    refuse_reduced_precision(monkeypatch)
+    assert export(checkpoint, out, "onnx-fp16", *data) == 3
     assert "refused (not written): onnx-fp16" in capsys.readouterr().err
     assert snapshot(out) == before  # the earlier fp16 graph, its fp32 source and export.json: untouched
 
