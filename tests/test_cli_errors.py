@@ -31,7 +31,13 @@ def cases(tmp):
         "training evaluate no such device": (["-m", "training", "evaluate", "--checkpoint", tmp / "junk.pt", "--data",
                                              empty, "--device", "gpu"], "--device 'gpu' is not a device"),
         "training train into another run": (["-m", "training", "train", "--data", nope, "--out", tmp / "oldrun"],
-                                            "already holds a run (log.csv): resume it with --resume"),
+                                            "already holds a run (last.pt, log.csv): resume it with --resume"),
+        "training train model kwargs typo": (["-m", "training", "train", "--data", nope, "--out", tmp / "run",
+                                              "--model-kwargs", '{"width": 3}'],  # before the data is read
+                                             "--model-kwargs {'width': 3}: CBAMResNet.__init__() got an unexpected "
+                                             "keyword argument 'width'"),
+        "training train yaml type": (["-m", "training", "train", "--config", tmp / "recipe.yaml"],
+                                     "lr: expected a number, got 'fast'"),
         "training train resume not a checkpoint": (["-m", "training", "train", "--resume", tmp / "junk.pt"],
                                                    "--resume " + str(tmp / "junk.pt") + " is not a checkpoint"),
         "export": (["-m", "export", "--checkpoint", tmp / "best.pt", "--out", tmp / "ex"], "checkpoint not found"),
@@ -62,6 +68,8 @@ def test_a_mistake_is_one_line_and_exit_status_2(name, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"a YAML file, an ONNX graph: anything but a checkpoint")
     (tmp_path / "oldrun").mkdir()
     (tmp_path / "oldrun" / "log.csv").write_text("epoch\n1\n")
+    (tmp_path / "oldrun" / "last.pt").write_bytes(b"its checkpoint")
+    (tmp_path / "recipe.yaml").write_text(f"data: {tmp_path / 'nope'}\nout: {tmp_path / 'run'}\nlr: fast\n")
     argv, expected = cases(tmp_path)[name]
     proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not TORCH_IMPORT_NOISE.match(ln)]
@@ -100,3 +108,21 @@ def test_run_turns_mistakes_into_one_line_and_keeps_bugs(capsys, monkeypatch):
     with pytest.raises(UsageError):
         run(raises(UsageError("shown with its traceback")))
     assert one_line(PermissionError(13, "Permission denied", "/x")) == "error: /x: permission denied"
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_its_own_last_line():
+    """torch re-raises a worker's exception with the worker's whole traceback in the message."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise ValueError("/data/cat/IMG_1.jpg: cannot read the image: truncated")
+
+    with pytest.raises(ValueError) as e:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(e.value) and torch.utils.data.get_worker_info() is None
+    assert one_line(e.value) == "error: /data/cat/IMG_1.jpg: cannot read the image: truncated"

@@ -159,6 +159,8 @@ class TrainConfig:
     progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):  # values from a --config YAML or from Python arrive with any type
+            setattr(self, f.name, _typed(f, getattr(self, f.name)))
         if not self.data:
             raise ValueError("--data is required (or 'data:' in the --config file)")
         if not self.out:
@@ -197,6 +199,33 @@ class TrainConfig:
         values = {k: v for k, v in self.to_dict().items() if k not in INVOCATION_ONLY}
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(values, f, sort_keys=False)
+
+
+def _typed(f, value):
+    """``value`` as field ``f``'s annotated type (``float``, ``int | None``, ...): YAML reads ``1e-3`` as a
+    string and ``8.0`` as a float; anything that is not such a value is a ``ValueError`` naming the option."""
+    kinds = str(f.type).split(" | ")
+    if value is None and ("None" in kinds or f.default is None or None in (f.metadata.get("choices") or ())):
+        return None
+    kind = kinds[0]
+    if kind == "float" and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind == "int" and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    elif kind == "bool" and isinstance(value, bool):
+        return value
+    elif kind == "str" and isinstance(value, str):
+        return value
+    elif kind == "str" and not isinstance(value, bool) and isinstance(value, (int, float)):
+        return str(value)  # e.g. "device: 0" or "unfreeze: 0"
+    elif kind == "dict" and isinstance(value, dict):
+        return value
+    expected = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+                "dict": "a mapping"}.get(kind, kind)
+    raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
 
 
 def load_yaml(path: str) -> dict:

@@ -235,6 +235,36 @@ class TrainingImages(Dataset):
         return image, label, bad
 
 
+class ReadableImages(Dataset):
+    """Evaluation's view of ``ds`` (a validation folder or the test split, decoded on access): items
+    ``(image or None, label, bad)``; an unreadable file gives ``None`` and its ``(path, reason)`` in ``bad``, and
+    :func:`collate_readable` leaves it out of its batch. The metrics are then over the readable images and the
+    caller names the others (not the next image in its place, which would count one image twice)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.classes, self.paths, self.labels = ds.classes, ds.paths, ds.labels
+        self.root = getattr(ds, "root", None)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        try:
+            image, label = self.ds[i]
+        except UNREADABLE as e:
+            return None, int(self.labels[i]), [(self.paths[i], str(e))]
+        return image, label, []
+
+
+def collate_readable(batch):
+    """:func:`collate_reporting` of the readable items of ``batch`` (``images`` and ``labels`` are ``None``
+    when none is)."""
+    readable = [(image, label) for image, label, _ in batch if image is not None]
+    images, labels = _default_collate(readable) if readable else (None, None)
+    return images, labels, [b for _, _, bad in batch for b in bad]
+
+
 def collate_reporting(batch):
     """``default_collate`` of the ``(image, label)`` parts plus one flat list of the batch's
     unreadable ``(path, reason)`` pairs: ``(images, labels, bad)`` (workers pass it to the main process)."""

@@ -32,13 +32,22 @@ from inference.transforms import EvalPreset, normalize
 
 from .checkpoint import ModelSpec, load_checkpoint, read_checkpoint, save_checkpoint, write_atomically
 from .config import TrainConfig
-from .datasets import LazyDataset, TrainingImages, check_bad_images, collate_reporting, split_digest
+from .datasets import (
+    LazyDataset,
+    ReadableImages,
+    TrainingImages,
+    check_bad_images,
+    collate_readable,
+    collate_reporting,
+    split_digest,
+)
 from .distributed import all_mean, barrier, broadcast, gather, init_distributed, shutdown
 from .evaluation import predict
 from .finetune import ProgressiveUnfreezer, load_pretrained, param_groups, parse_schedule
 from .formats import build_splits
 from .losses import build_loss, class_weights
 from .mixing import BatchMixer
+from .models import build_model
 from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
 from .progress import tqdm
@@ -107,6 +116,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         resume = self._open_resume(cfg.resume) if cfg.resume else None  # refuse a mismatch before any work
+        self._check_model_options()
         self.replaced = claim_run_folder(cfg.out, resume=cfg.resume, force=cfg.force)  # before rank 0 writes
         os.makedirs(cfg.out, exist_ok=True)
         self.bad_images: dict[str, str] = {}  # every unreadable training image met so far: path -> reason
@@ -118,6 +128,21 @@ class Trainer:
             self._resume(cfg.resume, resume)
 
     # -- set-up -------------------------------------------------------------------------------------
+    def _check_model_options(self) -> None:
+        """The architecture, ``--model-kwargs``, ``--unfreeze`` and ``--pretrained``'s file, checked on a
+        2-class model without storage (meta device, milliseconds): a typo is one line before the data
+        (maybe thousands of photos and their statistics) is read."""
+        cfg = self.cfg
+        try:
+            with torch.device("meta"):
+                model = build_model(cfg.arch, num_classes=2, **dict(cfg.model_kwargs or {}))
+        except TypeError as e:  # an argument the architecture does not take
+            raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {e}") from None
+        if cfg.unfreeze:
+            ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze))
+        if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+            raise FileNotFoundError(f"--pretrained {cfg.pretrained}: file not found (nothing is downloaded)")
+
     def _build_data(self) -> None:
         cfg = self.cfg
         if cfg.augment == "random_resized_crop" and cfg.cache:
@@ -136,9 +161,11 @@ class Trainer:
             self.val_ds = None
         elif splits.val_carved:  # training images too: skipped and counted like them
             self.val_ds = TrainingImages(splits.val, max_bad_images=cfg.max_bad_images)
+        elif getattr(splits.val, "cache", None) is None:  # a val/ folder decoded per access (--no-cache)
+            self.val_ds = ReadableImages(splits.val)
         else:
             self.val_ds = splits.val
-        self.test_ds = splits.test  # read once, at the end (test_best); never cached
+        self.test_ds = ReadableImages(splits.test)  # read once, at the end (test_best); never cached
         if cfg.early_stopping and self.val_ds is None:
             raise ValueError("--early-stopping needs a validation split: with --val-fraction 0 and no val/ folder "
                              "there is none (the test split is never used to choose)")
@@ -149,6 +176,9 @@ class Trainer:
             cfg.normalize, dataset_stats_fn=lambda: dataset_stats(self._stats_view(), max_images=5000,
                                                                    progress=progress))
         num_classes = len(self.train_ds.classes)
+        if num_classes < 2:  # the loss is 0 from the start: a model that answers its one class at 100%
+            raise ValueError(f"{splits.train_name} holds {num_classes} class ({', '.join(self.train_ds.classes)}): "
+                             "a classifier needs at least 2 classes")
         self.spec = ModelSpec(arch=cfg.arch, class_names=list(self.train_ds.classes), input_size=cfg.input_size,
                               resize_size=self.eval_preset.resize_size, mean=tuple(self.mean), std=tuple(self.std),
                               model_kwargs=dict(cfg.model_kwargs or {}))
@@ -195,7 +225,7 @@ class Trainer:
         if self.val_ds is not None:
             self.val_loader = DataLoader(
                 self.val_ds, batch_size=cfg.batch_size * 2, shuffle=False, persistent_workers=cfg.workers > 0,
-                collate_fn=collate_reporting if isinstance(self.val_ds, TrainingImages) else None,
+                collate_fn={TrainingImages: collate_reporting, ReadableImages: collate_readable}.get(type(self.val_ds)),
                 generator=torch.Generator().manual_seed(cfg.seed), **self.loader_kwargs)
         self.mixer = BatchMixer(num_classes=num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
                                 prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
@@ -558,8 +588,13 @@ class Trainer:
         model.load_state_dict(state_dict)
         model.to(self.device)
         loader = DataLoader(self.test_ds, batch_size=self.cfg.batch_size * 2, shuffle=False,
-                            generator=torch.Generator().manual_seed(self.cfg.seed), **self.loader_kwargs)
-        probs, labels = predict(model, loader, spec, device=self.device, progress=self.cfg.progress, desc="test")
+                            collate_fn=collate_readable, generator=torch.Generator().manual_seed(self.cfg.seed),
+                            **self.loader_kwargs)
+        unreadable: list = []
+        probs, labels = predict(model, loader, spec, device=self.device, progress=self.cfg.progress, desc="test",
+                                bad=unreadable)
+        for image, reason in unreadable:  # left out of the numbers, named here and in test_metrics.json
+            self.warn(f"warning: test image {image} left out: {reason}")
         test = {"test_loss": nll(probs, labels), "test_top1": topk_accuracy(probs, labels, 1),
                 "test_top5": topk_accuracy(probs, labels, 5), "test_images": len(labels)}
         metrics = {**{k: v for k, v in dict(ckpt.get("metrics") or {}).items() if not k.startswith("test_")}, **test}
@@ -574,8 +609,9 @@ class Trainer:
             "selected_on": {"split": self.selection["split"], "source": self.selection["source"],
                             "images": self.selection["images"], "val_top1": metrics.get("selected_val_top1"),
                             "val_loss": metrics.get("selected_val_loss")},
-            "bad_training_images": sorted(self.bad_images)})
-        self.log(f"test split ({self.splits.test_name}, {len(labels)} images, evaluated once, at the end): "
+            "bad_training_images": sorted(self.bad_images), "unreadable_test_images": sorted(p for p, _ in unreadable)})
+        self.log(f"test split ({self.splits.test_name}, {len(labels)} images"
+                 f"{f' ({len(unreadable)} unreadable left out)' if unreadable else ''}, evaluated once, at the end): "
                  f"top-1 {test['test_top1']:.2%}, top-5 {test['test_top5']:.2%}, loss {test['test_loss']:.4f} "
                  f"with best.pt (epoch {ckpt['epoch']}, {metrics.get('weights')} weights, {chosen}) "
                  f"-> {os.path.join(self.cfg.out, TEST_METRICS_FILE)}")

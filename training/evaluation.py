@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from inference.tta import canvas_preset, predict_proba
 from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset
 from .formats import AUTO, FORMATS, build_datasets, detect_format
-from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, is_image_name
 from .progress import tqdm
 from .reports import (
     classification_metrics,
@@ -42,7 +41,8 @@ def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: to
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(probabilities (N, K), labels (N,))`` in loader order; batches are TTA canvases
     (``inference.tta.canvas_preset``). Batches may be ``(images, labels, bad)``
-    (:func:`training.datasets.collate_reporting`): the unreadable files go to ``bad`` when given."""
+    (:func:`training.datasets.collate_reporting`, :func:`~training.datasets.collate_readable`): the unreadable
+    files go to ``bad`` when given; a batch of none readable (``images`` None) is skipped."""
     model.eval()
     forward = lambda x: model(normalize(x, mean=spec.mean, std=spec.std))  # noqa: E731
     probs, labels = [], []
@@ -50,8 +50,12 @@ def predict(model: nn.Module, loader: DataLoader, spec: ModelSpec, *, device: to
         images, target = batch[0], batch[1]
         if bad is not None and len(batch) > 2:
             bad.extend(batch[2])
+        if images is None:
+            continue
         probs.append(predict_proba(forward, images.to(device), tta, crop_size=spec.input_size).float().cpu())
         labels.append(target)
+    if not probs:
+        raise ValueError(f"{desc}: none of the images could be read")
     return torch.cat(probs), torch.cat(labels)
 
 
@@ -101,13 +105,30 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
     return metrics
 
 
+def image_files(folder: str) -> list[str]:
+    """The image files under ``folder``, sorted: symlinked sub-folders followed (``Path.rglob`` does not before
+    Python 3.13), each real folder once (a link loop ends), hidden files and folders skipped."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images {folder}: folder not found")
+    paths, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [d for d in folders if not d.startswith(".")]
+        paths += [os.path.join(root, f) for f in files if is_image_name(f)]
+    return sorted(paths)
+
+
 def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "none", batch_size: int = 256,
                    device: str = "auto", topk: int = 1, progress: bool = True) -> int:
     """Predictions for an unlabelled folder (searched recursively) as CSV; returns the image count.
 
     A file that is not a readable image (corrupt, truncated, too large) is skipped, named on stderr with
     its reason, and left out of the CSV; none readable at all is an error."""
-    paths = sorted(str(p) for p in Path(images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(images)
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
     if topk < 1 or batch_size < 1:

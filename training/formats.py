@@ -84,10 +84,18 @@ def build_datasets(data: str | os.PathLike, *, format: str = AUTO, train_transfo
         train_ds = CifarDataset(root, split="train", transform=train_transform, **common)
         test_ds = CifarDataset(root, split="test", transform=eval_transform, **common)
         train_name, test_name = f"{train_ds.root} (train)", f"{test_ds.root} (test)"
-    if train_ds.classes != test_ds.classes:
-        raise ValueError(f"the classes of {train_name} ({len(train_ds.classes)}) and {test_name} "
-                         f"({len(test_ds.classes)}) differ")
+    check_same_classes(train_name, train_ds.classes, test_name, test_ds.classes)
     return train_ds, test_ds
+
+
+def check_same_classes(name: str, classes: list[str], other_name: str, other: list[str]) -> None:
+    """A ``ValueError`` naming the classes that only one of two splits has (or, with the same ones, the order)."""
+    if classes == other:
+        return
+    only = [f"only in {n}: {', '.join(map(repr, sorted(set(a) - set(b))[:5]))}"
+            for n, a, b in ((name, classes, other), (other_name, other, classes)) if set(a) - set(b)]
+    raise ValueError(f"the classes of {name} ({len(classes)}) and {other_name} ({len(other)}) differ"
+                     f" ({'; '.join(only) or 'same names, other order'}): every split needs the same class folders")
 
 
 @dataclass
@@ -155,9 +163,8 @@ def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform
         test_ds = CifarDataset(root, split="test", transform=eval_transform, progress=progress)
         train_name, test_name = f"{base.root} (train)", f"{test_ds.root} (test)"
     for name, ds in ((test_name, test_ds), (val_name, val_ds)):
-        if ds is not None and base.classes != ds.classes:
-            raise ValueError(f"the classes of {train_name} ({len(base.classes)}) and {name} "
-                             f"({len(ds.classes)}) differ")
+        if ds is not None:
+            check_same_classes(train_name, base.classes, name, ds.classes)
     train_ds, carved = base, False
     if val_ds is None and val_fraction > 0:
         keep, held = stratified_split(base.labels, val_fraction, seed=seed)

@@ -18,17 +18,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 CLASS_NAMES_FILE = "class_names.json"
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a directory entry named ``name`` is read as an image: an image extension, not hidden (a
+    macOS ``._photo.jpg`` AppleDouble file is metadata, not a photo)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_class_folder(path: Path) -> bool:
+    """A class folder: any folder not hidden (``.ipynb_checkpoints``, ``.git`` and the like are not classes)."""
+    return path.is_dir() and not path.name.startswith(".")
+
+
 def folder_name(class_name: str) -> str:
     """The folder of a class name: ``/`` cannot be in a folder name and becomes ``_``."""
     return class_name.replace("/", "_")
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], list[int]]:
-    """Return ``(class_names, paths, labels)`` for an ImageFolder tree."""
+    """Return ``(class_names, paths, labels)`` for an ImageFolder tree (hidden entries skipped)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in root.iterdir() if is_class_folder(p))
     if not folders:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<images>")
     display = {}
@@ -38,7 +49,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
         display = json.loads((root.parent / CLASS_NAMES_FILE).read_text(encoding="utf-8"))
     paths, labels = [], []
     for label, folder in enumerate(folders):
-        files = sorted(f for f in os.listdir(root / folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(root / folder) if is_image_name(f))
         paths += [str(root / folder / f) for f in files]
         labels += [label] * len(files)
     if not paths:

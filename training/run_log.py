@@ -8,7 +8,8 @@
 * with ``--tensorboard``, the epoch scalars in ``RUN/tensorboard``.
 
 :func:`claim_run_folder` keeps one run per folder: a second ``train --out RUN`` is refused while RUN holds
-a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it.
+a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it; a run stopped before
+its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume.
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
     held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
         return []
+    config = [name for name in (CONFIG_FILE,) if os.path.exists(os.path.join(out, name))]
+    if held == [LOG_FILE]:  # a run stopped (Ctrl-C) before its first epoch ended: no checkpoint, nothing to keep
+        return held + config
     if not force:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): resume it with --resume "
                          f"{os.path.join(out, 'last.pt')}, choose a new --out, or pass --force to replace it")
-    return held + [name for name in (CONFIG_FILE,) if os.path.exists(os.path.join(out, name))]
+    return held + config
 
 
 def clear_run_folder(out: str, names: list[str]) -> None:

@@ -34,10 +34,11 @@ import re
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from .checkpoint import pid_alive
-from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS
+from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
 
 SPLITS = ("train", "val", "test")
 MODES = ("copy", "symlink")
@@ -49,12 +50,20 @@ SPLIT_RECORD = "split.json"
 SPLIT_ENTRIES = frozenset({*SPLITS, SPLIT_RECORD, CLASS_NAMES_FILE})
 
 
+#: files an operating system's file browser leaves in any folder it shows: not the user's data
+OS_DROPPINGS = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _dropping(name: str) -> bool:
+    return name in OS_DROPPINGS or name.startswith("._")  # ._NAME: macOS AppleDouble metadata
+
+
 class SplitError(ValueError):
     """A user mistake: the message is one line saying what to do."""
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
+    return path.is_file() and is_image_name(path.name)
 
 
 def scan_classes(images: str | os.PathLike) -> dict[str, list[str]]:
@@ -70,13 +79,19 @@ def scan_classes(images: str | os.PathLike) -> dict[str, list[str]]:
     if loose:
         print(f"warning: {len(loose)} image files directly in {images} are in no class folder and are left out",
               file=sys.stderr)
-    classes = {}
+    classes, skipped = {}, Counter()
     for folder in folders:
         classes[folder.name] = sorted(p.name for p in folder.iterdir() if _is_image(p))
+        skipped.update(p.suffix.lower() or p.name for p in folder.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and not _is_image(p))
         nested = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if nested:
             print(f"warning: sub-folders of {folder} are left out (only its own image files are read): "
                   f"{', '.join(sorted(nested)[:3])}{', ...' if len(nested) > 3 else ''}", file=sys.stderr)
+    if skipped:  # e.g. an iPhone's .heic photos: a class of only those would read "has 0 images"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common(5))
+        print(f"warning: files of types that are not read are left out ({kinds}); images must be one of "
+              f"{', '.join(IMAGE_EXTENSIONS)} (convert the others, e.g. HEIC to JPEG)", file=sys.stderr)
     return classes
 
 
@@ -118,6 +133,9 @@ def plan_split(classes: dict[str, list[str]], *, val: float = DEFAULT_VAL, test:
     every split at least one.
     """
     check_fractions(val=val, test=test)
+    if len(classes) < 2:
+        raise SplitError(f"{len(classes)} class folder ({', '.join(map(repr, classes))}): a classifier needs at least "
+                         "2 classes, each in a folder of its own")
     need = min_class_size(val=val, test=test)
     small = {c: len(files) for c, files in classes.items() if len(files) < need}
     if small:
@@ -178,9 +196,10 @@ def _check_out(out: Path, images: Path, *, force: bool) -> bool:
         return False
     if not out.is_dir():
         raise SplitError(f"--out {out} exists and is not a folder")
-    entries = {p.name for p in out.iterdir()}
-    if not entries:
-        return False
+    found = {p.name for p in out.iterdir()}
+    entries = {name for name in found if not _dropping(name)}
+    if not entries:  # empty, or only a file browser's .DS_Store: replaced with the folder
+        return bool(found)
     if not entries & SPLIT_ENTRIES:
         raise SplitError(f"--out {out} is not empty and holds no split: choose a new folder")
     if not force:

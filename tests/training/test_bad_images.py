@@ -110,3 +110,47 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(small_folder):
     view[(3, 5)]
     assert torch.equal(torch.get_rng_state(), state)  # and the global generator is left as it was
     assert not all(torch.equal(view[(e, 5)][0], a) for e in (4, 5, 6))  # another epoch, another augmentation
+
+
+@pytest.mark.parametrize("where", ["test", "val"])
+def test_an_unreadable_test_or_val_image_is_left_out_and_named_not_the_end_of_the_run(small_folder, tmp_path, capsys,
+                                                                                     where):
+    """A corrupt photo that `split` put into test/ (or val/, read per access with --no-cache) used to stop the
+    run after all its epochs (test) or the first (val), with no test_metrics.json."""
+    root = tmp_path / "data"
+    shutil.copytree(small_folder, root)
+    if where == "val":
+        shutil.copytree(root / "test", root / "val")
+    bad = root / where / "circle" / "zz_broken.jpg"
+    bad.write_bytes(_truncated_jpeg())
+    run = tmp_path / "run"
+    best = Trainer(_cfg(root, run, normalize="imagenet", cache=False)).run()
+    report = json.loads((run / "test_metrics.json").read_text())
+    err = capsys.readouterr().err
+    if where == "test":
+        assert report["unreadable_test_images"] == [str(bad)]
+        assert f"warning: test image {bad} left out: " in err
+        assert report["images"] == best["test_images"] == len(list((root / "test").rglob("*.png")))
+    else:
+        assert f"warning: skipped unreadable training image {bad} (" in err and report["unreadable_test_images"] == []
+    assert [r["val_top1"] != "" for r in _log(run)] == [True, True]
+
+
+def test_readable_images_collate_leaves_unreadable_ones_out():
+    from training.datasets import ReadableImages, collate_readable
+
+    class Folder:
+        classes, paths, labels = ["a", "b"], ["x.png", "y.png", "z.png"], torch.tensor([0, 1, 1])
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise OSError("truncated")
+            return torch.full((3, 2, 2), i, dtype=torch.uint8), int(self.labels[i])
+
+    ds = ReadableImages(Folder())
+    images, labels, bad = collate_readable([ds[0], ds[1], ds[2]])
+    assert images[:, 0, 0, 0].tolist() == [0, 2] and labels.tolist() == [0, 1] and bad == [("y.png", "truncated")]
+    assert collate_readable([ds[1]]) == (None, None, [("y.png", "truncated")])

@@ -1,5 +1,9 @@
-"""Every ``choices`` of the command line is a module constant (training.config, training.__main__)."""
+"""Every ``choices`` of the command line is a module constant (training.config, training.__main__); values
+from a --config YAML are checked against their option's type."""
 import argparse
+import re
+
+import pytest
 
 from inference.tta import TTA_MODES
 from training.__main__ import _parser
@@ -33,3 +37,19 @@ def test_command_choices_are_the_module_constants():
     assert _choices(sub["stats"]) == {"format": FORMAT_CHOICES}
     assert _choices(sub["evaluate"]) == {"format": EVAL_FORMAT_CHOICES, "tta": TTA_MODES}
     assert _choices(sub["predict"]) == {"tta": TTA_MODES}
+
+
+def test_yaml_numbers_are_typed_and_wrong_types_are_one_line(tmp_path):
+    """PyYAML reads `lr: 1e-3` as the string '1e-3' (YAML 1.1 wants a dot): AdamW then raised a TypeError
+    after the data was loaded."""
+    from training.config import TrainConfig, load_yaml
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: d\nout: o\nlr: 1e-3\nema_decay: 9.99e-1\nepochs: 3.0\ndevice: cpu\n")
+    cfg = TrainConfig(**load_yaml(str(path))).validate()
+    assert (cfg.lr, cfg.ema_decay, cfg.epochs) == (0.001, 0.999, 3) and isinstance(cfg.epochs, int)
+    for values, message in ((dict(lr="fast"), "lr: expected a number, got 'fast'"),
+                            (dict(epochs=2.5), "epochs: expected an integer, got 2.5"),
+                            (dict(cache="yes"), "cache: expected true or false, got 'yes'"),
+                            (dict(model_kwargs=[16, 32]), "model_kwargs: expected a mapping, got [16, 32]")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            TrainConfig(data="d", out="o", device="cpu", **values).validate()

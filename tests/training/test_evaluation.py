@@ -67,3 +67,19 @@ def test_train_and_evaluate_on_cifar_pickles(tmp_path):
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(tmp_path / "cifar"),
                  "--out", str(run / "eval")]) == 0
     assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 16  # the test_batch
+
+
+def test_predict_finds_images_behind_symlinked_folders_once_and_skips_hidden_ones(tmp_path):
+    from tests.conftest import encode, pattern_image
+    from training.evaluation import image_files
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.png").write_bytes(encode(pattern_image("circle", size=8)))
+    photos = tmp_path / "photos"
+    (photos / ".ipynb_checkpoints").mkdir(parents=True)
+    (photos / ".ipynb_checkpoints" / "c.png").write_bytes(b"a checkpoint copy")
+    (photos / "a.png").write_bytes(encode(pattern_image("circle", size=8)))
+    (photos / "._a.png").write_bytes(b"AppleDouble")
+    (photos / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(photos)  # a cycle of links: each real folder is read once
+    assert image_files(str(photos)) == [str(photos / "a.png"), str(photos / "linked" / "b.png")]

@@ -21,3 +21,28 @@ def test_folder_without_classes_is_a_clear_error(tmp_path):
         scan_image_folder(tmp_path)
     with pytest.raises(FileNotFoundError):
         scan_image_folder(tmp_path / "nope")
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """A tree copied from a Mac or opened in Jupyter: `.ipynb_checkpoints` became a class and `._a.png`
+    AppleDouble files became unreadable "images"."""
+    from tests.conftest import encode, pattern_image
+    for c in ("cat", "dog", ".ipynb_checkpoints"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "a.png").write_bytes(encode(pattern_image("circle", size=8)))
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\0\5\x16\7AppleDouble")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"Bud1")
+    classes, paths, labels = scan_image_folder(tmp_path)
+    assert classes == ["cat", "dog"] and [p.split("/")[-2:] for p in paths] == [["cat", "a.png"], ["dog", "a.png"]]
+
+
+def test_splits_with_other_classes_name_them(tmp_path):
+    from tests.conftest import encode, pattern_image
+    from training.formats import build_splits
+    for split, classes in (("train", ("cat", "dog", "fox")), ("test", ("cat", "dgo"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            (tmp_path / split / c / "a.png").write_bytes(encode(pattern_image("circle", size=8)))
+    with pytest.raises(ValueError, match=r"\(3\) and .*test \(2\) differ \(only in .*train: 'dog', 'fox'; only in "
+                                         r".*test: 'dgo'\)"):
+        build_splits(tmp_path, cache=False, progress=False)

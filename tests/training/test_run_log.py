@@ -45,3 +45,14 @@ def test_config_yaml_repeats_the_recipe_not_the_invocation(tmp_path):
     cfg.save_yaml(str(tmp_path / "config.yaml"))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["epochs"] == 3 and "resume" not in saved and "force" not in saved
+
+
+def test_a_run_stopped_before_its_first_epoch_ended_is_replaced(tmp_path):
+    """Ctrl-C during epoch 1 leaves log.csv (its header) and config.yaml, no checkpoint: the same command again
+    used to be refused with "resume it with --resume RUN/last.pt", a file that does not exist."""
+    from training.run_log import claim_run_folder
+    out = tmp_path / "run"
+    out.mkdir()
+    start_log(str(out), [])
+    (out / "config.yaml").write_text("epochs: 3\n")
+    assert claim_run_folder(str(out)) == ["log.csv", "config.yaml"]

@@ -230,3 +230,30 @@ def test_the_command_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert one_error_line(proc.stderr) == f"error: --images {tmp_path / 'none'}: folder not found (expected " \
                                           "IMAGES/<class>/<image files>)"
+
+
+def test_what_a_file_browser_leaves_is_not_the_users_data(photos, tmp_path, capsys):
+    """Finder's .DS_Store in --out made `split --force` refuse ("holds more than a split"), and a new --out
+    folder holding only .DS_Store was "not empty"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert run(capsys, "--images", photos, "--out", out)[0] == 0
+    (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (out / "train" / "._circle").write_bytes(b"AppleDouble")
+    assert run(capsys, "--images", photos, "--out", out, "--seed", 1, "--force")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["split.json", "test", "train", "val"]
+
+
+def test_one_class_is_refused_and_unread_file_types_are_named(tmp_path, capsys):
+    photos = write_photos(tmp_path / "photos", {"circle": 10})
+    code, _, err = run(capsys, "--images", photos, "--out", tmp_path / "o")
+    assert code == 2 and "a classifier needs at least 2 classes" in one_error_line(err)
+    write_photos(photos, {"vertical": 10})
+    for i in range(3):
+        (photos / "vertical" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (photos / "vertical" / "._img_00.png").write_bytes(b"AppleDouble")  # hidden: neither read nor named
+    code, _, err = run(capsys, "--images", photos, "--out", tmp_path / "o")
+    assert code == 0 and "warning: files of types that are not read are left out (3 .heic)" in err
+    assert "HEIC to JPEG" in err and "._img" not in err
+    assert not any(name.startswith("._") for name in os.listdir(tmp_path / "o" / "train" / "vertical"))
