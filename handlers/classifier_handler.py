@@ -124,7 +124,7 @@ class ImageClassifierHandler(BaseHandler):
             headers = self.context.get_all_request_header(i) if self.context else {}
             batch.protocols[i], req, topk = protocols.read_row(
                 row, headers, max_images=self.settings.max_images_per_request, default_topk=self.default_topk,
-                max_topk=self.max_topk)
+                max_topk=self.max_topk, max_inflated=self.settings.max_inflated_bytes)
             if isinstance(req, RequestError):
                 batch.errors[i] = req
             else:

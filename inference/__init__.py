@@ -9,7 +9,9 @@ One concept per module:
 * ``class_index`` -- the ``index_to_name.json`` file
 * ``backends``    -- the runtimes (TorchScript, ONNX Runtime, OpenVINO; imported lazily)
 * ``settings``    -- every key of ``model-config.yaml``, its default, type and allowed values
-* ``requests``    -- reading one request of a batch (raw, JSON/base64, multipart) and its top-k
+* ``requests``    -- reading one request of a batch (raw, JSON/base64, multipart, compressed) and its top-k
+* ``protocols``   -- which protocol a request speaks (TorchServe's, KServe v1, OIP) and its answer
+* ``oip``         -- the Open Inference Protocol's tensors, binary and classification extensions
 * ``responses``   -- top-k answers with class names and confidences, JSON error bodies
 * ``batch``       -- what one TorchServe batch carries between the handler's stages
 * ``threads``     -- threads per worker, following the model's live workers

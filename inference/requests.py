@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 from dataclasses import dataclass
 
 TOPK_HEADER = "x-top-k"
 TOPK_FIELD = "topk"
+DEFAULT_MAX_INFLATED_BYTES = 64 << 20  # a compressed body's bytes once inflated: 4x max_request_size (16 MiB)
 
 
 class RequestError(ValueError):
@@ -32,6 +34,33 @@ class Request:
     protocol: str = "torchserve"
     id: str | None = None
     outputs: tuple[str, ...] | None = None
+    classification: dict[str, int] | None = None  # OIP outputs asked as Triton's classification: name -> count
+
+
+def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) -> bytes | bytearray:
+    """``body`` as sent, or inflated when its ``Content-Encoding`` is gzip or deflate (TorchServe 0.12's frontend
+    does not inflate); more than ``max_bytes`` once inflated is a 413, whatever the compression ratio."""
+    coding = (header(headers, "content-encoding") or "").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        raise RequestError(f"Content-Encoding {coding!r} is not supported: send gzip, deflate or none", status=415,
+                           error="unsupported encoding")
+    # gzip: its header (wbits 31); deflate: zlib's wrapper as HTTP says, or a bare stream as some clients send
+    for wbits in ((31,) if "gzip" in coding else (15, -15)):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(bytes(body), max_bytes + 1)
+        except zlib.error as e:
+            reason = str(e)
+            continue
+        if len(out) > max_bytes:
+            raise RequestError(f"the {coding} body inflates to more than {max_bytes} bytes", status=413,
+                               error="request too large")
+        if not inflater.eof:
+            raise RequestError(f"the {coding} body is cut off", error="bad encoding")
+        return out
+    raise RequestError(f"the body is not valid {coding} data ({reason})", error="bad encoding")
 
 
 def decode_b64(data, where: str) -> bytes:

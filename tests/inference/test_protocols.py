@@ -40,9 +40,10 @@ def test_the_protocol_is_told_by_the_body():
 
 
 def test_kserve_v1_instances_in_every_documented_shape():
-    body = {"instances": [{"data": B64}, {"b64": B64}, B64, {"data": {"b64": B64}}], "topk": 2}
+    body = {"instances": [{"data": B64}, {"b64": B64}, B64, {"data": {"b64": B64}}, {"image_bytes": {"b64": B64}}],
+            "topk": 2}
     req = read({"body": body}, KSERVE_V1)
-    assert req.images == [PNG] * 4 and req.multi and req.topk == 2 and req.protocol == KSERVE_V1
+    assert req.images == [PNG] * 5 and req.multi and req.topk == 2 and req.protocol == KSERVE_V1
     assert read({"body": {"instances": [B64], "parameters": {"topk": 3}}}, KSERVE_V1).topk == 3
 
 
@@ -183,3 +184,23 @@ def test_multipart_text_fields_are_not_images_and_any_field_name_is_a_file():
     assert read(row, TORCHSERVE, headers={**form, **types}).images == [PNG, JPEG]
     # a gRPC call's inputs carry no content type: every one is an image
     assert read({"data": bytearray(PNG)}, TORCHSERVE, headers={"data": {"content-type": ""}}).images == [PNG]
+
+
+def test_json_bodies_sent_as_bytes_with_leading_whitespace_or_a_bom_are_json():
+    """`curl --data-binary @request.json` of a pretty-printed file: a newline (or a BOM) before the "{"."""
+    body = json.dumps(oip([B64]), indent=2).encode()
+    for raw in (b"\n" + body, b"  \r\n\t" + body, b"\xef\xbb\xbf" + body):
+        protocol, req, _ = read_row({"body": bytearray(raw)}, {"Content-Type": "application/octet-stream"}, **ROW)
+        assert protocol == OIP_V2 and req.images == [PNG]
+    protocol, req, _ = read_row({"body": bytearray(b"\n" + PNG)}, {}, **ROW)  # not JSON: an image
+    assert protocol == TORCHSERVE and req.images == [b"\n" + PNG]
+
+
+def test_a_gzip_body_is_read_in_its_protocol_and_a_bomb_is_a_413():
+    import gzip
+    body = json.dumps({"instances": [B64]}).encode()
+    protocol, req, _ = read_row({"body": bytearray(gzip.compress(body))}, {"Content-Encoding": "gzip"}, **ROW)
+    assert protocol == KSERVE_V1 and req.images == [PNG]
+    protocol, err, _ = read_row({"body": bytearray(gzip.compress(b"\0" * (8 << 20)))}, {"Content-Encoding": "gzip"},
+                                **ROW, max_inflated=1 << 20)
+    assert protocol == TORCHSERVE and err.status == 413

@@ -97,3 +97,26 @@ def test_worker_threads_never_oversubscribe():
     assert worker_threads(0, workers=2, env={"OMP_NUM_THREADS": "2"}, cores=64) == 2      # a container's limit
     assert worker_threads(0, workers=2, env={}, cores=16) == 8                            # cores / workers
     assert worker_threads(0, workers=4, env={"OMP_NUM_THREADS": "x"}, cores=2) == 1       # never 0
+
+
+def test_a_compressed_body_is_inflated_within_its_budget():
+    import gzip
+    import zlib
+
+    from inference.requests import inflate
+    data = b"\x89PNG" + bytes(range(256)) * 40
+    assert inflate(data, {"Content-Type": "image/png"}, max_bytes=100) is data  # not compressed: as it came
+    for coding, packed in (("gzip", gzip.compress(data)), ("deflate", zlib.compress(data)),
+                           ("deflate", zlib.compress(data)[2:-4])):  # a bare deflate stream, as some clients send
+        assert inflate(packed, {"Content-Encoding": coding}, max_bytes=len(data)) == data
+    bomb = gzip.compress(b"\0" * (50 << 20))  # 50 MiB of zeros in about 50 KB
+    with pytest.raises(RequestError, match="inflates to more than 1048576 bytes") as e:
+        inflate(bomb, {"content-encoding": "gzip"}, max_bytes=1 << 20)
+    assert e.value.status == 413
+    with pytest.raises(RequestError, match="is cut off"):
+        inflate(gzip.compress(data)[:-20], {"content-encoding": "gzip"}, max_bytes=1 << 20)
+    with pytest.raises(RequestError, match="not valid gzip data"):
+        inflate(data, {"content-encoding": "gzip"}, max_bytes=1 << 20)
+    with pytest.raises(RequestError, match="'br' is not supported") as e:
+        inflate(data, {"content-encoding": "br"}, max_bytes=1 << 20)
+    assert e.value.status == 415

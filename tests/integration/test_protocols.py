@@ -84,6 +84,40 @@ def test_tritonclient_http_bad_input_is_a_400_with_the_oip_error(server):
         client.get_model_metadata("shapes")
 
 
+def test_tritonclient_http_classification_compression_and_default_outputs(server, native):
+    """What tritonclient sends by default or with its options: class_count (Triton's classification extension,
+    once ignored), gzip and deflate bodies (TorchServe 0.12 passes them on compressed: once 400s), outputs asked
+    in binary form (answered in JSON, which tritonclient reads)."""
+    client = triton_http.InferenceServerClient(url=_host(server))
+    image = triton_http.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
+    for algorithm in (None, "gzip", "deflate"):
+        result = client.infer("shapes", [image], request_compression_algorithm=algorithm,
+                              outputs=[triton_http.InferRequestedOutput("scores", class_count=2),
+                                       triton_http.InferRequestedOutput("labels")])
+        classes, labels = result.as_numpy("scores"), result.as_numpy("labels")
+        assert classes.shape == labels.shape == (2, 2), algorithm
+        for row, ref in zip(classes, native):  # "<score>:<index>:<label>", best first, as Triton writes them
+            parts = [(x.decode() if isinstance(x, bytes) else x).split(":", 2) for x in row]
+            assert [(int(i), name) for _, i, name in parts] == [(p["index"], p["class"]) for p in ref["predictions"]]
+            assert [float(v) for v, _, _ in parts] == pytest.approx([p["confidence"] for p in ref["predictions"]],
+                                                                    abs=1e-6)
+    result = client.infer("shapes", [image])  # no outputs named: every output, in JSON
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["labels", "scores", "indices"]
+    assert all(not isinstance(v, list) for v in result.get_response()["parameters"].values())  # scalars only
+
+
+def test_a_pretty_printed_json_file_sent_as_bytes_is_read_as_json(server, native):
+    """`curl --data-binary @request.json` without a JSON content type: the body starts with a newline or a BOM,
+    and was taken for an image ("not an image", in TorchServe's shape)."""
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": B64[:1]}]}, indent=2)
+    for raw in (("\n" + body).encode(), "\ufeff".encode() + body.encode()):
+        answer = requests.post(f"{server.url}/v2/models/shapes/infer", data=raw, timeout=30,
+                               headers={"Content-Type": "application/octet-stream"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][2]["data"][0] == native[0]["predictions"][0]["index"]
+
+
 def test_kserve_v1_two_instances_are_real_json_objects(server, native):
     r = requests.post(f"{server.url}/v1/models/shapes:predict", timeout=30,
                       json={"instances": [{"data": B64[0]}, {"b64": B64[1]}], "topk": 2})

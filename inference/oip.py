@@ -1,0 +1,190 @@
+"""The Open Inference Protocol (KServe v2, Triton; ``POST /v2/models/NAME/infer``): its requests and answers.
+
+* Request: ``{"id": ..., "inputs": [{"name": ..., "shape": [N], "datatype": "BYTES", "data": ["<b64>", ...]}],
+  "parameters": {"topk": k}, "outputs": [{"name": "labels"}, ...]}``. Triton's binary tensor extension
+  (``Inference-Header-Content-Length``; ``binary_data_size`` must be the bytes that follow) is read too: its
+  BYTES elements may be the raw image bytes or their base64 text.
+* Answer: the tensors ``labels`` (BYTES ``[N, k]``), ``scores`` (FP32 ``[N, k]``) and ``indices`` (INT64
+  ``[N, k]``); with adaptive TTA also ``tta_applied`` (BOOL ``[N]``, which any request may name). Response
+  ``parameters`` hold scalars only, as the protocol asks: ``tta`` and, with adaptive TTA, ``tta_applied_count``.
+* The classification extension: an output asked for with ``"parameters": {"classification": c}`` is
+  answered as Triton does, a BYTES ``[N, c]`` tensor of ``"<score>:<index>:<label>"`` strings, best first;
+  the request's k is then the largest ``c`` asked (with ``parameters.topk`` if larger).
+* Not served: binary *outputs* (``binary_data`` on an output, ``binary_data_output``): every answer is JSON,
+  which tritonclient and KServe's clients read (``InferResult`` parses a JSON-only body).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+
+from inference.requests import Request, RequestError, decode_b64, header
+
+OIP_V2 = "oip_v2"
+OIP_INPUT = "image"                                  # the documented input name (any one name is accepted)
+OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}   # the default answer
+OPTIONAL_OUTPUTS = {"tta_applied": "BOOL"}           # on request (and by default with adaptive TTA)
+BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
+
+
+def _flatten(data: list) -> list:
+    """The leaves of nested lists in order (row-major, as OIP's ``data`` may nest by ``shape``); a loop
+    with a stack, not recursion, so no nesting depth can raise ``RecursionError``."""
+    out, stack = [], [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _binary_body(raw: bytes | bytearray, length: str) -> tuple[dict, bytes]:
+    try:
+        n = int(length)
+        head = json.loads(bytes(raw[:n]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RequestError(f"the {BINARY_HEADER} header ({length!r}) does not frame a JSON inference header",
+                           error="bad request") from None
+    if not isinstance(head, dict):
+        raise RequestError("the binary request's inference header is not a JSON object", error="bad request")
+    return head, bytes(raw[n:])
+
+
+def _bytes_elements(blob: bytes, where: str) -> list[bytes]:
+    """Triton's BYTES tensor encoding: each element is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise RequestError(f"{where}: truncated BYTES element", error="bad request")
+        (n,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        if pos + n > len(blob):
+            raise RequestError(f"{where}: a BYTES element of {n} bytes runs past the data", error="bad request")
+        out.append(blob[pos:pos + n])
+        pos += n
+    return out
+
+
+def _image_bytes(element: bytes) -> bytes:
+    """A binary BYTES element: the image itself, or its base64 text (image bytes are never strict base64)."""
+    try:
+        decoded = base64.b64decode(element, validate=True)
+        return decoded if decoded else element
+    except (binascii.Error, ValueError):
+        return element
+
+
+def _elements(tensor: dict, name: str, binary: bytes) -> list[bytes]:
+    """The image bytes of the input tensor: from the binary data that follows the header, or its JSON ``data``."""
+    params = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
+    size = params.get("binary_data_size")
+    if size is None:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise RequestError(f'input "{name}": "data" must be a list of base64 strings', error="bad request")
+        # TorchServe's OIP gRPC service base64-encodes bytes_contents into this JSON: a client that sent
+        # base64 text there arrives encoded twice, one that sent the image bytes once (_image_bytes).
+        return [_image_bytes(decode_b64(d, f'input "{name}" element {i}')) for i, d in enumerate(_flatten(data))]
+    if type(size) is not int or size < 0:
+        raise RequestError(f'input "{name}": parameters.binary_data_size must be a non-negative integer, got '
+                           f'{size!r}', error="bad request")
+    if size != len(binary):  # Triton refuses both: a cut-off upload, or bytes that belong to no tensor
+        raise RequestError(f'input "{name}": parameters.binary_data_size is {size} but {len(binary)} bytes follow '
+                           "the inference header", error="bad request")
+    return [_image_bytes(e) for e in _bytes_elements(binary, f'input "{name}"')]
+
+
+def _outputs(outputs) -> tuple[tuple[str, ...] | None, dict[str, int]]:
+    """The output names asked for (``None``: the default answer) and the classification count of each
+    that asks for one."""
+    if outputs is None or outputs == []:
+        return None, {}
+    allowed = {**OIP_OUTPUTS, **OPTIONAL_OUTPUTS}
+    items = outputs if isinstance(outputs, list) else [None]
+    names = [o.get("name") if isinstance(o, dict) else None for o in items]
+    unknown = [n for n in names if not isinstance(n, str) or n not in allowed]
+    if unknown:
+        raise RequestError(f'"outputs" may name {", ".join(allowed)}; got {unknown}', error="bad request")
+    classification = {}
+    for name, o in zip(names, items):
+        params = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+        c = params.get("classification")
+        if c is None:
+            continue
+        if type(c) is not int or c < 1 or name in OPTIONAL_OUTPUTS:
+            raise RequestError(f'output "{name}": parameters.classification must be an integer >= 1 on labels, '
+                               f"scores or indices, got {c!r}", error="bad top-k")
+        classification[name] = c
+    return tuple(names), classification
+
+
+def read_oip_v2(body, headers: dict | None = None) -> Request:
+    binary = b""
+    if isinstance(body, (bytes, bytearray)):
+        body, binary = _binary_body(body, header(headers, BINARY_HEADER))
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise RequestError(f'"inputs" must hold exactly one tensor: {{"name": "{OIP_INPUT}", "shape": [N], '
+                           '"datatype": "BYTES", "data": ["<base64>", ...]}', error="bad request")
+    tensor = inputs[0]
+    name = tensor.get("name", OIP_INPUT)
+    if tensor.get("datatype") != "BYTES":
+        raise RequestError(f'input "{name}": datatype must be BYTES (encoded images), got {tensor.get("datatype")!r}',
+                           error="bad request")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise RequestError(f'input "{name}": shape must be a list of non-negative integers, e.g. [N]',
+                           error="bad request")
+    elements = _elements(tensor, name, binary)
+    if math.prod(shape) != len(elements) or not elements:
+        raise RequestError(f'input "{name}": shape {shape} holds {math.prod(shape)} elements but {len(elements)} '
+                           "images were sent", error="bad request")
+    wanted, classification = _outputs(body.get("outputs"))
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError('"id" must be a string', error="bad request")
+    parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    topk = parameters.get("topk")
+    if classification:  # one top-k serves every output: the largest asked for
+        topk = max([*classification.values(), *([topk] if type(topk) is int else [])])
+    return Request(elements, multi=True, topk=topk, protocol=OIP_V2, id=request_id, outputs=wanted,
+                   classification=classification or None)
+
+
+def _tensor(name: str, rows: list[list[dict]], applied: list[bool], classification: dict[str, int]) -> dict:
+    n, k = len(rows), len(rows[0])
+    if name in classification:  # Triton's classification extension: "<score>:<index>:<label>", best first
+        c = min(classification[name], k)
+        data = [f"{p['confidence']}:{p['index']}:{p['class']}" for row in rows for p in row[:c]]
+        return {"name": name, "datatype": "BYTES", "shape": [n, c], "data": data}
+    if name == "tta_applied":
+        return {"name": name, "datatype": "BOOL", "shape": [n], "data": applied}
+    key = {"labels": "class", "scores": "confidence", "indices": "index"}[name]
+    return {"name": name, "datatype": OIP_OUTPUTS[name], "shape": [n, k], "data": [p[key] for row in rows for p in row]}
+
+
+def oip_answer(req: Request, results: list[dict], *, model_name: str, model_version: str) -> dict:
+    adaptive = "tta_applied" in results[0]
+    applied = [bool(r.get("tta_applied", r["tta"] != "none")) for r in results]
+    names = req.outputs or (*OIP_OUTPUTS, *(["tta_applied"] if adaptive else []))
+    rows = [r["predictions"] for r in results]
+    parameters = {"tta": results[0]["tta"], **({"tta_applied_count": sum(applied)} if adaptive else {})}
+    return {"id": req.id if req.id is not None else "",  # TorchServe's OIP gRPC path needs the key
+            "model_name": model_name, "model_version": model_version,
+            "outputs": [_tensor(name, rows, applied, req.classification or {}) for name in names],
+            "parameters": parameters}
+
+
+def oip_error(message: str, *, model_name: str, model_version: str) -> str:
+    """TorchServe 0.12's OIP gRPC service turns every answer into a ``ModelInferResponse`` whatever its status,
+    and its worker thread dies on a body without ``id``/``model_name``/``outputs``: so the error also carries
+    those, with the message as a BYTES output named ``error``."""
+    return json.dumps({"error": message, "id": "", "model_name": model_name, "model_version": model_version,
+                       "outputs": [{"name": "error", "datatype": "BYTES", "shape": [1], "data": [message]}]})

@@ -1,0 +1,104 @@
+"""inference.oip: the Open Inference Protocol's answers, the classification extension, the binary tensor
+extension's sizes, and requests as tritonclient builds them (its own request encoder, not ours)."""
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+from tritonclient.http._utils import _get_inference_request
+
+from inference.oip import OIP_V2, oip_answer, read_oip_v2
+from inference.protocols import read_row, render
+from inference.requests import Request, RequestError
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
+B64 = base64.b64encode(PNG).decode()
+RESULTS = [{"predictions": [{"class": "cat", "index": 1, "confidence": 0.75},
+                            {"class": "dog", "index": 0, "confidence": 0.25}], "tta": "flip"},
+           {"predictions": [{"class": "dog", "index": 0, "confidence": 0.5},
+                            {"class": "cat", "index": 1, "confidence": 0.5}], "tta": "flip"}]
+ROW = dict(max_images=4, default_topk=2, max_topk=3)
+
+
+def tritonclient_body(outputs, *, binary=True, parameters=None) -> tuple[bytes, dict]:
+    """The body and headers tritonclient.http's infer() sends for two PNGs (its own encoder)."""
+    image = triton_http.InferInput("image", [2], "BYTES")
+    images = [PNG, PNG] if binary else [B64, B64]  # in JSON, base64 text (what the README shows)
+    image.set_data_from_numpy(np.array(images, dtype=object), binary_data=binary)
+    body, json_size = _get_inference_request(inputs=[image], request_id="r-1", outputs=outputs,
+                                             sequence_id=0, sequence_start=False, sequence_end=False,
+                                             priority=0, timeout=None, custom_parameters=parameters)
+    headers = {"Inference-Header-Content-Length": str(json_size)} if json_size is not None else {}
+    return (body if isinstance(body, bytes) else body.encode()), headers
+
+
+def test_tritonclient_class_count_is_tritons_classification_extension():
+    body, headers = tritonclient_body([triton_http.InferRequestedOutput("scores", class_count=1),
+                                       triton_http.InferRequestedOutput("labels")])
+    protocol, req, topk = read_row({"body": bytearray(body)}, headers, **ROW)
+    assert protocol == OIP_V2 and req.images == [PNG, PNG] and req.classification == {"scores": 1} and topk == 1
+    answer = oip_answer(req, [{**r, "predictions": r["predictions"][:1]} for r in RESULTS], model_name="m",
+                        model_version="1")
+    scores, labels = answer["outputs"]
+    assert scores == {"name": "scores", "datatype": "BYTES", "shape": [2, 1], "data": ["0.75:1:cat", "0.5:0:dog"]}
+    assert labels["data"] == ["cat", "dog"] and labels["shape"] == [2, 1]
+    # the largest count asked for is the request's k; each output keeps its own
+    req = read_oip_v2({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+                       "outputs": [{"name": "labels", "parameters": {"classification": 2}},
+                                   {"name": "indices", "parameters": {"classification": 1}}],
+                       "parameters": {"topk": 1}})
+    assert req.topk == 2 and req.classification == {"labels": 2, "indices": 1}
+    answer = oip_answer(req, RESULTS[:1], model_name="m", model_version="1")
+    assert [o["data"] for o in answer["outputs"]] == [["0.75:1:cat", "0.25:0:dog"], ["0.75:1:cat"]]
+
+
+@pytest.mark.parametrize("classification", [0, -1, "2", 1.5, True])
+def test_a_bad_classification_count_is_a_400(classification):
+    with pytest.raises(RequestError, match="parameters.classification must be an integer >= 1"):
+        read_oip_v2({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [B64]}],
+                     "outputs": [{"name": "scores", "parameters": {"classification": classification}}]})
+
+
+def test_a_classification_count_beyond_the_classes_is_a_400():
+    body, headers = tritonclient_body([triton_http.InferRequestedOutput("scores", class_count=9)])
+    _, err, _ = read_row({"body": bytearray(body)}, headers, **ROW)
+    assert isinstance(err, RequestError) and err.status == 400 and "between 1 and 3, got 9" in str(err)
+
+
+def test_default_binary_outputs_and_json_inputs_from_tritonclient_are_read():
+    for binary in (True, False):
+        body, headers = tritonclient_body([triton_http.InferRequestedOutput("indices")], binary=binary,
+                                          parameters={"topk": 3})
+        _, req, topk = read_row({"body": bytearray(body)}, headers, **ROW)
+        assert isinstance(req, Request) and req.images == [PNG, PNG] and req.outputs == ("indices",) and topk == 3
+
+
+def test_adaptive_tta_is_a_bool_tensor_and_every_parameter_a_scalar():
+    adaptive = [{**RESULTS[0], "tta_applied": True}, {**RESULTS[1], "tta_applied": False}]
+    answer = json.loads(render(Request([PNG] * 2, multi=True, protocol=OIP_V2), adaptive, model_name="m",
+                               model_version="1"))
+    assert [o["name"] for o in answer["outputs"]] == ["labels", "scores", "indices", "tta_applied"]
+    assert answer["outputs"][3] == {"name": "tta_applied", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+    assert answer["parameters"] == {"tta": "flip", "tta_applied_count": 1}
+    plain = oip_answer(Request([PNG] * 2, multi=True, protocol=OIP_V2, outputs=("tta_applied",)), RESULTS,
+                       model_name="m", model_version="1")  # asked for without adaptive TTA: what ran
+    assert plain["outputs"][0]["data"] == [True, True] and plain["parameters"] == {"tta": "flip"}
+
+
+def test_binary_data_size_must_be_the_bytes_that_follow():
+    element = struct.pack("<I", len(PNG)) + PNG
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(element)}}]}).encode()
+    headers = {"inference-header-content-length": str(len(head))}
+    assert read_oip_v2(bytearray(head + element), headers).images == [PNG]
+    for blob, text in ((element[:-3], f"is {len(element)} but {len(element) - 3} bytes follow"),
+                       (element + b"tail", f"is {len(element)} but {len(element) + 4} bytes follow")):
+        with pytest.raises(RequestError, match=text):
+            read_oip_v2(bytearray(head + blob), headers)
+
+
+def test_an_empty_outputs_list_is_every_output():
+    req = read_oip_v2({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [B64]}], "outputs": []})
+    assert req.outputs is None
