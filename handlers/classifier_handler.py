@@ -53,21 +53,22 @@ class ImageClassifierHandler(BaseHandler):
         model_dir = props["model_dir"]
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.settings = cfg = HandlerSettings.from_config(yaml_cfg.get("handler"))
+        self.model_name, self.model_version = (context.manifest["model"].get(k, "") for k in ("modelName", "modelVersion"))
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         # threads = cores // the model's live workers, re-sized as they change (inference.threads)
         self.worker_threads = WorkerThreads(configured=cfg.threads, workers=int(yaml_cfg.get("minWorkers", 1) or 1),
                                             model_dir=model_dir, interval=cfg.threads_check_interval,
-                                            name=context.manifest.get("model", {}).get("modelName", ""))
+                                            name=self.model_name)
         index_path = os.path.join(model_dir, INDEX_FILE)
         if not os.path.isfile(index_path):
-            raise FileNotFoundError(f"{INDEX_FILE} is missing from the archive of model "
-                                    f"{context.manifest.get('model', {}).get('modelName', '?')}: rebuild it with "
-                                    "`python -m export archive`")
+            raise FileNotFoundError(f"{INDEX_FILE} is missing from the archive of model {self.model_name}: rebuild "
+                                    "it with `python -m export archive`")
         self.class_names = read_index_to_name(index_path)
         self.graph_output, self.tta = cfg.graph_output, cfg.handler_tta
         self.adaptive = cfg.adaptive_tta and self.tta != "none"
-        self.views = num_views(self.tta, cfg.tta_scales)
+        self.views = num_views(self.tta, cfg.tta_scales)  # per image in the handler's forward; the graph's own:
+        self.metric_views = num_views(cfg.graph_tta) if self.graph_output == "probabilities" else self.views
         self.tta_label = cfg.graph_tta if self.graph_output == "probabilities" else self.tta
         self.max_topk = cfg.graph_topk or len(self.class_names)
         self.default_topk = min(cfg.topk, self.max_topk)
@@ -85,8 +86,6 @@ class ImageClassifierHandler(BaseHandler):
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
             self.jpeg_batch_decoder = batch_jpeg_decoder(self.device)
-        self.model_name = context.manifest["model"].get("modelName", "")
-        self.model_version = context.manifest["model"].get("modelVersion", "")
         self.batch_size = batch = int(yaml_cfg.get("batchSize", 1) or 1)
         warm = torch.zeros((batch * self.views, 3, self.crop_size, self.crop_size), dtype=torch.uint8,
                            device=self.device)
@@ -254,6 +253,9 @@ class ImageClassifierHandler(BaseHandler):
         return out
 
     # -- POST /explanations/NAME and /v1/models/NAME:explain: occlusion maps (inference.explain) ------------
+    def _is_describe(self):  # BaseHandler trusts request 0's header, which any client may send: in a batch of
+        return len(self.context.request_ids or {}) == 1 and super()._is_describe()  # more, all 503 (1 answer)
+
     def _is_explain(self):
         """BaseHandler asks request 0 only, but one batch may mix /predictions and /explanations requests."""
         n = len(self.context.request_processor or []) if self.context is not None else 0
@@ -283,7 +285,7 @@ class ImageClassifierHandler(BaseHandler):
         if metrics is None:
             return
         sizing = self.worker_threads
-        for name, value in batch_metrics(batch, views=self.views, adaptive=self.adaptive, threads=sizing.threads,
+        for name, value in batch_metrics(batch, views=self.metric_views, adaptive=self.adaptive, threads=sizing.threads,
                                          workers=sizing.workers):
             kind, unit, _ = METRICS[name]
             metrics.add_metric(name, value, unit, None, [Dimension("ModelName", self.model_name),

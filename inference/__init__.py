@@ -4,6 +4,7 @@ and the TorchServe handler.
 One concept per module:
 
 * ``images``      -- reading and decoding image bytes (header check first, EXIF orientation)
+* ``jpeg``        -- JPEG specifics: reduced DCT decoding, the batched (GPU) decoder, EXIF orientation
 * ``transforms``  -- the evaluation transform (resize + center crop on uint8) and ``normalize``
 * ``tta``         -- test-time augmentation views, their aggregation and adaptive gating
 * ``class_index`` -- the ``index_to_name.json`` file

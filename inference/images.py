@@ -19,8 +19,18 @@ from typing import Callable
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image
 
+from inference.jpeg import (  # noqa: F401  (batch_jpeg_decoder and jpeg_scale: re-exported, the handler's names)
+    JPEG_EOI,
+    JPEG_FORMATS,
+    JPEG_MAGIC,
+    batch_jpeg_decoder,
+    decode_jpeg_reduced,
+    exif_orient,
+    jpeg_scale,
+    orientation_of,
+)
 from inference.transforms import transform_by_shape
 
 # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
@@ -33,10 +43,6 @@ DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
-JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for files that start with JPEG_MAGIC
-JPEG_MAGIC = b"\xff\xd8\xff"
-JPEG_EOI = b"\xff\xd9"
-JPEG_SCALES = (8, 4, 2)          # libjpeg-turbo's DCT-domain reductions (1/8, 1/4, 1/2) that Pillow's draft uses
 
 
 class ImageError(ValueError):
@@ -67,6 +73,7 @@ class ImageInfo:
     width: int
     height: int
     frames: int = 1
+    orientation: int = 1  # EXIF (JPEG): what a decoder that ignores it must apply (inference.jpeg.exif_orient)
 
     @property
     def pixels(self) -> int:
@@ -98,11 +105,11 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
                 raise ImageTooLargeError(f"image is {width}x{height}: its aspect ratio is beyond the limit of "
                                          f"{max_aspect_ratio:g}:1")
-            frames = int(getattr(im, "n_frames", 1) or 1)  # GIF: counted by walking its frames, no decoding
+            frames = _frames(im, max_frames)
             if frames > max_frames:
-                raise ImageTooLargeError(f"animated image of {frames} frames; the limit is {max_frames} (only the "
+                raise ImageTooLargeError(f"animated image of more than {max_frames} frames, the limit (only the "
                                          "first is used)")
-            return ImageInfo(fmt, width, height, frames)
+            return ImageInfo(fmt, width, height, frames, orientation_of(im) if fmt in JPEG_FORMATS else 1)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
@@ -111,6 +118,18 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"not an image: the {len(data)} bytes sent match no known image format") from None
     except Exception as e:  # Pillow raises various errors on broken headers
         raise ImageError(f"unreadable image header: {e}") from None
+
+
+def _frames(im: Image.Image, max_frames: int) -> int:
+    """The frame count, or ``max_frames + 1`` when there are more: GIF and TIFF are counted by walking their
+    frames (no decoding), so a file of a million tiny frames is walked only ``max_frames`` deep."""
+    if im.format in ("GIF", "TIFF") and getattr(im, "is_animated", False) and max_frames < 2**31:
+        try:
+            im.seek(max_frames)  # frame max_frames exists: more than max_frames frames
+            return max_frames + 1
+        except EOFError:
+            im.seek(0)
+    return int(getattr(im, "n_frames", 1) or 1)
 
 
 def image_size(data: bytes | bytearray) -> tuple[int, int]:
@@ -137,38 +156,6 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
         return t.view(rgb.height, rgb.width, 3).permute(2, 0, 1)  # channels-last memory: resized 2x faster
 
 
-def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
-    """The DCT-domain reduction to decode a ``width x height`` JPEG at: 8, 4, 2 or 1 (full size).
-
-    The quality rule: the strongest reduction whose result still has a shorter side of at least
-    ``min_side`` pixels, so that the evaluation transform (which resizes the shorter side to
-    ``min_side``, antialiased) only ever shrinks, never enlarges, and works from at least as many
-    pixels as it outputs. libjpeg's scaled IDCT averages each 8x8 block's frequencies properly (it is
-    a low-pass filter, not a subsampling), so the reduced image is the full one band-limited to what
-    the resize keeps anyway. ``tests/inference/test_images.py`` measures the agreement of predictions
-    on 12 MP photos decoded both ways.
-    """
-    if not min_side:
-        return 1
-    short = min(width, height)
-    return next((s for s in JPEG_SCALES if short // s >= min_side), 1)
-
-
-def batch_jpeg_decoder(device: torch.device | str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """torchvision's ``decode_jpeg`` over a list of JPEG byte tensors in ONE call, RGB with EXIF orientation,
-    straight into ``device``'s memory (nvjpeg on a GPU): :func:`decode_many`'s ``jpeg_batch_decoder``."""
-    return lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-
-
-def _decode_jpeg_reduced(data: bytes | bytearray, scale: int) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        im.draft("RGB", (width // scale, height // scale))  # libjpeg picks 1/scale: each side ceil(side / scale)
-        rgb = ImageOps.exif_transpose(im).convert("RGB")
-        t = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return t.view(rgb.height, rgb.width, 3).permute(2, 0, 1)  # channels-last memory: resized 2x faster
-
-
 def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
                info: ImageInfo | None = None, min_side: int | None = None) -> torch.Tensor:
@@ -191,7 +178,7 @@ def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     scale = jpeg_scale(width, height, min_side) if is_jpeg else 1
     if scale > 1:
         try:
-            return _decode_jpeg_reduced(data, scale)
+            return decode_jpeg_reduced(data, scale)
         except Exception as e:
             raise ImageError(f"cannot decode the {width}x{height} image: {e}") from None
     if is_jpeg:
@@ -254,27 +241,28 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
 
     results: list = [None] * len(payloads)
     batched: list[int] = []
+    orientation: dict[int, int] = {}  # the batch decoder returns JPEGs as stored: turned upright here
     if jpeg_batch_decoder is not None:
         for i, data in enumerate(payloads):
             # nvjpeg decodes a truncated JPEG without an error (the missing rows come back black): only
             # complete JPEGs (ending with the EOI marker) go to the batch decoder, the rest to the CPU.
             if bytes(data[:3]) == JPEG_MAGIC and bytes(data[-2:]) == JPEG_EOI:
                 try:
-                    if infos is None:
-                        probe(data, **limits)
+                    orientation[i] = (infos[i] if infos else probe(data, **limits)).orientation
                     batched.append(i)
                 except ImageError as e:
                     results[i] = e
         if batched:
             tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in batched]
             try:
-                decoded = jpeg_batch_decoder(tensors)
+                decoded = [exif_orient(t, orientation[i]) for i, t in zip(batched, jpeg_batch_decoder(tensors))]
                 for i, image in zip(batched, transform_by_shape(decoded, transform, one=transformed)):
                     results[i] = image
             except RuntimeError:  # one undecodable JPEG fails the whole call: each alone again on the same
                 for i, data in zip(batched, tensors):  # decoder, so the others keep their full-size decode
                     try:
-                        results[i] = transform_by_shape(jpeg_batch_decoder([data]), transform, one=transformed)[0]
+                        upright = exif_orient(jpeg_batch_decoder([data])[0], orientation[i])
+                        results[i] = transform_by_shape([upright], transform, one=transformed)[0]
                     except RuntimeError:  # this one: through decode_rgb below
                         results[i] = None
     rest = [i for i in range(len(payloads)) if results[i] is None]

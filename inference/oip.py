@@ -9,7 +9,8 @@
   ``parameters`` hold scalars only, as the protocol asks: ``tta`` and, with adaptive TTA, ``tta_applied_count``.
 * The classification extension: an output asked for with ``"parameters": {"classification": c}`` is
   answered as Triton does, a BYTES ``[N, c]`` tensor of ``"<score>:<index>:<label>"`` strings, best first;
-  the request's k is then the largest ``c`` asked (with ``parameters.topk`` if larger).
+  the request's k is then the largest ``c`` asked (with ``parameters.topk`` if larger); a ``c`` beyond the
+  model's classes gives all of them, as Triton does.
 * Not served: binary *outputs* (``binary_data`` on an output, ``binary_data_output``): every answer is JSON,
   which tritonclient and KServe's clients read (``InferResult`` parses a JSON-only body).
 """

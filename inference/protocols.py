@@ -40,19 +40,19 @@ log = logging.getLogger(__name__)
 
 
 def _body(row: dict | None, headers: dict | None):
-    """The request's body; a JSON object sent without a JSON content type (it arrives as bytes) parsed."""
+    """The request's body; JSON sent without a JSON content type, or compressed (it arrives as bytes), parsed."""
     body = (row or {}).get("body")
     if not isinstance(body, (bytes, bytearray)) or header(headers, BINARY_HEADER) is not None:
         return body
     text = bytes(body[:64])  # a pretty-printed file sent with curl --data-binary: whitespace, maybe a BOM
     while text.startswith(JSON_START):
         text = text[3:] if text.startswith(JSON_START[0]) else text[1:]
-    if text[:1] == b"{":
+    if text[:1] in (b"{", b"["):  # an object, or a list of base64 images (TorchServe's JSON list)
         try:
             parsed = json.loads(bytes(body).decode("utf-8-sig"))
         except (ValueError, RecursionError):  # not JSON (nor UTF-8), or nested deeper than Python's parser goes
             return body
-        return parsed if isinstance(parsed, dict) else body
+        return parsed if isinstance(parsed, (dict, list)) else body
     return body
 
 
@@ -92,6 +92,9 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
             row = {**row, "body": inflate(row["body"], headers, max_bytes=max_inflated)}
         protocol = detect(row, headers)
         req = read(row, protocol, headers=headers, max_images=max_images)
+        if req.classification:  # a class_count beyond the model's classes: all of them, as Triton answers
+            req.classification = {name: min(c, max_topk) for name, c in req.classification.items()}
+            req.topk = min(req.topk, max_topk)
         return protocol, req, parse_topk(headers, default=default_topk, num_classes=max_topk, body_value=req.topk)
     except RequestError as e:
         return protocol, e, None

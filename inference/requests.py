@@ -67,6 +67,8 @@ def decode_b64(data, where: str) -> bytes:
     """The bytes of one base64-encoded image; ``where`` names it in the error."""
     if not isinstance(data, str):
         raise RequestError(f'{where}: expected a base64 string (JSON {{"data": "<base64 image>"}})', error="bad json")
+    if "\n" in data or "\r" in data or " " in data:  # MIME-style lines (base64.encodebytes, `base64` without -w0)
+        data = "".join(data.split())
     try:
         decoded = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -122,11 +124,11 @@ def read_request(row: dict, *, max_images: int = 32, content_type: str | None = 
                                error="unsupported media type")
     else:  # multipart: one key per form field
         text = {k for k, t in (field_types or {}).items() if not t}
-        files = [v for k, v in row.items() if k != TOPK_FIELD and k not in text and isinstance(v, (bytes, bytearray))
-                 and v]
+        fields = [v for k, v in row.items() if k != TOPK_FIELD and k not in text and isinstance(v, (bytes, bytearray))]
+        files = [v for v in fields if v]  # a browser sends a file input left empty as an empty field: skipped
         if not files:
             raise RequestError("no image found in the form: send each image as a file field", error="missing image")
-        req = Request(files, multi=len(files) > 1, topk=row.get(TOPK_FIELD))
+        req = Request(files, multi=len(fields) > 1, topk=row.get(TOPK_FIELD))  # the form's shape decides: a list
     if not req.images:
         raise RequestError("the request holds no image", error="missing image")
     if len(req.images) > max_images:

@@ -188,6 +188,14 @@ class HandlerSettings(_Settings):
     graph_topk: int | None = _opt(None, "k of an in-graph top-k (graph_output: topk)", minimum=1, cli=False)
     precision: str = _opt("fp32", "the graph's precision", choices=PRECISIONS, cli=False)
 
+    def __post_init__(self):
+        super().__post_init__()
+        crop, resize = self.input_size, self.resize_size or self.input_size
+        if crop and self.handler_tta not in ("none", "flip") and resize <= crop:
+            raise SettingsError(f"{self.WHERE}: tta {self.tta} cuts its views from the resize_size square, and "
+                                f"resize_size {resize} is input_size {crop}: every view would be the same image; "
+                                "use flip, or train/export with a larger resize size")
+
     @property
     def handler_tta(self) -> str:
         """The TTA the handler applies: none when the graph returns probabilities or its own top-k."""

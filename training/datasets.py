@@ -246,6 +246,10 @@ class ReadableImages(Dataset):
         self.classes, self.paths, self.labels = ds.classes, ds.paths, ds.labels
         self.root = getattr(ds, "root", None)
 
+    @property
+    def cache(self):
+        return getattr(self.ds, "cache", None)
+
     def __len__(self) -> int:
         return len(self.ds)
 

@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,7 @@ def test_in_graph_tta_archive_reports_the_graphs_tta(model_dir, eager):
     _, probs = eager
     handler = handler_for(model_dir, serialized="model_tta.onnx", graph_output="probabilities", graph_tta="flip")
     assert handler.tta == "none"  # the graph does the views
+    assert (handler.views, handler.metric_views) == (1, 2)  # TTAViewsPerImage reports the graph's 2, not 1
     body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[2])}])[0])
     assert body["tta"] == "flip"
     assert body["predictions"][0]["confidence"] == pytest.approx(probs([IMAGES[2]]).max().item(), abs=1e-5)
@@ -282,3 +284,20 @@ def test_openvino_archives_are_unpinned_unless_the_settings_say_so(model_dir, ex
         h = handler_for(model_dir, serialized="model_ov.xml", openvino_precision="f32", **settings)
         assert h.backend.compiled.get_property("ENABLE_CPU_PINNING") is pinned
         assert h.backend.providers == ["CPU f32" + (" pinned" if pinned else "")]
+
+
+def test_a_clients_describe_header_never_answers_its_batch_with_one_model_card(model_dir, eager, tmp_path):
+    """TorchServe copies every client header into the request, and BaseHandler.handle answered a batch whose
+    request 0 said "describe: True" with ONE model card: TorchServe then failed every request of it (503)."""
+    handler = handler_for(model_dir)
+    rows = [{"body": bytearray(IMAGES[0])}, {"body": bytearray(IMAGES[1])}]
+    metrics = SimpleNamespace(add_time=lambda *a, **k: None, add_metric=lambda *a, **k: None)
+    ctx = make_context(model_dir, n=2, headers=[{"describe": "True"}, {}])
+    ctx.request_ids, ctx.metrics = {0: "a", 1: "b"}, metrics
+    out = handler.handle(rows, ctx)
+    assert len(out) == 2 and all("predictions" in json.loads(body) for body in out)
+    # the management API's describe (GET /models/NAME?customized=true) asks alone: the model card
+    ctx = make_context(model_dir, n=1, headers=[{"describe": "True"}])
+    ctx.request_ids, ctx.metrics = {0: "m"}, metrics
+    (card,) = handler.handle([{}], ctx)
+    assert "has no model_card.json" in json.loads(card)["error"]  # this test's model folder has none

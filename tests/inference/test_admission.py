@@ -50,7 +50,7 @@ def test_extreme_aspect_ratios_are_refused_from_the_header():
 def test_an_animation_of_many_frames_is_refused_and_a_short_one_gives_its_first_frame():
     frames = [Image.new("RGB", (8, 8), (i % 256, i * 7 % 256, i * 13 % 256)) for i in range(1500)]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=10)
-    with pytest.raises(ImageTooLargeError, match="1500 frames; the limit is 1000"):
+    with pytest.raises(ImageTooLargeError, match="more than 1000 frames, the limit"):
         decode_rgb(data)
     short = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:3], duration=10)
     assert probe(short).frames == 3 and decode_rgb(short).shape == (3, 8, 8)

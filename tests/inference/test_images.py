@@ -274,3 +274,20 @@ def test_batched_decode_resizes_images_of_one_shape_together(monkeypatch):
     assert failing.groups == [3]
     assert all(torch.equal(got, want) for got, want in zip(out[:5], expected[:5]))
     assert isinstance(out[5], PreprocessError) and "simulated failure of this image" in str(out[5])
+
+
+def test_a_gif_of_very_many_frames_is_refused_after_walking_only_max_frames(monkeypatch):
+    from PIL import GifImagePlugin
+
+    from inference.images import probe
+    frames = [Image.new("L", (2, 2), (i * 7) % 256) for i in range(3000)]  # each unlike the one before
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=1, disposal=1)
+    walked = []  # Pillow reads a GIF's frames one by one: how deep the header check went
+    real = GifImagePlugin.GifImageFile._seek
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek", lambda im, frame, *a: walked.append(frame) or
+                        real(im, frame, *a))
+    with pytest.raises(ImageTooLargeError, match="animated image of more than 10 frames, the limit"):
+        probe(buf.getvalue(), max_frames=10)
+    assert max(walked) == 10  # one past the limit, not all 3000
+    assert probe(buf.getvalue(), max_frames=5000).frames == 3000

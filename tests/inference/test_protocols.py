@@ -204,3 +204,10 @@ def test_a_gzip_body_is_read_in_its_protocol_and_a_bomb_is_a_413():
     protocol, err, _ = read_row({"body": bytearray(gzip.compress(b"\0" * (8 << 20)))}, {"Content-Encoding": "gzip"},
                                 **ROW, max_inflated=1 << 20)
     assert protocol == TORCHSERVE and err.status == 413
+
+
+def test_a_compressed_json_list_of_images_is_read_as_json():
+    import gzip
+    protocol, req, _ = read_row({"body": bytearray(gzip.compress(json.dumps([B64, B64]).encode()))},
+                                {"Content-Type": "application/json", "Content-Encoding": "gzip"}, **ROW)
+    assert protocol == TORCHSERVE and req.images == [PNG, PNG] and req.multi

@@ -120,3 +120,18 @@ def test_a_compressed_body_is_inflated_within_its_budget():
     with pytest.raises(RequestError, match="'br' is not supported") as e:
         inflate(data, {"content-encoding": "br"}, max_bytes=1 << 20)
     assert e.value.status == 415
+
+
+def test_a_form_of_two_file_fields_is_answered_as_a_list_even_with_one_left_empty():
+    """A browser form with two file inputs, one left empty: the answer's shape (a list) follows the form."""
+    req = read_request({"a": bytearray(b"\x89PNG..."), "b": bytearray()}, content_type="multipart/form-data; b=x")
+    assert req.images == [b"\x89PNG..."] and req.multi
+    assert not read_request({"a": bytearray(b"\x89PNG...")}, content_type="multipart/form-data; b=x").multi
+
+
+def test_line_wrapped_base64_is_read():
+    data = bytes(range(256)) * 3
+    wrapped = base64.encodebytes(data).decode()  # a newline every 76 characters
+    assert "\n" in wrapped and read_request({"body": {"data": wrapped}}).images == [data]
+    with pytest.raises(RequestError, match="not valid base64"):
+        read_request({"body": {"data": wrapped.replace("A", "*", 1)}})

@@ -51,7 +51,7 @@ def test_ints_are_accepted_for_floats_and_lists_become_tuples():
 
 
 def test_handler_tta_is_none_for_graphs_with_their_own_tta():
-    assert HandlerSettings(input_size=8, tta="ten_crop").handler_tta == "ten_crop"
+    assert HandlerSettings(input_size=8, resize_size=10, tta="ten_crop").handler_tta == "ten_crop"
     assert HandlerSettings(input_size=8, tta="flip", graph_output="probabilities").handler_tta == "none"
 
 
@@ -64,7 +64,7 @@ def test_cli_options_come_from_the_fields():
     assert set(cli) <= set(flags) and "input_size" not in flags  # graph facts are not options
     assert tuple(flags["tta"].choices) == TTA_MODES
     args = p.parse_args(["--tta", "multi_scale", "--tta-scales", "1,1.3", "--adaptive-tta", "--batch-size", "4"])
-    settings = from_args(args, HandlerSettings, input_size=28)
+    settings = from_args(args, HandlerSettings, input_size=28, resize_size=32)
     assert (settings.tta, settings.tta_scales, settings.adaptive_tta) == ("multi_scale", (1.0, 1.3), True)
     assert from_args(args, WorkerSettings).batch_size == 4
     assert from_args(p.parse_args([]), HandlerSettings, input_size=28) == HandlerSettings(input_size=28)
@@ -75,3 +75,13 @@ def test_cli_options_come_from_the_fields():
     assert from_args(p.parse_args(["--max-batch-pixels", "400000000"]), HandlerSettings,
                      input_size=28).max_batch_pixels == 400_000_000
     assert "max_batch_pixels" not in HandlerSettings(input_size=28).to_config()  # unset: left to the worker
+
+
+@pytest.mark.parametrize("tta", ["five_crop", "ten_crop", "multi_scale"])
+def test_crop_tta_without_room_to_crop_is_refused(tta):
+    """The demo's 28/28 archive with five_crop ran five identical views (5x the compute for the plain answer)."""
+    with pytest.raises(SettingsError, match=f"tta {tta} cuts its views from the resize_size square, and "
+                                            "resize_size 28 is input_size 28: every view would be the same image"):
+        HandlerSettings(input_size=28, resize_size=28, tta=tta)
+    assert HandlerSettings(input_size=28, resize_size=32, tta=tta).tta == tta
+    assert HandlerSettings(input_size=28, tta=tta, graph_output="probabilities").handler_tta == "none"  # the graph's
