@@ -50,7 +50,7 @@ serve: setup
 	$(PY) -m scripts.ts_server serve $(if $(CONFIG),--config $(CONFIG)) $(if $(filter 1 true yes,$(MODEL_API)),--enable-model-api)
 
 stop:
-	@$(PY) -m scripts.ts_server stop
+	@if [ -x $(PY) ]; then $(PY) -m scripts.ts_server stop; else echo "no TorchServe started by \`make serve\` is running (no $(VENV) yet)"; fi
 
 USERS ?= 8
 DURATION ?= 30s
@@ -76,5 +76,5 @@ validate-deploy: setup
 audit: setup
 	$(PY) scripts/audit.py
 
-clean:
+clean: stop  # first stop the server of `make serve`: its PID and state live in .torchserve
 	rm -rf runs/demo exports/demo model_store/*.mar logs .torchserve

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
          "--variant", "onnx",
          "--name", MODEL, "--version", "1.0", "--tta", TTA, "--topk", "3")
     print("\n=== serve: TorchServe on 127.0.0.1", flush=True)
-    server = TorchServe(models=f"{MODEL}={MODEL}.mar", log_dir=str(REPO / "logs"))
+    # its own logs: a `make serve` running beside it names its worker alike, and its drain reads logs/
+    server = TorchServe(models=f"{MODEL}={MODEL}.mar", log_dir=str(REPO / "logs" / "demo"))
     server.start()
     print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
     try:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         load_test(server)
     finally:
         pid = server.pid
-        server.stop()
+        server.close()  # stops it and removes its temporary working folder
         print(f"TorchServe PID {pid} stopped", flush=True)
     print(f"\ndemo finished in {(time.time() - start) / 60:.1f} min; `make serve` serves model_store/ again")
     return 0 if mismatches == 0 and top1 >= 0.85 else 1

@@ -10,7 +10,9 @@ config.prod.properties, TorchServe's ``key_file.json``: ``.torchserve/run/key_fi
 removed when the server stops). It records the server's PID, addresses and access-log offset in
 ``.torchserve/server.json``; ``stop`` reads that file, waits (``--drain-timeout``, 30 s) until the
 requests that had arrived are answered (TorchServe 0.12 itself cuts them on SIGTERM: see
-``tools/drain.py``), then sends SIGTERM. The drain reads only ``/metrics`` and the access log, which
+``tools/drain.py``), then sends SIGTERM and returns once the process has exited (so ``make stop && make
+serve`` finds the ports free). The state file is written (atomically) once the server is ready: waiting for
+it is waiting for readiness; an unreadable one is stale. The drain reads only ``/metrics`` and the access log, which
 need no key. ``--enable-model-api`` turns on registration over the management API
 (``enable_model_api=true``); what may be registered is the config's ``allowed_urls``. The process
 lifecycle itself is ``tools.torchserve.TorchServe``.
@@ -23,6 +25,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -35,6 +38,7 @@ from tools.torchserve import DEFAULT_CONFIG, TorchServe, read_properties
 
 STATE_FILE = REPO / ".torchserve" / "server.json"
 RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
+EXIT_TIMEOUT = 60.0  # seconds `stop` waits for the Java process to exit after SIGTERM (it takes about 3), then SIGKILL
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -46,9 +50,10 @@ def serve(args: argparse.Namespace) -> int:
                          "...`) first")
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     if state_file.is_file():
-        pid = json.loads(state_file.read_text()).get("pid")
+        pid = _read_state(state_file).get("pid")
         if pid and _running(pid):
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
+        state_file.unlink()  # stale: it must not say "ready" before this server is
     props = read_properties(args.config)
     ports = tuple(int(re.search(r":(\d+)", props[k]).group(1))
                   for k in ("inference_address", "management_address", "metrics_address"))
@@ -62,8 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"TorchServe did not start: {e}", file=sys.stderr)
         return 1
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(server.state()))
+    _write_state(state_file, server.state())
     print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management "
           f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
           f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
@@ -71,8 +75,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"token authorization on: keys in {server.key_file} (send 'Authorization: Bearer KEY'; "
               f"inference key for {server.url}, management key for {server.management_url})", flush=True)
     if server.props.get("enable_model_api", "false").lower() == "true":
-        print(f"model registration over the management API is on (allowed_urls={server.props.get('allowed_urls', '')})",
-              flush=True)
+        urls = server.props.get("allowed_urls") or "TorchServe's default: any file:// or http(s):// URL"
+        print(f"model registration over the management API is on (allowed_urls={urls})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(drain_timeout=30))
     try:
         server.launcher.wait()
@@ -83,10 +87,27 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running(pid: int) -> bool:
+def _write_state(path: Path, state: dict) -> None:
+    """Whole or not at all (a temporary renamed onto ``path``): a crash never leaves half a state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _read_state(path: Path) -> dict:
+    """The state file's content; one that cannot be read (written by hand, a disk error) is stale: ``{}``."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _running(pid) -> bool:
     """``pid`` is a live TorchServe (not a PID the system gave to another process since)."""
     try:
-        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+        return isinstance(pid, int) and "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
     except psutil.Error:
         return False
 
@@ -97,10 +118,11 @@ def stop(args: argparse.Namespace) -> int:
     if not state_file.is_file():
         print("no TorchServe started by `make serve` is running")
         return 0
-    state = json.loads(state_file.read_text())
-    pid = state["pid"]
+    state = _read_state(state_file)
+    pid = state.get("pid")
     if not _running(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now
-        print(f"TorchServe PID {pid} is not running (a stale {state_file}, removed); nothing to stop")
+        what = f"TorchServe PID {pid} is not running" if pid else f"{state_file} cannot be read"
+        print(f"{what} (a stale {state_file}, removed); nothing to stop")
         state_file.unlink(missing_ok=True)
         return 0
     if drain_timeout > 0 and state.get("metrics_url") and state.get("access_log"):
@@ -119,12 +141,32 @@ def stop(args: argparse.Namespace) -> int:
         except ProcessLookupError:
             pass
     try:
-        os.kill(pid, signal.SIGTERM)
+        process = psutil.Process(pid)
+        process.terminate()
         print(f"sent SIGTERM to TorchServe PID {pid}", flush=True)
-    except ProcessLookupError:
+    except psutil.NoSuchProcess:
         print(f"TorchServe PID {pid} was not running")
+    else:  # return once it is gone, so that `make stop && make serve` finds the ports free
+        if _exited(process, timeout=EXIT_TIMEOUT):
+            print(f"TorchServe PID {pid} exited", flush=True)
+        else:
+            process.kill()
+            print(f"TorchServe PID {pid} did not exit in {EXIT_TIMEOUT:.0f} s: killed", flush=True)
     state_file.unlink(missing_ok=True)
     return 0
+
+
+def _exited(process: psutil.Process, *, timeout: float) -> bool:
+    """Whether ``process`` (not our child: ``serve``'s) ends within ``timeout`` s; a zombie has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,8 +36,24 @@ import time
 import zipfile
 from pathlib import Path
 
+from inference.cli import UsageError
 from tools import REPO
 from tools.client import call, manage
+
+ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
+ANY_HOST = ("0.0.0.0", "[::]", "::")
+
+
+def listener_host(address: str | None) -> str:
+    """The host of a TorchServe listener address (``http://HOST:PORT``; 127.0.0.1 when there is none). This code
+    serves and probes plain HTTP: an ``https://`` listener is refused rather than quietly served without TLS."""
+    if not address:
+        return "127.0.0.1"
+    m = re.fullmatch(r"(\w+)://(\[[^\]]*\]|[^:/]+)(?::\d+)?/?", address.strip())
+    if not m or m.group(1).lower() != "http":
+        raise UsageError(f"listener address {address!r}: `make serve` and the tests run plain http://HOST:PORT "
+                         "listeners; for TLS, put a proxy in front (README, Security) or run torchserve yourself")
+    return m.group(2)
 from tools.drain import drain
 
 DEFAULT_CONFIG = REPO / "config.properties"
@@ -136,10 +152,10 @@ class TorchServe:
             self.workdir.chmod(0o700)  # the keys live here
         self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         props = read_properties(config)
-        props.update({"inference_address": f"http://127.0.0.1:{self.ports[0]}",
-                      "management_address": f"http://127.0.0.1:{self.ports[1]}",
-                      "metrics_address": f"http://127.0.0.1:{self.ports[2]}",
-                      "grpc_inference_port": str(self.grpc_ports[0]), "grpc_management_port": str(self.grpc_ports[1]),
+        # each listener keeps its config's host (loopback unless the config binds elsewhere on purpose) on its port
+        self.hosts = tuple(listener_host(props.get(key)) for key in ADDRESS_KEYS)
+        props.update({key: f"http://{host}:{port}" for key, host, port in zip(ADDRESS_KEYS, self.hosts, self.ports)})
+        props.update({"grpc_inference_port": str(self.grpc_ports[0]), "grpc_management_port": str(self.grpc_ports[1]),
                       "model_store": str(self.model_store), "load_models": models})
         props.update(overrides or {})
         if props.get("metrics_config") and not Path(props["metrics_config"]).is_absolute():
@@ -158,17 +174,21 @@ class TorchServe:
         self.access_log_offset = self.ts_log_offset = 0
         self.last_drain: dict | None = None
 
+    def _reach(self, i: int) -> str:
+        host = "127.0.0.1" if self.hosts[i] in ANY_HOST else self.hosts[i]  # a wildcard bind answers on loopback
+        return f"http://{host}:{self.ports[i]}"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports[0]}"
+        return self._reach(0)
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports[1]}"
+        return self._reach(1)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports[2]}"
+        return self._reach(2)
 
     @property
     def key_file(self) -> Path:

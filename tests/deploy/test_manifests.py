@@ -438,8 +438,8 @@ def test_pod_config_keeps_what_our_config_relies_on(k8s_props):
     assert int(k8s_props["job_queue_size"]) > 0 and k8s_props["load_models"] == "all"
 
 
-@pytest.mark.parametrize("config", [BASE / "config.properties", REPO / "deploy" / "kserve" / "config" / "config.properties"],
-                         ids=["kubernetes", "kserve"])
+@pytest.mark.parametrize("config", [BASE / "config.properties", REPO / "deploy" / "kserve" / "config" / "config.properties",
+                                    REPO / "config.properties"], ids=["kubernetes", "kserve", "make-serve"])
 def test_deployed_configs_register_nothing_and_share_the_locked_down_allowed_urls(config):
     """Registration is off in every deployed profile, and should someone turn it on, allowed_urls is the
     locked-down profile's (only NAME.mar in the store; tests/tools/test_prod_profile.py checks what it

@@ -137,3 +137,24 @@ def test_process_helpers_on_this_process():
     assert cpu_seconds(os.getpid()) > 0
     assert worker_processes(os.getpid()) == []
     assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
+
+
+def test_a_listener_keeps_its_config_host_and_tls_is_refused(tmp_path):
+    """`make serve CONFIG=...` rewrote every listener to http://127.0.0.1:PORT: a config binding 0.0.0.0 (the
+    README's explicit choice) was silently served on loopback, and an https:// one without TLS."""
+    from inference.cli import UsageError
+    from tools.torchserve import TorchServe, listener_host, read_properties
+    assert [listener_host(a) for a in ("http://127.0.0.1:8080", "http://0.0.0.0:8080", "http://[::1]:8081", None,
+                                       "http://10.1.2.3:8080/")] == ["127.0.0.1", "0.0.0.0", "[::1]", "127.0.0.1",
+                                                                     "10.1.2.3"]
+    config = tmp_path / "wide.properties"
+    config.write_text("inference_address=http://0.0.0.0:8080\nmanagement_address=http://127.0.0.1:8081\n")
+    server = TorchServe(model_store=tmp_path, config=config, ports=(18080, 18081, 18082), workdir=tmp_path / "run")
+    assert server.props["inference_address"] == "http://0.0.0.0:18080"
+    assert server.props["management_address"] == "http://127.0.0.1:18081"
+    assert server.props["metrics_address"] == "http://127.0.0.1:18082"  # none in the config: loopback
+    assert server.url == "http://127.0.0.1:18080"  # a wildcard bind is reached on loopback
+    config.write_text("inference_address=https://0.0.0.0:8443\n")
+    with pytest.raises(UsageError, match="plain http://HOST:PORT"):
+        TorchServe(model_store=tmp_path, config=config, workdir=tmp_path / "run2")
+    assert read_properties(config)["inference_address"] == "https://0.0.0.0:8443"
