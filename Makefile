@@ -54,7 +54,8 @@ stop:
 
 USERS ?= 8
 DURATION ?= 30s
-MODEL ?= fmnist
+# MODEL_NAME: the locustfile's own variable, honoured too
+MODEL ?= $(or $(MODEL_NAME),fmnist)
 IMAGES ?= $(DATA)/test
 loadtest: setup
 	mkdir -p logs

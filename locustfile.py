@@ -3,7 +3,8 @@
     locust -f locustfile.py --headless -u 8 -r 8 -t 20s --host http://127.0.0.1:8080
 
 Settings (environment variables, or the same names as locust options ``--images`` etc.):
-  IMAGES      folder of images (searched recursively; .png/.jpg/.jpeg/.webp); default data/fashion-mnist/test
+  IMAGES      folder of images (searched recursively; .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff, hidden files
+              skipped); default data/fashion-mnist/test
   MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
   TOPK        optional X-Top-K header value (an integer >= 1)
   MAX_IMAGES  how many images to load into memory (default 500)
@@ -29,14 +30,16 @@ from __future__ import annotations
 
 import base64
 import itertools
+import logging
 import mimetypes
 import os
 import random
 from pathlib import Path
 
+import gevent
 from locust import FastHttpUser, events, task
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what the server accepts
 
 
 @events.init_command_line_parser.add_listener
@@ -44,21 +47,31 @@ def _options(parser):
     parser.add_argument("--images", default=os.environ.get("IMAGES", "data/fashion-mnist/test"), help="image folder")
     parser.add_argument("--model-name", default=os.environ.get("MODEL_NAME", "fmnist"), help="model to call")
     parser.add_argument("--topk", default=os.environ.get("TOPK", ""), help="X-Top-K header (empty: model default)")
-    parser.add_argument("--max-images", type=int, default=int(os.environ.get("MAX_IMAGES", "500")),
-                        help="images loaded into memory")
+    parser.add_argument("--max-images", default=os.environ.get("MAX_IMAGES", "500"),
+                        help="images loaded into memory (an integer >= 1)")
     parser.add_argument("--schema", default=os.environ.get("SCHEMA", "ours"), choices=list(SCHEMAS),
                         help="expected response body")
-    parser.add_argument("--token", default=os.environ.get("TOKEN", ""), help="inference key (token authorization); write --token=KEY: a key may start with '-'")
+    parser.add_argument("--token", default=os.environ.get("TOKEN", ""), is_secret=True,  # masked in the web UI
+                        help="inference key (token authorization); write --token=KEY: a key may start with '-'")
 
 
-def load_payloads(folder: str, limit: int, seed: int = 0) -> list[tuple[str, bytes, str]]:
-    if limit < 1:
-        raise SystemExit(f"error: --max-images (MAX_IMAGES) must be at least 1, not {limit}")
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def load_payloads(folder: str, limit, seed: int = 0) -> list[tuple[str, bytes, str]]:
+    """Up to ``limit`` image files under ``folder`` (recursively; hidden files such as macOS ``._x.jpg`` and
+    folders named like images skipped), read into memory; a mistake is one line (``SystemExit``)."""
+    if not str(limit).strip().isdigit() or int(limit) < 1:
+        raise SystemExit(f"error: --max-images (MAX_IMAGES) must be an integer >= 1, not {limit!r}")
+    if not Path(folder).is_dir():
+        raise SystemExit(f"error: --images (IMAGES) {folder!r} is not a folder")
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith(".") and p.is_file())
     if not paths:
-        raise SystemExit(f"error: no images under {folder!r} (set --images or IMAGES)")
-    paths = random.Random(seed).sample(paths, min(limit, len(paths)))
-    return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder!r} (set --images or "
+                         "IMAGES)")
+    paths = random.Random(seed).sample(paths, min(int(limit), len(paths)))
+    try:
+        return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {e.filename}: {e.strerror}") from None
 
 
 def parse_topk(value: str) -> int | None:
@@ -90,20 +103,30 @@ def _check(environment, **_):
         return
     if opts.schema not in SCHEMAS:
         raise SystemExit(f"error: --schema (SCHEMA) {opts.schema!r} is not one of {', '.join(SCHEMAS)}")
-    parse_topk(opts.topk)
+    if parse_topk(opts.topk) and opts.schema == "stock":
+        raise SystemExit("error: --topk (TOPK) does not apply to --schema stock: TorchServe's image_classifier "
+                         "always answers its top 5")
     _payloads_for(opts)
 
 
 @events.test_start.add_listener
-def _load(environment, **_):  # the web UI may have changed --images or --max-images since start-up
-    _payloads_for(environment.parsed_options)
+def _load(environment, **_):
+    """The web UI may have changed --images, --max-images or --topk since start-up: a mistake there stops this
+    test with its one line in the log, not the whole locust process."""
+    try:
+        parse_topk(environment.parsed_options.topk)
+        _payloads_for(environment.parsed_options)
+    except SystemExit as e:
+        logging.getLogger("locustfile").error(str(e))
+        if environment.runner is not None:
+            gevent.spawn(environment.runner.stop)
 
 
 def check_stock_body(body) -> str | None:
     """TorchServe's image_classifier answers {"class name": probability, ...} (top 5)."""
     if not isinstance(body, dict) or not body:
         return "expected a non-empty JSON object of class -> probability"
-    if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in body.values()):
+    if not all(_probability(v) for v in body.values()):
         return "probabilities must be numbers in [0, 1]"
     return None
 
@@ -121,7 +144,7 @@ def check_body(body: dict, topk: int | None) -> str | None:
         return f"{len(preds)} predictions, expected {topk}"
     for p in preds:
         if not (isinstance(p, dict) and isinstance(p.get("class"), str) and isinstance(p.get("index"), int)
-                and _probability(p.get("confidence"))):
+                and not isinstance(p.get("index"), bool) and _probability(p.get("confidence"))):
             return f"bad prediction entry {str(p)[:100]}"
     return None
 
@@ -133,23 +156,34 @@ def check_kserve_v1_body(body, topk: int | None) -> str | None:
     return check_body(preds[0], topk)
 
 
+OIP_TENSORS = {"labels": ("BYTES", str), "scores": ("FP32", float), "indices": ("INT64", int)}
+
+
 def check_oip_v2_body(body, topk: int | None) -> str | None:
     listed = body.get("outputs") if isinstance(body, dict) else None
     if not isinstance(listed, list) or not all(isinstance(o, dict) for o in listed):
         return "expected \"outputs\": a list of tensors"
     outputs = {str(o.get("name")): o for o in listed}
-    if set(outputs) != {"labels", "scores", "indices"}:
-        return f"expected outputs labels, scores, indices; got {sorted(outputs)}"
+    if not set(OIP_TENSORS) <= set(outputs) <= {*OIP_TENSORS, "tta_applied"}:  # tta_applied: adaptive TTA
+        return f"expected outputs labels, scores, indices (and tta_applied); got {sorted(outputs)}"
     shape = outputs["scores"].get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == 1 and isinstance(shape[1], int)
             and shape[1] >= 1 and (not topk or shape[1] == topk)):
         return f"scores shape {shape}, expected [1, {topk or 'k'}]"
-    for name in outputs:
+    for name, (datatype, kind) in OIP_TENSORS.items():
         data = outputs[name].get("data")
+        if outputs[name].get("datatype") != datatype or outputs[name].get("shape") != shape:
+            return f"{name}: expected datatype {datatype} and shape {shape}"
         if not isinstance(data, list) or len(data) != shape[1]:
             return f"{name}: expected {shape[1]} values (shape {shape})"
+        if not all(isinstance(v, kind) and not isinstance(v, bool) for v in data):
+            return f"{name}: expected {kind.__name__} values"
     if not all(_probability(v) for v in outputs["scores"]["data"]):
         return "scores must be probabilities"
+    applied = outputs.get("tta_applied")
+    if applied is not None and not (applied.get("shape") == [1] and isinstance(applied.get("data"), list)
+                                    and len(applied["data"]) == 1 and isinstance(applied["data"][0], bool)):
+        return "tta_applied: expected one BOOL value"
     return None
 
 

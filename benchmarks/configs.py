@@ -42,6 +42,18 @@ def search_grid(cores: int | None = None) -> list[Split]:
     return [Split(w, p // w) for p in products for w in range(1, p + 1) if p % w == 0]
 
 
+def positive_ints(text: str, option: str) -> list[int]:
+    """``"1,8,64"`` -> ``[1, 8, 64]``; anything else is a ``UsageError`` naming ``option``."""
+    from inference.cli import UsageError
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def parse_grid(text: str) -> list[Split]:
     """``"1x1,1x2,2x1"`` -> splits; raises ValueError with the bad item named."""
     out = []

@@ -8,13 +8,15 @@ graph in an export folder on CUDA (TorchScript on the device; ONNX through ONNX 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
+from benchmarks.configs import positive_ints
+from export.manifest import load_manifest
 from inference.backends import load_backend
+from inference.cli import run as run_cli
 from tools.timing import rate
 
 
@@ -32,11 +34,11 @@ def main() -> int:
     p.add_argument("--dir", required=True, help="export folder")
     p.add_argument("--batches", default="1,64,256", help="batch sizes")
     args = p.parse_args()
+    batches = positive_ints(args.batches, "--batches")  # options checked before any GPU work
+    manifest = load_manifest(args.dir)
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 0
-    manifest = json.load(open(os.path.join(args.dir, "export.json")))
-    batches = [int(b) for b in args.batches.split(",")]
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; model {manifest['arch']} "
           f"{manifest['model_kwargs']} at {manifest['input_size']} px")
     print(f"{'variant':<18} {'providers':<28} " + " ".join(f"{'b=' + str(b):>10}" for b in batches) + "  (images/s)")
@@ -49,5 +51,5 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake: one line, exit status 2
+    sys.exit(run_cli(main, expected=(ValueError,)))

@@ -26,10 +26,14 @@ import tempfile
 
 import torch
 
+from benchmarks.configs import positive_ints
 from export.archive import model_config
 from export.wrappers import FusedNormalization
 from inference.class_index import write_index_to_name
-from tools.photos import photo_jpegs
+from inference.cli import UsageError
+from inference.cli import run as run_cli
+from inference.tta import TTA_MODES
+from tools.photos import SETS, photo_jpegs
 from tools.timing import seconds_per_call
 
 
@@ -65,6 +69,10 @@ def main() -> int:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--sets", default="jpeg500", help="payload sets of tools.photos: jpeg500, phone12mp, mixed")
     args = p.parse_args()
+    args.batch_sizes = positive_ints(args.batches, "--batches")  # options checked before any GPU work
+    bad = [t for t in args.tta.split(",") if t not in TTA_MODES] + [s for s in args.sets.split(",") if s not in SETS]
+    if bad:
+        raise UsageError(f"unknown --tta/--sets {bad}: TTA modes {', '.join(TTA_MODES)}; sets {', '.join(SETS)}")
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 0
@@ -108,7 +116,7 @@ def run_set(model_dir: str, set_name: str, payloads: list[bytes], args) -> None:
 
     from inference.tta import tta_views
     for tta in args.tta.split(","):
-        for b in (int(x) for x in args.batches.split(",")):
+        for b in args.batch_sizes:
             handler, ctx = make_handler(model_dir, tta=tta, batch=b)
             rows = [{"body": bytearray(payloads[i % len(payloads)])} for i in range(b)]
             ctx.request_processor = [RequestProcessor({}) for _ in range(b)]
@@ -134,11 +142,11 @@ def run_set(model_dir: str, set_name: str, payloads: list[bytes], args) -> None:
             tm = last["timings"]
             print(f"{set_name:<10} {tta:<6} {b:>5} {b / t_pipe:>15,.0f} {b / t_fwd:>19,.0f} {t_fwd / t_pipe:>6.2f} "
                   f"{tm['decode']:>10.2f} {tm['preprocess']:>14.2f} {tm['forward']:>11.2f}", flush=True)
-    b = max(int(x) for x in args.batches.split(","))
+    b = max(args.batch_sizes)
     gpu_ms, cpu_ms = decode_paths(payloads, b)
     print(f"{set_name:<10} decode to the 224 canvas, ms per image: nvjpeg full size (batch {b}) + GPU resize "
           f"{gpu_ms:.2f}; CPU DCT-reduced + resize, 1 thread {cpu_ms:.2f}", flush=True)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a mistake: one line, exit status 2
+    sys.exit(run_cli(main))

@@ -27,7 +27,6 @@ tests serve ``--model smoke`` that way.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch
 
 from benchmarks.configs import Config, Split, parse_grid
 from benchmarks.served import Served, build_archive_for
+from export.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools.models import MODELS, export_random_model
@@ -133,6 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("batch", "users", "seconds", "locust_processes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.photos is not None and args.photos < 1:
+        raise UsageError(f"--photos must be >= 1, got {args.photos}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found now, not after every run
+        raise UsageError(f"--json {args.json}: its folder does not exist")
     return args
 
 
@@ -188,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = ratios(results)
     print("ratios: " + " ".join(f"{k}={v}" for k, v in summary.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "model": args.model,
-                                               "split": str(split), "batch": args.batch, "users": args.users,
-                                               "seconds": args.seconds, "cpus": os.cpu_count(), "results": results,
-                                               "ratios": summary}, indent=1))
+        write_json(path=args.json, obj={"device": device, "torch": torch.__version__, "model": args.model,
+                                        "split": str(split), "batch": args.batch, "users": args.users,
+                                        "seconds": args.seconds, "cpus": os.cpu_count(), "results": results,
+                                        "ratios": summary})
     return 0
 
 

@@ -61,7 +61,13 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
     """One locust run: ``img_s`` (answered without failure per second), failures, percentiles."""
     cmd = locust_command(url, images=payload_dir, model=model, users=users, seconds=seconds, prefix=prefix,
                          schema=schema, processes=processes)
-    _, locust_cpu_s = run_locust(cmd)
+    log = Path(f"{prefix}.locust.log")
+    for kind in ("stats", "stats_history", "failures", "exceptions"):  # a reused folder: never an earlier run's
+        Path(f"{prefix}_{kind}.csv").unlink(missing_ok=True)
+    rc, locust_cpu_s = run_locust(cmd, log=log)
+    if not Path(f"{prefix}_stats.csv").is_file():  # locust stopped before any request: say why
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
+        raise RuntimeError(f"locust wrote no statistics (exit status {rc}): {' / '.join(tail) or 'no output'}")
     s = summary(prefix)
     return {"users": users, "img_s": s["ok_per_s"], "requests": s["requests"], "failures": s["failures"],
             "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "percentiles": s["percentiles"],

@@ -30,7 +30,7 @@ import yaml
 
 import inference
 from inference.class_index import INDEX_FILE
-from inference.settings import HandlerSettings, WorkerSettings
+from inference.settings import HandlerSettings, SettingsError, WorkerSettings
 
 from .atomic import clean_stale, publish_file, publish_tree
 from .integrity import check_files
@@ -60,7 +60,10 @@ def model_config(**options) -> dict:
     facts ``input_size`` etc. included); each is validated there.
     """
     workers, handler = split_options(options)
-    return {**workers.to_config(), "handler": HandlerSettings(**handler).to_config()}
+    settings = HandlerSettings(**handler)
+    if settings.tta_problem():
+        raise SettingsError(settings.tta_problem())
+    return {**workers.to_config(), "handler": settings.to_config()}
 
 
 def stage_core(dest: Path) -> Path:

@@ -121,15 +121,22 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def _frames(im: Image.Image, max_frames: int) -> int:
-    """The frame count, or ``max_frames + 1`` when there are more: GIF and TIFF are counted by walking their
-    frames (no decoding), so a file of a million tiny frames is walked only ``max_frames`` deep."""
-    if im.format in ("GIF", "TIFF") and getattr(im, "is_animated", False) and max_frames < 2**31:
-        try:
-            im.seek(max_frames)  # frame max_frames exists: more than max_frames frames
-            return max_frames + 1
-        except EOFError:
-            im.seek(0)
-    return int(getattr(im, "n_frames", 1) or 1)
+    """The frame count, or ``max_frames + 1`` when there are more. GIF and TIFF keep no count in their header:
+    their frames are walked one by one, at most ``max_frames`` deep (a file of a million tiny frames is not
+    walked to its end), reading headers only: a GIF through Pillow's own walk for ``n_frames``
+    (``_seek(f, False)``: its public ``seek`` decodes every frame on the way), a TIFF page by page (its
+    ``seek`` reads the page's tags; one far jump would miscount)."""
+    if im.format not in ("GIF", "TIFF") or not getattr(im, "is_animated", False):
+        return int(getattr(im, "n_frames", 1) or 1)
+    step = (lambda f: im._seek(f, False)) if im.format == "GIF" else im.seek
+    try:
+        for frame in range(1, min(max_frames, 2**31) + 1):
+            step(frame)
+    except EOFError:
+        return frame  # frames 0 .. frame - 1
+    finally:
+        im.seek(0)
+    return max_frames + 1
 
 
 def image_size(data: bytes | bytearray) -> tuple[int, int]:

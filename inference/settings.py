@@ -11,6 +11,7 @@ names the key.
 from __future__ import annotations
 
 import argparse
+import logging
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -97,7 +98,11 @@ class _Settings:
         if unknown:
             raise SettingsError(f"{cls.WHERE}: unknown key(s) {', '.join(map(str, unknown))}; the known keys are "
                                 f"{', '.join(known)}")
-        return cls(**{known[k]: v for k, v in section.items() if k in known})
+        settings = cls(**{known[k]: v for k, v in section.items() if k in known})
+        problem = getattr(settings, "tta_problem", lambda: None)()
+        if problem:  # an archive built before export refused it: it still loads
+            logging.getLogger(__name__).warning("%s: %s", cls.WHERE, problem)
+        return settings
 
     def to_config(self) -> dict:
         """The YAML mapping (keys in definition order; ``None`` values left out)."""
@@ -188,13 +193,16 @@ class HandlerSettings(_Settings):
     graph_topk: int | None = _opt(None, "k of an in-graph top-k (graph_output: topk)", minimum=1, cli=False)
     precision: str = _opt("fp32", "the graph's precision", choices=PRECISIONS, cli=False)
 
-    def __post_init__(self):
-        super().__post_init__()
-        crop, resize = self.input_size, self.resize_size or self.input_size
-        if crop and self.handler_tta not in ("none", "flip") and resize <= crop:
-            raise SettingsError(f"{self.WHERE}: tta {self.tta} cuts its views from the resize_size square, and "
-                                f"resize_size {resize} is input_size {crop}: every view would be the same image; "
-                                "use flip, or train/export with a larger resize size")
+    def tta_problem(self) -> str | None:
+        """Why the handler's TTA would run copies of one view, or None: five_crop/ten_crop (and multi_scale with
+        no scale below 1) cut their views from the resize_size square, which must then be larger than the crop.
+        ``export archive`` refuses such a configuration; a worker loading an older archive logs it."""
+        crop, resize, tta = self.input_size, self.resize_size or self.input_size, self.handler_tta
+        degenerate = tta in ("five_crop", "ten_crop") or (tta == "multi_scale" and min(self.tta_scales) >= 1)
+        if crop and degenerate and resize <= crop:
+            return (f"tta {tta} cuts its views from the resize_size square, and resize_size {resize} is input_size "
+                    f"{crop}: every view would be the same image; use flip, or export with a larger resize size")
+        return None
 
     @property
     def handler_tta(self) -> str:

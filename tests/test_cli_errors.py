@@ -50,6 +50,11 @@ def cases(tmp):
                                          f"{noexport / 'export.json'} not found: run `python -m export"),
         "export verify": (["-m", "export", "verify", "--archive", tmp / "m.mar"], "archive not found"),
         "benchmarks.bench": (["-m", "benchmarks.bench", "--gates", tmp / "g.json"], "gate file"),
+        "benchmarks.bench users": (["-m", "benchmarks.bench", "--users", "0,16"], "--users must be user counts >= 1"),
+        "benchmarks.gpu_handler": (["-m", "benchmarks.gpu_handler", "--batches", "0"],  # checked before CUDA is
+                                   "--batches must be comma-separated integers >= 1"),    # looked for
+        "benchmarks.gpu_export": (["-m", "benchmarks.gpu_export", "--dir", noexport],
+                                  f"{noexport / 'export.json'} not found"),
         "scripts.ts_server no archives": (["-m", "scripts.ts_server", "serve", "--model-store", empty,
                                            "--state-file", tmp / "s.json"], "no .mar archives in"),
         "scripts.ts_server no config": (["-m", "scripts.ts_server", "serve", "--config", tmp / "c.properties"],

@@ -2,8 +2,10 @@
 that did not get a good answer counts as a failure (no answer at all, a malformed body), and a bad
 setting stops locust at start-up with one line. (Locust monkey-patches the interpreter with gevent, so
 it runs in its own process, as it does for users.)"""
+import json
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -70,7 +72,7 @@ def test_every_answer_is_checked_and_counted(images, tmp_path, bodies, failing):
 @pytest.mark.parametrize("extra,message", [
     (["--schema", "kserve"], "invalid choice: 'kserve'"),
     (["--topk", "abc"], "error: --topk (TOPK) must be an integer >= 1, not 'abc'"),
-    (["--max-images", "0"], "error: --max-images (MAX_IMAGES) must be at least 1, not 0"),
+    (["--max-images", "0"], "error: --max-images (MAX_IMAGES) must be an integer >= 1, not '0'"),
 ])
 def test_a_bad_setting_stops_locust_at_start_up(images, tmp_path, extra, message):
     proc = _locust("http://127.0.0.1:9", images, tmp_path / "bad", *extra, seconds=30)
@@ -102,3 +104,46 @@ def test_the_token_is_sent_even_when_it_starts_with_a_dash(images, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert seen and {h.get("Authorization") for h in seen} == {"Bearer -k_giUnIe"}, seen[:2]
     assert summary(tmp_path / "t")["failures"] == 0
+
+
+@pytest.mark.parametrize("env,extra,message", [
+    ({"MAX_IMAGES": "abc"}, [], "error: --max-images (MAX_IMAGES) must be an integer >= 1, not 'abc'"),
+    ({}, ["--schema", "stock", "--topk", "3"], "error: --topk (TOPK) does not apply to --schema stock"),
+])
+def test_more_bad_settings_are_one_line(images, tmp_path, env, extra, message):
+    """MAX_IMAGES=abc was int()-ed while locust built its parser: two tracebacks and exit 1."""
+    import os
+    cmd = locust_command("http://127.0.0.1:9", images=images, model="m", users=1, seconds=30, prefix=tmp_path / "p",
+                         stop_timeout=None) + extra
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_payloads_skip_hidden_files_and_folders_named_like_images(images):
+    """macOS `._a.jpg` files were sent (and failed), and a folder named `x.jpg` stopped locust with a traceback."""
+    (images / "._0.png").write_bytes(b"AppleDouble")
+    (images / "album.jpg").mkdir()
+    (images / "album.jpg" / "inside.JPG").write_bytes(encode(pattern_image("circle", size=20), "JPEG"))
+    code = ("import json, locustfile; print(json.dumps(sorted(n for n, _, _ in locustfile.load_payloads("
+            f"{str(images)!r}, 100))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["0.png", "1.png", "2.png", "inside.JPG"]
+
+
+def test_the_oip_check_accepts_what_the_handler_answers_with_adaptive_tta():
+    """inference.oip adds a tta_applied BOOL output with adaptive TTA: the check failed every such answer."""
+    code = """
+import json, locustfile
+from inference.oip import oip_answer
+from inference.requests import Request
+result = {"predictions": [{"class": "cat", "index": 1, "confidence": 0.75}], "tta": "flip"}
+req = Request([b"x"], multi=True, protocol="oip_v2")
+adaptive = oip_answer(req, [{**result, "tta_applied": True}], model_name="m", model_version="1")
+plain = oip_answer(req, [result], model_name="m", model_version="1")
+bad = json.loads(json.dumps(plain)); bad["outputs"][2]["data"] = [True]
+print(json.dumps([locustfile.check_oip_v2_body(b, None) for b in (adaptive, plain, bad)]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [None, None, "indices: expected int values"]

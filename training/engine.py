@@ -59,8 +59,10 @@ from .run_log import (
     append_log,
     claim_run_folder,
     clear_run_folder,
+    mark_training,
     open_tensorboard,
     start_log,
+    unmark_training,
     write_test_metrics,
 )
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
@@ -432,6 +434,7 @@ class Trainer:
 
     def begin(self) -> None:
         if self.main:
+            mark_training(self.cfg.out)
             clear_run_folder(self.cfg.out, self.replaced)
             self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
             start_log(self.cfg.out, self.history)
@@ -451,6 +454,8 @@ class Trainer:
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.main:
+            unmark_training(self.cfg.out)
         barrier(self.dist)
         shutdown(self.dist)
 

@@ -9,13 +9,16 @@
 
 :func:`claim_run_folder` keeps one run per folder: a second ``train --out RUN`` is refused while RUN holds
 a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it; a run stopped before
-its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume.
+its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume, unless a
+live process is still training into it (:data:`PID_FILE`): a folder is never written by two runs at once.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+
+from .checkpoint import pid_alive
 
 LOG_FILE = "log.csv"
 TEST_METRICS_FILE = "test_metrics.json"
@@ -24,6 +27,7 @@ LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_t
 SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr")  # what TensorBoard gets
 CONFIG_FILE = "config.yaml"
 RUN_FILES = ("best.pt", "last.pt", LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
+PID_FILE = ".training.pid"  # the PID of the process training into the folder; removed when it ends
 _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
 
 
@@ -31,6 +35,10 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
     """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
     ``force`` will replace (removed by :func:`clear_run_folder` when the run starts). Resuming a checkpoint
     of ``out`` itself continues that run there."""
+    live = training_pid(out)
+    if live is not None and live != os.getpid():  # never two processes writing one folder, --force or not
+        raise ValueError(f"--out {out}: a run is training into it (PID {live}); wait for it, stop it, or choose a "
+                         f"new --out (if that PID is not a training run, remove {os.path.join(out, PID_FILE)})")
     held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
         return []
@@ -41,6 +49,29 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): resume it with --resume "
                          f"{os.path.join(out, 'last.pt')}, choose a new --out, or pass --force to replace it")
     return held + config
+
+
+def training_pid(out: str) -> int | None:
+    """The PID of a live process training into ``out`` (its :data:`PID_FILE`), else None."""
+    try:
+        with open(os.path.join(out, PID_FILE)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def mark_training(out: str) -> None:
+    """Record this process as the one training into ``out`` (until :func:`unmark_training`)."""
+    tmp = os.path.join(out, f"{PID_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, os.path.join(out, PID_FILE))
+
+
+def unmark_training(out: str) -> None:
+    if training_pid(out) == os.getpid():
+        os.remove(os.path.join(out, PID_FILE))
 
 
 def clear_run_folder(out: str, names: list[str]) -> None:

@@ -291,3 +291,28 @@ def test_a_gif_of_very_many_frames_is_refused_after_walking_only_max_frames(monk
         probe(buf.getvalue(), max_frames=10)
     assert max(walked) == 10  # one past the limit, not all 3000
     assert probe(buf.getvalue(), max_frames=5000).frames == 3000
+
+
+def test_frames_are_counted_from_headers_and_multi_page_tiffs_are_counted_right(monkeypatch):
+    """Walking a GIF with Pillow's public seek decoded every frame onto the canvas (a 60 KB file of a 40 MP
+    canvas cost a worker over a minute); a far TIFF seek made every 2-page TIFF 'more than 1000 frames'."""
+    from PIL import GifImagePlugin
+
+    from inference.images import probe
+    for n in (1, 2, 3):
+        pages = [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(n)]
+        buf = io.BytesIO()
+        pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+        assert probe(buf.getvalue()).frames == probe(buf.getvalue(), max_frames=n).frames == n
+        if n > 1:
+            with pytest.raises(ImageTooLargeError, match=f"more than {n - 1} frames"):
+                probe(buf.getvalue(), max_frames=n - 1)
+    frames = [Image.new("L", (64, 64), (i * 7) % 256) for i in range(5)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=1)
+
+    def no_pixels(self, *args):
+        raise AssertionError("the header check decoded a frame")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "load", no_pixels)
+    assert probe(buf.getvalue()).frames == 5

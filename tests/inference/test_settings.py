@@ -77,11 +77,21 @@ def test_cli_options_come_from_the_fields():
     assert "max_batch_pixels" not in HandlerSettings(input_size=28).to_config()  # unset: left to the worker
 
 
-@pytest.mark.parametrize("tta", ["five_crop", "ten_crop", "multi_scale"])
-def test_crop_tta_without_room_to_crop_is_refused(tta):
-    """The demo's 28/28 archive with five_crop ran five identical views (5x the compute for the plain answer)."""
-    with pytest.raises(SettingsError, match=f"tta {tta} cuts its views from the resize_size square, and "
-                                            "resize_size 28 is input_size 28: every view would be the same image"):
-        HandlerSettings(input_size=28, resize_size=28, tta=tta)
-    assert HandlerSettings(input_size=28, resize_size=32, tta=tta).tta == tta
-    assert HandlerSettings(input_size=28, tta=tta, graph_output="probabilities").handler_tta == "none"  # the graph's
+@pytest.mark.parametrize("tta,scales,refused", [("five_crop", (1.0,), True), ("ten_crop", (1.0,), True),
+                                                ("multi_scale", (1.0, 1.15), True), ("multi_scale", (1.0, 0.87), False)])
+def test_crop_tta_without_room_to_crop_is_refused_at_archive_time(tta, scales, refused, caplog):
+    """The demo's 28/28 archive with five_crop ran five identical views (5x the compute for the plain answer).
+    `export archive` refuses it; a worker loading an archive built before still starts, and logs why."""
+    from export.archive import model_config
+    options = dict(input_size=28, resize_size=28, tta=tta, tta_scales=scales)
+    if refused:
+        with pytest.raises(SettingsError, match=f"tta {tta} cuts its views from the resize_size square, and "
+                                                "resize_size 28 is input_size 28: every view would be the same"):
+            model_config(**options)
+        section = {**HandlerSettings(input_size=28, tta="flip").to_config(), "tta": tta, "tta_scales": list(scales)}
+        assert HandlerSettings.from_config(section).tta == tta
+        assert "every view would be the same image" in caplog.text
+    else:  # 0.87 zooms in: a view of its own
+        assert model_config(**options)["handler"]["tta"] == tta
+    assert model_config(**{**options, "resize_size": 32})["handler"]["tta"] == tta
+    assert HandlerSettings(**options, graph_output="probabilities").tta_problem() is None  # the graph's own views

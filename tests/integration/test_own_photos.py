@@ -44,7 +44,7 @@ def readme_commands() -> list[tuple[list[str], bool]]:
     commands = []
     for line in block.group(1).replace("\\\n", " ").splitlines():
         tokens = shlex.split(line, comments=True)
-        if tokens[:1] == ["until"]:  # the README's wait for the server's state file: the test waits on it itself
+        if tokens[:1] == ["for"]:  # the README's wait for the server's state file: the test waits on it itself
             assert "server.json" in line, line
             continue
         background = bool(tokens) and tokens[-1] == "&"

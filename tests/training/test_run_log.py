@@ -1,5 +1,6 @@
 """The run's epoch log (training.run_log), read back by training.reports.read_log."""
 import math
+import os
 
 from training.reports import read_log
 from training.run_log import LOG_COLUMNS, append_log, start_log
@@ -56,3 +57,31 @@ def test_a_run_stopped_before_its_first_epoch_ended_is_replaced(tmp_path):
     start_log(str(out), [])
     (out / "config.yaml").write_text("epochs: 3\n")
     assert claim_run_folder(str(out)) == ["log.csv", "config.yaml"]
+
+
+def test_a_folder_a_live_run_is_training_into_is_never_taken(tmp_path):
+    """A second `train --out RUN` during the first's long first epoch (log.csv, no checkpoint yet) replaced
+    its files; now the live run's PID file refuses it, --force or not, and a dead one's is ignored."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from training.run_log import PID_FILE, claim_run_folder, mark_training, training_pid, unmark_training
+    out = tmp_path / "run"
+    out.mkdir()
+    start_log(str(out), [])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / PID_FILE).write_text(f"{other.pid}\n")
+        for force in (False, True):
+            with pytest.raises(ValueError, match=rf"a run is training into it \(PID {other.pid}\)"):
+                claim_run_folder(str(out), force=force)
+    finally:
+        other.kill()
+        other.wait()
+    assert training_pid(str(out)) is None and claim_run_folder(str(out)) == ["log.csv"]  # it died: stale
+    mark_training(str(out))
+    assert training_pid(str(out)) == os.getpid() and claim_run_folder(str(out)) == ["log.csv"]  # this process
+    unmark_training(str(out))
+    assert not (out / PID_FILE).exists()
