@@ -58,7 +58,7 @@ def _options(parser):
 def load_payloads(folder: str, limit, seed: int = 0) -> list[tuple[str, bytes, str]]:
     """Up to ``limit`` image files under ``folder`` (recursively; hidden files such as macOS ``._x.jpg`` and
     folders named like images skipped), read into memory; a mistake is one line (``SystemExit``)."""
-    if not str(limit).strip().isdigit() or int(limit) < 1:
+    if not str(limit).strip().isdecimal() or int(limit) < 1:
         raise SystemExit(f"error: --max-images (MAX_IMAGES) must be an integer >= 1, not {limit!r}")
     if not Path(folder).is_dir():
         raise SystemExit(f"error: --images (IMAGES) {folder!r} is not a folder")
@@ -78,7 +78,7 @@ def parse_topk(value: str) -> int | None:
     """``--topk``/``TOPK``: empty (the model's default) or an integer >= 1."""
     if not value:
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    if not value.strip().isdecimal() or int(value) < 1:
         raise SystemExit(f"error: --topk (TOPK) must be an integer >= 1, not {value!r}")
     return int(value)
 

@@ -132,10 +132,13 @@ def _frames(im: Image.Image, max_frames: int) -> int:
     try:
         for frame in range(1, min(max_frames, 2**31) + 1):
             step(frame)
-    except EOFError:
+    except Exception:  # the end, or a later frame Pillow cannot read (cut off, odd mode): only frame 0 is used
         return frame  # frames 0 .. frame - 1
     finally:
-        im.seek(0)
+        try:
+            im.seek(0)
+        except Exception:
+            pass
     return max_frames + 1
 
 

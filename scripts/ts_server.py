@@ -55,8 +55,11 @@ def serve(args: argparse.Namespace) -> int:
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
         state_file.unlink()  # stale: it must not say "ready" before this server is
     props = read_properties(args.config)
-    ports = tuple(int(re.search(r":(\d+)/?$", props[k].strip()).group(1))  # the last one: [::1] has colons
-                  for k in ("inference_address", "management_address", "metrics_address"))
+    found = {k: re.search(r":(\d+)/?$", props.get(k, "").strip())  # the last colon: [::1] has others
+             for k in ("inference_address", "management_address", "metrics_address")}
+    if not all(found.values()):
+        raise UsageError(f"{args.config}: {', '.join(k for k, m in found.items() if not m)} must be http://HOST:PORT")
+    ports = tuple(int(m.group(1)) for m in found.values())
     grpc_ports = (int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
     overrides = {"enable_model_api": "true"} if getattr(args, "enable_model_api", False) else None
     server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,

@@ -59,10 +59,9 @@ from .run_log import (
     append_log,
     claim_run_folder,
     clear_run_folder,
-    mark_training,
     open_tensorboard,
     start_log,
-    unmark_training,
+    unlock_run_folder,
     write_test_metrics,
 )
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state
@@ -119,15 +118,20 @@ class Trainer:
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         resume = self._open_resume(cfg.resume) if cfg.resume else None  # refuse a mismatch before any work
         self._check_model_options()
-        self.replaced = claim_run_folder(cfg.out, resume=cfg.resume, force=cfg.force)  # before rank 0 writes
+        # before rank 0 writes; rank 0 holds the folder's lock until finish() (or its process ends)
+        self.replaced = claim_run_folder(cfg.out, resume=cfg.resume, force=cfg.force, lock=self.main)
         os.makedirs(cfg.out, exist_ok=True)
-        self.bad_images: dict[str, str] = {}  # every unreadable training image met so far: path -> reason
-        self._build_data()
-        self._build_model()
-        self._build_optimisation()
-        self.start_epoch, self.history, self.writer = 1, [], None
-        if resume is not None:
-            self._resume(cfg.resume, resume)
+        try:
+            self.bad_images: dict[str, str] = {}  # every unreadable training image met so far: path -> reason
+            self._build_data()
+            self._build_model()
+            self._build_optimisation()
+            self.start_epoch, self.history, self.writer = 1, [], None
+            if resume is not None:
+                self._resume(cfg.resume, resume)
+        except BaseException:
+            unlock_run_folder(cfg.out)
+            raise
 
     # -- set-up -------------------------------------------------------------------------------------
     def _check_model_options(self) -> None:
@@ -419,6 +423,7 @@ class Trainer:
     def run(self) -> dict:
         """Train the remaining epochs, then evaluate ``best.pt`` on the test split; returns its metrics."""
         if self.start_epoch > self.cfg.epochs:  # before any file is written: a no-op would claim a best.pt
+            unlock_run_folder(self.cfg.out)
             raise ValueError(f"--resume {self.cfg.resume}: the run has trained its {self.start_epoch - 1} epochs "
                              f"already; pass --epochs N (more than {self.start_epoch - 1}) to train on")
         self.begin()
@@ -434,7 +439,6 @@ class Trainer:
 
     def begin(self) -> None:
         if self.main:
-            mark_training(self.cfg.out)
             clear_run_folder(self.cfg.out, self.replaced)
             self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
             start_log(self.cfg.out, self.history)
@@ -455,7 +459,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         if self.main:
-            unmark_training(self.cfg.out)
+            unlock_run_folder(self.cfg.out)
         barrier(self.dist)
         shutdown(self.dist)
 

@@ -10,15 +10,14 @@
 :func:`claim_run_folder` keeps one run per folder: a second ``train --out RUN`` is refused while RUN holds
 a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it; a run stopped before
 its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume, unless a
-live process is still training into it (:data:`PID_FILE`): a folder is never written by two runs at once.
+live process is still training into it (:func:`lock_run_folder`): a folder is never written by two runs at once.
 """
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
-
-from .checkpoint import pid_alive
 
 LOG_FILE = "log.csv"
 TEST_METRICS_FILE = "test_metrics.json"
@@ -27,18 +26,16 @@ LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_t
 SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr")  # what TensorBoard gets
 CONFIG_FILE = "config.yaml"
 RUN_FILES = ("best.pt", "last.pt", LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
-PID_FILE = ".training.pid"  # the PID of the process training into the folder; removed when it ends
+LOCK_FILE = ".training.lock"  # locked (flock) by the process training into the folder; holds its PID
 _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
 
 
-def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False) -> list[str]:
+def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False, lock: bool = True) -> list[str]:
     """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
     ``force`` will replace (removed by :func:`clear_run_folder` when the run starts). Resuming a checkpoint
     of ``out`` itself continues that run there."""
-    live = training_pid(out)
-    if live is not None and live != os.getpid():  # never two processes writing one folder, --force or not
-        raise ValueError(f"--out {out}: a run is training into it (PID {live}); wait for it, stop it, or choose a "
-                         f"new --out (if that PID is not a training run, remove {os.path.join(out, PID_FILE)})")
+    if lock:  # never two processes writing one folder, --force or not (lock: the process that writes: rank 0)
+        lock_run_folder(out)
     held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
         return []
@@ -51,27 +48,40 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
     return held + config
 
 
-def training_pid(out: str) -> int | None:
-    """The PID of a live process training into ``out`` (its :data:`PID_FILE`), else None."""
+_LOCKS: dict[str, int] = {}  # run folder (real path) -> the open lock file this process holds
+
+
+def lock_run_folder(out: str) -> None:
+    """Hold an exclusive lock on ``RUN/.training.lock`` for as long as this process trains into ``out``:
+    another run into the folder is refused (``ValueError``) while it is held. The kernel drops the lock when the
+    process ends, however it ends (Ctrl-C, kill -9, out of memory), so a crash never leaves the folder blocked,
+    and a PID number reused by another process means nothing."""
+    key = os.path.realpath(out)
+    if key in _LOCKS:  # this process holds it already (a second Trainer in one program)
+        return
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with open(os.path.join(out, PID_FILE)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"--out {out}: a run is training into it (PID {holder}); wait for it, stop it, or choose "
+                         "a new --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
 
 
-def mark_training(out: str) -> None:
-    """Record this process as the one training into ``out`` (until :func:`unmark_training`)."""
-    tmp = os.path.join(out, f"{PID_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, os.path.join(out, PID_FILE))
-
-
-def unmark_training(out: str) -> None:
-    if training_pid(out) == os.getpid():
-        os.remove(os.path.join(out, PID_FILE))
+def unlock_run_folder(out: str) -> None:
+    """Release the lock of :func:`lock_run_folder` and remove its file (the run leaves nothing of it behind)."""
+    fd = _LOCKS.pop(os.path.realpath(out), None)
+    if fd is not None:
+        try:
+            os.remove(os.path.join(out, LOCK_FILE))
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def clear_run_folder(out: str, names: list[str]) -> None:

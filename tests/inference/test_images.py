@@ -316,3 +316,15 @@ def test_frames_are_counted_from_headers_and_multi_page_tiffs_are_counted_right(
 
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "load", no_pixels)
     assert probe(buf.getvalue()).frames == 5
+
+
+def test_a_gif_cut_off_in_a_later_frame_counts_the_frames_before_it():
+    """Only frame 0 is used: a later frame Pillow cannot read (cut off, odd) ends the count, not the request."""
+    from inference.images import probe
+    frames = [Image.new("L", (32, 32), (i * 7) % 256) for i in range(6)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=1)
+    data = buf.getvalue()
+    counts = {probe(data[:cut]).frames for cut in range(len(data) // 2, len(data) - 1, 7)}
+    assert counts and max(counts) <= 6 and min(counts) >= 1
+    assert decode_rgb(data[: len(data) * 2 // 3]).shape == (3, 32, 32)

@@ -2,6 +2,7 @@
 import math
 import os
 
+from tests.conftest import REPO
 from training.reports import read_log
 from training.run_log import LOG_COLUMNS, append_log, start_log
 
@@ -19,10 +20,9 @@ def test_a_run_folder_holds_one_run(tmp_path):
     --force replaces it, and no file of the old run outlives the new one's start."""
     import pytest
 
-    from training.run_log import claim_run_folder, clear_run_folder
+    from training.run_log import claim_run_folder, clear_run_folder, unlock_run_folder
     out = tmp_path / "run"
-    assert claim_run_folder(str(out)) == []  # not there yet
-    out.mkdir()
+    assert claim_run_folder(str(out)) == [] and out.is_dir()  # not there yet: made, to hold its lock
     assert claim_run_folder(str(out)) == []  # empty
     for name in ("best.pt", "last.pt", "log.csv", "config.yaml", "notes.txt"):
         (out / name).write_text("old run")
@@ -35,6 +35,7 @@ def test_a_run_folder_holds_one_run(tmp_path):
     assert sorted(replaced) == ["best.pt", "config.yaml", "last.pt", "log.csv"]
     assert (out / "best.pt").exists()  # nothing removed before the run starts
     clear_run_folder(str(out), replaced)
+    unlock_run_folder(str(out))  # as the run's end does: the lock file goes with it
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the run's own files
 
 
@@ -60,28 +61,35 @@ def test_a_run_stopped_before_its_first_epoch_ended_is_replaced(tmp_path):
 
 
 def test_a_folder_a_live_run_is_training_into_is_never_taken(tmp_path):
-    """A second `train --out RUN` during the first's long first epoch (log.csv, no checkpoint yet) replaced
-    its files; now the live run's PID file refuses it, --force or not, and a dead one's is ignored."""
+    """A second `train --out RUN` during the first's long first epoch (log.csv, no checkpoint yet) replaced its
+    files. Now the first holds a lock on the folder (flock: dropped by the kernel when that process ends, however
+    it ends), and a second run is refused, --force or not."""
     import subprocess
     import sys
 
     import pytest
 
-    from training.run_log import PID_FILE, claim_run_folder, mark_training, training_pid, unmark_training
+    from training.run_log import LOCK_FILE, claim_run_folder, unlock_run_folder
     out = tmp_path / "run"
     out.mkdir()
     start_log(str(out), [])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from training.run_log import claim_run_folder
+claim_run_folder({str(out)!r})
+print("locked", flush=True)
+time.sleep(60)
+"""], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        (out / PID_FILE).write_text(f"{other.pid}\n")
+        assert holder.stdout.readline().strip() == "locked"
         for force in (False, True):
-            with pytest.raises(ValueError, match=rf"a run is training into it \(PID {other.pid}\)"):
-                claim_run_folder(str(out), force=force)
+            with pytest.raises(ValueError, match=rf"a run is training into it \(PID {holder.pid}\)"):
+                claim_run_folder(str(out), force=force, lock=True)
+        assert claim_run_folder(str(out), lock=False) == ["log.csv"]  # the other ranks do not lock
     finally:
-        other.kill()
-        other.wait()
-    assert training_pid(str(out)) is None and claim_run_folder(str(out)) == ["log.csv"]  # it died: stale
-    mark_training(str(out))
-    assert training_pid(str(out)) == os.getpid() and claim_run_folder(str(out)) == ["log.csv"]  # this process
-    unmark_training(str(out))
-    assert not (out / PID_FILE).exists()
+        holder.kill()  # as kill -9 would: no clean-up ran, the kernel dropped the lock
+        holder.wait()
+    assert claim_run_folder(str(out)) == ["log.csv"] and (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert claim_run_folder(str(out)) == ["log.csv"]  # this process holds it already: again is fine
+    unlock_run_folder(str(out))
+    assert not (out / LOCK_FILE).exists()
