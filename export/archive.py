@@ -61,8 +61,9 @@ def model_config(**options) -> dict:
     """
     workers, handler = split_options(options)
     settings = HandlerSettings(**handler)
-    if settings.tta_problem():
-        raise SettingsError(settings.tta_problem())
+    problem = settings.tta_problem()
+    if problem:
+        raise SettingsError(problem)
     return {**workers.to_config(), "handler": settings.to_config()}
 
 

@@ -34,7 +34,7 @@ from inference.responses import error_body
 
 TORCHSERVE, KSERVE_V1 = "torchserve", "kserve_v1"
 PROTOCOLS = (TORCHSERVE, KSERVE_V1, OIP_V2)
-JSON_START = (b"\xef\xbb\xbf", b" ", b"\t", b"\r", b"\n")  # what may come before a JSON body's "{"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def _body(row: dict | None, headers: dict | None):
     body = (row or {}).get("body")
     if not isinstance(body, (bytes, bytearray)) or header(headers, BINARY_HEADER) is not None:
         return body
-    text = bytes(body[:64])  # a pretty-printed file sent with curl --data-binary: whitespace, maybe a BOM
-    while text.startswith(JSON_START):
-        text = text[3:] if text.startswith(JSON_START[0]) else text[1:]
+    text = bytes(body[:64]).removeprefix(UTF8_BOM).lstrip()  # curl --data-binary of a pretty-printed file
     if text[:1] in (b"{", b"["):  # an object, or a list of base64 images (TorchServe's JSON list)
         try:
             parsed = json.loads(bytes(body).decode("utf-8-sig"))

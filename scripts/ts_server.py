@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+from export.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools import REPO
@@ -70,7 +71,8 @@ def serve(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"TorchServe did not start: {e}", file=sys.stderr)
         return 1
-    _write_state(state_file, server.state())
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path=state_file, obj=server.state())  # atomic: a crash never leaves half a state file
     print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management "
           f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
           f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
@@ -88,14 +90,6 @@ def serve(args: argparse.Namespace) -> int:
     server.forget_keys()  # `make stop` ends the Java process itself: its keys are void
     state_file.unlink(missing_ok=True)
     return 0
-
-
-def _write_state(path: Path, state: dict) -> None:
-    """Whole or not at all (a temporary renamed onto ``path``): a crash never leaves half a state file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
 
 
 def _read_state(path: Path) -> dict:
