@@ -51,7 +51,7 @@ from benchmarks.configs import BATCH, CONFIGS, MAX_BATCH_DELAY, Split, parse_gri
 from benchmarks.gates import DEFAULT_GATES, GateFileError, load_gates
 from benchmarks.report import isa_class, machine, plots, report
 from benchmarks.sitting import ModelSitting, Plan
-from export.atomic import write_bytes
+from inference.atomic import write_bytes
 from inference.cli import run as run_cli
 from tools import REPO
 from tools.models import MODELS, default_variants

@@ -161,7 +161,7 @@ def records_from_verify(rows: dict[str, dict], *, variants: dict[str, dict], arc
 def write_records(path: str | Path, records: list[dict]) -> list[dict]:
     """Merge ``records`` into the gate file (a record replaces the one of the same arch and variant),
     written atomically; return the file's records."""
-    from export.atomic import write_json
+    from inference.atomic import write_json
 
     merged = load_gates(path)
     merged.update({(r["arch"], r["variant"]): r for r in records})

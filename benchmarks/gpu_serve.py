@@ -39,7 +39,7 @@ import torch
 
 from benchmarks.configs import Config, Split, parse_grid
 from benchmarks.served import Served, build_archive_for
-from export.atomic import write_json
+from inference.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools.models import MODELS, export_random_model

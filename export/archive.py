@@ -7,7 +7,7 @@ worker keys, and the handler's section), written from :mod:`inference.settings`.
 
 The graph files are copied out of the export folder and packed only when the copies have the SHA-256
 that ``export.json`` records; the archive is built elsewhere and copied into the model store under a
-temporary name, then ``os.replace``-d onto ``NAME.mar`` (:mod:`export.atomic`): an earlier archive of
+temporary name, then ``os.replace``-d onto ``NAME.mar`` (:mod:`inference.atomic`): an earlier archive of
 that name stays whole until the new one is complete. The archiver's inputs (``model-config.yaml``,
 ``model_card.json``, ``requirements.txt``, the core) stay in ``EXPORT/archive/NAME/``, and
 :func:`archiver_command` gives the raw ``torch-model-archiver`` command that packs them by hand.
@@ -29,10 +29,10 @@ from pathlib import Path
 import yaml
 
 import inference
+from inference.atomic import clean_stale, publish_file, publish_tree
 from inference.class_index import INDEX_FILE
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings
 
-from .atomic import clean_stale, publish_file, publish_tree
 from .integrity import check_files
 from .manifest import EXPORT_MANIFEST, PROVENANCE, load_manifest
 

@@ -12,12 +12,12 @@ from datetime import datetime, timezone
 
 import torch
 
+from inference.atomic import write_json
 from inference.backends import load_backend
 from inference.class_index import INDEX_FILE, write_index_to_name
 from inference.transforms import normalize
 from training.checkpoint import load_checkpoint, restore_model
 
-from .atomic import write_json
 from .formats import (
     VARIANTS,
     Variant,

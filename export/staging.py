@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 
-from .atomic import fsync_dir, fsync_file, pid_alive, write_json
+from inference.atomic import fsync_dir, fsync_file, pid_alive, write_json
 
 STAGING_PREFIX = ".staging-"
 JOURNAL = ".commit.json"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from export.atomic import write_json
+from inference.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools import REPO

@@ -7,11 +7,12 @@ the weights and training metrics.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from inference.atomic import replacing
 
 from .models import build_model
 
@@ -45,58 +46,10 @@ def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, model: nn.Module, 
 
 
 def write_atomically(path: str | os.PathLike, obj) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is always either the previous file or the new one.
-
-    The bytes go to a temporary file in the same folder (the same file system, so the rename is
-    atomic), are flushed and ``fsync``-ed, then ``os.replace`` swaps it in and the folder is synced
-    (the rename itself survives a power cut). On any failure the temporary file is removed and the
-    previous ``path`` is left untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(folder)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (this one always does); tells a killed writer's leftover
-    temporary from a live writer's. ``training.split`` and ``export.atomic`` use it."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows).
-    ``export.atomic`` uses it too."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save(obj)`` to ``path`` so that ``path`` is always either the previous file or the new one
+    (through :func:`inference.atomic.replacing`: a fsynced temporary in the same folder, then a rename)."""
+    with replacing(path) as f:
+        torch.save(obj, f)
 
 
 def read_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> dict:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import tempfile
 
+from inference.atomic import fsync_dir
 from inference.explain import occlusion, render_overlay
 from inference.images import read_image_file
 from inference.settings import HandlerSettings
 from inference.transforms import EvalPreset, normalize
 
-from .checkpoint import fsync_dir, load_model
+from .checkpoint import load_model
 from .runtime import pick_device
 
 

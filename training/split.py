@@ -37,7 +37,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .checkpoint import pid_alive
+from inference.atomic import pid_alive
+
 from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
 
 SPLITS = ("train", "val", "test")

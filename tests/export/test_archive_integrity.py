@@ -9,10 +9,10 @@ import zipfile
 
 import pytest
 
-from export import atomic
 from export.__main__ import main
 from export.archive import build_archive
 from export.integrity import IntegrityError, sha256
+from inference import atomic
 from tests.conftest import REPO
 
 

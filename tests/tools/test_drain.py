@@ -305,3 +305,11 @@ def test_drain_gives_up_on_a_worker_that_stays_busy_and_names_it(metrics, tmp_pa
     ts_log.write_text(TAKEN)
     result = drain(metrics.url, log, ts_log=ts_log, timeout=0.3)
     assert not result["drained"] and W in result["reason"] and "ModelInfer" in result["reason"], result
+
+
+def test_make_stop_does_not_import_torch():
+    """``make stop`` signals within the drain's timing: importing torch first (seconds on a slow CI host) let a
+    slow model's batch window close before the SIGTERM, so the requests "in flight" were already answered."""
+    probe = "import sys, scripts.ts_server; print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,6 +4,9 @@ own folder (same file system), are fsynced, then ``os.replace``-d onto the final
 A reader sees the old file or the new one, never a part; a failure removes the temporary; a killed
 process leaves at worst a hidden ``.NAME.<pid>.<random>.tmp`` that :func:`clean_stale` removes
 once that process is gone.
+
+Torch-free on purpose: training's checkpoints, export's graphs and archives, and the server scripts' state
+files all write through it, and ``make stop`` must not pay for importing torch before it signals.
 """
 from __future__ import annotations
 
@@ -14,7 +17,33 @@ import shutil
 import tempfile
 from typing import BinaryIO, Iterator
 
-from training.checkpoint import fsync_dir, pid_alive  # noqa: F401  (re-exported: staging uses them too)
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this one always does); tells a killed writer's leftover
+    temporary from a live writer's."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -37,7 +66,7 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
+def replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
     """A file to write ``dst``'s new bytes into: a temporary in ``dst``'s folder, fsynced and
     ``os.replace``-d onto ``dst`` when the block ends, removed if it raises."""
     folder, name = os.path.split(os.path.abspath(dst))
@@ -55,7 +84,7 @@ def _replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 def write_bytes(*, path: str | os.PathLike, data: bytes) -> None:
-    with _replacing(path) as f:
+    with replacing(path) as f:
         f.write(data)
 
 
@@ -70,7 +99,7 @@ def copy_stream(*, src: BinaryIO, dst: BinaryIO) -> None:
 
 def publish_file(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy ``src`` (any file system) onto ``dst``: through a temporary in ``dst``'s folder."""
-    with open(src, "rb") as inp, _replacing(dst) as out:
+    with open(src, "rb") as inp, replacing(dst) as out:
         copy_stream(src=inp, dst=out)
 
 
