@@ -17,7 +17,7 @@ the CPU time each process (all its threads) used while measured over the wall ti
 image, which ``benchmarks.accounting`` sets against the served workers'.
 
 ``LimitJob.eager`` runs the same pipeline through eager PyTorch fp32 (the checkpoint's model with the
-normalization in front), for ``runtime_gap``: in-process ONNX Runtime fp32 / eager fp32, same split.
+normalization in front), for ``runtime_gap``: in-process ONNX Runtime fp32 (in ours_fp32's split) / eager fp32 (in stock's split).
 ``adaptive_threshold`` picks the confidence threshold the adaptive-TTA configuration is served with.
 """
 from __future__ import annotations
