@@ -232,14 +232,14 @@ class ImageClassifierHandler(BaseHandler):
             for owner, results in per_request.items():
                 out[owner] = protocols.render(batch.requests[owner], results, model_name=self.model_name,
                                               model_version=self.model_version)
+        limit = self.settings.max_response_bytes  # longer: TorchServe would drop the worker (protocols.bounded)
+        batch.errors.update({i: e for i, body in enumerate(out) if (e := protocols.bounded(body, limit=limit))})
         if batch.failure is not None:
             for owner in set(batch.owners):
                 batch.errors[owner] = RequestError(f"the model failed on this batch: {batch.failure}", status=500,
                                                    error="inference failed")
         for i, err in batch.errors.items():
-            status = getattr(err, "status", 400)
-            kind = getattr(err, "error", None) or {413: "image too large", 415: "unsupported image format"}.get(
-                status, "bad image")
+            status, kind = protocols.status_of(err)
             out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err), status=status,
                                             model_name=self.model_name, model_version=self.model_version)
             if self.context is not None:
@@ -270,7 +270,7 @@ class ImageClassifierHandler(BaseHandler):
                 answers[i] = explain_request(
                     self.forward, batch.canvas[[k for k, o in enumerate(batch.owners) if o == i]], batch.requests[i],
                     settings=self.settings, output=self.graph_output, class_names=self.class_names,
-                    headers=self.context.get_all_request_header(i), row=raw_data[i], crop_size=self.crop_size,
+                    headers=self.context.get_all_request_header(i), crop_size=self.crop_size,
                     model_name=self.model_name, model_version=self.model_version)
             except RequestError as e:
                 batch.errors[i] = e

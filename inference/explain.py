@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from inference.protocols import KSERVE_V1, OIP_V2
-from inference.requests import Request, RequestError, header
+from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
 from inference.tta import tta_views
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ FILLS = ("mean", "grey")         # what an occluded cell is filled with: the ima
 OUTPUTS = ("logits", "probabilities")  # what ``forward`` returns (a top-k graph cannot be explained)
 GREY = 128
 OVERLAY_HEADER = "x-explain-overlay"   # X-Explain-Overlay: true|false
-OVERLAY_FIELD = "overlay"              # or {"overlay": true} (also KServe v1 "parameters": {"overlay": true})
 METHOD = "occlusion"
 
 
@@ -125,16 +124,13 @@ def render_overlay(image: torch.Tensor, attribution: torch.Tensor, *, alpha: flo
     return buf.getvalue()
 
 
-def overlay_requested(headers: dict | None, row: dict | None, *, default: bool) -> bool:
+def overlay_requested(headers: dict | None, req: Request, *, default: bool) -> bool:
     """Whether a request asks for the overlay: an ``overlay`` field of its JSON body (or of KServe v1's
-    ``parameters``), else the ``X-Explain-Overlay`` header, else ``default``."""
+    ``parameters``; ``req.overlay``, read however the body came: compressed, or JSON without a JSON content
+    type), else the ``X-Explain-Overlay`` header, else ``default``."""
     value, where = header(headers, OVERLAY_HEADER), "X-Explain-Overlay"
-    body = (row or {}).get("body")
-    if isinstance(body, dict):
-        params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
-        field_value = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
-        if field_value is not None:
-            value, where = field_value, f'"{OVERLAY_FIELD}"'
+    if req.overlay is not None:
+        value, where = req.overlay, f'"{OVERLAY_FIELD}"'
     if value is None:
         return default
     if isinstance(value, bool):
@@ -144,12 +140,12 @@ def overlay_requested(headers: dict | None, row: dict | None, *, default: bool) 
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise RequestError(f"{where} must be true or false, got {value!r}", error="bad request")
+    raise RequestError(f"{where} must be true or false, got {shown(value)}", error="bad request")
 
 
 def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, req: Request, *,
                     settings, output: str, class_names: list[str], headers: dict | None = None,
-                    row: dict | None = None, crop_size: int | None = None, model_name: str = "",
+                    crop_size: int | None = None, model_name: str = "",
                     model_version: str = "") -> str:
     """The answer body of one explanation request whose decoded images are ``images`` (uint8 canvases:
     their center ``crop_size`` square, the handler's plain view, is what is explained). ``settings``: the
@@ -168,7 +164,7 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
         raise RequestError(f"{len(req.images)} images in one explanation request; the limit is "
                            f"{settings.explain_max_images} (each costs {settings.explain_grid ** 2 + 1} forwards)",
                            status=413, error="too many images")
-    overlay = overlay_requested(headers, row, default=settings.explain_overlay)
+    overlay = overlay_requested(headers, req, default=settings.explain_overlay)
     images = tta_views(images, "none", crop_size=crop_size)
     grid = min(settings.explain_grid, *images.shape[-2:])  # cells of at least one pixel
     try:

@@ -19,16 +19,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import struct
 
-from inference.requests import Request, RequestError, decode_b64, header
+from inference.requests import Request, RequestError, decode_b64, header, shown
 
 OIP_V2 = "oip_v2"
 OIP_INPUT = "image"                                  # the documented input name (any one name is accepted)
 OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}   # the default answer
 OPTIONAL_OUTPUTS = {"tta_applied": "BOOL"}           # on request (and by default with adaptive TTA)
 BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
+MAX_DIMS = 8            # an input's shape: Triton's own limit on a tensor's dimensions
+MAX_ID_CHARS = 1024     # the request "id", echoed in the answer (KServe's clients send a 36-character UUID)
 
 
 def _flatten(data: list) -> list:
@@ -49,10 +50,12 @@ def _flatten(data: list) -> list:
 def _binary_body(raw: bytes | bytearray, length: str) -> tuple[dict, bytes]:
     try:
         n = int(length)
+        if not 0 < n <= len(raw):
+            raise ValueError
         head = json.loads(bytes(raw[:n]))
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise RequestError(f"the {BINARY_HEADER} header ({length!r}) does not frame a JSON inference header",
-                           error="bad request") from None
+        raise RequestError(f"the {BINARY_HEADER} header ({shown(length)}) does not frame a JSON inference header "
+                           f"in the {len(raw)} bytes sent", error="bad request") from None
     if not isinstance(head, dict):
         raise RequestError("the binary request's inference header is not a JSON object", error="bad request")
     return head, bytes(raw[n:])
@@ -95,7 +98,7 @@ def _elements(tensor: dict, name: str, binary: bytes) -> list[bytes]:
         return [_image_bytes(decode_b64(d, f'input "{name}" element {i}')) for i, d in enumerate(_flatten(data))]
     if type(size) is not int or size < 0:
         raise RequestError(f'input "{name}": parameters.binary_data_size must be a non-negative integer, got '
-                           f'{size!r}', error="bad request")
+                           f'{shown(size)}', error="bad request")
     if size != len(binary):  # Triton refuses both: a cut-off upload, or bytes that belong to no tensor
         raise RequestError(f'input "{name}": parameters.binary_data_size is {size} but {len(binary)} bytes follow '
                            "the inference header", error="bad request")
@@ -112,7 +115,7 @@ def _outputs(outputs) -> tuple[tuple[str, ...] | None, dict[str, int]]:
     names = [o.get("name") if isinstance(o, dict) else None for o in items]
     unknown = [n for n in names if not isinstance(n, str) or n not in allowed]
     if unknown:
-        raise RequestError(f'"outputs" may name {", ".join(allowed)}; got {unknown}', error="bad request")
+        raise RequestError(f'"outputs" may name {", ".join(allowed)}; got {shown(unknown)}', error="bad request")
     classification = {}
     for name, o in zip(names, items):
         params = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
@@ -121,7 +124,7 @@ def _outputs(outputs) -> tuple[tuple[str, ...] | None, dict[str, int]]:
             continue
         if type(c) is not int or c < 1 or name in OPTIONAL_OUTPUTS:
             raise RequestError(f'output "{name}": parameters.classification must be an integer >= 1 on labels, '
-                               f"scores or indices, got {c!r}", error="bad top-k")
+                               f"scores or indices, got {shown(c)}", error="bad top-k")
         classification[name] = c
     return tuple(names), classification
 
@@ -136,27 +139,45 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
                            '"datatype": "BYTES", "data": ["<base64>", ...]}', error="bad request")
     tensor = inputs[0]
     name = tensor.get("name", OIP_INPUT)
+    if not isinstance(name, str):
+        raise RequestError(f'the input\'s "name" must be a string, got {shown(name)}', error="bad request")
+    name = shown(name)[1:-1]  # quoted in messages: a few dozen characters
     if tensor.get("datatype") != "BYTES":
-        raise RequestError(f'input "{name}": datatype must be BYTES (encoded images), got {tensor.get("datatype")!r}',
-                           error="bad request")
+        raise RequestError(f'input "{name}": datatype must be BYTES (encoded images), got '
+                           f'{shown(tensor.get("datatype"))}', error="bad request")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise RequestError(f'input "{name}": shape must be a list of non-negative integers, e.g. [N]',
-                           error="bad request")
+    if (not isinstance(shape, list) or not 0 < len(shape) <= MAX_DIMS
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise RequestError(f'input "{name}": shape must be a list of 1 to {MAX_DIMS} non-negative integers, e.g. '
+                           f'[N]; got {shown(shape)}', error="bad request")
     elements = _elements(tensor, name, binary)
-    if math.prod(shape) != len(elements) or not elements:
-        raise RequestError(f'input "{name}": shape {shape} holds {math.prod(shape)} elements but {len(elements)} '
-                           "images were sent", error="bad request")
+    held = _product(shape, stop=2**63)
+    if held != len(elements) or not elements:
+        raise RequestError(f'input "{name}": shape {shown(shape)} holds {held if held <= 2**63 else "over 2**63"} '
+                           f"elements but {len(elements)} images were sent", error="bad request")
     wanted, classification = _outputs(body.get("outputs"))
     request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise RequestError('"id" must be a string', error="bad request")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
+        raise RequestError(f'"id" must be a string of at most {MAX_ID_CHARS} characters', error="bad request")
     parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
     topk = parameters.get("topk")
+    if classification and topk is not None and (type(topk) is not int or topk < 1):
+        raise RequestError(f"parameters.topk must be an integer >= 1, got {shown(topk)}", error="bad top-k")
     if classification:  # one top-k serves every output: the largest asked for
-        topk = max([*classification.values(), *([topk] if type(topk) is int else [])])
+        topk = max([*classification.values(), *([topk] if topk is not None else [])])
     return Request(elements, multi=True, topk=topk, protocol=OIP_V2, id=request_id, outputs=wanted,
                    classification=classification or None)
+
+
+def _product(shape: list[int], *, stop: int) -> int:
+    """The elements ``shape`` holds, or ``stop + 1`` as soon as the product passes ``stop`` (a shape of huge
+    dimensions is never multiplied out, nor its product formatted)."""
+    product = 1
+    for d in shape:
+        product *= d
+        if product > stop:
+            return stop + 1
+    return product
 
 
 def _tensor(name: str, rows: list[list[dict]], applied: list[bool], classification: dict[str, int]) -> dict:

@@ -22,6 +22,7 @@ import logging
 from inference.oip import BINARY_HEADER, OIP_V2, oip_answer, oip_error, read_oip_v2
 from inference.requests import (
     DEFAULT_MAX_INFLATED_BYTES,
+    OVERLAY_FIELD,
     Request,
     RequestError,
     decode_b64,
@@ -86,8 +87,8 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
     (and logged), never raised into TorchServe, which would answer the whole batch with 503."""
     protocol = TORCHSERVE
     try:
-        if isinstance((row or {}).get("body"), (bytes, bytearray)):
-            row = {**row, "body": inflate(row["body"], headers, max_bytes=max_inflated)}
+        if isinstance((row or {}).get("body"), (bytes, bytearray)):  # inflated, and JSON parsed, once
+            row = {**row, "body": _body({"body": inflate(row["body"], headers, max_bytes=max_inflated)}, headers)}
         protocol = detect(row, headers)
         req = read(row, protocol, headers=headers, max_images=max_images)
         if req.classification:  # a class_count beyond the model's classes: all of them, as Triton answers
@@ -114,8 +115,11 @@ def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: i
         # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
         types = None if is_grpc_call(headers) else {k: v.get("content-type") for k, v in (headers or {}).items()
                                                      if isinstance(v, dict)}
-        return read_request(row, max_images=max_images, content_type=header(headers, "content-type"),
-                            field_types=types)
+        req = read_request(row, max_images=max_images, content_type=header(headers, "content-type"),
+                           field_types=types)
+    if isinstance(body, dict):
+        params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+        req.overlay = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
     if len(req.images) > max_images:
         raise RequestError(f"{len(req.images)} images in one request; the limit is {max_images}", status=413,
                            error="too many images")
@@ -148,6 +152,26 @@ def render(req: Request, results: list[dict], *, model_name: str, model_version:
     if req.protocol == OIP_V2:
         return json.dumps(oip_answer(req, results, model_name=model_name, model_version=model_version))
     return json.dumps(results if req.multi else results[0])
+
+
+def bounded(body: str, *, limit: int) -> RequestError | None:
+    """The error that replaces an answer of more than ``limit`` bytes (``max_response_bytes``), or None.
+    TorchServe's frontend refuses a worker's answer over its ``max_response_size`` by dropping the worker:
+    every request of the batch fails and the model restarts. Answers are ASCII (``json.dumps``), so
+    characters are bytes."""
+    if len(body) <= limit:
+        return None
+    return RequestError(f"the answer would be {len(body)} bytes, over this model's max_response_bytes ({limit}): "
+                        "ask for fewer classes (topk) or send fewer images per request", status=413,
+                        error="answer too large")
+
+
+def status_of(err: Exception) -> tuple[int, str]:
+    """The HTTP status and the error kind of a per-request error (a :class:`RequestError` or an
+    ``inference.images.ImageError``)."""
+    status = getattr(err, "status", 400)
+    kind = getattr(err, "error", None) or {413: "image too large", 415: "unsupported image format"}.get(status)
+    return status, kind or "bad image"
 
 
 def render_error(protocol: str, kind: str, detail: str, *, status: int, model_name: str = "",

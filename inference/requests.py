@@ -7,12 +7,28 @@ from __future__ import annotations
 
 import base64
 import binascii
+import reprlib
 import zlib
 from dataclasses import dataclass
 
 TOPK_HEADER = "x-top-k"
 TOPK_FIELD = "topk"
-DEFAULT_MAX_INFLATED_BYTES = 64 << 20  # a compressed body's bytes once inflated: 4x max_request_size (16 MiB)
+OVERLAY_FIELD = "overlay"  # explanations: a JSON body's (or KServe v1 parameters') overlay option
+DEFAULT_MAX_INFLATED_BYTES = 16 << 20  # a compressed body's bytes once inflated: config.properties' max_request_size
+DEFAULT_MAX_RESPONSE_BYTES = 6_553_500  # TorchServe's default max_response_size (config.properties: 16 MiB)
+
+# A client's value quoted in an error message: a few dozen characters at most, so that an error body never
+# grows with what was sent (an answer over TorchServe's max_response_size costs the worker and its batch).
+_SHOWN = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxlevel = 60, 60, 40, 6, 4, 2
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short (:data:`_SHOWN`): what an error message quotes of a client's value."""
+    try:
+        return _SHOWN.repr(value)
+    except ValueError:  # an int of more digits than Python formats (4300)
+        return "<a very large number>"
 
 
 class RequestError(ValueError):
@@ -35,6 +51,7 @@ class Request:
     id: str | None = None
     outputs: tuple[str, ...] | None = None
     classification: dict[str, int] | None = None  # OIP outputs asked as Triton's classification: name -> count
+    overlay: object = None  # the JSON body's overlay option (explanations), as sent
 
 
 def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) -> bytes | bytearray:
@@ -44,23 +61,36 @@ def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) ->
     if coding in ("", "identity"):
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
-        raise RequestError(f"Content-Encoding {coding!r} is not supported: send gzip, deflate or none", status=415,
+        raise RequestError(f"Content-Encoding {shown(coding)} is not supported: send gzip, deflate or none", status=415,
                            error="unsupported encoding")
-    # gzip: its header (wbits 31); deflate: zlib's wrapper as HTTP says, or a bare stream as some clients send
+    # gzip: its header (wbits 31), member after member as gzip(1) reads a concatenated file; deflate: zlib's
+    # wrapper as HTTP says, or a bare stream as some clients send
     for wbits in ((31,) if "gzip" in coding else (15, -15)):
-        inflater = zlib.decompressobj(wbits)
         try:
-            out = inflater.decompress(bytes(body), max_bytes + 1)
+            return _inflate(bytes(body), wbits, coding, max_bytes)
         except zlib.error as e:
             reason = str(e)
-            continue
-        if len(out) > max_bytes:
+    raise RequestError(f"the body is not valid {coding} data ({reason})", error="bad encoding")
+
+
+def _inflate(data: bytes, wbits: int, coding: str, max_bytes: int) -> bytes:
+    parts, size = [], 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        part = inflater.decompress(data, max_bytes - size + 1)
+        size += len(part)
+        parts.append(part)
+        if size > max_bytes:
             raise RequestError(f"the {coding} body inflates to more than {max_bytes} bytes", status=413,
                                error="request too large")
         if not inflater.eof:
             raise RequestError(f"the {coding} body is cut off", error="bad encoding")
-        return out
-    raise RequestError(f"the body is not valid {coding} data ({reason})", error="bad encoding")
+        data = inflater.unused_data
+        if not data:
+            return b"".join(parts)
+        if wbits != 31 or data[:2] != b"\x1f\x8b":  # bytes after the stream that are not another gzip member
+            raise RequestError(f"the {coding} body has {len(data)} bytes after its compressed data",
+                               error="bad encoding")
 
 
 def decode_b64(data, where: str) -> bytes:
@@ -140,8 +170,10 @@ def read_request(row: dict, *, max_images: int = 32, content_type: str | None = 
 def header(headers: dict | None, name: str) -> str | None:
     """Case-insensitive header lookup (TorchServe keeps the client's case)."""
     for key, value in (headers or {}).items():
-        if key.lower() == name:
-            return value.decode() if isinstance(value, (bytes, bytearray)) else value
+        # TorchServe puts a form field's or gRPC input's {"content-type": ...} under its name among the
+        # request's headers: a field named like a header (content-type, x-top-k) is not that header
+        if key.lower() == name and isinstance(value, (str, bytes, bytearray)):
+            return value.decode(errors="replace") if isinstance(value, (bytes, bytearray)) else value
     return None
 
 
@@ -157,8 +189,8 @@ def parse_topk(headers: dict | None, *, default: int, num_classes: int, body_val
             raise ValueError
         k = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
     except ValueError:
-        raise RequestError(f"{source} must be an integer between 1 and {num_classes}, got {value!r}",
+        raise RequestError(f"{source} must be an integer between 1 and {num_classes}, got {shown(value)}",
                            error="bad top-k") from None
     if not 1 <= k <= num_classes:
-        raise RequestError(f"{source} must be between 1 and {num_classes}, got {k}", error="bad top-k")
+        raise RequestError(f"{source} must be between 1 and {num_classes}, got {shown(k)}", error="bad top-k")
     return k

@@ -20,7 +20,7 @@ from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
 from inference.cli import UsageError
 from inference.explain import DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
 from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
-from inference.requests import DEFAULT_MAX_INFLATED_BYTES
+from inference.requests import DEFAULT_MAX_INFLATED_BYTES, DEFAULT_MAX_RESPONSE_BYTES
 from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, TTA_MODES
 
 
@@ -164,6 +164,9 @@ class HandlerSettings(_Settings):
     max_images_per_request: int = _opt(32, "images one request may carry (more: 413)", minimum=1)
     max_inflated_bytes: int = _opt(DEFAULT_MAX_INFLATED_BYTES, "a body sent compressed (Content-Encoding gzip or "
                                    "deflate) inflates to at most this many bytes (more: 413)", minimum=1)
+    max_response_bytes: int = _opt(DEFAULT_MAX_RESPONSE_BYTES, "an answer longer than this is replaced by a 413 "
+                                   "(set it to config.properties' max_response_size: TorchServe drops a worker, "
+                                   "and its whole batch, on a longer one)", minimum=1024)
     max_forward_batch: int = _opt(256, "largest batch of views in one forward (larger ones are chunked)",
                                   minimum=1)
     threads: int = _opt(0, "intra-op threads per worker (0: OMP_NUM_THREADS, else cores / the model's live "

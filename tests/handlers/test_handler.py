@@ -301,3 +301,15 @@ def test_a_clients_describe_header_never_answers_its_batch_with_one_model_card(m
     ctx.request_ids, ctx.metrics = {0: "m"}, metrics
     (card,) = handler.handle([{}], ctx)
     assert "has no model_card.json" in json.loads(card)["error"]  # this test's model folder has none
+
+
+def test_an_answer_over_max_response_bytes_is_that_requests_413_alone(model_dir):
+    """TorchServe drops the worker (and answers its whole batch with an error) when one answer is longer than
+    its max_response_size: the handler answers that request 413 instead, and its neighbours as usual."""
+    handler = handler_for(model_dir, tta="none", max_response_bytes=1024)
+    ctx = make_context(model_dir, n=2)
+    many = {"body": {"data": [base64.b64encode(IMAGES[0]).decode()] * 8, "topk": 3}}  # 8 x 3 predictions
+    out = run(handler, ctx, [many, {"body": bytearray(IMAGES[1])}])
+    assert ctx.get_response_status(0)[0] == 413 and json.loads(out[0])["error"] == "answer too large", out[0]
+    assert "max_response_bytes (1024)" in json.loads(out[0])["detail"]
+    assert ctx.get_response_status(1)[0] == 200 and json.loads(out[1])["predictions"]

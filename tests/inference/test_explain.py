@@ -1,6 +1,7 @@
 """inference.explain: occlusion sensitivity through any forward, its bounds, the overlay, one request's answer."""
 import argparse
 import base64
+import gzip
 import io
 import json
 
@@ -16,7 +17,7 @@ from inference.explain import (
     overlay_requested,
     render_overlay,
 )
-from inference.protocols import KSERVE_V1, OIP_V2
+from inference.protocols import KSERVE_V1, OIP_V2, read_row
 from inference.requests import Request, RequestError
 from inference.settings import HandlerSettings, SettingsError, add_arguments, from_args
 
@@ -140,21 +141,36 @@ def test_overlay_is_a_png_of_the_image_size_hot_where_the_attribution_is():
     assert list(blank.getdata()) == [(100, 100, 100)] * (24 * 40)
 
 
+B64 = base64.b64encode(b"x").decode()
+
+
+def read(row: dict, headers: dict) -> Request:
+    """The request as the handler reads it (inflated, JSON parsed whatever its content type)."""
+    _, req, _ = read_row(row, headers, max_images=4, default_topk=1, max_topk=3)
+    assert isinstance(req, Request), req
+    return req
+
+
 @pytest.mark.parametrize("headers,row,default,expected", [
     ({}, {"body": bytearray(b"x")}, False, False),
     ({}, {"body": bytearray(b"x")}, True, True),
     ({"X-Explain-Overlay": "true"}, {"body": bytearray(b"x")}, False, True),
-    ({"x-explain-overlay": "0"}, {}, True, False),
-    ({}, {"body": {"data": "..", "overlay": True}}, False, True),
-    ({"X-Explain-Overlay": "true"}, {"body": {"instances": [], "parameters": {"overlay": False}}}, False, False),
+    ({"x-explain-overlay": "0"}, {"body": bytearray(b"x")}, True, False),
+    ({}, {"body": {"data": B64, "overlay": True}}, False, True),
+    ({"X-Explain-Overlay": "true"}, {"body": {"instances": [B64], "parameters": {"overlay": False}}}, False, False),
+    # JSON that arrives as bytes: compressed, or sent without a JSON content type
+    ({"Content-Encoding": "gzip"}, {"body": bytearray(gzip.compress(json.dumps({"data": B64, "overlay": True}
+                                                                               ).encode()))}, False, True),
+    ({"Content-Type": "text/plain"}, {"body": bytearray(json.dumps({"instances": [B64], "parameters": {
+        "overlay": "yes"}}).encode())}, False, True),
 ])
 def test_overlay_requested_by_field_header_or_default(headers, row, default, expected):
-    assert overlay_requested(headers, row, default=default) is expected
+    assert overlay_requested(headers, read(row, headers), default=default) is expected
 
 
 def test_a_bad_overlay_value_is_a_400():
     with pytest.raises(RequestError, match="X-Explain-Overlay must be true or false") as e:
-        overlay_requested({"X-Explain-Overlay": "maybe"}, {}, default=False)
+        overlay_requested({"X-Explain-Overlay": "maybe"}, Request([b"x"]), default=False)
     assert e.value.status == 400
 
 

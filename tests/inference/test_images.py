@@ -328,3 +328,29 @@ def test_a_gif_cut_off_in_a_later_frame_counts_the_frames_before_it():
     counts = {probe(data[:cut]).frames for cut in range(len(data) // 2, len(data) - 1, 7)}
     assert counts and max(counts) <= 6 and min(counts) >= 1
     assert decode_rgb(data[: len(data) * 2 // 3]).shape == (3, 32, 32)
+
+
+def test_a_progressive_jpeg_is_charged_at_full_size_a_baseline_one_at_its_reduced_size():
+    """libjpeg buffers a progressive JPEG's coefficients at full size even when it decodes it reduced: admission
+    counts what the decoder holds, not what it returns."""
+    from inference.images import probe
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    files = {}
+    for kind, options in (("baseline", {}), ("progressive", {"progressive": True})):
+        buf = io.BytesIO()
+        photo.save(buf, format="JPEG", quality=90, **options)
+        files[kind] = buf.getvalue()
+    baseline, progressive = probe(files["baseline"]), probe(files["progressive"])
+    assert not baseline.progressive and progressive.progressive
+    assert baseline.decoded_pixels(min_side=150) == 200 * 150          # 1/4 in the DCT domain
+    assert progressive.decoded_pixels(min_side=150) == 800 * 600       # all of its coefficients
+    # the decode itself is still reduced, and the same pixels either way
+    assert tuple(decode_rgb(files["progressive"], min_side=150).shape) == (3, 150, 200)
+
+
+def test_a_floating_point_tiff_is_refused_not_decoded_black():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).random((40, 40), dtype=np.float32)).save(buf, format="TIFF")
+    with pytest.raises(ImageError, match="32-bit floating-point") as e:
+        decode_rgb(buf.getvalue())
+    assert e.value.status == 415

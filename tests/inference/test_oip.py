@@ -102,3 +102,41 @@ def test_binary_data_size_must_be_the_bytes_that_follow():
 def test_an_empty_outputs_list_is_every_output():
     req = read_oip_v2({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [B64]}], "outputs": []})
     assert req.outputs is None
+
+
+def oip_row(tensor: dict, **extra) -> dict:
+    return {"body": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64], **tensor}],
+                     **extra}}
+
+
+@pytest.mark.parametrize("tensor,match", [
+    ({"datatype": "A" * 9_000_000}, "datatype must be BYTES"),
+    ({"shape": [0] * 5_000_000}, "shape must be a list of 1 to 8"),
+    ({"shape": [2] * 9}, "shape must be a list of 1 to 8"),
+    ({"shape": [10 ** 3999, 10 ** 3999]}, "holds over 2**63 elements"),  # never multiplied out
+    ({"shape": [True]}, "shape must be a list"),
+    ({"name": "é" * 1_000_000, "datatype": "FP32"}, "datatype must be BYTES"),
+])
+def test_a_hostile_tensor_is_a_short_400(tensor, match):
+    """Each is a 400 whose body quotes a few dozen characters of what was sent (an answer over TorchServe's
+    max_response_size drops the worker and its batch), found without multiplying a huge shape out."""
+    protocol, err, _ = read_row(oip_row(tensor), {}, **ROW)
+    assert isinstance(err, RequestError) and err.status == 400, err
+    assert match in str(err) and len(str(err)) < 400, str(err)[:300]
+
+
+def test_a_long_id_is_refused_and_a_bad_topk_beside_classification_is_a_400():
+    _, err, _ = read_row(oip_row({}, id="x" * 2000), {}, **ROW)
+    assert isinstance(err, RequestError) and "at most 1024 characters" in str(err)
+    for topk in ("abc", -3, 1.5):
+        row = oip_row({}, outputs=[{"name": "labels", "parameters": {"classification": 2}}],
+                      parameters={"topk": topk})
+        _, err, _ = read_row(row, {}, **ROW)
+        assert isinstance(err, RequestError) and err.error == "bad top-k", (topk, err)
+
+
+@pytest.mark.parametrize("length", ["-5", "0", "99999"])
+def test_a_binary_header_length_outside_the_body_is_a_400(length):
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64]}]}).encode()
+    _, err, _ = read_row({"body": bytearray(head + b"12345")}, {"Inference-Header-Content-Length": length}, **ROW)
+    assert isinstance(err, RequestError) and "does not frame a JSON inference header" in str(err), err

@@ -211,3 +211,23 @@ def test_a_compressed_json_list_of_images_is_read_as_json():
     protocol, req, _ = read_row({"body": bytearray(gzip.compress(json.dumps([B64, B64]).encode()))},
                                 {"Content-Type": "application/json", "Content-Encoding": "gzip"}, **ROW)
     assert protocol == TORCHSERVE and req.images == [PNG, PNG] and req.multi
+
+
+def test_a_body_is_parsed_once_however_it_arrives(monkeypatch):
+    """JSON that arrives as bytes (compressed, or without a JSON content type) is parsed once per request:
+    detecting the protocol and reading the images share it (8 KB of gzip can hold 8 MB of JSON)."""
+    import gzip
+    calls = []
+    real = protocols.json.loads
+    monkeypatch.setattr(protocols.json, "loads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    body = bytearray(gzip.compress(json.dumps({"instances": [B64, B64]}).encode()))
+    protocol, req, _ = read_row({"body": body}, {"Content-Encoding": "gzip"}, max_images=4, default_topk=1,
+                                max_topk=3)
+    assert protocol == KSERVE_V1 and len(req.images) == 2 and len(calls) == 1
+
+
+def test_an_answer_longer_than_max_response_bytes_becomes_a_413():
+    assert protocols.bounded("x" * 1024, limit=1024) is None
+    err = protocols.bounded("x" * 1025, limit=1024)
+    assert err.status == 413 and err.error == "answer too large" and "1025 bytes" in str(err)
+    assert protocols.status_of(err) == (413, "answer too large")

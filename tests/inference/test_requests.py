@@ -7,6 +7,7 @@ import torch
 from inference.requests import RequestError, parse_topk, read_request
 from inference.responses import error_body, topk_predictions
 from inference.threads import worker_threads
+from tests.conftest import encode, pattern_image
 
 
 def b64(data: bytes) -> str:
@@ -135,3 +136,40 @@ def test_line_wrapped_base64_is_read():
     assert "\n" in wrapped and read_request({"body": {"data": wrapped}}).images == [data]
     with pytest.raises(RequestError, match="not valid base64"):
         read_request({"body": {"data": wrapped.replace("A", "*", 1)}})
+
+
+def test_an_error_quotes_only_a_few_dozen_characters_of_what_was_sent():
+    """An error body never grows with the request: TorchServe drops the worker, and its whole batch, on an answer
+    over max_response_size, and json.dumps writes 'é' as six bytes."""
+    for value in ("é" * 3_000_000, [1] * 1_000_000, 10 ** 4000, {"k": "x" * 10**6}):
+        with pytest.raises(RequestError) as e:
+            parse_topk({}, default=1, num_classes=3, body_value=value)
+        assert len(error_body(e.value.error, str(e.value))) < 600, str(e.value)[:200]  # é: 6 bytes in JSON
+
+
+def test_a_form_field_named_like_a_header_does_not_shadow_it():
+    """TorchServe 0.12 puts each form field's {"content-type": ...} under the field's name among the request's
+    headers, before the real ones: a field named content-type or x-top-k is not that header."""
+    from inference.protocols import read_row
+    png = encode(pattern_image("circle", size=20, seed=1), "PNG")
+    headers = {"content-type": {"content-type": "image/png"}, "x-top-k": {"content-type": None},
+               "Content-Type": "multipart/form-data; boundary=x", "X-Top-K": "2"}
+    protocol, req, topk = read_row({"content-type": bytearray(png), "x-top-k": bytearray(b"junk")}, headers,
+                                   max_images=4, default_topk=1, max_topk=3)
+    assert not isinstance(req, RequestError), req
+    assert len(req.images) == 1 and topk == 2
+
+
+def test_concatenated_gzip_members_are_read_and_trailing_garbage_is_a_400():
+    import gzip
+
+    from inference.requests import DEFAULT_MAX_INFLATED_BYTES, inflate
+    assert DEFAULT_MAX_INFLATED_BYTES == 16 << 20  # config.properties' max_request_size: no more once inflated
+    a, b = b"\x89PNG" + bytes(range(256)) * 40, bytes(range(255, -1, -1)) * 30
+    assert inflate(gzip.compress(a) + gzip.compress(b), {"Content-Encoding": "gzip"}, max_bytes=1 << 20) == a + b
+    with pytest.raises(RequestError, match="inflates to more than") as e:  # the budget spans the members
+        inflate(gzip.compress(a) + gzip.compress(b), {"Content-Encoding": "gzip"}, max_bytes=len(a) + 10)
+    assert e.value.status == 413
+    with pytest.raises(RequestError, match="5 bytes after its compressed data") as e:
+        inflate(gzip.compress(a) + b"junk!", {"Content-Encoding": "gzip"}, max_bytes=1 << 20)
+    assert e.value.status == 400

@@ -7,11 +7,14 @@
   an error status and the log names the problem, while the model already registered keeps answering.
 * Stopping with requests in flight: TorchServe alone (SIGTERM, which is all ``torchserve --stop``
   does) cuts them; ``python -m scripts.ts_server stop`` (``make stop``) drains them first.
+* An answer longer than the frontend's ``max_response_size``: TorchServe alone drops the worker and fails
+  its whole batch; the handler's ``max_response_bytes`` makes it that request's 413.
 
 Run with ``-s`` to see the measured numbers (docs/reliability.md records them).
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -276,3 +279,42 @@ def test_stop_drains_requests_in_flight(slow_store, tmp_path):
     assert cli.returncode == 0 and "drained: 3 requests in flight answered" in cli.stdout, cli.stdout + cli.stderr
     assert len(results) == 3 and all(r[2] == 200 for r in results), results
     assert all(json.loads(r[3])["predictions"] for r in results)
+
+
+# --- an answer over the frontend's max_response_size ------------------------------------------------------------
+
+def test_an_answer_over_max_response_size_fails_only_its_request_with_the_handlers_limit(export_dir, tmp_path):
+    """The control (``max_response_bytes`` above the frontend's limit): TorchServe 0.12 refuses the worker's
+    answer, kills the worker and answers every request of the batch with an error; with the limit set to the
+    frontend's, the long answer is its request's 413 and the neighbour in the same batch gets its 200."""
+    store = tmp_path / "store"
+    common = dict(model_store=store, batch_size=4, max_batch_delay=1000, workers=1, topk=3, tta="none")
+    build_archive(export_dir, variant="onnx", name="unguarded", max_response_bytes=10**9, **common)
+    build_archive(export_dir, variant="onnx", name="guarded", max_response_bytes=4096, **common)
+    long = json.dumps({"data": [base64.b64encode(encode(pattern_image("circle", size=30, seed=s))).decode()
+                                for s in range(24)], "topk": 3}).encode()  # 24 images x 3 classes: ~6 KB answer
+    short = encode(pattern_image("vertical", size=30, seed=1))
+    with TorchServe(model_store=store, models="unguarded=unguarded.mar,guarded=guarded.mar",
+                    overrides={"max_response_size": "4096"}) as server:
+        outcome = {}
+        for model in ("unguarded", "guarded"):
+            results: dict[str, tuple[int, str]] = {}
+
+            def send(kind, body, ctype, model=model, results=results):
+                try:
+                    results[kind] = predict(server.url, model, body, content_type=ctype, timeout=60)
+                except OSError as e:
+                    results[kind] = (-1, repr(e))
+            threads = [threading.Thread(target=send, args=("long", long, "application/json")),
+                       threading.Thread(target=send, args=("short", short, "image/png"))]
+            for t in threads:  # one batch: the 1 s window holds both
+                t.start()
+            for t in threads:
+                t.join(timeout=90)
+            outcome[model] = results
+        print(f"\nANSWER over max_response_size: {({m: {k: v[0] for k, v in r.items()} for m, r in outcome.items()})}")
+        unguarded = outcome["unguarded"]
+        assert unguarded["long"][0] >= 500 and unguarded["short"][0] >= 500, unguarded  # the whole batch lost
+        guarded = outcome["guarded"]
+        assert guarded["long"][0] == 413 and guarded["long"][1]["error"] == "answer too large", guarded["long"]
+        assert guarded["short"][0] == 200 and guarded["short"][1]["predictions"], guarded["short"]
