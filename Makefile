@@ -11,6 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
+	@echo "make clean  - stop the server, remove what make demo wrote (runs/demo, exports/demo, model_store/fmnist.mar)"
 	@echo "make test   - set up, lint (ruff) and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
@@ -78,4 +79,4 @@ audit: setup
 	$(PY) scripts/audit.py
 
 clean: stop  # first stop the server of `make serve`: its PID and state live in .torchserve
-	rm -rf runs/demo exports/demo model_store/*.mar logs .torchserve
+	rm -rf runs/demo exports/demo model_store/fmnist.mar logs/demo logs/locust* .torchserve  # the demo's; not your archives or results

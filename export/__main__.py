@@ -11,6 +11,7 @@ from inference.settings import HandlerSettings, SettingsError, WorkerSettings, a
 
 from .formats import VARIANTS
 from .int8 import DEFAULT_MARGIN, DEFAULT_MAX_REVERTS
+from .staging import recover
 from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
 from .wrappers import GRAPH_TTA_MODES
 
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {f.name: getattr(args, f.name) for cls in (WorkerSettings, HandlerSettings) for f in fields(cls)
                    if f.metadata["cli"]}
         try:
+            recover(out=args.dir)  # an export cut off in its commit: finish it first (else its graphs look changed)
             paths = build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
                                    file_name=args.file_name, model_store=args.model_store,
                                    archive_format=args.archive_format, **options)
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import verify
         args = _verify_parser().parse_args(argv[1:])
         try:
+            if args.dir:
+                recover(out=args.dir)
             rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
                           archive=args.archive)
         except (FileNotFoundError, ValueError) as e:

@@ -5,13 +5,15 @@ Every ``__main__`` of the project (``python -m training``, ``python -m export``,
 ``python -m scripts.ts_server``, ``python -m scripts.soak``, ...) runs its ``main`` through :func:`run`. A
 mistake is :class:`UsageError` (raised where the code knows what the user should do), a missing,
 misplaced or unreadable path (``FileNotFoundError``, ``FileExistsError`` -- a file where a folder is to
-be made --, ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), ``SystemExit`` with a message (``raise SystemExit("error: ...")``), or any type a
+be made --, ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), a full disk, a read-only file
+system or a quota (:data:`ENVIRONMENT_ERRNOS`), ``SystemExit`` with a message (``raise SystemExit("error: ...")``), or any type a
 command adds with ``expected=``; anything else is a bug and keeps its traceback. ``CLI_TRACEBACK=1`` in
 the environment shows the traceback of a mistake too. It lives in the core because every package may
 import the core, and nothing else: it needs only the standard library.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -25,6 +27,9 @@ class UsageError(Exception):
 
 
 MISTAKES = (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# OSErrors of the machine, not of the code: a full disk, a read-only file system, a quota (the writes are atomic:
+# nothing good was lost, the user frees space or picks another folder)
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def one_line(error: BaseException | str) -> str:
@@ -50,7 +55,10 @@ def run(main: Callable[..., int | None], *args, expected: tuple[type[BaseExcepti
             return e.code or 0
         print(one_line(str(e.code)), file=sys.stderr)
         return USAGE_EXIT
-    except MISTAKES + tuple(expected) as e:
+    except (MISTAKES + tuple(expected) + (OSError,)) as e:
+        if isinstance(e, OSError) and not isinstance(e, MISTAKES + tuple(expected)) \
+                and e.errno not in ENVIRONMENT_ERRNOS:
+            raise  # any other OSError is a bug: its traceback
         if os.environ.get("CLI_TRACEBACK", "") not in ("", "0"):
             raise
         print(one_line(e), file=sys.stderr)

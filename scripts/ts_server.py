@@ -42,6 +42,16 @@ RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_fi
 EXIT_TIMEOUT = 60.0  # seconds `stop` waits for the Java process to exit after SIGTERM (it takes about 3), then SIGKILL
 
 
+class Terminate(Exception):
+    """SIGTERM to ``serve`` itself (``kill``, ``timeout``, a supervisor): raised in the main thread, which then
+    drains and stops the server. Stopping inside the signal handler hung for good: the handler interrupted
+    ``Popen.wait()``, which holds the lock that the stop's own ``wait()`` needs."""
+
+
+def _terminate(*_) -> None:
+    raise Terminate
+
+
 def serve(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise UsageError(f"--config {args.config}: file not found (config.properties, or config.prod.properties for "
@@ -82,13 +92,20 @@ def serve(args: argparse.Namespace) -> int:
     if server.props.get("enable_model_api", "false").lower() == "true":
         urls = server.props.get("allowed_urls") or "TorchServe's default: any file:// or http(s):// URL"
         print(f"model registration over the management API is on (allowed_urls={urls})", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(drain_timeout=30))
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         server.launcher.wait()
-    except KeyboardInterrupt:
-        server.stop()
+        asked = not state_file.is_file() or _read_state(state_file).get("stopping")  # `make stop` marks it
+    except (KeyboardInterrupt, Terminate) as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        server.stop(drain_timeout=30 if isinstance(e, Terminate) else 0)
+        asked = True
     server.forget_keys()  # `make stop` ends the Java process itself: its keys are void
     state_file.unlink(missing_ok=True)
+    if not asked:  # killed (the OOM killer, kill -9) or crashed: a supervisor must see a failure
+        print(f"TorchServe PID {server.pid} exited without `make stop`, Ctrl-C or SIGTERM: see "
+              f"{server.log_dir / 'ts_log.log'}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -137,6 +154,7 @@ def stop(args: argparse.Namespace) -> int:
                 print(f"not drained: {result['reason']}", flush=True)
         except ProcessLookupError:
             pass
+    write_json(path=state_file, obj={**state, "stopping": True})  # `serve` then knows the exit was asked for
     try:
         process = psutil.Process(pid)
         process.terminate()

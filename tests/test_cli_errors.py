@@ -109,6 +109,14 @@ def test_run_turns_mistakes_into_one_line_and_keeps_bugs(capsys, monkeypatch):
         run(raises(RuntimeError("boom")))
     with pytest.raises(ValueError):
         run(raises(ValueError("unexpected")))
+    # the machine's problems, not the code's: a full disk (export, archive, train), a read-only mount
+    capsys.readouterr()
+    assert run(raises(OSError(28, "No space left on device", "/store/x.mar"))) == 2
+    assert capsys.readouterr().err == "error: /store/x.mar: no space left on device\n"
+    assert run(raises(OSError(30, "Read-only file system"))) == 2
+    assert capsys.readouterr().err == "error: [Errno 30] Read-only file system\n"
+    with pytest.raises(OSError):  # any other OSError is a bug
+        run(raises(OSError(5, "Input/output error")))
     monkeypatch.setenv("CLI_TRACEBACK", "1")
     with pytest.raises(UsageError):
         run(raises(UsageError("shown with its traceback")))

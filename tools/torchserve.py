@@ -59,6 +59,21 @@ from tools.drain import drain
 DEFAULT_CONFIG = REPO / "config.properties"
 
 
+def ports_in_use(addresses: list[tuple[str, int]]) -> list[str]:
+    """The ``host:port`` of ``addresses`` where something already listens (a bind test, SO_REUSEADDR as servers
+    use it, so a port that only has connections closing from an earlier server counts as free)."""
+    busy = []
+    for host, port in addresses:
+        host = host.strip("[]")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(f"{host}:{port}")
+    return busy
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +245,14 @@ class TorchServe:
             if old.isdigit() and _is_torchserve(int(old)):
                 raise RuntimeError(f"TorchServe PID {old} already runs in {self.workdir}: stop it first")
             pid_file.unlink()  # else _java_pid would read the stale PID as this server's
+        # another server on one of the ports would answer the readiness check in this one's place, and this one
+        # would then fail to bind and exit
+        grpc_hosts = (self.props.get("grpc_inference_address", "0.0.0.0"), self.props.get("grpc_management_address",
+                                                                                           "0.0.0.0"))
+        busy = ports_in_use([*zip(self.hosts, self.ports), *zip(grpc_hosts, self.grpc_ports)])
+        if busy:
+            raise RuntimeError(f"something already listens on {', '.join(busy)}: stop it (`make stop`, or "
+                               "`torchserve --stop`), or give this server other addresses in its config")
         self.key_file.unlink(missing_ok=True)  # a stale one from an earlier run would be read as this run's keys
         cmd = [*_launcher(), "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]

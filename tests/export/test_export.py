@@ -254,3 +254,24 @@ def test_help_explains_the_options_and_variants():
     assert "uint8" in out and "BatchNorm" in out and "zero padding" in out
     for name in VARIANTS:
         assert name in out
+
+
+def test_a_reexport_from_other_weights_names_the_graphs_it_keeps_from_the_earlier_ones(checkpoint, tmp_path, capsys):
+    """A variant not re-exported (refused this time, or not asked for) keeps its earlier graph, of the earlier
+    weights: `make demo` run twice said such graphs "were not written". The export names them."""
+    from export.__main__ import main
+    from training.checkpoint import save_checkpoint
+    spec, model = load_model(checkpoint)
+    with torch.no_grad():
+        list(model.parameters())[-1].add_(0.01)  # the same model (classes, sizes, mean/std), other weights
+    retrained = tmp_path / "retrained.pt"
+    save_checkpoint(retrained, spec, model)
+    base = ["--out", str(tmp_path / "export"), "--eval-images", "16"]
+    assert main(["--checkpoint", str(checkpoint), "--formats", "onnx,torchscript", *base]) == 0
+    capsys.readouterr()
+    assert main(["--checkpoint", str(retrained), "--formats", "onnx", *base]) == 0
+    out = capsys.readouterr().out
+    assert "kept from an earlier checkpoint, not this one: torchscript" in out, out[-2000:]
+    manifest = json.loads((tmp_path / "export" / "export.json").read_text())
+    shas = {k: v["checkpoint_sha256"] for k, v in manifest["variants"].items()}
+    assert shas["onnx"] != shas["torchscript"]

@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from export.archive import build_archive
@@ -330,3 +331,30 @@ def test_model_api_option_registers_only_archives_in_the_store(prod_store, tmp_p
         assert served.proc.wait(timeout=60) == 0
     finally:
         served.close()
+
+
+def test_serve_stops_on_its_own_sigterm_and_fails_when_torchserve_dies_under_it(prod_store, tmp_path):
+    """SIGTERM to ``make serve`` itself (``kill``, ``timeout``, a supervisor's stop) drains and stops the server and
+    exits 0 in seconds (it hung for good: the handler stopped the server inside an interrupted ``Popen.wait``).
+    TorchServe killed under it (the OOM killer, ``kill -9``) is a failure a supervisor can see: exit 1, said."""
+    runs = {}
+    for name in ("sigterm", "killed"):
+        (tmp_path / name).mkdir()
+        served = Served(tmp_path / name, prod_store)
+        try:
+            state = served.wait_ready()
+            start = time.time()
+            if name == "sigterm":
+                served.proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(state["pid"], signal.SIGKILL)
+            rc = served.proc.wait(timeout=90)
+            runs[name] = (rc, round(time.time() - start, 1), served.log.read_text()[-400:])
+            assert not served.state_file.exists()
+            gone = not psutil.pid_exists(state["pid"]) or psutil.Process(state["pid"]).status() == psutil.STATUS_ZOMBIE
+        finally:
+            served.close()
+        assert gone, f"TorchServe PID {state['pid']} still runs after {name}"
+    print(f"\nSERVE on SIGTERM / TorchServe killed: {runs}")
+    assert runs["sigterm"][0] == 0 and runs["sigterm"][1] < 45, runs["sigterm"]
+    assert runs["killed"][0] == 1 and "exited without `make stop`" in runs["killed"][2], runs["killed"]

@@ -158,3 +158,21 @@ def test_a_listener_keeps_its_config_host_and_tls_is_refused(tmp_path):
     with pytest.raises(UsageError, match="plain http://HOST:PORT"):
         TorchServe(model_store=tmp_path, config=config, workdir=tmp_path / "run2")
     assert read_properties(config)["inference_address"] == "https://0.0.0.0:8443"
+
+
+def test_a_server_refuses_to_start_on_a_port_something_listens_on(tmp_path):
+    """Another server on the port would answer the readiness check in this one's place (and this one would fail to
+    bind and exit): refused before TorchServe is launched, naming the address."""
+    import socket
+
+    from tools.torchserve import TorchServe, free_port, ports_in_use
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        assert ports_in_use([("127.0.0.1", taken)]) == [f"127.0.0.1:{taken}"]
+        server = TorchServe(model_store=tmp_path, ports=(taken, free_port(), free_port()), workdir=tmp_path / "run")
+        with pytest.raises(RuntimeError, match=f"something already listens on 127.0.0.1:{taken}"):
+            server.start(timeout=10)
+        assert server.launcher is None  # nothing was launched
+    assert ports_in_use([("127.0.0.1", taken)]) == []
