@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import verify
         args = _verify_parser().parse_args(argv[1:])
         try:
-            if args.dir:
-                recover(out=args.dir)
             rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
                           archive=args.archive)
         except (FileNotFoundError, ValueError) as e:

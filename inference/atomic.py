@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from typing import BinaryIO, Iterator
 
@@ -46,6 +47,30 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask (Linux reports it; elsewhere it is read by setting it and putting it back)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(dst: str, *, default: int) -> int:
+    """What ``open(dst, "w")`` would leave: an existing file's mode, else ``default`` less the umask (a
+    temporary is created 0600 and would carry that onto the final name: a .mar or checkpoint that the
+    serving user, a container's user 1000, could not read)."""
+    try:
+        return stat.S_IMODE(os.stat(dst).st_mode)
+    except OSError:
+        return default & ~umask()
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,6 +97,7 @@ def replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
     folder, name = os.path.split(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _mode_for(os.path.join(folder, name), default=0o666))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -110,7 +136,9 @@ def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     old = None
     try:
+        mode = _mode_for(os.path.join(folder, name), default=0o777)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, mode)  # mkdtemp's 0700, which copytree's copystat replaced by the source's
         if os.path.lexists(dst):
             old = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
             os.replace(dst, old)  # onto the empty folder just made

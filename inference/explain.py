@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageOps
 
-from inference.protocols import KSERVE_V1, OIP_V2
+from inference.protocols import KSERVE_V1, OIP_V2, bounded
 from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
 from inference.tta import tta_views
 
@@ -183,6 +183,8 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
         if overlay:
             body["overlay_png_base64"] = base64.b64encode(render_overlay(images[k], cells)).decode()
         answers.append(body)
-    if req.protocol == KSERVE_V1:
-        return json.dumps({"explanations": answers})
-    return json.dumps(answers if req.multi else answers[0])
+    body = json.dumps({"explanations": answers} if req.protocol == KSERVE_V1 else answers if req.multi else answers[0])
+    too_long = bounded(body, limit=settings.max_response_bytes)  # overlays are large: TorchServe drops the worker
+    if too_long:
+        raise too_long
+    return body

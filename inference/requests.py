@@ -73,9 +73,14 @@ def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) ->
     raise RequestError(f"the body is not valid {coding} data ({reason})", error="bad encoding")
 
 
+MAX_GZIP_MEMBERS = 64  # gzip(1) of a few files concatenated; thousands of empty members only cost time
+
+
 def _inflate(data: bytes, wbits: int, coding: str, max_bytes: int) -> bytes:
     parts, size = [], 0
     while True:
+        if len(parts) == MAX_GZIP_MEMBERS:
+            raise RequestError(f"the {coding} body has more than {MAX_GZIP_MEMBERS} members", error="bad encoding")
         inflater = zlib.decompressobj(wbits)
         part = inflater.decompress(data, max_bytes - size + 1)
         size += len(part)

@@ -95,7 +95,9 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         server.launcher.wait()
-        asked = not state_file.is_file() or _read_state(state_file).get("stopping")  # `make stop` marks it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it has exited: nothing left to stop
+        state = _read_state(state_file)
+        asked = not state or state.get("stopping")  # `make stop` marks it, then removes it
     except (KeyboardInterrupt, Terminate) as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
         server.stop(drain_timeout=30 if isinstance(e, Terminate) else 0)
@@ -154,7 +156,10 @@ def stop(args: argparse.Namespace) -> int:
                 print(f"not drained: {result['reason']}", flush=True)
         except ProcessLookupError:
             pass
-    write_json(path=state_file, obj={**state, "stopping": True})  # `serve` then knows the exit was asked for
+    try:  # `serve` then knows the exit was asked for; a full disk must not keep the server from stopping
+        write_json(path=state_file, obj={**state, "stopping": True})
+    except OSError as e:
+        print(f"could not mark {state_file} ({e}); stopping anyway", flush=True)
     try:
         process = psutil.Process(pid)
         process.terminate()

@@ -9,9 +9,8 @@ defaults (grid, fill, views per forward) are the handler's, from :class:`inferen
 from __future__ import annotations
 
 import os
-import tempfile
 
-from inference.atomic import fsync_dir
+from inference.atomic import write_bytes
 from inference.explain import occlusion, render_overlay
 from inference.images import read_image_file
 from inference.settings import HandlerSettings
@@ -19,24 +18,6 @@ from inference.transforms import EvalPreset, normalize
 
 from .checkpoint import load_model
 from .runtime import pick_device
-
-
-def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """``path`` is the previous file or the new one, never a part: temporary file, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
 
 
 def explain_image(checkpoint: str | os.PathLike, image: str | os.PathLike, *, out: str | os.PathLike,
@@ -57,7 +38,8 @@ def explain_image(checkpoint: str | os.PathLike, image: str | os.PathLike, *, ou
         raise ValueError(f"--grid {grid} is larger than the model's input of {spec.input_size} pixels")
     result = occlusion(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), canvas, grid=grid, fill=fill,
                        max_views=views_per_forward, output="logits")
-    write_bytes_atomically(out, render_overlay(canvas[0], result.maps[0]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_bytes(path=out, data=render_overlay(canvas[0], result.maps[0]))
     index = int(result.indices[0])
     return {"class": spec.class_names[index], "index": index, "probability": float(result.probabilities[0]),
             "grid": result.maps[0].tolist(), "out": os.fspath(out), "size": spec.input_size}

@@ -37,7 +37,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from inference.atomic import pid_alive
+from inference.atomic import pid_alive, umask
 
 from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
 
@@ -239,7 +239,7 @@ def write_split(plan: dict[str, dict[str, list[str]]], *, images: str | os.PathL
         if (images / CLASS_NAMES_FILE).is_file():
             shutil.copy2(images / CLASS_NAMES_FILE, tmp / CLASS_NAMES_FILE)
         (tmp / SPLIT_RECORD).write_text(json.dumps({**(record or {}), "mode": mode, "files": plan}, indent=1) + "\n")
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the tree should read as any folder does
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; the tree should read as any folder does
         if replace:  # move the old split aside, the new one in, then drop the old one
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_hidden(out, "old") + f"{os.getpid()}-"))
             os.rename(out, old / "split")
@@ -255,12 +255,6 @@ def write_split(plan: dict[str, dict[str, list[str]]], *, images: str | os.PathL
             shutil.rmtree(old, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def split_images(*, images: str | os.PathLike, out: str | os.PathLike, val: float = DEFAULT_VAL,

@@ -198,6 +198,15 @@ def test_explain_request_answers_in_the_request_protocol():
     assert Image.open(io.BytesIO(png)).size == (SIZE, SIZE)
 
 
+def test_an_explanation_over_max_response_bytes_is_a_413():
+    """Overlays are base64 PNGs: an answer TorchServe would refuse (dropping the worker and its batch) is the
+    request's own 413."""
+    small = HandlerSettings(input_size=SIZE, explain_grid=GRID, explain_views_per_forward=8, max_response_bytes=1024)
+    with pytest.raises(RequestError, match="max_response_bytes") as e:
+        _answer(Request([b"a", b"b", b"c"], multi=True), settings=small, headers={"X-Explain-Overlay": "yes"})
+    assert e.value.status == 413
+
+
 def test_explain_request_crops_the_canvas_center():
     canvas = torch.zeros((1, 3, SIZE + 8, SIZE + 8), dtype=torch.uint8)
     canvas[:, :, 4:SIZE + 4, 4:SIZE + 4] = images_with_hot_cell(1)

@@ -170,6 +170,8 @@ def test_concatenated_gzip_members_are_read_and_trailing_garbage_is_a_400():
     with pytest.raises(RequestError, match="inflates to more than") as e:  # the budget spans the members
         inflate(gzip.compress(a) + gzip.compress(b), {"Content-Encoding": "gzip"}, max_bytes=len(a) + 10)
     assert e.value.status == 413
+    with pytest.raises(RequestError, match="more than 64 members"):  # empty members cost time, no bytes
+        inflate(gzip.compress(b"") * 100_000, {"Content-Encoding": "gzip"}, max_bytes=1 << 20)
     with pytest.raises(RequestError, match="5 bytes after its compressed data") as e:
         inflate(gzip.compress(a) + b"junk!", {"Content-Encoding": "gzip"}, max_bytes=1 << 20)
     assert e.value.status == 400
