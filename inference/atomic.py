@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import tempfile
 from typing import BinaryIO, Iterator
 
@@ -61,14 +60,12 @@ def umask() -> int:
     return mask
 
 
-def _mode_for(dst: str, *, default: int) -> int:
-    """What ``open(dst, "w")`` would leave: an existing file's mode, else ``default`` less the umask (a
-    temporary is created 0600 and would carry that onto the final name: a .mar or checkpoint that the
-    serving user, a container's user 1000, could not read)."""
-    try:
-        return stat.S_IMODE(os.stat(dst).st_mode)
-    except OSError:
-        return default & ~umask()
+def _mode(default: int) -> int:
+    """The mode of a newly created file (``default`` 0o666) or folder (0o777): ``default`` less the umask. A
+    temporary is created 0600 (a folder 0700) and would carry that onto the final name: a .mar or checkpoint
+    that the serving user (a container's user 1000) could not read. Every write gets it, a replacement too
+    (the new file is a new inode), so that files written 0600 before this rule get readable again."""
+    return default & ~umask()
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -97,7 +94,7 @@ def replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
     folder, name = os.path.split(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     try:
-        os.fchmod(fd, _mode_for(os.path.join(folder, name), default=0o666))
+        os.fchmod(fd, _mode(0o666))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -136,9 +133,8 @@ def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     old = None
     try:
-        mode = _mode_for(os.path.join(folder, name), default=0o777)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, mode)  # mkdtemp's 0700, which copytree's copystat replaced by the source's
+        os.chmod(tmp, _mode(0o777))  # mkdtemp's 0700, which copytree's copystat replaced by the source's
         if os.path.lexists(dst):
             old = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
             os.replace(dst, old)  # onto the empty folder just made

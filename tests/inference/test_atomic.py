@@ -1,4 +1,4 @@
-"""inference.atomic: crash-safe writes leave the file modes a plain write would (the temporaries are 0600)."""
+"""inference.atomic: crash-safe writes leave the mode of a newly created file (the umask's), not their temporaries' 0600."""
 import os
 import stat
 
@@ -18,7 +18,7 @@ def umask_022():
     os.umask(old)
 
 
-def test_a_new_file_or_folder_gets_the_umasks_mode_and_a_replaced_one_keeps_its_own(tmp_path, umask_022):
+def test_every_file_or_folder_written_gets_the_umasks_mode(tmp_path, umask_022):
     """A .mar or checkpoint left 0600 could not be read by the serving user (a container's user 1000, a PVC
     filled by another user, KServe's storage)."""
     assert umask() == 0o022
@@ -27,13 +27,13 @@ def test_a_new_file_or_folder_gets_the_umasks_mode_and_a_replaced_one_keeps_its_
     (tmp_path / "src.mar").write_bytes(b"mar")
     publish_file(src=tmp_path / "src.mar", dst=tmp_path / "fmnist.mar")
     assert mode(tmp_path / "fmnist.mar") == 0o644
-    os.chmod(tmp_path / "fmnist.mar", 0o600)  # a user's choice is kept on replacement, as open("w") keeps it
+    os.chmod(tmp_path / "fmnist.mar", 0o600)  # as the earlier code left it: its replacement is readable again
     write_bytes(path=tmp_path / "fmnist.mar", data=b"new")
-    assert mode(tmp_path / "fmnist.mar") == 0o600 and (tmp_path / "fmnist.mar").read_bytes() == b"new"
+    assert mode(tmp_path / "fmnist.mar") == 0o644 and (tmp_path / "fmnist.mar").read_bytes() == b"new"
     (tmp_path / "tree").mkdir(mode=0o700)  # the new folder's mode is the umask's, not its source's
     (tmp_path / "tree" / "model.onnx").write_bytes(b"x")
     publish_tree(src=tmp_path / "tree", dst=tmp_path / "no_archive")
     assert mode(tmp_path / "no_archive") == 0o755 and (tmp_path / "no_archive" / "model.onnx").read_bytes() == b"x"
-    os.chmod(tmp_path / "no_archive", 0o750)
+    os.chmod(tmp_path / "no_archive", 0o700)
     publish_tree(src=tmp_path / "tree", dst=tmp_path / "no_archive")
-    assert mode(tmp_path / "no_archive") == 0o750
+    assert mode(tmp_path / "no_archive") == 0o755
