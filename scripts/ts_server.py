@@ -12,7 +12,9 @@ removed when the server stops). It records the server's PID, addresses and acces
 requests that had arrived are answered (TorchServe 0.12 itself cuts them on SIGTERM: see
 ``tools/drain.py``), then sends SIGTERM and returns once the process has exited (so ``make stop && make
 serve`` finds the ports free). The state file is written (atomically) once the server is ready: waiting for
-it is waiting for readiness; an unreadable one is stale. The drain reads only ``/metrics`` and the access log, which
+it is waiting for readiness; an unreadable one is stale. Until then ``serve`` keeps its own PID in
+``.torchserve/server.starting.json``, so that ``stop`` (or SIGTERM) during start-up stops what was started.
+``serve`` exits 1 when TorchServe exits without being asked (killed, crashed). The drain reads only ``/metrics`` and the access log, which
 need no key. ``--enable-model-api`` turns on registration over the management API
 (``enable_model_api=true``); what may be registered is the config's ``allowed_urls``. The process
 lifecycle itself is ``tools.torchserve.TorchServe``.
@@ -52,6 +54,12 @@ def _terminate(*_) -> None:
     raise Terminate
 
 
+def _starting_file(state_file: Path) -> Path:
+    """Where ``serve`` leaves its own PID while TorchServe starts (the state file means "ready", and README's
+    readiness loops wait for it), so that ``stop`` can stop a server that is still starting."""
+    return state_file.with_name(f"{state_file.stem}.starting{state_file.suffix}")
+
+
 def serve(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise UsageError(f"--config {args.config}: file not found (config.properties, or config.prod.properties for "
@@ -65,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
         if pid and _running(pid):
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
         state_file.unlink()  # stale: it must not say "ready" before this server is
+    other = _read_state(_starting_file(state_file)).get("serve_pid")
+    if other != os.getpid() and _is_serve(other):
+        raise UsageError(f"a `make serve` (PID {other}) is starting TorchServe: wait for it, or `make stop`")
     props = read_properties(args.config)
     found = {k: re.search(r":(\d+)/?$", props.get(k, "").strip())  # the last colon: [::1] has others
              for k in ("inference_address", "management_address", "metrics_address")}
@@ -76,14 +87,40 @@ def serve(args: argparse.Namespace) -> int:
     server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,
                         overrides=overrides, log_dir=str(getattr(args, "log_dir", None) or REPO / "logs"),
                         workdir=getattr(args, "run_dir", None) or RUN_DIR)
+    starting = _starting_file(state_file)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path=starting, obj={"serve_pid": os.getpid()})
+    signal.signal(signal.SIGTERM, _terminate)  # from here on, start-up included, SIGTERM stops what was started
     try:
         server.start(foreground=True)
+        write_json(path=state_file, obj=server.state())  # atomic: a crash never leaves half a state file
+        starting.unlink(missing_ok=True)
+        _announce(server, args.model_store, grpc_ports)
+        server.launcher.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it has exited: nothing left to stop
+        state = _read_state(state_file)
+        asked = not state or state.get("stopping")  # `make stop` marks it, then removes it
     except (RuntimeError, TimeoutError) as e:
         print(f"TorchServe did not start: {e}", file=sys.stderr)
         return 1
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path=state_file, obj=server.state())  # atomic: a crash never leaves half a state file
-    print(f"TorchServe (PID {server.pid}) serving {args.model_store} at {server.url}, management "
+    except (KeyboardInterrupt, Terminate) as e:  # while starting (start() stopped what it had begun) or serving
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        server.stop(drain_timeout=30 if isinstance(e, Terminate) and state_file.is_file() else 0)
+        asked = True
+    finally:
+        starting.unlink(missing_ok=True)
+        if server.launcher is not None:  # this serve launched one (not refused beside another): its files go
+            server.forget_keys()  # the Java process has ended: its keys are void
+            state_file.unlink(missing_ok=True)
+    if not asked:  # killed (the OOM killer, kill -9) or crashed: a supervisor must see a failure
+        print(f"TorchServe PID {server.pid} exited without `make stop`, Ctrl-C or SIGTERM: see "
+              f"{server.log_dir / 'ts_log.log'}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _announce(server: TorchServe, model_store: str, grpc_ports: tuple[int, int]) -> None:
+    print(f"TorchServe (PID {server.pid}) serving {model_store} at {server.url}, management "
           f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
           f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
     if server.token_auth:
@@ -92,23 +129,6 @@ def serve(args: argparse.Namespace) -> int:
     if server.props.get("enable_model_api", "false").lower() == "true":
         urls = server.props.get("allowed_urls") or "TorchServe's default: any file:// or http(s):// URL"
         print(f"model registration over the management API is on (allowed_urls={urls})", flush=True)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        server.launcher.wait()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it has exited: nothing left to stop
-        state = _read_state(state_file)
-        asked = not state or state.get("stopping")  # `make stop` marks it, then removes it
-    except (KeyboardInterrupt, Terminate) as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
-        server.stop(drain_timeout=30 if isinstance(e, Terminate) else 0)
-        asked = True
-    server.forget_keys()  # `make stop` ends the Java process itself: its keys are void
-    state_file.unlink(missing_ok=True)
-    if not asked:  # killed (the OOM killer, kill -9) or crashed: a supervisor must see a failure
-        print(f"TorchServe PID {server.pid} exited without `make stop`, Ctrl-C or SIGTERM: see "
-              f"{server.log_dir / 'ts_log.log'}", file=sys.stderr, flush=True)
-        return 1
-    return 0
 
 
 def _read_state(path: Path) -> dict:
@@ -118,6 +138,15 @@ def _read_state(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
+
+
+def _is_serve(pid) -> bool:
+    """``pid`` is a live ``python -m scripts.ts_server serve``."""
+    try:
+        cmdline = psutil.Process(pid).cmdline() if isinstance(pid, int) else []
+    except psutil.Error:
+        return False
+    return "scripts.ts_server" in cmdline and "serve" in cmdline
 
 
 def _running(pid) -> bool:
@@ -132,6 +161,14 @@ def stop(args: argparse.Namespace) -> int:
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     drain_timeout = float(getattr(args, "drain_timeout", 30))
     if not state_file.is_file():
+        serve_pid = _read_state(_starting_file(state_file)).get("serve_pid")
+        if _is_serve(serve_pid):  # still starting: `serve` stops what it started on SIGTERM, then exits
+            process = psutil.Process(serve_pid)
+            process.terminate()
+            exited = _exited(process, timeout=EXIT_TIMEOUT)
+            print(f"`make serve` (PID {serve_pid}) was still starting: "
+                  f"{'stopped' if exited else f'sent SIGTERM; it has not exited in {EXIT_TIMEOUT:.0f} s'}", flush=True)
+            return 0
         print("no TorchServe started by `make serve` is running")
         return 0
     state = _read_state(state_file)

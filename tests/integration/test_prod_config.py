@@ -358,3 +358,30 @@ def test_serve_stops_on_its_own_sigterm_and_fails_when_torchserve_dies_under_it(
     print(f"\nSERVE on SIGTERM / TorchServe killed: {runs}")
     assert runs["sigterm"][0] == 0 and runs["sigterm"][1] < 45, runs["sigterm"]
     assert runs["killed"][0] == 1 and "exited without `make stop`" in runs["killed"][2], runs["killed"]
+
+
+def test_make_stop_while_make_serve_is_still_starting_stops_it(prod_store, tmp_path):
+    """The state file says "ready" (README's readiness loops wait for it), so a stop during start-up found
+    nothing to stop and the server came up after it: `serve` leaves its PID in a starting file meanwhile, and
+    `stop` ends it; no TorchServe is left, and a second `serve` during that start-up is refused."""
+    served = Served(tmp_path, prod_store)
+    starting = tmp_path / "server.starting.json"
+    try:
+        deadline = time.time() + 60
+        while not starting.is_file():
+            assert time.time() < deadline and served.proc.poll() is None, served.log.read_text()[-2000:]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "scripts.ts_server", "serve", "--config", str(served.config),
+                                 "--model-store", str(prod_store), "--run-dir", str(served.run_dir), "--log-dir",
+                                 str(tmp_path / "logs2"), "--state-file", str(served.state_file)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        cli = served.stop_cli()
+        rc = served.proc.wait(timeout=90)
+        print(f"\nSTOP while starting: {cli.stdout.strip()!r}; serve rc {rc}; second serve: {second.stderr.strip()!r}")
+        assert second.returncode == 2 and "is starting TorchServe" in second.stderr, second.stderr
+        assert "was still starting: stopped" in cli.stdout, cli.stdout + cli.stderr
+        assert rc == 0 and not served.state_file.exists() and not starting.exists()
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(served.run_dir) in " ".join(p.info["cmdline"] or [])]
+        assert not left, f"TorchServe processes left: {left}"
+    finally:
+        served.close()
