@@ -252,9 +252,10 @@ def test_a_failure_of_the_transform_fails_only_the_request_it_comes_from(model_d
 
 def test_a_failure_while_stacking_is_retried_request_by_request(model_dir, monkeypatch):
     handler = handler_for(model_dir)
-    stack = torch.stack
+    stack, calls = torch.stack, []
 
     def flaky(tensors, *args, **kwargs):
+        calls.append(len(tensors))
         if len(tensors) > 1:
             raise RuntimeError("simulated out of memory while stacking")
         return stack(tensors, *args, **kwargs)
@@ -262,6 +263,7 @@ def test_a_failure_while_stacking_is_retried_request_by_request(model_dir, monke
     monkeypatch.setattr(torch, "stack", flaky)
     ctx = make_context(model_dir, n=2)
     out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(IMAGES[1])}])
+    assert calls[:3] == [2, 1, 1], calls  # the batch's stack failed, then each request's own succeeded
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 200]
     assert all(json.loads(o)["predictions"] for o in out)
 

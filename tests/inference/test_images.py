@@ -28,6 +28,12 @@ def test_other_modes_become_rgb(mode):
     img.save(buf, format=fmt)
     out = decode_rgb(buf.getvalue())
     assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
+    # Pillow's own conversion as the reference (a 16-bit image: its 8-bit source, grey in every channel)
+    if mode == "I;16":
+        expected = np.stack([np.asarray(Image.fromarray(pattern_image("vertical", size=16)).convert("L"))] * 3, -1)
+    else:
+        expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert np.abs(out.permute(1, 2, 0).numpy().astype(int) - expected.astype(int)).max() <= (1 if mode == "CMYK" else 0)
 
 
 def test_bmp_falls_back_to_pillow():

@@ -64,6 +64,15 @@ def test_mean_logits_aggregation():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # 2 views of 1 image
     assert torch.allclose(aggregate(logits, 1, how="logits"), torch.tensor([[0.5, 0.5]]))
     assert torch.allclose(aggregate(logits, 1, how="softmax"), torch.tensor([[0.5, 0.5]]))
+    # views that disagree unevenly tell the two apart: softmax of the mean logits [2, 0.5] vs the mean of
+    # softmax([4, 0]) and softmax([0, 1]), by hand
+    uneven = torch.tensor([[4.0, 0.0], [0.0, 1.0]])
+    e = torch.e
+    by_logits = torch.tensor([[e ** 2 / (e ** 2 + e ** 0.5), e ** 0.5 / (e ** 2 + e ** 0.5)]])
+    by_softmax = torch.tensor([[(e ** 4 / (e ** 4 + 1) + 1 / (1 + e)) / 2, (1 / (e ** 4 + 1) + e / (1 + e)) / 2]])
+    assert torch.allclose(aggregate(uneven, 1, how="logits"), by_logits, atol=1e-6)
+    assert torch.allclose(aggregate(uneven, 1, how="softmax"), by_softmax, atol=1e-6)
+    assert not torch.allclose(by_logits, by_softmax, atol=1e-2)
     with pytest.raises(ValueError):
         aggregate(logits, 1, how="median")
 

@@ -80,8 +80,9 @@ def test_tritonclient_http_bad_input_is_a_400_with_the_oip_error(server):
         client.infer("shapes", [wrong])
     assert e.value.status() == "400"
     # model metadata (GET /v2/models/NAME) is not served by TorchServe 0.12's frontend: README says so
-    with pytest.raises(InferenceServerException):
+    with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("shapes")
+    assert e.value.status() == "404" and "ResourceNotFoundException" in e.value.message(), e.value.message()
 
 
 def test_tritonclient_http_classification_compression_and_default_outputs(server, native):
