@@ -275,3 +275,38 @@ def test_a_reexport_from_other_weights_names_the_graphs_it_keeps_from_the_earlie
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     shas = {k: v["checkpoint_sha256"] for k, v in manifest["variants"].items()}
     assert shas["onnx"] != shas["torchscript"]
+
+
+def test_every_logits_graph_run_by_its_own_runtime_agrees_with_eager(export_dir, export_manifest, checkpoint,
+                                                                       image_folder):
+    """Not the parity numbers the exporter wrote, nor through our backends: each graph run by onnxruntime's,
+    TorchScript's or OpenVINO's own API (OpenVINO held to f32, its default on a bf16 CPU being bf16) on the test
+    images, against the eager model: within its precision's tolerance, INT8 by top-1 agreement."""
+    import openvino as ov
+
+    from inference.images import read_image_file
+    from inference.transforms import EvalPreset
+    paths = sorted(image_folder.glob("test/*/*.png"))[:48]
+    x = EvalPreset(crop_size=24, resize_size=26).batch([read_image_file(str(p)) for p in paths])
+    reference = eager_logits(checkpoint, x)
+    for name, info in export_manifest["variants"].items():
+        if info["output"] != "logits":
+            continue
+        path = str(export_dir / info["files"][0])
+        if path.endswith(".onnx"):
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        elif path.endswith(".pt"):
+            with torch.no_grad():
+                out = torch.jit.load(path)(x)
+        else:
+            compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            out = torch.from_numpy(compiled(x.numpy())[0])
+        out = out.float()
+        agreement = (out.argmax(1) == reference.argmax(1)).float().mean().item()
+        rel = ((out - reference).abs().max() / reference.abs().max()).item()
+        print(f"{name}: max rel diff {rel:.2e}, top-1 agreement {agreement:.3f}")
+        if info["precision"] == "int8":
+            assert agreement >= 0.95, (name, agreement)
+        else:
+            assert rel <= RTOL[info["precision"]] and agreement >= 1 - 1 / len(paths), (name, rel, agreement)

@@ -1,16 +1,22 @@
 """A real TorchServe (Java frontend + Python workers) on loopback, serving freshly built archives."""
+import base64
 import json
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from PIL import Image
 
+from inference.images import decode_rgb
+from inference.transforms import normalize
+from inference.tta import canvas_preset, predict_proba
 from tests.conftest import encode, pattern_image
-from tests.integration.conftest import ADAPTIVE
+from tests.integration.conftest import ADAPTIVE, ADAPTIVE_THRESHOLD
 from tools.client import predict
 from tools.photos import phone_photo
+from training.checkpoint import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +129,34 @@ def test_multipart_and_json_requests_with_several_images(server, eager):
     assert status == 400 and out["error"] == "bad base64"
 
 
-def test_adaptive_tta_is_reported_per_image(server, eager):
-    status, body = predict(server.url, ADAPTIVE, _payloads()[0][0])
-    assert status == 200 and isinstance(body["tta_applied"], bool)
-    assert body["tta"] == ("ten_crop" if body["tta_applied"] else "none")
+def test_adaptive_tta_is_reported_per_image(server, checkpoint):
+    """Several images in one request: each gets TTA exactly when the eager model's plain top-1 confidence is below
+    the archive's threshold, and its confidence is the eager model's with that TTA or without it."""
+    spec, model = load_model(checkpoint)
+    images = [data for data, _ in _payloads()] + [encode(pattern_image(k, size=30, seed=s) // 2 + 64)  # low contrast
+                                                   for k, s in (("circle", 11), ("vertical", 12), ("horizontal", 13))]
+
+    def probs(tta):  # offline, as the handler does: the TTA's canvas, then its views, in one forward
+        canvas = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
+        batch = canvas.batch([decode_rgb(p, min_side=canvas.min_decode_side) for p in images])
+        with torch.no_grad():
+            return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), batch, tta,
+                                 crop_size=spec.input_size)
+    plain, ten = probs("none"), probs("ten_crop")
+    conf = plain.max(1).values
+    keep = [i for i, c in enumerate(conf.tolist()) if abs(c - ADAPTIVE_THRESHOLD) > 1e-4]  # not on the edge
+    body = json.dumps({"data": [base64.b64encode(images[i]).decode() for i in keep], "topk": 1}).encode()
+    status, out = predict(server.url, ADAPTIVE, body, content_type="application/json")
+    assert status == 200 and len(out) == len(keep), out
+    for answer, i in zip(out, keep):
+        expected = bool(conf[i] < ADAPTIVE_THRESHOLD)
+        assert answer["tta_applied"] is expected and answer["tta"] == ("ten_crop" if expected else "none"), (i, answer)
+        reference = (ten if expected else plain)[i]
+        assert answer["predictions"][0]["index"] == int(reference.argmax())
+        assert abs(answer["predictions"][0]["confidence"] - float(reference.max())) < 1e-3, (i, answer, reference)
+    print(f"\nADAPTIVE per image: tta_applied {[a['tta_applied'] for a in out]}, plain confidence "
+          f"{[round(c, 4) for c in conf.tolist()]}")
+    assert {a["tta_applied"] for a in out} == {True, False}  # both branches, in one request
 
 
 def test_handler_metrics_reach_the_prometheus_endpoint(server):
@@ -137,4 +167,7 @@ def test_handler_metrics_reach_the_prometheus_endpoint(server):
     for name in ("DecodeMs", "PreprocessMs", "ForwardMs", "BatchSize", "TTAViewsPerImage", "AdaptiveTTATriggerRate"):
         lines = [ln for ln in text.splitlines() if ln.startswith(name) and f'ModelName="{ADAPTIVE}"' in ln]
         assert lines, f"{name} not on /metrics"
-        assert float(lines[-1].rsplit(" ", 1)[1]) >= 0
+        value = float(lines[-1].rsplit(" ", 1)[1])
+        low, high = {"BatchSize": (1, 8), "TTAViewsPerImage": (1, 10), "AdaptiveTTATriggerRate": (0, 100),  # percent
+                     "ForwardMs": (1e-6, 60_000)}.get(name, (0, 60_000))
+        assert low <= value <= high, (name, value)
