@@ -46,17 +46,21 @@ FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
 
 
 class ImageError(ValueError):
-    """A request's bytes are not an acceptable image. ``status`` is the HTTP code to answer."""
+    """A request's bytes are not an acceptable image. ``status`` is the HTTP code to answer, ``error`` the
+    kind the answer names (as :class:`inference.requests.RequestError` has them)."""
 
     status = 400
+    error = "bad image"
 
 
 class ImageTooLargeError(ImageError):
     status = 413
+    error = "image too large"
 
 
 class UnsupportedFormatError(ImageError):
     status = 415
+    error = "unsupported image format"
 
 
 class PreprocessError(ImageError):

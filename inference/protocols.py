@@ -168,10 +168,8 @@ def bounded(body: str, *, limit: int) -> RequestError | None:
 
 def status_of(err: Exception) -> tuple[int, str]:
     """The HTTP status and the error kind of a per-request error (a :class:`RequestError` or an
-    ``inference.images.ImageError``)."""
-    status = getattr(err, "status", 400)
-    kind = getattr(err, "error", None) or {413: "image too large", 415: "unsupported image format"}.get(status)
-    return status, kind or "bad image"
+    ``inference.images.ImageError``: both carry them)."""
+    return getattr(err, "status", 400), getattr(err, "error", None) or "bad image"
 
 
 def render_error(protocol: str, kind: str, detail: str, *, status: int, model_name: str = "",
