@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -82,6 +83,18 @@ def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_garbage_after_each_module():
+    """Objects with native finalizers (tritonclient's gevent HTTP client, gRPC channels, ONNX Runtime and
+    OpenVINO sessions) that end up in a reference cycle (a ``pytest.raises`` traceback holds its test's frame)
+    are finalized wherever the cyclic collector next runs: in any thread, in the middle of a later test. CI died
+    of SIGSEGV that way in unrelated tests (inside zipfile in tests/tools/test_prod_profile.py, while waiting on a
+    subprocess in tests/test_grpc_fork.py). Tests close their clients; this collects what is left at the end of
+    each module, in the main thread, with no other work in flight."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -47,65 +47,65 @@ def _host(server):
 
 
 def test_tritonclient_http_health_and_two_base64_images(server, native):
-    client = triton_http.InferenceServerClient(url=_host(server))
-    assert client.is_server_live() and client.is_server_ready()
-    image = triton_http.InferInput("image", [2], "BYTES")
-    image.set_data_from_numpy(np.array(B64, dtype=object), binary_data=False)
-    outputs = [triton_http.InferRequestedOutput(n, binary_data=False) for n in ("labels", "scores", "indices")]
-    result = client.infer("shapes", [image], outputs=outputs, request_id="req-7", parameters={"topk": 2})
-    labels, scores, indices = (result.as_numpy(n) for n in ("labels", "scores", "indices"))
-    assert labels.shape == scores.shape == indices.shape == (2, 2)
-    assert scores.dtype == np.float32 and indices.dtype == np.int64
-    assert result.get_response()["id"] == "req-7"
-    for i, ref in enumerate(native):
-        assert [p["index"] for p in ref["predictions"]] == indices[i].tolist()
-        assert [p["class"] for p in ref["predictions"]] == [x.decode() if isinstance(x, bytes) else x for x in labels[i]]
-        assert scores[i].tolist() == pytest.approx([p["confidence"] for p in ref["predictions"]], abs=1e-6)
+    with triton_http.InferenceServerClient(url=_host(server)) as client:
+        assert client.is_server_live() and client.is_server_ready()
+        image = triton_http.InferInput("image", [2], "BYTES")
+        image.set_data_from_numpy(np.array(B64, dtype=object), binary_data=False)
+        outputs = [triton_http.InferRequestedOutput(n, binary_data=False) for n in ("labels", "scores", "indices")]
+        result = client.infer("shapes", [image], outputs=outputs, request_id="req-7", parameters={"topk": 2})
+        labels, scores, indices = (result.as_numpy(n) for n in ("labels", "scores", "indices"))
+        assert labels.shape == scores.shape == indices.shape == (2, 2)
+        assert scores.dtype == np.float32 and indices.dtype == np.int64
+        assert result.get_response()["id"] == "req-7"
+        for i, ref in enumerate(native):
+            assert [p["index"] for p in ref["predictions"]] == indices[i].tolist()
+            assert [p["class"] for p in ref["predictions"]] == [x.decode() if isinstance(x, bytes) else x for x in labels[i]]
+            assert scores[i].tolist() == pytest.approx([p["confidence"] for p in ref["predictions"]], abs=1e-6)
 
 
 def test_tritonclient_http_binary_tensors_carry_the_raw_image_bytes(server, native):
-    client = triton_http.InferenceServerClient(url=_host(server))
-    image = triton_http.InferInput("image", [2], "BYTES")
-    image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
-    result = client.infer("shapes", [image], outputs=[triton_http.InferRequestedOutput("indices", binary_data=False)])
-    assert result.as_numpy("indices")[:, 0].tolist() == [ref["predictions"][0]["index"] for ref in native]
-    assert [o["name"] for o in result.get_response()["outputs"]] == ["indices"]
+    with triton_http.InferenceServerClient(url=_host(server)) as client:
+        image = triton_http.InferInput("image", [2], "BYTES")
+        image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
+        result = client.infer("shapes", [image], outputs=[triton_http.InferRequestedOutput("indices", binary_data=False)])
+        assert result.as_numpy("indices")[:, 0].tolist() == [ref["predictions"][0]["index"] for ref in native]
+        assert [o["name"] for o in result.get_response()["outputs"]] == ["indices"]
 
 
 def test_tritonclient_http_bad_input_is_a_400_with_the_oip_error(server):
-    client = triton_http.InferenceServerClient(url=_host(server))
-    wrong = triton_http.InferInput("image", [1], "FP32")
-    wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32), binary_data=False)
-    with pytest.raises(InferenceServerException, match="datatype must be BYTES") as e:
-        client.infer("shapes", [wrong])
-    assert e.value.status() == "400"
-    # model metadata (GET /v2/models/NAME) is not served by TorchServe 0.12's frontend: README says so
-    with pytest.raises(InferenceServerException) as e:
-        client.get_model_metadata("shapes")
-    assert e.value.status() == "404" and "ResourceNotFoundException" in e.value.message(), e.value.message()
+    with triton_http.InferenceServerClient(url=_host(server)) as client:
+        wrong = triton_http.InferInput("image", [1], "FP32")
+        wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32), binary_data=False)
+        with pytest.raises(InferenceServerException, match="datatype must be BYTES") as e:
+            client.infer("shapes", [wrong])
+        assert e.value.status() == "400"
+        # model metadata (GET /v2/models/NAME) is not served by TorchServe 0.12's frontend: README says so
+        with pytest.raises(InferenceServerException) as e:
+            client.get_model_metadata("shapes")
+        assert e.value.status() == "404" and "ResourceNotFoundException" in e.value.message(), e.value.message()
 
 
 def test_tritonclient_http_classification_compression_and_default_outputs(server, native):
     """What tritonclient sends by default or with its options: class_count (Triton's classification extension,
     once ignored), gzip and deflate bodies (TorchServe 0.12 passes them on compressed: once 400s), outputs asked
     in binary form (answered in JSON, which tritonclient reads)."""
-    client = triton_http.InferenceServerClient(url=_host(server))
-    image = triton_http.InferInput("image", [2], "BYTES")
-    image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
-    for algorithm in (None, "gzip", "deflate"):
-        result = client.infer("shapes", [image], request_compression_algorithm=algorithm,
-                              outputs=[triton_http.InferRequestedOutput("scores", class_count=2),
-                                       triton_http.InferRequestedOutput("labels")])
-        classes, labels = result.as_numpy("scores"), result.as_numpy("labels")
-        assert classes.shape == labels.shape == (2, 2), algorithm
-        for row, ref in zip(classes, native):  # "<score>:<index>:<label>", best first, as Triton writes them
-            parts = [(x.decode() if isinstance(x, bytes) else x).split(":", 2) for x in row]
-            assert [(int(i), name) for _, i, name in parts] == [(p["index"], p["class"]) for p in ref["predictions"]]
-            assert [float(v) for v, _, _ in parts] == pytest.approx([p["confidence"] for p in ref["predictions"]],
-                                                                    abs=1e-6)
-    result = client.infer("shapes", [image])  # no outputs named: every output, in JSON
-    assert [o["name"] for o in result.get_response()["outputs"]] == ["labels", "scores", "indices"]
-    assert all(not isinstance(v, list) for v in result.get_response()["parameters"].values())  # scalars only
+    with triton_http.InferenceServerClient(url=_host(server)) as client:
+        image = triton_http.InferInput("image", [2], "BYTES")
+        image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
+        for algorithm in (None, "gzip", "deflate"):
+            result = client.infer("shapes", [image], request_compression_algorithm=algorithm,
+                                  outputs=[triton_http.InferRequestedOutput("scores", class_count=2),
+                                           triton_http.InferRequestedOutput("labels")])
+            classes, labels = result.as_numpy("scores"), result.as_numpy("labels")
+            assert classes.shape == labels.shape == (2, 2), algorithm
+            for row, ref in zip(classes, native):  # "<score>:<index>:<label>", best first, as Triton writes them
+                parts = [(x.decode() if isinstance(x, bytes) else x).split(":", 2) for x in row]
+                assert [(int(i), name) for _, i, name in parts] == [(p["index"], p["class"]) for p in ref["predictions"]]
+                assert [float(v) for v, _, _ in parts] == pytest.approx([p["confidence"] for p in ref["predictions"]],
+                                                                        abs=1e-6)
+        result = client.infer("shapes", [image])  # no outputs named: every output, in JSON
+        assert [o["name"] for o in result.get_response()["outputs"]] == ["labels", "scores", "indices"]
+        assert all(not isinstance(v, list) for v in result.get_response()["parameters"].values())  # scalars only
 
 
 def test_a_pretty_printed_json_file_sent_as_bytes_is_read_as_json(server, native):
@@ -244,9 +244,9 @@ def test_oip_grpc_model_infer_with_torchserves_proto(server, stubs, native):
 def test_tritonclient_grpc_does_not_reach_torchserves_oip_service(server):
     """TorchServe 0.12 names its OIP service org.pytorch.serve.grpc.openinference.GRPCInferenceService, not
     KServe's inference.GRPCInferenceService that tritonclient.grpc calls: UNIMPLEMENTED (README says so)."""
-    client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{server.grpc_ports[0]}")
-    with pytest.raises(InferenceServerException, match="(?i)unimplemented"):
-        client.is_server_live()
+    with triton_grpc.InferenceServerClient(url=f"127.0.0.1:{server.grpc_ports[0]}") as client:
+        with pytest.raises(InferenceServerException, match="(?i)unimplemented"):
+            client.is_server_live()
 
 
 @pytest.mark.parametrize("schema", ["kserve_v1", "oip_v2"])
