@@ -63,12 +63,20 @@ def keep_signal_stack():
     if libc is None:
         yield
         return
-    saved = _read(libc)
+    saved = current_signal_stack()
     try:
         yield
     finally:
-        saved.ss_flags &= ~1  # SS_ONSTACK is reported, never set
-        libc.sigaltstack(ctypes.byref(saved), None)
+        set_signal_stack(saved)
+
+
+def set_signal_stack(stack: tuple[int | None, int, int]) -> bool:
+    """Make ``stack`` (as :func:`current_signal_stack` returns it) the calling thread's alternate signal
+    stack; False where the kernel refuses it (e.g. too small for AMX's state once AMX is granted)."""
+    libc = _libc()
+    address, flags, size = stack
+    wanted = _StackT(address, flags & ~1, size)  # SS_ONSTACK is reported, never set
+    return libc is not None and libc.sigaltstack(ctypes.byref(wanted), None) == 0
 
 
 @functools.cache

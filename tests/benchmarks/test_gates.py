@@ -97,23 +97,22 @@ def test_an_int8_record_counts_only_for_a_graph_that_keeps_its_fp32_layers():
 
 
 def test_speed_only_int8_leaves_the_named_layers_in_fp32(tmp_path, image_folder):
-    import openvino as ov
-
     from export.int8 import QUANTIZABLE_OV, kept_layers_openvino
+    from inference.signal_stack import openvino_core
     from tools.models import export_random_model
 
     def kept(folder, **kw):
         prep = export_random_model("smoke", tmp_path / folder, calib_data=image_folder / "train",
                                    variants=["onnx", "openvino-int8"], **kw)
         manifest = json.loads((prep.export_dir / "export.json").read_text())
-        names, layers = kept_layers_openvino(ov.Core().read_model(str(prep.export_dir / "model_ov_int8.xml")))
+        names, layers = kept_layers_openvino(openvino_core().read_model(str(prep.export_dir / "model_ov_int8.xml")))
         return set(names), layers, manifest["variants"]["openvino-int8"]["speed_only_kept_fp32"]
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     plain, layers, recorded = kept("a")
     assert recorded == [] and len(plain) < layers
-    ir = ov.Core().read_model(str(tmp_path / "a" / "export_smoke" / "model_ov_int8.xml"))
+    ir = openvino_core().read_model(str(tmp_path / "a" / "export_smoke" / "model_ov_int8.xml"))
     quantized = [op.get_friendly_name() for op in ir.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV
                  and op.get_friendly_name() not in plain][:2]
     assert len(quantized) == 2

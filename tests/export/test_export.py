@@ -282,9 +282,8 @@ def test_every_logits_graph_run_by_its_own_runtime_agrees_with_eager(export_dir,
     """Not the parity numbers the exporter wrote, nor through our backends: each graph run by onnxruntime's,
     TorchScript's or OpenVINO's own API (OpenVINO held to f32, its default on a bf16 CPU being bf16) on the test
     images, against the eager model: within its precision's tolerance, INT8 by top-1 agreement."""
-    import openvino as ov
-
     from inference.images import read_image_file
+    from inference.signal_stack import openvino_core
     from inference.transforms import EvalPreset
     paths = sorted(image_folder.glob("test/*/*.png"))[:48]
     x = EvalPreset(crop_size=24, resize_size=26).batch([read_image_file(str(p)) for p in paths])
@@ -300,7 +299,10 @@ def test_every_logits_graph_run_by_its_own_runtime_agrees_with_eager(export_dir,
             with torch.no_grad():
                 out = torch.jit.load(path)(x)
         else:
-            compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            # OpenVINO's own API, on the process's one Core: a Core per graph, each destroyed while the next one
+            # lived, left the thread's signal stack unmapped (inference.signal_stack), and CI's test process was
+            # killed, silently, at a later signal
+            compiled = openvino_core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             out = torch.from_numpy(compiled(x.numpy())[0])
         out = out.float()
         agreement = (out.argmax(1) == reference.argmax(1)).float().mean().item()
