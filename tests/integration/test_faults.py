@@ -210,7 +210,9 @@ class TestWorkerAndArchiveFaults:
 
 # --- stopping with requests in flight ----------------------------------------------------------------
 
-SLOW_DELAY_MS = 3000  # the batch waits this long for company: requests sit in flight that long
+# The batch waits this long for company: requests sit in flight that long. 3 s once let the control's batch run
+# before the stop command's SIGTERM reached TorchServe (a slower host, 2026-12-05): 6 s leaves it no chance.
+SLOW_DELAY_MS = 6000
 
 
 @pytest.fixture(scope="module")
