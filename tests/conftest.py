@@ -114,7 +114,7 @@ def _collect_garbage_and_check_the_signal_stack():
     stack unmapped (see inference.signal_stack); the next signal handled on it (faulthandler's SIGSEGV, Python's
     SIGINT, the DataLoader's SIGCHLD) kills the test process without a word. CI died so in unrelated later tests
     (tests/test_grpc_fork.py, tests/tools/test_prod_profile.py) after tests/export/test_export.py made a Core per
-    graph. Such a module fails here, by name, and gets Python's stack back so that the run goes on."""
+    graph. Such a module fails here, by name, and the stack it began with is put back so that the run goes on."""
     from inference.signal_stack import current_signal_stack, set_signal_stack
 
     before = current_signal_stack()
