@@ -56,6 +56,21 @@ def current_signal_stack() -> tuple[int | None, int, int] | None:
     return stack.ss_sp, stack.ss_flags, stack.ss_size
 
 
+def unmapped_signal_stack() -> tuple[int, int] | None:
+    """The calling thread's alternate signal stack as ``(address, size)`` when it points at memory that is not
+    mapped (what a plugin destroyed in the wrong order leaves); None when it is mapped, absent, or off Linux."""
+    stack = current_signal_stack()
+    if stack is None or not stack[0]:
+        return None
+    address, _, size = stack
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+            if start <= address and address + size <= end:
+                return None
+    return address, size
+
+
 @contextlib.contextmanager
 def keep_signal_stack():
     """Run the block, then put back the calling thread's alternate signal stack as it was before."""

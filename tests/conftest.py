@@ -85,22 +85,6 @@ def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _unmapped_signal_stack() -> tuple[int, int] | None:
-    """The main thread's alternate signal stack as (address, size) when it points at memory that is not mapped."""
-    from inference.signal_stack import current_signal_stack
-
-    stack = current_signal_stack()
-    if stack is None or not stack[0]:
-        return None
-    address, _, size = stack
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            start, end = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
-            if start <= address and address + size <= end:
-                return None
-    return address, size
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _collect_garbage_and_check_the_signal_stack():
     """After each module: collect garbage, then check the main thread's alternate signal stack.
@@ -115,12 +99,12 @@ def _collect_garbage_and_check_the_signal_stack():
     SIGINT, the DataLoader's SIGCHLD) kills the test process without a word. CI died so in unrelated later tests
     (tests/test_grpc_fork.py, tests/tools/test_prod_profile.py) after tests/export/test_export.py made a Core per
     graph. Such a module fails here, by name, and the stack it began with is put back so that the run goes on."""
-    from inference.signal_stack import current_signal_stack, set_signal_stack
+    from inference.signal_stack import current_signal_stack, set_signal_stack, unmapped_signal_stack
 
     before = current_signal_stack()
     yield
     gc.collect()
-    broken = _unmapped_signal_stack()
+    broken = unmapped_signal_stack()
     if broken is not None:
         set_signal_stack(before)
         pytest.fail(f"this module left the main thread's signal stack unmapped ({broken[0]:#x}, {broken[1]} bytes): "

@@ -37,15 +37,14 @@ elif case == "kept":   # plugins of Core objects that are not ours, under keep_s
         a = raw_core(); b = raw_core(); del a; gc.collect()
     del b; gc.collect()
 elif case == "repaired":  # a Core per graph, each dropped while the next lives: found by conftest, then repaired
-    from inference.signal_stack import current_signal_stack, openvino_core, set_signal_stack
-    from tests.conftest import _unmapped_signal_stack
+    from inference.signal_stack import current_signal_stack, openvino_core, set_signal_stack, unmapped_signal_stack
     python_stack = current_signal_stack()
     openvino_core()
     for _ in range(2):
         compiled = ov.Core().compile_model(sys.argv[2], "CPU")
     del compiled; gc.collect()
-    print("unmapped" if _unmapped_signal_stack() else "mapped", flush=True)
-    assert set_signal_stack(python_stack) and _unmapped_signal_stack() is None
+    print("unmapped" if unmapped_signal_stack() else "mapped", flush=True)
+    assert set_signal_stack(python_stack) and unmapped_signal_stack() is None
 os.kill(os.getpid(), signal.SIGUSR1)
 print("alive", flush=True)
 '''
