@@ -135,6 +135,21 @@ def _is_torchserve(pid: int) -> bool:
         return False
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and every process below it (a launcher that hangs: its Java and the workers)."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        processes = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
     props = {}
     for line in Path(path).read_text().splitlines():
@@ -280,6 +295,15 @@ class TorchServe:
             time.sleep(0.1)
         raise TimeoutError("torchserve wrote no PID file")
 
+    def _late_java_pid(self, *, timeout: float) -> int | None:
+        """The Java PID for a stop that came before :meth:`start` had read it (SIGTERM or Ctrl-C in the first
+        second): the launcher writes it just after it starts Java, so wait for it; ``None`` if the launcher ends
+        first. Such a stop used to wait for the launcher, kill it, and leave Java and its workers running."""
+        try:
+            return self._java_pid(timeout=timeout)
+        except (RuntimeError, TimeoutError):
+            return None
+
     def manage(self, method: str, path: str, *, timeout: float = 120) -> tuple[int, dict | list | str]:
         """A call to this server's management API (as ``tools.client.manage``), with the management key
         when token authorization is on."""
@@ -351,6 +375,8 @@ class TorchServe:
     def stop(self, *, timeout: float = 60, drain_timeout: float = 0) -> None:
         """SIGTERM to the Java process we started, SIGKILL if it hangs. TorchServe itself cuts requests
         in flight: with ``drain_timeout`` > 0 wait (that long at most) for them to be answered first."""
+        if self.pid is None and self.launcher is not None and self.launcher.poll() is None:
+            self.pid = self._late_java_pid(timeout=timeout)
         if drain_timeout > 0 and self.pid is not None:
             self.last_drain = self.drain(timeout=drain_timeout)
         if self.pid is not None:
@@ -367,7 +393,7 @@ class TorchServe:
                         os.kill(self.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-                self.launcher.kill()
+                _kill_tree(self.launcher.pid)
                 self.launcher.wait()
         self.pid = None
         self.forget_keys()

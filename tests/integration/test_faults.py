@@ -7,6 +7,7 @@
   an error status and the log names the problem, while the model already registered keeps answering.
 * Stopping with requests in flight: TorchServe alone (SIGTERM, which is all ``torchserve --stop``
   does) cuts them; ``python -m scripts.ts_server stop`` (``make stop``) drains them first.
+* Stopped during start-up, before the launcher has written Java's PID: Java and its workers still end.
 * An answer longer than the frontend's ``max_response_size``: TorchServe alone drops the worker and fails
   its whole batch; the handler's ``max_response_bytes`` makes it that request's 413.
 
@@ -282,6 +283,40 @@ def test_stop_drains_requests_in_flight(slow_store, tmp_path):
     assert len(results) == 3 and all(r[2] == 200 for r in results), results
     assert all(json.loads(r[3])["predictions"] for r in results)
 
+
+
+class _Interrupted(Exception):
+    """Stands for the SIGTERM or Ctrl-C that `make serve` turns into an exception in its main thread."""
+
+
+def test_a_stop_before_java_has_a_pid_still_stops_java(tmp_path, monkeypatch):
+    """An interruption in the first second of start-up, before the launcher had written Java's PID: the stop
+    waited 20 s for the launcher, killed it, and left Java and its workers running (CI: `make stop` during
+    `make serve`'s start-up left three TorchServe processes). The stop now waits for the PID and ends Java."""
+    workdir = tmp_path / "run"
+    server = TorchServe(model_store=tmp_path, workdir=workdir)
+    read_pid = TorchServe._java_pid
+
+    def interrupted(self, *, timeout):
+        monkeypatch.setattr(TorchServe, "_java_pid", read_pid)  # the stop's own wait reads it for real
+        assert not (workdir / ".model_server.pid").exists()  # before the launcher wrote it, as in the race
+        raise _Interrupted
+
+    monkeypatch.setattr(TorchServe, "_java_pid", interrupted)
+    began = time.monotonic()
+    try:
+        with pytest.raises(_Interrupted):
+            server.start()
+        took = time.monotonic() - began
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(workdir) in " ".join(p.info["cmdline"] or [])]
+        print(f"\nSTOP before the Java PID: {took:.1f} s, processes left {left}")
+        assert not left, f"TorchServe processes left: {left}"
+        assert server.launcher.returncode is not None and server.pid is None
+        assert took < 20  # it stopped Java, not waited out the launcher
+    finally:
+        for process in psutil.process_iter(["cmdline"]):  # a failure here must not leave them to later tests
+            if str(workdir) in " ".join(process.info["cmdline"] or []):
+                process.kill()
 
 # --- an answer over the frontend's max_response_size ------------------------------------------------------------
 
