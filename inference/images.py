@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
+from inference.containers import check_structure
+from inference.image_errors import ImageError, ImageTooLargeError, PreprocessError, UnsupportedFormatError
 from inference.jpeg import (  # noqa: F401  (batch_jpeg_decoder and jpeg_scale: re-exported, the handler's names)
     JPEG_EOI,
     JPEG_FORMATS,
@@ -43,29 +45,6 @@ DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
-
-
-class ImageError(ValueError):
-    """A request's bytes are not an acceptable image: ``status`` and ``error`` as a ``RequestError`` has them."""
-
-    status = 400
-    error = "bad image"
-
-
-class ImageTooLargeError(ImageError):
-    status, error = 413, "image too large"
-
-
-class UnsupportedFormatError(ImageError):
-    status = 415
-    error = "unsupported image format"
-
-
-class PreprocessError(ImageError):
-    """The image decoded, but the transform after it failed (e.g. out of memory): a server error."""
-
-    status = 500
-    error = "preprocess failed"
 
 
 @dataclass(frozen=True)
@@ -103,6 +82,7 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if not data:
         raise ImageError("empty body: expected the bytes of an image (JPEG, PNG, WEBP, GIF, BMP, TIFF)")
     try:
+        check_structure(data, max_frames=max_frames)  # before Pillow walks it in Python
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
             if fmt not in FORMATS:

@@ -76,6 +76,25 @@ def test_decoded_size_bombs_are_refused_from_the_header_while_a_neighbour_succee
     assert growth < 1.5 * 2**30
 
 
+def test_files_of_countless_tiny_segments_are_refused_in_milliseconds_while_a_neighbour_succeeds(server):
+    """4 MiB of the segments that Pillow reads one by one in Python (empty PNG chunks, JPEG COM markers, GIF
+    comment blocks, TIFF tags): each held the worker for 1-2.6 s (an opening to probe, one to decode) and a
+    16 MiB request of them ~10 s; refused from a walk of their structure (inference.containers), 400."""
+    from tests.inference.test_containers import HOSTILE
+    url = f"{server.url}/predictions/shapes"
+    cases = ["JPEG, empty COM markers", "PNG, empty chunks before the image", "PNG, empty chunks after the image",
+             "GIF, 1-byte sub-blocks", "TIFF, one page of many tags"]
+    for name in cases:
+        data = HOSTILE[name][0]()
+        with ThreadPoolExecutor(2) as pool:  # sent together: one batch
+            bad = pool.submit(_post, url, data=data, headers={"Content-Type": "application/octet-stream"})
+            good = pool.submit(_post, url, data=GOOD, headers={"Content-Type": "image/png"})
+            (code, body, seconds), (good_code, good_body, _) = bad.result(), good.result()
+        print(f"{name}: {len(data)} bytes -> {code} in {seconds:.2f} s: {body.get('detail', body)!r:.90}")
+        assert code == 400 and body["error"] == "bad image" and "refused" in body["detail"] and seconds < 5, body
+        assert good_code == 200 and good_body["predictions"]
+
+
 def _peak_rss(server) -> int:
     """The workers' peak resident memory (VmHWM) since :func:`_reset_peak_rss`, summed."""
     total = 0

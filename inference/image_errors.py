@@ -1,0 +1,25 @@
+"""The errors an image can raise, each with the HTTP status and error name that its request is answered with."""
+from __future__ import annotations
+
+
+class ImageError(ValueError):
+    """A request's bytes are not an acceptable image: ``status`` and ``error`` as a ``RequestError`` has them."""
+
+    status = 400
+    error = "bad image"
+
+
+class ImageTooLargeError(ImageError):
+    status, error = 413, "image too large"
+
+
+class UnsupportedFormatError(ImageError):
+    status = 415
+    error = "unsupported image format"
+
+
+class PreprocessError(ImageError):
+    """The image decoded, but the transform after it failed (e.g. out of memory): a server error."""
+
+    status = 500
+    error = "preprocess failed"

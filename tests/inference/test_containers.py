@@ -1,0 +1,209 @@
+"""inference.containers: the segment walk refuses files of more markers, chunks, blocks or tags than real images
+have (which Pillow would read one by one in Python), and passes every real image: those the installed packages
+ship, and Pillow-written extremes (1,000-frame animations, 999-page TIFFs, 1 MB ICC profiles, BigTIFF)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, TiffImagePlugin
+
+from inference.containers import MAX_HEADER_UNITS, MAX_TIFF_UNITS, StructureError, check_structure, unit_limit
+from inference.images import ImageError, decode_rgb, probe
+from tests.conftest import pattern_image
+from tools.photos import phone_photo
+
+FRAMES = 1000  # images.DEFAULT_MAX_FRAMES
+
+
+def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _photo(size: int = 64) -> Image.Image:
+    return Image.fromarray(pattern_image("circle", size=size, seed=3))
+
+
+def _png_chunk(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_with(png: bytes, units: bytes, *, before: bytes) -> bytes:
+    """``units`` inserted before the first chunk of type ``before`` (found by walking the real chunks)."""
+    i = 8
+    while png[i + 4:i + 8] != before:
+        i += 12 + struct.unpack_from(">I", png, i)[0]
+    return png[:i] + units + png[i:]
+
+
+def _png_in_small_chunks(size: int = 32) -> bytes:
+    """A grey ramp whose compressed data is written one byte per IDAT chunk (valid, if odd)."""
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    raw = zlib.compress(b"".join(b"\x00" + bytes(range(0, 8 * size, 8)) for _ in range(size)))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + b"".join(_png_chunk(b"IDAT", raw[i:i + 1]) for i in range(len(raw))) + _png_chunk(b"IEND"))
+
+
+def _jpeg_with(jpeg: bytes, units: bytes) -> bytes:
+    """``units`` inserted just before the first scan (SOS), after the photo's own EXIF, tables and frame."""
+    i = 2
+    while jpeg[i + 1] != 0xDA:
+        i += 2 + struct.unpack_from(">H", jpeg, i + 2)[0]
+    return jpeg[:i] + units + jpeg[i:]
+
+
+def _gif_with(gif: bytes, units: bytes) -> bytes:
+    """``units`` inserted after the header and global colour table, before the first block."""
+    flags = gif[10]
+    head = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    return gif[:head] + units + gif[head:]
+
+
+def _tiff_tags(n: int, **kwargs) -> bytes:
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    for k in range(n):
+        ifd[50000 + k] = k  # private tags (50000+: none that Pillow treats specially)
+    return _save(_photo(), "TIFF", tiffinfo=ifd, **kwargs)
+
+
+def _frames(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (16, 16), (i % 256, i * 7 % 256, 90)) for i in range(n)]
+
+
+def _shipped_images() -> list[Path]:
+    """Every PNG, JPEG, GIF and TIFF in the installed packages that carry sample images."""
+    found = []
+    for name in ("matplotlib", "skimage", "sklearn", "foolbox", "PIL"):
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            root = Path(next(iter(spec.submodule_search_locations)))
+            found += [p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".tif",
+                                                                          ".tiff")]
+    return sorted(found)
+
+
+def test_every_image_the_installed_packages_ship_passes():
+    paths = _shipped_images()
+    assert len(paths) > 100, "matplotlib alone ships hundreds of PNGs"
+    for path in paths:
+        check_structure(path.read_bytes(), max_frames=FRAMES)  # raises StructureError if refused
+
+
+LEGITIMATE = {
+    "phone photo (12 MP, EXIF)": lambda: phone_photo(_photo(200), noise=0.0, sideways=True),
+    "JPEG, 1 MB ICC profile (16 APP2 segments)": lambda: _save(_photo(), "JPEG", icc_profile=bytes(2**20)),
+    "progressive JPEG": lambda: _save(_photo(), "JPEG", progressive=True, quality=90),
+    f"JPEG, {MAX_HEADER_UNITS - 10} COM markers": lambda: _jpeg_with(_save(_photo(), "JPEG"),
+                                                                   b"\xff\xfe\x00\x02" * (MAX_HEADER_UNITS - 10)),
+    f"PNG, {MAX_HEADER_UNITS - 10} text chunks": lambda: _png_with(
+        _save(_photo(), "PNG"), _png_chunk(b"tEXt", b"k\x00v") * (MAX_HEADER_UNITS - 10), before=b"IDAT"),
+    "PNG, image data in 1-byte chunks": lambda: _png_in_small_chunks(),
+    f"APNG, {FRAMES} frames": lambda: _save(_frames(FRAMES)[0], "PNG", save_all=True,
+                                           append_images=_frames(FRAMES)[1:]),
+    f"GIF, {FRAMES} frames": lambda: _save(_frames(FRAMES)[0], "GIF", save_all=True,
+                                          append_images=_frames(FRAMES)[1:]),
+    "TIFF, 999 pages": lambda: _save(_frames(999)[0], "TIFF", save_all=True, append_images=_frames(999)[1:]),
+    f"TIFF, {MAX_HEADER_UNITS - 20} tags": lambda: _tiff_tags(MAX_HEADER_UNITS - 20),
+    "BigTIFF": lambda: _save(_photo(), "TIFF", big_tiff=True),
+}
+
+
+@pytest.mark.parametrize("name", LEGITIMATE)
+def test_real_extremes_pass_and_decode(name):
+    data = LEGITIMATE[name]()
+    check_structure(data, max_frames=FRAMES)
+    info = probe(data)
+    assert sorted(decode_rgb(data, info=info).shape[1:]) == sorted((info.height, info.width))  # EXIF may turn it
+
+
+HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units that Pillow reads one by one
+    "JPEG, empty COM markers": (lambda: _jpeg_with(_save(_photo(), "JPEG", exif=_photo().getexif().tobytes()),
+                                                   b"\xff\xfe\x00\x02" * 2**20), "markers before its image data"),
+    "JPEG, fill bytes": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff" * 2**20), "markers before"),
+    "JPEG, just over the limit": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff\xfe\x00\x02" * MAX_HEADER_UNITS),
+                                  f"more than {MAX_HEADER_UNITS} markers"),
+    "PNG, empty chunks before the image": (lambda: _png_with(_save(_photo(), "PNG"), _png_chunk(b"teSt") * 350_000,
+                                                             before=b"IDAT"), "chunks besides its image data"),
+    "PNG, empty chunks after the image": (lambda: _png_with(_save(_photo(), "PNG"), _png_chunk(b"teSt") * 350_000,
+                                                            before=b"IEND"), "chunks besides its image data"),
+    "PNG, empty image-data chunks": (lambda: _png_with(_save(_photo(), "PNG"), _png_chunk(b"IDAT") * 350_000,
+                                                       before=b"IDAT"), "more than 3"),  # unit_limit(4 MiB): 36,8xx
+    "PNG, frame controls, then empty chunks": (lambda: _png_with(
+        _save(_photo(), "PNG"), _png_chunk(b"fcTL", bytes(26)) * (FRAMES + 100) + _png_chunk(b"IDAT") * 300_000,
+        before=b"IEND"), "chunks: refused"),  # frames earn a few chunks each, as many frames as are allowed
+    "GIF, comment blocks": (lambda: _gif_with(_save(_photo(), "GIF"), b"\x21\xfe\x01x\x00" * 800_000),
+                            "blocks and sub-blocks"),
+    "GIF, 1-byte sub-blocks": (lambda: _gif_with(_save(_photo(), "GIF"), b"\x21\xfe" + b"\x01x" * 2**21 + b"\x00"),
+                               "blocks and sub-blocks"),
+    "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_HEADER_UNITS} tags in one page"),
+    "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one page"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_files_of_too_many_units_are_refused_before_pillow_reads_them(name):
+    make, words = HOSTILE[name]
+    data = make()
+    with pytest.raises(StructureError, match=words) as refused:
+        check_structure(data, max_frames=FRAMES)
+    assert refused.value.status == 400 and str(len(data)) in str(refused.value)
+    for read in (probe, decode_rgb):  # the decoder's own entry points refuse it the same way, as a bad image
+        with pytest.raises(ImageError, match=words):
+            read(data)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "TIFF"])
+def test_animations_of_too_many_tiny_frames_are_refused_for_their_frames(fmt):
+    """5,000 frames of 8x8: more blocks than their bytes' share, but the walk stops (or stops earning) at the frame
+    limit, so the answer is the frame limit's 413, as before the walk."""
+    frames = _frames(5000 if fmt != "TIFF" else 1200)
+    data = _save(frames[0], fmt, save_all=True, append_images=frames[1:])
+    check_structure(data, max_frames=FRAMES)
+    with pytest.raises(ImageError, match=f"more than {FRAMES} frames") as refused:
+        probe(data)
+    assert refused.value.status == 413
+
+
+def test_a_tiff_of_more_tags_than_its_pages_may_hold_in_all_is_refused():
+    """Pages of 1,000 tags each pass one by one; their sum over the pages read is bounded too."""
+    tags = [(50000 + k, 3, 1, 0) for k in range(MAX_HEADER_UNITS - 24)]
+    pages = MAX_TIFF_UNITS // len(tags) + 2
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    for page in range(pages):
+        ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI4s", t, k, n, bytes(4)) for t, k, n, _ in tags)
+        out += ifd + struct.pack("<I", len(out) + len(ifd) + 4 if page < pages - 1 else 0)
+    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_UNITS} tags and pages"):
+        check_structure(bytes(out), max_frames=FRAMES)
+    check_structure(bytes(out), max_frames=MAX_TIFF_UNITS // len(tags) - 1)  # fewer pages read: within it
+
+
+def test_the_unit_limit_grows_with_the_file():
+    assert unit_limit(0) == 4096 and unit_limit(16 * 2**20) == 4096 + 131072
+
+
+def test_cut_off_corrupt_or_looping_files_end_the_walk_quietly():
+    """Whatever the bytes, the walk raises StructureError or nothing: truncations, random byte flips, a TIFF
+    whose page points at itself; Pillow then gives its own error."""
+    rng = random.Random(0)
+    valid = [_save(_photo(), fmt) for fmt in ("JPEG", "PNG", "GIF", "TIFF")] + [_tiff_tags(10, big_tiff=True)]
+    for data in valid:
+        for _ in range(200):
+            broken = bytearray(data[:rng.randrange(1, len(data) + 1)])
+            for _ in range(rng.randrange(0, 4)):
+                broken[rng.randrange(len(broken))] = rng.randrange(256)
+            try:
+                check_structure(bytes(broken), max_frames=FRAMES)
+            except StructureError:
+                pass
+    looping = bytearray(_save(_photo(), "TIFF"))
+    first = struct.unpack_from("<I", looping, 4)[0]
+    tags = struct.unpack_from("<H", looping, first)[0]
+    struct.pack_into("<I", looping, first + 2 + 12 * tags, first)  # the next page: this one again
+    check_structure(bytes(looping), max_frames=FRAMES)
