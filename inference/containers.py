@@ -8,14 +8,15 @@ probe, once to decode), a 16 MiB request (``max_request_size``) of them about 10
 walks the same structure looking at a few bytes per unit and refuses a file with more units than real
 images have, with a message that names the count:
 
-* JPEG: markers (and fill bytes) before the first scan: at most ``MAX_HEADER_UNITS`` (a phone photo has
-  10-30; an ICC profile or extended XMP split over 64 KiB segments adds a few dozen).
+* JPEG: markers, fill bytes and stray bytes between segments (Pillow steps over those one at a time) before
+  the first scan: at most ``MAX_HEADER_UNITS`` (a phone photo has 10-30; an ICC profile or extended XMP
+  split over 64 KiB segments adds a few dozen).
 * PNG: chunks other than the image data's (``IDAT``, and ``fcTL``/``fdAT`` of animation frames): at most
   ``MAX_HEADER_UNITS``; chunks in all: at most :func:`unit_limit` of the file's size (libpng writes its
   image data in 8 KiB chunks, Pillow in 64 KiB ones) plus ``FRAME_UNITS`` an animation frame.
 * GIF: blocks and data sub-blocks of the frames that ``images.probe`` reads (``max_frames + 1``): at most
   :func:`unit_limit` plus ``FRAME_UNITS`` a frame (encoders write 255-byte sub-blocks; a tiny frame
-  and its control block are 6 blocks).
+  and its control block are 6 blocks), stray bytes between blocks counted one by one as Pillow reads them.
 * TIFF (and BigTIFF): tags of one page at most ``MAX_HEADER_UNITS``; tags and pages of the pages that
   decoding reads (the first ``max_frames + 1``, as ``images.probe`` counts frames) at most ``MAX_TIFF_UNITS``.
 
@@ -25,6 +26,7 @@ no walk.
 """
 from __future__ import annotations
 
+import re
 from struct import error as StructError
 from struct import unpack_from
 
@@ -34,6 +36,7 @@ MAX_HEADER_UNITS = 1024   # JPEG markers before the scan, PNG chunks that are no
 MAX_TIFF_UNITS = 65_536   # tags and pages of a TIFF's pages read (a 1,000-page fax of 20 tags a page: 21,000)
 FRAME_UNITS = 8            # the blocks or chunks a frame may add beyond its size's share (a 16x16 GIF frame: 6)
 PNG_DATA_CHUNKS = (b"IDAT", b"fcTL", b"fdAT")
+GIF_BLOCK = re.compile(rb"[;!,]")  # what starts a GIF block: Pillow skips any other byte
 PNG_MAGIC, GIF_MAGICS = b"\x89PNG\r\n\x1a\n", (b"GIF87a", b"GIF89a")
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -71,20 +74,27 @@ def _refuse(kind: str, what: str, limit: int, size: int) -> None:
 
 
 def _jpeg(data) -> None:
-    i, units = 2, 0
-    while data[i] == 0xFF:
+    i, units, size = 2, 0, len(data)
+    while units <= MAX_HEADER_UNITS:
+        if data[i] != 0xFF:  # bytes between segments: Pillow steps over them one at a time, so they count
+            j = data.find(b"\xff", i)
+            units += (size if j < 0 else j) - i
+            if j < 0:
+                break
+            i = j
+            continue
         marker = data[i + 1]
         units += 1
-        if units > MAX_HEADER_UNITS:
-            _refuse("JPEG", "markers before its image data", MAX_HEADER_UNITS, len(data))
         if marker in (0xDA, 0xD9):  # the first scan (SOS), or the end (EOI)
             return
         if marker == 0xFF:  # a fill byte
             i += 1
-        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+        elif marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # an escaped 0xFF; markers without a length
             i += 2
         else:
             i += 2 + unpack_from(">H", data, i + 2)[0]
+    if units > MAX_HEADER_UNITS:
+        _refuse("JPEG", "markers and stray bytes before its image data", MAX_HEADER_UNITS, size)
 
 
 def _png(data, *, max_frames: int) -> None:
@@ -116,15 +126,22 @@ def _gif(data, *, max_frames: int) -> None:
             max_frames, limit = max_frames - 1, limit + FRAME_UNITS
             flags = data[i + 9]
             i += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-        else:
-            return
+        else:  # bytes between blocks: Pillow steps over them one at a time, so they count
+            block = GIF_BLOCK.search(data, i)
+            units += (block.start() if block else len(data)) - i
+            if units > limit:
+                _refuse("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
+            if not block:
+                return
+            i = block.start()
+            continue
         units += 1
         while True:
             size = data[i]
             i += 1 + size
             units += 1
             if units > limit:
-                _refuse("GIF", "blocks and sub-blocks", limit, len(data))
+                _refuse("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
             if not size:
                 break
 

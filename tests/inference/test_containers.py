@@ -125,10 +125,13 @@ def test_real_extremes_pass_and_decode(name):
 
 HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units that Pillow reads one by one
     "JPEG, empty COM markers": (lambda: _jpeg_with(_save(_photo(), "JPEG", exif=_photo().getexif().tobytes()),
-                                                   b"\xff\xfe\x00\x02" * 2**20), "markers before its image data"),
-    "JPEG, fill bytes": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff" * 2**20), "markers before"),
+                                                   b"\xff\xfe\x00\x02" * 2**20), "markers and stray bytes before its image data"),
+    "JPEG, fill bytes": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff" * 2**20), "markers and stray bytes before"),
     "JPEG, just over the limit": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff\xfe\x00\x02" * MAX_HEADER_UNITS),
                                   f"more than {MAX_HEADER_UNITS} markers"),
+    "JPEG, stray bytes between segments": (lambda: _jpeg_with(_save(_photo(), "JPEG"), bytes(2**22)), "stray bytes"),
+    "JPEG, escaped 0xFF between segments": (lambda: _jpeg_with(_save(_photo(), "JPEG"), b"\xff\x00" * 2**21),
+                                            "stray bytes"),
     "PNG, empty chunks before the image": (lambda: _png_with(_save(_photo(), "PNG"), _png_chunk(b"teSt") * 350_000,
                                                              before=b"IDAT"), "chunks besides its image data"),
     "PNG, empty chunks after the image": (lambda: _png_with(_save(_photo(), "PNG"), _png_chunk(b"teSt") * 350_000,
@@ -139,9 +142,11 @@ HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units
         _save(_photo(), "PNG"), _png_chunk(b"fcTL", bytes(26)) * (FRAMES + 100) + _png_chunk(b"IDAT") * 300_000,
         before=b"IEND"), "chunks: refused"),  # frames earn a few chunks each, as many frames as are allowed
     "GIF, comment blocks": (lambda: _gif_with(_save(_photo(), "GIF"), b"\x21\xfe\x01x\x00" * 800_000),
-                            "blocks and sub-blocks"),
+                            "blocks, sub-blocks"),
     "GIF, 1-byte sub-blocks": (lambda: _gif_with(_save(_photo(), "GIF"), b"\x21\xfe" + b"\x01x" * 2**21 + b"\x00"),
-                               "blocks and sub-blocks"),
+                               "blocks, sub-blocks"),
+    "GIF, stray bytes between blocks": (lambda: _gif_with(_save(_photo(), "GIF"), bytes(2**22)), "stray bytes"),
+    "GIF, stray bytes to the end": (lambda: _save(_photo(), "GIF")[:-1] + bytes(2**22), "stray bytes"),
     "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_HEADER_UNITS} tags in one page"),
     "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one page"),
 }
