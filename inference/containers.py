@@ -17,8 +17,10 @@ images have, with a message that names the count:
 * GIF: blocks and data sub-blocks of the frames that ``images.probe`` reads (``max_frames + 1``): at most
   :func:`unit_limit` plus ``FRAME_UNITS`` a frame (encoders write 255-byte sub-blocks; a tiny frame
   and its control block are 6 blocks), stray bytes between blocks counted one by one as Pillow reads them.
-* TIFF (and BigTIFF): tags of one page at most ``MAX_HEADER_UNITS``; tags and pages of the pages that
-  decoding reads (the first ``max_frames + 1``, as ``images.probe`` counts frames) at most ``MAX_TIFF_UNITS``.
+* TIFF (and BigTIFF): tags of one page at most ``MAX_HEADER_UNITS``; strips or tiles of a page no more than
+  its size needs (a 64x64 page listing a million strips cost 9.7 s: Pillow decodes the extra ones as
+  further layers); tags, pages, strips and tiles of the pages that ``images.probe`` reads
+  (``max_frames + 1``) at most ``MAX_TIFF_UNITS`` (a 7200x5500 RGB photo in libtiff's 8 KiB strips has 5,500).
 
 The walk stops where the structure cannot be followed (cut off, corrupt, another format): Pillow then says
 what is wrong. WEBP (read by libwebp), BMP (one fixed header) and MPO's index (bounded by its segment) need
@@ -33,7 +35,11 @@ from struct import unpack_from
 from inference.image_errors import ImageError
 
 MAX_HEADER_UNITS = 1024   # JPEG markers before the scan, PNG chunks that are not image data, TIFF tags of a page
-MAX_TIFF_UNITS = 65_536   # tags and pages of a TIFF's pages read (a 1,000-page fax of 20 tags a page: 21,000)
+MAX_TIFF_UNITS = 65_536   # tags, pages, strips and tiles of the TIFF pages read (1,000 pages of 20 tags: 21,000)
+TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: Pillow makes a tile of each value in Python, and decodes it
+# ImageWidth, ImageLength, SamplesPerPixel, RowsPerStrip, PlanarConfiguration, TileWidth, TileLength: the pieces
+# a page needs; read when they are one SHORT, LONG or LONG8 (BigTIFF), as every writer stores them
+TIFF_GEOMETRY, TIFF_INTEGERS = (256, 257, 277, 278, 284, 322, 323), {3: "H", 4: "I", 16: "Q"}
 FRAME_UNITS = 8            # the blocks or chunks a frame may add beyond its size's share (a 16x16 GIF frame: 6)
 PNG_DATA_CHUNKS = (b"IDAT", b"fcTL", b"fdAT")
 GIF_BLOCK = re.compile(rb"[;!,]")  # what starts a GIF block: Pillow skips any other byte
@@ -150,7 +156,7 @@ def _tiff(data, *, max_pages: int) -> None:
     order = "<" if data[0] == 0x49 else ">"
     big = data[2 if order == "<" else 3] == 0x2B
     count_fmt, offset_fmt, entry = (order + "Q", order + "Q", 20) if big else (order + "H", order + "I", 12)
-    width = 8 if big else 2
+    entry_fmt, width = (order + "HHQ", 8) if big else (order + "HHI", 2)  # an entry: tag, type, count of values
     offset = unpack_from(offset_fmt, data, 8 if big else 4)[0]
     seen, units = set(), 0
     while offset and offset not in seen and len(seen) < max_pages:
@@ -158,7 +164,27 @@ def _tiff(data, *, max_pages: int) -> None:
         tags = unpack_from(count_fmt, data, offset)[0]
         if tags > MAX_HEADER_UNITS:
             _refuse("TIFF", "tags in one page", MAX_HEADER_UNITS, len(data))
-        units += tags + 1
+        page, pieces = {}, 0
+        for k in range(tags):
+            at = offset + width + k * entry
+            tag, kind, values = unpack_from(entry_fmt, data, at)
+            if tag in TIFF_PIECES:
+                pieces += values
+            elif tag in TIFF_GEOMETRY and values == 1 and kind in TIFF_INTEGERS:
+                page[tag] = unpack_from(order + TIFF_INTEGERS[kind], data, at + (12 if big else 8))[0]
+        if pieces > _tiff_pieces(page):  # Pillow wraps the extra ones into layers and decodes every one
+            raise StructureError(f"TIFF of {len(data)} bytes listing {pieces} strips or tiles where its "
+                                 f"{page.get(256, 1)}x{page.get(257, 1)} page needs {_tiff_pieces(page)}: refused")
+        units += tags + 1 + pieces
         if units > MAX_TIFF_UNITS:
-            _refuse("TIFF", "tags and pages", MAX_TIFF_UNITS, len(data))
+            _refuse("TIFF", "tags, pages, strips and tiles", MAX_TIFF_UNITS, len(data))
         offset = unpack_from(offset_fmt, data, offset + width + tags * entry)[0]
+
+
+def _tiff_pieces(page: dict[int, int]) -> int:
+    """The strips or tiles a page's geometry needs: planes x (tiles across x down, or strips down)."""
+    columns, rows = page.get(256, 1), page.get(257, 1)
+    planes = page.get(277, 1) if page.get(284, 1) == 2 else 1
+    if 322 in page and 323 in page:  # tiled
+        return planes * -(-columns // max(page[322], 1)) * -(-rows // max(page[323], 1))
+    return planes * -(-rows // max(min(page.get(278, rows), rows), 1))

@@ -39,7 +39,7 @@ from inference.transforms import transform_by_shape
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7300x5500 photo passes, a 20000x20000 bomb does not
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7200x5500 photo (39.6 MP) passes, a 20000x20000 bomb does not
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # long side / short side: a 6:1 panorama passes, a 100000x50 strip does not
 DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far more frames is refused
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that

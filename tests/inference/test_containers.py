@@ -10,6 +10,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin
 
@@ -73,6 +74,68 @@ def _tiff_tags(n: int, **kwargs) -> bytes:
     return _save(_photo(), "TIFF", tiffinfo=ifd, **kwargs)
 
 
+def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1, planar: bool = False,
+                  extra: int = 0) -> bytes:
+    """An uncompressed TIFF page of ``pixels`` (H x W x C uint8), written by hand as Pillow cannot: in
+    ``tile`` x ``tile`` tiles or ``rows``-row strips, chunky or planar (one plane after another), listing
+    ``extra`` further pieces (copies of the last offset) beyond what the page needs."""
+    height, width, channels = pixels.shape
+    planes = [pixels[..., c:c + 1] for c in range(channels)] if planar else [pixels]
+    pieces = []
+    for plane in planes:
+        if tile:
+            padded = np.zeros((-(-height // tile) * tile, -(-width // tile) * tile, plane.shape[2]), np.uint8)
+            padded[:height, :width] = plane
+            pieces += [padded[y:y + tile, x:x + tile].tobytes() for y in range(0, height, tile)
+                       for x in range(0, width, tile)]
+        else:
+            pieces += [plane[y:y + rows].tobytes() for y in range(0, height, rows)]
+    body, offsets, at = b"".join(pieces), [], 8
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    offsets += [offsets[-1]] * extra
+    counts = [len(x) for x in pieces] + [len(pieces[-1])] * extra
+    n = len(offsets)
+    arrays = 8 + len(body)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
+            (262, 3, 1, 2 if channels == 3 else 1), (277, 3, 1, channels), (284, 3, 1, 2 if planar else 1)]
+    if tile:
+        tags += [(322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n, arrays), (325, 4, n, arrays + 4 * n)]
+    else:
+        tags += [(273, 4, n, arrays), (278, 3, 1, rows), (279, 4, n, arrays + 4 * n)]
+    if channels == 3:  # BitsPerSample: three values, stored after the arrays
+        tags[2] = (258, 3, 3, arrays + 8 * n)
+    tags.sort()
+    ifd = arrays + 8 * n + 8
+    return (b"II*\x00" + struct.pack("<I", ifd) + body + struct.pack(f"<{n}I", *offsets)
+            + struct.pack(f"<{n}I", *counts) + struct.pack("<4H", 8, 8, 8, 0) + struct.pack("<H", len(tags))
+            + b"".join(struct.pack("<HHII", t, k, c, v) if not (k == 3 and c == 1) else
+                       struct.pack("<HHIHH", t, k, c, v, 0) for t, k, c, v in tags) + struct.pack("<I", 0))
+
+
+def _tiff_strips(n: int) -> bytes:
+    """A 64x64 greyscale page in one-row strips, listing ``n`` strips in all (Pillow decodes the extra ones
+    into further layers)."""
+    return _tiff_by_hand(np.zeros((64, 64, 1), np.uint8), extra=n - 64)
+
+
+RGB = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+HAND_TIFFS = {"16x16 tiles": dict(tile=16), "planar, 1-row strips": dict(planar=True),
+              "planar 16x16 tiles": dict(tile=16, planar=True), "5-row strips": dict(rows=5)}
+
+
+@pytest.mark.parametrize("name", HAND_TIFFS)
+def test_tiled_and_planar_tiffs_pass_and_one_piece_too_many_is_refused(name):
+    """Pillow (the independent reader) decodes the hand-written pages to their pixels: the geometry is right, and
+    the pieces it needs pass; one more is refused."""
+    data = _tiff_by_hand(RGB, **HAND_TIFFS[name])
+    check_structure(data, max_frames=FRAMES)
+    assert np.array_equal(decode_rgb(data).permute(1, 2, 0).numpy(), RGB)
+    with pytest.raises(StructureError, match="strips or tiles where its 50x37 page needs"):
+        check_structure(_tiff_by_hand(RGB, **HAND_TIFFS[name], extra=1), max_frames=FRAMES)
+
+
 def _frames(n: int) -> list[Image.Image]:
     return [Image.new("RGB", (16, 16), (i % 256, i * 7 % 256, 90)) for i in range(n)]
 
@@ -112,6 +175,9 @@ LEGITIMATE = {
     "TIFF, 999 pages": lambda: _save(_frames(999)[0], "TIFF", save_all=True, append_images=_frames(999)[1:]),
     f"TIFF, {MAX_HEADER_UNITS - 20} tags": lambda: _tiff_tags(MAX_HEADER_UNITS - 20),
     "BigTIFF": lambda: _save(_photo(), "TIFF", big_tiff=True),
+    "TIFF, 64 one-row strips": lambda: _tiff_strips(64),
+    "TIFF, 7200x5500 RGB in libtiff's 8 KiB strips": lambda: _save(
+        Image.new("RGB", (7200, 5500), (9, 80, 200)), "TIFF", compression="tiff_deflate", strip_size=8192),
 }
 
 
@@ -147,6 +213,9 @@ HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units
                                "blocks, sub-blocks"),
     "GIF, stray bytes between blocks": (lambda: _gif_with(_save(_photo(), "GIF"), bytes(2**22)), "stray bytes"),
     "GIF, stray bytes to the end": (lambda: _save(_photo(), "GIF")[:-1] + bytes(2**22), "stray bytes"),
+    "TIFF, a million strips of a 64x64 image": (lambda: _tiff_strips(10**6),
+                                                "1000000 strips or tiles where its 64x64 page needs 64"),
+    "TIFF, 65 one-row strips of a 64x64 image": (lambda: _tiff_strips(65), "65 strips or tiles where"),
     "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_HEADER_UNITS} tags in one page"),
     "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one page"),
 }
@@ -184,7 +253,7 @@ def test_a_tiff_of_more_tags_than_its_pages_may_hold_in_all_is_refused():
     for page in range(pages):
         ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI4s", t, k, n, bytes(4)) for t, k, n, _ in tags)
         out += ifd + struct.pack("<I", len(out) + len(ifd) + 4 if page < pages - 1 else 0)
-    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_UNITS} tags and pages"):
+    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_UNITS} tags, pages"):
         check_structure(bytes(out), max_frames=FRAMES)
     check_structure(bytes(out), max_frames=MAX_TIFF_UNITS // len(tags) - 1)  # fewer pages read: within it
 
