@@ -4,7 +4,8 @@ and the TorchServe handler.
 One concept per module:
 
 * ``images``      -- reading and decoding image bytes (header check first, EXIF orientation)
-* ``containers``  -- the segments of a JPEG/PNG/GIF/TIFF, counted before Pillow reads them in Python
+* ``containers``  -- the segments of a JPEG/PNG/GIF, counted before Pillow reads them in Python
+* ``tiff_ifds``   -- the directories of a TIFF (tags, fractions, strips), counted likewise
 * ``image_errors`` -- the errors an image raises, with their HTTP statuses (400, 413, 415, 500)
 * ``jpeg``        -- JPEG specifics: reduced DCT decoding, the batched (GPU) decoder, EXIF orientation
 * ``transforms``  -- the evaluation transform (resize + center crop on uint8) and ``normalize``

@@ -1,30 +1,31 @@
-"""The container structure of an image file, walked before Pillow opens it: a bound on its segments.
+"""The container structure of a JPEG, PNG or GIF file, walked before Pillow opens it: a bound on its segments.
 
-Pillow reads the headers of JPEG, PNG, GIF and TIFF files in Python, one marker, chunk, block or tag at a
-time, at 1-4 µs each. A file made of nothing but such units (empty 12-byte PNG chunks, 4-byte JPEG COM
-markers, 2-byte GIF sub-blocks, 12-byte TIFF tags) took 0.25-0.65 s of CPU per MiB to open, where a real
-photo of that size takes milliseconds: one 4 MiB PNG of empty chunks held a worker for 2.6 s (read once to
-probe, once to decode), a 16 MiB request (``max_request_size``) of them about 10 s. :func:`check_structure`
-walks the same structure looking at a few bytes per unit and refuses a file with more units than real
-images have, with a message that names the count:
+Pillow reads these headers in Python, one marker, chunk or block at a time, at 1-4 µs each, and some
+segments cost it far more than their bytes (a component list, an ICC profile to inflate). A file made of
+nothing but such units (empty 12-byte PNG chunks, 4-byte JPEG COM markers, 2-byte GIF sub-blocks) took
+0.25-0.65 s of CPU per MiB to open, where a real photo of that size takes milliseconds: one 4 MiB PNG of
+empty chunks held a worker for 2.6 s (read once to probe, once to decode), a 16 MiB request
+(``max_request_size``) of them about 10 s. :func:`check_structure` walks the structure as Pillow does,
+a few bytes looked at per unit, and refuses a file with more units than real images have (a 400 that names
+the count):
 
-* JPEG: markers, fill bytes and stray bytes between segments (Pillow steps over those one at a time) before
-  the first scan: at most ``MAX_HEADER_UNITS`` (a phone photo has 10-30; an ICC profile or extended XMP
-  split over 64 KiB segments adds a few dozen).
+* JPEG, before the first scan: markers, fill bytes, and stray bytes between segments (Pillow steps over those
+  one at a time; its markers without a length, EOI among them, do not end its walk), plus a unit per
+  component a frame header lists: at most ``MAX_HEADER_UNITS`` (a phone photo has 10-30; an ICC profile or
+  extended XMP split over 64 KiB segments adds a few dozen). EXIF (Pillow joins every ``Exif`` APP1 segment
+  and reads its resolution, fraction by fraction): at most ``MAX_EXIF_BYTES``, two full segments.
 * PNG: chunks other than the image data's (``IDAT``, and ``fcTL``/``fdAT`` of animation frames): at most
-  ``MAX_HEADER_UNITS``; chunks in all: at most :func:`unit_limit` of the file's size (libpng writes its
-  image data in 8 KiB chunks, Pillow in 64 KiB ones) plus ``FRAME_UNITS`` an animation frame.
-* GIF: blocks and data sub-blocks of the frames that ``images.probe`` reads (``max_frames + 1``): at most
-  :func:`unit_limit` plus ``FRAME_UNITS`` a frame (encoders write 255-byte sub-blocks; a tiny frame
-  and its control block are 6 blocks), stray bytes between blocks counted one by one as Pillow reads them.
-* TIFF (and BigTIFF): tags of one page at most ``MAX_HEADER_UNITS``; strips or tiles of a page no more than
-  its size needs (a 64x64 page listing a million strips cost 9.7 s: Pillow decodes the extra ones as
-  further layers); tags, pages, strips and tiles of the pages that ``images.probe`` reads
-  (``max_frames + 1``) at most ``MAX_TIFF_UNITS`` (a 7200x5500 RGB photo in libtiff's 8 KiB strips has 5,500).
+  ``MAX_HEADER_UNITS``, of which ``MAX_COMPRESSED_CHUNKS`` that Pillow inflates (``iCCP``, ``zTXt``,
+  ``iTXt``: up to 1 MiB each from 1 KiB); chunks in all: at most :func:`unit_limit` of the file's size
+  (libpng writes its image data in 8 KiB chunks, Pillow in 64 KiB ones) plus ``FRAME_UNITS`` a frame.
+* GIF: blocks, data sub-blocks and stray bytes between blocks, read as Pillow reads them, of the frames
+  that ``images.probe`` reads (``max_frames + 1``): at most :func:`unit_limit` plus ``FRAME_UNITS`` a frame
+  (encoders write 255-byte sub-blocks; a tiny frame and its control block are 6 blocks).
+* TIFF (and BigTIFF): its directories, by :mod:`inference.tiff_ifds`.
 
 The walk stops where the structure cannot be followed (cut off, corrupt, another format): Pillow then says
 what is wrong. WEBP (read by libwebp), BMP (one fixed header) and MPO's index (bounded by its segment) need
-no walk.
+no walk; their EXIF is read lazily, one tag (the orientation), never rewritten (``images``).
 """
 from __future__ import annotations
 
@@ -32,23 +33,21 @@ import re
 from struct import error as StructError
 from struct import unpack_from
 
-from inference.image_errors import ImageError
+from inference.image_errors import StructureError
+from inference.tiff_ifds import TIFF_MAGICS, check_tiff
 
-MAX_HEADER_UNITS = 1024   # JPEG markers before the scan, PNG chunks that are not image data, TIFF tags of a page
-MAX_TIFF_UNITS = 65_536   # tags, pages, strips and tiles of the TIFF pages read (1,000 pages of 20 tags: 21,000)
-TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: Pillow makes a tile of each value in Python, and decodes it
-# ImageWidth, ImageLength, SamplesPerPixel, RowsPerStrip, PlanarConfiguration, TileWidth, TileLength: the pieces
-# a page needs; read when they are one SHORT, LONG or LONG8 (BigTIFF), as every writer stores them
-TIFF_GEOMETRY, TIFF_INTEGERS = (256, 257, 277, 278, 284, 322, 323), {3: "H", 4: "I", 16: "Q"}
+MAX_HEADER_UNITS = 1024   # JPEG markers before the scan, PNG chunks that are not image data
+MAX_COMPRESSED_CHUNKS = 32  # PNG chunks that Pillow inflates, each up to 1 MiB (a real PNG has one iCCP, a few text)
+MAX_EXIF_BYTES = 2 * 65_527  # JPEG EXIF in all: two full APP1 segments (the standard fits it in one)
 FRAME_UNITS = 8            # the blocks or chunks a frame may add beyond its size's share (a 16x16 GIF frame: 6)
+JPEG_NO_LENGTH = {0x00, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # 00: an escaped 0xFF
+JPEG_FRAMES = {*range(0xC0, 0xD0), 0xDE} - {0xC4, 0xC8, 0xCC}  # SOF0-15 and DHP: a component list each
 PNG_DATA_CHUNKS = (b"IDAT", b"fcTL", b"fdAT")
+PNG_INFLATED = (b"iCCP", b"zTXt", b"iTXt")
 GIF_BLOCK = re.compile(rb"[;!,]")  # what starts a GIF block: Pillow skips any other byte
-PNG_MAGIC, GIF_MAGICS = b"\x89PNG\r\n\x1a\n", (b"GIF87a", b"GIF89a")
-TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+PNG_MAGIC, GIF_MAGICS, NETSCAPE = b"\x89PNG\r\n\x1a\n", (b"GIF87a", b"GIF89a"), b"NETSCAPE2.0"
 
-
-class StructureError(ImageError):
-    """More segments than any real image has: a 400 that names the count."""
+__all__ = ["StructureError", "check_structure", "unit_limit"]
 
 
 def unit_limit(size: int) -> int:
@@ -69,18 +68,13 @@ def check_structure(data: bytes | bytearray, *, max_frames: int) -> None:
         elif head[:6] in GIF_MAGICS:
             _gif(data, max_frames=max_frames + 1)
         elif head[:4] in TIFF_MAGICS:
-            _tiff(data, max_pages=max_frames + 1)
-    except (IndexError, StructError):  # cut off in the middle of a unit
+            check_tiff(data, max_pages=max_frames + 1)
+    except (IndexError, StructError, OverflowError):  # cut off in the middle of a unit, or an offset past any file
         return
 
 
-def _refuse(kind: str, what: str, limit: int, size: int) -> None:
-    raise StructureError(f"{kind} of {size} bytes with more than {limit} {what}: refused (real images have "
-                         "far fewer; reading them would hold the worker)")
-
-
 def _jpeg(data) -> None:
-    i, units, size = 2, 0, len(data)
+    i, units, exif, size = 2, 0, 0, len(data)
     while units <= MAX_HEADER_UNITS:
         if data[i] != 0xFF:  # bytes between segments: Pillow steps over them one at a time, so they count
             j = data.find(b"\xff", i)
@@ -91,30 +85,45 @@ def _jpeg(data) -> None:
             continue
         marker = data[i + 1]
         units += 1
-        if marker in (0xDA, 0xD9):  # the first scan (SOS), or the end (EOI)
+        if marker == 0xDA:  # the first scan: libjpeg reads the rest, in C
             return
         if marker == 0xFF:  # a fill byte
             i += 1
-        elif marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # an escaped 0xFF; markers without a length
+        elif marker in JPEG_NO_LENGTH:
             i += 2
+        elif marker < 0xC0:  # no marker Pillow knows: it stops with an error
+            return
         else:
-            i += 2 + unpack_from(">H", data, i + 2)[0]
+            length = unpack_from(">H", data, i + 2)[0]
+            if marker in JPEG_FRAMES:  # Pillow reads each component in Python (a real frame has 1, 3 or 4)
+                units += max(length - 8, 0) // 3
+            if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+                exif += length - 8
+                if exif > MAX_EXIF_BYTES:
+                    raise StructureError(f"JPEG of {size} bytes whose EXIF segments hold more than {MAX_EXIF_BYTES} "
+                                         "bytes: refused (EXIF fits one 64 KiB segment)")
+            i += 2 + length
     if units > MAX_HEADER_UNITS:
-        _refuse("JPEG", "markers and stray bytes before its image data", MAX_HEADER_UNITS, size)
+        raise StructureError.too_many("JPEG", "markers and stray bytes before its image data", MAX_HEADER_UNITS,
+                                      size)
 
 
 def _png(data, *, max_frames: int) -> None:
-    i, chunks, headers, limit = 8, 0, 0, unit_limit(len(data))
+    i, chunks, headers, inflated, limit = 8, 0, 0, 0, unit_limit(len(data))
     while True:
         length, kind = unpack_from(">I4s", data, i)
         chunks += 1
         if kind == b"fcTL" and max_frames > 0:  # an animation frame, as many as images.probe allows; the walk
             max_frames, limit = max_frames - 1, limit + FRAME_UNITS  # goes on: Pillow reads the rest of a still PNG
         headers += kind not in PNG_DATA_CHUNKS
+        inflated += kind in PNG_INFLATED
         if headers > MAX_HEADER_UNITS:
-            _refuse("PNG", "chunks besides its image data", MAX_HEADER_UNITS, len(data))
+            raise StructureError.too_many("PNG", "chunks besides its image data", MAX_HEADER_UNITS, len(data))
+        if inflated > MAX_COMPRESSED_CHUNKS:
+            raise StructureError.too_many("PNG", "compressed profile and text chunks", MAX_COMPRESSED_CHUNKS,
+                                          len(data))
         if chunks > limit:
-            _refuse("PNG", "chunks", limit, len(data))
+            raise StructureError.too_many("PNG", "chunks", limit, len(data))
         if kind == b"IEND":
             return
         i += 12 + length
@@ -122,69 +131,34 @@ def _png(data, *, max_frames: int) -> None:
 
 def _gif(data, *, max_frames: int) -> None:
     flags = data[10]
-    i, units, limit = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0, unit_limit(len(data))
+    i, units, limit, frames = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0, unit_limit(len(data)), 0
     while data[i] != 0x3B:  # the trailer
-        if data[i] == 0x21:  # an extension: introducer and label, then its sub-blocks
-            i += 2
+        if data[i] == 0x21:  # an extension: as Pillow reads it, a first sub-block, then sub-blocks up to an empty one
+            label, i, units = data[i + 1], i + 2, units + 1
+            first = data[i]
+            i, units = i + 1 + first, units + 1
+            if label == 0xFE and not first:  # a comment ends at its first empty sub-block; any other extension
+                continue                     # goes on to the next empty one, after one more for NETSCAPE2.0
+            if label == 0xFF and not frames and bytes(data[i - first:i - first + 11 * (first >= 11)]) == NETSCAPE:
+                i, units = i + 1 + data[i], units + 1
         elif data[i] == 0x2C:  # an image: descriptor, local colour table, LZW code size, then its sub-blocks
-            if max_frames <= 0:  # as far as images.probe counts frames (it refuses more)
+            if frames >= max_frames:  # as far as images.probe counts frames (it refuses more)
                 return
-            max_frames, limit = max_frames - 1, limit + FRAME_UNITS
-            flags = data[i + 9]
-            i += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            frames, limit, flags = frames + 1, limit + FRAME_UNITS, data[i + 9]
+            i, units = i + 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), units + 1
         else:  # bytes between blocks: Pillow steps over them one at a time, so they count
             block = GIF_BLOCK.search(data, i)
             units += (block.start() if block else len(data)) - i
             if units > limit:
-                _refuse("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
+                raise StructureError.too_many("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
             if not block:
                 return
             i = block.start()
             continue
-        units += 1
         while True:
             size = data[i]
-            i += 1 + size
-            units += 1
+            i, units = i + 1 + size, units + 1
             if units > limit:
-                _refuse("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
+                raise StructureError.too_many("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
             if not size:
                 break
-
-
-def _tiff(data, *, max_pages: int) -> None:
-    order = "<" if data[0] == 0x49 else ">"
-    big = data[2 if order == "<" else 3] == 0x2B
-    count_fmt, offset_fmt, entry = (order + "Q", order + "Q", 20) if big else (order + "H", order + "I", 12)
-    entry_fmt, width = (order + "HHQ", 8) if big else (order + "HHI", 2)  # an entry: tag, type, count of values
-    offset = unpack_from(offset_fmt, data, 8 if big else 4)[0]
-    seen, units = set(), 0
-    while offset and offset not in seen and len(seen) < max_pages:
-        seen.add(offset)
-        tags = unpack_from(count_fmt, data, offset)[0]
-        if tags > MAX_HEADER_UNITS:
-            _refuse("TIFF", "tags in one page", MAX_HEADER_UNITS, len(data))
-        page, pieces = {}, 0
-        for k in range(tags):
-            at = offset + width + k * entry
-            tag, kind, values = unpack_from(entry_fmt, data, at)
-            if tag in TIFF_PIECES:
-                pieces += values
-            elif tag in TIFF_GEOMETRY and values == 1 and kind in TIFF_INTEGERS:
-                page[tag] = unpack_from(order + TIFF_INTEGERS[kind], data, at + (12 if big else 8))[0]
-        if pieces > _tiff_pieces(page):  # Pillow wraps the extra ones into layers and decodes every one
-            raise StructureError(f"TIFF of {len(data)} bytes listing {pieces} strips or tiles where its "
-                                 f"{page.get(256, 1)}x{page.get(257, 1)} page needs {_tiff_pieces(page)}: refused")
-        units += tags + 1 + pieces
-        if units > MAX_TIFF_UNITS:
-            _refuse("TIFF", "tags, pages, strips and tiles", MAX_TIFF_UNITS, len(data))
-        offset = unpack_from(offset_fmt, data, offset + width + tags * entry)[0]
-
-
-def _tiff_pieces(page: dict[int, int]) -> int:
-    """The strips or tiles a page's geometry needs: planes x (tiles across x down, or strips down)."""
-    columns, rows = page.get(256, 1), page.get(257, 1)
-    planes = page.get(277, 1) if page.get(284, 1) == 2 else 1
-    if 322 in page and 323 in page:  # tiled
-        return planes * -(-columns // max(page[322], 1)) * -(-rows // max(page[323], 1))
-    return planes * -(-rows // max(min(page.get(278, rows), rows), 1))

@@ -23,3 +23,13 @@ class PreprocessError(ImageError):
 
     status = 500
     error = "preprocess failed"
+
+
+class StructureError(ImageError):
+    """More segments than any real image has (``inference.containers``, ``inference.tiff_ifds``): a 400 that
+    names the count."""
+
+    @classmethod
+    def too_many(cls, kind: str, what: str, limit: int, size: int) -> "StructureError":
+        return cls(f"{kind} of {size} bytes with more than {limit} {what}: refused (real images have far fewer; "
+                   "reading them would hold the worker)")

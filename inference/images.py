@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from inference.containers import check_structure
@@ -32,6 +32,7 @@ from inference.jpeg import (  # noqa: F401  (batch_jpeg_decoder and jpeg_scale: 
     exif_orient,
     jpeg_scale,
     orientation_of,
+    upright,
 )
 from inference.transforms import transform_by_shape
 
@@ -153,8 +154,7 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
     """Few copies alive at once: the orientation applied in place, each converted image replacing the one
     before, the pixels' bytes copied once into the tensor's own buffer (a 6000x6000 RGBA PNG of 627 KB:
     peak RSS +618 MB with a copy kept at every step, +343 MB so)."""
-    im = Image.open(io.BytesIO(data))  # a file in memory: nothing to close
-    ImageOps.exif_transpose(im, in_place=True)
+    im = upright(Image.open(io.BytesIO(data)))  # a file in memory: nothing to close
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         im = im.point(lambda v: v / 256).convert("L")
     if im.mode != "RGB":

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin
 
-from inference.containers import MAX_HEADER_UNITS, MAX_TIFF_UNITS, StructureError, check_structure, unit_limit
+from inference.containers import (
+    MAX_COMPRESSED_CHUNKS,
+    MAX_EXIF_BYTES,
+    MAX_HEADER_UNITS,
+    StructureError,
+    check_structure,
+    unit_limit,
+)
 from inference.images import ImageError, decode_rgb, probe
+from inference.tiff_ifds import MAX_COLOURS, MAX_FRACTIONS, MAX_PAGE_PIECES, MAX_TAGS, MAX_TIFF_TAGS
 from tests.conftest import pattern_image
 from tools.photos import phone_photo
 
@@ -75,10 +83,11 @@ def _tiff_tags(n: int, **kwargs) -> bytes:
 
 
 def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1, planar: bool = False,
-                  extra: int = 0) -> bytes:
+                  extra: int = 0, more_tags: tuple = ()) -> bytes:
     """An uncompressed TIFF page of ``pixels`` (H x W x C uint8), written by hand as Pillow cannot: in
     ``tile`` x ``tile`` tiles or ``rows``-row strips, chunky or planar (one plane after another), listing
-    ``extra`` further pieces (copies of the last offset) beyond what the page needs."""
+    ``extra`` further pieces (copies of the last offset) beyond what the page needs, and ``more_tags``
+    ((tag, type, count, value) entries) after the sorted ones."""
     height, width, channels = pixels.shape
     planes = [pixels[..., c:c + 1] for c in range(channels)] if planar else [pixels]
     pieces = []
@@ -106,7 +115,7 @@ def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1,
         tags += [(273, 4, n, arrays), (278, 3, 1, rows), (279, 4, n, arrays + 4 * n)]
     if channels == 3:  # BitsPerSample: three values, stored after the arrays
         tags[2] = (258, 3, 3, arrays + 8 * n)
-    tags.sort()
+    tags = sorted(tags) + list(more_tags)
     ifd = arrays + 8 * n + 8
     return (b"II*\x00" + struct.pack("<I", ifd) + body + struct.pack(f"<{n}I", *offsets)
             + struct.pack(f"<{n}I", *counts) + struct.pack("<4H", 8, 8, 8, 0) + struct.pack("<H", len(tags))
@@ -136,6 +145,56 @@ def test_tiled_and_planar_tiffs_pass_and_one_piece_too_many_is_refused(name):
         check_structure(_tiff_by_hand(RGB, **HAND_TIFFS[name], extra=1), max_frames=FRAMES)
 
 
+def _exif_of(size: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010E] = 6, "x" * size  # turned, and a long ImageDescription
+    return exif.tobytes()
+
+
+def _texts(n: int):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k in range(n):
+        info.add_text(f"key{k}", "some words " * 100, zip=True)
+    return info
+
+
+def _jpeg_after_soi(units: bytes) -> bytes:
+    jpeg = _save(_photo(), "JPEG")
+    return jpeg[:2] + units + jpeg[2:]
+
+
+def _tiff_fractions(n: int) -> bytes:
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd.tagtype[50000] = 5  # RATIONAL
+    ifd[50000] = tuple(TiffImagePlugin.IFDRational(k + 1, 3) for k in range(n))
+    return _save(_photo(), "TIFF", tiffinfo=ifd)
+
+
+def _tiff_exif(tags: int, *, orientation: int = 1) -> bytes:
+    """A TIFF whose EXIF directory (a sub-directory of the page's) holds ``tags`` tags, a camera's fractions
+    among them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    sub = exif.get_ifd(0x8769)
+    sub[0x829A] = TiffImagePlugin.IFDRational(1, 125)  # ExposureTime
+    sub[0x829D] = TiffImagePlugin.IFDRational(18, 10)  # FNumber
+    for k in range(tags - 2):
+        sub[40000 + k] = k
+    exif[0x8769] = sub
+    return _save(_photo(), "TIFF", exif=exif)
+
+
+def _gif_out_of_phase(k: int = 16384) -> bytes:
+    """An extension whose first sub-block is empty: Pillow reads on to the next empty one, through 2-byte
+    sub-blocks (01 FF), where a walk that ended the extension there sees 256-byte ones, a byte out of phase."""
+    end = 3 + 256 * k + 1
+    body = bytearray(end + 1)
+    body[0:3] = b"\x03\x21\x01"
+    body[3:end - 1] = b"\xff\x01" * ((end - 4) // 2) + b"\xff" * ((end - 4) % 2)
+    return _gif_with(_save(_photo(), "GIF"), b"\x21\x01\x00" + bytes(body))
+
+
 def _frames(n: int) -> list[Image.Image]:
     return [Image.new("RGB", (16, 16), (i % 256, i * 7 % 256, 90)) for i in range(n)]
 
@@ -163,8 +222,8 @@ LEGITIMATE = {
     "phone photo (12 MP, EXIF)": lambda: phone_photo(_photo(200), noise=0.0, sideways=True),
     "JPEG, 1 MB ICC profile (16 APP2 segments)": lambda: _save(_photo(), "JPEG", icc_profile=bytes(2**20)),
     "progressive JPEG": lambda: _save(_photo(), "JPEG", progressive=True, quality=90),
-    f"JPEG, {MAX_HEADER_UNITS - 10} COM markers": lambda: _jpeg_with(_save(_photo(), "JPEG"),
-                                                                   b"\xff\xfe\x00\x02" * (MAX_HEADER_UNITS - 10)),
+    f"JPEG, {MAX_HEADER_UNITS - 20} COM markers": lambda: _jpeg_with(_save(_photo(), "JPEG"),  # + its own ~15
+                                                                   b"\xff\xfe\x00\x02" * (MAX_HEADER_UNITS - 20)),
     f"PNG, {MAX_HEADER_UNITS - 10} text chunks": lambda: _png_with(
         _save(_photo(), "PNG"), _png_chunk(b"tEXt", b"k\x00v") * (MAX_HEADER_UNITS - 10), before=b"IDAT"),
     "PNG, image data in 1-byte chunks": lambda: _png_in_small_chunks(),
@@ -173,9 +232,16 @@ LEGITIMATE = {
     f"GIF, {FRAMES} frames": lambda: _save(_frames(FRAMES)[0], "GIF", save_all=True,
                                           append_images=_frames(FRAMES)[1:]),
     "TIFF, 999 pages": lambda: _save(_frames(999)[0], "TIFF", save_all=True, append_images=_frames(999)[1:]),
-    f"TIFF, {MAX_HEADER_UNITS - 20} tags": lambda: _tiff_tags(MAX_HEADER_UNITS - 20),
+    f"TIFF, {MAX_TAGS - 20} tags": lambda: _tiff_tags(MAX_TAGS - 20),
     "BigTIFF": lambda: _save(_photo(), "TIFF", big_tiff=True),
     "TIFF, 64 one-row strips": lambda: _tiff_strips(64),
+    "TIFF, a camera's EXIF directory, turned": lambda: _tiff_exif(40, orientation=6),
+    "TIFF, 999 fax pages in 30 strips each": lambda: _save(
+        Image.new("1", (200, 300), 1), "TIFF", save_all=True, compression="group4", strip_size=256,
+        append_images=[Image.new("1", (200, 300), k % 2) for k in range(998)]),
+    "JPEG, 60 KB of EXIF": lambda: _save(_photo(), "JPEG", exif=_exif_of(60_000)),
+    "PNG, an ICC profile and 10 compressed texts": lambda: _save(
+        _photo(), "PNG", icc_profile=bytes(100_000), pnginfo=_texts(10)),
     "TIFF, 7200x5500 RGB in libtiff's 8 KiB strips": lambda: _save(
         Image.new("RGB", (7200, 5500), (9, 80, 200)), "TIFF", compression="tiff_deflate", strip_size=8192),
 }
@@ -216,8 +282,28 @@ HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units
     "TIFF, a million strips of a 64x64 image": (lambda: _tiff_strips(10**6),
                                                 "1000000 strips or tiles where its 64x64 page needs 64"),
     "TIFF, 65 one-row strips of a 64x64 image": (lambda: _tiff_strips(65), "65 strips or tiles where"),
-    "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_HEADER_UNITS} tags in one page"),
-    "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one page"),
+    "JPEG, end of image, then empty COM markers": (  # Pillow reads on past EOI
+        lambda: _jpeg_after_soi(b"\xff\xd9" + b"\xff\xfe\x00\x02" * 2**20), "markers and stray bytes"),
+    "JPEG, JPG0 markers (no length)": (lambda: _jpeg_after_soi(b"\xff\xf0" * 2**21), "markers and stray bytes"),
+    "JPEG, frame headers of 21,842 components": (lambda: _jpeg_after_soi(
+        (b"\xff\xc0" + struct.pack(">HBHHB", 65534, 8, 64, 64, 0) + bytes(65526)) * 64), "markers and stray bytes"),
+    "JPEG, EXIF over three APP1 segments": (lambda: _jpeg_after_soi(
+        (b"\xff\xe1" + struct.pack(">H", 65535) + b"Exif\x00\x00" + bytes(65527)) * 3),
+        f"more than {MAX_EXIF_BYTES}"),
+    "PNG, 100 ICC profiles inflating to 1 MiB each": (lambda: _png_with(
+        _save(_photo(), "PNG"), _png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(2**20), 9)) * 100,
+        before=b"IDAT"), f"more than {MAX_COMPRESSED_CHUNKS} compressed"),
+    "GIF, an extension's empty first sub-block": (_gif_out_of_phase, "blocks, sub-blocks"),
+    "TIFF, 2,000 fractions in a tag": (lambda: _tiff_fractions(2000), f"more than {MAX_FRACTIONS} fractions"),
+    "TIFF, an EXIF directory of 2,000 tags": (lambda: _tiff_exif(2000), f"more than {MAX_TAGS} tags in one directory"),
+    "TIFF, a second ImageLength hiding 60,000 strips": (lambda: _tiff_by_hand(
+        np.zeros((64, 64, 1), np.uint8), extra=59936, more_tags=[(257, 4, 1, 60000)]), "where its 64x64 page needs 64"),
+    "TIFF, a colour map of 1.5 million values": (lambda: _tiff_by_hand(
+        np.zeros((64, 64, 1), np.uint8), more_tags=[(320, 3, 1_500_000, 8)]), f"more than {MAX_COLOURS} colour map"),
+    "TIFF, 1x1 tiles": (lambda: _tiff_by_hand(np.zeros((256, 255, 1), np.uint8), tile=1),
+                        f"more than {MAX_PAGE_PIECES} strips or tiles in one page"),
+    "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_TAGS} tags in one directory"),
+    "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one directory"),
 }
 
 
@@ -246,16 +332,18 @@ def test_animations_of_too_many_tiny_frames_are_refused_for_their_frames(fmt):
 
 
 def test_a_tiff_of_more_tags_than_its_pages_may_hold_in_all_is_refused():
-    """Pages of 1,000 tags each pass one by one; their sum over the pages read is bounded too."""
-    tags = [(50000 + k, 3, 1, 0) for k in range(MAX_HEADER_UNITS - 24)]
-    pages = MAX_TIFF_UNITS // len(tags) + 2
+    """Pages of 1,000 tags each pass one by one; their sum over the pages read is bounded too (by the file's
+    size: 12 bytes a tag, one tag per 64 bytes allowed beyond MAX_TIFF_TAGS)."""
+    tags = [(50000 + k, 3, 1, 0) for k in range(MAX_TAGS - 24)]
+    pages = 12
     out = bytearray(b"II*\x00" + struct.pack("<I", 8))
     for page in range(pages):
         ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI4s", t, k, n, bytes(4)) for t, k, n, _ in tags)
         out += ifd + struct.pack("<I", len(out) + len(ifd) + 4 if page < pages - 1 else 0)
-    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_UNITS} tags, pages"):
+    assert pages * len(tags) > MAX_TIFF_TAGS + len(out) // 64 > 8 * len(tags)
+    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_TAGS + len(out) // 64} tags in its pages"):
         check_structure(bytes(out), max_frames=FRAMES)
-    check_structure(bytes(out), max_frames=MAX_TIFF_UNITS // len(tags) - 1)  # fewer pages read: within it
+    check_structure(bytes(out), max_frames=7)  # 8 pages read: within it
 
 
 def test_the_unit_limit_grows_with_the_file():

@@ -81,3 +81,26 @@ def test_a_jpeg_without_or_with_a_broken_orientation_is_upright_as_stored():
     Image.new("RGB", (8, 6), (10, 20, 30)).save(buf, format="JPEG")
     assert probe(buf.getvalue()).orientation == 1
     assert probe(photo(1)).orientation == 1 and probe(photo(9)).orientation == 1  # 9: no such orientation
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_other_formats_are_turned_as_exif_transpose_does_without_rewriting_their_exif(fmt, orientation,
+                                                                                     monkeypatch):
+    """PNG (eXIf), WEBP and TIFF go through Pillow: ``upright`` turns them as exif_transpose does, but never
+    rewrites the EXIF block (exif_transpose's Exif.tobytes, value by value in Python: 5.5 s for a PNG whose
+    4 MiB EXIF held 524,288 fractions)."""
+    image = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        reference = torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()).permute(2, 0, 1)
+
+    def no_rewrite(self, *args, **kwargs):
+        raise AssertionError("the EXIF block was rewritten")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", no_rewrite)
+    assert torch.equal(decode_rgb(data), reference)

@@ -84,7 +84,9 @@ def test_files_of_countless_tiny_segments_are_refused_in_milliseconds_while_a_ne
     from tests.inference.test_containers import HOSTILE
     url = f"{server.url}/predictions/shapes"
     cases = ["JPEG, empty COM markers", "PNG, empty chunks before the image", "PNG, empty chunks after the image",
-             "GIF, 1-byte sub-blocks", "TIFF, one page of many tags", "TIFF, a million strips of a 64x64 image"]
+             "GIF, 1-byte sub-blocks", "TIFF, one page of many tags", "TIFF, a million strips of a 64x64 image",
+             "JPEG, end of image, then empty COM markers", "PNG, 100 ICC profiles inflating to 1 MiB each",
+             "TIFF, 2,000 fractions in a tag"]
     for name in cases:
         data = HOSTILE[name][0]()
         with ThreadPoolExecutor(2) as pool:  # sent together: one batch
