@@ -42,6 +42,9 @@ MAX_EXIF_BYTES = 2 * 65_527  # JPEG EXIF in all: two full APP1 segments (the sta
 FRAME_UNITS = 8            # the blocks or chunks a frame may add beyond its size's share (a 16x16 GIF frame: 6)
 JPEG_NO_LENGTH = {0x00, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # 00: an escaped 0xFF
 JPEG_FRAMES = {*range(0xC0, 0xD0), 0xDE} - {0xC4, 0xC8, 0xCC}  # SOF0-15 and DHP: a component list each
+JPEG_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker in entropy-coded data
+MAX_SCANS = 64             # a progressive JPEG's scans (libjpeg's own scripts write 10; mozjpeg's about as many)
 PNG_DATA_CHUNKS = (b"IDAT", b"fcTL", b"fdAT")
 PNG_INFLATED = (b"iCCP", b"zTXt", b"iTXt")
 GIF_BLOCK = re.compile(rb"[;!,]")  # what starts a GIF block: Pillow skips any other byte
@@ -50,10 +53,10 @@ PNG_MAGIC, GIF_MAGICS, NETSCAPE = b"\x89PNG\r\n\x1a\n", (b"GIF87a", b"GIF89a"), 
 __all__ = ["StructureError", "check_structure", "unit_limit"]
 
 
-def unit_limit(size: int) -> int:
-    """PNG chunks or GIF blocks in a file of ``size`` bytes: 4,096 plus one per 128 bytes, twice what
+def unit_limit(size: int, *, per: int = 128) -> int:
+    """PNG chunks or GIF blocks in a file of ``size`` bytes: 4,096 plus one per 128 bytes (GIF: 64), twice what
     the smallest data segments that encoders write (255-byte GIF sub-blocks) need."""
-    return 4096 + size // 128
+    return 4096 + size // per
 
 
 def check_structure(data: bytes | bytearray, *, max_frames: int) -> None:
@@ -69,12 +72,14 @@ def check_structure(data: bytes | bytearray, *, max_frames: int) -> None:
             _gif(data, max_frames=max_frames + 1)
         elif head[:4] in TIFF_MAGICS:
             check_tiff(data, max_pages=max_frames + 1)
+        elif head[:4] == b"RIFF" and bytes(data[8:12]) == b"WEBP":
+            _webp(data)
     except (IndexError, StructError, OverflowError):  # cut off in the middle of a unit, or an offset past any file
         return
 
 
 def _jpeg(data) -> None:
-    i, units, exif, size = 2, 0, 0, len(data)
+    i, units, exif, size, progressive = 2, 0, 0, len(data), False
     while units <= MAX_HEADER_UNITS:
         if data[i] != 0xFF:  # bytes between segments: Pillow steps over them one at a time, so they count
             j = data.find(b"\xff", i)
@@ -85,7 +90,9 @@ def _jpeg(data) -> None:
             continue
         marker = data[i + 1]
         units += 1
-        if marker == 0xDA:  # the first scan: libjpeg reads the rest, in C
+        if marker == 0xDA:  # the first scan: libjpeg reads the rest, in C, but each scan of a progressive
+            if progressive:  # JPEG goes over every block of the image (1,000 empty scans of 4096x4096: 2.2 s)
+                _scans(data, i)
             return
         if marker == 0xFF:  # a fill byte
             i += 1
@@ -97,6 +104,9 @@ def _jpeg(data) -> None:
             length = unpack_from(">H", data, i + 2)[0]
             if marker in JPEG_FRAMES:  # Pillow reads each component in Python (a real frame has 1, 3 or 4)
                 units += max(length - 8, 0) // 3
+                progressive = progressive or marker in JPEG_PROGRESSIVE
+            if marker == 0xE2 and data[i + 4:i + 8] == b"MPF\x00":  # a multi-picture index: TIFF-structured
+                _exif(bytes(data[i + 8:i + 2 + length]), "JPEG's multi-picture index", size)
             if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
                 exif += length - 8
                 if exif > MAX_EXIF_BYTES:
@@ -106,6 +116,35 @@ def _jpeg(data) -> None:
     if units > MAX_HEADER_UNITS:
         raise StructureError.too_many("JPEG", "markers and stray bytes before its image data", MAX_HEADER_UNITS,
                                       size)
+
+
+def _scans(data, i: int) -> None:
+    """Count the scans of a progressive JPEG from its first, at ``i``: markers found at C speed past the
+    entropy-coded bytes (0xFF 0x00 is a stuffed byte, 0xFF 0xD0-D7 a restart)."""
+    scans, size = 0, len(data)
+    while True:
+        if data[i + 1] == 0xDA:
+            scans += 1
+            if scans > MAX_SCANS:
+                raise StructureError.too_many("progressive JPEG", "scans", MAX_SCANS, size)
+        if data[i + 1] == 0xD9:
+            return
+        i += 2 if data[i + 1] in JPEG_NO_LENGTH else 2 + unpack_from(">H", data, i + 2)[0]  # a header, a table
+        found = JPEG_MARKER.search(data, i)
+        if found is None:
+            return
+        i = found.start()
+
+
+def _exif(block: bytes, where: str, size: int) -> None:
+    """An EXIF block (TIFF-structured) read as Pillow reads EXIF, by :func:`inference.tiff_ifds.check_tiff`."""
+    if block[:4] in TIFF_MAGICS:
+        try:
+            check_tiff(block, max_pages=2)  # the first directory and the thumbnail's
+        except StructureError as e:
+            raise StructureError(f"{where}, in a file of {size} bytes: {e}") from None
+        except (IndexError, StructError, OverflowError):
+            return
 
 
 def _png(data, *, max_frames: int) -> None:
@@ -126,12 +165,15 @@ def _png(data, *, max_frames: int) -> None:
             raise StructureError.too_many("PNG", "chunks", limit, len(data))
         if kind == b"IEND":
             return
+        if kind == b"eXIf":
+            _exif(bytes(data[i + 8:i + 8 + length]), "PNG's EXIF chunk", len(data))
         i += 12 + length
 
 
 def _gif(data, *, max_frames: int) -> None:
     flags = data[10]
-    i, units, limit, frames = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0, unit_limit(len(data)), 0
+    i, units, frames = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0), 0, 0
+    limit = unit_limit(len(data), per=64)  # XMP in an application extension is read as sub-blocks: ~1 per 80 bytes
     while data[i] != 0x3B:  # the trailer
         if data[i] == 0x21:  # an extension: as Pillow reads it, a first sub-block, then sub-blocks up to an empty one
             label, i, units = data[i + 1], i + 2, units + 1
@@ -162,3 +204,17 @@ def _gif(data, *, max_frames: int) -> None:
                 raise StructureError.too_many("GIF", "blocks, sub-blocks and stray bytes", limit, len(data))
             if not size:
                 break
+
+
+def _webp(data) -> None:
+    """libwebp reads a WEBP in C; Pillow reads its EXIF chunk (after the image data, so every chunk is walked)."""
+    i, chunks, limit = 12, 0, unit_limit(len(data))
+    while i + 8 <= len(data):
+        kind, length = unpack_from("<4sI", data, i)
+        chunks += 1
+        if chunks > limit:
+            raise StructureError.too_many("WEBP", "chunks", limit, len(data))
+        if kind == b"EXIF":
+            _exif(bytes(data[i + 8:i + 8 + length]).removeprefix(b"Exif\x00\x00"), "WEBP's EXIF chunk",
+                  len(data))
+        i += 8 + length + (length & 1)

@@ -45,7 +45,7 @@ def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
 
 def decode_jpeg_reduced(data: bytes | bytearray, scale: int) -> torch.Tensor:
     """The JPEG decoded at 1/``scale`` in the DCT domain, EXIF orientation applied (Pillow's ``draft``)."""
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=JPEG_FORMATS) as im:
         width, height = im.size
         im.draft("RGB", (width // scale, height // scale))  # libjpeg picks 1/scale: each side ceil(side / scale)
         rgb = upright(im).convert("RGB")

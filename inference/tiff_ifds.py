@@ -10,121 +10,154 @@ there, else tiles), and refuses with a 400 that names the count:
 
 * a directory of more than ``MAX_TAGS`` tags or ``MAX_FRACTIONS`` fractions (a camera's EXIF has a few
   dozen of each);
-* more than ``MAX_TIFF_TAGS`` tags plus one per 64 bytes of the file in all, over the pages that
-  ``images.probe`` reads (``max_frames + 1``) and their EXIF, GPS and Interoperability directories (a
-  950-page fax of 1.5 MB: 8,550); a colour map of more than ``MAX_COLOURS`` values;
+* more than ``MAX_TIFF_TAGS`` tags plus ``PAGE_TAGS`` a page and one per 256 bytes of the file in all, over
+  the pages that ``images.probe`` reads (``max_frames + 1``) and their EXIF, GPS and Interoperability
+  directories (a 1,000-page fax of 1.1 MB: 16,000); a colour map of more than ``MAX_COLOURS`` values, or
+  more than ``MAX_FEW_VALUES`` in a per-sample tag;
 * an uncompressed page listing more strips or tiles than its size needs, or more than ``MAX_PAGE_PIECES``
-  (a 40 MP photo in one-row strips has at most 28,284), and more than 4,096 plus one per 16 bytes of the
-  file over the pages read. Compressed pages are cut by libtiff, in C: their strips cost no Python.
+  (a 40 MP photo in one-row strips has at most 28,284), more than 4,096 plus one per 16 bytes of the file
+  over the pages read, or pages whose pixels add up to more bytes than the file has (strips that share
+  bytes). Compressed pages are cut by libtiff, in C: their strips cost no Python.
+
+A directory cut off by the end of the file counts with the entries it holds (Pillow keeps them); one the
+file cannot hold at all, or an EXIF or GPS pointer past its end, is skipped, as Pillow skips it.
 """
 from __future__ import annotations
 
+from struct import error as StructError
 from struct import unpack_from
 
 from inference.image_errors import StructureError
 
-TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_MAGICS = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # Pillow's PREFIXES
 MAX_TAGS = 1024            # tags of one directory
 MAX_FRACTIONS = 1024       # values of RATIONAL and SRATIONAL tags in one directory
-MAX_TIFF_TAGS = 8192       # tags of every directory read, plus one per 64 bytes of the file
+MAX_TIFF_TAGS = 8192       # tags of every directory read, plus PAGE_TAGS a page and one per 256 bytes of the file
+PAGE_TAGS = 24             # what a page of a real multi-page file has (a fax: 9-16)
 MAX_COLOURS = 3 * 256      # ColorMap values: Pillow reads TIFF palettes of 8 bits at most, each value in Python
 MAX_PAGE_PIECES = 32_768   # strips or tiles of one uncompressed page
 SUB_DIRECTORIES = (34665, 34853, 40965)  # EXIF, GPS, Interoperability (inside EXIF)
 FRACTIONS = (5, 10)
 INTEGERS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # SHORT, LONG, IFD, LONG8, IFD8: a size, an offset
+INTEGER_SIZES = {3: 2, 4: 4, 13: 4, 16: 8, 18: 8}
+FEW_VALUES = (258, 338, 339, 530)  # BitsPerSample, ExtraSamples, SampleFormat, YCbCrSubSampling: Pillow converts
+MAX_FEW_VALUES = 64                # each value in Python; a sample or two each is what real pages have
+COUNTS = -1                        # a directory's entry for the largest count of each tag
 # ImageWidth, ImageLength, Compression, SamplesPerPixel, RowsPerStrip, StripOffsets, PlanarConfiguration,
-# TileWidth, TileLength, TileOffsets, ColorMap
-WIDTH, LENGTH, COMPRESSION, SAMPLES, ROWS, STRIPS, PLANAR, TILE_WIDTH, TILE_LENGTH, TILES, COLORMAP = (
-    256, 257, 259, 277, 278, 273, 284, 322, 323, 324, 320)
+# TileWidth, TileLength, TileOffsets, ColorMap, BitsPerSample
+WIDTH, LENGTH, COMPRESSION, SAMPLES, ROWS, STRIPS, PLANAR, TILE_WIDTH, TILE_LENGTH, TILES, COLORMAP, BITS = (
+    256, 257, 259, 277, 278, 273, 284, 322, 323, 324, 320, 258)
 
 
 class _Layout:
-    """Where a classic or a BigTIFF file keeps a directory's count, entries and next-directory offset."""
+    """Where a classic or a BigTIFF file keeps a directory's count, entries and next-directory offset, read as
+    Pillow reads them: the byte order from the first byte, BigTIFF when the third is 43 (so ``MM\\x00+`` is
+    read as a classic file)."""
 
     def __init__(self, data) -> None:
         self.order = order = "<" if data[0] == 0x49 else ">"
-        self.big = data[2 if order == "<" else 3] == 0x2B
+        self.big = data[2] == 0x2B
         self.count, self.entry, self.offset = (order + "Q", order + "HHQ", order + "Q") if self.big else (
             order + "H", order + "HHI", order + "I")
-        self.count_size, self.entry_size, self.value_at = (8, 20, 12) if self.big else (2, 12, 8)
+        self.count_size, self.entry_size, self.value_at, self.inline = (8, 20, 12, 8) if self.big else (2, 12, 8, 4)
 
 
 def check_tiff(data, *, max_pages: int) -> None:
     """Raise :class:`StructureError` past the bounds of the module docstring (``IndexError``, ``struct.error``
-    or ``OverflowError`` where the structure is cut off or points past any file: the caller stops there)."""
+    or ``OverflowError`` where the header itself is cut off: the caller stops there)."""
     layout, size = _Layout(data), len(data)
     offset = unpack_from(layout.offset, data, 8 if layout.big else 4)[0]
-    seen: set[int] = set()
-    tags = pieces = pages = 0
-    while offset and offset not in seen and pages < max_pages:
-        pages += 1
-        entries, count, offset_next = _directory(data, offset, layout, seen)
-        tags += count
-        for tag in SUB_DIRECTORIES[:2]:  # EXIF (with its Interoperability directory) and GPS
-            for sub in _sub_directories(data, entries, tag, layout, seen):
-                tags += sub
-        if tags > MAX_TIFF_TAGS + size // 64:
-            raise StructureError.too_many("TIFF", "tags in its pages and their EXIF", MAX_TIFF_TAGS + size // 64, size)
-        pieces += _page_pieces(data, entries, layout)
+    pages_seen: set[int] = set()  # Pillow's own loop check: pages only (an EXIF directory may also be a page)
+    tags = pieces = raw = 0
+    while offset and offset not in pages_seen and len(pages_seen) < max_pages:
+        pages_seen.add(offset)
+        entries, count, offset_next = _directory(data, offset, layout)
+        tags += count + sum(_sub_directories(data, entries, layout))
+        if tags > (limit := MAX_TIFF_TAGS + PAGE_TAGS * len(pages_seen) + size // 256):
+            raise StructureError.too_many("TIFF", "tags in its pages and their EXIF", limit, size)
+        listed, pixel_bytes = _page_pieces(data, entries, layout)
+        pieces, raw = pieces + listed, raw + pixel_bytes
         if pieces > 4096 + size // 16:
             raise StructureError.too_many("TIFF", "strips and tiles in its pages", 4096 + size // 16, size)
+        if raw > size:  # uncompressed pixels are in the file, once: strips that share bytes are decoded each
+            raise StructureError(f"TIFF of {size} bytes whose uncompressed pages need {raw} bytes of pixels: refused "
+                                 "(strips or tiles overlap)")
         offset = offset_next
 
 
-def _directory(data, offset: int, layout: _Layout, seen: set[int]) -> tuple[dict, int, int]:
-    """One directory: ``{tag: (type, count, where its value is)}`` (the first of duplicates, as Pillow keeps),
-    its number of tags, and the next directory's offset."""
-    seen.add(offset)
+def _directory(data, offset: int, layout: _Layout) -> tuple[dict, int, int]:
+    """One directory, as much of it as the file holds (Pillow keeps the tags of a cut-off one): ``{tag: (type,
+    count, where its value is)}`` of each tag's first entry, and under ``COUNTS`` each tag's largest count (Pillow
+    skips an entry it cannot read for a later one), its number of tags, and the next directory's offset (0 when
+    cut off)."""
     count = unpack_from(layout.count, data, offset)[0]
     if count > MAX_TAGS:
         raise StructureError.too_many("TIFF", "tags in one directory", MAX_TAGS, len(data))
-    entries, fractions, first = {}, 0, offset + layout.count_size
-    for k in range(count):
+    first = offset + layout.count_size
+    held = min(count, max(len(data) - first, 0) // layout.entry_size)
+    entries, counts, fractions = {}, {}, 0
+    for k in range(held):
         at = first + k * layout.entry_size
         tag, kind, values = unpack_from(layout.entry, data, at)
-        if tag not in entries:
-            entries[tag] = (kind, values, at + layout.value_at)
-            fractions += values if kind in FRACTIONS else 0
-    if entries.get(COLORMAP, (0, 0))[1] > MAX_COLOURS:
+        fractions += values if kind in FRACTIONS else 0
+        entries.setdefault(tag, (kind, values, at + layout.value_at))
+        counts[tag] = max(counts.get(tag, 0), values)
+    entries[COUNTS] = counts
+    if max((counts.get(tag, 0) for tag in FEW_VALUES), default=0) > MAX_FEW_VALUES:
+        raise StructureError.too_many("TIFF", "values in a per-sample tag", MAX_FEW_VALUES, len(data))
+    if counts.get(COLORMAP, 0) > MAX_COLOURS:
         raise StructureError.too_many("TIFF", "colour map values", MAX_COLOURS, len(data))
     if fractions > MAX_FRACTIONS:
         raise StructureError.too_many("TIFF", "fractions in one directory", MAX_FRACTIONS, len(data))
-    return entries, count, unpack_from(layout.offset, data, first + count * layout.entry_size)[0]
+    end = first + count * layout.entry_size
+    following = unpack_from(layout.offset, data, end)[0] if held == count and end + layout.inline <= len(data) else 0
+    return entries, count, following
 
 
 def _value(data, entries: dict, tag: int, layout: _Layout, default: int | None = None) -> int | None:
-    """A tag's single integer value, as writers store sizes and offsets; ``default`` when absent or otherwise."""
+    """A tag's first integer value (in line, or where its offset points when larger than the slot, as for a
+    LONG8 in a classic file); ``default`` when absent or not an integer."""
     kind, values, at = entries.get(tag, (None, 0, 0))
-    if values != 1 or kind not in INTEGERS:
+    if not values or kind not in INTEGERS:
         return default
+    if values * INTEGER_SIZES[kind] > layout.inline:
+        at = unpack_from(layout.offset, data, at)[0]
     return unpack_from(layout.order + INTEGERS[kind], data, at)[0]
 
 
-def _sub_directories(data, entries: dict, tag: int, layout: _Layout, seen: set[int]):
-    """The tag counts of the EXIF or GPS directory ``tag`` points to, and of the Interoperability one inside EXIF."""
-    offset = _value(data, entries, tag, layout)
-    if offset and offset not in seen:
-        sub, count, _ = _directory(data, offset, layout, seen)
-        yield count
-        if tag == SUB_DIRECTORIES[0]:
-            yield from _sub_directories(data, sub, SUB_DIRECTORIES[2], layout, seen)
+def _sub_directories(data, entries: dict, layout: _Layout):
+    """The tag counts of the EXIF, GPS and (inside EXIF) Interoperability directories; one that cannot be read
+    is skipped, as Pillow skips it."""
+    for tag, inner in ((SUB_DIRECTORIES[0], SUB_DIRECTORIES[2]), (SUB_DIRECTORIES[1], None)):
+        directory = entries
+        for pointer in (tag, inner):
+            try:
+                offset = _value(data, directory, pointer, layout, 0) if pointer else 0
+                if not offset:
+                    break
+                directory, count, _ = _directory(data, offset, layout)
+            except (IndexError, StructError, OverflowError):
+                break
+            yield count
 
 
-def _page_pieces(data, entries: dict, layout: _Layout) -> int:
-    """The strips or tiles of an uncompressed page that Pillow sets up in Python (0 for a compressed one),
-    refused past what the page's size needs or ``MAX_PAGE_PIECES``."""
+def _page_pieces(data, entries: dict, layout: _Layout) -> tuple[int, int]:
+    """The strips or tiles of an uncompressed page that Pillow sets up in Python, and the bytes of pixels they
+    must hold ((0, 0) for a compressed page: libtiff reads it), refused past what the page's size needs or
+    ``MAX_PAGE_PIECES``."""
     if _value(data, entries, COMPRESSION, layout, 1) != 1 or not {STRIPS, TILES} & entries.keys():
-        return 0
+        return 0, 0
     columns, rows = _value(data, entries, WIDTH, layout, 1), _value(data, entries, LENGTH, layout, 1)
-    planes = _value(data, entries, SAMPLES, layout, 1) if _value(data, entries, PLANAR, layout, 1) == 2 else 1
+    samples = _value(data, entries, SAMPLES, layout, 1)
+    planes = samples if _value(data, entries, PLANAR, layout, 1) == 2 else 1
     if STRIPS in entries:
-        listed = entries[STRIPS][1]
+        listed = entries[COUNTS][STRIPS]
         needed = -(-rows // max(min(_value(data, entries, ROWS, layout, rows), rows), 1))
     else:
-        listed = entries[TILES][1]
+        listed = entries[COUNTS][TILES]
         width, length = _value(data, entries, TILE_WIDTH, layout, 0), _value(data, entries, TILE_LENGTH, layout, 0)
         if not (width and length):  # Pillow refuses tiles of no size
-            return 0
+            return 0, 0
         needed = -(-columns // width) * -(-rows // length)
     needed *= planes
     if listed > needed:  # Pillow wraps the extra ones into layers and decodes every one
@@ -132,4 +165,5 @@ def _page_pieces(data, entries: dict, layout: _Layout) -> int:
                              f"page needs {needed}: refused")
     if listed > MAX_PAGE_PIECES:
         raise StructureError.too_many("TIFF", "strips or tiles in one page", MAX_PAGE_PIECES, len(data))
-    return listed
+    bits = _value(data, entries, BITS, layout, 1)
+    return listed, columns * rows * samples * bits // 8

@@ -26,9 +26,12 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def test_formats_outside_the_allow_list_are_415_even_when_pillow_opens_them(fmt):
     data = _encode(Image.new("RGB", (16, 16), "red"), fmt)
     Image.open(io.BytesIO(data)).load()  # Pillow would decode it
-    with pytest.raises(UnsupportedFormatError, match=f"unsupported image format {fmt}") as e:
+    with pytest.raises(UnsupportedFormatError, match="unsupported image format") as e:
         decode_rgb(data)
     assert e.value.status == 415 and "JPEG" in str(e.value)
+    # named by the plugins' prefix tests alone, without parsing (an EPS of 4 MiB took 1.1 s to be refused);
+    # TGA has no signature: its first bytes are those of a CUR
+    assert f"start like {'CUR' if fmt == 'TGA' else fmt}" in str(e.value)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])

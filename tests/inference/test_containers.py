@@ -23,7 +23,7 @@ from inference.containers import (
     unit_limit,
 )
 from inference.images import ImageError, decode_rgb, probe
-from inference.tiff_ifds import MAX_COLOURS, MAX_FRACTIONS, MAX_PAGE_PIECES, MAX_TAGS, MAX_TIFF_TAGS
+from inference.tiff_ifds import MAX_COLOURS, MAX_FRACTIONS, MAX_PAGE_PIECES, MAX_TAGS, MAX_TIFF_TAGS, PAGE_TAGS
 from tests.conftest import pattern_image
 from tools.photos import phone_photo
 
@@ -83,11 +83,11 @@ def _tiff_tags(n: int, **kwargs) -> bytes:
 
 
 def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1, planar: bool = False,
-                  extra: int = 0, more_tags: tuple = ()) -> bytes:
+                  extra: int = 0, more_tags: tuple = (), shared: bool = False) -> bytes:
     """An uncompressed TIFF page of ``pixels`` (H x W x C uint8), written by hand as Pillow cannot: in
     ``tile`` x ``tile`` tiles or ``rows``-row strips, chunky or planar (one plane after another), listing
     ``extra`` further pieces (copies of the last offset) beyond what the page needs, and ``more_tags``
-    ((tag, type, count, value) entries) after the sorted ones."""
+    ((tag, type, count, value) entries) after the sorted ones; ``shared``: every piece at the first one's bytes."""
     height, width, channels = pixels.shape
     planes = [pixels[..., c:c + 1] for c in range(channels)] if planar else [pixels]
     pieces = []
@@ -99,10 +99,10 @@ def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1,
                        for x in range(0, width, tile)]
         else:
             pieces += [plane[y:y + rows].tobytes() for y in range(0, height, rows)]
-    body, offsets, at = b"".join(pieces), [], 8
+    body, offsets, at = (pieces[0] if shared else b"".join(pieces)), [], 8
     for piece in pieces:
         offsets.append(at)
-        at += len(piece)
+        at += 0 if shared else len(piece)
     offsets += [offsets[-1]] * extra
     counts = [len(x) for x in pieces] + [len(pieces[-1])] * extra
     n = len(offsets)
@@ -193,6 +193,21 @@ def _gif_out_of_phase(k: int = 16384) -> bytes:
     body[0:3] = b"\x03\x21\x01"
     body[3:end - 1] = b"\xff\x01" * ((end - 4) // 2) + b"\xff" * ((end - 4) % 2)
     return _gif_with(_save(_photo(), "GIF"), b"\x21\x01\x00" + bytes(body))
+
+
+def _progressive(extra_scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``extra_scans`` times (libjpeg goes over every block in
+    each: 1,000 empty scans of a 4096x4096 image took 2.2 s)."""
+    jpeg = _save(_photo(256), "JPEG", progressive=True, quality=90)
+    last = jpeg.rfind(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * extra_scans + jpeg[-2:]
+
+
+def _with_exif_of(fmt: str, tags: int) -> bytes:
+    exif = Image.Exif()
+    for k in range(tags):
+        exif[40000 + k] = k
+    return _save(_photo(), fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
 
 
 def _frames(n: int) -> list[Image.Image]:
@@ -302,6 +317,14 @@ HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units
         np.zeros((64, 64, 1), np.uint8), more_tags=[(320, 3, 1_500_000, 8)]), f"more than {MAX_COLOURS} colour map"),
     "TIFF, 1x1 tiles": (lambda: _tiff_by_hand(np.zeros((256, 255, 1), np.uint8), tile=1),
                         f"more than {MAX_PAGE_PIECES} strips or tiles in one page"),
+    "TIFF, Pillow's other little-endian header": (lambda: b"II\x00*" + _tiff_strips(10**5)[4:],
+                                                  "where its 64x64 page needs 64"),
+    "TIFF, a cut-off last directory": (lambda: _tiff_strips(10**5)[:-4], "where its 64x64 page needs 64"),
+    "TIFF, strips sharing their bytes": (lambda: _tiff_by_hand(np.zeros((2048, 410, 4), np.uint8), shared=True),
+                                         "need 3358720 bytes of pixels"),
+    "progressive JPEG, 100 scans": (lambda: _progressive(90), "more than 64 scans"),
+    "PNG, an EXIF chunk of 2,000 tags": (lambda: _with_exif_of("PNG", 2000), "PNG's EXIF chunk, in a file of"),
+    "WEBP, an EXIF chunk of 2,000 tags": (lambda: _with_exif_of("WEBP", 2000), "WEBP's EXIF chunk, in a file of"),
     "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_TAGS} tags in one directory"),
     "BigTIFF, one page of many tags": (lambda: _tiff_tags(5000, big_tiff=True), "tags in one directory"),
 }
@@ -332,16 +355,17 @@ def test_animations_of_too_many_tiny_frames_are_refused_for_their_frames(fmt):
 
 
 def test_a_tiff_of_more_tags_than_its_pages_may_hold_in_all_is_refused():
-    """Pages of 1,000 tags each pass one by one; their sum over the pages read is bounded too (by the file's
-    size: 12 bytes a tag, one tag per 64 bytes allowed beyond MAX_TIFF_TAGS)."""
+    """Pages of 1,000 tags each pass one by one; their sum over the pages read is bounded too (MAX_TIFF_TAGS,
+    PAGE_TAGS a page, one per 256 bytes of the file)."""
     tags = [(50000 + k, 3, 1, 0) for k in range(MAX_TAGS - 24)]
     pages = 12
     out = bytearray(b"II*\x00" + struct.pack("<I", 8))
     for page in range(pages):
         ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI4s", t, k, n, bytes(4)) for t, k, n, _ in tags)
         out += ifd + struct.pack("<I", len(out) + len(ifd) + 4 if page < pages - 1 else 0)
-    assert pages * len(tags) > MAX_TIFF_TAGS + len(out) // 64 > 8 * len(tags)
-    with pytest.raises(StructureError, match=f"more than {MAX_TIFF_TAGS + len(out) // 64} tags in its pages"):
+    limit = MAX_TIFF_TAGS + PAGE_TAGS * pages + len(out) // 256
+    assert pages * len(tags) > limit and 8 * len(tags) < MAX_TIFF_TAGS + PAGE_TAGS * 8 + len(out) // 256
+    with pytest.raises(StructureError, match="tags in its pages"):  # refused at the page that passes the limit
         check_structure(bytes(out), max_frames=FRAMES)
     check_structure(bytes(out), max_frames=7)  # 8 pages read: within it
 
