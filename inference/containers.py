@@ -40,11 +40,11 @@ MAX_HEADER_UNITS = 1024   # JPEG markers before the scan, PNG chunks that are no
 MAX_COMPRESSED_CHUNKS = 32  # PNG chunks that Pillow inflates, each up to 1 MiB (a real PNG has one iCCP, a few text)
 MAX_EXIF_BYTES = 2 * 65_527  # JPEG EXIF in all: two full APP1 segments (the standard fits it in one)
 FRAME_UNITS = 8            # the blocks or chunks a frame may add beyond its size's share (a 16x16 GIF frame: 6)
-JPEG_NO_LENGTH = {0x00, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # 00: an escaped 0xFF
+JPEG_NO_LENGTH = {0x00, 0x01, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # 00: an escaped 0xFF; 01: TEM
 JPEG_FRAMES = {*range(0xC0, 0xD0), 0xDE} - {0xC4, 0xC8, 0xCC}  # SOF0-15 and DHP: a component list each
 JPEG_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker in entropy-coded data
-MAX_SCANS = 64             # a progressive JPEG's scans (libjpeg's own scripts write 10; mozjpeg's about as many)
+MAX_SCANS = 32             # a progressive JPEG's scans (libjpeg's own scripts write 10; mozjpeg's about as many)
 PNG_DATA_CHUNKS = (b"IDAT", b"fcTL", b"fdAT")
 PNG_INFLATED = (b"iCCP", b"zTXt", b"iTXt")
 GIF_BLOCK = re.compile(rb"[;!,]")  # what starts a GIF block: Pillow skips any other byte
@@ -59,13 +59,14 @@ def unit_limit(size: int, *, per: int = 128) -> int:
     return 4096 + size // per
 
 
-def check_structure(data: bytes | bytearray, *, max_frames: int) -> None:
+def check_structure(data: bytes | bytearray, *, max_frames: int) -> int:
     """Raise :class:`StructureError` when ``data`` has more markers, chunks, blocks or tags than the bounds
-    of the module docstring; return silently otherwise (other formats, or a structure the walk cannot follow)."""
+    of the module docstring; else return a JPEG's number of scans (libjpeg holds the coefficients of a JPEG of
+    several at full size), 0 for other formats or a structure the walk cannot follow."""
     head = bytes(data[:8])
     try:
         if head[:3] == b"\xff\xd8\xff":
-            _jpeg(data)
+            return _jpeg(data)
         elif head == PNG_MAGIC:
             _png(data, max_frames=max_frames + 1)
         elif head[:6] in GIF_MAGICS:
@@ -75,11 +76,12 @@ def check_structure(data: bytes | bytearray, *, max_frames: int) -> None:
         elif head[:4] == b"RIFF" and bytes(data[8:12]) == b"WEBP":
             _webp(data)
     except (IndexError, StructError, OverflowError):  # cut off in the middle of a unit, or an offset past any file
-        return
+        pass
+    return 0
 
 
-def _jpeg(data) -> None:
-    i, units, exif, size, progressive = 2, 0, 0, len(data), False
+def _jpeg(data) -> int:
+    i, units, exif, size, progressive, components = 2, 0, 0, len(data), False, 1
     while units <= MAX_HEADER_UNITS:
         if data[i] != 0xFF:  # bytes between segments: Pillow steps over them one at a time, so they count
             j = data.find(b"\xff", i)
@@ -90,10 +92,10 @@ def _jpeg(data) -> None:
             continue
         marker = data[i + 1]
         units += 1
-        if marker == 0xDA:  # the first scan: libjpeg reads the rest, in C, but each scan of a progressive
-            if progressive:  # JPEG goes over every block of the image (1,000 empty scans of 4096x4096: 2.2 s)
-                _scans(data, i)
-            return
+        if marker == 0xDA:  # the first scan: libjpeg reads the rest, in C, and goes over every block of a
+            # component in each scan (1,000 empty scans of 4096x4096: 2.2 s): a sequential or lossless JPEG
+            # has a scan per component at most, a progressive one MAX_SCANS
+            return _scans(data, i, MAX_SCANS if progressive else components, units)
         if marker == 0xFF:  # a fill byte
             i += 1
         elif marker in JPEG_NO_LENGTH:
@@ -104,7 +106,7 @@ def _jpeg(data) -> None:
             length = unpack_from(">H", data, i + 2)[0]
             if marker in JPEG_FRAMES:  # Pillow reads each component in Python (a real frame has 1, 3 or 4)
                 units += max(length - 8, 0) // 3
-                progressive = progressive or marker in JPEG_PROGRESSIVE
+                progressive, components = progressive or marker in JPEG_PROGRESSIVE, max(data[i + 9], 1)
             if marker == 0xE2 and data[i + 4:i + 8] == b"MPF\x00":  # a multi-picture index: TIFF-structured
                 _exif(bytes(data[i + 8:i + 2 + length]), "JPEG's multi-picture index", size)
             if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
@@ -116,23 +118,29 @@ def _jpeg(data) -> None:
     if units > MAX_HEADER_UNITS:
         raise StructureError.too_many("JPEG", "markers and stray bytes before its image data", MAX_HEADER_UNITS,
                                       size)
+    return 0
 
 
-def _scans(data, i: int) -> None:
-    """Count the scans of a progressive JPEG from its first, at ``i``: markers found at C speed past the
-    entropy-coded bytes (0xFF 0x00 is a stuffed byte, 0xFF 0xD0-D7 a restart)."""
+def _scans(data, i: int, limit: int, units: int) -> int:
+    """Count the scans of a JPEG from its first, at ``i``, up to its end (EOI: an MPO's next picture follows):
+    markers found at C speed past the entropy-coded bytes (0xFF 0x00 is a stuffed byte, 0xFF 0xD0-D7 a
+    restart), at most ``MAX_HEADER_UNITS`` in all with the ``units`` before the first scan."""
     scans, size = 0, len(data)
     while True:
-        if data[i + 1] == 0xDA:
+        marker, units = data[i + 1], units + 1
+        if units > MAX_HEADER_UNITS:
+            raise StructureError.too_many("JPEG", "markers", MAX_HEADER_UNITS, size)
+        if marker == 0xDA:
             scans += 1
-            if scans > MAX_SCANS:
-                raise StructureError.too_many("progressive JPEG", "scans", MAX_SCANS, size)
-        if data[i + 1] == 0xD9:
-            return
-        i += 2 if data[i + 1] in JPEG_NO_LENGTH else 2 + unpack_from(">H", data, i + 2)[0]  # a header, a table
+            if scans > limit:
+                what = "scans (progressive)" if limit == MAX_SCANS else "scans (one a component)"
+                raise StructureError.too_many("JPEG", what, limit, size)
+        if marker == 0xD9:
+            return scans
+        i += 2 if marker in JPEG_NO_LENGTH else 2 + unpack_from(">H", data, i + 2)[0]  # a header, a table
         found = JPEG_MARKER.search(data, i)
         if found is None:
-            return
+            return scans
         i = found.start()
 
 

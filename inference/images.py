@@ -13,6 +13,7 @@ such request would kill a TorchServe worker, so PNG/GIF/WEBP/BMP/TIFF never reac
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +37,8 @@ from inference.jpeg import (  # noqa: F401  (batch_jpeg_decoder and jpeg_scale: 
 )
 from inference.transforms import transform_by_shape
 
+# libtiff's scans a JPEG-compressed strip may have (100; a real one has 1; 6000x6000 at 90 empty ones: 2.4 s)
+os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", "16")
 # torchvision 0.29 warns on every decode call that decoding moves to TorchCodec.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
@@ -57,7 +60,7 @@ class ImageInfo:
     height: int
     frames: int = 1
     orientation: int = 1  # EXIF (JPEG): what a decoder that ignores it must apply (inference.jpeg.exif_orient)
-    progressive: bool = False  # a progressive JPEG: libjpeg holds its full-size coefficients, even decoding reduced
+    progressive: bool = False  # a JPEG of several scans: libjpeg holds its full-size coefficients, even reduced
 
     @property
     def pixels(self) -> int:
@@ -84,7 +87,7 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if not data:
         raise ImageError("empty body: expected the bytes of an image (JPEG, PNG, WEBP, GIF, BMP, TIFF)")
     try:
-        check_structure(data, max_frames=max_frames)  # before Pillow walks it in Python
+        scans = check_structure(data, max_frames=max_frames)  # before Pillow walks it in Python
         with Image.open(io.BytesIO(data), formats=PLUGINS) as im:  # no other plugin parses it (EPS: 1.1 s/4 MiB)
             fmt, (width, height) = im.format, im.size
             if width * height > max_pixels:
@@ -102,7 +105,7 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                                          "first is used)")
             jpeg = fmt in JPEG_FORMATS
             return ImageInfo(fmt, width, height, frames, orientation_of(im) if jpeg else 1,
-                             progressive=jpeg and bool(im.info.get("progressive")))
+                             progressive=jpeg and (bool(im.info.get("progressive")) or scans > 1))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)

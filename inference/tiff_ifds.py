@@ -10,6 +10,9 @@ there, else tiles), and refuses with a 400 that names the count:
 
 * a directory of more than ``MAX_TAGS`` tags or ``MAX_FRACTIONS`` fractions (a camera's EXIF has a few
   dozen of each);
+* more than ``MAX_TIFF_VALUES`` values of types other than bytes (Pillow converts each one in Python, on
+  every load of a page: 4 M signed bytes in an XMP tag cost 1 s), or strips and tiles whose byte counts add
+  up to more than the file (compressed strips that share bytes: libtiff decodes each from its start);
 * more than ``MAX_TIFF_TAGS`` tags plus ``PAGE_TAGS`` a page and one per 256 bytes of the file in all, over
   the pages that ``images.probe`` reads (``max_frames + 1``) and their EXIF, GPS and Interoperability
   directories (a 1,000-page fax of 1.1 MB: 16,000); a colour map of more than ``MAX_COLOURS`` values, or
@@ -42,11 +45,14 @@ INTEGERS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # SHORT, LONG, IFD, LONG
 INTEGER_SIZES = {3: 2, 4: 4, 13: 4, 16: 8, 18: 8}
 FEW_VALUES = (258, 338, 339, 530)  # BitsPerSample, ExtraSamples, SampleFormat, YCbCrSubSampling: Pillow converts
 MAX_FEW_VALUES = 64                # each value in Python; a sample or two each is what real pages have
-COUNTS = -1                        # a directory's entry for the largest count of each tag
+COUNTS, VALUES = -1, -2            # a directory's entries for the largest count of each tag, and its values
+BYTES = (1, 2, 7)                  # BYTE, ASCII, UNDEFINED: bytes to Pillow; any other type is converted value by
+MAX_TIFF_VALUES = 262_144          # value in Python (0.26 µs each, per load): in all the directories read
 # ImageWidth, ImageLength, Compression, SamplesPerPixel, RowsPerStrip, StripOffsets, PlanarConfiguration,
 # TileWidth, TileLength, TileOffsets, ColorMap, BitsPerSample
 WIDTH, LENGTH, COMPRESSION, SAMPLES, ROWS, STRIPS, PLANAR, TILE_WIDTH, TILE_LENGTH, TILES, COLORMAP, BITS = (
     256, 257, 259, 277, 278, 273, 284, 322, 323, 324, 320, 258)
+STRIP_BYTES, TILE_BYTES = 279, 325
 
 
 class _Layout:
@@ -68,13 +74,10 @@ def check_tiff(data, *, max_pages: int) -> None:
     layout, size = _Layout(data), len(data)
     offset = unpack_from(layout.offset, data, 8 if layout.big else 4)[0]
     pages_seen: set[int] = set()  # Pillow's own loop check: pages only (an EXIF directory may also be a page)
-    tags = pieces = raw = 0
+    tags = values = pieces = raw = held = 0
     while offset and offset not in pages_seen and len(pages_seen) < max_pages:
         pages_seen.add(offset)
         entries, count, offset_next = _directory(data, offset, layout)
-        tags += count + sum(_sub_directories(data, entries, layout))
-        if tags > (limit := MAX_TIFF_TAGS + PAGE_TAGS * len(pages_seen) + size // 256):
-            raise StructureError.too_many("TIFF", "tags in its pages and their EXIF", limit, size)
         listed, pixel_bytes = _page_pieces(data, entries, layout)
         pieces, raw = pieces + listed, raw + pixel_bytes
         if pieces > 4096 + size // 16:
@@ -82,6 +85,17 @@ def check_tiff(data, *, max_pages: int) -> None:
         if raw > size:  # uncompressed pixels are in the file, once: strips that share bytes are decoded each
             raise StructureError(f"TIFF of {size} bytes whose uncompressed pages need {raw} bytes of pixels: refused "
                                  "(strips or tiles overlap)")
+        held += _byte_counts(data, entries, layout)
+        if held > size:  # each strip or tile is decoded from its own bytes: shared ones would be decoded again
+            raise StructureError(f"TIFF of {size} bytes whose strips or tiles hold {held} bytes: refused (they "
+                                 "overlap)")
+        subs = list(_sub_directories(data, entries, layout))
+        tags += count + sum(c for c, _ in subs)
+        if tags > (limit := MAX_TIFF_TAGS + PAGE_TAGS * len(pages_seen) + size // 256):
+            raise StructureError.too_many("TIFF", "tags in its pages and their EXIF", limit, size)
+        values += entries[VALUES] + sum(v for _, v in subs)
+        if values > MAX_TIFF_VALUES:
+            raise StructureError.too_many("TIFF", "values that Pillow converts one by one", MAX_TIFF_VALUES, size)
         offset = offset_next
 
 
@@ -95,14 +109,15 @@ def _directory(data, offset: int, layout: _Layout) -> tuple[dict, int, int]:
         raise StructureError.too_many("TIFF", "tags in one directory", MAX_TAGS, len(data))
     first = offset + layout.count_size
     held = min(count, max(len(data) - first, 0) // layout.entry_size)
-    entries, counts, fractions = {}, {}, 0
+    entries, counts, fractions, converted = {}, {}, 0, 0
     for k in range(held):
         at = first + k * layout.entry_size
         tag, kind, values = unpack_from(layout.entry, data, at)
         fractions += values if kind in FRACTIONS else 0
+        converted += values if kind not in BYTES else 0
         entries.setdefault(tag, (kind, values, at + layout.value_at))
         counts[tag] = max(counts.get(tag, 0), values)
-    entries[COUNTS] = counts
+    entries[COUNTS], entries[VALUES] = counts, converted
     if max((counts.get(tag, 0) for tag in FEW_VALUES), default=0) > MAX_FEW_VALUES:
         raise StructureError.too_many("TIFF", "values in a per-sample tag", MAX_FEW_VALUES, len(data))
     if counts.get(COLORMAP, 0) > MAX_COLOURS:
@@ -126,8 +141,8 @@ def _value(data, entries: dict, tag: int, layout: _Layout, default: int | None =
 
 
 def _sub_directories(data, entries: dict, layout: _Layout):
-    """The tag counts of the EXIF, GPS and (inside EXIF) Interoperability directories; one that cannot be read
-    is skipped, as Pillow skips it."""
+    """The tag and value counts of the EXIF, GPS and (inside EXIF) Interoperability directories; one that cannot
+    be read is skipped, as Pillow skips it."""
     for tag, inner in ((SUB_DIRECTORIES[0], SUB_DIRECTORIES[2]), (SUB_DIRECTORIES[1], None)):
         directory = entries
         for pointer in (tag, inner):
@@ -138,7 +153,22 @@ def _sub_directories(data, entries: dict, layout: _Layout):
                 directory, count, _ = _directory(data, offset, layout)
             except (IndexError, StructError, OverflowError):
                 break
-            yield count
+            yield count, directory[VALUES]
+
+
+def _byte_counts(data, entries: dict, layout: _Layout) -> int:
+    """The bytes a page's strips or tiles say they hold (StripByteCounts, else TileByteCounts), summed at C
+    speed; 0 when they cannot be read."""
+    tag = STRIP_BYTES if STRIP_BYTES in entries else TILE_BYTES
+    kind, values, at = entries.get(tag, (None, 0, 0))
+    if not values or kind not in INTEGERS:
+        return 0
+    if values * INTEGER_SIZES[kind] > layout.inline:
+        at = unpack_from(layout.offset, data, at)[0]
+    try:
+        return sum(unpack_from(f"{layout.order}{values}{INTEGERS[kind]}", data, at))
+    except (StructError, OverflowError):  # past the end: Pillow skips the tag
+        return 0
 
 
 def _page_pieces(data, entries: dict, layout: _Layout) -> tuple[int, int]:

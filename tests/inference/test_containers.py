@@ -83,7 +83,7 @@ def _tiff_tags(n: int, **kwargs) -> bytes:
 
 
 def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1, planar: bool = False,
-                  extra: int = 0, more_tags: tuple = (), shared: bool = False) -> bytes:
+                  extra: int = 0, more_tags: tuple = (), shared: bool = False, compression: int = 1) -> bytes:
     """An uncompressed TIFF page of ``pixels`` (H x W x C uint8), written by hand as Pillow cannot: in
     ``tile`` x ``tile`` tiles or ``rows``-row strips, chunky or planar (one plane after another), listing
     ``extra`` further pieces (copies of the last offset) beyond what the page needs, and ``more_tags``
@@ -107,7 +107,7 @@ def _tiff_by_hand(pixels: np.ndarray, *, tile: int | None = None, rows: int = 1,
     counts = [len(x) for x in pieces] + [len(pieces[-1])] * extra
     n = len(offsets)
     arrays = 8 + len(body)
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, compression),
             (262, 3, 1, 2 if channels == 3 else 1), (277, 3, 1, channels), (284, 3, 1, 2 if planar else 1)]
     if tile:
         tags += [(322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n, arrays), (325, 4, n, arrays + 4 * n)]
@@ -201,6 +201,14 @@ def _progressive(extra_scans: int) -> bytes:
     jpeg = _save(_photo(256), "JPEG", progressive=True, quality=90)
     last = jpeg.rfind(b"\xff\xda")
     return jpeg[:-2] + jpeg[last:-2] * extra_scans + jpeg[-2:]
+
+
+def _scans_after_the_first(extra: int, *, progressive: bool = False, tem: bool = False) -> bytes:
+    """A JPEG whose last scan is repeated ``extra`` times, each after a TEM marker (0xFF01, no length) when
+    ``tem``: read as a length, its next two bytes (0xFFDA) made a walk jump over the scans that follow."""
+    jpeg = _save(_photo(256), "JPEG", progressive=progressive, quality=90)
+    last = jpeg.rfind(b"\xff\xda")
+    return jpeg[:-2] + (b"\xff\x01" * tem + jpeg[last:-2]) * extra + jpeg[-2:]
 
 
 def _with_exif_of(fmt: str, tags: int) -> bytes:
@@ -322,7 +330,14 @@ HOSTILE = {  # name: (the file, the words of the refusal); each 1-4 MiB of units
     "TIFF, a cut-off last directory": (lambda: _tiff_strips(10**5)[:-4], "where its 64x64 page needs 64"),
     "TIFF, strips sharing their bytes": (lambda: _tiff_by_hand(np.zeros((2048, 410, 4), np.uint8), shared=True),
                                          "need 3358720 bytes of pixels"),
-    "progressive JPEG, 100 scans": (lambda: _progressive(90), "more than 64 scans"),
+    "progressive JPEG, 100 scans": (lambda: _progressive(90), "more than 32 scans"),
+    "sequential JPEG, 40 scans": (lambda: _scans_after_the_first(40), r"more than 3 scans \(one a component\)"),
+    "progressive JPEG, scans behind TEM markers": (lambda: _scans_after_the_first(40, progressive=True, tem=True),
+                                                   "more than 32 scans"),
+    "TIFF, PackBits strips sharing their bytes": (lambda: _tiff_by_hand(
+        np.zeros((2048, 256, 1), np.uint8), shared=True, compression=32773), "hold 524288 bytes: refused"),
+    "TIFF, an XMP tag of 300,000 signed bytes": (lambda: _tiff_by_hand(
+        np.zeros((64, 64, 1), np.uint8), more_tags=[(700, 6, 300_000, 8)]), "values that Pillow converts"),
     "PNG, an EXIF chunk of 2,000 tags": (lambda: _with_exif_of("PNG", 2000), "PNG's EXIF chunk, in a file of"),
     "WEBP, an EXIF chunk of 2,000 tags": (lambda: _with_exif_of("WEBP", 2000), "WEBP's EXIF chunk, in a file of"),
     "TIFF, one page of many tags": (lambda: _tiff_tags(5000), f"more than {MAX_TAGS} tags in one directory"),
@@ -393,3 +408,11 @@ def test_cut_off_corrupt_or_looping_files_end_the_walk_quietly():
     tags = struct.unpack_from("<H", looping, first)[0]
     struct.pack_into("<I", looping, first + 2 + 12 * tags, first)  # the next page: this one again
     check_structure(bytes(looping), max_frames=FRAMES)
+
+
+def test_a_baseline_jpeg_of_several_scans_counts_at_full_size():
+    """libjpeg holds every coefficient of a JPEG of several scans, progressive or not (a non-interleaved
+    baseline 6000x6000: +209 MB, counted reduced to 0.56 MP): admission counts it at full size."""
+    one, three = _save(_photo(256), "JPEG"), _scans_after_the_first(2)
+    assert not probe(one).progressive and probe(three).progressive
+    assert probe(three).decoded_pixels(32) == 256 * 256 > probe(one).decoded_pixels(32)
