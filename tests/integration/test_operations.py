@@ -118,6 +118,9 @@ def test_fixed_threads_that_oversubscribe_are_logged(ops_server):
     warning = (f"fixed: 2 live workers x {CORES} threads (fixed by model-config.yaml threads or OMP_NUM_THREADS) "
                f"> {CORES} cores: the CPU is oversubscribed")
     wait_for(warning, lambda: warning in model_log(ops_server), server=ops_server, model="fixed")
+    # the gauge reaches /metrics a moment after the worker logs the warning (CI of 2026-12-06 scraped none yet)
+    wait_for("the WorkerThreads gauge", lambda: gauge(scrape(ops_server), "WorkerThreads", "fixed") is not None,
+             server=ops_server, model="fixed")
     assert gauge(scrape(ops_server), "WorkerThreads", "fixed") == CORES  # kept as configured
 
 
