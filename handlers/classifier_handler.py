@@ -246,9 +246,9 @@ class ImageClassifierHandler(BaseHandler):
                 self.context.set_response_status(status, kind, idx=i)
         if self.context is not None:
             for i in range(batch.size):
-                self.context.set_response_content_type(i, "application/json")
-                if protocols.is_grpc_call(self.context.get_all_request_header(i)):  # see its docstring
-                    self.context.set_response_header(i, "ts_stream_next", "false")
+                grpc = protocols.is_grpc_call(self.context.get_all_request_header(i))
+                for key, value in protocols.answer_headers(out[i], grpc=grpc).items():
+                    self.context.set_response_header(i, key, value)
         self._record_metrics(batch)
         return out
 

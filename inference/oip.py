@@ -11,8 +11,12 @@
   answered as Triton does, a BYTES ``[N, c]`` tensor of ``"<score>:<index>:<label>"`` strings, best first;
   the request's k is then the largest ``c`` asked (with ``parameters.topk`` if larger); a ``c`` beyond the
   model's classes gives all of them, as Triton does.
-* Not served: binary *outputs* (``binary_data`` on an output, ``binary_data_output``): every answer is JSON,
-  which tritonclient and KServe's clients read (``InferResult`` parses a JSON-only body).
+* Binary outputs, as Triton answers them: an output asked with ``"parameters": {"binary_data": true}``
+  (tritonclient's default), or every output when the request's ``parameters.binary_data_output`` is true and
+  the output does not say ``false``, leaves ``data`` out of its JSON and says ``binary_data_size``; its raw
+  bytes (little-endian numbers, BOOL one byte each, BYTES each a 4-byte length and the UTF-8 text) follow the
+  JSON in output order, and the ``Inference-Header-Content-Length`` response header gives the JSON's length
+  (:class:`BinaryAnswer`). Errors are JSON always; over gRPC every answer is JSON (TorchServe converts it).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ OIP_INPUT = "image"                                  # the documented input name
 OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}   # the default answer
 OPTIONAL_OUTPUTS = {"tta_applied": "BOOL"}           # on request (and by default with adaptive TTA)
 BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
+RAW_FORMATS = {"FP32": "f", "INT64": "q", "BOOL": "?"}  # struct codes of the numeric outputs' binary form
 MAX_DIMS = 8            # an input's shape: Triton's own limit on a tensor's dimensions
 MAX_ID_CHARS = 1024     # the request "id", echoed in the answer (KServe's clients send a 36-character UUID)
 
@@ -105,20 +110,32 @@ def _elements(tensor: dict, name: str, binary: bytes) -> list[bytes]:
     return [_image_bytes(e) for e in _bytes_elements(binary, f'input "{name}"')]
 
 
-def _outputs(outputs) -> tuple[tuple[str, ...] | None, dict[str, int]]:
-    """The output names asked for (``None``: the default answer) and the classification count of each
-    that asks for one."""
-    if outputs is None or outputs == []:
-        return None, {}
+def _flag(params: dict, key: str, where: str) -> bool | None:
+    """A boolean parameter (``binary_data``, ``binary_data_output``), or None where it is not given."""
+    value = params.get(key)
+    if value is not None and type(value) is not bool:
+        raise RequestError(f"{where}parameters.{key} must be true or false, got {shown(value)}", error="bad request")
+    return value
+
+
+def _outputs(outputs, *, binary_default: bool) -> tuple[tuple[str, ...] | None, dict[str, int], frozenset[str]]:
+    """The output names asked for (``None``: the default answer), the classification count of each that asks
+    for one, and the outputs to answer in binary form (with the default answer: all or none)."""
     allowed = {**OIP_OUTPUTS, **OPTIONAL_OUTPUTS}
+    if outputs is None or outputs == []:
+        return None, {}, frozenset(allowed if binary_default else ())
     items = outputs if isinstance(outputs, list) else [None]
     names = [o.get("name") if isinstance(o, dict) else None for o in items]
     unknown = [n for n in names if not isinstance(n, str) or n not in allowed]
     if unknown:
         raise RequestError(f'"outputs" may name {", ".join(allowed)}; got {shown(unknown)}', error="bad request")
-    classification = {}
+    if len(set(names)) < len(names):  # as Triton: "output '...' already exists in request"
+        raise RequestError(f'"outputs" names an output more than once: {shown(names)}', error="bad request")
+    classification, binary = {}, set()
     for name, o in zip(names, items):
         params = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+        if (flag := _flag(params, "binary_data", f'output "{name}": ')) or (flag is None and binary_default):
+            binary.add(name)
         c = params.get("classification")
         if c is None:
             continue
@@ -126,7 +143,7 @@ def _outputs(outputs) -> tuple[tuple[str, ...] | None, dict[str, int]]:
             raise RequestError(f'output "{name}": parameters.classification must be an integer >= 1 on labels, '
                                f"scores or indices, got {shown(c)}", error="bad top-k")
         classification[name] = c
-    return tuple(names), classification
+    return tuple(names), classification, frozenset(binary)
 
 
 def read_oip_v2(body, headers: dict | None = None) -> Request:
@@ -155,18 +172,19 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
     if held != len(elements) or not elements:
         raise RequestError(f'input "{name}": shape {shown(shape)} holds {held if held <= 2**63 else "over 2**63"} '
                            f"elements but {len(elements)} images were sent", error="bad request")
-    wanted, classification = _outputs(body.get("outputs"))
     request_id = body.get("id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
         raise RequestError(f'"id" must be a string of at most {MAX_ID_CHARS} characters', error="bad request")
     parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    wanted, classification, binary = _outputs(body.get("outputs"),
+                                              binary_default=bool(_flag(parameters, "binary_data_output", "")))
     topk = parameters.get("topk")
     if classification and topk is not None and (type(topk) is not int or topk < 1):
         raise RequestError(f"parameters.topk must be an integer >= 1, got {shown(topk)}", error="bad top-k")
     if classification:  # one top-k serves every output: the largest asked for
         topk = max([*classification.values(), *([topk] if topk is not None else [])])
     return Request(elements, multi=True, topk=topk, protocol=OIP_V2, id=request_id, outputs=wanted,
-                   classification=classification or None)
+                   classification=classification or None, binary=binary)
 
 
 def _product(shape: list[int], *, stop: int) -> int:
@@ -192,7 +210,29 @@ def _tensor(name: str, rows: list[list[dict]], applied: list[bool], classificati
     return {"name": name, "datatype": OIP_OUTPUTS[name], "shape": [n, k], "data": [p[key] for row in rows for p in row]}
 
 
+def _raw(datatype: str, data: list) -> bytes:
+    """A tensor's data in Triton's binary form: BYTES elements each a 4-byte little-endian length and the
+    UTF-8 bytes; numbers packed little-endian, BOOL one byte each."""
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(b)) + b for b in (str(x).encode() for x in data))
+    return struct.pack(f"<{len(data)}{RAW_FORMATS[datatype]}", *data)
+
+
+class BinaryAnswer(bytes):
+    """An answer in Triton's binary tensor extension: the JSON inference header, then the binary outputs'
+    bytes; ``header_length`` (the JSON's bytes) goes out as the ``Inference-Header-Content-Length`` header."""
+    header_length: int
+
+    @classmethod
+    def of(cls, header: dict, blobs: list[bytes]) -> BinaryAnswer:
+        head = json.dumps(header).encode()
+        answer = cls(head + b"".join(blobs))
+        answer.header_length = len(head)
+        return answer
+
+
 def oip_answer(req: Request, results: list[dict], *, model_name: str, model_version: str) -> dict:
+    """The answer as JSON tensors, every output with its ``data`` (:func:`oip_body` applies binary outputs)."""
     adaptive = "tta_applied" in results[0]
     applied = [bool(r.get("tta_applied", r["tta"] != "none")) for r in results]
     names = req.outputs or (*OIP_OUTPUTS, *(["tta_applied"] if adaptive else []))
@@ -202,6 +242,19 @@ def oip_answer(req: Request, results: list[dict], *, model_name: str, model_vers
             "model_name": model_name, "model_version": model_version,
             "outputs": [_tensor(name, rows, applied, req.classification or {}) for name in names],
             "parameters": parameters}
+
+
+def oip_body(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer:
+    """The answer's body: JSON, or a :class:`BinaryAnswer` where any output is asked in binary form."""
+    answer = oip_answer(req, results, model_name=model_name, model_version=model_version)
+    if not req.binary:
+        return json.dumps(answer)
+    blobs = []
+    for tensor in answer["outputs"]:
+        if tensor["name"] in req.binary:
+            blobs.append(_raw(tensor["datatype"], tensor.pop("data")))
+            tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+    return BinaryAnswer.of(answer, blobs)
 
 
 def oip_error(message: str, *, model_name: str, model_version: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 
-from inference.oip import BINARY_HEADER, OIP_V2, oip_answer, oip_error, read_oip_v2
+from inference.oip import BINARY_HEADER, OIP_V2, BinaryAnswer, oip_body, oip_error, read_oip_v2
 from inference.requests import (
     DEFAULT_MAX_INFLATED_BYTES,
     OVERLAY_FIELD,
@@ -91,6 +91,8 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
             row = {**row, "body": _body({"body": inflate(row["body"], headers, max_bytes=max_inflated)}, headers)}
         protocol = detect(row, headers)
         req = read(row, protocol, headers=headers, max_images=max_images)
+        if is_grpc_call(headers):  # TorchServe turns the JSON answer into its gRPC message: JSON only
+            req.binary = frozenset()
         if req.classification:  # a class_count beyond the model's classes: all of them, as Triton answers
             req.classification = {name: min(c, max_topk) for name, c in req.classification.items()}
             req.topk = min(req.topk, max_topk)
@@ -145,19 +147,29 @@ def read_kserve_v1(body: dict) -> Request:
     return Request(images, multi=True, topk=body.get("topk", parameters.get("topk")), protocol=KSERVE_V1)
 
 
-def render(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str:
-    """The answer body of one request: one per-image result object (as ``/predictions`` gives) each."""
+def render(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer:
+    """The answer body of one request: one per-image result object (as ``/predictions`` gives) each; OIP's
+    in binary form where the request asks so (:func:`inference.oip.oip_body`)."""
     if req.protocol == KSERVE_V1:
         return json.dumps({"predictions": results})
     if req.protocol == OIP_V2:
-        return json.dumps(oip_answer(req, results, model_name=model_name, model_version=model_version))
+        return oip_body(req, results, model_name=model_name, model_version=model_version)
     return json.dumps(results if req.multi else results[0])
 
 
-def bounded(body: str, *, limit: int) -> RequestError | None:
+def answer_headers(body: str | bytes, *, grpc: bool = False) -> dict[str, str]:
+    """The response headers of an answer (or error) body: JSON's content type, or for a binary OIP answer
+    ``application/octet-stream`` and the JSON header's length, as Triton sends them; a gRPC call's answer
+    says ``ts_stream_next=false`` (see :func:`is_grpc_call`)."""
+    if isinstance(body, BinaryAnswer):
+        return {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(body.header_length)}
+    return {"content-type": "application/json", **({"ts_stream_next": "false"} if grpc else {})}
+
+
+def bounded(body: str | bytes, *, limit: int) -> RequestError | None:
     """The error that replaces an answer of more than ``limit`` bytes (``max_response_bytes``), or None.
     TorchServe's frontend refuses a worker's answer over its ``max_response_size`` by dropping the worker:
-    every request of the batch fails and the model restarts. Answers are ASCII (``json.dumps``), so
+    every request of the batch fails and the model restarts. JSON answers are ASCII (``json.dumps``), so
     characters are bytes."""
     if len(body) <= limit:
         return None

@@ -51,6 +51,7 @@ class Request:
     id: str | None = None
     outputs: tuple[str, ...] | None = None
     classification: dict[str, int] | None = None  # OIP outputs asked as Triton's classification: name -> count
+    binary: frozenset[str] = frozenset()  # OIP outputs to answer in Triton's binary form (inference.oip)
     overlay: object = None  # the JSON body's overlay option (explanations), as sent
 
 

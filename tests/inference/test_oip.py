@@ -9,8 +9,8 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.http._utils import _get_inference_request
 
-from inference.oip import OIP_V2, oip_answer, read_oip_v2
-from inference.protocols import read_row, render
+from inference.oip import OIP_V2, BinaryAnswer, oip_answer, read_oip_v2
+from inference.protocols import answer_headers, read_row, render
 from inference.requests import Request, RequestError
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
@@ -140,3 +140,85 @@ def test_a_binary_header_length_outside_the_body_is_a_400(length):
     head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64]}]}).encode()
     _, err, _ = read_row({"body": bytearray(head + b"12345")}, {"Inference-Header-Content-Length": length}, **ROW)
     assert isinstance(err, RequestError) and "does not frame a JSON inference header" in str(err), err
+
+
+def decoded(answer) -> triton_http.InferResult:
+    """An answer as tritonclient.http reads it (its own decoder), with the headers the handler sends."""
+    headers = answer_headers(answer)
+    length = headers.get("Inference-Header-Content-Length")
+    return triton_http.InferResult.from_response_body(bytes(answer) if isinstance(answer, bytes) else answer.encode(),
+                                                      False, int(length) if length else None)
+
+
+def test_outputs_asked_in_binary_form_are_answered_in_tritons_binary_form():
+    """tritonclient's default (binary_data=True on each output) next to one output asked in JSON: the binary
+    ones carry binary_data_size and no data, and tritonclient's decoder gives back every value."""
+    body, headers = tritonclient_body([triton_http.InferRequestedOutput("scores", class_count=2),
+                                       triton_http.InferRequestedOutput("labels"),
+                                       triton_http.InferRequestedOutput("indices", binary_data=False)])
+    _, req, topk = read_row({"body": bytearray(body)}, headers, **ROW)
+    assert req.binary == {"scores", "labels"} and topk == 2
+    adaptive = [{**RESULTS[0], "tta_applied": True}, {**RESULTS[1], "tta_applied": False}]
+    answer = render(req, adaptive, model_name="m", model_version="1")
+    assert isinstance(answer, BinaryAnswer)
+    assert answer_headers(answer) == {"content-type": "application/octet-stream",
+                                      "Inference-Header-Content-Length": str(answer.header_length)}
+    result = decoded(answer)
+    outputs = result.get_response()["outputs"]
+    assert [o["name"] for o in outputs] == ["scores", "labels", "indices"]
+    assert [o.get("parameters", {}).get("binary_data_size") for o in outputs] == [54, 28, None]
+    assert "data" not in outputs[0] and "data" not in outputs[1] and outputs[2]["data"] == [1, 0, 0, 1]
+    assert result.as_numpy("scores").tolist() == [[b"0.75:1:cat", b"0.25:0:dog"], [b"0.5:0:dog", b"0.5:1:cat"]]
+    assert result.as_numpy("labels").tolist() == [[b"cat", b"dog"], [b"dog", b"cat"]]
+    assert result.as_numpy("indices").tolist() == [[1, 0], [0, 1]]
+
+
+def test_binary_data_output_answers_every_output_in_binary_form_unless_one_says_false():
+    """The request's parameters.binary_data_output (tritonclient has no switch for it): every output of the
+    default answer, numbers exactly as JSON gives them (FP32 of the same values, INT64, BOOL)."""
+    inputs = [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [B64, B64]}]
+    adaptive = [{**RESULTS[0], "tta_applied": True}, {**RESULTS[1], "tta_applied": False}]
+    plain = json.loads(render(read_oip_v2({"inputs": inputs}), adaptive, model_name="m", model_version="1"))
+    req = read_oip_v2({"inputs": inputs, "parameters": {"binary_data_output": True}})
+    result = decoded(render(req, adaptive, model_name="m", model_version="1"))
+    assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
+    for tensor in plain["outputs"]:
+        got = result.as_numpy(tensor["name"])
+        assert list(got.shape) == tensor["shape"], tensor["name"]
+        want = np.array(tensor["data"], dtype=got.dtype if tensor["datatype"] != "BYTES" else object)
+        if tensor["datatype"] == "BYTES":
+            want = np.array([s.encode() for s in tensor["data"]], dtype=object)
+        assert got.flatten().tolist() == want.tolist(), tensor["name"]
+    assert result.as_numpy("scores").dtype == np.float32 and result.as_numpy("indices").dtype == np.int64
+    req = read_oip_v2({"inputs": inputs, "parameters": {"binary_data_output": True},
+                       "outputs": [{"name": "labels"}, {"name": "scores", "parameters": {"binary_data": False}}]})
+    assert req.binary == {"labels"}
+    assert isinstance(render(req, RESULTS, model_name="m", model_version="1"), BinaryAnswer)
+    for params in ({}, {"binary_data_output": False}):  # JSON, as before
+        answer = render(read_oip_v2({"inputs": inputs, "parameters": params}), RESULTS, model_name="m",
+                        model_version="1")
+        assert isinstance(answer, str) and answer_headers(answer) == {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"parameters": {"binary_data_output": "yes"}}, "parameters.binary_data_output must be true or false"),
+    ({"outputs": [{"name": "labels", "parameters": {"binary_data": 1}}]},
+     'output "labels": parameters.binary_data must be true or false'),
+    ({"outputs": [{"name": "labels"}, {"name": "labels", "parameters": {"binary_data": False}}]},
+     "names an output more than once"),
+])
+def test_a_bad_binary_flag_or_a_repeated_output_is_a_400(body, match):
+    _, err, _ = read_row(oip_row({}, **body), {}, **ROW)
+    assert isinstance(err, RequestError) and err.status == 400 and match in str(err), err
+
+
+def test_a_grpc_call_is_answered_in_json_whatever_it_asks():
+    """TorchServe turns the JSON answer of its OIP gRPC service into a ModelInferResponse: binary has no place."""
+    row = oip_row({}, outputs=[{"name": "labels", "parameters": {"binary_data": True}}])
+    _, req, _ = read_row(row, {"body": {"content-type": "application/json"}}, **ROW)
+    assert req.binary == frozenset()
+    answer = render(req, RESULTS[:1], model_name="m", model_version="1")
+    assert isinstance(answer, str) and answer_headers(answer, grpc=True) == {"content-type": "application/json",
+                                                                             "ts_stream_next": "false"}
+    _, req, _ = read_row(row, {"Host": "127.0.0.1"}, **ROW)  # the same over HTTP
+    assert req.binary == {"labels"}

@@ -88,7 +88,7 @@ def test_tritonclient_http_bad_input_is_a_400_with_the_oip_error(server):
 def test_tritonclient_http_classification_compression_and_default_outputs(server, native):
     """What tritonclient sends by default or with its options: class_count (Triton's classification extension,
     once ignored), gzip and deflate bodies (TorchServe 0.12 passes them on compressed: once 400s), outputs asked
-    in binary form (answered in JSON, which tritonclient reads)."""
+    in binary form (its default; answered in JSON until 2026-12-06, now in binary form)."""
     with triton_http.InferenceServerClient(url=_host(server)) as client:
         image = triton_http.InferInput("image", [2], "BYTES")
         image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
@@ -98,6 +98,7 @@ def test_tritonclient_http_classification_compression_and_default_outputs(server
                                            triton_http.InferRequestedOutput("labels")])
             classes, labels = result.as_numpy("scores"), result.as_numpy("labels")
             assert classes.shape == labels.shape == (2, 2), algorithm
+            assert all("data" not in o for o in result.get_response()["outputs"]), algorithm
             for row, ref in zip(classes, native):  # "<score>:<index>:<label>", best first, as Triton writes them
                 parts = [(x.decode() if isinstance(x, bytes) else x).split(":", 2) for x in row]
                 assert [(int(i), name) for _, i, name in parts] == [(p["index"], p["class"]) for p in ref["predictions"]]
@@ -106,6 +107,55 @@ def test_tritonclient_http_classification_compression_and_default_outputs(server
         result = client.infer("shapes", [image])  # no outputs named: every output, in JSON
         assert [o["name"] for o in result.get_response()["outputs"]] == ["labels", "scores", "indices"]
         assert all(not isinstance(v, list) for v in result.get_response()["parameters"].values())  # scalars only
+
+
+def test_binary_outputs_come_back_in_tritons_binary_form_beside_json_requests(server, native):
+    """Outputs asked with binary_data (tritonclient's default), or all of them with the request's
+    binary_data_output: their bytes follow the JSON header that Inference-Header-Content-Length measures
+    (read here by tritonclient, and by hand with numpy); JSON requests of the same batches stay JSON."""
+    def binary_call(_):
+        with triton_http.InferenceServerClient(url=_host(server)) as client:
+            image = triton_http.InferInput("image", [2], "BYTES")
+            image.set_data_from_numpy(np.array(IMAGES, dtype=object), binary_data=True)
+            return client.infer("shapes", [image], parameters={"topk": 2}, outputs=[
+                triton_http.InferRequestedOutput(n) for n in ("labels", "scores", "indices")])
+
+    def json_call(_):
+        body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": B64}], "parameters": {"topk": 2}}
+        return requests.post(f"{server.url}/v2/models/shapes/infer", json=body, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:  # interleaved, so that batches mix the two forms
+        answers = list(pool.map(lambda i: (binary_call if i % 2 else json_call)(i), range(16)))
+    for i, answer in enumerate(answers):
+        if i % 2:
+            outputs = answer.get_response()["outputs"]
+            assert all("data" not in o and o["parameters"]["binary_data_size"] > 0 for o in outputs), outputs
+            labels, scores, indices = (answer.as_numpy(n) for n in ("labels", "scores", "indices"))
+        else:
+            assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("application/json")
+            outputs = {o["name"]: o["data"] for o in answer.json()["outputs"]}
+            labels, scores, indices = (np.array(outputs[n]).reshape(2, 2) for n in ("labels", "scores", "indices"))
+        for row, ref in enumerate(native):
+            assert indices[row].tolist() == [p["index"] for p in ref["predictions"]], i
+            assert [x.decode() if isinstance(x, bytes) else x for x in labels[row]] == [p["class"] for p in ref["predictions"]]
+            assert scores[row].tolist() == pytest.approx([p["confidence"] for p in ref["predictions"]], abs=1e-6)
+
+    body = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": B64}],
+            "parameters": {"binary_data_output": True, "topk": 2}, "outputs": [{"name": "scores"}, {"name": "indices"}]}
+    raw = requests.post(f"{server.url}/v2/models/shapes/infer", json=body, timeout=60)
+    assert raw.status_code == 200 and raw.headers["Content-Type"] == "application/octet-stream", raw.headers
+    n = int(raw.headers["Inference-Header-Content-Length"])
+    head = json.loads(raw.content[:n])
+    sizes = [o["parameters"]["binary_data_size"] for o in head["outputs"]]
+    assert sizes == [2 * 2 * 4, 2 * 2 * 8] and len(raw.content) == n + sum(sizes)
+    scores = np.frombuffer(raw.content[n:n + sizes[0]], dtype="<f4").reshape(2, 2)
+    indices = np.frombuffer(raw.content[n + sizes[0]:], dtype="<i8").reshape(2, 2)
+    assert indices.tolist() == [[p["index"] for p in ref["predictions"]] for ref in native]
+    assert scores.flatten().tolist() == pytest.approx([p["confidence"] for ref in native for p in ref["predictions"]],
+                                                      abs=1e-6)
+    bad = requests.post(f"{server.url}/v2/models/shapes/infer", timeout=60,
+                        json={**body, "parameters": {"binary_data_output": "yes"}})
+    assert bad.status_code == 400 and "binary_data_output must be true or false" in bad.json()["error"]
 
 
 def test_a_pretty_printed_json_file_sent_as_bytes_is_read_as_json(server, native):
