@@ -27,6 +27,7 @@ file cannot hold at all, or an EXIF or GPS pointer past its end, is skipped, as 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from struct import error as StructError
 from struct import unpack_from
 
@@ -45,7 +46,6 @@ INTEGERS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # SHORT, LONG, IFD, LONG
 INTEGER_SIZES = {3: 2, 4: 4, 13: 4, 16: 8, 18: 8}
 FEW_VALUES = (258, 338, 339, 530)  # BitsPerSample, ExtraSamples, SampleFormat, YCbCrSubSampling: Pillow converts
 MAX_FEW_VALUES = 64                # each value in Python; a sample or two each is what real pages have
-COUNTS, VALUES = -1, -2            # a directory's entries for the largest count of each tag, and its values
 BYTES = (1, 2, 7)                  # BYTE, ASCII, UNDEFINED: bytes to Pillow; any other type is converted value by
 MAX_TIFF_VALUES = 262_144          # value in Python (0.26 µs each, per load): in all the directories read
 # ImageWidth, ImageLength, Compression, SamplesPerPixel, RowsPerStrip, StripOffsets, PlanarConfiguration,
@@ -53,6 +53,18 @@ MAX_TIFF_VALUES = 262_144          # value in Python (0.26 µs each, per load): 
 WIDTH, LENGTH, COMPRESSION, SAMPLES, ROWS, STRIPS, PLANAR, TILE_WIDTH, TILE_LENGTH, TILES, COLORMAP, BITS = (
     256, 257, 259, 277, 278, 273, 284, 322, 323, 324, 320, 258)
 STRIP_BYTES, TILE_BYTES = 279, 325
+
+
+@dataclass
+class _Directory:
+    """One directory as Pillow reads it: ``{tag: (type, count, where its value is)}`` of each tag's first entry,
+    each tag's largest count (Pillow skips an entry it cannot read for a later one), the values Pillow converts
+    one by one, its number of tags, and the next directory's offset (0 when cut off)."""
+    entries: dict[int, tuple[int, int, int]]
+    counts: dict[int, int]
+    values: int
+    tags: int
+    following: int
 
 
 class _Layout:
@@ -77,33 +89,30 @@ def check_tiff(data, *, max_pages: int) -> None:
     tags = values = pieces = raw = held = 0
     while offset and offset not in pages_seen and len(pages_seen) < max_pages:
         pages_seen.add(offset)
-        entries, count, offset_next = _directory(data, offset, layout)
-        listed, pixel_bytes = _page_pieces(data, entries, layout)
+        page = _directory(data, offset, layout)
+        listed, pixel_bytes = _page_pieces(data, page, layout)
         pieces, raw = pieces + listed, raw + pixel_bytes
         if pieces > 4096 + size // 16:
             raise StructureError.too_many("TIFF", "strips and tiles in its pages", 4096 + size // 16, size)
         if raw > size:  # uncompressed pixels are in the file, once: strips that share bytes are decoded each
             raise StructureError(f"TIFF of {size} bytes whose uncompressed pages need {raw} bytes of pixels: refused "
                                  "(strips or tiles overlap)")
-        held += _byte_counts(data, entries, layout)
+        held += _byte_counts(data, page.entries, layout)
         if held > size:  # each strip or tile is decoded from its own bytes: shared ones would be decoded again
             raise StructureError(f"TIFF of {size} bytes whose strips or tiles hold {held} bytes: refused (they "
                                  "overlap)")
-        subs = list(_sub_directories(data, entries, layout))
-        tags += count + sum(c for c, _ in subs)
+        subs = list(_sub_directories(data, page.entries, layout))
+        tags += page.tags + sum(d.tags for d in subs)
         if tags > (limit := MAX_TIFF_TAGS + PAGE_TAGS * len(pages_seen) + size // 256):
             raise StructureError.too_many("TIFF", "tags in its pages and their EXIF", limit, size)
-        values += entries[VALUES] + sum(v for _, v in subs)
+        values += page.values + sum(d.values for d in subs)
         if values > MAX_TIFF_VALUES:
             raise StructureError.too_many("TIFF", "values that Pillow converts one by one", MAX_TIFF_VALUES, size)
-        offset = offset_next
+        offset = page.following
 
 
-def _directory(data, offset: int, layout: _Layout) -> tuple[dict, int, int]:
-    """One directory, as much of it as the file holds (Pillow keeps the tags of a cut-off one): ``{tag: (type,
-    count, where its value is)}`` of each tag's first entry, and under ``COUNTS`` each tag's largest count (Pillow
-    skips an entry it cannot read for a later one), its number of tags, and the next directory's offset (0 when
-    cut off)."""
+def _directory(data, offset: int, layout: _Layout) -> _Directory:
+    """The directory at ``offset``, as much of it as the file holds (Pillow keeps the tags of a cut-off one)."""
     count = unpack_from(layout.count, data, offset)[0]
     if count > MAX_TAGS:
         raise StructureError.too_many("TIFF", "tags in one directory", MAX_TAGS, len(data))
@@ -117,7 +126,6 @@ def _directory(data, offset: int, layout: _Layout) -> tuple[dict, int, int]:
         converted += values if kind not in BYTES else 0
         entries.setdefault(tag, (kind, values, at + layout.value_at))
         counts[tag] = max(counts.get(tag, 0), values)
-    entries[COUNTS], entries[VALUES] = counts, converted
     if max((counts.get(tag, 0) for tag in FEW_VALUES), default=0) > MAX_FEW_VALUES:
         raise StructureError.too_many("TIFF", "values in a per-sample tag", MAX_FEW_VALUES, len(data))
     if counts.get(COLORMAP, 0) > MAX_COLOURS:
@@ -126,7 +134,7 @@ def _directory(data, offset: int, layout: _Layout) -> tuple[dict, int, int]:
         raise StructureError.too_many("TIFF", "fractions in one directory", MAX_FRACTIONS, len(data))
     end = first + count * layout.entry_size
     following = unpack_from(layout.offset, data, end)[0] if held == count and end + layout.inline <= len(data) else 0
-    return entries, count, following
+    return _Directory(entries, counts, converted, count, following)
 
 
 def _value(data, entries: dict, tag: int, layout: _Layout, default: int | None = None) -> int | None:
@@ -141,8 +149,8 @@ def _value(data, entries: dict, tag: int, layout: _Layout, default: int | None =
 
 
 def _sub_directories(data, entries: dict, layout: _Layout):
-    """The tag and value counts of the EXIF, GPS and (inside EXIF) Interoperability directories; one that cannot
-    be read is skipped, as Pillow skips it."""
+    """The EXIF, GPS and (inside EXIF) Interoperability directories; one that cannot be read is skipped, as
+    Pillow skips it."""
     for tag, inner in ((SUB_DIRECTORIES[0], SUB_DIRECTORIES[2]), (SUB_DIRECTORIES[1], None)):
         directory = entries
         for pointer in (tag, inner):
@@ -150,10 +158,11 @@ def _sub_directories(data, entries: dict, layout: _Layout):
                 offset = _value(data, directory, pointer, layout, 0) if pointer else 0
                 if not offset:
                     break
-                directory, count, _ = _directory(data, offset, layout)
+                found = _directory(data, offset, layout)
             except (IndexError, StructError, OverflowError):
                 break
-            yield count, directory[VALUES]
+            directory = found.entries
+            yield found
 
 
 def _byte_counts(data, entries: dict, layout: _Layout) -> int:
@@ -171,20 +180,21 @@ def _byte_counts(data, entries: dict, layout: _Layout) -> int:
         return 0
 
 
-def _page_pieces(data, entries: dict, layout: _Layout) -> tuple[int, int]:
+def _page_pieces(data, page: _Directory, layout: _Layout) -> tuple[int, int]:
     """The strips or tiles of an uncompressed page that Pillow sets up in Python, and the bytes of pixels they
     must hold ((0, 0) for a compressed page: libtiff reads it), refused past what the page's size needs or
     ``MAX_PAGE_PIECES``."""
+    entries = page.entries
     if _value(data, entries, COMPRESSION, layout, 1) != 1 or not {STRIPS, TILES} & entries.keys():
         return 0, 0
     columns, rows = _value(data, entries, WIDTH, layout, 1), _value(data, entries, LENGTH, layout, 1)
     samples = _value(data, entries, SAMPLES, layout, 1)
     planes = samples if _value(data, entries, PLANAR, layout, 1) == 2 else 1
     if STRIPS in entries:
-        listed = entries[COUNTS][STRIPS]
+        listed = page.counts[STRIPS]
         needed = -(-rows // max(min(_value(data, entries, ROWS, layout, rows), rows), 1))
     else:
-        listed = entries[COUNTS][TILES]
+        listed = page.counts[TILES]
         width, length = _value(data, entries, TILE_WIDTH, layout, 0), _value(data, entries, TILE_LENGTH, layout, 0)
         if not (width and length):  # Pillow refuses tiles of no size
             return 0, 0
