@@ -2,15 +2,16 @@
 
 * Request: ``{"id": ..., "inputs": [{"name": ..., "shape": [N], "datatype": "BYTES", "data": ["<b64>", ...]}],
   "parameters": {"topk": k}, "outputs": [{"name": "labels"}, ...]}``. Triton's binary tensor extension
-  (``Inference-Header-Content-Length``; ``binary_data_size`` must be the bytes that follow) is read too: its
-  BYTES elements may be the raw image bytes or their base64 text.
+  (``Inference-Header-Content-Length``, 0 for a body of JSON only; ``binary_data_size`` must be the bytes that
+  follow) is read too: its BYTES elements may be the raw image bytes or their base64 text. More images than the
+  request's limit (by the shape, or the elements sent) are a 413 before any of them is decoded.
 * Answer: the tensors ``labels`` (BYTES ``[N, k]``), ``scores`` (FP32 ``[N, k]``) and ``indices`` (INT64
   ``[N, k]``); with adaptive TTA also ``tta_applied`` (BOOL ``[N]``, which any request may name). Response
   ``parameters`` hold scalars only, as the protocol asks: ``tta`` and, with adaptive TTA, ``tta_applied_count``.
 * The classification extension: an output asked for with ``"parameters": {"classification": c}`` is
-  answered as Triton does, a BYTES ``[N, c]`` tensor of ``"<score>:<index>:<label>"`` strings, best first;
-  the request's k is then the largest ``c`` asked (with ``parameters.topk`` if larger); a ``c`` beyond the
-  model's classes gives all of them, as Triton does.
+  answered as Triton does, a BYTES ``[N, c]`` tensor of ``"<score>:<index>:<label>"`` strings (the score
+  with six decimals), best first; the request's k is then the largest ``c`` asked (with ``parameters.topk`` if
+  larger); a ``c`` beyond the model's classes gives all of them, as Triton does.
 * Binary outputs, as Triton answers them: an output asked with ``"parameters": {"binary_data": true}``
   (tritonclient's default), or every output when the request's ``parameters.binary_data_output`` is true and
   the output does not say ``false``, leaves ``data`` out of its JSON and says ``binary_data_size``; its raw
@@ -25,7 +26,7 @@ import binascii
 import json
 import struct
 
-from inference.requests import Request, RequestError, decode_b64, header, shown
+from inference.requests import Request, RequestError, check_count, decode_b64, header, shown
 
 OIP_V2 = "oip_v2"
 OIP_INPUT = "image"                                  # the documented input name (any one name is accepted)
@@ -53,23 +54,26 @@ def _flatten(data: list) -> list:
 
 
 def _binary_body(raw: bytes | bytearray, length: str) -> tuple[dict, bytes]:
+    """The JSON header and the bytes after it; a length of 0 is a body of JSON only, as Triton reads it."""
     try:
         n = int(length)
-        if not 0 < n <= len(raw):
+        if not 0 <= n <= len(raw):
             raise ValueError
-        head = json.loads(bytes(raw[:n]))
+        head = json.loads(bytes(raw[:n or len(raw)]))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestError(f"the {BINARY_HEADER} header ({shown(length)}) does not frame a JSON inference header "
                            f"in the {len(raw)} bytes sent", error="bad request") from None
     if not isinstance(head, dict):
         raise RequestError("the binary request's inference header is not a JSON object", error="bad request")
-    return head, bytes(raw[n:])
+    return head, bytes(raw[n:]) if n else b""
 
 
-def _bytes_elements(blob: bytes, where: str) -> list[bytes]:
-    """Triton's BYTES tensor encoding: each element is a 4-byte little-endian length, then the bytes."""
+def _bytes_elements(blob: bytes, where: str, *, max_images: int) -> list[bytes]:
+    """Triton's BYTES tensor encoding: each element is a 4-byte little-endian length, then the bytes; read no
+    further than one element past ``max_images`` (then 413)."""
     out, pos = [], 0
     while pos < len(blob):
+        check_count(len(out), max_images)
         if pos + 4 > len(blob):
             raise RequestError(f"{where}: truncated BYTES element", error="bad request")
         (n,) = struct.unpack_from("<I", blob, pos)
@@ -90,24 +94,39 @@ def _image_bytes(element: bytes) -> bytes:
         return element
 
 
-def _elements(tensor: dict, name: str, binary: bytes) -> list[bytes]:
-    """The image bytes of the input tensor: from the binary data that follows the header, or its JSON ``data``."""
-    params = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
-    size = params.get("binary_data_size")
+def _parameters(holder: dict, where: str) -> dict:
+    """The ``parameters`` object of a request, input or output (``{}`` when absent); anything else is a 400."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RequestError(f'{where}"parameters" must be a JSON object, got {shown(params)}', error="bad request")
+    return params
+
+
+def _elements(tensor: dict, name: str, binary: bytes, *, max_images: int) -> list[bytes]:
+    """The image bytes of the input tensor: from the binary data that follows the header, or its JSON ``data``;
+    more than ``max_images`` is a 413 before any is decoded."""
+    size = _parameters(tensor, f'input "{name}": ').get("binary_data_size")
     if size is None:
         data = tensor.get("data")
         if not isinstance(data, list):
             raise RequestError(f'input "{name}": "data" must be a list of base64 strings', error="bad request")
+        if binary:  # as Triton: "unexpected additional input data"
+            raise RequestError(f'{len(binary)} bytes follow the inference header but input "{name}" has no '
+                               "parameters.binary_data_size", error="bad request")
+        data = _flatten(data)
+        check_count(len(data), max_images)
         # TorchServe's OIP gRPC service base64-encodes bytes_contents into this JSON: a client that sent
         # base64 text there arrives encoded twice, one that sent the image bytes once (_image_bytes).
-        return [_image_bytes(decode_b64(d, f'input "{name}" element {i}')) for i, d in enumerate(_flatten(data))]
+        return [_image_bytes(decode_b64(d, f'input "{name}" element {i}')) for i, d in enumerate(data)]
     if type(size) is not int or size < 0:
         raise RequestError(f'input "{name}": parameters.binary_data_size must be a non-negative integer, got '
                            f'{shown(size)}', error="bad request")
     if size != len(binary):  # Triton refuses both: a cut-off upload, or bytes that belong to no tensor
         raise RequestError(f'input "{name}": parameters.binary_data_size is {size} but {len(binary)} bytes follow '
                            "the inference header", error="bad request")
-    return [_image_bytes(e) for e in _bytes_elements(binary, f'input "{name}"')]
+    return [_image_bytes(e) for e in _bytes_elements(binary, f'input "{name}"', max_images=max_images)]
 
 
 def _flag(params: dict, key: str, where: str) -> bool | None:
@@ -133,7 +152,7 @@ def _outputs(outputs, *, binary_default: bool) -> tuple[tuple[str, ...] | None, 
         raise RequestError(f'"outputs" names an output more than once: {shown(names)}', error="bad request")
     classification, binary = {}, set()
     for name, o in zip(names, items):
-        params = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+        params = _parameters(o, f'output "{name}": ')
         if (flag := _flag(params, "binary_data", f'output "{name}": ')) or (flag is None and binary_default):
             binary.add(name)
         c = params.get("classification")
@@ -146,7 +165,7 @@ def _outputs(outputs, *, binary_default: bool) -> tuple[tuple[str, ...] | None, 
     return tuple(names), classification, frozenset(binary)
 
 
-def read_oip_v2(body, headers: dict | None = None) -> Request:
+def read_oip_v2(body, headers: dict | None = None, *, max_images: int = 32) -> Request:
     binary = b""
     if isinstance(body, (bytes, bytearray)):
         body, binary = _binary_body(body, header(headers, BINARY_HEADER))
@@ -167,24 +186,36 @@ def read_oip_v2(body, headers: dict | None = None) -> Request:
             or not all(type(d) is int and d >= 0 for d in shape)):
         raise RequestError(f'input "{name}": shape must be a list of 1 to {MAX_DIMS} non-negative integers, e.g. '
                            f'[N]; got {shown(shape)}', error="bad request")
-    elements = _elements(tensor, name, binary)
     held = _product(shape, stop=2**63)
-    if held != len(elements) or not elements:
+    if held == 0:
+        raise RequestError(f'input "{name}": shape {shown(shape)} holds no image: send at least one', error="bad request")
+    if held > max_images:  # before any element is read
+        raise RequestError(f'input "{name}": shape {shown(shape)} holds {held if held <= 2**63 else "over 2**63"} '
+                           f"images; the limit is {max_images}", status=413, error="too many images")
+    elements = _elements(tensor, name, binary, max_images=max_images)
+    if held != len(elements):
         raise RequestError(f'input "{name}": shape {shown(shape)} holds {held if held <= 2**63 else "over 2**63"} '
                            f"elements but {len(elements)} images were sent", error="bad request")
     request_id = body.get("id")
-    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
-        raise RequestError(f'"id" must be a string of at most {MAX_ID_CHARS} characters', error="bad request")
-    parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS
+                                   or not request_id.isascii() and not _unicode(request_id)):
+        raise RequestError(f'"id" must be a string of at most {MAX_ID_CHARS} characters of valid Unicode '
+                           "(it is echoed)", error="bad request")
+    parameters = _parameters(body, "")
     wanted, classification, binary = _outputs(body.get("outputs"),
                                               binary_default=bool(_flag(parameters, "binary_data_output", "")))
-    topk = parameters.get("topk")
-    if classification and topk is not None and (type(topk) is not int or topk < 1):
-        raise RequestError(f"parameters.topk must be an integer >= 1, got {shown(topk)}", error="bad top-k")
-    if classification:  # one top-k serves every output: the largest asked for
-        topk = max([*classification.values(), *([topk] if topk is not None else [])])
-    return Request(elements, multi=True, topk=topk, protocol=OIP_V2, id=request_id, outputs=wanted,
+    return Request(elements, multi=True, topk=parameters.get("topk"), protocol=OIP_V2, id=request_id, outputs=wanted,
                    classification=classification or None, binary=binary)
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: JSON lets a lone surrogate through (``"\\ud800"``), which strict
+    parsers (tritonclient's rapidjson) refuse when it is echoed back."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _product(shape: list[int], *, stop: int) -> int:
@@ -202,7 +233,8 @@ def _tensor(name: str, rows: list[list[dict]], applied: list[bool], classificati
     n, k = len(rows), len(rows[0])
     if name in classification:  # Triton's classification extension: "<score>:<index>:<label>", best first
         c = min(classification[name], k)
-        data = [f"{p['confidence']}:{p['index']}:{p['class']}" for row in rows for p in row[:c]]
+        data = [f"{p['confidence']:.6f}:{p['index']}:{p['class']}" for row in rows for p in row[:c]]  # C++'s
+        # std::to_string(float), as Triton writes the score: six decimals
         return {"name": name, "datatype": "BYTES", "shape": [n, c], "data": data}
     if name == "tta_applied":
         return {"name": name, "datatype": "BOOL", "shape": [n], "data": applied}

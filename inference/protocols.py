@@ -4,7 +4,8 @@
   ``{"data": "<b64>"}`` (see :mod:`inference.requests`); one image gives one object back, several a list.
 * ``kserve_v1``  -- KServe's v1 protocol (``POST /v1/models/NAME:predict``): ``{"instances": [...]}``,
   each instance ``{"data": "<b64>"}``, ``{"b64": "<b64>"}``, TensorFlow-Serving's named input
-  ``{"image_bytes": {"b64": "<b64>"}}`` (any one name) or a bare base64 string; answered
+  ``{"image_bytes": {"b64": "<b64>"}}`` (any one name, beside other keys such as its ``"key"``) or a bare
+  base64 string; more instances than the limit are a 413 before any is decoded; answered
   ``{"predictions": [<one object per instance>]}``.
 * ``oip_v2``     -- the Open Inference Protocol (KServe v2, Triton, ``POST /v2/models/NAME/infer``;
   :mod:`inference.oip`), errors as ``{"error": "..."}``.
@@ -25,6 +26,7 @@ from inference.requests import (
     OVERLAY_FIELD,
     Request,
     RequestError,
+    check_count,
     decode_b64,
     header,
     inflate,
@@ -85,7 +87,7 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
     its answer (or error) speaks. Whatever the request holds, this only returns: a failure that is not a
     :class:`RequestError` is a bug of ours met on an odd request, answered with that request's 500 alone
     (and logged), never raised into TorchServe, which would answer the whole batch with 503."""
-    protocol = TORCHSERVE
+    protocol = OIP_V2 if header(headers, BINARY_HEADER) is not None else TORCHSERVE  # until the body is read
     try:
         if isinstance((row or {}).get("body"), (bytes, bytearray)):  # inflated, and JSON parsed, once
             row = {**row, "body": _body({"body": inflate(row["body"], headers, max_bytes=max_inflated)}, headers)}
@@ -93,10 +95,16 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
         req = read(row, protocol, headers=headers, max_images=max_images)
         if is_grpc_call(headers):  # TorchServe turns the JSON answer into its gRPC message: JSON only
             req.binary = frozenset()
-        if req.classification:  # a class_count beyond the model's classes: all of them, as Triton answers
-            req.classification = {name: min(c, max_topk) for name, c in req.classification.items()}
-            req.topk = min(req.topk, max_topk)
-        return protocol, req, parse_topk(headers, default=default_topk, num_classes=max_topk, body_value=req.topk)
+        if not req.classification:
+            return protocol, req, parse_topk(headers, default=default_topk, num_classes=max_topk, body_value=req.topk)
+        # a class_count beyond the model's classes is all of them, as Triton answers; one top-k serves every
+        # output: the largest count asked, or parameters.topk (judged as any topk) where larger
+        req.classification = {name: min(c, max_topk) for name, c in req.classification.items()}
+        asked = max(req.classification.values())
+        if req.topk is None:
+            return protocol, req, asked
+        return protocol, req, max(asked, parse_topk(headers, default=default_topk, num_classes=max_topk,
+                                                    body_value=req.topk))
     except RequestError as e:
         return protocol, e, None
     except Exception as e:
@@ -109,9 +117,9 @@ def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: i
     """The images and options of one request in ``protocol``; raises :class:`RequestError`."""
     body = _body(row, headers)
     if protocol == KSERVE_V1:
-        req = read_kserve_v1(body)
+        req = read_kserve_v1(body, max_images=max_images)
     elif protocol == OIP_V2:
-        req = read_oip_v2(body, headers)
+        req = read_oip_v2(body, headers, max_images=max_images)
     else:
         row = {**row, "body": body} if "body" in row else row
         # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
@@ -122,23 +130,22 @@ def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: i
     if isinstance(body, dict):
         params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         req.overlay = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
-    if len(req.images) > max_images:
-        raise RequestError(f"{len(req.images)} images in one request; the limit is {max_images}", status=413,
-                           error="too many images")
+    check_count(len(req.images), max_images)
     return req
 
 
-def read_kserve_v1(body: dict) -> Request:
+def read_kserve_v1(body: dict, *, max_images: int = 32) -> Request:
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError('"instances" must be a non-empty list of images: {"data": "<base64>"}, '
                            '{"b64": "<base64>"} or "<base64>"', error="bad request")
+    check_count(len(instances), max_images)
     images = []
     for i, item in enumerate(instances):
         if isinstance(item, dict):
-            named = next(iter(item.values())) if len(item) == 1 else None
-            if isinstance(named, dict) and "b64" in named:  # TF-Serving's named input {"image_bytes": {"b64": ..}}
-                item = named
+            named = [v for v in item.values() if isinstance(v, dict) and "b64" in v]
+            if len(named) == 1 and not {"data", "b64"} & item.keys():  # TF-Serving's named input
+                item = named[0]  # {"image_bytes": {"b64": ..}}, maybe beside other keys ("key": "1")
             item = item.get("data", item.get("b64"))
             if isinstance(item, dict):  # {"data": {"b64": "..."}}
                 item = item.get("b64")

@@ -55,6 +55,12 @@ class Request:
     overlay: object = None  # the JSON body's overlay option (explanations), as sent
 
 
+def check_count(n: int, max_images: int) -> None:
+    """413 for a request of more than ``max_images`` images: checked before any of them is decoded."""
+    if n > max_images:
+        raise RequestError(f"{n} images in one request; the limit is {max_images}", status=413, error="too many images")
+
+
 def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) -> bytes | bytearray:
     """``body`` as sent, or inflated when its ``Content-Encoding`` is gzip or deflate (TorchServe 0.12's frontend
     does not inflate); more than ``max_bytes`` once inflated is a 413, whatever the compression ratio."""
@@ -147,10 +153,12 @@ def read_request(row: dict, *, max_images: int = 32, content_type: str | None = 
         elif isinstance(body, dict):
             data = body.get("data")
             if isinstance(data, list):
+                check_count(len(data), max_images)
                 req = Request([_b64(d, f"data[{i}]") for i, d in enumerate(data)], multi=True, topk=body.get(TOPK_FIELD))
             else:
                 req = Request([_b64(body, '"data"')], topk=body.get(TOPK_FIELD))
         elif isinstance(body, list):
+            check_count(len(body), max_images)
             req = Request([_b64(d, f"item {i}") for i, d in enumerate(body)], multi=True)
         elif isinstance(body, str):
             raise RequestError("the body arrived as text: send image bytes with an image/* content type, or JSON "
@@ -167,9 +175,7 @@ def read_request(row: dict, *, max_images: int = 32, content_type: str | None = 
         req = Request(files, multi=len(fields) > 1, topk=row.get(TOPK_FIELD))  # the form's shape decides: a list
     if not req.images:
         raise RequestError("the request holds no image", error="missing image")
-    if len(req.images) > max_images:
-        raise RequestError(f"{len(req.images)} images in one request; the limit is {max_images}", status=413,
-                           error="too many images")
+    check_count(len(req.images), max_images)
     return req
 
 

@@ -42,16 +42,15 @@ def test_tritonclient_class_count_is_tritons_classification_extension():
     answer = oip_answer(req, [{**r, "predictions": r["predictions"][:1]} for r in RESULTS], model_name="m",
                         model_version="1")
     scores, labels = answer["outputs"]
-    assert scores == {"name": "scores", "datatype": "BYTES", "shape": [2, 1], "data": ["0.75:1:cat", "0.5:0:dog"]}
+    assert scores == {"name": "scores", "datatype": "BYTES", "shape": [2, 1], "data": ["0.750000:1:cat", "0.500000:0:dog"]}
     assert labels["data"] == ["cat", "dog"] and labels["shape"] == [2, 1]
     # the largest count asked for is the request's k; each output keeps its own
-    req = read_oip_v2({"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [B64]}],
-                       "outputs": [{"name": "labels", "parameters": {"classification": 2}},
-                                   {"name": "indices", "parameters": {"classification": 1}}],
-                       "parameters": {"topk": 1}})
-    assert req.topk == 2 and req.classification == {"labels": 2, "indices": 1}
+    _, req, topk = read_row(oip_row({}, outputs=[{"name": "labels", "parameters": {"classification": 2}},
+                                                 {"name": "indices", "parameters": {"classification": 1}}],
+                                    parameters={"topk": 1}), {}, **ROW)
+    assert topk == 2 and req.classification == {"labels": 2, "indices": 1}
     answer = oip_answer(req, RESULTS[:1], model_name="m", model_version="1")
-    assert [o["data"] for o in answer["outputs"]] == [["0.75:1:cat", "0.25:0:dog"], ["0.75:1:cat"]]
+    assert [o["data"] for o in answer["outputs"]] == [["0.750000:1:cat", "0.250000:0:dog"], ["0.750000:1:cat"]]
 
 
 @pytest.mark.parametrize("classification", [0, -1, "2", 1.5, True])
@@ -113,7 +112,7 @@ def oip_row(tensor: dict, **extra) -> dict:
     ({"datatype": "A" * 9_000_000}, "datatype must be BYTES"),
     ({"shape": [0] * 5_000_000}, "shape must be a list of 1 to 8"),
     ({"shape": [2] * 9}, "shape must be a list of 1 to 8"),
-    ({"shape": [10 ** 3999, 10 ** 3999]}, "holds over 2**63 elements"),  # never multiplied out
+    ({"shape": [10 ** 3999, 10 ** 3999]}, "holds over 2**63 images; the limit is 4"),  # never multiplied out
     ({"shape": [True]}, "shape must be a list"),
     ({"name": "é" * 1_000_000, "datatype": "FP32"}, "datatype must be BYTES"),
 ])
@@ -121,7 +120,7 @@ def test_a_hostile_tensor_is_a_short_400(tensor, match):
     """Each is a 400 whose body quotes a few dozen characters of what was sent (an answer over TorchServe's
     max_response_size drops the worker and its batch), found without multiplying a huge shape out."""
     protocol, err, _ = read_row(oip_row(tensor), {}, **ROW)
-    assert isinstance(err, RequestError) and err.status == 400, err
+    assert isinstance(err, RequestError) and err.status == (413 if "limit" in match else 400), err
     assert match in str(err) and len(str(err)) < 400, str(err)[:300]
 
 
@@ -166,9 +165,10 @@ def test_outputs_asked_in_binary_form_are_answered_in_tritons_binary_form():
     result = decoded(answer)
     outputs = result.get_response()["outputs"]
     assert [o["name"] for o in outputs] == ["scores", "labels", "indices"]
-    assert [o.get("parameters", {}).get("binary_data_size") for o in outputs] == [54, 28, None]
+    assert [o.get("parameters", {}).get("binary_data_size") for o in outputs] == [72, 28, None]
     assert "data" not in outputs[0] and "data" not in outputs[1] and outputs[2]["data"] == [1, 0, 0, 1]
-    assert result.as_numpy("scores").tolist() == [[b"0.75:1:cat", b"0.25:0:dog"], [b"0.5:0:dog", b"0.5:1:cat"]]
+    assert result.as_numpy("scores").tolist() == [[b"0.750000:1:cat", b"0.250000:0:dog"],
+                                                  [b"0.500000:0:dog", b"0.500000:1:cat"]]
     assert result.as_numpy("labels").tolist() == [[b"cat", b"dog"], [b"dog", b"cat"]]
     assert result.as_numpy("indices").tolist() == [[1, 0], [0, 1]]
 
@@ -222,3 +222,63 @@ def test_a_grpc_call_is_answered_in_json_whatever_it_asks():
                                                                              "ts_stream_next": "false"}
     _, req, _ = read_row(row, {"Host": "127.0.0.1"}, **ROW)  # the same over HTTP
     assert req.binary == {"labels"}
+
+
+def test_too_many_images_are_refused_before_any_is_decoded(monkeypatch):
+    """A shape, a JSON data list or binary BYTES elements beyond max_images: 413 without decoding one (a 24 KB
+    gzipped request of 3.3 million one-byte elements held a worker for 4.7 s before its 413)."""
+    decoded = []
+    monkeypatch.setattr("inference.oip._image_bytes", lambda e: decoded.append(e) or e)
+    elements = (struct.pack("<I", 1) + b"A") * 100_000
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(elements)}}]}).encode()
+    cases = [({"body": bytearray(head + elements)}, {"Inference-Header-Content-Length": str(len(head))}),
+             (oip_row({"shape": [1], "data": [B64] * 100_000}), {}),
+             (oip_row({"shape": [5], "data": [B64] * 5}), {})]
+    for row, headers in cases:
+        _, err, _ = read_row(row, headers, **ROW)
+        assert isinstance(err, RequestError) and err.status == 413 and "the limit is 4" in str(err), err
+    assert decoded == []
+    _, err, _ = read_row({"body": {"instances": [B64] * 100_000}}, {}, **ROW)  # KServe v1 alike
+    assert isinstance(err, RequestError) and err.status == 413 and str(err).startswith("100000 images")
+
+
+def test_requests_triton_refuses_or_reads_otherwise_are_answered_as_triton_does():
+    """Bytes after a JSON-data input (Triton: "unexpected additional input data"), a header length of 0 (Triton:
+    the whole body is JSON), parameters that are not objects, a shape of no element, and an id that is not
+    valid Unicode (echoed, it made the 200 unreadable to tritonclient's strict JSON parser)."""
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [B64]}]}).encode()
+    _, err, _ = read_row({"body": bytearray(body + b"junk")}, {"Inference-Header-Content-Length": str(len(body))},
+                         **ROW)
+    assert isinstance(err, RequestError) and "4 bytes follow the inference header" in str(err), err
+    _, req, _ = read_row({"body": bytearray(body)}, {"Inference-Header-Content-Length": "0"}, **ROW)
+    assert req.images == [PNG]
+    for row, where in ((oip_row({}, parameters=["topk", 3]), '"parameters"'),
+                       (oip_row({"parameters": "binary"}), 'input "image": "parameters"'),
+                       (oip_row({}, outputs=[{"name": "labels", "parameters": [1]}]), 'output "labels": "parameters"')):
+        _, err, _ = read_row(row, {}, **ROW)
+        assert isinstance(err, RequestError) and err.status == 400 and f"{where} must be a JSON object" in str(err)
+    _, err, _ = read_row(oip_row({"shape": [0], "data": []}), {}, **ROW)
+    assert "holds no image" in str(err)
+    _, err, _ = read_row(oip_row({}, id="\ud800"), {}, **ROW)
+    assert isinstance(err, RequestError) and "valid Unicode" in str(err)
+    _, req, _ = read_row(oip_row({}, id="photo-é-✓"), {}, **ROW)
+    assert req.id == "photo-é-✓"
+
+
+def test_topk_beside_classification_is_judged_as_any_topk():
+    """parameters.topk was held to a stricter rule next to a class_count ("3" refused) and a looser one (50 of
+    3 classes silently cut): now one rule, parse_topk's."""
+    cls = [{"name": "scores", "parameters": {"classification": 2}}]
+    for topk, want in (("3", 3), (3.0, 3), (1, 2), (None, 2)):
+        _, req, k = read_row(oip_row({}, outputs=cls, parameters={"topk": topk}), {}, **ROW)
+        assert isinstance(req, Request) and k == want, (topk, req)
+    for topk in (50, "abc", 0, True):
+        _, err, _ = read_row(oip_row({}, outputs=cls, parameters={"topk": topk}), {}, **ROW)
+        assert isinstance(err, RequestError) and err.error == "bad top-k", (topk, err)
+
+
+def test_a_bad_gzip_body_with_tritons_binary_header_gets_the_oip_error():
+    headers = {"Inference-Header-Content-Length": "10", "Content-Encoding": "gzip"}
+    protocol, err, _ = read_row({"body": bytearray(b"not gzip at all")}, headers, **ROW)
+    assert protocol == OIP_V2 and isinstance(err, RequestError) and err.error == "bad encoding"

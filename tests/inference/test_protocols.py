@@ -168,7 +168,7 @@ def test_read_row_answers_every_request_and_raises_nothing(monkeypatch):
     protocol, req, topk = read_row({"body": oip([B64], parameters={"topk": 3})}, {}, **ROW)
     assert protocol == OIP_V2 and req.images == [PNG] and topk == 3
     # a bug of ours on an odd request is that request's 500, named, never an exception into TorchServe
-    monkeypatch.setattr(protocols, "read_kserve_v1", lambda body: {}["boom"])
+    monkeypatch.setattr(protocols, "read_kserve_v1", lambda body, **_: {}["boom"])
     protocol, err, _ = read_row({"body": {"instances": [B64]}}, {}, **ROW)
     assert protocol == KSERVE_V1 and err.status == 500 and "KeyError" in str(err)
 
@@ -231,3 +231,12 @@ def test_an_answer_longer_than_max_response_bytes_becomes_a_413():
     err = protocols.bounded("x" * 1025, limit=1024)
     assert err.status == 413 and err.error == "answer too large" and "1025 bytes" in str(err)
     assert protocols.status_of(err) == (413, "answer too large")
+
+
+def test_kserve_v1_reads_tf_servings_named_input_beside_other_keys():
+    """TF-Serving's {"image_bytes": {"b64": ...}, "key": "1"} (its documented form with a passthrough key)."""
+    body = {"instances": [{"image_bytes": {"b64": B64}, "key": "1"}, {"data": B64, "key": "2"}]}
+    protocol, req, _ = read_row({"body": body}, {}, **ROW)
+    assert protocol == KSERVE_V1 and req.images == [PNG, PNG]
+    _, err, _ = read_row({"body": {"instances": [{"a": {"b64": B64}, "b": {"b64": B64}}]}}, {}, **ROW)  # which one?
+    assert isinstance(err, RequestError) and "instances[0]" in str(err)

@@ -2,7 +2,9 @@
 Protocol over HTTP, JSON and binary tensors), requests (KServe v1), grpcio stubs compiled from
 TorchServe's own protos (inference.proto ``Predictions``, open_inference_grpc.proto ``ModelInfer``)."""
 import base64
+import gzip
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -156,6 +158,29 @@ def test_binary_outputs_come_back_in_tritons_binary_form_beside_json_requests(se
     bad = requests.post(f"{server.url}/v2/models/shapes/infer", timeout=60,
                         json={**body, "parameters": {"binary_data_output": "yes"}})
     assert bad.status_code == 400 and "binary_data_output must be true or false" in bad.json()["error"]
+
+
+def test_millions_of_tiny_elements_are_a_quick_413_beside_a_good_request(server, native):
+    """A 24 KB gzipped OIP request whose 16 MiB of binary data holds 3.3 million one-byte BYTES elements: every
+    element was read and decoded before the image count was checked (4.7 s of a worker, its batch waiting).
+    Now the count stops the read; the good request of the same moment gets its 200."""
+    elements = (b"\x01\x00\x00\x00A") * 3_300_000
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(elements)}}]}).encode()
+    body = gzip.compress(head + elements)
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Encoding": "gzip",
+               "Content-Type": "application/octet-stream"}
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        bad = pool.submit(requests.post, f"{server.url}/v2/models/shapes/infer", data=body, headers=headers,
+                          timeout=60)
+        good = pool.submit(predict, server.url, "shapes", IMAGES[0], content_type="image/png", topk=2)
+        bad = bad.result()
+        elapsed = time.perf_counter() - start
+    print(f"{len(body)} bytes gzipped, {len(head) + len(elements)} inflated: {bad.status_code} in {elapsed:.2f} s")
+    assert bad.status_code == 413 and "images in one request; the limit is" in bad.json()["error"], bad.text
+    assert elapsed < 3, elapsed  # 4.7 s of decoding alone before
+    assert good.result() == (200, native[0])
 
 
 def test_a_pretty_printed_json_file_sent_as_bytes_is_read_as_json(server, native):
