@@ -36,6 +36,14 @@ def cases(tmp):
                                               "--model-kwargs", '{"width": 3}'],  # before the data is read
                                              "--model-kwargs {'width': 3}: CBAMResNet.__init__() got an unexpected "
                                              "keyword argument 'width'"),
+        "training train out of range": (["-m", "training", "train", "--data", nope, "--out", tmp / "run",
+                                          "--label-smoothing", "2"], "--label-smoothing must be at least 0 and below 1"),
+        "training train resize below input": (["-m", "training", "train", "--data", nope, "--out", tmp / "run",
+                                               "--input-size", "64", "--resize-size", "32"],
+                                              "--resize-size 32 is smaller than --input-size 64"),
+        "training train model cannot run": (["-m", "training", "train", "--data", nope, "--out", tmp / "run",
+                                             "--model-kwargs", '{"widths": [0, 0, 0, 0]}'],  # shapes, before the data
+                                            "cannot run on a 32x32 input"),
         "training train yaml type": (["-m", "training", "train", "--config", tmp / "recipe.yaml"],
                                      "lr: expected a number, got 'fast'"),
         "training train resume not a checkpoint": (["-m", "training", "train", "--resume", tmp / "junk.pt"],

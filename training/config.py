@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -77,11 +78,11 @@ class TrainConfig:
     out: str = _opt(None, "run folder, e.g. runs/NAME: best.pt, last.pt, config.yaml, log.csv (per epoch, "
                     "validation split), test_metrics.json (test split, once, at the end)")
     format: str = _opt(AUTO, "data format", choices=FORMAT_CHOICES)
-    input_size: int = _opt(32, "model input size in pixels (the evaluation center crop)")
-    resize_size: int | None = _opt(None, "shorter side before the evaluation crop (default: the input size)")
+    input_size: int = _opt(32, "model input size in pixels (the evaluation center crop)", minimum=1)
+    resize_size: int | None = _opt(None, "shorter side before the evaluation crop (default: the input size)", minimum=1)
     normalize: str = _opt("dataset", "mean/std fused into the exported graph: 'dataset' (computed on the "
                           "training images), 'imagenet', or 'M1,M2,M3,S1,S2,S3'")
-    workers: int = _opt(0, "DataLoader worker processes (persistent; pinned memory on CUDA)")
+    workers: int = _opt(0, "DataLoader worker processes (persistent; pinned memory on CUDA)", minimum=0)
     worker_start: str = _opt("forkserver", "how the workers start: forkserver (safe when this process has other "
                              "threads; a script that builds the Trainer itself needs the `if __name__ == "
                              "'__main__':` guard) or fork (no guard needed; may hang or crash with threads: gRPC, "
@@ -92,22 +93,22 @@ class TrainConfig:
                                "--seed) as the validation split that chooses best.pt, unless an ImageFolder root "
                                "has val/ next to test/ (then val/ is it); 0: no validation split, best.pt is the "
                                "last epoch (EMA weights with --ema). The test split is never read for this: it is "
-                               "evaluated once, at the end")
+                               "evaluated once, at the end", minimum=0, below=1)
     max_bad_images: int = _opt(10, "unreadable training images (not an image, truncated, unreadable file) skipped "
-                               "with a warning naming each and counted in the log; one more is an error")
+                               "with a warning naming each and counted in the log; one more is an error", minimum=0)
     # -- augmentation (training.presets.TrainPreset) and batch mixing (training.mixing.BatchMixer)
     augment: str = _opt("pad_crop", "geometric augmentation: pad-and-crop (small images), random-resized-crop "
                         "(large images) or none", choices=TrainPreset.MODES)
-    hflip: float = _opt(0.5, "horizontal flip probability")
-    rotation: float = _opt(0.0, "random rotation range in degrees (0: off)")
-    color_jitter: float = _opt(0.0, "ColorJitter strength for brightness/contrast/saturation (0: off)")
-    affine: float = _opt(0.0, "RandomAffine translate/scale strength (0: off)")
+    hflip: float = _opt(0.5, "horizontal flip probability", minimum=0, maximum=1)
+    rotation: float = _opt(0.0, "random rotation range in degrees (0: off)", minimum=0, maximum=180)
+    color_jitter: float = _opt(0.0, "ColorJitter strength for brightness/contrast/saturation (0: off)", minimum=0)
+    affine: float = _opt(0.0, "RandomAffine translate/scale strength (0: off)", minimum=0, below=1)
     auto_augment: str | None = _opt(None, "automatic augmentation policy", choices=TrainPreset.AUTO_AUGMENT)
-    random_erase: float = _opt(0.0, "RandomErasing probability (0: off)")
-    mixup_alpha: float = _opt(0.0, "Mixup Beta(alpha, alpha) parameter (0: off)")
-    cutmix_alpha: float = _opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off)")
-    mix_prob: float = _opt(1.0, "probability that a batch is mixed (when mixup/cutmix are on)")
-    mix_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
+    random_erase: float = _opt(0.0, "RandomErasing probability (0: off)", minimum=0, maximum=1)
+    mixup_alpha: float = _opt(0.0, "Mixup Beta(alpha, alpha) parameter (0: off)", minimum=0)
+    cutmix_alpha: float = _opt(0.0, "CutMix Beta(alpha, alpha) parameter (0: off)", minimum=0)
+    mix_prob: float = _opt(1.0, "probability that a batch is mixed (when mixup/cutmix are on)", minimum=0, maximum=1)
+    mix_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on", minimum=0, maximum=1)
     # -- model
     arch: str = _opt("cbam_resnet", "architecture from the registry (see the list above)")
     model_kwargs: dict = _opt(None, "JSON keyword arguments of the architecture, e.g. "
@@ -117,31 +118,31 @@ class TrainConfig:
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun (DDP)")
     # -- loss
     loss: str = _opt("ce", "loss function", choices=LOSSES)
-    label_smoothing: float = _opt(0.1, "label smoothing of the targets")
-    focal_gamma: float = _opt(2.0, "focal loss focusing parameter gamma")
-    focal_alpha: float | None = _opt(None, "focal loss scalar alpha weight (default: none)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the targets", minimum=0, below=1)
+    focal_gamma: float = _opt(2.0, "focal loss focusing parameter gamma", minimum=0)
+    focal_alpha: float | None = _opt(None, "focal loss scalar alpha weight (default: none)", minimum=0, maximum=1)
     weighted_loss: bool = _opt(False, "weight classes by inverse training-set frequency")
     # -- optimisation
     optimizer: str = _opt("adamw", "optimizer (sgd = SGD with Nesterov momentum)", choices=OPTIMIZERS)
-    epochs: int = _opt(10, "number of epochs")
-    batch_size: int = _opt(128, "images per step (per process under torchrun)")
-    lr: float = _opt(2e-3, "peak learning rate (of the head when --backbone-lr-scale is set)")
-    weight_decay: float = _opt(0.05, "weight decay (not applied to norm layers and biases)")
-    momentum: float = _opt(0.9, "SGD momentum")
+    epochs: int = _opt(10, "number of epochs", minimum=1)
+    batch_size: int = _opt(128, "images per step (per process under torchrun)", minimum=1)
+    lr: float = _opt(2e-3, "peak learning rate (of the head when --backbone-lr-scale is set)", minimum=0)
+    weight_decay: float = _opt(0.05, "weight decay (not applied to norm layers and biases)", minimum=0)
+    momentum: float = _opt(0.9, "SGD momentum", minimum=0, below=1)
     schedule: str = _opt("cosine", "learning-rate schedule (after warm-up)", choices=SCHEDULES)
-    warmup_epochs: float = _opt(0.2, "linear warm-up length in (fractional) epochs")
-    min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of --lr")
-    restart_epochs: int = _opt(10, "cosine_restarts: epochs of the first cycle")
-    plateau_patience: int = _opt(2, "plateau: epochs without improvement before the lr drops")
-    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)")
+    warmup_epochs: float = _opt(0.2, "linear warm-up length in (fractional) epochs", minimum=0)
+    min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of --lr", minimum=0, maximum=1)
+    restart_epochs: int = _opt(10, "cosine_restarts: epochs of the first cycle", minimum=1)
+    plateau_patience: int = _opt(2, "plateau: epochs without improvement before the lr drops", minimum=0)
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)", minimum=0)
     backbone_lr_scale: float = _opt(1.0, "learning rate of the backbone relative to the head "
-                                    "(differential learning rates; models with a backbone/head split)")
+                                    "(differential learning rates; models with a backbone/head split)", minimum=0)
     unfreeze: str | None = _opt(None, "progressive unfreezing schedule 'EPOCH:STAGE,...', e.g. "
                                 "'0:,2:layer4,4:layer3,6:layer2' (head only until epoch 2); epochs count from 0")
     ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated and checkpointed")
-    ema_decay: float = _opt(0.999, "EMA decay per optimizer step")
+    ema_decay: float = _opt(0.999, "EMA decay per optimizer step", minimum=0, below=1)
     early_stopping: int = _opt(0, "stop after this many epochs without a better validation top-1 (0: off; "
-                               "needs a validation split)")
+                               "needs a validation split)", minimum=0)
     # -- execution
     amp: str = _opt("auto", "autocast precision: auto = bf16 on CUDA, none on CPU", choices=AMP_MODES)
     channels_last: bool | None = _opt(None, "channels_last memory format (default: on for CUDA)")
@@ -171,14 +172,11 @@ class TrainConfig:
                 setattr(self, f.name, None)
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of {choices}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--epochs and --batch-size must be at least 1")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError("--ema-decay must be in [0, 1)")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
-        if self.max_bad_images < 0:
-            raise ValueError(f"--max-bad-images must be >= 0, not {self.max_bad_images}")
+        for f in fields(self):
+            check_range(f, getattr(self, f.name))
+        if self.resize_size is not None and self.resize_size < self.input_size:
+            raise ValueError(f"--resize-size {self.resize_size} is smaller than --input-size {self.input_size}: the "
+                             "evaluation crop is cut from the resized image (the rest would be black padding)")
         if os.environ.get("WORLD_SIZE", "1") == "1":  # under torchrun each rank's device is checked as it starts
             check_device(self.device)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -199,6 +197,24 @@ class TrainConfig:
         values = {k: v for k, v in self.to_dict().items() if k not in INVOCATION_ONLY}
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(values, f, sort_keys=False)
+
+
+def _range_text(meta) -> str:
+    """A field's limits in words (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive)."""
+    low = (f"at least {meta['minimum']}" if "minimum" in meta else f"above {meta['above']}" if "above" in meta else "")
+    high = (f"at most {meta['maximum']}" if "maximum" in meta else f"below {meta['below']}" if "below" in meta else "")
+    return " and ".join(r for r in (low, high) if r)
+
+
+def check_range(f, value) -> None:
+    """``ValueError`` naming the option when a number is outside its field's limits, or not finite."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    meta = f.metadata
+    fits = (math.isfinite(value) and value >= meta.get("minimum", -math.inf) and value > meta.get("above", -math.inf)
+            and value <= meta.get("maximum", math.inf) and value < meta.get("below", math.inf))
+    if not fits:
+        raise ValueError(f"--{f.name.replace('_', '-')} must be {_range_text(meta) or 'a finite number'}, not {value}")
 
 
 def _typed(f, value):
@@ -251,7 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} (default: {default})"
+        limits = _range_text(f.metadata)
+        help_text = f"{f.metadata['help']} (default: {default}{'; ' + limits if limits else ''})"
         if _bool_field(f):
             parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
@@ -281,11 +298,13 @@ def saved_config(checkpoint: str) -> dict:
 def resume_config(checkpoint: str, given: dict | None = None) -> TrainConfig:
     """The configuration of ``--resume checkpoint``: the checkpoint's saved one, overridden by the
     options in ``given`` (those given on the command line or in ``--config``), and nothing else:
-    an option left off keeps the run's value, not the default. The run's preset is in its saved values;
+    an option left off keeps the run's value, not the default, but for ``out``: the checkpoint's folder. The run's preset is in its saved values;
     a different ``preset`` given applies that preset's values, under the other options given."""
     saved, given = saved_config(checkpoint), dict(given or {})
     if "preset" in given and given["preset"] != saved.get("preset", DEFAULT_PRESET):
         given = with_preset(given)
+    if given.get("out") is None:  # the run goes on where its checkpoint is (a run folder may have moved)
+        given["out"] = os.path.dirname(checkpoint) or "."
     return TrainConfig(**{**saved, **given, "resume": checkpoint}).validate()
 
 

@@ -19,10 +19,12 @@ Which split is used for what:
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -58,8 +60,10 @@ from .run_log import (
     add_scalars,
     append_log,
     claim_run_folder,
-    clear_run_folder,
+    drop_set_aside,
     open_tensorboard,
+    restore_set_aside,
+    set_aside,
     start_log,
     unlock_run_folder,
     write_test_metrics,
@@ -119,6 +123,7 @@ class Trainer:
         resume = self._open_resume(cfg.resume) if cfg.resume else None  # refuse a mismatch before any work
         self._check_model_options()
         # before rank 0 writes; rank 0 holds the folder's lock until finish() (or its process ends)
+        made = not os.path.isdir(cfg.out)
         self.replaced = claim_run_folder(cfg.out, resume=cfg.resume, force=cfg.force, lock=self.main)
         os.makedirs(cfg.out, exist_ok=True)
         try:
@@ -131,19 +136,29 @@ class Trainer:
                 self._resume(cfg.resume, resume)
         except BaseException:
             unlock_run_folder(cfg.out)
+            if made:  # a folder made for this run and left empty: not left behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(cfg.out)
             raise
 
     # -- set-up -------------------------------------------------------------------------------------
     def _check_model_options(self) -> None:
-        """The architecture, ``--model-kwargs``, ``--unfreeze`` and ``--pretrained``'s file, checked on a
-        2-class model without storage (meta device, milliseconds): a typo is one line before the data
-        (maybe thousands of photos and their statistics) is read."""
+        """The architecture, ``--model-kwargs`` (a forward of one ``--input-size`` image), ``--unfreeze`` and
+        ``--pretrained``'s file, checked on a 2-class model without storage (meta device, milliseconds): a typo
+        is one line before the data (maybe thousands of photos and their statistics) is read."""
         cfg = self.cfg
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), warnings.catch_warnings():  # torch warns of zero-element weights: said below
+                warnings.simplefilter("ignore")
                 model = build_model(cfg.arch, num_classes=2, **dict(cfg.model_kwargs or {}))
         except TypeError as e:  # an argument the architecture does not take
             raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {e}") from None
+        try:  # shapes only: widths of 0, or an input too small for the architecture's strides
+            with torch.device("meta"):
+                model.eval()(torch.empty(1, 3, cfg.input_size, cfg.input_size))
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ValueError(f"--arch {cfg.arch} --model-kwargs {cfg.model_kwargs} cannot run on a "
+                             f"{cfg.input_size}x{cfg.input_size} input: {str(e).splitlines()[0]}") from None
         if cfg.unfreeze:
             ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze))
         if cfg.pretrained and not os.path.isfile(cfg.pretrained):
@@ -426,20 +441,24 @@ class Trainer:
             unlock_run_folder(self.cfg.out)
             raise ValueError(f"--resume {self.cfg.resume}: the run has trained its {self.start_epoch - 1} epochs "
                              f"already; pass --epochs N (more than {self.start_epoch - 1}) to train on")
-        self.begin()
         try:
+            self.begin()
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
                 if self.run_epoch(epoch):
                     self.log(f"early stopping: no better validation top-1 for {self.cfg.early_stopping} epochs")
                     break
             result = self.test_best()
+        except BaseException:
+            if self.main and (back := restore_set_aside(self.cfg.out)):
+                self.warn(f"{self.cfg.out}: the run that --force was replacing is back ({', '.join(back)})")
+            raise
         finally:
             self.finish()
         return result if self.main else {}
 
     def begin(self) -> None:
         if self.main:
-            clear_run_folder(self.cfg.out, self.replaced)
+            set_aside(self.cfg.out, self.replaced)
             self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
             start_log(self.cfg.out, self.history)
         self.writer = open_tensorboard(self.cfg.out) if self.cfg.tensorboard and self.main else None
@@ -581,6 +600,7 @@ class Trainer:
             self._save(os.path.join(self.cfg.out, "best.pt"), epoch, metrics, weights=weights, training_state=False)
         self._save(os.path.join(self.cfg.out, "last.pt"), epoch, metrics, weights=self.model, training_state=True,
                    rng_states=rng_states)
+        drop_set_aside(self.cfg.out)  # the new run has its checkpoints: the one --force replaced goes
         return stop
 
     def test_best(self) -> dict:

@@ -11,6 +11,8 @@
 a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it; a run stopped before
 its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume, unless a
 live process is still training into it (:func:`lock_run_folder`): a folder is never written by two runs at once.
+A replaced run's files are kept aside until the new run's first checkpoint (:func:`set_aside`): a ``--force``
+run that fails or is stopped before it leaves the old run as it was.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 
 LOG_FILE = "log.csv"
 TEST_METRICS_FILE = "test_metrics.json"
@@ -27,15 +30,26 @@ SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr
 CONFIG_FILE = "config.yaml"
 RUN_FILES = ("best.pt", "last.pt", LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
 LOCK_FILE = ".training.lock"  # locked (flock) by the process training into the folder; holds its PID
+CHECKPOINTS = ("best.pt", "last.pt")
+SET_ASIDE = ".replaced"  # the files of the run that --force replaces, until the new run's first checkpoint
 _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
 
 
 def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False, lock: bool = True) -> list[str]:
     """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
-    ``force`` will replace (removed by :func:`clear_run_folder` when the run starts). Resuming a checkpoint
+    ``force`` will replace (set aside by :func:`set_aside` when the run starts, removed at its first checkpoint). Resuming a checkpoint
     of ``out`` itself continues that run there."""
     if lock:  # never two processes writing one folder, --force or not (lock: the process that writes: rank 0)
         lock_run_folder(out)
+        restore_set_aside(out)  # a forced run killed before its first checkpoint: the run it replaced returns
+    try:
+        return _replaced_files(out, resume=resume, force=force)
+    except ValueError:
+        unlock_run_folder(out)
+        raise
+
+
+def _replaced_files(out: str, *, resume: str | None, force: bool) -> list[str]:
     held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
         return []
@@ -84,13 +98,40 @@ def unlock_run_folder(out: str) -> None:
         os.close(fd)
 
 
-def clear_run_folder(out: str, names: list[str]) -> None:
-    """Remove the replaced run's files (``--force``), so that no file of it outlives the new run's start."""
+def set_aside(out: str, names: list[str]) -> None:
+    """Move the replaced run's files (``--force``) into ``RUN/.replaced/`` as the new run starts, so that none
+    of them mixes with it: the new run's first checkpoint removes them (:func:`drop_set_aside`); a new run that
+    fails, is stopped or is killed before it puts them back (:func:`restore_set_aside`)."""
+    if not names:
+        return
+    aside = os.path.join(out, SET_ASIDE)
+    os.makedirs(aside, exist_ok=True)
     for name in names:
         try:
-            os.remove(os.path.join(out, name))
+            os.replace(os.path.join(out, name), os.path.join(aside, name))
         except FileNotFoundError:
             pass
+
+
+def restore_set_aside(out: str) -> list[str]:
+    """Put the files of :func:`set_aside` back where the new run has no checkpoint (it ended before its first
+    one: the replaced run is still the folder's run), replacing the new run's config and log; returns their
+    names. Where the new run has a checkpoint they are removed."""
+    aside = os.path.join(out, SET_ASIDE)
+    if not os.path.isdir(aside):
+        return []
+    restored = []
+    if not any(os.path.exists(os.path.join(out, name)) for name in CHECKPOINTS):
+        for name in sorted(os.listdir(aside)):
+            os.replace(os.path.join(aside, name), os.path.join(out, name))
+            restored.append(name)
+    shutil.rmtree(aside, ignore_errors=True)
+    return restored
+
+
+def drop_set_aside(out: str) -> None:
+    """The new run has its first checkpoint: the replaced run's files go."""
+    shutil.rmtree(os.path.join(out, SET_ASIDE), ignore_errors=True)
 
 
 def start_log(out: str, history: list[dict]) -> None:

@@ -158,7 +158,8 @@ def test_options_left_off_a_resume_come_from_the_checkpoint(tmp_path):
     cfg = from_args(p.parse_args(["--resume", str(tmp_path / "last.pt"), "--epochs", "6", "--label-smoothing", "0.1"]))
     assert (cfg.epochs, cfg.label_smoothing) == (6, 0.1)  # typed (0.1 is also the default)
     assert (cfg.data, cfg.out, cfg.lr, cfg.mixup_alpha, cfg.hflip, cfg.cache, cfg.val_fraction, cfg.seed,
-            cfg.model_kwargs) == ("d", "runs/x", 1e-3, 0.2, 0.0, False, 0.25, 3, {"widths": [8]})
+            cfg.model_kwargs) == ("d", str(tmp_path), 1e-3, 0.2, 0.0, False, 0.25, 3, {"widths": [8]})  # out: where
+    # the checkpoint is (the run may have moved since it was saved as runs/x)
     assert cfg.resume == str(tmp_path / "last.pt")
     (tmp_path / "c.yaml").write_text("lr: 0.01\n")  # --config sits between the checkpoint and the command line
     cfg = from_args(p.parse_args(["--resume", str(tmp_path / "last.pt"), "--config", str(tmp_path / "c.yaml")]))

@@ -71,3 +71,39 @@ def test_a_set_smaller_than_one_batch_trains_with_a_smaller_batch(tmp_path, caps
     assert "--batch-size 64 is larger than the 9 training images per process; training with batches of 9" in \
         capsys.readouterr().err
     assert (out / "best.pt").is_file()
+
+
+def _tiny_run(data, out, *extra):
+    return ["train", "--data", str(data), "--model-kwargs", json.dumps(TINY_KWARGS), "--epochs", "1", "--batch-size",
+            "12", "--input-size", "16", "--out", str(out), "--no-progress", *extra]
+
+
+def test_a_forced_run_that_fails_before_its_first_checkpoint_keeps_the_old_run(small_folder, tmp_path, monkeypatch):
+    """`train --force` deleted the run it replaced as it started: a failure in its first epoch (here Ctrl-C; an
+    unreadable image over --max-bad-images, an out-of-memory error) left neither run."""
+    from training.engine import Trainer
+    out = tmp_path / "run"
+    main(_tiny_run(small_folder, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(self, epoch):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(_tiny_run(small_folder, out, "--force", "--seed", "1"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every file, byte for byte; no lock left
+    monkeypatch.undo()
+    main(_tiny_run(small_folder, out, "--force", "--seed", "1"))  # a forced run that succeeds replaces it
+    assert (out / "best.pt").read_bytes() != before["best.pt"] and not (out / ".replaced").exists()
+
+
+def test_resuming_a_moved_run_goes_on_in_its_new_folder(small_folder, tmp_path):
+    """The saved configuration's --out was taken as it was: a run moved from A to B and resumed from B/last.pt
+    trained into a new A, leaving B at its old epoch."""
+    first, moved = tmp_path / "A", tmp_path / "B"
+    main(_tiny_run(small_folder, first))
+    first.rename(moved)
+    main(["train", "--resume", str(moved / "last.pt"), "--epochs", "2", "--no-progress"])
+    assert not first.exists()
+    with open(moved / "log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
