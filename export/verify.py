@@ -14,13 +14,14 @@ INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
-from torch.utils import benchmark
 
 from inference.images import ImageError, read_image_file
 from inference.transforms import EvalPreset
+from training.datasets import unreadable_line
 from training.image_folder import scan_image_folder
 
 RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
@@ -40,13 +41,24 @@ class EvalSet:
     source: str
 
 
-def _read(path: str, *, min_side: int | None) -> torch.Tensor:
-    """One image file as the server decodes it; an unreadable one is an error naming the file (an export
-    gate must not run on fewer images than it says, so it is not skipped)."""
-    try:
-        return read_image_file(path, min_side=min_side)
-    except ImageError as e:
-        raise ImageError(f"{path}: {e}") from None
+def _read_readable(paths: list[str], *, min_side: int | None, what: str) -> tuple[list[torch.Tensor], list[int]]:
+    """The files of ``paths`` as the server decodes them, and the indices of those read. An unreadable file (as
+    ``train`` skips it: corrupt, truncated, not an image) is skipped and named on stderr, so that a gate never
+    runs on fewer images than it says (the caller's count is of the readable ones); none readable is an error."""
+    images, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(read_image_file(path, min_side=min_side))
+            kept.append(i)
+        except (ImageError, OSError) as e:
+            print(unreadable_line(path, e), file=sys.stderr)
+    if not kept and paths:
+        raise ValueError(f"none of the {len(paths)} {what} could be read (first: {paths[0]})")
+    return images, kept
+
+
+def _skipped(total: int, kept: int) -> str:
+    return f" ({total - kept} unreadable skipped)" if kept < total else ""
 
 
 def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalSet:
@@ -60,9 +72,9 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
     if classes != spec.class_names:
         raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")
     idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
-    decoded = [_read(paths[i], min_side=crop.min_decode_side) for i in idx]  # as the server decodes
-    return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[i] for i in idx]),
-                   f"{len(idx)} images of {data}")
+    decoded, kept = _read_readable([paths[i] for i in idx], min_side=crop.min_decode_side, what=f"images of {data}")
+    return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[idx[k]] for k in kept]),
+                   f"{len(kept)} images of {data}{_skipped(len(idx), len(kept))}")
 
 
 def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:
@@ -80,19 +92,22 @@ def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1
         paths = list(source)
     paths = random.Random(seed).sample(paths, min(count, len(paths)))
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    return preset.batch([_read(p, min_side=preset.min_decode_side) for p in paths])
+    return preset.batch(_read_readable(paths, min_side=preset.min_decode_side, what="calibration images")[0])
 
 
 def load_labelled(paths: list[str], labels: list[int], spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images at the input size (decoded as the server decodes them) and their labels."""
+    """uint8 images at the input size (decoded as the server decodes them) and their labels; unreadable files
+    skipped and named (:func:`_read_readable`)."""
     preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    images = preset.batch([_read(p, min_side=preset.min_decode_side) for p in paths])
-    return images, torch.tensor(labels)
+    images, kept = _read_readable(paths, min_side=preset.min_decode_side, what="validation images")
+    return preset.batch(images), torch.tensor([labels[k] for k in kept])
 
 
 def ms_per_image(backend, batch: torch.Tensor, *, threads: int, min_run_time: float = 0.2) -> float:
     """ms per image of ``backend(batch)``: the median of ``torch.utils.benchmark.Timer`` blocks over
     ``min_run_time`` seconds, with torch at ``threads`` threads."""
+    from torch.utils import benchmark  # here: importing it logs a CUDA warning on machines without one
+
     timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": batch}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
 

@@ -119,13 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stats":
         from inference.transforms import EvalPreset
 
+        from .datasets import ReadableImages, unreadable_line
         from .formats import build_datasets
         from .stats import dataset_stats
         preset = EvalPreset(crop_size=args.input_size, resize_size=args.resize_size)
         train_ds, _ = build_datasets(args.data, format=args.format, train_transform=preset)
-        mean, std = dataset_stats(train_ds, max_images=args.max_images)
+        bad: list[tuple[str, str]] = []  # unreadable files: skipped and named, as train skips them
+        mean, std = dataset_stats(ReadableImages(train_ds), max_images=args.max_images, bad=bad)
+        for path, reason in bad:
+            print(unreadable_line(path, reason), file=sys.stderr)
+        read = len(train_ds) if args.max_images is None else min(len(train_ds), args.max_images)
         print(json.dumps({"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std],
-                          "images": len(train_ds) if args.max_images is None else min(len(train_ds), args.max_images)}))
+                          "images": read - len(bad), "unreadable": len(bad)}))
         print("--normalize " + ",".join(f"{v:.4f}" for v in (*mean, *std)))
     elif args.command == "train":
         from .config import from_args
@@ -144,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                      device=args.device, format=args.format)
         print(m["report"])
         print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
-              f"on {m['images']} images (tta={m['tta']}); metrics, predictions and plots in {out}")
+              f"on {m['images']} images (tta={m['tta']}"
+              + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
+              + f"); metrics, predictions and plots in {out}")
     elif args.command == "predict":
         from .evaluation import predict_folder
         n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,

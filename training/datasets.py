@@ -269,6 +269,12 @@ def collate_readable(batch):
     return images, labels, [b for _, _, bad in batch for b in bad]
 
 
+def unreadable_line(path: str, reason) -> str:
+    """The line that names a skipped unreadable image on stderr (its reason often names the path already)."""
+    reason = str(reason)
+    return f"skipped unreadable image {reason if path in reason else f'{path}: {reason}'}"
+
+
 def collate_reporting(batch):
     """``default_collate`` of the ``(image, label)`` parts plus one flat list of the batch's
     unreadable ``(path, reason)`` pairs: ``(images, labels, bad)`` (workers pass it to the main process)."""

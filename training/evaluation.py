@@ -17,7 +17,7 @@ from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba
 
 from .checkpoint import ModelSpec, load_model
-from .datasets import LazyDataset
+from .datasets import LazyDataset, ReadableImages, collate_readable, unreadable_line
 from .formats import AUTO, FORMATS, build_datasets, detect_format
 from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, is_image_name
 from .progress import tqdm
@@ -76,7 +76,8 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
              device: str = "auto", progress: bool = True, plots: bool = True, format: str = AUTO) -> dict:
     """Evaluate a checkpoint on labelled images (see :func:`eval_dataset`): top-1/3/5, macro
     precision/recall/F1, per-class numbers and the confusion matrix; with ``out_dir``: metrics.json,
-    predictions.csv and PNG plots."""
+    predictions.csv and PNG plots. Unreadable files are skipped, named on stderr and listed in the metrics
+    (``unreadable_images``), as ``train`` does on its test split; the numbers are over the readable ones."""
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
     model.to(dev)
@@ -84,16 +85,21 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
                                                                    resize_size=spec.resize_size))
     if list(ds.classes) != spec.class_names:
         raise ValueError(f"the classes of {data} ({ds.classes}) differ from the checkpoint's ({spec.class_names})")
-    probs, labels = predict(model, DataLoader(ds, batch_size=batch_size), spec, device=dev, tta=tta,
-                            progress=progress)
+    bad: list[tuple[str, str]] = []  # unreadable files: skipped, named and recorded, as train's test evaluation does
+    probs, labels = predict(model, DataLoader(ReadableImages(ds), batch_size=batch_size, collate_fn=collate_readable),
+                            spec, device=dev, tta=tta, progress=progress, bad=bad)
+    for path, reason in bad:
+        print(unreadable_line(path, reason), file=sys.stderr)
     metrics = {**classification_metrics(probs, labels, spec.class_names), "tta": tta, "checkpoint": str(checkpoint),
-               "data": str(data)}
+               "data": str(data), "unreadable_images": [{"path": p, "reason": r} for p, r in bad]}
     metrics["report"] = classification_report(metrics)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-        write_predictions_csv(os.path.join(out_dir, "predictions.csv"), ds.paths, labels, probs, spec.class_names)
+        skipped = {p for p, _ in bad}
+        write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [p for p in ds.paths if p not in skipped],
+                              labels, probs, spec.class_names)
         if plots:
             metrics["plots"] = [
                 plot_confusion_matrix(metrics["confusion"], spec.class_names,

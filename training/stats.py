@@ -13,7 +13,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def dataset_stats(dataset, *, max_images: int | None = None, progress: bool = True
+def dataset_stats(dataset, *, max_images: int | None = None, progress: bool = True, bad: list | None = None
                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel ``(mean, std)`` of a data set's uint8 images on the 0..1 scale, streamed.
 
@@ -21,7 +21,8 @@ def dataset_stats(dataset, *, max_images: int | None = None, progress: bool = Tr
     deterministic, pre-augmentation pixels) is used when it has one, else ``dataset[i][0]`` (or
     ``dataset[i]`` when items are bare image tensors). ``max_images`` takes a fixed random subset (seed 0). Sums and sums of squares
     are accumulated in float64, so images may differ in size and nothing is stacked; the std is the
-    unbiased one (as torch.std).
+    unbiased one (as torch.std). Items ``(None, label, [(path, reason)])`` (unreadable files,
+    :class:`training.datasets.ReadableImages`) are left out, their ``(path, reason)`` added to ``bad``.
     """
     n = len(dataset)
     if n == 0:
@@ -59,11 +60,16 @@ def dataset_stats(dataset, *, max_images: int | None = None, progress: bool = Tr
             for i in idx:
                 item = dataset[i]
                 image = item if isinstance(item, torch.Tensor) else item[0]
+                if image is None:
+                    (bad if bad is not None else []).extend(item[2])
+                    continue
                 if image.ndim != 3:
                     raise ValueError(f"dataset_stats: expected (C, H, W) images, got shape {tuple(image.shape)}")
                 add(image.unsqueeze(0))
         bar.update(len(idx))
     bar.close()
+    if total is None:
+        raise ValueError("dataset_stats: none of the images could be read")
     mean = total / count / 255.0
     var = (total_sq - total.square() / count) / max(1, count - 1) / 255.0 ** 2
     return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().tolist())

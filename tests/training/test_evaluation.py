@@ -83,3 +83,44 @@ def test_predict_finds_images_behind_symlinked_folders_once_and_skips_hidden_one
     (photos / "linked").symlink_to(elsewhere)
     (elsewhere / "loop").symlink_to(photos)  # a cycle of links: each real folder is read once
     assert image_files(str(photos)) == [str(photos / "a.png"), str(photos / "linked" / "b.png")]
+
+
+def test_unreadable_files_that_train_skips_are_skipped_by_evaluate_stats_and_export(small_folder, tmp_path, capsys):
+    """`train` skips an unreadable test or training image and says so; `evaluate`, `stats` and the export's
+    accuracy, calibration and validation images then stopped on the same file (one bad photo in a user's test
+    split broke the README's next two steps). Each now skips it, names it and counts the rest."""
+    import shutil
+
+    from export.verify import load_calibration, load_eval_set, load_labelled
+    from training.checkpoint import load_model
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    for split in ("train", "test"):
+        (data / split / "circle" / "zz_truncated.png").write_bytes((data / split / "circle" / "000.png").read_bytes()[:40])
+        (data / split / "vertical" / "zz_garbage.jpg").write_bytes(b"not an image at all")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model-kwargs", json.dumps(TINY_KWARGS), "--epochs", "1",
+                 "--input-size", "16", "--batch-size", "12", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data / "test"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    out, err = capsys.readouterr()
+    assert "on 12 images (tta=none; 2 unreadable skipped)" in out and err.count("skipped unreadable image") == 2
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert sorted(p["path"].rsplit("/", 1)[1] for p in metrics["unreadable_images"]) == ["zz_garbage.jpg",
+                                                                                        "zz_truncated.png"]
+    with open(tmp_path / "eval" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and not any("zz_" in r["path"] for r in rows)
+    assert metrics["top1"] == json.loads((run / "test_metrics.json").read_text())["top1"]  # train's own number
+    assert main(["stats", "--data", str(data), "--input-size", "16"]) == 0
+    out, err = capsys.readouterr()
+    stats = json.loads(out.splitlines()[0])
+    assert (stats["images"], stats["unreadable"]) == (36, 2) and err.count("skipped unreadable image") == 2
+    spec, _ = load_model(run / "best.pt")
+    evalset = load_eval_set(str(data / "test"), spec, count=500)
+    assert len(evalset.labels) == 12 and evalset.source.endswith("(2 unreadable skipped)")
+    assert len(load_calibration(str(data / "train"), spec, count=300)) == 36
+    paths = [str(data / "train" / "circle" / "zz_truncated.png"), str(data / "train" / "circle" / "000.png")]
+    images, labels = load_labelled(paths, [0, 1], spec)
+    assert len(images) == 1 and labels.tolist() == [1]
