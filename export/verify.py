@@ -13,6 +13,7 @@ INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
         g = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (count, 3, spec.resize_size, spec.resize_size), dtype=torch.uint8, generator=g)
         return EvalSet(crop(images), images, None, "random uint8 images")
+    data = next((os.path.join(data, split) for split in ("test", "val") if os.path.isdir(os.path.join(data, "train"))
+                 and os.path.isdir(os.path.join(data, split))), data)  # a data-set root: its test split, as evaluate
     classes, paths, labels = scan_image_folder(data)
     if classes != spec.class_names:
         raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")

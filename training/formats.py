@@ -17,11 +17,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from .cifar import CIFAR_SUBFOLDERS, CifarDataset, is_cifar_folder
 from .datasets import ImageSubset, stratified_split
-from .image_folder import ImageFolderDataset
+from .image_folder import ImageFolderDataset, is_class_folder, is_image_name
 from .inat import InatDataset
 
 FORMATS = ("imagefolder", "inat", "cifar")
@@ -40,6 +41,10 @@ def detect_format(data: str | os.PathLike) -> str:
         return "cifar"
     if (root / "train").is_dir():
         return "imagefolder"
+    if any(is_class_folder(p) and any(is_image_name(f) for f in os.listdir(p)) for p in root.iterdir()):
+        raise ValueError(f"{data} holds class folders of images but no train/ and test/ splits: make them first "
+                         f"with `python -m training split --images {data} --out {str(data).rstrip('/')}_split`, "
+                         "then train on that")
     raise ValueError(f"cannot tell the format of {data}: looked for train.json (iNaturalist), CIFAR pickles "
                      f"(data_batch_1/test_batch or train/test files, also under {' or '.join(CIFAR_SUBFOLDERS)}) "
                      "and a train/ sub-folder (ImageFolder)")
@@ -165,6 +170,10 @@ def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform
     for name, ds in ((test_name, test_ds), (val_name, val_ds)):
         if ds is not None:
             check_same_classes(train_name, base.classes, name, ds.classes)
+    held_by = torch.bincount(torch.as_tensor(base.labels, dtype=torch.long), minlength=len(base.classes)).tolist()
+    if empty := [c for c, n in zip(base.classes, held_by) if n == 0]:  # a model would learn a class never seen
+        raise ValueError(f"{train_name}: no training image of class {', '.join(map(repr, empty))}: add images, or "
+                         "remove the empty class folder (and its folders in the other splits)")
     train_ds, carved = base, False
     if val_ds is None and val_fraction > 0:
         keep, held = stratified_split(base.labels, val_fraction, seed=seed)

@@ -39,6 +39,8 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
     """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
     ``force`` will replace (set aside by :func:`set_aside` when the run starts, removed at its first checkpoint). Resuming a checkpoint
     of ``out`` itself continues that run there."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: a run needs a folder (e.g. runs/NAME)")
     if lock:  # never two processes writing one folder, --force or not (lock: the process that writes: rank 0)
         lock_run_folder(out)
         restore_set_aside(out)  # a forced run killed before its first checkpoint: the run it replaced returns
@@ -134,18 +136,23 @@ def drop_set_aside(out: str) -> None:
     shutil.rmtree(os.path.join(out, SET_ASIDE), ignore_errors=True)
 
 
+def _row(metrics: dict) -> list[str]:
+    """One epoch's row: its :data:`LOG_COLUMNS` formatted (columns it lacks, or holds as text, as they are)."""
+    return [_FORMATS.get(c, "{:.5f}").format(metrics[c]) if isinstance(metrics.get(c), (int, float))
+            else metrics.get(c, "") for c in LOG_COLUMNS]
+
+
 def start_log(out: str, history: list[dict]) -> None:
-    """Write ``out/log.csv``: the header and the rows of ``history`` (kept on ``--resume``)."""
-    rows = [[h.get(c, "") for c in LOG_COLUMNS] for h in history]
+    """Write ``out/log.csv``: the header and the rows of ``history`` (kept on ``--resume``), formatted as
+    :func:`append_log` formats them."""
     with open(os.path.join(out, LOG_FILE), "w", newline="") as f:
-        csv.writer(f).writerows([LOG_COLUMNS, *rows])
+        csv.writer(f).writerows([LOG_COLUMNS, *map(_row, history)])
 
 
 def append_log(out: str, metrics: dict) -> None:
     """Append one epoch's ``metrics`` to ``out/log.csv`` (columns it lacks stay empty)."""
-    row = [_FORMATS.get(c, "{:.5f}").format(metrics[c]) if c in metrics else "" for c in LOG_COLUMNS]
     with open(os.path.join(out, LOG_FILE), "a", newline="") as f:
-        csv.writer(f).writerow(row)
+        csv.writer(f).writerow(_row(metrics))
 
 
 def write_test_metrics(out: str, metrics: dict) -> str:

@@ -120,7 +120,21 @@ def test_unreadable_files_that_train_skips_are_skipped_by_evaluate_stats_and_exp
     spec, _ = load_model(run / "best.pt")
     evalset = load_eval_set(str(data / "test"), spec, count=500)
     assert len(evalset.labels) == 12 and evalset.source.endswith("(2 unreadable skipped)")
+    assert load_eval_set(str(data), spec, count=500).source == evalset.source  # the root: its test split
     assert len(load_calibration(str(data / "train"), spec, count=300)) == 36
     paths = [str(data / "train" / "circle" / "zz_truncated.png"), str(data / "train" / "circle" / "000.png")]
     images, labels = load_labelled(paths, [0, 1], spec)
     assert len(images) == 1 and labels.tolist() == [1]
+
+
+def test_predict_takes_one_image_file(image_folder, tmp_path, capsys):
+    """`predict --images photo.jpg` said "folder not found" of a file that exists."""
+    from training.checkpoint import ModelSpec, save_checkpoint
+    spec = ModelSpec(arch="cbam_resnet", class_names=["circle", "horizontal", "vertical"], input_size=16,
+                     resize_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, model_kwargs=TINY_KWARGS)
+    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
+    photo = sorted((image_folder / "test" / "circle").iterdir())[0]
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(photo),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(photo)]

@@ -41,3 +41,22 @@ def test_imagefolder_val_split_and_class_mismatch(tmp_path):
             (tmp_path / split / c / "0.png").write_bytes(encode(pattern_image("circle", size=8)))
     with pytest.raises(ValueError, match="classes of .*train.*val.* differ"):
         build_datasets(tmp_path)
+
+
+def test_an_unsplit_photo_folder_and_an_empty_class_are_one_clear_line(small_folder, tmp_path):
+    """`train --data photos` (class folders, not yet split) said "cannot tell the format"; a hand-made tree with
+    an empty class folder trained a model with a class it never saw (the server could answer it)."""
+    import shutil
+
+    from training.formats import build_splits
+    photos = tmp_path / "photos"
+    shutil.copytree(small_folder / "train", photos)  # the class folders themselves
+    with pytest.raises(ValueError, match=r"class folders of images but no train/ and test/ splits: make them first "
+                                         r"with `python -m training split --images .*photos --out .*photos_split`"):
+        detect_format(photos)
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    for split in ("train", "test"):
+        (data / split / "fish").mkdir()
+    with pytest.raises(ValueError, match=r"no training image of class 'fish': add images, or remove the empty"):
+        build_splits(data, val_fraction=0.25, progress=False)

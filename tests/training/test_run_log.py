@@ -12,6 +12,8 @@ def test_log_keeps_resumed_rows_and_leaves_missing_columns_empty(tmp_path):
     append_log(str(tmp_path), {"epoch": 2, "train_loss": 0.25, "lr": 1e-3, "seconds": 1.26, "weights": "model"})
     log = read_log(tmp_path / "log.csv")
     assert list(log) == LOG_COLUMNS and log["epoch"] == [1.0, 2.0] and log["train_loss"] == [0.5, 0.25]
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[1].split(",")[:2] == ["1", "0.50000"] and rows[2].split(",")[:2] == ["2", "0.25000"]  # alike
     assert log["lr"][1] == 1e-3 and log["seconds"][1] == 1.3 and math.isnan(log["val_top1_ema"][1])
 
 
@@ -127,3 +129,12 @@ def test_a_forced_run_that_ends_before_its_first_checkpoint_leaves_the_old_run(t
     (out / "best.pt").write_text("new")
     assert restore_set_aside(str(out)) == [] and (out / "best.pt").read_text() == "new"
     assert not (out / ".replaced").exists()
+
+
+def test_an_out_that_is_a_file_is_one_clear_line(tmp_path):
+    import pytest
+
+    from training.run_log import claim_run_folder
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file: a run needs a folder"):
+        claim_run_folder(str(tmp_path / "afile"))
