@@ -41,8 +41,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--formats", default="torchscript,onnx", help="comma-separated variants, or 'all' "
                    "(default: %(default)s)")
-    p.add_argument("--data", default=None, help="labelled ImageFolder tree (e.g. DATA/test; a data-set root DATA means its test/) for parity and accuracy; "
-                   "without it parity uses random images and INT8 variants are refused")
+    p.add_argument("--data", default=None, help="labelled ImageFolder tree (e.g. DATA/test; a data-set root DATA "
+                   "means its test/) for parity and accuracy; without it parity uses random images and INT8 "
+                   "variants are refused")
     p.add_argument("--calib-data", default=None, help="images for INT8 calibration (default: the training images "
                    "of the checkpoint's run, without its validation images)")
     p.add_argument("--val-data", default=None, help="labelled images (not the test split) that INT8's accuracy "

@@ -298,8 +298,9 @@ def saved_config(checkpoint: str) -> dict:
 def resume_config(checkpoint: str, given: dict | None = None) -> TrainConfig:
     """The configuration of ``--resume checkpoint``: the checkpoint's saved one, overridden by the
     options in ``given`` (those given on the command line or in ``--config``), and nothing else:
-    an option left off keeps the run's value, not the default, but for ``out``: the checkpoint's folder. The run's preset is in its saved values;
-    a different ``preset`` given applies that preset's values, under the other options given."""
+    an option left off keeps the run's value, not the default, but for ``out``: the checkpoint's folder.
+    The run's preset is in its saved values; a different ``preset`` given applies that preset's values,
+    under the other options given."""
     saved, given = saved_config(checkpoint), dict(given or {})
     if "preset" in given and given["preset"] != saved.get("preset", DEFAULT_PRESET):
         given = with_preset(given)

@@ -112,8 +112,9 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
 
 
 def image_files(folder: str) -> list[str]:
-    """The image files under ``folder`` (or ``folder`` itself, an image file), sorted: symlinked sub-folders followed (``Path.rglob`` does not before
-    Python 3.13), each real folder once (a link loop ends), hidden files and folders skipped."""
+    """The image files under ``folder`` (or ``folder`` itself, an image file), sorted: symlinked sub-folders
+    followed (``Path.rglob`` does not before Python 3.13), each real folder once (a link loop ends), hidden files
+    and folders skipped."""
     if os.path.isfile(folder) and is_image_name(os.path.basename(folder)):  # one photo
         return [folder]
     if not os.path.isdir(folder):

@@ -37,8 +37,8 @@ _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{
 
 def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False, lock: bool = True) -> list[str]:
     """Refuse (``ValueError``) an ``out`` that holds another run, before any work; returns the files that
-    ``force`` will replace (set aside by :func:`set_aside` when the run starts, removed at its first checkpoint). Resuming a checkpoint
-    of ``out`` itself continues that run there."""
+    ``force`` will replace (set aside by :func:`set_aside` when the run starts, removed at its first
+    checkpoint). Resuming a checkpoint of ``out`` itself continues that run there."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file: a run needs a folder (e.g. runs/NAME)")
     if lock:  # never two processes writing one folder, --force or not (lock: the process that writes: rank 0)
