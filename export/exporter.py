@@ -265,7 +265,8 @@ class Exporter:
             calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
             images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
             self.validation = (images, labels, split.val_source)
-            log(f"INT8: calibration on {split.calib_source}; accuracy control on {split.val_source} (budget on "
+            log(f"INT8: calibration on {len(calibration)} read of {split.calib_source}; accuracy control on "
+                f"{len(images)} read of {split.val_source} (budget on "
                 f"the test gate: <= {self.budget.max_drop} points, >= {self.budget.min_agreement:.1%} top-1 "
                 f"agreement with fp32; {self.budget.margin:.0%} of each on validation)")
         with torch.no_grad():

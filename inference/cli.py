@@ -13,6 +13,7 @@ import the core, and nothing else: it needs only the standard library.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import re
@@ -30,6 +31,17 @@ MISTAKES = (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, 
 # OSErrors of the machine, not of the code: a full disk, a read-only file system, a quota (the writes are atomic:
 # nothing good was lost, the user frees space or picks another folder)
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=``: an integer of at least 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, not {text!r}")
+    return value
 
 
 def one_line(error: BaseException | str) -> str:

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from inference.cli import positive_int
 from inference.cli import run as run_cli
 from inference.tta import TTA_MODES
 
@@ -44,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         "computes it itself with the default --normalize dataset).")
     st.add_argument("--data", required=True, help="data set root (as for train)")
     st.add_argument("--format", default=AUTO, choices=FORMAT_CHOICES, help="data format")
-    st.add_argument("--input-size", type=int, default=32, help="crop size (as for train)")
-    st.add_argument("--resize-size", type=int, default=None, help="resize size (as for train)")
-    st.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
+    st.add_argument("--input-size", type=positive_int, default=32, help="crop size (as for train)")
+    st.add_argument("--resize-size", type=positive_int, default=None, help="resize size (as for train)")
+    st.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images (default: all)")
 
     t = sub.add_parser("train", help="train a model",
                        description="Train on the training split and evaluate on the validation split every epoch "
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="how to read --data (auto: a data-set root if it is one, else class folders)")
     e.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation, exactly as the handler does it (see inference/tta.py)")
-    e.add_argument("--batch-size", type=int, default=256, help="images per forward")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
     e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
@@ -83,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="folder of images (any layout)")
     pr.add_argument("--out", required=True, help="CSV file to write")
     pr.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
-    pr.add_argument("--topk", type=int, default=1, help="classes per image in the CSV")
-    pr.add_argument("--batch-size", type=int, default=256, help="images per forward")
+    pr.add_argument("--topk", type=positive_int, default=1, help="classes per image in the CSV")
+    pr.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
     from inference.explain import FILLS, MAX_GRID

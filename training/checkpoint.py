@@ -15,6 +15,7 @@ from torch import nn
 from inference.atomic import replacing
 
 from .models import build_model
+from .run_log import SET_ASIDE
 
 FORMAT_VERSION = 1
 
@@ -58,8 +59,13 @@ def read_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> dic
     ``torch.load`` raises anything from ``RuntimeError`` to ``UnpicklingError``). Never unpickles arbitrary
     objects (``weights_only=True``)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}" if what == "checkpoint" else
-                                f"{what} {path}: checkpoint not found")
+        folder = os.path.dirname(path) or "."
+        aside = os.path.join(folder, SET_ASIDE, os.path.basename(path))
+        hint = (f" (a `train --force` into {folder} was killed before its first checkpoint: the run it replaced is "
+                f"in {os.path.dirname(aside)}/, and the next `train` into {folder} puts it back)"
+                if os.path.isfile(aside) else "")
+        raise FileNotFoundError((f"checkpoint not found: {path}" if what == "checkpoint" else
+                                 f"{what} {path}: checkpoint not found") + hint)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

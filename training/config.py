@@ -214,7 +214,8 @@ def check_range(f, value) -> None:
     fits = (math.isfinite(value) and value >= meta.get("minimum", -math.inf) and value > meta.get("above", -math.inf)
             and value <= meta.get("maximum", math.inf) and value < meta.get("below", math.inf))
     if not fits:
-        raise ValueError(f"--{f.name.replace('_', '-')} must be {_range_text(meta) or 'a finite number'}, not {value}")
+        rule = " and ".join(r for r in ("a finite number" if not math.isfinite(value) else "", _range_text(meta)) if r)
+        raise ValueError(f"--{f.name.replace('_', '-')} must be {rule}, not {value}")
 
 
 def _typed(f, value):
@@ -286,7 +287,9 @@ def saved_config(checkpoint: str) -> dict:
     """The training configuration saved in ``checkpoint`` (``RUN/last.pt``), without its ``resume``;
     options this version no longer has are dropped, options it added keep their defaults."""
     from .checkpoint import read_checkpoint
+    from .run_log import restore_killed_run
 
+    restore_killed_run(os.path.dirname(checkpoint) or ".")  # its last.pt may wait in RUN/.replaced/
     saved = read_checkpoint(checkpoint, what="--resume").get("config")
     if not isinstance(saved, dict):
         raise ValueError(f"--resume {checkpoint}: the checkpoint holds no training configuration (not written by "

@@ -151,8 +151,8 @@ class Trainer:
             with torch.device("meta"), warnings.catch_warnings():  # torch warns of zero-element weights: said below
                 warnings.simplefilter("ignore")
                 model = build_model(cfg.arch, num_classes=2, **dict(cfg.model_kwargs or {}))
-        except TypeError as e:  # an argument the architecture does not take
-            raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {e}") from None
+        except (TypeError, ValueError, RuntimeError) as e:  # an argument it does not take, a width below 0, ...
+            raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {str(e).splitlines()[0]}") from None
         try:  # shapes only: widths of 0, or an input too small for the architecture's strides
             with torch.device("meta"):
                 model.eval()(torch.empty(1, 3, cfg.input_size, cfg.input_size))

@@ -117,6 +117,8 @@ def image_files(folder: str) -> list[str]:
     and folders skipped."""
     if os.path.isfile(folder) and is_image_name(os.path.basename(folder)):  # one photo
         return [folder]
+    if os.path.isfile(folder):
+        raise ValueError(f"--images {folder}: not an image file ({', '.join(IMAGE_EXTENSIONS)}) nor a folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder}: no such folder or image file")
     paths, seen = [], set()

@@ -131,6 +131,20 @@ def restore_set_aside(out: str) -> list[str]:
     return restored
 
 
+def restore_killed_run(out: str) -> None:
+    """Put back the run that a ``--force`` run killed before its first checkpoint left in ``RUN/.replaced/``
+    (under the folder's lock: never under a live run, whose lock refuses this with a clear line)."""
+    if not os.path.isdir(os.path.join(out, SET_ASIDE)):
+        return
+    held = os.path.realpath(out) in _LOCKS
+    lock_run_folder(out)
+    try:
+        restore_set_aside(out)
+    finally:
+        if not held:
+            unlock_run_folder(out)
+
+
 def drop_set_aside(out: str) -> None:
     """The new run has its first checkpoint: the replaced run's files go."""
     shutil.rmtree(os.path.join(out, SET_ASIDE), ignore_errors=True)
