@@ -13,7 +13,6 @@ INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import torch
 from inference.images import ImageError, read_image_file
 from inference.transforms import EvalPreset
 from training.datasets import unreadable_line
-from training.image_folder import scan_image_folder
 
 RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
 CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 convolutions
@@ -69,9 +67,10 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
         g = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (count, 3, spec.resize_size, spec.resize_size), dtype=torch.uint8, generator=g)
         return EvalSet(crop(images), images, None, "random uint8 images")
-    data = next((os.path.join(data, split) for split in ("test", "val") if os.path.isdir(os.path.join(data, "train"))
-                 and os.path.isdir(os.path.join(data, split))), data)  # a data-set root: its test split, as evaluate
-    classes, paths, labels = scan_image_folder(data)
+    from training.evaluation import eval_dataset  # class folders, or a data-set root's test split, as evaluate
+
+    ds = eval_dataset(data)
+    data, classes, paths, labels = getattr(ds, "root", data), list(ds.classes), ds.paths, ds.labels.tolist()
     if classes != spec.class_names:
         raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")
     idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
