@@ -176,6 +176,7 @@ class Trainer:
             cache=cfg.cache, val_fraction=cfg.val_fraction, seed=cfg.seed, max_bad_images=cfg.max_bad_images,
             progress=progress)
         self.note_bad_images(splits.bad_images)
+        self.note_bad_images(splits.val_bad_images, enforce=False, split="validation")  # capped while caching
         # the training images: augmentation seeded per (seed, epoch, index), unreadable files replaced and reported
         self.train_ds = TrainingImages(splits.train, seed=cfg.seed, max_bad_images=cfg.max_bad_images)
         if splits.val is None:
@@ -420,8 +421,8 @@ class Trainer:
         if self.main:
             print(message, file=sys.stderr, flush=True)
 
-    def note_bad_images(self, bad, *, enforce: bool = True) -> None:
-        """Record unreadable training images (``(path, reason)`` pairs; each new one logged once) and,
+    def note_bad_images(self, bad, *, enforce: bool = True, split: str = "training") -> None:
+        """Record unreadable images of the ``split`` (``(path, reason)`` pairs; each new one logged once) and,
         with ``enforce``, raise the clear error once more than ``--max-bad-images`` were met."""
         for path, reason in bad:
             if path in self.bad_images:
@@ -430,7 +431,7 @@ class Trainer:
             if reason.startswith(f"{path}: "):
                 reason = reason[len(path) + 2:]
             self.bad_images[path] = reason
-            self.warn(f"warning: skipped unreadable training image {path} ({reason}); {len(self.bad_images)} "
+            self.warn(f"warning: skipped unreadable {split} image {path} ({reason}); {len(self.bad_images)} "
                       f"skipped so far, at most {self.cfg.max_bad_images} (--max-bad-images)")
         if enforce and self.bad_images:
             check_bad_images(len(self.bad_images), self.cfg.max_bad_images, example=next(iter(self.bad_images)))
@@ -540,7 +541,7 @@ class Trainer:
                                        progress=self.cfg.progress, desc="validate EMA", bad=bad)
                 metrics.update(val_loss_ema=nll(ema_probs, labels), val_top1_ema=topk_accuracy(ema_probs, labels, 1),
                                val_top5_ema=topk_accuracy(ema_probs, labels, 5))
-            self.note_bad_images(bad, enforce=False)
+            self.note_bad_images(bad, enforce=False, split="validation")
         metrics["lr"] = self.schedule.lr
         metrics["seconds"] = seconds + 0.0
         return metrics

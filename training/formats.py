@@ -109,7 +109,8 @@ class Splits:
 
     ``train`` has the training transform; ``val`` (``None``: no validation split) and ``test`` give
     evaluation-transformed images. ``val_carved``: ``val`` was held out of the training images.
-    ``bad_images``: the ``(path, reason)`` of unreadable training files skipped while caching.
+    ``bad_images``: the ``(path, reason)`` of unreadable training files skipped while caching;
+    ``val_bad_images`` those of a ``val/`` folder.
     """
 
     train: Dataset
@@ -120,6 +121,7 @@ class Splits:
     test_name: str
     val_carved: bool = False
     bad_images: list = field(default_factory=list)
+    val_bad_images: list = field(default_factory=list)
 
 
 def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform=None, eval_transform=None,
@@ -155,7 +157,8 @@ def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform
         test_ds = ImageFolderDataset(test_dir, transform=eval_transform, progress=progress)
         train_name, test_name = str(train_dir), str(test_dir)
         if test_dir.name == "test" and (root / "val").is_dir():
-            val_ds = ImageFolderDataset(root / "val", transform=None if cache else eval_transform, **cached)
+            val_ds = ImageFolderDataset(root / "val", transform=None if cache else eval_transform,
+                                        max_bad_images=max_bad_images, **cached)  # skipped as --no-cache does
             val_name = str(root / "val")
     elif format == "inat":
         train_json = _first(root, ("train.json",), Path.is_file, "files")
@@ -185,4 +188,5 @@ def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform
         train_ds, val_ds, carved = ImageSubset(base, keep), ImageSubset(evaluated, held), True
         val_name = f"{len(held)} images held out of {train_name} (--val-fraction {val_fraction}, stratified, seed {seed})"
     return Splits(train=train_ds, val=val_ds, test=test_ds, train_name=train_name, val_name=val_name,
-                  test_name=test_name, val_carved=carved, bad_images=list(getattr(base, "bad_images", [])))
+                  test_name=test_name, val_carved=carved, bad_images=list(getattr(base, "bad_images", [])),
+                  val_bad_images=[] if carved else list(getattr(val_ds, "bad_images", [])))

@@ -1,6 +1,7 @@
 import base64
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,18 @@ def test_topk_predictions_per_request_k():
     out = topk_predictions(*probs.topk(3, dim=1), [1, 3], ["a", "b", "c"])
     assert out[0] == [{"class": "b", "index": 1, "confidence": pytest.approx(0.7)}]
     assert [p["class"] for p in out[1]] == ["a", "c", "b"]
+
+
+def test_confidences_keep_every_float32_digit_in_the_fewest_characters():
+    probs = torch.softmax(torch.tensor([[30.0, 0.0, 1.3, -1.0], [0.3, 0.1, 0.2, 0.25]]), dim=1)
+    values, indices = probs.topk(4, dim=1)
+    out = topk_predictions(values, indices, [4, 4], list("abcd"))
+    got = np.array([[p["confidence"] for p in row] for row in out], dtype=np.float32)
+    assert np.array_equal(got, values.numpy())  # FP32 scores (OIP binary or JSON) read back bit for bit
+    assert 0 < out[0][-1]["confidence"] < 1e-12  # e**-31: six decimals wrote 0.0
+    assert json.dumps(out[1][0]["confidence"]) == str(np.float32(values[1, 0]))  # e.g. 0.2756 .. not 0.27560..0621
+    bf16 = topk_predictions(values.bfloat16(), indices, [1, 1], list("abcd"))  # a reduced-precision graph's output
+    assert bf16[0][0]["confidence"] == pytest.approx(1.0)
 
 
 def test_error_body_is_json():

@@ -112,11 +112,12 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(small_folder):
     assert not all(torch.equal(view[(e, 5)][0], a) for e in (4, 5, 6))  # another epoch, another augmentation
 
 
-@pytest.mark.parametrize("where", ["test", "val"])
+@pytest.mark.parametrize("where,cache", [("test", False), ("val", False), ("val", True)])
 def test_an_unreadable_test_or_val_image_is_left_out_and_named_not_the_end_of_the_run(small_folder, tmp_path, capsys,
-                                                                                     where):
+                                                                                     where, cache):
     """A corrupt photo that `split` put into test/ (or val/, read per access with --no-cache) used to stop the
-    run after all its epochs (test) or the first (val), with no test_metrics.json."""
+    run after all its epochs (test) or the first (val), with no test_metrics.json; in a cached val/ it stopped
+    the run before its first epoch, and a skipped one was called a training image."""
     root = tmp_path / "data"
     shutil.copytree(small_folder, root)
     if where == "val":
@@ -124,7 +125,7 @@ def test_an_unreadable_test_or_val_image_is_left_out_and_named_not_the_end_of_th
     bad = root / where / "circle" / "zz_broken.jpg"
     bad.write_bytes(_truncated_jpeg())
     run = tmp_path / "run"
-    best = Trainer(_cfg(root, run, normalize="imagenet", cache=False)).run()
+    best = Trainer(_cfg(root, run, normalize="imagenet", cache=cache)).run()
     report = json.loads((run / "test_metrics.json").read_text())
     err = capsys.readouterr().err
     if where == "test":
@@ -132,7 +133,10 @@ def test_an_unreadable_test_or_val_image_is_left_out_and_named_not_the_end_of_th
         assert f"warning: test image {bad} left out: " in err
         assert report["images"] == best["test_images"] == len(list((root / "test").rglob("*.png")))
     else:
-        assert f"warning: skipped unreadable training image {bad} (" in err and report["unreadable_test_images"] == []
+        assert err.count(f"warning: skipped unreadable validation image {bad} (") == 1  # named once, as what it is
+        assert report["unreadable_test_images"] == []
+        if cache:  # left out of the cached split (read per access, it is known unreadable only when met)
+            assert report["selected_on"]["images"] == len(list((root / "val").rglob("*.png")))
     assert [r["val_top1"] != "" for r in _log(run)] == [True, True]
 
 
