@@ -12,6 +12,7 @@ such request would kill a TorchServe worker, so PNG/GIF/WEBP/BMP/TIFF never reac
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -124,6 +125,8 @@ def _other_format(data: bytes | bytearray) -> str | None:
     """The format outside the allow-list that ``data`` starts like, by Pillow's plugins' prefix tests alone."""
     Image.init()
     prefix = bytes(data[:16])
+    if prefix[4:8] == b"ftyp":  # ISO-BMFF: HEIC/HEIF (an iPhone's photos) or AVIF, which no allowed plugin reads
+        return f"HEIF/AVIF, brand {prefix[8:12].decode('latin-1')!r}; send iPhone photos as JPEG ('Most Compatible')"
     for name in Image.ID:
         accept = Image.OPEN.get(name, (None, None))[1] if name not in FORMATS else None
         try:
@@ -149,10 +152,8 @@ def _frames(im: Image.Image, max_frames: int) -> int:
     except Exception:  # the end, or a later frame Pillow cannot read (cut off, odd mode): only frame 0 is used
         return frame  # frames 0 .. frame - 1
     finally:
-        try:
+        with contextlib.suppress(Exception):
             im.seek(0)
-        except Exception:
-            pass
     return max_frames + 1
 
 
@@ -163,8 +164,7 @@ def image_size(data: bytes | bytearray) -> tuple[int, int]:
 
 
 def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:
-    if t.ndim == 4:  # animated GIF/WEBP: the first frame
-        t = t[0]
+    t = t[0] if t.ndim == 4 else t  # animated GIF/WEBP: the first frame
     if t.dtype == torch.uint16:  # 16-bit PNG
         t = (t.to(torch.int32) >> 8).to(torch.uint8)
     return t

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.images import ImageError, ImageTooLargeError, decode_rgb
+from inference.images import ImageError, ImageTooLargeError, UnsupportedFormatError, decode_rgb, probe
 from tests.conftest import encode, pattern_image
 
 
@@ -360,3 +360,15 @@ def test_a_floating_point_tiff_is_refused_not_decoded_black():
     with pytest.raises(ImageError, match="32-bit floating-point") as e:
         decode_rgb(buf.getvalue())
     assert e.value.status == 415
+
+
+def test_heic_and_avif_photos_are_a_415_that_says_what_they_are():
+    """An iPhone's default photo format (HEIC) and AVIF are ISO-BMFF files that no allowed plugin reads: a 415
+    naming the format and the way out, not "matches no known image format" (a 400)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, format="AVIF")  # a real AVIF, by Pillow's libavif
+    iphone = bytes.fromhex("00000018") + b"ftypheic" + bytes(4) + b"mif1heic" + bytes(64)  # HEIC's ftyp box, as
+    for data, brand in ((buf.getvalue(), "avif"), (iphone, "heic")):                   # an iPhone writes it
+        with pytest.raises(UnsupportedFormatError, match=f"HEIF/AVIF, brand '{brand}'.*as JPEG") as e:
+            probe(data)
+        assert e.value.status == 415
