@@ -16,13 +16,15 @@ help:
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
-	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (about 35 minutes, estimated)"
+	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (about 35 minutes on 2 cores)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
 	@echo "make validate-deploy - validate deploy/ (Kubernetes, KServe) offline"
 	@echo "make audit  - pip-audit of the pinned dependencies (exit 1 on findings not in deploy/audit-ignore.txt)"
 
-# Idempotent set-up: the venv is rebuilt only when pyproject.toml changes.
-setup: $(VENV)/.installed $(FMNIST_SRC)/train-images-idx3-ubyte.gz
+# Idempotent set-up: the venv is rebuilt only when pyproject.toml changes. The Fashion-MNIST package
+# (apt: root or sudo) only for what reads it: the demo, `make data` and the tests.
+setup: $(VENV)/.installed
+FMNIST := $(FMNIST_SRC)/train-images-idx3-ubyte.gz
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,16 +33,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'foolbox==3.3.4'
 	@touch $@
 
-$(FMNIST_SRC)/train-images-idx3-ubyte.gz:
+$(FMNIST):
 	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist
 
-data: setup
+data: setup $(FMNIST)
 	$(PY) -m training prepare-fashion-mnist --out $(DATA)
 
-demo: setup
+demo: setup $(FMNIST)
 	$(PY) -m scripts.demo
 
-test: setup lint
+test: setup $(FMNIST) lint
 	$(PY) -m pytest -ra
 
 lint: setup

@@ -67,16 +67,21 @@ SMOKE = {"models": ["smoke"], "configs": ["ours_fp32", "ours_fp32_flip"], "users
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--users", default="1,16", help="closed-loop user counts; the highest is searched, repeated and "
-                   "gives the ratios, the others run once per configuration")
-    p.add_argument("--duration", type=int, default=15, help="seconds of each measured run at the highest user count")
-    p.add_argument("--low-duration", type=int, default=10, help="seconds of each run at the lower user counts")
-    p.add_argument("--search-duration", type=int, default=10, help="seconds of each search run (per grid point)")
-    p.add_argument("--warmup", type=int, default=3, help="seconds of the uncounted run on each freshly started server")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--users", default=",".join(map(str, (*Plan.low_users, Plan.top_users))),
+                   help="closed-loop user counts; the highest is searched, repeated and gives the ratios, the others "
+                   "run once per configuration (e.g. 1,16 adds the latency at 1 user)")
+    p.add_argument("--duration", type=int, default=Plan.duration, help="seconds of each measured run at the highest "
+                   "user count")
+    p.add_argument("--low-duration", type=int, default=Plan.low_duration, help="seconds of each run at the lower "
+                   "user counts")
+    p.add_argument("--search-duration", type=int, default=Plan.search_duration, help="seconds of each search run "
+                   "(per grid point)")
+    p.add_argument("--warmup", type=int, default=Plan.warmup, help="seconds of the uncounted run on each freshly started server")
     p.add_argument("--settle", type=int, default=Plan.settle, help="seconds of the uncounted run of each chosen "
                    "server before the repeats, so that TorchServe's JIT has compiled the request path (0: none)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each configuration at the highest "
+    p.add_argument("--repeats", type=int, default=Plan.repeats, help="interleaved runs of each configuration at the highest "
                    "user count (medians reported)")
     p.add_argument("--grid", default=",".join(map(str, search_grid())),
                    help="workers x threads points of the split search, for stock and ours alike")
@@ -84,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "of the in-process limits")
     p.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY, help="TorchServe maxBatchDelay of every "
                    "configuration, ms")
-    p.add_argument("--limit-seconds", type=float, default=8.0, help="seconds of each in-process limit measurement")
+    p.add_argument("--limit-seconds", type=float, default=Plan.limit_seconds, help="seconds of each in-process limit measurement")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"configurations of the first model (of {', '.join(CONFIGS)})")
     p.add_argument("--models", default="resnet50,cbam_resnet",
                    help=f"models (of {', '.join(MODELS)}), the first with --configs (its ratios are printed last), "
@@ -96,8 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set-configs", default="stock,ours_fp32",
                    help="configurations that also run the payload sets after the first")
     p.add_argument("--small-model", default="cbam_resnet", help="the decode-bound model whose small/12mp is printed")
-    p.add_argument("--gates", default=None, help=f"gate records of trained models (default {DEFAULT_GATES.relative_to(REPO)}, "
-                   "may be absent); see benchmarks/gates.py for the format")
+    p.add_argument("--gates", default=None, help="gate records of trained models (None: "
+                   f"{DEFAULT_GATES.relative_to(REPO)}, which may be absent); see benchmarks/gates.py for the format")
     p.add_argument("--smoke", action="store_true", help="CI: the tiny model, ours_fp32 and its flip TTA, the whole "
                    "grid, 2-second runs, 3 photos in the second payload set")
     return p.parse_args(argv)

@@ -54,10 +54,10 @@ class Plan:
     """How much of everything one sitting runs."""
     grid: list[Split]
     top_users: int = 16
-    low_users: tuple[int, ...] = (1,)
-    duration: int = 15          # seconds of each measured run
+    low_users: tuple[int, ...] = ()  # e.g. (1,): one run per configuration at 1 user (latency unloaded)
+    duration: int = 12          # seconds of each measured run
     low_duration: int = 10      # seconds of each lower-user run
-    search_duration: int = 10   # seconds of each search run
+    search_duration: int = 8    # seconds of each search run
     warmup: int = 3             # seconds of the uncounted run on a freshly started server
     settle: int = 20            # seconds of the uncounted run of each chosen server before the repeats (JIT)
     repeats: int = 3

@@ -229,17 +229,19 @@ def _exited(process: psutil.Process, *, timeout: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.ts_server", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve MODEL_STORE in the foreground with config.properties")
+    s = sub.add_parser("serve", help="serve MODEL_STORE in the foreground with config.properties",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="TorchServe config (config.prod.properties: the locked-down profile, token authorization on)")
-    s.add_argument("--model-store", default=str(REPO / "model_store"))
+    s.add_argument("--model-store", default=str(REPO / "model_store"), help="folder whose .mar archives are all served")
     s.add_argument("--enable-model-api", action="store_true",
                    help="allow model registration over the management API (enable_model_api=true; the config's "
                         "allowed_urls decides what may be registered)")
     s.add_argument("--run-dir", default=str(RUN_DIR), help=argparse.SUPPRESS)
     s.add_argument("--log-dir", default=str(REPO / "logs"), help=argparse.SUPPRESS)
     s.add_argument("--state-file", default=str(STATE_FILE), help=argparse.SUPPRESS)
-    t = sub.add_parser("stop", help="stop the server started by `serve`, by its PID, after draining it")
+    t = sub.add_parser("stop", help="stop the server started by `serve`, by its PID, after draining it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds to wait for requests in flight to be answered before SIGTERM (0: no drain)")
     t.add_argument("--state-file", default=str(STATE_FILE), help=argparse.SUPPRESS)

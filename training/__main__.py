@@ -76,12 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
-    pr = sub.add_parser("predict", help="predict the classes of an unlabelled image folder",
+    pr = sub.add_parser("predict", help="predict the classes of an image file or an unlabelled image folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Classify every image under IMAGES (recursively) and write one CSV row per "
+                        description="Classify IMAGES (one image file, or every image under a folder, recursively) and write one CSV row per "
                         "image: path, predicted class, confidence (and the top-k with --topk).")
     pr.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
-    pr.add_argument("--images", required=True, help="folder of images (any layout)")
+    pr.add_argument("--images", required=True, help="an image file, or a folder of images (any layout)")
     pr.add_argument("--out", required=True, help="CSV file to write")
     pr.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
     pr.add_argument("--topk", type=positive_int, default=1, help="classes per image in the CSV")

@@ -155,7 +155,8 @@ class TrainConfig:
                               "override it (e.g. --epochs, --lr); a different architecture, class list, input "
                               "size or mean/std is refused")
     force: bool = _opt(False, "replace the run that --out already holds (best.pt, last.pt, log.csv, "
-                       "test_metrics.json are removed when training starts); without it such an --out is refused")
+                       "test_metrics.json wait in OUT/.replaced/ until the new run's first checkpoint, and are put "
+                       "back if it fails first); without it such an --out is refused")
     tensorboard: bool = _opt(False, "also log scalars to RUN/tensorboard (needs the tensorboard package)")
     progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
 
