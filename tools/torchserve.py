@@ -248,7 +248,8 @@ class TorchServe:
         keys = self.keys()
         return {"Authorization": f"Bearer {keys[kind]}"} if keys else {}
 
-    def start(self, *, timeout: float = 120, foreground: bool = False) -> "TorchServe":
+    def start(self, *, timeout: float = 120, foreground: bool = False, wait: bool = True) -> "TorchServe":
+        """Start the server and (``wait``) wait until every model answers (:meth:`wait_ready`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         access_log = self.log_dir / "access_log.log"  # shared with earlier runs when log_dir is: count from here
         self.access_log_offset = access_log.stat().st_size if access_log.is_file() else 0
@@ -278,7 +279,8 @@ class TorchServe:
         self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         try:
             self.pid = self._java_pid(timeout=30)
-            self.wait_ready(timeout=timeout)
+            if wait:
+                self.wait_ready(timeout=timeout)
         except BaseException:
             self.stop(timeout=20)  # never leave a half-started server behind
             raise

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 PVC_OVERLAY = K8S / "overlays" / "model-store-pvc"
+RATE_OVERLAY = K8S / "overlays" / "request-rate"  # the base + components/request-rate
 KSERVE = DEPLOY / "kserve"
 SCHEMAS = DEPLOY / "schemas"
 # The oldest Kubernetes minor these manifests claim to support and the newest schema the package ships.
@@ -116,16 +118,19 @@ def pod_containers(obj: dict) -> list[dict]:
     return spec.get("initContainers", []) + spec.get("containers", [])
 
 
-def render(directory: Path) -> list[dict]:
-    """resources, configMapGenerator (no hash suffix), patches (JSON 6902), namespace, labels, images."""
+def render(directory: Path, objs: list[dict] | None = None) -> list[dict]:
+    """resources, configMapGenerator (no hash suffix), components, patches (JSON 6902), namespace, labels,
+    images. ``objs``: what a Component is applied to (the including kustomization's objects)."""
     k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    objs: list[dict] = []
+    objs = [] if objs is None else objs
     for res in k.get("resources", []):
         path = (directory / res).resolve()
         objs += render(path) if path.is_dir() else load_all(path)
     for gen in k.get("configMapGenerator", []):
         objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]},
                      "data": {Path(f).name: (directory / f).read_text() for f in gen.get("files", [])}})
+    for component in k.get("components", []):
+        objs = render((directory / component).resolve(), objs)
     for patch in k.get("patches", []):
         target = patch["target"]
         objs = [json_patch(o, yaml.safe_load(patch["patch"]))
@@ -194,14 +199,16 @@ def consistency_problems(objs: dict[str, dict], props: dict[str, str], adapter_r
     for key in ("grpc_inference_address", "grpc_management_address"):
         if props.get(key, "127.0.0.1") != "127.0.0.1":
             problems.append(f"{key} must stay on loopback")
-    # probes
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = ts.get(kind)
-        if not probe or "httpGet" not in probe:
-            problems.append(f"{kind}: missing (or not an httpGet probe)")
-            continue
-        if probe["httpGet"].get("path") != "/ping" or resolve_port(ts, probe["httpGet"]["port"]) != inf_port:
-            problems.append(f"{kind} must GET /ping on the inference port {inf_port}, has {probe['httpGet']}")
+    # probes: ready = every model has a READY worker (ts-ready; /ping says Healthy while a model loads or
+    # fails to load), alive = the frontend answers /ping on the inference port
+    for kind in ("startupProbe", "readinessProbe"):
+        probe = ts.get(kind) or {}
+        if probe.get("exec", {}).get("command") != ["ts-ready"]:
+            problems.append(f"{kind} must run ts-ready (deploy/image/ts_ready.py), has {probe or 'none'}")
+    probe = ts.get("livenessProbe") or {}
+    if ("httpGet" not in probe or probe["httpGet"].get("path") != "/ping"
+            or resolve_port(ts, probe["httpGet"]["port"]) != inf_port):
+        problems.append(f"livenessProbe must GET /ping on the inference port {inf_port}, has {probe or 'none'}")
     # the Service
     if svc["spec"].get("type", "ClusterIP") != "ClusterIP":
         problems.append("the Service must be ClusterIP: it is the exposure boundary")
@@ -220,7 +227,7 @@ def consistency_problems(objs: dict[str, dict], props: dict[str, str], adapter_r
         problems.append(f"HPA scaleTargetRef {ref} is not the Deployment {dep['metadata']['name']}")
     pods_metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     adapter_names = [r["name"]["as"] for r in adapter_rules]
-    if not pods_metrics or any(n not in adapter_names for n in pods_metrics):
+    if any(n not in adapter_names for n in pods_metrics):
         problems.append(f"HPA Pods metrics {pods_metrics} are not served by the prometheus-adapter rules {adapter_names}")
     if not any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]):
         problems.append("HPA has no CPU fallback metric")
@@ -280,7 +287,8 @@ def consistency_problems(objs: dict[str, dict], props: dict[str, str], adapter_r
 # -- fixtures -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_objs() -> list[dict]:
-    return render(BASE)
+    """The fullest variant: the base with the request-rate component (every cross-check has its subject)."""
+    return render(RATE_OVERLAY)
 
 
 @pytest.fixture(scope="module")
@@ -312,13 +320,13 @@ def test_every_yaml_file_holds_known_objects():
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_objects_validate_against_schemas(path, version):
     for doc in load_all(path):
-        if doc["apiVersion"] == KUSTOMIZE_API:
+        if doc["apiVersion"].startswith("kustomize.config.k8s.io/"):  # Kustomization, Component
             continue  # checked by test_kustomizations_reference_what_exists and the renders below
         assert schema_errors(doc, version) == [], f"{path} {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version})"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("overlay", [BASE, PVC_OVERLAY], ids=["base", "model-store-pvc"])
+@pytest.mark.parametrize("overlay", [BASE, PVC_OVERLAY, RATE_OVERLAY], ids=["base", "model-store-pvc", "request-rate"])
 def test_rendered_kustomizations_validate(overlay, version):
     objs = render(overlay)
     for obj in objs:
@@ -330,7 +338,11 @@ def test_rendered_kustomizations_validate(overlay, version):
 def test_kustomizations_reference_what_exists():
     for path in K8S.rglob("kustomization.yaml"):
         k = yaml.safe_load(path.read_text())
-        assert k["apiVersion"] == KUSTOMIZE_API and k["kind"] == "Kustomization", path
+        component = path.parent.parent.name == "components"
+        assert (k["apiVersion"], k["kind"]) == (("kustomize.config.k8s.io/v1alpha1", "Component") if component
+                                                else (KUSTOMIZE_API, "Kustomization")), path
+        for comp in k.get("components", []):
+            assert (path.parent / comp / "kustomization.yaml").is_file(), f"{path}: missing component {comp}"
         for res in k.get("resources", []):
             target = (path.parent / res).resolve()
             assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{path}: missing resource {res}"
@@ -345,7 +357,8 @@ def test_kustomizations_reference_what_exists():
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not on PATH (its built-in kustomize renders)")
-@pytest.mark.parametrize("directory", [K8S, PVC_OVERLAY], ids=["deploy/kubernetes", "model-store-pvc"])
+@pytest.mark.parametrize("directory", [K8S, PVC_OVERLAY, RATE_OVERLAY],
+                         ids=["deploy/kubernetes", "model-store-pvc", "request-rate"])
 def test_kubectl_kustomize_agrees(directory):
     out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -369,6 +382,17 @@ def test_pieces_are_consistent(base_objs, k8s_props, adapter_rules):
     assert consistency_problems(by_kind(base_objs), k8s_props, adapter_rules) == []
 
 
+def test_the_default_hpa_scales_on_cpu_alone_and_the_component_adds_the_request_rate(k8s_props, adapter_rules):
+    """An HPA with a metric it cannot read never scales down: the default (no prometheus-adapter needed) has
+    CPU only; the request-rate component puts the adapter's metric first and keeps CPU."""
+    default = by_kind(render(K8S))
+    assert [m["type"] for m in default["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["Resource"]
+    assert consistency_problems(default, k8s_props, adapter_rules) == []
+    metrics = by_kind(render(RATE_OVERLAY))["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert [m["type"] for m in metrics] == ["Pods", "Resource"]
+    assert metrics[0]["pods"]["metric"]["name"] in [r["name"]["as"] for r in adapter_rules]
+
+
 def _mutated(base_objs, edit):
     objs = by_kind(copy.deepcopy(base_objs))
     edit(objs)
@@ -380,8 +404,11 @@ def _ts(objs):
 
 
 BROKEN = {
-    "probe on another port": (lambda o: _ts(o)["readinessProbe"]["httpGet"].update(port=9090), {}, "readinessProbe"),
+    "liveness on another port": (lambda o: _ts(o)["livenessProbe"]["httpGet"].update(port=9090), {}, "livenessProbe"),
     "probe on another path": (lambda o: _ts(o)["livenessProbe"]["httpGet"].update(path="/"), {}, "livenessProbe"),
+    "readiness on /ping": (lambda o: _ts(o).update(readinessProbe={"httpGet": {"path": "/ping", "port": "http"}}), {},
+                           "readinessProbe must run ts-ready"),
+    "no startup probe": (lambda o: _ts(o).pop("startupProbe"), {}, "startupProbe must run ts-ready"),
     "HPA targets another Deployment": (lambda o: o["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"].update(
         name="other"), {}, "scaleTargetRef"),
     "HPA metric the adapter does not serve": (lambda o: o["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"][
@@ -502,6 +529,11 @@ def test_kserve_inferenceservice_and_its_config():
     inf, mgmt = host_port(props["inference_address"]), host_port(props["management_address"])
     assert inf[0] == mgmt[0] == "127.0.0.1" and inf[1] not in (8080, 8081), "the wrapper owns 8080/8081"
     assert host_port(props["metrics_address"]) == ("0.0.0.0", 8082)
+    # scraped where TorchServe serves its metrics: KServe's enable-prometheus-scraping would say port 9091 (the
+    # queue-proxy's aggregation port, absent in a RawDeployment)
+    assert isvc["metadata"].get("annotations", {}).get("serving.kserve.io/enable-prometheus-scraping") != "true"
+    assert pred["annotations"]["prometheus.io/port"] == str(host_port(props["metrics_address"])[1])
+    assert pred["annotations"]["prometheus.io/scrape"] == "true"
     assert props["disable_token_authorization"] == "true", "the wrapper sends no key (pytorch/serve#3301)"
     assert props["enable_model_api"] == "false" and props["metrics_mode"] == "prometheus"
     assert torch_spec.get("protocolVersion", "v1") in ("v1", "v2")
@@ -584,3 +616,14 @@ def test_dockerfile_pins_match_pyproject():
     assert docker, "no pins found in deploy/image/Dockerfile"
     wrong = {n: (v, pins.get(n.lower())) for n, v in docker if pins.get(n.lower()) != v}
     assert not wrong, f"Dockerfile pin -> (Dockerfile, pyproject.toml): {wrong}"
+
+
+def test_the_image_carries_the_readiness_probe_the_deployment_runs():
+    dockerfile = (DEPLOY / "image" / "Dockerfile").read_text()
+    copied = re.search(r"^COPY (?:--chmod=0?755 )?(\S+) /usr/local/bin/ts-ready$", dockerfile, re.M)
+    assert copied and (DEPLOY / "image" / copied.group(1)).is_file(), "the image must carry ts-ready"
+    assert "--chmod=0755" in copied.group(0)  # an exec probe runs it by name: executable, with a shebang
+    assert (DEPLOY / "image" / copied.group(1)).read_text().startswith("#!/usr/bin/env python3\n")
+    proc = subprocess.run([sys.executable, str(DEPLOY / "image" / copied.group(1)), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--key-file" in proc.stdout
