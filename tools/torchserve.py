@@ -166,9 +166,13 @@ class TorchServe:
     def __init__(self, *, model_store: str | os.PathLike = REPO / "model_store", models: str = "all",
                  config: str | os.PathLike = DEFAULT_CONFIG, ports: tuple[int, int, int] | None = None,
                  grpc_ports: tuple[int, int] | None = None, overrides: dict[str, str] | None = None,
-                 env: dict | None = None, log_dir: str | None = None, workdir: str | os.PathLike | None = None):
+                 env: dict | None = None, log_dir: str | None = None, workdir: str | os.PathLike | None = None,
+                 logging: str | os.PathLike | None = None):
         """``workdir``: the server's working and temporary directory (PID file, worker sockets, its
-        config, ``key_file.json``); a fresh temporary folder, removed by ``__exit__``, when not given."""
+        config, ``key_file.json``); a fresh temporary folder, removed by ``__exit__``, when not given.
+        ``logging``: a log4j2.xml for ``--log-config`` (default: TorchServe's, with :func:`log_config`'s access
+        log pattern and worker trace, which ``tools.drain`` reads)."""
+        self.logging = Path(logging) if logging else None
         self.model_store = Path(model_store).resolve()
         self.models = models
         self.ports = ports or (free_port(), free_port(), free_port())
@@ -272,7 +276,7 @@ class TorchServe:
         self.key_file.unlink(missing_ok=True)  # a stale one from an earlier run would be read as this run's keys
         cmd = [*_launcher(), "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
-        logging_config = log_config(self.workdir / "log4j2.xml")
+        logging_config = self.logging or log_config(self.workdir / "log4j2.xml")
         if logging_config is not None:
             cmd += ["--log-config", str(logging_config)]
         out = None if foreground else open(self.workdir / "stdout.log", "wb")

