@@ -101,3 +101,14 @@ def test_core_and_handler_modules_are_small_and_say_what_they_hold(folder):
         assert len(text.splitlines()) <= MAX_LINES, f"{path.name}: {len(text.splitlines())} lines"
         if path.name != "__init__.py" or folder == "inference":
             assert ast.get_docstring(ast.parse(text)), f"{path.name} has no opening docstring"
+
+
+def test_the_readmes_layout_names_every_module():
+    """README's Layout is where a reader looks for what each module is: a module it leaves out is hidden."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    missing = [f"{pkg}/{p.name}" for pkg in PACKAGES for p in sources(pkg)
+               if p.parent == REPO / pkg and p.name not in ("__init__.py", "__main__.py") and p.name not in block]
+    assert not missing, f"README's Layout does not name: {missing}"
