@@ -114,7 +114,10 @@ class TrainConfig:
     model_kwargs: dict = _opt(None, "JSON keyword arguments of the architecture, e.g. "
                               "'{\"widths\": [16, 32, 64, 128], \"head_width\": 256}'", parse=json.loads)
     pretrained: str | None = _opt(None, "local torchvision state dict to start the backbone from (never "
-                                  "downloaded); otherwise training starts from scratch")
+                                  "downloaded), of the backbone's architecture; otherwise training starts from "
+                                  "scratch")
+    pretrained_partial: bool = _opt(False, "load the --pretrained tensors that match and leave the others random "
+                                    "(a grayscale stem, a shallower donor) instead of refusing the file")
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under torchrun (DDP)")
     # -- loss
     loss: str = _opt("ce", "loss function", choices=LOSSES)

@@ -84,3 +84,19 @@ def gather(value, info: DistInfo) -> list:
     box = [None] * info.world_size
     dist.all_gather_object(box, value)
     return box
+
+
+def check_in_step(model: torch.nn.Module, info: DistInfo) -> None:
+    """Raise when the processes' copies of ``model`` are no longer the same (a parameter that DDP does not
+    average, e.g. one trained while DDP knew it as frozen). Every rank compares a float64 sum per parameter
+    with rank 0's; a collective call, once an epoch."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    ranks = gather(sums, info)
+    names = [n for n, _ in model.named_parameters()]
+    apart = [names[i] for i in torch.nonzero(torch.stack(ranks).ne(ranks[0]).any(0)).flatten().tolist()]
+    if apart:
+        raise RuntimeError(f"the {info.world_size} processes' copies of the model differ in {len(apart)} "
+                           f"parameters after this epoch, e.g. {apart[0]}: their gradients were not averaged")

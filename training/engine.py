@@ -43,7 +43,7 @@ from .datasets import (
     collate_reporting,
     split_digest,
 )
-from .distributed import all_mean, barrier, broadcast, gather, init_distributed, shutdown
+from .distributed import all_mean, barrier, broadcast, check_in_step, gather, init_distributed, shutdown
 from .evaluation import predict
 from .finetune import ProgressiveUnfreezer, load_pretrained, param_groups, parse_schedule
 from .formats import build_splits
@@ -161,6 +161,11 @@ class Trainer:
                              f"{cfg.input_size}x{cfg.input_size} input: {str(e).splitlines()[0]}") from None
         if cfg.unfreeze:
             ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze))
+        if cfg.backbone_lr_scale != 1.0 and not isinstance(getattr(model, "backbone", None), nn.Module):
+            raise ValueError(f"--backbone-lr-scale {cfg.backbone_lr_scale}: --arch {cfg.arch} has no backbone to "
+                             "scale (the models built on a torchvision ResNet/ResNeXt backbone have one)")
+        if cfg.pretrained_partial and not cfg.pretrained:
+            raise ValueError("--pretrained-partial needs --pretrained FILE")
         if cfg.pretrained and not os.path.isfile(cfg.pretrained):
             raise FileNotFoundError(f"--pretrained {cfg.pretrained}: file not found (nothing is downloaded)")
 
@@ -276,15 +281,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = self.spec.build()
         if cfg.pretrained:
-            report = load_pretrained(model, cfg.pretrained)
+            report = load_pretrained(model, cfg.pretrained, partial=cfg.pretrained_partial)
+            left = "".join(f"; {what}: {', '.join(report[what][:5])}{' ...' if len(report[what]) > 5 else ''}"
+                           for what in ("missing", "unexpected", "skipped") if report[what])
             self.log(f"pretrained weights from {cfg.pretrained}: {len(report['loaded'])} tensors loaded, "
-                     f"{len(report['missing'])} missing, {len(report['skipped'])} skipped")
-        self.unfreezer = ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze)) if cfg.unfreeze else None
+                     f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected, "
+                     f"{len(report['skipped'])} skipped{left}")
         if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); on CPU each "
                              "process normalizes its own share of the batch")
         if cfg.sync_bn and self.dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # after the conversion: the unfreezer keeps the stages' modules (their BatchNorm stays in eval mode)
+        self.unfreezer = ProgressiveUnfreezer(model, schedule=parse_schedule(cfg.unfreeze)) if cfg.unfreeze else None
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -293,11 +302,18 @@ class Trainer:
         if cfg.ema:
             from torch.optim.swa_utils import AveragedModel
             self.ema = AveragedModel(model, avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
-        net = model
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """``self.net``, the model as it trains: DDP across processes, compiled with --compile. DDP averages
+        the gradients of the parameters that needed them when it was built, so it is built again when
+        --unfreeze opens a stage: else that stage would train on each process's own gradients and the
+        processes' copies would drift apart."""
+        net = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.net = torch.compile(net) if cfg.compile else net
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.net = torch.compile(net) if self.cfg.compile else net
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
@@ -471,7 +487,10 @@ class Trainer:
             opened = self.unfreezer.apply(epoch - 1)
             if opened:
                 self.log(f"epoch {epoch}: unfroze {', '.join(opened)}")
+                if self.dist.enabled:
+                    self._wrap()
         train_loss = self.train_one_epoch(epoch)
+        check_in_step(self.model, self.dist)
         metrics = self.evaluate_epoch(epoch, train_loss, time.time() - start)
         return bool(broadcast(self.end_of_epoch(epoch, metrics, self.writer), self.dist))
 

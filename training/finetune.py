@@ -155,16 +155,21 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP-saved weights
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *, min_match: float = 0.5,
+def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool = False, min_match: float = 0.5,
                     ignore_prefixes: Iterable[str] = _IGNORED_PREFIXES) -> dict[str, list[str]]:
     """Load a local (torchvision) state dict into ``model.backbone``, or the whole model without one.
 
-    Keys starting with ``ignore_prefixes`` (torchvision's ``fc.*``) and tensors whose shape differs
-    are not loaded. Returns ``{"loaded", "missing", "unexpected", "skipped"}`` (lists of key names):
-    copied; in the model but not in the file; in the file but not in the model; in the file but
-    ignored or of another shape. Raises ``FileNotFoundError`` for a missing file and ``ValueError``
-    when the file is not a state dict or fills less than ``min_match`` of the target's entries.
-    Loads with ``weights_only=True``; never downloads.
+    Keys starting with ``ignore_prefixes`` (torchvision's ``fc.*``) are not loaded. A checkpoint of this
+    project's backbone models (keys ``backbone.*`` and ``head.*``) gives its backbone. Returns ``{"loaded",
+    "missing", "unexpected", "skipped"}`` (lists of key names): copied; in the model but not in the file; in
+    the file but not in the model; in the file but ignored or of another shape.
+
+    The file must be of the model's architecture: a tensor of another shape (a ResNeXt of other groups), one
+    the model lacks (a deeper ResNet's extra blocks) or one the file lacks is a ``ValueError`` naming them,
+    since loading the rest would leave those layers random without a word. ``partial``: load what matches
+    anyway (a grayscale stem, a shallower donor), refused only when the matching tensors hold less than
+    ``min_match`` of the target's elements. ``FileNotFoundError`` for a missing file, ``ValueError`` when it is
+    not a state dict. Loads with ``weights_only=True``; never downloads.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -177,25 +182,41 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, min_match: flo
     state = _unwrap_state_dict(obj, path)
     backbone = _backbone(model)
     target = model if backbone is None else backbone
-    own = target.state_dict()
     ignore = tuple(ignore_prefixes)
+    if backbone is not None and any(k.startswith("backbone.") for k in state):  # this project's checkpoint
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+        ignore += ("head.",)
+    own = target.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "missing": [], "unexpected": [], "skipped": []}
-    to_load = {}
+    to_load, other_shape = {}, []
     for key, tensor in state.items():
-        if key not in own:
-            report["skipped" if key.startswith(ignore) else "unexpected"].append(key)
-        elif key.startswith(ignore) or tensor.shape != own[key].shape:
+        if key.startswith(ignore):
             report["skipped"].append(key)
+        elif key not in own:
+            report["unexpected"].append(key)
+        elif tensor.shape != own[key].shape:
+            report["skipped"].append(key)
+            other_shape.append(f"{key} {tuple(tensor.shape)} vs {tuple(own[key].shape)}")
         else:
             to_load[key] = tensor
     report["loaded"] = sorted(to_load)
     report["missing"] = sorted(set(own) - set(state))
     report["unexpected"].sort()
     report["skipped"].sort()
-    if len(to_load) < min_match * len(own):
-        raise ValueError(f"{path} matches only {len(to_load)} of {len(own)} entries of "
-                         f"{type(target).__name__} (at least {min_match:.0%} needed): is it the right architecture? "
-                         f"missing e.g. {report['missing'][:3]}, unexpected e.g. {report['unexpected'][:3]}, "
-                         f"skipped e.g. {report['skipped'][:3]}")
+    kind = type(target).__name__
+    if not partial and (other_shape or report["unexpected"] or report["missing"]):
+        problems = [f"{len(v)} {what}, e.g. {', '.join(v[:3])}" for what, v in (
+            ("of another shape", other_shape), ("the model lacks", report["unexpected"]),
+            ("the file lacks", report["missing"])) if v]
+        raise ValueError(f"{path} is not a {kind} of this architecture: tensors {'; '.join(problems)}. Use the "
+                         "weights of the same architecture, or --pretrained-partial to load what matches (the rest "
+                         "stays random)")
+    matched = sum(t.numel() for k, t in to_load.items() if not k.endswith("num_batches_tracked"))
+    wanted = sum(t.numel() for k, t in own.items() if not k.endswith("num_batches_tracked"))
+    if matched < min_match * wanted:
+        raise ValueError(f"{path} matches only {matched:,} of the {wanted:,} weights of {kind} (at least "
+                         f"{min_match:.0%} needed): is it the right architecture? missing e.g. "
+                         f"{report['missing'][:3]}, unexpected e.g. {report['unexpected'][:3]}, skipped e.g. "
+                         f"{report['skipped'][:3]}")
     target.load_state_dict(to_load, strict=False)
     return report

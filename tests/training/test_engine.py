@@ -150,6 +150,64 @@ def test_ddp_two_processes_match_one_process(image_folder, tmp_path):
     assert [r["epoch"] for r in _log(tmp_path / "ddp")] == ["1", "2"]
 
 
+@pytest.mark.slow
+def test_ddp_with_progressive_unfreezing_keeps_the_processes_in_step(image_folder, tmp_path):
+    """DDP averages the gradients of the parameters that needed them when it was built: a stage unfrozen
+    later used to train on each process's own gradients, the copies drifting apart while rank 0 saved its
+    own. The engine builds DDP again on unfreezing, and checks every epoch that the copies agree."""
+    kwargs = {"layers": [1, 1, 1, 1], "width_per_group": 8, "hidden": [16], "drop_rate": 0.0}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "-m", "training", "train", "--data", str(image_folder), "--arch", "resnet50_attention",
+                      "--model-kwargs", json.dumps(kwargs), "--input-size", "16", "--epochs", "2",
+                      "--batch-size", "8", "--unfreeze", "0:,1:layer4", "--no-progress", "--device", "cpu",
+                      "--out", str(tmp_path / "run")], env)
+    assert run.returncode == 0, run.stderr[-3000:]  # before: "the 2 processes' copies of the model differ"
+    assert "unfroze layer4" in run.stdout + run.stderr
+
+
+def test_a_process_whose_copy_drifted_is_an_error():
+    """check_in_step in a gloo process group of two spawned processes: one copy nudged by 1e-6 is found."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = str(_free_port())
+    procs = [ctx.Process(target=_drift_worker, args=(rank, port)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _drift_worker(rank: int, port: str) -> None:
+    import torch.distributed as dist
+
+    from training.distributed import DistInfo, check_in_step
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    check_in_step(model, info)  # the same copies: nothing raised
+    if rank == 1:
+        with torch.no_grad():
+            model[1].weight.add_(1e-6)
+    try:
+        check_in_step(model, info)
+        raise SystemExit(3)
+    except RuntimeError as e:
+        assert "differ in 1 parameters" in str(e) and "1.weight" in str(e), e
+    dist.destroy_process_group()
+
+
 def test_ema_decay_warms_up():
     from training.engine import ema_avg_fn
     avg = ema_avg_fn(0.999)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -188,7 +190,12 @@ def test_load_pretrained_reports_shape_mismatches_and_extra_keys(torchvision_wei
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)  # DDP checkpoint
     model = tiny_model()
     stem_before = model.backbone.conv1.weight.detach().clone()
-    report = load_pretrained(model, path)
+    with pytest.raises(ValueError, match=r"1 of another shape, e.g. conv1.weight \(64, 1, 7, 7\) vs \(64, 3, 7, 7\); "
+                                         r"1 the model lacks, e.g. extra.weight; 1 the file lacks, e.g. "
+                                         r"layer1.0.bn3.bias.*--pretrained-partial"):
+        load_pretrained(model, path)  # by default: the architecture's own weights or nothing
+    assert torch.equal(model.backbone.conv1.weight, stem_before)
+    report = load_pretrained(model, path, partial=True)
     assert report["skipped"] == ["conv1.weight", "fc.bias", "fc.weight"]
     assert report["unexpected"] == ["extra.weight"] and report["missing"] == ["layer1.0.bn3.bias"]
     assert "layer4.0.conv2.weight" in report["loaded"] and "conv1.weight" not in report["loaded"]
@@ -215,5 +222,45 @@ def test_load_pretrained_errors(tmp_path):
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_pretrained(tiny_model(), tmp_path / "list.pth")
     torch.save(ResNet(BasicBlock, [1, 1, 1, 1]).state_dict(), tmp_path / "resnet10.pth")  # another architecture
-    with pytest.raises(ValueError, match="matches only .* entries of ResNetBackbone"):
+    with pytest.raises(ValueError, match="is not a ResNetBackbone of this architecture"):
         load_pretrained(tiny_model(), tmp_path / "resnet10.pth")
+    with pytest.raises(ValueError, match="matches only .* weights of ResNetBackbone"):
+        load_pretrained(tiny_model(), tmp_path / "resnet10.pth", partial=True)
+
+
+def test_weights_of_other_groups_or_depth_are_refused_not_half_loaded(tmp_path):
+    """ResNeXt 64x4d weights fit every tensor of a 32x8d model but its grouped 3x3 convs, and a deeper
+    ResNet's file holds every tensor of a shallower one: loading "what matches" left those layers random."""
+    other_groups = ResNet(Bottleneck, [1, 1, 1, 1], groups=16, width_per_group=8)  # tiny_model: 32 x 4
+    torch.save(other_groups.state_dict(), tmp_path / "g16.pth")
+    with pytest.raises(ValueError, match=r"of another shape, e.g. layer1.0.conv2.weight"):
+        load_pretrained(tiny_model(), tmp_path / "g16.pth")
+    deeper = ResNet(Bottleneck, [1, 1, 2, 1], groups=32, width_per_group=4)
+    torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
+    with pytest.raises(ValueError, match=r"the model lacks, e.g. layer3.1.bn1.bias"):
+        load_pretrained(tiny_model(), tmp_path / "deeper.pth")
+
+
+def test_this_projects_checkpoint_gives_its_backbone(tmp_path):
+    source = tiny_model()
+    torch.save({"state_dict": source.state_dict(), "epoch": 1}, tmp_path / "best.pt")
+    model = tiny_model()
+    report = load_pretrained(model, tmp_path / "best.pt")
+    assert report["missing"] == [] and report["unexpected"] == [] and report["loaded"] == sorted(
+        model.backbone.state_dict())
+    assert all(k.startswith("head.") for k in report["skipped"]) and report["skipped"]
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in model.backbone.state_dict().items())
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--backbone-lr-scale", "0.1"], "--backbone-lr-scale 0.1: --arch cbam_resnet has no backbone to scale"),
+    (["--pretrained-partial"], "--pretrained-partial needs --pretrained FILE"),
+])
+def test_fine_tuning_options_a_model_cannot_use_are_refused_first(image_folder, tmp_path, options, said):
+    """--backbone-lr-scale on a model without a backbone was silently ignored (everything at the full lr).
+    A ValueError is the CLI's one line (inference.cli), before any data is read or folder made."""
+    from training.__main__ import main
+    with pytest.raises(ValueError, match=re.escape(said)):
+        main(["train", "--data", str(image_folder), "--input-size", "16", "--out", str(tmp_path / "run"),
+              "--no-progress", *options])
+    assert not (tmp_path / "run").exists()
