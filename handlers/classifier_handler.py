@@ -32,7 +32,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from inference import protocols
 from inference.admission import admit, batch_pixel_budget
 from inference.backends import load_backend, openvino_precision
-from inference.batch import Batch
+from inference.batch import Batch, stack_images
 from inference.class_index import INDEX_FILE, read_index_to_name
 from inference.explain import explain_request
 from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
@@ -86,7 +86,7 @@ class ImageClassifierHandler(BaseHandler):
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory
             self.jpeg_batch_decoder = batch_jpeg_decoder(self.device)
-        self.batch_size = batch = int(yaml_cfg.get("batchSize", 1) or 1)
+        self.batch_size = batch = int(context.system_properties.get("batch_size") or yaml_cfg.get("batchSize") or 1)
         warm = torch.zeros((batch * self.views, 3, self.crop_size, self.crop_size), dtype=torch.uint8,
                            device=self.device)
         start = time.perf_counter()
@@ -163,14 +163,8 @@ class ImageClassifierHandler(BaseHandler):
         batch.timings["decode"] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         images = [(img, o) for img, o in zip(decoded, owners) if o not in batch.errors]
-        if images:
-            batch.owners = [o for _, o in images]
-            try:
-                batch.canvas = torch.stack([img for img, _ in images])
-            except Exception:  # e.g. out of memory: find the requests that fail on their own, answer the rest
-                log.exception("%s: stacking a batch of %d images failed; retrying request by request",
-                              self.model_name, len(images))
-                batch.canvas, batch.owners = self._stack_per_request(images, batch)
+        if images:  # one stack; on a failure (out of memory, say) request by request: the others are answered
+            batch.canvas, batch.owners = stack_images(images, batch.errors, name=self.model_name)
         batch.timings["preprocess"] = (time.perf_counter() - start) * 1000
         return batch
 
@@ -178,17 +172,6 @@ class ImageClassifierHandler(BaseHandler):
     def _image_error(req, k: int, error: ImageError) -> ImageError:
         """The error of image ``k``; a request of several images fails whole, the message says which."""
         return type(error)(f"image {k} of {len(req.images)}: {error}") if req.multi else error
-
-    def _stack_per_request(self, images: list, batch: Batch):
-        parts, owners = [], []
-        for owner in dict.fromkeys(o for _, o in images):
-            mine = [img for img, o in images if o == owner]
-            try:
-                parts.append(torch.stack(mine))
-                owners += [owner] * len(mine)
-            except Exception as e:
-                batch.errors[owner] = RequestError(f"preprocessing failed: {e}", status=500, error="preprocess failed")
-        return (torch.cat(parts) if parts else None), owners
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         if batch.canvas is None:
@@ -229,9 +212,11 @@ class ImageClassifierHandler(BaseHandler):
                 if self.adaptive:
                     body["tta_applied"] = bool(applied)
                 per_request.setdefault(owner, []).append(body)
-            for owner, results in per_request.items():
-                out[owner] = protocols.render(batch.requests[owner], results, model_name=self.model_name,
+            for owner, results in per_request.items():  # a body that cannot be built is that request's 500
+                out[owner] = protocols.answer(batch.requests[owner], results, model_name=self.model_name,
                                               model_version=self.model_version)
+                if isinstance(out[owner], RequestError):
+                    batch.errors[owner] = out[owner]
         limit = self.settings.max_response_bytes  # longer: TorchServe would drop the worker (protocols.bounded)
         batch.errors.update({i: e for i, body in enumerate(out) if (e := protocols.bounded(body, limit=limit))})
         if batch.failure is not None:
@@ -272,8 +257,9 @@ class ImageClassifierHandler(BaseHandler):
                     settings=self.settings, output=self.graph_output, class_names=self.class_names,
                     headers=self.context.get_all_request_header(i), crop_size=self.crop_size,
                     model_name=self.model_name, model_version=self.model_version)
-            except RequestError as e:
-                batch.errors[i] = e
+            except Exception as e:  # this request's alone: a RequestError as it is, anything else its 500
+                batch.errors[i] = e if isinstance(e, RequestError) else RequestError(
+                    f"the explanation failed: {type(e).__name__}: {e}", status=500, error="internal error")
         keep = [k for k, o in enumerate(batch.owners) if o not in self.explaining]
         batch.canvas, batch.owners = (batch.canvas[keep] if keep else None), [batch.owners[k] for k in keep]
         out = self.postprocess(self.inference(batch))  # predictions, every error, content types, metrics

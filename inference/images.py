@@ -257,8 +257,8 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
         data, info = item
         try:
             image = decode_rgb(data, **limits, info=info, min_side=min_side)
-        except ImageError as e:
-            return e
+        except Exception as e:  # an ImageError, or a decoder's unforeseen one: this image's alone, never the batch's
+            return e if isinstance(e, ImageError) else PreprocessError(f"decoding failed: {type(e).__name__}: {e}")
         return transformed(image, upload=device is not None)
 
     def transformed(image, *, upload: bool = False):

@@ -269,7 +269,8 @@ def oip_answer(req: Request, results: list[dict], *, model_name: str, model_vers
     applied = [bool(r.get("tta_applied", r["tta"] != "none")) for r in results]
     names = req.outputs or (*OIP_OUTPUTS, *(["tta_applied"] if adaptive else []))
     rows = [r["predictions"] for r in results]
-    parameters = {"tta": results[0]["tta"], **({"tta_applied_count": sum(applied)} if adaptive else {})}
+    tta = next((r["tta"] for r in results if r["tta"] != "none"), results[0]["tta"])  # the TTA that ran, if any
+    parameters = {"tta": tta, **({"tta_applied_count": sum(applied)} if adaptive else {})}
     return {"id": req.id if req.id is not None else "",  # TorchServe's OIP gRPC path needs the key
             "model_name": model_name, "model_version": model_version,
             "outputs": [_tensor(name, rows, applied, req.classification or {}) for name in names],

@@ -164,6 +164,17 @@ def render(req: Request, results: list[dict], *, model_name: str, model_version:
     return json.dumps(results if req.multi else results[0])
 
 
+def answer(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer | RequestError:
+    """:func:`render`, or this request's 500 when its body cannot be built (a bug of ours met on an odd result,
+    logged): as :func:`read_row`, never raised into TorchServe, which would fail the whole batch."""
+    try:
+        return render(req, results, model_name=model_name, model_version=model_version)
+    except Exception as e:
+        log.exception("answering a %s request failed", req.protocol)
+        return RequestError(f"the answer could not be built: {type(e).__name__}: {e}", status=500,
+                            error="internal error")
+
+
 def answer_headers(body: str | bytes, *, grpc: bool = False) -> dict[str, str]:
     """The response headers of an answer (or error) body: JSON's content type, or for a binary OIP answer
     ``application/octet-stream`` and the JSON header's length, as Triton sends them; a gRPC call's answer

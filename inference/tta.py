@@ -106,19 +106,20 @@ def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canv
     """Plain forward for every image; the TTA views only for the uncertain ones (one more forward).
 
     Returns ``(probabilities (N, K), tta_applied (N,) bool)``. Where TTA is applied the result equals
-    :func:`predict_proba` over all views (the plain view's logits are reused).
+    :func:`predict_proba` over all views (the first view's logits are reused). The other views are built
+    for the uncertain images alone (a multi-scale resize of every image was work thrown away).
     """
     n = canvas.shape[0]
-    views = tta_views(canvas, mode, crop_size=crop_size, scales=scales)
-    plain_logits = forward(views[:n]).float()
+    first = (tta_views(canvas, mode, crop_size=crop_size, scales=scales[:1]) if mode == "multi_scale"
+             else tta_views(canvas, "none", crop_size=crop_size))  # each mode's first view (tta_views' order)
+    plain_logits = forward(first).float()
     probs = plain_logits.softmax(-1)
     mask = uncertain(probs, metric=metric, threshold=threshold)
     if mode == "none" or not mask.any():
         return probs, torch.zeros(n, dtype=torch.bool)
     idx = mask.nonzero().squeeze(1)
     m = len(idx)
-    v = views.shape[0] // n
-    extra = views.view(v, n, *views.shape[1:])[1:, idx.to(views.device)].reshape(-1, *views.shape[1:])
+    extra = tta_views(canvas[idx.to(canvas.device)], mode, crop_size=crop_size, scales=scales)[m:]  # view-major
     all_logits = torch.cat([plain_logits[idx.to(plain_logits.device)], forward(extra).float()])
     probs = probs.clone()
     probs[idx.to(probs.device)] = aggregate(all_logits, m, how=how).to(probs.device)

@@ -20,9 +20,10 @@ from training.checkpoint import load_model
 
 
 def make_context(model_dir, *, n=1, headers=None, serialized="model.onnx", **handler):
-    cfg = model_config(input_size=24, resize_size=26, batch_size=4, **{"tta": "flip", "topk": 2, **handler})
+    cfg = model_config(input_size=24, resize_size=26, **{"batch_size": 4, "tta": "flip", "topk": 2, **handler})
     manifest = {"model": {"modelName": "shapes", "modelVersion": "1.0", "serializedFile": serialized}}
-    ctx = Context("shapes", str(model_dir), manifest, 4, None, "0.12.0", model_yaml_config=cfg)
+    # TorchServe passes the batch size it batches with (the archive's batchSize, or the registration's)
+    ctx = Context("shapes", str(model_dir), manifest, cfg["batchSize"], None, "0.12.0", model_yaml_config=cfg)
     ctx.request_processor = [RequestProcessor((headers or [{}] * n)[i]) for i in range(n)]
     return ctx
 
@@ -222,14 +223,23 @@ def test_the_default_batch_budget_grows_with_the_batch_where_jpegs_decode_full_s
     """Unset, max_batch_pixels is 128 MP on the CPU and batchSize x 24 MP on a GPU (nvjpeg's batched
     decoder; torchvision's CPU decoder stands in), where it is more; a configured budget is kept as it is."""
     from inference.images import batch_jpeg_decoder
-    ctx = make_context(model_dir)
-    ctx.model_yaml_config["batchSize"] = 16
+    ctx = make_context(model_dir, batch_size=16)
     handler = ImageClassifierHandler()
     handler.initialize(ctx)
     assert handler.settings.max_batch_pixels is None and handler.max_batch_pixels == 128_000_000
     handler.jpeg_batch_decoder = batch_jpeg_decoder("cpu")
     assert handler.max_batch_pixels == 16 * 24_000_000
     assert handler_for(model_dir, max_batch_pixels=10_000).max_batch_pixels == 10_000
+
+
+def test_the_batch_size_is_the_one_torchserve_batches_with(model_dir):
+    """A model registered with ?batch_size=16 batches 16 requests whatever its archive's model-config says:
+    the warm-up and the GPU batch budget follow TorchServe's number, not the YAML's."""
+    ctx = make_context(model_dir)  # the archive says 4
+    ctx.system_properties["batch_size"] = 16
+    handler = ImageClassifierHandler()
+    handler.initialize(ctx)
+    assert handler.batch_size == 16
 
 
 def test_a_failure_of_the_transform_fails_only_the_request_it_comes_from(model_dir):

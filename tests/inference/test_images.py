@@ -372,3 +372,22 @@ def test_heic_and_avif_photos_are_a_415_that_says_what_they_are():
         with pytest.raises(UnsupportedFormatError, match=f"HEIF/AVIF, brand '{brand}'.*as JPEG") as e:
             probe(data)
         assert e.value.status == 415
+
+
+def test_a_decoders_unforeseen_error_fails_that_image_only(monkeypatch):
+    """decode_many returns each image's error: one that is not an ImageError (a decoder's ValueError, say)
+    used to escape the pool's map and fail every request of the batch."""
+    import inference.images as images
+    from inference.image_errors import PreprocessError
+    good = [encode(pattern_image("circle", size=20, seed=s), "JPEG") for s in (1, 2)]
+    real = images.decode_rgb
+
+    def flaky(data, **kwargs):
+        if data == good[1]:
+            raise ValueError("an unforeseen decoder error")
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(images, "decode_rgb", flaky)
+    out = images.decode_many(good)
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[1], PreprocessError)
+    assert "ValueError: an unforeseen decoder error" in str(out[1]) and out[1].status == 500

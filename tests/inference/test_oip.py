@@ -282,3 +282,14 @@ def test_a_bad_gzip_body_with_tritons_binary_header_gets_the_oip_error():
     headers = {"Inference-Header-Content-Length": "10", "Content-Encoding": "gzip"}
     protocol, err, _ = read_row({"body": bytearray(b"not gzip at all")}, headers, **ROW)
     assert protocol == OIP_V2 and isinstance(err, RequestError) and err.error == "bad encoding"
+
+
+def test_parameters_tta_says_which_tta_ran_when_the_first_image_had_none():
+    """Adaptive TTA: image 0 confident (no TTA), image 1 not: the answer said tta "none" with one applied."""
+    results = [{"predictions": RESULTS[0]["predictions"], "tta": "none", "tta_applied": False},
+               {"predictions": RESULTS[1]["predictions"], "tta": "flip", "tta_applied": True}]
+    body = oip_answer(Request([b"a", b"b"], multi=True, protocol=OIP_V2), results, model_name="m", model_version="1")
+    assert body["parameters"] == {"tta": "flip", "tta_applied_count": 1}
+    none = [{**r, "tta": "none", "tta_applied": False} for r in results]
+    body = oip_answer(Request([b"a", b"b"], multi=True, protocol=OIP_V2), none, model_name="m", model_version="1")
+    assert body["parameters"] == {"tta": "none", "tta_applied_count": 0}

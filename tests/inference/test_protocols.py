@@ -240,3 +240,13 @@ def test_kserve_v1_reads_tf_servings_named_input_beside_other_keys():
     assert protocol == KSERVE_V1 and req.images == [PNG, PNG]
     _, err, _ = read_row({"body": {"instances": [{"a": {"b64": B64}, "b": {"b64": B64}}]}}, {}, **ROW)  # which one?
     assert isinstance(err, RequestError) and "instances[0]" in str(err)
+
+
+def test_an_answer_that_cannot_be_built_is_that_requests_500_not_the_batchs():
+    """Reading a request never raises into TorchServe (read_row); building its answer does not either."""
+    req = Request([b"x"], multi=True, protocol="oip_v2")
+    broken = [{"predictions": [{"class": "cat"}], "tta": "none"}]  # no index/confidence: a renderer's KeyError
+    err = protocols.answer(req, broken, model_name="m", model_version="1")
+    assert isinstance(err, RequestError) and err.status == 500 and "KeyError" in str(err)
+    good = protocols.answer(Request([b"x"], multi=False), RESULTS[:1], model_name="m", model_version="1")
+    assert json.loads(good)["predictions"][0]["class"] == "cat"

@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from inference.tta import adaptive_predict_proba, aggregate, canvas_preset, predict_proba, tta_views, uncertain
+from inference.tta import (
+    adaptive_predict_proba,
+    aggregate,
+    canvas_preset,
+    num_views,
+    predict_proba,
+    tta_views,
+    uncertain,
+)
 
 
 def test_flip_tta_is_one_forward_and_mean_softmax():
@@ -105,3 +113,22 @@ def test_uncertainty_metrics():
     assert uncertain(probs, metric="margin", threshold=0.1).tolist() == [True, False]
     with pytest.raises(ValueError, match="confidence or margin"):
         uncertain(probs, metric="entropy")
+
+
+@pytest.mark.parametrize("mode, scales", [("multi_scale", (1.0, 0.8, 1.2)), ("multi_scale", (0.9, 1.0)),
+                                          ("five_crop", (1.0,)), ("flip", (1.0,))])
+def test_adaptive_tta_equals_full_tta_where_applied_and_builds_views_only_for_those(mode, scales):
+    canvas = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        return _logits(x)
+
+    first = tta_views(canvas, mode, crop_size=16, scales=scales)[:6]  # the first view, whatever the mode
+    threshold = _logits(first).softmax(-1).max(1).values.median().item()
+    probs, applied = adaptive_predict_proba(forward, canvas, mode, crop_size=16, scales=scales, threshold=threshold)
+    full = predict_proba(_logits, canvas, mode, crop_size=16, scales=scales)
+    m = int(applied.sum())
+    assert 0 < m < 6 and torch.allclose(probs[applied], full[applied], atol=1e-6)
+    assert seen == [6, (num_views(mode, scales) - 1) * m]

@@ -1,0 +1,49 @@
+"""inference.batch.stack_images: one request's failure while stacking never reaches another request."""
+import torch
+
+from inference.batch import stack_images
+from inference.requests import RequestError
+
+
+def _images(sizes: dict[int, int]) -> list[tuple[torch.Tensor, int]]:
+    return [(torch.full((3, 4, 4), owner, dtype=torch.uint8), owner) for owner, n in sizes.items() for _ in range(n)]
+
+
+def test_one_stack_when_it_fits():
+    errors = {}
+    canvas, owners = stack_images(_images({0: 2, 3: 1}), errors)
+    assert canvas.shape == (3, 3, 4, 4) and owners == [0, 0, 3] and errors == {}
+
+
+def test_a_failed_stack_then_join_fails_the_largest_request_only(monkeypatch):
+    """The batch's stack fails (out of memory, say); each request stacks alone; joining them fails while the
+    largest is in (it needed the memory the stack lacked): it gets its 500, the others are answered."""
+    stack, cat = torch.stack, torch.cat
+
+    def flaky_stack(tensors, *args, **kwargs):
+        if len(tensors) > 3:
+            raise RuntimeError("simulated out of memory while stacking")
+        return stack(tensors, *args, **kwargs)
+
+    def flaky_cat(tensors, *args, **kwargs):
+        if sum(len(t) for t in tensors) > 3:
+            raise RuntimeError("simulated out of memory while joining")
+        return cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "stack", flaky_stack)
+    monkeypatch.setattr(torch, "cat", flaky_cat)
+    errors = {}
+    canvas, owners = stack_images(_images({0: 1, 1: 3, 2: 2}), errors)
+    assert owners == [0, 2, 2] and canvas[:, 0, 0, 0].tolist() == [0, 2, 2]
+    assert list(errors) == [1] and isinstance(errors[1], RequestError) and errors[1].status == 500
+    assert "simulated out of memory while joining" in str(errors[1])
+
+
+def test_nothing_left_is_an_empty_batch_not_an_exception(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory at all")
+
+    monkeypatch.setattr(torch, "stack", broken)
+    errors = {}
+    assert stack_images(_images({0: 1, 1: 1}), errors) == (None, [])
+    assert sorted(errors) == [0, 1]
