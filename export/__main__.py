@@ -8,12 +8,12 @@ from dataclasses import fields
 
 from inference.cli import run as run_cli
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
+from inference.tta import GRAPH_TTA_MODES
 
 from .formats import VARIANTS
 from .int8 import DEFAULT_MARGIN, DEFAULT_MAX_REVERTS
 from .staging import recover
 from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
-from .wrappers import GRAPH_TTA_MODES
 
 REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written
 

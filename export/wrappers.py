@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inference.tta import tta_views
-
-GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")
+from inference.tta import GRAPH_TTA_MODES, tta_views
 
 
 class FusedNormalization(nn.Module):

@@ -21,7 +21,7 @@ from inference.cli import UsageError
 from inference.explain import DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
 from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from inference.requests import DEFAULT_MAX_INFLATED_BYTES, DEFAULT_MAX_RESPONSE_BYTES
-from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, TTA_MODES
+from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, GRAPH_TTA_MODES, TTA_MODES
 
 
 class SettingsError(UsageError, ValueError):
@@ -191,7 +191,7 @@ class HandlerSettings(_Settings):
     resize_size: int | None = _opt(None, "shorter side before the center crop (default: input_size)", minimum=1,
                                    cli=False)
     graph_output: str = _opt("logits", "what the graph returns", choices=GRAPH_OUTPUTS, cli=False)
-    graph_tta: str = _opt("none", "TTA inside the graph (graph_output: probabilities)", choices=TTA_MODES,
+    graph_tta: str = _opt("none", "TTA inside the graph (graph_output: probabilities)", choices=("none", *GRAPH_TTA_MODES),
                           cli=False)
     graph_topk: int | None = _opt(None, "k of an in-graph top-k (graph_output: topk)", minimum=1, cli=False)
     precision: str = _opt("fp32", "the graph's precision", choices=PRECISIONS, cli=False)

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 from inference.transforms import EvalPreset
 
 TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "multi_scale")
+GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")  # what an exported graph can hold (export.wrappers.InGraphTTA)
 DEFAULT_SCALES = (1.0, 1.15, 0.87)
 AGGREGATES = ("softmax", "logits")
 ADAPTIVE_METRICS = ("confidence", "margin")  # top-1 probability, or top-1 minus top-2

@@ -36,6 +36,10 @@ def test_choices_are_the_module_constants():
     ({"input_size": 28, "tta_scales": []}, r"handler\.tta_scales must be a non-empty list"),
     ({"input_size": 28, "tta_scales": [1.0, 9.0]}, r"handler\.tta_scales must be <= 4\.0"),
     ({"input_size": 28, "graph_output": "features"}, r"handler\.graph_output must be one of logits"),
+    # an exported graph can hold flip, five_crop, ten_crop (export.wrappers): multi_scale was accepted, and its
+    # metric counted 3 views where a 2-scale graph has 2
+    ({"input_size": 28, "graph_output": "probabilities", "graph_tta": "multi_scale"},
+     r"handler\.graph_tta must be one of none, flip, five_crop, ten_crop"),
     ({"input_size": 28, "max_pixel": 10}, r"unknown key\(s\) max_pixel"),
     ({}, r"handler\.input_size is required"),
 ])
