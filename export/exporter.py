@@ -16,6 +16,7 @@ from inference.atomic import write_json
 from inference.backends import load_backend
 from inference.class_index import INDEX_FILE, write_index_to_name
 from inference.transforms import normalize
+from inference.tta import cuts_from_resize
 from training.checkpoint import load_checkpoint, restore_model
 
 from .formats import (
@@ -88,7 +89,7 @@ class Exporter:
 
     # -- what each variant's graph is, and its eager reference -------------------------------------
     def input_size(self, variant: Variant) -> int:
-        return self.spec.resize_size if variant.name == "onnx-tta" and self.graph_tta != "flip" \
+        return self.spec.resize_size if variant.name == "onnx-tta" and cuts_from_resize(self.graph_tta) \
             else self.spec.input_size
 
     def module(self, variant: Variant) -> torch.nn.Module:
@@ -105,7 +106,7 @@ class Exporter:
     @torch.no_grad()
     def reference(self, variant: Variant, evalset: EvalSet) -> torch.Tensor:
         if variant.output == "probabilities":
-            images = evalset.full if self.graph_tta != "flip" else evalset.crops
+            images = evalset.full if cuts_from_resize(self.graph_tta) else evalset.crops
             return self.module(variant)(images)
         return self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inference.tta import GRAPH_TTA_MODES, tta_views
+from inference.tta import GRAPH_TTA_MODES, cuts_from_resize, tta_views
 
 
 class FusedNormalization(nn.Module):
@@ -52,7 +52,7 @@ class InGraphTTA(nn.Module):
         super().__init__()
         if mode not in GRAPH_TTA_MODES:
             raise ValueError(f"in-graph TTA mode must be one of {GRAPH_TTA_MODES}, got {mode!r}")
-        if mode != "flip" and not crop_size:
+        if cuts_from_resize(mode) and not crop_size:
             raise ValueError(f"{mode} needs crop_size")
         self.base = base
         self.mode = mode

@@ -23,6 +23,12 @@ from inference.transforms import EvalPreset
 
 TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "multi_scale")
 GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")  # what an exported graph can hold (export.wrappers.InGraphTTA)
+
+
+def cuts_from_resize(mode: str) -> bool:
+    """Whether ``mode`` cuts its views from the resize-size square (five_crop, ten_crop, multi_scale) rather
+    than from the crop itself (none, flip): what the canvas, an in-graph TTA's input and its reference are."""
+    return mode not in ("none", "flip")
 DEFAULT_SCALES = (1.0, 1.15, 0.87)
 AGGREGATES = ("softmax", "logits")
 ADAPTIVE_METRICS = ("confidence", "margin")  # top-1 probability, or top-1 minus top-2
@@ -33,13 +39,15 @@ def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) 
     (exactly the offline evaluation transform), the center square at the resize size otherwise."""
     if mode not in TTA_MODES:
         raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
-    if mode in ("none", "flip"):
+    if not cuts_from_resize(mode):
         return EvalPreset(crop_size=crop_size, resize_size=resize_size)
     size = resize_size or crop_size
     return EvalPreset(crop_size=size, resize_size=size)
 
 
 def num_views(mode: str, scales: Sequence[float] = DEFAULT_SCALES) -> int:
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
     return {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10, "multi_scale": len(scales)}[mode]
 
 
@@ -54,7 +62,7 @@ def tta_views(canvas: torch.Tensor, mode: str, *, crop_size: int | None = None,
               scales: Sequence[float] = DEFAULT_SCALES) -> torch.Tensor:
     """``(N, C, R, R)`` -> ``(V * N, C, crop, crop)``, view-major, center view first."""
     crop = int(crop_size or canvas.shape[-1])
-    if mode in ("none", "flip"):
+    if not cuts_from_resize(mode):
         center = _center(canvas, crop)
         return center if mode == "none" else torch.cat([center, center.flip(-1)])
     if mode in ("five_crop", "ten_crop"):  # torchvision's five_crop, center first
