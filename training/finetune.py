@@ -165,7 +165,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool 
     the file but not in the model; in the file but ignored or of another shape.
 
     The file must be of the model's architecture: a tensor of another shape (a ResNeXt of other groups), one
-    the model lacks (a deeper ResNet's extra blocks) or one the file lacks is a ``ValueError`` naming them,
+    the model lacks (a deeper ResNet's extra blocks) or one the file lacks (but for the modules the model adds
+    to torchvision's blocks, ``added_modules``: SE gates, reported missing) is a ``ValueError`` naming them,
     since loading the rest would leave those layers random without a word. ``partial``: load what matches
     anyway (a grayscale stem, a shallower donor), refused only when the matching tensors hold less than
     ``min_match`` of the target's elements. ``FileNotFoundError`` for a missing file, ``ValueError`` when it is
@@ -201,13 +202,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool 
             to_load[key] = tensor
     report["loaded"] = sorted(to_load)
     report["missing"] = sorted(set(own) - set(state))
+    added = tuple(getattr(target, "added_modules", ()))  # modules the model adds to torchvision's (SE gates)
+    lacking = [k for k in report["missing"] if not any(f".{a}." in f".{k}" for a in added)]
     report["unexpected"].sort()
     report["skipped"].sort()
     kind = type(target).__name__
-    if not partial and (other_shape or report["unexpected"] or report["missing"]):
+    if not partial and (other_shape or report["unexpected"] or lacking):
         problems = [f"{len(v)} {what}, e.g. {', '.join(v[:3])}" for what, v in (
             ("of another shape", other_shape), ("the model lacks", report["unexpected"]),
-            ("the file lacks", report["missing"])) if v]
+            ("the file lacks", lacking)) if v]
         raise ValueError(f"{path} is not a {kind} of this architecture: tensors {'; '.join(problems)}. Use the "
                          "weights of the same architecture, or --pretrained-partial to load what matches (the rest "
                          "stays random)")

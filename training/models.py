@@ -3,8 +3,8 @@
 The checkpoint stores the registry name and the keyword arguments, so export and evaluation rebuild
 exactly the trained architecture.
 
-The large-image models (``se_resnext101_32x8d``, ``resnext101_mlp_head``, ``resnet50_attention``) are a
-:class:`BackboneClassifier`: ``model.backbone`` is a torchvision ResNet without its classifier (so a
+The large-image models (``se_resnext101_32x8d``, ``seresnext101_32x8d``, ``resnext101_mlp_head``,
+``resnet50_attention``) are a :class:`BackboneClassifier`: ``model.backbone`` is a torchvision ResNet without its classifier (so a
 torchvision state dict loads into it, see :func:`training.finetune.load_pretrained`) and ``model.head``
 is everything after it, which is what differential learning rates and progressive unfreezing act on.
 Their ``layers`` / ``groups`` / ``width_per_group`` arguments shrink the same family for CPU tests.
@@ -128,11 +128,36 @@ def resnet50(*, num_classes: int, **kwargs) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
 
 
+class SEBottleneck(Bottleneck):
+    """torchvision's Bottleneck with a squeeze-and-excitation gate on its residual branch, after the last
+    BatchNorm and before the add (Hu et al., 2018; timm's SE-ResNeXt). Its other parameters keep
+    torchvision's names, so a torchvision state dict loads into it, the ``se`` gates excepted. ``reduction``
+    is a class attribute, as torchvision's ``_make_layer`` builds blocks with fixed arguments: see
+    :func:`se_bottleneck`."""
+    reduction = 16
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.se = SqueezeExcite(self.conv3.out_channels, reduction=self.reduction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.relu(self.se(self.bn3(self.conv3(out))) + identity)
+
+
+def se_bottleneck(reduction: int = 16) -> type[SEBottleneck]:
+    """:class:`SEBottleneck` with another ``reduction``."""
+    return type(f"SEBottleneck{reduction}", (SEBottleneck,), {"reduction": int(reduction)})
+
+
 class ResNetBackbone(ResNet):
     """torchvision's ResNet without its classifier (``fc`` is ``nn.Identity``).
 
     ``forward`` returns the pooled ``(N, num_features)`` vector, ``forward_features`` the last feature
-    map ``(N, num_features, H/32, W/32)``. Parameter names are torchvision's, less ``fc.*``.
+    map ``(N, num_features, H/32, W/32)``. Parameter names are torchvision's, less ``fc.*``;
+    ``added_modules``: the names of modules it adds to torchvision's blocks (``se``), whose weights a
+    torchvision state dict cannot hold (:func:`training.finetune.load_pretrained` expects them missing).
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], *, groups: int = 1,
@@ -141,6 +166,7 @@ class ResNetBackbone(ResNet):
                          width_per_group=width_per_group)
         self.num_features = 512 * block.expansion
         self.fc = nn.Identity()
+        self.added_modules = ("se",) if issubclass(block, SEBottleneck) else ()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -177,11 +203,24 @@ def _mlp(in_features: int, hidden: Sequence[int], num_classes: int, *, drop_rate
 @register_model
 def se_resnext101_32x8d(*, num_classes: int, layers: Sequence[int] = (3, 4, 23, 3), groups: int = 32,
                         width_per_group: int = 8, reduction: int = 16, drop_rate: float = 0.5) -> nn.Module:
-    """ResNeXt-101 32x8d, global pooling, a squeeze-and-excitation gate on the pooled 2048 features,
-    dropout and a linear classifier; 87.29 M parameters at 10 classes."""
+    """The seed's model: ResNeXt-101 32x8d, global pooling, ONE squeeze-and-excitation gate on the pooled
+    2048 features, dropout and a linear classifier; 87.29 M parameters at 10 classes. Not Hu et al.'s
+    SE-ResNeXt, which gates every bottleneck: that is :func:`seresnext101_32x8d` (timm's name)."""
     backbone = ResNetBackbone(Bottleneck, layers, groups=groups, width_per_group=width_per_group)
     head = nn.Sequential(SqueezeExcite(backbone.num_features, reduction=reduction), nn.Dropout(drop_rate),
                          nn.Linear(backbone.num_features, num_classes))
+    return BackboneClassifier(backbone, head)
+
+
+@register_model
+def seresnext101_32x8d(*, num_classes: int, layers: Sequence[int] = (3, 4, 23, 3), groups: int = 32,
+                       width_per_group: int = 8, reduction: int = 16, drop_rate: float = 0.0) -> nn.Module:
+    """SE-ResNeXt-101 32x8d as Hu et al. (2018) and timm's ``seresnext101_32x8d``: a squeeze-and-excitation
+    gate in every bottleneck (:class:`SEBottleneck`), global pooling, dropout and a linear classifier;
+    93.57 M parameters at 1000 classes, timm's count. A torchvision ``resnext101_32x8d`` state dict fills all
+    but the gates."""
+    backbone = ResNetBackbone(se_bottleneck(reduction), layers, groups=groups, width_per_group=width_per_group)
+    head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(backbone.num_features, num_classes))
     return BackboneClassifier(backbone, head)
 
 

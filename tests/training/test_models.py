@@ -67,9 +67,10 @@ def test_squeeze_excite_knobs():
 
 # --- the seed projects' large-image models ----------------------------------------------------
 
-NEW_MODELS = ("se_resnext101_32x8d", "resnext101_mlp_head", "resnet50_attention")
+NEW_MODELS = ("se_resnext101_32x8d", "seresnext101_32x8d", "resnext101_mlp_head", "resnet50_attention")
 TINY = {  # the same families, shrunk to train on a CPU in tests
     "se_resnext101_32x8d": {"layers": (1, 1, 1, 1), "width_per_group": 4},
+    "seresnext101_32x8d": {"layers": (1, 1, 1, 1), "width_per_group": 4},
     "resnext101_mlp_head": {"layers": (1, 1, 1, 1), "width_per_group": 4, "hidden": 32},
     "resnet50_attention": {"layers": (1, 1, 1, 1), "width_per_group": 16, "hidden": (32, 16)},
 }
@@ -78,6 +79,8 @@ TINY = {  # the same families, shrunk to train on a CPU in tests
 @pytest.mark.parametrize("name, num_classes, expected", [
     ("se_resnext101_32x8d", 10, 87_289_290),
     ("se_resnext101_32x8d", 1000, 89_317_800),
+    ("seresnext101_32x8d", 1000, 93_569_048),  # timm's seresnext101_32x8d: resnext101_32x8d + 4,777,712 in SE
+    ("seresnext101_32x8d", 10, 91_540_538),
     ("resnext101_mlp_head", 10, 87_797_578),
     ("resnext101_mlp_head", 1000, 88_305_448),
     ("resnet50_attention", 10, 25_216_842),
@@ -140,6 +143,38 @@ def test_heads_are_the_seed_projects():
     assert {m.p for m in attention.head if isinstance(m, torch.nn.Dropout)} == {0.4}
 
 
+def test_se_resnext_gates_every_bottleneck_before_the_residual_add():
+    """Hu et al.'s SE-ResNeXt (timm's seresnext101_32x8d): one SE gate per bottleneck, on the residual branch
+    after bn3 and before the add; closing every gate leaves relu(identity)."""
+    from training.models import SEBottleneck
+    model = build_model("seresnext101_32x8d", num_classes=3, layers=[2, 1, 1, 1], width_per_group=4).eval()
+    blocks = [m for m in model.backbone.modules() if isinstance(m, SEBottleneck)]
+    assert len(blocks) == 5 and all(isinstance(b.se, SqueezeExcite) for b in blocks)
+    assert [b.se.fc1.in_features for b in blocks] == [256, 256, 512, 1024, 2048]
+    block = blocks[1]  # no downsample: identity is the input
+    x = torch.randn(2, 256, 6, 6)
+    with torch.no_grad():
+        block.se.fc2.bias.fill_(-1e4)  # sigmoid -> 0: the residual branch is shut
+        torch.testing.assert_close(block(x), torch.relu(x))
+        block.se.fc2.weight.zero_()
+        block.se.fc2.bias.fill_(1e4)  # sigmoid -> 1: torchvision's Bottleneck exactly
+        plain = torch.nn.Sequential(block.conv1, block.bn1, block.relu, block.conv2, block.bn2, block.relu,
+                                    block.conv3, block.bn3)
+        torch.testing.assert_close(block(x), torch.relu(plain(x) + x))
+
+
+def test_a_torchvision_resnext_state_dict_fills_se_resnext_but_its_gates(tmp_path):
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from training.finetune import load_pretrained
+    donor = ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)
+    torch.save(donor.state_dict(), tmp_path / "resnext.pth")
+    model = build_model("seresnext101_32x8d", num_classes=3, **TINY["seresnext101_32x8d"])
+    report = load_pretrained(model, tmp_path / "resnext.pth")
+    assert report["missing"] and all(".se." in k for k in report["missing"]) and report["unexpected"] == []
+    assert torch.equal(model.backbone.layer4[0].conv2.weight, donor.layer4[0].conv2.weight)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_shrunk_model_trains_and_traces():
     model = build_model("resnet50_attention", num_classes=4, **TINY["resnet50_attention"])
@@ -147,7 +182,8 @@ def test_shrunk_model_trains_and_traces():
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
     assert model.head[0].fc1.weight.grad is not None and model.backbone.conv1.weight.grad is not None
-    se = build_model("se_resnext101_32x8d", num_classes=4, **TINY["se_resnext101_32x8d"]).eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(se, x[:1], check_trace=False)  # export traces the model
-        torch.testing.assert_close(traced(x), se(x))
+    for name in ("se_resnext101_32x8d", "seresnext101_32x8d"):
+        se = build_model(name, num_classes=4, **TINY[name]).eval()
+        with torch.no_grad():
+            traced = torch.jit.trace(se, x[:1], check_trace=False)  # export traces the model
+            torch.testing.assert_close(traced(x), se(x))
