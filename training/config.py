@@ -47,8 +47,9 @@ def _opt(default, help: str, **extra) -> Any:
 
 
 #: Named sets of defaults (``--preset NAME``): field name -> value, over the dataclass defaults and under
-#: ``--config`` and the command line. ``photo``: torchvision's ImageNet recipe (RandomResizedCrop 224 of
-#: the image, flip, colour jitter; evaluation Resize 256 + CenterCrop 224, ImageNet mean/std as
+#: ``--config`` and the command line. ``photo``: the ImageNet recipe of torchvision's references
+#: (RandomResizedCrop 224 of the image, flip; evaluation Resize 256 + CenterCrop 224), with timm's colour
+#: jitter 0.4 added, ImageNet mean/std as
 #: torchvision's pretrained weights expect), decoded per access (the cache would keep only the centre
 #: crop) and a batch that fits ResNet-50 at 224 px in memory.
 PRESETS: dict[str, dict[str, Any]] = {

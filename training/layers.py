@@ -51,11 +51,13 @@ class SpatialAttention(nn.Module):
 
 
 class CBAM(nn.Module):
-    def __init__(self, channels: int, *, reduction: int = 16, spatial_kernel_size: int = 7,
+    def __init__(self, channels: int, *, reduction: int = 16, min_channels: int = 8, spatial_kernel_size: int = 7,
+                 act_layer: type[nn.Module] = nn.ReLU, gate_layer: type[nn.Module] = nn.Sigmoid,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
-        self.channel = ChannelAttention(channels, reduction=reduction)
-        self.spatial = SpatialAttention(kernel_size=spatial_kernel_size, norm_layer=norm_layer)
+        self.channel = ChannelAttention(channels, reduction=reduction, min_channels=min_channels, act_layer=act_layer,
+                                        gate_layer=gate_layer)
+        self.spatial = SpatialAttention(kernel_size=spatial_kernel_size, gate_layer=gate_layer, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))

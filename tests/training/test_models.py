@@ -187,3 +187,21 @@ def test_shrunk_model_trains_and_traces():
         with torch.no_grad():
             traced = torch.jit.trace(se, x[:1], check_trace=False)  # export traces the model
             torch.testing.assert_close(traced(x), se(x))
+
+
+def test_cbam_against_a_reference_written_from_the_paper():
+    """Woo et al. (2018): channel gate = sigmoid(MLP(avgpool) + MLP(maxpool)) with ONE shared MLP; spatial gate
+    = sigmoid(conv7x7([mean over channels, max over channels])) (timm adds the BatchNorm kept here); channel
+    first. Written here from the paper, against training.layers (shape-only tests would miss a swap)."""
+    torch.manual_seed(0)
+    block = CBAM(16, reduction=4, min_channels=1).eval()
+    x = torch.randn(2, 16, 5, 5)
+    ch, sp = block.channel, block.spatial
+    mlp = lambda v: ch.fc2(torch.relu(ch.fc1(v)))  # noqa: E731
+    after_channel = x * torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
+    maps = torch.cat([after_channel.mean(1, keepdim=True), after_channel.amax(1, keepdim=True)], 1)
+    expected = after_channel * torch.sigmoid(sp.bn(sp.conv(maps)))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected)
+    assert ch.fc1.out_channels == 4 and sp.conv.kernel_size == (7, 7)  # 16 / reduction 4; knobs reach the gates
+    assert isinstance(CBAM(16, gate_layer=torch.nn.Hardsigmoid).spatial.gate, torch.nn.Hardsigmoid)
