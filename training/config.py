@@ -124,8 +124,12 @@ class TrainConfig:
     loss: str = _opt("ce", "loss function", choices=LOSSES)
     label_smoothing: float = _opt(0.1, "label smoothing of the targets", minimum=0, below=1)
     focal_gamma: float = _opt(2.0, "focal loss focusing parameter gamma", minimum=0)
-    focal_alpha: float | None = _opt(None, "focal loss scalar alpha weight (default: none)", minimum=0, maximum=1)
-    weighted_loss: bool = _opt(False, "weight classes by inverse training-set frequency")
+    focal_alpha: float | None = _opt(None, "focal loss alpha (default: none). In a softmax loss over classes a scalar "
+                                     "only scales the loss (Lin et al.'s alpha weighs positives against negatives "
+                                     "of a sigmoid): it changes SGD's step, not the balance; for that use "
+                                     "--weighted-loss", minimum=0, maximum=1)
+    weighted_loss: bool = _opt(False, "weight classes by inverse training-set frequency, averaging 1 over the "
+                               "samples (scikit-learn's 'balanced')")
     # -- optimisation
     optimizer: str = _opt("adamw", "optimizer (sgd = SGD with Nesterov momentum)", choices=OPTIMIZERS)
     epochs: int = _opt(10, "number of epochs", minimum=1)
@@ -182,6 +186,9 @@ class TrainConfig:
         if self.resize_size is not None and self.resize_size < self.input_size:
             raise ValueError(f"--resize-size {self.resize_size} is smaller than --input-size {self.input_size}: the "
                              "evaluation crop is cut from the resized image (the rest would be black padding)")
+        if self.balanced_sampler and self.weighted_loss:  # each alone evens the classes out; both: 1/n twice
+            raise ValueError("--balanced-sampler and --weighted-loss each even the classes out; together a rare class "
+                             "counts twice over (its share grows as 1/count): use one")
         if os.environ.get("WORLD_SIZE", "1") == "1":  # under torchrun each rank's device is checked as it starts
             check_device(self.device)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -15,12 +15,21 @@ import torch
 # ----------------------------------------------------------------------------------------- metrics
 
 
+def ranked(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of each row's ``k`` highest scores, ties broken toward the lower class index,
+    as ``argmax`` does (``torch.topk`` breaks them arbitrarily): top-1 accuracy, the confusion matrix and the
+    predictions CSV then name the same class."""
+    order = probs.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return probs.gather(1, order), order
+
+
 def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` highest scores (``k`` capped at the class count)."""
+    """Fraction of rows whose label is among the ``k`` highest scores (``k`` capped at the class count; ties
+    toward the lower index, see :func:`ranked`)."""
     if len(labels) == 0:
         return 0.0
     k = max(1, min(k, probs.shape[1]))
-    return (probs.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    return (ranked(probs, k)[1] == labels[:, None]).any(1).float().mean().item()
 
 
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -262,7 +271,7 @@ def write_predictions_csv(path, paths: Sequence[str], labels, probs: torch.Tenso
         raise ValueError(f"{len(paths)} paths, {n} rows of probabilities"
                          + ("" if labels is None else f", {len(labels)} labels"))
     k = max(1, min(topk, probs.shape[1]))
-    conf, idx = probs.topk(k, dim=1)
+    conf, idx = ranked(probs, k)
     labels = [None] * n if labels is None else torch.as_tensor(labels).tolist()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -53,3 +53,10 @@ def test_yaml_numbers_are_typed_and_wrong_types_are_one_line(tmp_path):
                             (dict(model_kwargs=[16, 32]), "model_kwargs: expected a mapping, got [16, 32]")):
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             TrainConfig(data="d", out="o", device="cpu", **values).validate()
+
+
+def test_balanced_sampler_and_weighted_loss_together_are_refused():
+    """Each evens the classes out; together a rare class's share grows as 1/count (100x on a 1000/10 split)."""
+    with pytest.raises(ValueError, match="--balanced-sampler and --weighted-loss each even the classes out"):
+        TrainConfig.create(data="d", out="o", balanced_sampler=True, weighted_loss=True)
+    assert TrainConfig.create(data="d", out="o", weighted_loss=True).weighted_loss

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -110,13 +111,31 @@ def test_target_distribution():
 def test_class_weights_inverse_frequency():
     labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 2 + [3] * 2)  # class 4 absent
     w = class_weights(labels, 5)
-    # raw 1/8, 1/4, 1/2, 1/2 -> mean 11/32 -> normalized
-    torch.testing.assert_close(w, torch.tensor([4 / 11, 8 / 11, 16 / 11, 16 / 11, 0.0]))
-    assert w[:4].mean().item() == pytest.approx(1.0)
+    # raw 1/8, 1/4, 1/2, 1/2; n / (classes present * count): scikit-learn's "balanced"
+    torch.testing.assert_close(w, torch.tensor([0.5, 1.0, 2.0, 2.0, 0.0]))
+    assert (w[labels]).mean().item() == pytest.approx(1.0)  # 1 on average over the samples
     sqrt = class_weights(labels.tolist(), 5, power=0.5)
     assert sqrt[0] < sqrt[1] < sqrt[2] == sqrt[3] and sqrt[4] == 0
-    assert sqrt[2] / sqrt[0] == pytest.approx(2.0)
+    assert sqrt[2] / sqrt[0] == pytest.approx(2.0) and sqrt[labels].mean().item() == pytest.approx(1.0)
     torch.testing.assert_close(class_weights(labels, 5, power=0.0), torch.tensor([1.0, 1, 1, 1, 0]))
+
+
+def test_class_weights_are_scikit_learns_balanced_weights():
+    compute_class_weight = pytest.importorskip("sklearn.utils.class_weight").compute_class_weight  # nncf needs it
+    labels = np.array([0] * 1000 + [1] * 100 + [2] * 10)
+    ours = class_weights(torch.from_numpy(labels), 3).numpy()
+    np.testing.assert_allclose(ours, compute_class_weight("balanced", classes=np.arange(3), y=labels), rtol=1e-6)
+
+
+def test_weighted_losses_on_one_hot_soft_targets_equal_hard_ones():
+    """Mixup/CutMix hand every loss soft targets (one-hot rows where a batch is not mixed): with the weights
+    averaging 1 over the classes, the soft-target loss of an imbalanced batch was ~20x the hard one's lower."""
+    labels = torch.tensor([0] * 1000 + [1] * 100 + [2] * 10)
+    batch = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:64]]
+    logits = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    loss = build_loss("ce", label_smoothing=0.0, weight=class_weights(labels, 3))
+    hard, soft = loss(logits, batch), loss(logits, torch.nn.functional.one_hot(batch, 3).float())
+    assert 0.5 < (soft / hard).item() < 2.0, (hard, soft)
 
 
 def test_class_weights_rejects_out_of_range_labels():

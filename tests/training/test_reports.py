@@ -195,3 +195,23 @@ def test_predictions_csv(tmp_path, example):
     assert rows[0]["label"] == "" and "top4_name" in rows[0] and "top5" not in rows[0]
     with pytest.raises(ValueError, match="8 paths"):
         write_predictions_csv(tmp_path / "bad.csv", paths[:8], labels, probs, NAMES)
+
+
+def test_tied_scores_give_one_answer_everywhere(tmp_path):
+    """torch.topk breaks ties arbitrarily (here class 1 of [.5, .5, 0, 0, 0, 0], class 8 of ten equal scores),
+    argmax toward the lower index: a collapsed model (all scores equal) had a top-1 of 0% beside a confusion
+    matrix of 100% correct, and a predictions CSV naming another class than the matrix."""
+    names = [str(c) for c in range(10)]
+    probs = torch.zeros(3, 10)
+    probs[0, :2] = 0.5
+    probs[1] = 0.1
+    probs[2, 3:5] = 0.5
+    labels = torch.tensor([0, 0, 3])
+    metrics = classification_metrics(probs, labels, names)
+    matrix = torch.as_tensor(metrics["confusion"])
+    assert topk_accuracy(probs, labels, 1) == pytest.approx(matrix.trace().item() / 3) == pytest.approx(1.0)
+    write_predictions_csv(tmp_path / "p.csv", ["x", "y", "z"], labels, probs, names, topk=2)
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pred"] for r in rows] == [str(i) for i in probs.argmax(1).tolist()] == ["0", "0", "3"]
+    assert [r["top2"] for r in rows] == ["1", "1", "4"]
