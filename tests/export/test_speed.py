@@ -5,10 +5,14 @@ from export.speed import describe, int8_speedup
 
 
 def test_int8_speedup_times_both_graphs_per_core_and_in_one_process(export_dir):
+    old = torch.get_num_threads()
     torch.set_num_threads(2)
-    images = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
-    speed = int8_speedup(str(export_dir / "model_ov.xml"), str(export_dir / "model_ov_int8.xml"), images,
-                         rounds=2, min_run_time=0.05)
+    try:  # restored: every later test of the session would run on 2 threads
+        images = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
+        speed = int8_speedup(str(export_dir / "model_ov.xml"), str(export_dir / "model_ov_int8.xml"), images,
+                             rounds=2, min_run_time=0.05)
+    finally:
+        torch.set_num_threads(old)
     assert set(speed) == {"per_core", "one_process"}
     assert speed["per_core"]["threads"] == 1 and speed["one_process"]["threads"] == 2
     for s in speed.values():

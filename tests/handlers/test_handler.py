@@ -40,11 +40,11 @@ def model_dir(export_dir, tmp_path_factory):
 def eager(checkpoint):
     spec, model = load_model(checkpoint)
 
-    def probs(payloads, tta="flip"):
+    def probs(payloads, tta="flip", **options):  # options: predict_proba's scales / how
         canvas = canvas_preset(tta, crop_size=24, resize_size=26).batch([decode_rgb(p) for p in payloads])
         with torch.no_grad():
             return predict_proba(lambda x: model(normalize(x, mean=spec.mean, std=spec.std)), canvas, tta,
-                                 crop_size=24)
+                                 crop_size=24, **options)
     return spec, probs
 
 
@@ -95,9 +95,26 @@ def test_every_tta_mode_equals_offline_evaluation(model_dir, eager, tta):
 
 
 def test_torchscript_backend_and_mean_logits(model_dir, eager):
-    handler = handler_for(model_dir, serialized="model.pt", tta="flip", tta_aggregate="logits")
+    """The TorchScript graph with tta_aggregate: logits answers what offline softmax-of-mean-logits gives,
+    which differs from the mean of softmaxes (so a handler ignoring the setting fails here)."""
+    _, probs = eager
+    handler = handler_for(model_dir, serialized="model.pt", tta="flip", tta_aggregate="logits", topk=3)
     body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[0])}])[0])
-    assert body["tta"] == "flip" and len(body["predictions"]) == 2
+    assert body["tta"] == "flip" and len(body["predictions"]) == 3
+    got = {p["index"]: p["confidence"] for p in body["predictions"]}
+    by_logits, by_softmax = probs(IMAGES[:1], how="logits")[0], probs(IMAGES[:1], how="softmax")[0]
+    assert got == pytest.approx({i: by_logits[i].item() for i in range(3)}, abs=1e-5)
+    assert not torch.allclose(by_logits, by_softmax, atol=1e-5)
+
+
+def test_multi_scale_follows_the_configured_scales(model_dir, eager):
+    _, probs = eager
+    handler = handler_for(model_dir, tta="multi_scale", tta_scales=[1.0, 0.8], topk=3)
+    body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[1])}])[0])
+    got = {p["index"]: p["confidence"] for p in body["predictions"]}
+    assert got == pytest.approx({i: probs(IMAGES[1:2], "multi_scale", scales=(1.0, 0.8))[0][i].item()
+                                 for i in range(3)}, abs=1e-5)
+    assert got != pytest.approx({i: probs(IMAGES[1:2], "multi_scale")[0][i].item() for i in range(3)}, abs=1e-5)
 
 
 def test_in_graph_tta_archive_reports_the_graphs_tta(model_dir, eager):
@@ -158,6 +175,7 @@ def test_bad_topk_and_bomb_get_their_own_status(model_dir):
 
 def test_all_bad_batch_runs_no_forward(model_dir):
     handler = handler_for(model_dir)
+    handler.backend = lambda images: pytest.fail("a forward ran for a batch without a single good image")
     ctx = make_context(model_dir, n=2)
     out = run(handler, ctx, [{"body": bytearray()}, {"body": "text"}])
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [400, 415]

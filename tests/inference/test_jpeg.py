@@ -81,6 +81,7 @@ def test_a_jpeg_without_or_with_a_broken_orientation_is_upright_as_stored():
     Image.new("RGB", (8, 6), (10, 20, 30)).save(buf, format="JPEG")
     assert probe(buf.getvalue()).orientation == 1
     assert probe(photo(1)).orientation == 1 and probe(photo(9)).orientation == 1  # 9: no such orientation
+    assert torch.equal(decode_rgb(photo(9)), as_stored(photo(9)))  # decoded as stored, not turned
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])

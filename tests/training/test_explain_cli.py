@@ -41,8 +41,13 @@ def test_explain_writes_the_servers_overlay_for_the_eager_model(random_checkpoin
     assert sorted(p.name for p in out.parent.iterdir()) == ["photo_explained.png"]  # no temporary left
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "missing image", "not an image",
-                                  "grid too large", "grid finer than the input"])
+SAID = {"missing checkpoint": "checkpoint not found: ", "not a checkpoint": "is not a checkpoint written by",
+        "missing image": "image not found: ", "not an image": "not an image: ",
+        "grid too large": "--grid must be 1 to 16", "grid finer than the input": "--grid 16 is larger than the "
+        "model's input of 12 pixels"}
+
+
+@pytest.mark.parametrize("case", SAID)
 def test_user_mistakes_print_one_line_and_exit_2(case, random_checkpoint, photo, tmp_path, capsys):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello, not a model nor an image")
@@ -70,6 +75,7 @@ def test_user_mistakes_print_one_line_and_exit_2(case, random_checkpoint, photo,
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert SAID[case] in err  # this mistake's own line, not another's
     assert not out.exists()
 
 
