@@ -213,10 +213,12 @@ class ImageClassifierHandler(BaseHandler):
                     body["tta_applied"] = bool(applied)
                 per_request.setdefault(owner, []).append(body)
             for owner, results in per_request.items():  # a body that cannot be built is that request's 500
-                out[owner] = protocols.answer(batch.requests[owner], results, model_name=self.model_name,
-                                              model_version=self.model_version)
-                if isinstance(out[owner], RequestError):
-                    batch.errors[owner] = out[owner]
+                body = protocols.answer(batch.requests[owner], results, model_name=self.model_name,
+                                        model_version=self.model_version)
+                if isinstance(body, RequestError):
+                    batch.errors[owner] = body
+                else:
+                    out[owner] = body
         limit = self.settings.max_response_bytes  # longer: TorchServe would drop the worker (protocols.bounded)
         batch.errors.update({i: e for i, body in enumerate(out) if (e := protocols.bounded(body, limit=limit))})
         if batch.failure is not None:

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 
 from inference.protocols import KSERVE_V1, OIP_V2, bounded
 from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
+from inference.responses import float32_values
 from inference.tta import tta_views
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,9 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
         log.exception("%s: explaining %d images failed", model_name, len(images))
         raise RequestError(f"the model failed while explaining: {e}", status=500, error="inference failed") from None
     answers = []
-    for k, (index, p, cells) in enumerate(zip(result.indices.tolist(), result.probabilities.tolist(), result.maps)):
-        body = {"class": class_names[index], "index": index, "probability": round(p, 6), "method": METHOD,
+    for k, (index, p, cells) in enumerate(zip(result.indices.tolist(), float32_values(result.probabilities),
+                                              result.maps)):
+        body = {"class": class_names[index], "index": index, "probability": p, "method": METHOD,
                 "grid_size": grid, "fill": settings.explain_fill,
                 "grid": [[round(v, 6) for v in line] for line in cells.tolist()],
                 "model": model_name, "version": model_version}

@@ -51,6 +51,7 @@ DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
 PLUGINS = [f for f in FORMATS if f != "MPO"]  # the plugins Pillow may try (JPEG's opens MPO files)
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"avif", b"avis"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _other_format(data: bytes | bytearray) -> str | None:
     """The format outside the allow-list that ``data`` starts like, by Pillow's plugins' prefix tests alone."""
     Image.init()
     prefix = bytes(data[:16])
-    if prefix[4:8] == b"ftyp":  # ISO-BMFF: HEIC/HEIF (an iPhone's photos) or AVIF, which no allowed plugin reads
+    if prefix[4:8] == b"ftyp" and prefix[8:12] in HEIF_BRANDS:  # ISO-BMFF images: HEIC (iPhones), AVIF
         return f"HEIF/AVIF, brand {prefix[8:12].decode('latin-1')!r}; send iPhone photos as JPEG ('Most Compatible')"
     for name in Image.ID:
         accept = Image.OPEN.get(name, (None, None))[1] if name not in FORMATS else None
@@ -159,8 +160,7 @@ def _frames(im: Image.Image, max_frames: int) -> int:
 
 def image_size(data: bytes | bytearray) -> tuple[int, int]:
     """``(width, height)`` from the header only (no bounds); raises :class:`ImageError` for non-images."""
-    info = probe(data, max_pixels=2**62, max_aspect_ratio=float("inf"), max_frames=2**62)
-    return info.width, info.height
+    return (info := probe(data, max_pixels=2**62, max_aspect_ratio=float("inf"), max_frames=2**62)).width, info.height
 
 
 def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,18 @@ def topk_predictions(values: torch.Tensor, indices: torch.Tensor, ks: list[int],
     A confidence is its float32 probability written with the fewest digits that read back as the same float32
     (``0.84090173``, ``1.4110349e-13``): nothing is lost where an answer carries FP32 scores (OIP, binary or
     JSON), and a small probability never reads as 0."""
-    shortest = values.detach().float().cpu().numpy().astype(str).tolist()  # numpy's shortest float32 repr
-    return [[{"class": class_names[j], "index": j, "confidence": float(p)} for p, j in zip(v[:k], ix[:k])]
-            for v, ix, k in zip(shortest, indices.tolist(), ks)]
+    return [[{"class": class_names[j], "index": j, "confidence": p} for p, j in zip(v[:k], ix[:k])]
+            for v, ix, k in zip(float32_values(values), indices.tolist(), ks)]
+
+
+def float32_values(values: torch.Tensor) -> list:
+    """``values`` as Python floats in the fewest digits that read back as the same float32 (numpy's shortest
+    repr), nested as the tensor is: what every answer's probabilities are written with."""
+    return _floats(values.detach().float().cpu().numpy().astype(str).tolist())
+
+
+def _floats(nested):
+    return [_floats(v) for v in nested] if isinstance(nested, list) else float(nested)
 
 
 def error_body(error: str, detail: str, *, status: int = 400) -> str:

@@ -92,8 +92,8 @@ def check_in_step(model: torch.nn.Module, info: DistInfo) -> None:
     with rank 0's; a collective call, once an epoch."""
     if not info.enabled:
         return
-    with torch.no_grad():
-        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    with torch.no_grad():  # compared bit for bit: a NaN the copies share is the same, not "apart"
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu().view(torch.int64)
     ranks = gather(sums, info)
     names = [n for n, _ in model.named_parameters()]
     apart = [names[i] for i in torch.nonzero(torch.stack(ranks).ne(ranks[0]).any(0)).flatten().tolist()]

@@ -203,7 +203,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, partial: bool 
     report["loaded"] = sorted(to_load)
     report["missing"] = sorted(set(own) - set(state))
     added = tuple(getattr(target, "added_modules", ()))  # modules the model adds to torchvision's (SE gates)
-    lacking = [k for k in report["missing"] if not any(f".{a}." in f".{k}" for a in added)]
+    lacking = [k for k in report["missing"] if not any(f".{a}." in f".{k}" for a in added)  # BatchNorm's step
+               and not k.endswith("num_batches_tracked")]  # counters: files from before PyTorch 0.4.1 have none
     report["unexpected"].sort()
     report["skipped"].sort()
     kind = type(target).__name__

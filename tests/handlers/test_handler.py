@@ -343,3 +343,22 @@ def test_an_answer_over_max_response_bytes_is_that_requests_413_alone(model_dir)
     assert ctx.get_response_status(0)[0] == 413 and json.loads(out[0])["error"] == "answer too large", out[0]
     assert "max_response_bytes (1024)" in json.loads(out[0])["detail"]
     assert ctx.get_response_status(1)[0] == 200 and json.loads(out[1])["predictions"]
+
+
+def test_an_answer_that_cannot_be_built_fails_its_request_only(model_dir, monkeypatch):
+    """A renderer's bug met on one request's results is that request's 500; before, its error object went on
+    as the answer body and the size check's len() raised for the whole batch."""
+    from inference import protocols
+    render = protocols.render
+
+    def flaky(req, results, **kwargs):
+        if req.multi:  # the JSON-list request below
+            raise KeyError("simulated renderer bug")
+        return render(req, results, **kwargs)
+
+    monkeypatch.setattr(protocols, "render", flaky)
+    handler = handler_for(model_dir)
+    ctx = make_context(model_dir, n=2)
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": [base64.b64encode(IMAGES[1]).decode()]}])
+    assert ctx.get_response_status(0)[0] == 200 and json.loads(out[0])["predictions"]
+    assert ctx.get_response_status(1)[0] == 500 and "simulated renderer bug" in json.loads(out[1])["detail"]

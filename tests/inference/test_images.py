@@ -393,3 +393,10 @@ def test_a_decoders_unforeseen_error_fails_that_image_only(monkeypatch):
     out = images.decode_many(good)
     assert isinstance(out[0], torch.Tensor) and isinstance(out[1], PreprocessError)
     assert "ValueError: an unforeseen decoder error" in str(out[1]) and out[1].status == 500
+
+
+def test_an_mp4_is_not_called_a_heic_photo():
+    mp4 = bytes.fromhex("00000018") + b"ftypisom" + bytes(4) + b"isomiso2" + bytes(64)
+    with pytest.raises(ImageError) as e:
+        probe(mp4)
+    assert "HEIF" not in str(e.value)

@@ -264,3 +264,13 @@ def test_fine_tuning_options_a_model_cannot_use_are_refused_first(image_folder, 
         main(["train", "--data", str(image_folder), "--input-size", "16", "--out", str(tmp_path / "run"),
               "--no-progress", *options])
     assert not (tmp_path / "run").exists()
+
+
+def test_files_without_batchnorm_step_counters_load(torchvision_weights, tmp_path):
+    """Files saved before PyTorch 0.4.1 (torchvision's first model-zoo weights among them) have no
+    num_batches_tracked buffers; torch loads them, and so does --pretrained."""
+    _, state = torchvision_weights
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    report = load_pretrained(tiny_model(), tmp_path / "old.pth")
+    assert report["missing"] and all(k.endswith("num_batches_tracked") for k in report["missing"])
