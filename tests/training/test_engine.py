@@ -236,21 +236,42 @@ def test_fine_tuning_a_backbone_model_with_local_weights(image_folder, tmp_path,
     assert not torch.equal(state["backbone.layer4.0.conv1.weight"], donor["layer4.0.conv1.weight"])  # trained
 
 
-def test_tensorboard_logging_or_a_clear_error(image_folder, tmp_path):
-    import importlib.util
+def test_tensorboard_gets_every_epoch_scalar_of_log_csv(image_folder, tmp_path):
+    """--tensorboard writes the epoch scalars, read back with TensorBoard's own reader (a dev dependency)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from training.engine import Trainer
+    from training.reports import read_log
+    cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "tb"), model_kwargs=TINY_KWARGS, input_size=16,
+                      batch_size=16, epochs=2, tensorboard=True, progress=False)
+    Trainer(cfg).run()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    log = read_log(tmp_path / "tb" / "log.csv")
+    assert {"train_loss", "val_loss", "val_top1", "lr"} <= set(events.Tags()["scalars"])
+    for tag in events.Tags()["scalars"]:
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [1, 2], tag
+        assert [p.value for p in points] == pytest.approx(log[tag], rel=1e-4, abs=1e-5), tag  # log.csv rounds
+
+
+def test_tensorboard_without_its_package_is_a_clear_error(image_folder, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from training.engine import Trainer
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import fails as without the package
     cfg = TrainConfig(data=str(image_folder), out=str(tmp_path / "tb"), model_kwargs=TINY_KWARGS, input_size=16,
                       batch_size=16, epochs=1, tensorboard=True, progress=False)
-    if importlib.util.find_spec("tensorboard") is None:  # refused by the configuration, before any work
-        with pytest.raises(ValueError, match="needs the tensorboard package"):
-            cfg.validate()
-        with pytest.raises(ValueError, match="needs the tensorboard package"):  # and by the writer itself
-            Trainer(cfg).run()
-        assert not (tmp_path / "tb" / "tensorboard").exists()
-    else:
+    with pytest.raises(ValueError, match="needs the tensorboard package"):  # refused by the configuration
+        cfg.validate()
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: None)
+    with pytest.raises(ValueError, match="needs the tensorboard package"):  # and by the writer itself
         Trainer(cfg).run()
-        assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "tb" / "tensorboard").exists()
 
 
 @pytest.mark.parametrize("start", ["forkserver", "fork"])
