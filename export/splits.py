@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from training.datasets import stratified_split
-from training.image_folder import IMAGE_EXTENSIONS, scan_image_folder
+from training.image_folder import image_files, scan_image_folder
 
 
 @dataclass
@@ -31,7 +30,7 @@ class HeldOut:
 
 
 def _images_under(folder: str) -> list[str]:
-    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(folder, option="--calib-data")
     if not paths:
         raise ValueError(f"no images under {folder}")
     return paths

@@ -82,12 +82,10 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
 def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:
     """Calibration images need no labels: every image under the folder ``source`` (any layout), or the
     image files listed in ``source``, at the input size."""
-    from pathlib import Path
-
-    from training.image_folder import IMAGE_EXTENSIONS
+    from training.image_folder import image_files
 
     if isinstance(source, str):
-        paths = sorted(str(p) for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = image_files(source, option="--calib-data")
         if not paths:
             raise ValueError(f"no calibration images under {source}")
     else:

@@ -19,7 +19,7 @@ from inference.tta import canvas_preset, predict_proba
 from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset, ReadableImages, collate_readable, unreadable_line
 from .formats import AUTO, FORMATS, build_datasets, detect_format
-from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, is_image_name
+from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, image_files
 from .progress import tqdm
 from .reports import (
     classification_metrics,
@@ -109,28 +109,6 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
             if os.path.isfile(log_csv):
                 metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
     return metrics
-
-
-def image_files(folder: str) -> list[str]:
-    """The image files under ``folder`` (or ``folder`` itself, an image file), sorted: symlinked sub-folders
-    followed (``Path.rglob`` does not before Python 3.13), each real folder once (a link loop ends), hidden files
-    and folders skipped."""
-    if os.path.isfile(folder) and is_image_name(os.path.basename(folder)):  # one photo
-        return [folder]
-    if os.path.isfile(folder):
-        raise ValueError(f"--images {folder}: not an image file ({', '.join(IMAGE_EXTENSIONS)}) nor a folder")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images {folder}: no such folder or image file")
-    paths, seen = [], set()
-    for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = [d for d in folders if not d.startswith(".")]
-        paths += [os.path.join(root, f) for f in files if is_image_name(f)]
-    return sorted(paths)
 
 
 def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "none", batch_size: int = 256,

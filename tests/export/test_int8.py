@@ -89,6 +89,26 @@ def test_held_out_refuses_overlap_and_names_what_is_missing(checkpoint, image_fo
         held_out(checkpoint_config={"data": "/nonexistent"}, class_names=spec.class_names)
 
 
+def test_calibration_folders_skip_hidden_files_and_folders_as_training_does(checkpoint, image_folder, tmp_path):
+    """A macOS ``._photo.jpg`` (AppleDouble metadata) or a notebook's ``.ipynb_checkpoints`` copy is not an image
+    of the data set: training skips them, and so do the INT8 calibration folder (--calib-data) and
+    ``load_calibration`` (rglob over every suffix took them)."""
+    import shutil
+
+    from export.verify import load_calibration
+    spec, _, ckpt = load_checkpoint(checkpoint)
+    calib = tmp_path / "calib"
+    shutil.copytree(image_folder / "train", calib)
+    real = sorted(str(p) for p in calib.rglob("*.png"))
+    (calib / "circle" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not a PNG")
+    (calib / ".ipynb_checkpoints").mkdir()
+    shutil.copy(real[0], calib / ".ipynb_checkpoints" / "copy.png")
+    split = held_out(checkpoint_config=ckpt["config"], class_names=spec.class_names,
+                     val_data=str(image_folder / "test"), calib_data=str(calib), calib_images=10_000)
+    assert sorted(split.calib_paths) == real
+    assert len(load_calibration(str(calib), spec, count=10_000)) == len(real)
+
+
 def test_int8_entries_record_the_accuracy_control(export_manifest, export_dir):
     for name in ("openvino-int8", "onnx-int8"):
         info = export_manifest["variants"][name]["int8"]
