@@ -30,7 +30,7 @@ import yaml
 
 import inference
 from inference.atomic import clean_stale, publish_file, publish_tree
-from inference.class_index import INDEX_FILE
+from inference.class_index import INDEX_FILE, MODEL_CARD_FILE
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings
 
 from .integrity import check_files
@@ -124,7 +124,7 @@ def write_inputs(*, dest: Path, cfg: dict, card: dict, runtime: str) -> Path:
     failed build leaves the earlier inputs, those of the archive in the store)."""
     dest.mkdir()
     (dest / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (dest / "model_card.json").write_text(json.dumps(card, indent=1))
+    (dest / MODEL_CARD_FILE).write_text(json.dumps(card, indent=1))
     (dest / "requirements.txt").write_text(requirements(runtime))
     stage_core(dest / "core")
     return dest
@@ -132,7 +132,7 @@ def write_inputs(*, dest: Path, cfg: dict, card: dict, runtime: str) -> Path:
 
 def archiver_arguments(*, inputs: Path, export_dir: Path, graph: Path, rest: list[Path], name: str, version: str,
                        export_path: Path, archive_format: str) -> list[str]:
-    extra = [inputs / "core", export_dir / INDEX_FILE, inputs / "model_card.json", *rest]
+    extra = [inputs / "core", export_dir / INDEX_FILE, inputs / MODEL_CARD_FILE, *rest]
     return ["--model-name", name, "--version", version, "--serialized-file", str(graph), "--handler", str(HANDLER),
             "--extra-files", ",".join(map(str, extra)), "--config-file", str(inputs / "model-config.yaml"),
             "--requirements-file", str(inputs / "requirements.txt"), "--export-path", str(export_path),

@@ -16,6 +16,7 @@ import zipfile
 import torch
 
 from inference.backends import load_backend
+from inference.class_index import MODEL_CARD_FILE
 from inference.transforms import normalize
 
 from .exporter import Exporter, int8_summary
@@ -33,8 +34,6 @@ from .verify import (
     run_backend,
 )
 
-CARD = "model_card.json"
-
 
 def _read_archive(archive: str, dest: str) -> dict:
     if not os.path.isfile(archive):
@@ -44,9 +43,9 @@ def _read_archive(archive: str, dest: str) -> dict:
             z.extractall(dest)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{archive} is not a .mar (zip) archive: {e}") from None
-    card_path = os.path.join(dest, CARD)
+    card_path = os.path.join(dest, MODEL_CARD_FILE)
     if not os.path.isfile(card_path):
-        raise ValueError(f"{archive} has no {CARD}: not built by `python -m export archive`")
+        raise ValueError(f"{archive} has no {MODEL_CARD_FILE}: not built by `python -m export archive`")
     with open(card_path) as f:
         card = json.load(f)
     return {**card, "variants": {card["variant"]: card["variant_info"]}}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inference.backends import chunked
 from inference.images import ImageError, read_image_file
 from inference.transforms import EvalPreset
 from training.datasets import unreadable_line
@@ -118,10 +119,10 @@ def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):
     for _ in range(3):  # warm-up (TorchScript's profiling executor optimizes after a few runs)
         backend(images[:8])
     ms = ms_per_image(backend, images[:8], threads=torch.get_num_threads())
-    parts = [backend(images[i:i + chunk]) for i in range(0, len(images), chunk)]
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat([p[j].cpu() for p in parts]) for j in range(len(parts[0]))), ms
-    return torch.cat([p.cpu().float() for p in parts]), ms
+    out = chunked(backend, images, step=chunk)
+    if isinstance(out, tuple):
+        return tuple(o.cpu() for o in out), ms
+    return out.cpu().float(), ms
 
 
 def _topk_sets(scores: torch.Tensor, k: int) -> torch.Tensor:

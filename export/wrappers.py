@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inference.tta import GRAPH_TTA_MODES, cuts_from_resize, tta_views
+from inference.tta import GRAPH_TTA_MODES, aggregate, cuts_from_resize, tta_views
 
 
 class FusedNormalization(nn.Module):
@@ -59,9 +59,8 @@ class InGraphTTA(nn.Module):
         self.crop_size = crop_size or 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n = images.shape[0]
-        probs = self.base(tta_views(images, self.mode, crop_size=self.crop_size or None)).softmax(-1)
-        return probs.view(-1, n, probs.shape[-1]).mean(0)
+        views = tta_views(images, self.mode, crop_size=self.crop_size or None)
+        return aggregate(self.base(views), images.shape[0], how="softmax")  # the handler's own aggregation
 
 
 class InGraphTopK(nn.Module):

@@ -31,9 +31,9 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from inference import protocols
 from inference.admission import admit, batch_pixel_budget
-from inference.backends import load_backend, openvino_precision
+from inference.backends import chunked, load_backend, openvino_precision
 from inference.batch import Batch, stack_images
-from inference.class_index import INDEX_FILE, read_index_to_name
+from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, read_index_to_name
 from inference.explain import explain_request
 from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
 from inference.metrics import METRICS, batch_metrics
@@ -105,13 +105,7 @@ class ImageClassifierHandler(BaseHandler):
 
     def forward(self, images: torch.Tensor):
         """The backend over ``images``, chunked by ``max_forward_batch``."""
-        step = self.settings.max_forward_batch
-        if len(images) <= step:
-            return self.backend(images)
-        parts = [self.backend(images[i:i + step]) for i in range(0, len(images), step)]
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
-        return torch.cat(parts)
+        return chunked(self.backend, images, step=self.settings.max_forward_batch)
 
     # -- the TorchServe contract ---------------------------------------------------------------------
     def preprocess(self, data: list[dict]) -> Batch:
@@ -281,8 +275,8 @@ class ImageClassifierHandler(BaseHandler):
 
     def describe_handle(self) -> str:
         """``GET /models/NAME?customized=true``: the archive's model_card.json, as ``customizedMetadata``."""
-        path = os.path.join(self.context.system_properties["model_dir"], "model_card.json")
+        path = os.path.join(self.context.system_properties["model_dir"], MODEL_CARD_FILE)
         if not os.path.isfile(path):
-            return json.dumps({"error": "this archive has no model_card.json (`python -m export archive` packs one)"})
+            return json.dumps({"error": f"this archive has no {MODEL_CARD_FILE} (`python -m export archive` packs one)"})
         with open(path) as f:
             return json.dumps(json.load(f))

@@ -122,6 +122,17 @@ def openvino_precision(wanted: str = "auto") -> str:
     return "bf16" if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
 
 
+def chunked(forward, images: torch.Tensor, *, step: int):
+    """``forward`` over ``images`` in chunks of at most ``step``, the outputs concatenated (a tuple output, such
+    as a top-k graph's ``(values, indices)``, output by output)."""
+    if len(images) <= step:
+        return forward(images)
+    parts = [forward(images[i:i + step]) for i in range(0, len(images), step)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+    return torch.cat(parts)
+
+
 def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, precision: str = "f32",
                  pinning: bool = False):
     """Pick the runtime from the file: ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO, ``.pt`` TorchScript.

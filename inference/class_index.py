@@ -1,6 +1,7 @@
 """The class-index file: ``index_to_name.json`` maps ``"0"``, ``"1"``, ... to class names.
 
-TorchServe's format; written by export into every archive, read by the handler.
+TorchServe's format; written by export into every archive, read by the handler. The archive's other small
+JSON file, the model card, is named here too (:data:`MODEL_CARD_FILE`), for both sides.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 
 INDEX_FILE = "index_to_name.json"
+MODEL_CARD_FILE = "model_card.json"  # the export's provenance, served as the model's customizedMetadata
 
 
 def write_index_to_name(path: str | os.PathLike, class_names: list[str]) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageOps
 
+from inference.backends import GRAPH_OUTPUTS, chunked
 from inference.protocols import KSERVE_V1, OIP_V2, bounded
 from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
 from inference.responses import float32_values
@@ -36,7 +37,7 @@ DEFAULT_GRID = 7                 # 49 occluded views per image
 MAX_GRID = 16                    # at most 256 occluded views per image
 DEFAULT_VIEWS_PER_FORWARD = 64
 FILLS = ("mean", "grey")         # what an occluded cell is filled with: the image's mean colour, or 128 grey
-OUTPUTS = ("logits", "probabilities")  # what ``forward`` returns (a top-k graph cannot be explained)
+OUTPUTS = tuple(o for o in GRAPH_OUTPUTS if o != "topk")  # every class's score: a top-k graph cannot be explained
 GREY = 128
 OVERLAY_HEADER = "x-explain-overlay"   # X-Explain-Overlay: true|false
 METHOD = "occlusion"
@@ -91,8 +92,7 @@ def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     rows, cols = cell_edges(h, grid), cell_edges(w, grid)
     cells, total = grid * grid, n * grid * grid
     with torch.no_grad():
-        base = torch.cat([_probabilities(forward(images[i:i + max_views]), output).cpu()
-                          for i in range(0, n, max_views)])
+        base = _probabilities(chunked(forward, images, step=max_views), output).cpu()
         top = base.argmax(1)
         p0 = base.gather(1, top[:, None])[:, 0]
         fills = _fills(images, fill)

@@ -19,7 +19,6 @@ MODELS = {
     "se_resnext101_32x8d": (224, 256, {}, 100),
     "smoke": (32, 36, {"widths": [8, 8, 16, 16], "head_width": 32}, 10),
 }
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -47,6 +46,7 @@ def export_random_model(model: str, work: Path, *, calib_data: Path | None = Non
     weights are random."""
     from export.exporter import Exporter
     from training.checkpoint import ModelSpec, save_checkpoint
+    from training.stats import IMAGENET_MEAN, IMAGENET_STD
 
     if model not in MODELS:
         raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
