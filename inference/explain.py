@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from inference.backends import GRAPH_OUTPUTS, chunked
-from inference.protocols import KSERVE_V1, OIP_V2, bounded
+from inference.protocols import bounded, lookup
 from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
 from inference.responses import float32_values
 from inference.tta import tta_views
@@ -153,9 +153,10 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
     handler's :class:`inference.settings.HandlerSettings` (its ``explain_*`` fields). Raises
     :class:`RequestError`: 501 for a top-k graph or the Open Inference Protocol, 413 beyond
     ``explain_max_images``, 400 for a bad option, 500 when the model fails."""
-    if req.protocol == OIP_V2:
+    protocol = lookup(req.protocol)
+    if protocol.explanations is None:
         raise RequestError("explanations are answered on /explanations/NAME and KServe v1 "
-                           "/v1/models/NAME:explain, not in the Open Inference Protocol", status=501,
+                           f"/v1/models/NAME:explain, not in {protocol.title}", status=501,
                            error="not implemented")
     if output not in OUTPUTS:
         raise RequestError(f"this archive's graph returns only its top-{settings.graph_topk or 'k'} classes, "
@@ -185,7 +186,7 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
         if overlay:
             body["overlay_png_base64"] = base64.b64encode(render_overlay(images[k], cells)).decode()
         answers.append(body)
-    body = json.dumps({"explanations": answers} if req.protocol == KSERVE_V1 else answers if req.multi else answers[0])
+    body = json.dumps(protocol.explanations(req, answers))
     too_long = bounded(body, limit=settings.max_response_bytes)  # overlays are large: TorchServe drops the worker
     if too_long:
         raise too_long

@@ -14,16 +14,23 @@ TorchServe hands JSON bodies over parsed and never tells the handler which route
 protocol is told by the body's shape: a JSON object with ``instances`` is v1, one with ``inputs`` v2. A body
 sent compressed (``Content-Encoding: gzip``/``deflate``, as tritonclient's ``request_compression_algorithm``
 does) is inflated first, within ``max_inflated`` bytes: TorchServe 0.12's frontend passes it on as it came.
+
+Each protocol is one :class:`Protocol` in :data:`REGISTRY` (how it is told, read, answered and refused, and
+how its explanations are wrapped); detection asks them in order, TorchServe's own last. A new schema is one
+more entry there.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from inference.oip import BINARY_HEADER, OIP_V2, BinaryAnswer, oip_body, oip_error, read_oip_v2
 from inference.requests import (
     DEFAULT_MAX_INFLATED_BYTES,
     OVERLAY_FIELD,
+    TORCHSERVE,
     Request,
     RequestError,
     check_count,
@@ -35,8 +42,7 @@ from inference.requests import (
 )
 from inference.responses import error_body
 
-TORCHSERVE, KSERVE_V1 = "torchserve", "kserve_v1"
-PROTOCOLS = (TORCHSERVE, KSERVE_V1, OIP_V2)
+KSERVE_V1 = "kserve_v1"
 UTF8_BOM = b"\xef\xbb\xbf"
 
 log = logging.getLogger(__name__)
@@ -69,16 +75,10 @@ def is_grpc_call(headers: dict | None) -> bool:
 
 
 def detect(row: dict | None, headers: dict | None) -> str:
-    """Which protocol one request of a batch speaks, from its body's shape (and one header)."""
+    """Which protocol one request of a batch speaks, from its body's shape (and one header): the first of
+    :data:`REGISTRY` that claims it (TorchServe's own claims every body)."""
     body = _body(row, headers)
-    if isinstance(body, dict):
-        if "instances" in body:
-            return KSERVE_V1
-        if "inputs" in body:
-            return OIP_V2
-    if isinstance(body, (bytes, bytearray)) and header(headers, BINARY_HEADER) is not None:
-        return OIP_V2
-    return TORCHSERVE
+    return next(p.name for p in REGISTRY.values() if p.matches(body, headers))
 
 
 def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: int, max_topk: int,
@@ -87,7 +87,7 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
     its answer (or error) speaks. Whatever the request holds, this only returns: a failure that is not a
     :class:`RequestError` is a bug of ours met on an odd request, answered with that request's 500 alone
     (and logged), never raised into TorchServe, which would answer the whole batch with 503."""
-    protocol = OIP_V2 if header(headers, BINARY_HEADER) is not None else TORCHSERVE  # until the body is read
+    protocol = detect({"body": b""}, headers)  # from the headers alone, until the body is read
     try:
         if isinstance((row or {}).get("body"), (bytes, bytearray)):  # inflated, and JSON parsed, once
             row = {**row, "body": _body({"body": inflate(row["body"], headers, max_bytes=max_inflated)}, headers)}
@@ -116,22 +116,21 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
 def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: int = 32) -> Request:
     """The images and options of one request in ``protocol``; raises :class:`RequestError`."""
     body = _body(row, headers)
-    if protocol == KSERVE_V1:
-        req = read_kserve_v1(body, max_images=max_images)
-    elif protocol == OIP_V2:
-        req = read_oip_v2(body, headers, max_images=max_images)
-    else:
-        row = {**row, "body": body} if "body" in row else row
-        # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
-        types = None if is_grpc_call(headers) else {k: v.get("content-type") for k, v in (headers or {}).items()
-                                                     if isinstance(v, dict)}
-        req = read_request(row, max_images=max_images, content_type=header(headers, "content-type"),
-                           field_types=types)
+    req = REGISTRY[protocol].read(row, body, headers, max_images=max_images)
     if isinstance(body, dict):
         params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         req.overlay = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
     check_count(len(req.images), max_images)
     return req
+
+
+def read_torchserve(row: dict, body, headers: dict | None, *, max_images: int = 32) -> Request:
+    """TorchServe's own forms (:func:`inference.requests.read_request`), with each form field's content type."""
+    row = {**row, "body": body} if "body" in row else row
+    # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
+    types = None if is_grpc_call(headers) else {k: v.get("content-type") for k, v in (headers or {}).items()
+                                                 if isinstance(v, dict)}
+    return read_request(row, max_images=max_images, content_type=header(headers, "content-type"), field_types=types)
 
 
 def read_kserve_v1(body: dict, *, max_images: int = 32) -> Request:
@@ -157,11 +156,7 @@ def read_kserve_v1(body: dict, *, max_images: int = 32) -> Request:
 def render(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer:
     """The answer body of one request: one per-image result object (as ``/predictions`` gives) each; OIP's
     in binary form where the request asks so (:func:`inference.oip.oip_body`)."""
-    if req.protocol == KSERVE_V1:
-        return json.dumps({"predictions": results})
-    if req.protocol == OIP_V2:
-        return oip_body(req, results, model_name=model_name, model_version=model_version)
-    return json.dumps(results if req.multi else results[0])
+    return REGISTRY[req.protocol].render(req, results, model_name=model_name, model_version=model_version)
 
 
 def answer(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer | RequestError:
@@ -206,6 +201,72 @@ def render_error(protocol: str, kind: str, detail: str, *, status: int, model_na
                  model_version: str = "") -> str:
     """A per-request error: OIP's ``{"error": "..."}`` (:func:`inference.oip.oip_error`), else
     ``{"error", "detail", "code"}``."""
-    if protocol == OIP_V2:
-        return oip_error(f"{kind}: {detail}", model_name=model_name, model_version=model_version)
+    return REGISTRY[protocol].render_error(kind, detail, status=status, model_name=model_name,
+                                           model_version=model_version)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One request/answer schema: whether a (parsed) body speaks it, how its images and options are read, how
+    per-image results, a per-request error and per-image explanations (``None``: it has none) are answered."""
+    name: str
+    title: str
+    matches: Callable[[object, dict | None], bool]    # (body, headers)
+    read: Callable[..., Request]                      # (row, body, headers, *, max_images)
+    render: Callable[..., str | BinaryAnswer]         # (req, results, *, model_name, model_version)
+    render_error: Callable[..., str]                  # (kind, detail, *, status, model_name, model_version)
+    explanations: Callable[[Request, list[dict]], object] | None  # (req, per-image objects) -> JSON value
+
+
+# -- the registry: each protocol's pieces, named, then the table ----------------------------------------------
+def _is_kserve_v1(body, headers) -> bool:
+    return isinstance(body, dict) and "instances" in body
+
+
+def _is_oip_v2(body, headers) -> bool:
+    return (isinstance(body, dict) and "inputs" in body) or (
+        isinstance(body, (bytes, bytearray)) and header(headers, BINARY_HEADER) is not None)
+
+
+def _read_kserve_v1(row, body, headers, *, max_images: int) -> Request:
+    return read_kserve_v1(body, max_images=max_images)
+
+
+def _read_oip_v2(row, body, headers, *, max_images: int) -> Request:
+    return read_oip_v2(body, headers, max_images=max_images)
+
+
+def _one_or_list(req: Request, items: list[dict]):
+    return items if req.multi else items[0]
+
+
+def _render_torchserve(req: Request, results: list[dict], **_) -> str:
+    return json.dumps(_one_or_list(req, results))
+
+
+def _render_kserve_v1(req: Request, results: list[dict], **_) -> str:
+    return json.dumps({"predictions": results})
+
+
+def _plain_error(kind: str, detail: str, *, status: int, **_) -> str:
     return error_body(kind, detail, status=status)
+
+
+def _oip_error(kind: str, detail: str, *, status: int, model_name: str = "", model_version: str = "") -> str:
+    return oip_error(f"{kind}: {detail}", model_name=model_name, model_version=model_version)
+
+
+REGISTRY: dict[str, Protocol] = {p.name: p for p in (  # in the order detection asks them
+    Protocol(KSERVE_V1, "KServe v1", _is_kserve_v1, _read_kserve_v1, _render_kserve_v1, _plain_error,
+             explanations=lambda req, items: {"explanations": items}),
+    Protocol(OIP_V2, "the Open Inference Protocol", _is_oip_v2, _read_oip_v2, oip_body, _oip_error,
+             explanations=None),
+    Protocol(TORCHSERVE, "TorchServe's predictions API", lambda body, headers: True, read_torchserve,
+             _render_torchserve, _plain_error, explanations=_one_or_list),
+)}
+PROTOCOLS = tuple(REGISTRY)
+
+
+def lookup(name: str) -> Protocol:
+    """The registered protocol called ``name``."""
+    return REGISTRY[name]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 TOPK_HEADER = "x-top-k"
 TOPK_FIELD = "topk"
+TORCHSERVE = "torchserve"  # the protocol of TorchServe's own request forms read here (see inference.protocols)
 OVERLAY_FIELD = "overlay"  # explanations: a JSON body's (or KServe v1 parameters') overlay option
 DEFAULT_MAX_INFLATED_BYTES = 16 << 20  # a compressed body's bytes once inflated: config.properties' max_request_size
 DEFAULT_MAX_RESPONSE_BYTES = 6_553_500  # TorchServe's default max_response_size (config.properties: 16 MiB)
@@ -47,7 +48,7 @@ class Request:
     images: list[bytes | bytearray]
     multi: bool = False
     topk: object = None
-    protocol: str = "torchserve"
+    protocol: str = TORCHSERVE
     id: str | None = None
     outputs: tuple[str, ...] | None = None
     classification: dict[str, int] | None = None  # OIP outputs asked as Triton's classification: name -> count

@@ -250,3 +250,32 @@ def test_an_answer_that_cannot_be_built_is_that_requests_500_not_the_batchs():
     assert isinstance(err, RequestError) and err.status == 500 and "KeyError" in str(err)
     good = protocols.answer(Request([b"x"], multi=False), RESULTS[:1], model_name="m", model_version="1")
     assert json.loads(good)["predictions"][0]["class"] == "cat"
+
+
+def test_a_new_protocol_is_one_registry_entry(monkeypatch):
+    """Adding a schema touches inference.protocols.REGISTRY alone: detection, reading, answers, errors and
+    explanations all go through it (and a protocol without explanations is told so)."""
+    from inference.explain import explain_request
+    from inference.protocols import REGISTRY, Protocol
+    from inference.requests import decode_b64
+
+    toy = Protocol(
+        "toy", "the toy protocol",
+        matches=lambda body, headers: isinstance(body, dict) and "pictures" in body,
+        read=lambda row, body, headers, *, max_images: Request(
+            [decode_b64(x, f"pictures[{i}]") for i, x in enumerate(body["pictures"])], multi=True, protocol="toy"),
+        render=lambda req, results, **_: json.dumps({"labels": [r["class"] for r in results]}),
+        render_error=lambda kind, detail, *, status, **_: json.dumps({"problem": detail, "status": status}),
+        explanations=None)
+    monkeypatch.setattr(protocols, "REGISTRY", {"toy": toy, **REGISTRY})
+    protocol, req, topk = read_row({"body": {"pictures": [B64, B64]}}, {}, max_images=4, default_topk=1, max_topk=5)
+    assert protocol == "toy" and req.images == [PNG, PNG] and topk == 1
+    assert render(req, [{"class": "cat"}, {"class": "dog"}], model_name="m", model_version="1") == \
+        '{"labels": ["cat", "dog"]}'
+    protocol, err, _ = read_row({"body": {"pictures": ["%%"]}}, {}, max_images=4, default_topk=1, max_topk=5)
+    assert protocol == "toy" and json.loads(render_error(protocol, "bad base64", str(err), status=400)) == \
+        {"problem": str(err), "status": 400}
+    with pytest.raises(RequestError, match="not in the toy protocol") as e:
+        explain_request(lambda x: x, None, req, settings=None, output="logits", class_names=[])
+    assert e.value.status == 501
+    assert detect({"body": {"instances": [B64]}}, {}) == KSERVE_V1  # the others are asked as before
