@@ -30,6 +30,7 @@ import yaml
 
 import inference
 from inference.atomic import clean_stale, publish_file, publish_tree
+from inference.backends import RUNTIMES
 from inference.class_index import INDEX_FILE, MODEL_CARD_FILE
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings
 
@@ -103,7 +104,7 @@ def model_card(*, manifest: dict, info: dict, **extra) -> dict:
 def requirements(runtime: str) -> str:
     """``requirements.txt`` for the graph's runtime, pinned to the versions it was exported and checked
     with (for TorchServe's ``install_py_dep_per_model=true``); torch itself is TorchServe's own."""
-    modules = {"onnxruntime": ["onnxruntime"], "openvino": ["openvino"]}.get(runtime.split("-")[0], []) + ["PIL"]
+    modules = [*RUNTIMES[runtime].packages, "PIL"]
     installed = importlib.metadata.packages_distributions()  # module -> distributions (onnxruntime-gpu, pillow)
     lines = []
     for module in modules:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from inference.backends import RUNTIMES
+
 ONNX_OPSET = 17
 INPUT_NAME = "images"
 
@@ -21,7 +23,7 @@ INPUT_NAME = "images"
 class Variant:
     name: str
     filename: str
-    runtime: str          # torchscript | onnxruntime | openvino
+    runtime: str          # a runtime of inference.backends.RUNTIMES: torchscript | onnxruntime | openvino
     precision: str        # fp32 | fp16 | bf16 | int8
     output: str           # logits | probabilities (in-graph TTA) | topk (in-graph top-k)
     purpose: str
@@ -154,4 +156,4 @@ def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None
 def files_of(variant: Variant, out_dir: str) -> list[str]:
     """Every file a variant consists of (OpenVINO IR: .xml and .bin)."""
     path = os.path.join(out_dir, variant.filename)
-    return [path, path[:-4] + ".bin"] if variant.runtime == "openvino" else [path]
+    return [path] + [os.path.splitext(path)[0] + suffix for suffix in RUNTIMES[variant.runtime].companions]

@@ -81,7 +81,7 @@ class ImageClassifierHandler(BaseHandler):
                                             threads=threads, precision=precision,
                                             pinning=cfg.openvino_cpu_pinning)
         self.backend = load(self.worker_threads.threads)
-        if self.backend.name != "torchscript" and self.device.type == "cpu":  # threads fixed when created
+        if self.backend.threads_fixed and self.device.type == "cpu":
             self.worker_threads.rebuild = lambda threads: setattr(self, "backend", load(threads))
         self.jpeg_batch_decoder = None
         if self.device.type == "cuda":  # nvjpeg: every JPEG of a batch in one call, straight into GPU memory

@@ -2,6 +2,13 @@
 
 Single-output graphs give a float32 tensor (logits, or probabilities for in-graph TTA); the in-graph
 top-k graph gives ``(values, indices)``. Shared by the handler and by export's verification.
+
+Each runtime is one class in :data:`RUNTIMES`, which says what it is to the rest of the project: its ``name``
+(export's manifest), the graph file ``extensions`` it opens, the ``options`` of :func:`load_backend` it takes
+beyond device and threads, whether its thread count is ``threads_fixed`` when it is created (the handler
+rebuilds it when the worker's share of the cores changes), the Python ``packages`` an archive needs for it
+(``requirements.txt``), and the ``companions``: files beside the graph's that belong to it. Another runtime
+is one more class there.
 """
 from __future__ import annotations
 
@@ -26,6 +33,11 @@ def _single(outputs: list[torch.Tensor]):
 
 class TorchScriptBackend:
     name = "torchscript"
+    extensions = (".pt", ".ts", ".torchscript")
+    options = ()
+    threads_fixed = False  # torch's intra-op threads, set by the worker: nothing to rebuild
+    packages = ()          # torch is TorchServe's own
+    companions = ()
 
     def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0):
         with warnings.catch_warnings():
@@ -54,6 +66,11 @@ def _tensorrt_usable(available: list[str]) -> bool:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    extensions = (".onnx",)
+    options = ()
+    threads_fixed = True
+    packages = ("onnxruntime",)
+    companions = ()
 
     def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0):
         import onnxruntime as ort
@@ -92,6 +109,11 @@ class OpenVINOBackend:
     INT8 processes ran 26 img/s each pinned, as if on one core, against 44-91 unpinned). Turn it on
     only where one process owns its cores (one worker, or workers given disjoint core sets)."""
     name = "openvino"
+    extensions = (".xml",)
+    options = ("precision", "pinning")
+    threads_fixed = True
+    packages = ("openvino",)
+    companions = (".bin",)  # the IR's weights
 
     def __init__(self, path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0,
                  precision: str = "f32", hint: str = "LATENCY", pinning: bool = False):
@@ -133,15 +155,24 @@ def chunked(forward, images: torch.Tensor, *, step: int):
     return torch.cat(parts)
 
 
-def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, precision: str = "f32",
-                 pinning: bool = False):
-    """Pick the runtime from the file: ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO, ``.pt`` TorchScript.
-    ``precision`` and ``pinning`` apply to OpenVINO only."""
+RUNTIMES: dict[str, type] = {cls.name: cls for cls in (TorchScriptBackend, OnnxRuntimeBackend, OpenVINOBackend)}
+
+
+def runtime_for(path: str) -> type:
+    """The runtime class of :data:`RUNTIMES` that opens ``path``, by its extension."""
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".onnx":
-        return OnnxRuntimeBackend(path, device=device, threads=threads)
-    if ext == ".xml":
-        return OpenVINOBackend(path, device=device, threads=threads, precision=precision, pinning=pinning)
-    if ext in (".pt", ".ts", ".torchscript"):
-        return TorchScriptBackend(path, device=device, threads=threads)
-    raise ValueError(f"no backend for {path!r}: expected .pt (TorchScript), .onnx (ONNX Runtime) or .xml (OpenVINO)")
+    for cls in RUNTIMES.values():
+        if ext in cls.extensions:
+            return cls
+    known = ", ".join(f"{'/'.join(cls.extensions)} ({cls.name})" for cls in RUNTIMES.values())
+    raise ValueError(f"no backend for {path!r}: expected {known}")
+
+
+def load_backend(path: str, *, device: torch.device = torch.device("cpu"), threads: int = 0, **options):
+    """The runtime picked from the file's extension (:func:`runtime_for`), with the ``options`` it takes
+    (OpenVINO's ``precision`` and ``pinning``); options another runtime takes are ignored, unknown ones refused."""
+    unknown = set(options) - {o for cls in RUNTIMES.values() for o in cls.options}
+    if unknown:
+        raise TypeError(f"load_backend() got unknown options {sorted(unknown)}")
+    cls = runtime_for(path)
+    return cls(path, device=device, threads=threads, **{k: v for k, v in options.items() if k in cls.options})

@@ -312,3 +312,16 @@ def test_every_logits_graph_run_by_its_own_runtime_agrees_with_eager(export_dir,
             assert agreement >= 0.95, (name, agreement)
         else:
             assert rel <= RTOL[info["precision"]] and agreement >= 1 - 1 / len(paths), (name, rel, agreement)
+
+
+def test_every_variants_runtime_is_the_one_its_file_opens_with():
+    """The manifest records each variant's runtime; the handler opens the archive's graph by its file
+    extension (inference.backends.runtime_for): both must name the same runtime, and an archive's
+    requirements and companion files come from it."""
+    from export.formats import VARIANTS, files_of
+    from inference.backends import RUNTIMES, runtime_for
+
+    for v in VARIANTS.values():
+        assert runtime_for(v.filename) is RUNTIMES[v.runtime], v.name
+    assert files_of(VARIANTS["openvino-int8"], "d") == ["d/model_ov_int8.xml", "d/model_ov_int8.bin"]
+    assert files_of(VARIANTS["onnx"], "d") == ["d/model.onnx"]

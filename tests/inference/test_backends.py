@@ -72,3 +72,32 @@ def test_pinning_on_request_narrows_the_threads_affinity(conv_graph):
     seen = observe(conv_graph, True)
     assert seen["pinned"] is True and seen["providers"] == ["CPU f32 pinned"]
     assert any(len(mask) < len(seen["process"]) for mask in seen["masks"])
+
+
+def test_the_runtime_is_the_graph_files_and_a_new_one_is_one_registry_entry(monkeypatch, tmp_path):
+    from inference import backends
+    from inference.backends import RUNTIMES, load_backend, runtime_for
+
+    assert {cls.name for cls in RUNTIMES.values()} == set(RUNTIMES)
+    extensions = [e for cls in RUNTIMES.values() for e in cls.extensions]
+    assert len(extensions) == len(set(extensions))  # one runtime per extension
+    assert [runtime_for(f"x/model{e}").name for e in (".pt", ".onnx", ".xml", ".ONNX")] == \
+        ["torchscript", "onnxruntime", "openvino", "onnxruntime"]
+    with pytest.raises(ValueError, match=r"no backend for 'm.tflite': expected .pt/.ts/.torchscript \(torchscript\), "
+                                         r".onnx \(onnxruntime\), .xml \(openvino\)"):
+        runtime_for("m.tflite")
+    with pytest.raises(TypeError, match=r"unknown options \['precison'\]"):  # a typo is not silently dropped
+        load_backend("m.onnx", precison="bf16")
+
+    class EchoBackend:  # what another runtime brings: the class, its attributes, nothing elsewhere
+        name, extensions, options, threads_fixed, packages, companions = "echo", (".echo",), ("scale",), True, (), ()
+
+        def __init__(self, path, *, device, threads, scale=1):
+            self.path, self.threads, self.scale = path, threads, scale
+
+        def __call__(self, images):
+            return images.float() * self.scale
+
+    monkeypatch.setitem(backends.RUNTIMES, "echo", EchoBackend)
+    echo = load_backend(str(tmp_path / "m.echo"), threads=3, scale=2, precision="bf16")  # OpenVINO's: not echo's
+    assert (echo.threads, echo.scale) == (3, 2) and echo(torch.ones(1, 3)).tolist() == [[2.0, 2.0, 2.0]]
