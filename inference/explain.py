@@ -37,6 +37,7 @@ DEFAULT_GRID = 7                 # 49 occluded views per image
 MAX_GRID = 16                    # at most 256 occluded views per image
 DEFAULT_VIEWS_PER_FORWARD = 64
 FILLS = ("mean", "grey")         # what an occluded cell is filled with: the image's mean colour, or 128 grey
+DEFAULT_FILL = "mean"
 OUTPUTS = tuple(o for o in GRAPH_OUTPUTS if o != "topk")  # every class's score: a top-k graph cannot be explained
 GREY = 128
 OVERLAY_HEADER = "x-explain-overlay"   # X-Explain-Overlay: true|false
@@ -71,7 +72,7 @@ def _fills(images: torch.Tensor, fill: str) -> torch.Tensor:
 
 
 def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, grid: int = DEFAULT_GRID,
-              fill: str = "mean", max_views: int = DEFAULT_VIEWS_PER_FORWARD, output: str = "logits") -> Occlusion:
+              fill: str = DEFAULT_FILL, max_views: int = DEFAULT_VIEWS_PER_FORWARD, output: str = "logits") -> Occlusion:
     """Occlusion sensitivity of each image's top-1 class; ``images``: uint8 ``(N, C, H, W)``.
 
     ``forward`` is called on at most ``max_views`` images at a time: ``ceil(N / max_views)`` plain

@@ -26,7 +26,7 @@ import binascii
 import json
 import struct
 
-from inference.requests import Request, RequestError, check_count, decode_b64, header, shown
+from inference.requests import DEFAULT_MAX_IMAGES, Request, RequestError, check_count, decode_b64, header, shown
 
 OIP_V2 = "oip_v2"
 OIP_INPUT = "image"                                  # the documented input name (any one name is accepted)
@@ -165,7 +165,7 @@ def _outputs(outputs, *, binary_default: bool) -> tuple[tuple[str, ...] | None, 
     return tuple(names), classification, frozenset(binary)
 
 
-def read_oip_v2(body, headers: dict | None = None, *, max_images: int = 32) -> Request:
+def read_oip_v2(body, headers: dict | None = None, *, max_images: int = DEFAULT_MAX_IMAGES) -> Request:
     binary = b""
     if isinstance(body, (bytes, bytearray)):
         body, binary = _binary_body(body, header(headers, BINARY_HEADER))

@@ -28,6 +28,7 @@ from typing import Callable
 
 from inference.oip import BINARY_HEADER, OIP_V2, BinaryAnswer, oip_body, oip_error, read_oip_v2
 from inference.requests import (
+    DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_INFLATED_BYTES,
     OVERLAY_FIELD,
     TORCHSERVE,
@@ -113,7 +114,7 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
                                       error="internal error"), None
 
 
-def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: int = 32) -> Request:
+def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: int = DEFAULT_MAX_IMAGES) -> Request:
     """The images and options of one request in ``protocol``; raises :class:`RequestError`."""
     body = _body(row, headers)
     req = REGISTRY[protocol].read(row, body, headers, max_images=max_images)
@@ -124,7 +125,7 @@ def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: i
     return req
 
 
-def read_torchserve(row: dict, body, headers: dict | None, *, max_images: int = 32) -> Request:
+def read_torchserve(row: dict, body, headers: dict | None, *, max_images: int = DEFAULT_MAX_IMAGES) -> Request:
     """TorchServe's own forms (:func:`inference.requests.read_request`), with each form field's content type."""
     row = {**row, "body": body} if "body" in row else row
     # per-field content types: HTTP only (a gRPC call's inputs carry none, and every one is an image)
@@ -133,7 +134,7 @@ def read_torchserve(row: dict, body, headers: dict | None, *, max_images: int = 
     return read_request(row, max_images=max_images, content_type=header(headers, "content-type"), field_types=types)
 
 
-def read_kserve_v1(body: dict, *, max_images: int = 32) -> Request:
+def read_kserve_v1(body: dict, *, max_images: int = DEFAULT_MAX_IMAGES) -> Request:
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError('"instances" must be a non-empty list of images: {"data": "<base64>"}, '

@@ -15,6 +15,7 @@ TOPK_HEADER = "x-top-k"
 TOPK_FIELD = "topk"
 TORCHSERVE = "torchserve"  # the protocol of TorchServe's own request forms read here (see inference.protocols)
 OVERLAY_FIELD = "overlay"  # explanations: a JSON body's (or KServe v1 parameters') overlay option
+DEFAULT_MAX_IMAGES = 32  # images of one request (handler setting max_images_per_request)
 DEFAULT_MAX_INFLATED_BYTES = 16 << 20  # a compressed body's bytes once inflated: config.properties' max_request_size
 DEFAULT_MAX_RESPONSE_BYTES = 6_553_500  # TorchServe's default max_response_size (config.properties: 16 MiB)
 
@@ -125,7 +126,7 @@ def _b64(item, where: str) -> bytes:
     return decode_b64(item.get("data") if isinstance(item, dict) else item, where)
 
 
-def read_request(row: dict, *, max_images: int = 32, content_type: str | None = None,
+def read_request(row: dict, *, max_images: int = DEFAULT_MAX_IMAGES, content_type: str | None = None,
                  field_types: dict[str, str] | None = None) -> Request:
     """The images of one TorchServe request row.
 

@@ -18,10 +18,19 @@ from dataclasses import dataclass, field, fields
 from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, FULL_SIZE_PIXELS_PER_SLOT
 from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
 from inference.cli import UsageError
-from inference.explain import DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
+from inference.explain import DEFAULT_FILL, DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
 from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
-from inference.requests import DEFAULT_MAX_INFLATED_BYTES, DEFAULT_MAX_RESPONSE_BYTES
-from inference.tta import ADAPTIVE_METRICS, AGGREGATES, DEFAULT_SCALES, GRAPH_TTA_MODES, TTA_MODES
+from inference.requests import DEFAULT_MAX_IMAGES, DEFAULT_MAX_INFLATED_BYTES, DEFAULT_MAX_RESPONSE_BYTES
+from inference.tta import (
+    ADAPTIVE_METRICS,
+    AGGREGATES,
+    DEFAULT_ADAPTIVE_METRIC,
+    DEFAULT_ADAPTIVE_THRESHOLD,
+    DEFAULT_AGGREGATE,
+    DEFAULT_SCALES,
+    GRAPH_TTA_MODES,
+    TTA_MODES,
+)
 
 
 class SettingsError(UsageError, ValueError):
@@ -143,13 +152,13 @@ class HandlerSettings(_Settings):
                     "onnx-tta and onnx-topk graphs)", choices=TTA_MODES)
     tta_scales: tuple[float, ...] = _opt(DEFAULT_SCALES, "scales of multi_scale TTA (comma-separated on the "
                                          "command line)", minimum=0.1, maximum=4.0)
-    tta_aggregate: str = _opt("softmax", "mean of the views' softmax, or softmax of their mean logits",
+    tta_aggregate: str = _opt(DEFAULT_AGGREGATE, "mean of the views' softmax, or softmax of their mean logits",
                               choices=AGGREGATES)
     adaptive_tta: bool = _opt(False, "plain forward first; TTA views only for images whose score is below "
                               "--adaptive-threshold")
-    adaptive_metric: str = _opt("confidence", "adaptive TTA's score: top-1 probability (confidence), or top-1 "
+    adaptive_metric: str = _opt(DEFAULT_ADAPTIVE_METRIC, "adaptive TTA's score: top-1 probability (confidence), or top-1 "
                                 "minus top-2 (margin)", choices=ADAPTIVE_METRICS)
-    adaptive_threshold: float = _opt(0.9, "below this score, TTA is applied", minimum=0.0, maximum=1.0)
+    adaptive_threshold: float = _opt(DEFAULT_ADAPTIVE_THRESHOLD, "below this score, TTA is applied", minimum=0.0, maximum=1.0)
     max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "pixels of one image (from its header); larger: 413", minimum=1)
     max_request_pixels: int = _opt(DEFAULT_MAX_REQUEST_PIXELS, "decoded pixels of all images of one request; "
                                    "more: 413", minimum=1)
@@ -161,7 +170,7 @@ class HandlerSettings(_Settings):
                                    minimum=1.0)
     max_frames: int = _opt(DEFAULT_MAX_FRAMES, "frames of an animated image (only the first is used); more: 413",
                            minimum=1)
-    max_images_per_request: int = _opt(32, "images one request may carry (more: 413)", minimum=1)
+    max_images_per_request: int = _opt(DEFAULT_MAX_IMAGES, "images one request may carry (more: 413)", minimum=1)
     max_inflated_bytes: int = _opt(DEFAULT_MAX_INFLATED_BYTES, "a body sent compressed (Content-Encoding gzip or "
                                    "deflate) inflates to at most this many bytes (more: 413)", minimum=1)
     max_response_bytes: int = _opt(DEFAULT_MAX_RESPONSE_BYTES, "an answer longer than this is replaced by a 413 "
@@ -179,7 +188,7 @@ class HandlerSettings(_Settings):
                                       "off here: pinned, every worker of a model takes the same first cores)")
     explain_grid: int = _opt(DEFAULT_GRID, "explanations: cells per side of the occlusion grid (grid^2 + 1 "
                              "forwards per image)", minimum=1, maximum=MAX_GRID)
-    explain_fill: str = _opt("mean", "explanations: an occluded cell is filled with the image's mean colour or "
+    explain_fill: str = _opt(DEFAULT_FILL, "explanations: an occluded cell is filled with the image's mean colour or "
                              "mid grey", choices=FILLS)
     explain_views_per_forward: int = _opt(DEFAULT_VIEWS_PER_FORWARD, "explanations: occluded views per forward "
                                           "(also capped by --max-forward-batch)", minimum=1)

@@ -32,6 +32,7 @@ def cuts_from_resize(mode: str) -> bool:
 DEFAULT_SCALES = (1.0, 1.15, 0.87)
 AGGREGATES = ("softmax", "logits")
 ADAPTIVE_METRICS = ("confidence", "margin")  # top-1 probability, or top-1 minus top-2
+DEFAULT_AGGREGATE, DEFAULT_ADAPTIVE_METRIC, DEFAULT_ADAPTIVE_THRESHOLD = "softmax", "confidence", 0.9
 
 
 def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) -> EvalPreset:
@@ -81,7 +82,7 @@ def tta_views(canvas: torch.Tensor, mode: str, *, crop_size: int | None = None,
     raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
 
 
-def aggregate(logits: torch.Tensor, n: int, *, how: str = "softmax") -> torch.Tensor:
+def aggregate(logits: torch.Tensor, n: int, *, how: str = DEFAULT_AGGREGATE) -> torch.Tensor:
     """``(V * N, K)`` -> ``(N, K)`` probabilities: mean softmax over views, or softmax of mean logits."""
     per_view = logits.float().view(-1, n, logits.shape[-1])
     if how == "softmax":
@@ -93,13 +94,13 @@ def aggregate(logits: torch.Tensor, n: int, *, how: str = "softmax") -> torch.Te
 
 def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch.Tensor, mode: str, *,
                   crop_size: int | None = None, scales: Sequence[float] = DEFAULT_SCALES,
-                  how: str = "softmax") -> torch.Tensor:
+                  how: str = DEFAULT_AGGREGATE) -> torch.Tensor:
     """Run ``forward`` ONCE over every view of every image; return ``(N, K)`` probabilities."""
     views = tta_views(canvas, mode, crop_size=crop_size, scales=scales)
     return aggregate(forward(views), canvas.shape[0], how=how)
 
 
-def uncertain(probs: torch.Tensor, *, metric: str = "confidence", threshold: float = 0.9) -> torch.Tensor:
+def uncertain(probs: torch.Tensor, *, metric: str = DEFAULT_ADAPTIVE_METRIC, threshold: float = DEFAULT_ADAPTIVE_THRESHOLD) -> torch.Tensor:
     """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``."""
     if metric not in ADAPTIVE_METRICS:
         raise ValueError(f"adaptive TTA metric must be confidence or margin, got {metric!r}")
@@ -110,8 +111,8 @@ def uncertain(probs: torch.Tensor, *, metric: str = "confidence", threshold: flo
 
 def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch.Tensor, mode: str, *,
                            crop_size: int | None = None, scales: Sequence[float] = DEFAULT_SCALES,
-                           how: str = "softmax", metric: str = "confidence",
-                           threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+                           how: str = DEFAULT_AGGREGATE, metric: str = DEFAULT_ADAPTIVE_METRIC,
+                           threshold: float = DEFAULT_ADAPTIVE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain forward for every image; the TTA views only for the uncertain ones (one more forward).
 
     Returns ``(probabilities (N, K), tta_applied (N,) bool)``. Where TTA is applied the result equals
