@@ -10,10 +10,13 @@ from inference.cli import run as run_cli
 from inference.settings import HandlerSettings, SettingsError, WorkerSettings, add_arguments
 from inference.tta import GRAPH_TTA_MODES
 
+from .archive import ARCHIVE_FORMATS, DEFAULT_MODEL_STORE, DEFAULT_VARIANT, DEFAULT_VERSION
 from .formats import VARIANTS
 from .int8 import DEFAULT_MARGIN, DEFAULT_MAX_REVERTS
+from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES
 from .staging import recover
-from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
+from .verify import DEFAULT_EVAL_IMAGES, DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
+from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA
 
 REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written
 
@@ -49,7 +52,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default=None, help="labelled images (not the test split) that INT8's accuracy "
                    "control is judged on (default: the checkpoint's run's validation split: DATA/val, or the same "
                    "seeded --val-fraction of DATA/train that chose best.pt)")
-    p.add_argument("--val-images", type=int, default=2000, help="validation images for INT8's accuracy control "
+    p.add_argument("--val-images", type=int, default=DEFAULT_VAL_IMAGES, help="validation images for INT8's accuracy control "
                    "(default: %(default)s)")
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_INT8_AGREEMENT,
                    help="smallest accepted share of images whose INT8 top-1 equals fp32's, on --data "
@@ -66,15 +69,15 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="iterations of INT8's accuracy control (NNCF's max_num_iterations; default: %(default)s): each "
                    "reverts one more group of layers to fp32, or steps back and re-ranks (minutes on a large "
                    "model); more lets a model whose INT8 churns keep the budget, with more layers in fp32")
-    p.add_argument("--eval-images", type=int, default=500, help="images of --data used for parity/accuracy "
+    p.add_argument("--eval-images", type=int, default=DEFAULT_EVAL_IMAGES, help="images of --data used for parity/accuracy "
                    "(default: %(default)s)")
-    p.add_argument("--calib-images", type=int, default=300, help="calibration images (default: %(default)s)")
+    p.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES, help="calibration images (default: %(default)s)")
     p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, help="largest accepted top-1 accuracy drop "
                    "of a reduced-precision variant, in points (default: %(default)s)")
-    p.add_argument("--graph-tta", default="flip", choices=GRAPH_TTA_MODES,
+    p.add_argument("--graph-tta", default=DEFAULT_GRAPH_TTA, choices=GRAPH_TTA_MODES,
                    help="TTA of the onnx-tta graph; five_crop/ten_crop take input at the resize size "
                    "(default: %(default)s)")
-    p.add_argument("--graph-topk", type=int, default=5, help="k of the onnx-topk graph (default: %(default)s)")
+    p.add_argument("--graph-topk", type=int, default=DEFAULT_GRAPH_TOPK, help="k of the onnx-topk graph (default: %(default)s)")
     return p
 
 
@@ -91,7 +94,7 @@ def _verify_parser() -> argparse.ArgumentParser:
     src.add_argument("--archive", help="a .mar built by `python -m export archive`")
     p.add_argument("--data", default=None, help="labelled ImageFolder tree")
     p.add_argument("--checkpoint", default=None, help="eager reference (default: the one recorded at export)")
-    p.add_argument("--eval-images", type=int, default=500, help="images used")
+    p.add_argument("--eval-images", type=int, default=DEFAULT_EVAL_IMAGES, help="images used")
     return p
 
 
@@ -105,14 +108,14 @@ def _archive_parser() -> argparse.ArgumentParser:
         "when its SHA-256 is the one export.json records; the archive is written under a temporary name in the "
         "model store and renamed onto NAME.mar, so an earlier NAME.mar stays whole until the new one is complete.")
     p.add_argument("--dir", required=True, help="export folder written by `python -m export`")
-    p.add_argument("--variant", "--format", dest="variant", default="onnx",
+    p.add_argument("--variant", "--format", dest="variant", default=DEFAULT_VARIANT,
                    help=f"comma-separated variants to archive ({', '.join(VARIANTS)}, or all exported)")
     p.add_argument("--name", required=True, help="model name: the URL is /predictions/NAME")
-    p.add_argument("--version", default="1.0", help="model version for TorchServe's versioned management API")
+    p.add_argument("--version", default=DEFAULT_VERSION, help="model version for TorchServe's versioned management API")
     p.add_argument("--file-name", default=None, help="archive file name without .mar (default: the model name; "
                    "with several variants, FILE_NAME_<variant>); lets two versions of one model sit in one model store")
-    p.add_argument("--model-store", default="model_store", help="folder the archive is written to")
-    p.add_argument("--archive-format", default="default", choices=["default", "no-archive"],
+    p.add_argument("--model-store", default=DEFAULT_MODEL_STORE, help="folder the archive is written to")
+    p.add_argument("--archive-format", default=ARCHIVE_FORMATS[0], choices=ARCHIVE_FORMATS,
                    help="default: a zip .mar; no-archive: a plain folder, for development")
     add_arguments(p, WorkerSettings)
     add_arguments(p, HandlerSettings)

@@ -101,6 +101,12 @@ def model_card(*, manifest: dict, info: dict, **extra) -> dict:
     return card
 
 
+DEFAULT_VARIANT = "onnx"  # the graph an archive carries unless told
+DEFAULT_VERSION = "1.0"
+DEFAULT_MODEL_STORE = "model_store"
+ARCHIVE_FORMATS = ("default", "no-archive")  # torch-model-archiver's: a zip .mar, or a plain folder (development)
+
+
 def requirements(runtime: str) -> str:
     """``requirements.txt`` for the graph's runtime, pinned to the versions it was exported and checked
     with (for TorchServe's ``install_py_dep_per_model=true``); torch itself is TorchServe's own."""
@@ -140,9 +146,9 @@ def archiver_arguments(*, inputs: Path, export_dir: Path, graph: Path, rest: lis
             "--archive-format", archive_format, "--force"]
 
 
-def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, version: str = "1.0",
-                     file_name: str | None = None, model_store: str | os.PathLike = "model_store",
-                     archive_format: str = "default") -> str:
+def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, version: str = DEFAULT_VERSION,
+                     file_name: str | None = None, model_store: str | os.PathLike = DEFAULT_MODEL_STORE,
+                     archive_format: str = ARCHIVE_FORMATS[0]) -> str:
     """The raw ``torch-model-archiver`` command line equivalent to :func:`build_archive` (after it ran: its
     inputs are in the export folder). ``build_archive`` itself runs it on hash-checked copies of the graph
     and writes to a temporary name in the store, then renames; by hand, name the file with ``--model-name``."""
@@ -172,9 +178,9 @@ def check_name(value: str, option: str) -> str:
     return value
 
 
-def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name: str, version: str = "1.0",
-                  file_name: str | None = None, model_store: str | os.PathLike = "model_store",
-                  archive_format: str = "default", **config) -> Path:
+def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIANT, name: str, version: str = DEFAULT_VERSION,
+                  file_name: str | None = None, model_store: str | os.PathLike = DEFAULT_MODEL_STORE,
+                  archive_format: str = ARCHIVE_FORMATS[0], **config) -> Path:
     """Write ``model_store/FILE_NAME.mar`` (or a folder for ``no-archive``) and return its path.
 
     ``config``: field names of :class:`WorkerSettings` and :class:`HandlerSettings` (defaults there).
@@ -200,7 +206,7 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
                        graph_output=info["output"], graph_tta=info["tta"], graph_topk=info["topk"],
                        precision=info["precision"])
     file_name = file_name or name
-    target = model_store / (file_name if archive_format == "no-archive" else f"{file_name}.mar")
+    target = model_store / (file_name if archive_format == ARCHIVE_FORMATS[1] else f"{file_name}.mar")
     clean_stale(folder=model_store, name=target.name)  # what a killed build left
     card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
                       runtime=info["runtime"], precision=info["precision"],
@@ -218,8 +224,8 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = "onnx", name:
         if proc.returncode != 0:
             said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
             raise ArchiverError(f"torch-model-archiver failed (exit status {proc.returncode}): {said}")
-        built = export_path / (name if archive_format == "no-archive" else f"{name}.mar")
-        if archive_format == "no-archive":
+        built = export_path / (name if archive_format == ARCHIVE_FORMATS[1] else f"{name}.mar")
+        if archive_format == ARCHIVE_FORMATS[1]:
             publish_tree(src=built, dst=target)
         else:
             publish_file(src=built, dst=target)  # tmp may be another file system: copied in, then renamed

@@ -24,6 +24,7 @@ from .formats import VARIANTS
 from .integrity import check_checkpoint, hash_mismatches
 from .manifest import EXPORT_MANIFEST, load_manifest
 from .verify import (
+    DEFAULT_EVAL_IMAGES,
     DEFAULT_MAX_DROP,
     DEFAULT_MIN_INT8_AGREEMENT,
     compare,
@@ -33,6 +34,7 @@ from .verify import (
     problems,
     run_backend,
 )
+from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA
 
 
 def _read_archive(archive: str, dest: str) -> dict:
@@ -65,7 +67,7 @@ def _stale(info: dict, *, manifest: dict, folder: str, record: str, reference_sh
     return out
 
 
-def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None = None, eval_images: int = 500,
+def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None = None, eval_images: int = DEFAULT_EVAL_IMAGES,
            archive: str | None = None, log=print) -> dict[str, dict]:
     """Re-run every graph of an export folder (or of one ``.mar``) against the eager model.
 
@@ -86,8 +88,8 @@ def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None =
             reference = checkpoint or manifest["checkpoint"]
         variants = manifest["variants"]
         exporter = Exporter(reference, folder,
-                            graph_tta=next((v["tta"] for v in variants.values() if v["tta"] != "none"), "flip"),
-                            graph_topk=next((v["topk"] for v in variants.values() if v["topk"]), 5))
+                            graph_tta=next((v["tta"] for v in variants.values() if v["tta"] != "none"), DEFAULT_GRAPH_TTA),
+                            graph_topk=next((v["topk"] for v in variants.values() if v["topk"]), DEFAULT_GRAPH_TOPK))
         if archive:  # the bytes loaded are the bytes checked
             check_checkpoint(path=reference, expected=manifest.get("checkpoint_sha256"),
                              actual=exporter.checkpoint_sha256, record=record)

@@ -43,9 +43,10 @@ from .integrity import file_hashes, sha256
 from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
 from .speed import describe as describe_speed
 from .speed import int8_speedup
-from .splits import held_out
+from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES, held_out
 from .staging import Staging, recover
 from .verify import (
+    DEFAULT_EVAL_IMAGES,
     DEFAULT_MAX_DROP,
     EvalSet,
     compare,
@@ -56,7 +57,7 @@ from .verify import (
     problems,
     run_backend,
 )
-from .wrappers import FusedNormalization, InGraphTopK, InGraphTTA
+from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA, FusedNormalization, InGraphTopK, InGraphTTA
 
 __all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "int8_summary", "sha256"]
 
@@ -66,7 +67,7 @@ FP32_SOURCE = {"onnx-int8": "onnx", "openvino-int8": "openvino"}  # what each IN
 
 
 class Exporter:
-    def __init__(self, checkpoint: str, out: str, *, graph_tta: str = "flip", graph_topk: int = 5):
+    def __init__(self, checkpoint: str, out: str, *, graph_tta: str = DEFAULT_GRAPH_TTA, graph_topk: int = DEFAULT_GRAPH_TOPK):
         self.checkpoint = checkpoint
         self.out = out
         if not os.path.isfile(checkpoint):
@@ -207,8 +208,8 @@ class Exporter:
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, names: list[str], *, data: str | None = None, calib_data: str | None = None,
-            eval_images: int = 500, calib_images: int = 300, max_drop: float = DEFAULT_MAX_DROP,
-            val_data: str | None = None, val_images: int = 2000, min_agreement: float | None = None,
+            eval_images: int = DEFAULT_EVAL_IMAGES, calib_images: int = DEFAULT_CALIB_IMAGES, max_drop: float = DEFAULT_MAX_DROP,
+            val_data: str | None = None, val_images: int = DEFAULT_VAL_IMAGES, min_agreement: float | None = None,
             val_margin: float = DEFAULT_MARGIN, max_reverts: int = DEFAULT_MAX_REVERTS, speed_only: bool = False,
             keep_fp32: list[str] = (), log=print) -> dict:
         """Write, verify and move in ``names``; return the folder's ``export.json`` as it now is.

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from training.datasets import stratified_split
 from training.image_folder import image_files, scan_image_folder
 
+DEFAULT_VAL_IMAGES = 2000   # INT8's accuracy control judges on these
+DEFAULT_CALIB_IMAGES = 300  # and calibrates on these
+
 
 @dataclass
 class HeldOut:
@@ -44,7 +47,7 @@ def _labelled(folder: str, class_names: list[str]) -> tuple[list[str], list[int]
 
 
 def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str | None = None,
-             calib_data: str | None = None, val_images: int = 2000, calib_images: int = 300,
+             calib_data: str | None = None, val_images: int = DEFAULT_VAL_IMAGES, calib_images: int = DEFAULT_CALIB_IMAGES,
              seed: int = 0) -> HeldOut:
     """The validation and calibration images for an INT8 export (see the module docstring)."""
     cfg = checkpoint_config or {}

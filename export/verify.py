@@ -29,6 +29,7 @@ CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 conv
 MIN_TOP1_AGREEMENT = 0.995
 DEFAULT_MAX_DROP = 0.5  # top-1 accuracy points
 DEFAULT_MIN_INT8_AGREEMENT = 0.99  # share of images whose INT8 top-1 is fp32's
+DEFAULT_EVAL_IMAGES = 500  # labelled images for parity and accuracy
 
 
 @dataclass

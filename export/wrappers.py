@@ -17,6 +17,9 @@ from torch import nn
 
 from inference.tta import GRAPH_TTA_MODES, aggregate, cuts_from_resize, tta_views
 
+DEFAULT_GRAPH_TTA = "flip"  # the onnx-tta graph's views
+DEFAULT_GRAPH_TOPK = 5      # the onnx-topk graph's k
+
 
 class FusedNormalization(nn.Module):
     """uint8 ``(N, 3, H, W)`` -> logits. Computes ``model((x / 255 - mean) / std)``.
@@ -48,7 +51,7 @@ class InGraphTTA(nn.Module):
     ``five_crop`` (5 views) and ``ten_crop`` (the five and their flips) take the resize-size square.
     """
 
-    def __init__(self, base: nn.Module, *, mode: str = "flip", crop_size: int | None = None):
+    def __init__(self, base: nn.Module, *, mode: str = DEFAULT_GRAPH_TTA, crop_size: int | None = None):
         super().__init__()
         if mode not in GRAPH_TTA_MODES:
             raise ValueError(f"in-graph TTA mode must be one of {GRAPH_TTA_MODES}, got {mode!r}")
