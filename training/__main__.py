@@ -5,6 +5,7 @@ Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m training train ...`` (D
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -12,11 +13,18 @@ from inference.cli import positive_int
 from inference.cli import run as run_cli
 from inference.tta import TTA_MODES
 
-from .evaluation import EVAL_FORMAT_CHOICES
+from .config import TrainConfig
+from .evaluation import EVAL_FORMAT_CHOICES, evaluate, predict_folder
+from .explain import explain_image
 from .fashion_mnist import FASHION_MNIST_DIR
 from .formats import AUTO, FORMAT_CHOICES
 from .models import list_models
 from .split import add_arguments as split_arguments
+
+
+def default(fn, name: str):
+    """``fn``'s default for its keyword ``name``: the one definition a command's option shows and uses."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                         "computes it itself with the default --normalize dataset).")
     st.add_argument("--data", required=True, help="data set root (as for train)")
     st.add_argument("--format", default=AUTO, choices=FORMAT_CHOICES, help="data format")
-    st.add_argument("--input-size", type=positive_int, default=32, help="crop size (as for train)")
+    st.add_argument("--input-size", type=positive_int, default=TrainConfig.input_size,
+                    help="crop size (as for train; default: %(default)s)")
     st.add_argument("--resize-size", type=positive_int, default=None, help="resize size (as for train)")
     st.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images (default: all)")
 
@@ -70,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                    "root as for train (its test/val split)")
     e.add_argument("--format", default=AUTO, choices=EVAL_FORMAT_CHOICES,
                    help="how to read --data (auto: a data-set root if it is one, else class folders)")
-    e.add_argument("--tta", default="none", choices=TTA_MODES,
+    e.add_argument("--tta", default=default(evaluate, "tta"), choices=TTA_MODES,
                    help="test-time augmentation, exactly as the handler does it (see inference/tta.py)")
-    e.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
+    e.add_argument("--batch-size", type=positive_int, default=default(evaluate, "batch_size"), help="images per forward")
     e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    e.add_argument("--device", default=default(evaluate, "device"), help="auto, cpu, cuda, ...")
 
     pr = sub.add_parser("predict", help="predict the classes of an image file or an unlabelled image folder",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -83,10 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     pr.add_argument("--images", required=True, help="an image file, or a folder of images (any layout)")
     pr.add_argument("--out", required=True, help="CSV file to write")
-    pr.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation")
-    pr.add_argument("--topk", type=positive_int, default=1, help="classes per image in the CSV")
-    pr.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    pr.add_argument("--tta", default=default(predict_folder, "tta"), choices=TTA_MODES, help="test-time augmentation")
+    pr.add_argument("--topk", type=positive_int, default=default(predict_folder, "topk"),
+                    help="classes per image in the CSV")
+    pr.add_argument("--batch-size", type=positive_int, default=default(predict_folder, "batch_size"),
+                    help="images per forward")
+    pr.add_argument("--device", default=default(predict_folder, "device"), help="auto, cpu, cuda, ...")
 
     from inference.explain import FILLS, MAX_GRID
     from inference.settings import HandlerSettings
@@ -103,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--fill", default=HandlerSettings.explain_fill, choices=FILLS, help="what hides a cell")
     ex.add_argument("--views-per-forward", type=int, default=HandlerSettings.explain_views_per_forward,
                     help="occluded views per forward")
-    ex.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ex.add_argument("--device", default=default(explain_image, "device"), help="auto, cpu, cuda, ...")
     return p
 
 
@@ -144,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             test = f"; test top-1 {best['test_top1']:.2%} (test split, once)" if "test_top1" in best else ""
             print(f"best epoch {best['epoch']} ({best['weights']} weights, {chosen}){test} -> {cfg.out}/best.pt")
     elif args.command == "evaluate":
-        from .evaluation import evaluate
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
         m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
                      device=args.device, format=args.format)
@@ -154,14 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
               + f"); metrics, predictions and plots in {out}")
     elif args.command == "predict":
-        from .evaluation import predict_folder
         n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
                            device=args.device, topk=args.topk)
         print(f"{n} images classified -> {args.out}")  # skipped files were named on stderr
     elif args.command == "explain":
         from inference.explain import MAX_GRID
-
-        from .explain import explain_image
         if not 1 <= args.grid <= MAX_GRID or args.views_per_forward < 1:
             print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
             return 2
