@@ -30,6 +30,7 @@ from inference.tta import (
     DEFAULT_SCALES,
     GRAPH_TTA_MODES,
     TTA_MODES,
+    mode_of,
 )
 
 
@@ -210,7 +211,7 @@ class HandlerSettings(_Settings):
         no scale below 1) cut their views from the resize_size square, which must then be larger than the crop.
         ``export archive`` refuses such a configuration; a worker loading an older archive logs it."""
         crop, resize, tta = self.input_size, self.resize_size or self.input_size, self.handler_tta
-        degenerate = tta in ("five_crop", "ten_crop") or (tta == "multi_scale" and min(self.tta_scales) >= 1)
+        degenerate = mode_of(tta).needs_margin(self.tta_scales)
         if crop and degenerate and resize <= crop:
             return (f"tta {tta} cuts its views from the resize_size square, and resize_size {resize} is input_size "
                     f"{crop}: every view would be the same image; use flip, or export with a larger resize size")

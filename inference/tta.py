@@ -11,9 +11,14 @@ can run view 0 alone and the other views only where needed:
 * ``ten_crop``   -- the five crops and their flips
 * ``multi_scale``-- for each scale ``s``: the center ``round(crop * s)`` square resized to ``crop``
   (``s > 1`` sees more context, ``s < 1`` zooms in); canvas at the resize size
+
+Each mode is one :class:`TTAMode` of :data:`MODES`; everything else (the choices of the settings and CLIs,
+the in-graph modes, the canvas, the view count, adaptive TTA's first view, the degenerate-configuration check)
+reads it from there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -21,35 +26,10 @@ from torchvision.transforms.v2 import functional as F
 
 from inference.transforms import EvalPreset
 
-TTA_MODES = ("none", "flip", "five_crop", "ten_crop", "multi_scale")
-GRAPH_TTA_MODES = ("flip", "five_crop", "ten_crop")  # what an exported graph can hold (export.wrappers.InGraphTTA)
-
-
-def cuts_from_resize(mode: str) -> bool:
-    """Whether ``mode`` cuts its views from the resize-size square (five_crop, ten_crop, multi_scale) rather
-    than from the crop itself (none, flip): what the canvas, an in-graph TTA's input and its reference are."""
-    return mode not in ("none", "flip")
 DEFAULT_SCALES = (1.0, 1.15, 0.87)
 AGGREGATES = ("softmax", "logits")
 ADAPTIVE_METRICS = ("confidence", "margin")  # top-1 probability, or top-1 minus top-2
 DEFAULT_AGGREGATE, DEFAULT_ADAPTIVE_METRIC, DEFAULT_ADAPTIVE_THRESHOLD = "softmax", "confidence", 0.9
-
-
-def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) -> EvalPreset:
-    """The eval transform whose output the views are cut from: the crop itself for ``none``/``flip``
-    (exactly the offline evaluation transform), the center square at the resize size otherwise."""
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
-    if not cuts_from_resize(mode):
-        return EvalPreset(crop_size=crop_size, resize_size=resize_size)
-    size = resize_size or crop_size
-    return EvalPreset(crop_size=size, resize_size=size)
-
-
-def num_views(mode: str, scales: Sequence[float] = DEFAULT_SCALES) -> int:
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
-    return {"none": 1, "flip": 2, "five_crop": 5, "ten_crop": 10, "multi_scale": len(scales)}[mode]
 
 
 def _center(canvas: torch.Tensor, crop: int) -> torch.Tensor:
@@ -59,27 +39,87 @@ def _center(canvas: torch.Tensor, crop: int) -> torch.Tensor:
     return canvas[..., top:top + crop, left:left + crop]
 
 
+def _with_flips(views: torch.Tensor) -> torch.Tensor:
+    return torch.cat([views, views.flip(-1)])
+
+
+def _five_crops(canvas: torch.Tensor, crop: int) -> torch.Tensor:
+    """torchvision's five_crop, center first."""
+    h, w = int(canvas.shape[-2]), int(canvas.shape[-1])
+    return torch.cat([_center(canvas, crop), canvas[..., :crop, :crop], canvas[..., :crop, w - crop:],
+                      canvas[..., h - crop:, :crop], canvas[..., h - crop:, w - crop:]])
+
+
+def _scaled(canvas: torch.Tensor, crop: int, scales: Sequence[float]) -> torch.Tensor:
+    size, out = canvas.shape[-1], []
+    for s in scales:
+        side = min(size, max(1, round(crop * s)))
+        view = _center(canvas, side)
+        out.append(view if side == crop else F.resize(view, [crop, crop], antialias=True))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class TTAMode:
+    """One TTA mode: its views of a canvas batch (``views(canvas, crop, scales)``, view-major, the first view
+    alone by ``first``), how many per image, whether it cuts them from the resize-size square, whether an
+    exported graph can hold it (fixed views, no resize), and whether its views are copies of one view unless
+    the resize square is larger than the crop (``needs_margin(scales)``)."""
+    name: str
+    views: Callable[[torch.Tensor, int, Sequence[float]], torch.Tensor]
+    count: Callable[[Sequence[float]], int]
+    cuts_from_resize: bool
+    in_graph: bool
+    needs_margin: Callable[[Sequence[float]], bool] = lambda scales: False
+    first: Callable[[torch.Tensor, int, Sequence[float]], torch.Tensor] = \
+        lambda canvas, crop, scales: _center(canvas, crop)
+
+
+MODES: dict[str, TTAMode] = {m.name: m for m in (
+    TTAMode("none", lambda c, crop, s: _center(c, crop), lambda s: 1, cuts_from_resize=False, in_graph=False),
+    TTAMode("flip", lambda c, crop, s: _with_flips(_center(c, crop)), lambda s: 2, cuts_from_resize=False,
+            in_graph=True),
+    TTAMode("five_crop", lambda c, crop, s: _five_crops(c, crop), lambda s: 5, cuts_from_resize=True,
+            in_graph=True, needs_margin=lambda s: True),
+    TTAMode("ten_crop", lambda c, crop, s: _with_flips(_five_crops(c, crop)), lambda s: 10, cuts_from_resize=True,
+            in_graph=True, needs_margin=lambda s: True),
+    TTAMode("multi_scale", _scaled, len, cuts_from_resize=True, in_graph=False,
+            needs_margin=lambda s: min(s) >= 1, first=lambda c, crop, s: _scaled(c, crop, s[:1])),
+)}
+TTA_MODES = tuple(MODES)
+GRAPH_TTA_MODES = tuple(m.name for m in MODES.values() if m.in_graph)  # export.wrappers.InGraphTTA
+
+
+def mode_of(mode: str) -> TTAMode:
+    """The registered TTA mode called ``mode``; ValueError naming the choices otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
+    return MODES[mode]
+
+
+def cuts_from_resize(mode: str) -> bool:
+    """Whether ``mode`` cuts its views from the resize-size square (five_crop, ten_crop, multi_scale) rather
+    than from the crop itself (none, flip): what the canvas, an in-graph TTA's input and its reference are."""
+    return mode_of(mode).cuts_from_resize
+
+
+def canvas_preset(mode: str, *, crop_size: int, resize_size: int | None = None) -> EvalPreset:
+    """The eval transform whose output the views are cut from: the crop itself for ``none``/``flip``
+    (exactly the offline evaluation transform), the center square at the resize size otherwise."""
+    if not cuts_from_resize(mode):
+        return EvalPreset(crop_size=crop_size, resize_size=resize_size)
+    size = resize_size or crop_size
+    return EvalPreset(crop_size=size, resize_size=size)
+
+
+def num_views(mode: str, scales: Sequence[float] = DEFAULT_SCALES) -> int:
+    return mode_of(mode).count(scales)
+
+
 def tta_views(canvas: torch.Tensor, mode: str, *, crop_size: int | None = None,
               scales: Sequence[float] = DEFAULT_SCALES) -> torch.Tensor:
     """``(N, C, R, R)`` -> ``(V * N, C, crop, crop)``, view-major, center view first."""
-    crop = int(crop_size or canvas.shape[-1])
-    if not cuts_from_resize(mode):
-        center = _center(canvas, crop)
-        return center if mode == "none" else torch.cat([center, center.flip(-1)])
-    if mode in ("five_crop", "ten_crop"):  # torchvision's five_crop, center first
-        h, w = int(canvas.shape[-2]), int(canvas.shape[-1])
-        views = torch.cat([_center(canvas, crop), canvas[..., :crop, :crop], canvas[..., :crop, w - crop:],
-                           canvas[..., h - crop:, :crop], canvas[..., h - crop:, w - crop:]])
-        return views if mode == "five_crop" else torch.cat([views, views.flip(-1)])
-    if mode == "multi_scale":
-        size = canvas.shape[-1]
-        out = []
-        for s in scales:
-            side = min(size, max(1, round(crop * s)))
-            view = _center(canvas, side)
-            out.append(view if side == crop else F.resize(view, [crop, crop], antialias=True))
-        return torch.cat(out)
-    raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
+    return mode_of(mode).views(canvas, int(crop_size or canvas.shape[-1]), scales)
 
 
 def aggregate(logits: torch.Tensor, n: int, *, how: str = DEFAULT_AGGREGATE) -> torch.Tensor:
@@ -100,7 +140,8 @@ def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch
     return aggregate(forward(views), canvas.shape[0], how=how)
 
 
-def uncertain(probs: torch.Tensor, *, metric: str = DEFAULT_ADAPTIVE_METRIC, threshold: float = DEFAULT_ADAPTIVE_THRESHOLD) -> torch.Tensor:
+def uncertain(probs: torch.Tensor, *, metric: str = DEFAULT_ADAPTIVE_METRIC,
+              threshold: float = DEFAULT_ADAPTIVE_THRESHOLD) -> torch.Tensor:
     """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``."""
     if metric not in ADAPTIVE_METRICS:
         raise ValueError(f"adaptive TTA metric must be confidence or margin, got {metric!r}")
@@ -120,8 +161,7 @@ def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canv
     for the uncertain images alone (a multi-scale resize of every image was work thrown away).
     """
     n = canvas.shape[0]
-    first = (tta_views(canvas, mode, crop_size=crop_size, scales=scales[:1]) if mode == "multi_scale"
-             else tta_views(canvas, "none", crop_size=crop_size))  # each mode's first view (tta_views' order)
+    first = mode_of(mode).first(canvas, int(crop_size or canvas.shape[-1]), scales)  # tta_views' first view
     plain_logits = forward(first).float()
     probs = plain_logits.softmax(-1)
     mask = uncertain(probs, metric=metric, threshold=threshold)

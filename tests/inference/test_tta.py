@@ -132,3 +132,22 @@ def test_adaptive_tta_equals_full_tta_where_applied_and_builds_views_only_for_th
     m = int(applied.sum())
     assert 0 < m < 6 and torch.allclose(probs[applied], full[applied], atol=1e-6)
     assert seen == [6, (num_views(mode, scales) - 1) * m]
+
+
+def test_a_new_tta_mode_is_one_registry_entry(monkeypatch):
+    """Views, their count, the canvas rule and adaptive TTA's first view all read inference.tta.MODES: a
+    vertical-flip mode is one entry."""
+    from inference import tta
+
+    vflip = tta.TTAMode("vflip", lambda c, crop, s: torch.cat([tta._center(c, crop), tta._center(c, crop).flip(-2)]),
+                        lambda s: 2, cuts_from_resize=False, in_graph=False)
+    monkeypatch.setitem(tta.MODES, "vflip", vflip)
+    canvas = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    views = tta.tta_views(canvas, "vflip", crop_size=4)
+    assert tta.num_views("vflip") == 2 and torch.equal(views, torch.cat([canvas, canvas.flip(-2)]))
+    assert tta.canvas_preset("vflip", crop_size=4, resize_size=6).resize_size == 6  # cut from the crop itself
+    forward = lambda x: x.float().flatten(1)[:, :5]  # noqa: E731  (a "model": five pixel values as logits)
+    probs, applied = tta.adaptive_predict_proba(forward, canvas, "vflip", crop_size=4, threshold=1.1)
+    assert applied.all() and torch.allclose(probs, tta.predict_proba(forward, canvas, "vflip", crop_size=4))
+    with pytest.raises(ValueError, match=r"unknown TTA mode 'hflip'; choose one of"):
+        tta.num_views("hflip")
