@@ -34,7 +34,7 @@ from inference.admission import admit, batch_pixel_budget
 from inference.backends import chunked, load_backend, openvino_precision
 from inference.batch import Batch, stack_images
 from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, read_index_to_name
-from inference.explain import explain_request
+from inference.explain_requests import explain_request
 from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError

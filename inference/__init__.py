@@ -19,7 +19,8 @@ One concept per module:
 * ``protocols``   -- which protocol a request speaks (TorchServe's, KServe v1, OIP) and its answer
 * ``oip``         -- the Open Inference Protocol's tensors, binary and classification extensions
 * ``responses``   -- top-k answers with class names and confidences, JSON error bodies
-* ``explain``     -- occlusion explanations through any backend, and their answers
+* ``explain``     -- occlusion explanations through any backend, and their overlay PNG
+* ``explain_requests`` -- one explanation request's options, limits and answer in its protocol
 * ``batch``       -- what one TorchServe batch carries between the handler's stages
 * ``threads``     -- threads per worker, following the model's live workers
 * ``metrics``     -- the handler's metrics: names, types (histograms, gauges), units, values

@@ -255,7 +255,7 @@ def test_an_answer_that_cannot_be_built_is_that_requests_500_not_the_batchs():
 def test_a_new_protocol_is_one_registry_entry(monkeypatch):
     """Adding a schema touches inference.protocols.REGISTRY alone: detection, reading, answers, errors and
     explanations all go through it (and a protocol without explanations is told so)."""
-    from inference.explain import explain_request
+    from inference.explain_requests import explain_request
     from inference.protocols import REGISTRY, Protocol
     from inference.requests import decode_b64
 
