@@ -30,8 +30,8 @@ from inference.jpeg import (  # noqa: F401  (batch_jpeg_decoder and jpeg_scale: 
     JPEG_FORMATS,
     JPEG_MAGIC,
     batch_jpeg_decoder,
+    decode_batch,
     decode_jpeg_reduced,
-    exif_orient,
     jpeg_scale,
     orientation_of,
     upright,
@@ -280,19 +280,10 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
                     batched.append(i)
                 except ImageError as e:
                     results[i] = e
-        if batched:
-            tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in batched]
-            try:
-                decoded = [exif_orient(t, orientation[i]) for i, t in zip(batched, jpeg_batch_decoder(tensors))]
-                for i, image in zip(batched, transform_by_shape(decoded, transform, one=transformed)):
-                    results[i] = image
-            except RuntimeError:  # one undecodable JPEG fails the whole call: each alone again on the same
-                for i, data in zip(batched, tensors):  # decoder, so the others keep their full-size decode
-                    try:
-                        upright = exif_orient(jpeg_batch_decoder([data])[0], orientation[i])
-                        results[i] = transform_by_shape([upright], transform, one=transformed)[0]
-                    except RuntimeError:  # this one: through decode_rgb below
-                        results[i] = None
+        decoded = decode_batch({i: payloads[i] for i in batched}, orientation, jpeg_batch_decoder,
+                               lambda images: transform_by_shape(images, transform, one=transformed))
+        for i, result in decoded.items():
+            results[i] = result
     rest = [i for i in range(len(payloads)) if results[i] is None]
     mapper = pool.map if pool is not None else map
     for i, result in zip(rest, mapper(one, [(payloads[i], infos[i] if infos else None) for i in rest])):

@@ -88,3 +88,26 @@ def batch_jpeg_decoder(device: torch.device | str) -> Callable[[list[torch.Tenso
     """torchvision's ``decode_jpeg`` over a list of JPEG byte tensors in ONE call, RGB, straight into
     ``device``'s memory (nvjpeg on a GPU), as stored: the caller applies :func:`exif_orient` (see above)."""
     return lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
+
+
+def decode_batch(payloads: dict[int, bytes | bytearray], orientation: dict[int, int], decoder,
+                 finish: Callable[[list[torch.Tensor]], list]) -> dict[int, object]:
+    """The JPEGs ``payloads`` (position -> bytes) decoded in ONE call of the batch ``decoder`` (see
+    :func:`batch_jpeg_decoder`), each turned upright by its EXIF ``orientation`` and the list passed through
+    ``finish`` (to the canvas, same shapes together). One undecodable JPEG fails the whole call: then each is
+    decoded alone on the same decoder, so the others keep their full-size decode; a JPEG that fails alone is
+    left out of the answer (the caller decodes it on the CPU)."""
+    order = list(payloads)
+    tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in order]
+    try:
+        decoded = [exif_orient(t, orientation[i]) for i, t in zip(order, decoder(tensors))]
+        return dict(zip(order, finish(decoded)))
+    except RuntimeError:
+        out = {}
+        for i, data in zip(order, tensors):
+            try:
+                out[i] = finish([exif_orient(decoder([data])[0], orientation[i])])[0]
+            except RuntimeError:  # this one alone: the caller's CPU path
+                pass
+        return out
+
