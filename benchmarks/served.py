@@ -40,9 +40,13 @@ def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path,
     store.mkdir(parents=True, exist_ok=True)
     name = archive_name(c, split)
     if c.kind == "stock":
-        cfg = store / f"{name}-config.yaml"
-        cfg.write_text(f"minWorkers: {split.workers}\nmaxWorkers: {split.workers}\nbatchSize: {batch}\n"
-                       f"maxBatchDelay: {max_batch_delay}\nresponseTimeout: {RESPONSE_TIMEOUT}\n")
+        import yaml
+
+        from inference.settings import WorkerSettings
+        cfg = store / f"{name}-config.yaml"  # TorchServe's keys as ours are written: the same batching for both
+        cfg.write_text(yaml.safe_dump(WorkerSettings(batch_size=batch, max_batch_delay=max_batch_delay,
+                                                     workers=split.workers,
+                                                     response_timeout=RESPONSE_TIMEOUT).to_config(), sort_keys=False))
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
                "--model-file", str(STOCK_MODEL_FILE), "--serialized-file", str(prep.state_dict),
                "--handler", "image_classifier", "--extra-files", str(prep.export_dir / "index_to_name.json"),

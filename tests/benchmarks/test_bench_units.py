@@ -166,3 +166,29 @@ def test_adaptive_tta_limits_are_timed_over_whole_cycles_of_the_photos():
         assert all(len({i % photos for i in range(m * batch)}) < photos or m * batch % photos
                    for m in range(1, n))  # and no shorter block does that
     assert block_batches(21, 8, adaptive=True) == 21
+
+
+def test_the_stock_archive_batches_as_ours_do(tmp_path):
+    """Stock TorchServe's archive (the built-in image_classifier over the eager model) gets the batching,
+    workers and timeout of ours at the same split: model-config.yaml written by the same WorkerSettings."""
+    import zipfile
+
+    import yaml
+
+    from benchmarks.served import RESPONSE_TIMEOUT, build_archive_for
+    from inference.settings import WorkerSettings
+    from tools.models import ExportedModel
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "index_to_name.json").write_text('{"0": "a", "1": "b"}')
+    (tmp_path / "state.pth").write_bytes(b"weights")  # the archiver packs it as it is
+    prep = ExportedModel(spec=None, ckpt=tmp_path / "c.pt", state_dict=tmp_path / "state.pth", export_dir=export_dir)
+    name = build_archive_for(CONFIGS["stock"], Split(2, 1), prep, tmp_path / "store", threshold=0.9)
+    with zipfile.ZipFile(tmp_path / "store" / f"{name}.mar") as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(mar.read(manifest["model"]["configFile"]))
+        assert manifest["model"]["handler"] == "image_classifier" and "index_to_name.json" in mar.namelist()
+    assert config == {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 10,
+                      "responseTimeout": RESPONSE_TIMEOUT}
+    ours = WorkerSettings(batch_size=8, max_batch_delay=10, workers=2, response_timeout=RESPONSE_TIMEOUT)
+    assert config == ours.to_config()
