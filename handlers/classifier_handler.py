@@ -30,12 +30,13 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from inference import protocols
-from inference.admission import admit, batch_pixel_budget
+from inference.admission import admit, batch_pixel_budget, probe_requests
 from inference.backends import chunked, load_backend, openvino_precision
 from inference.batch import Batch, stack_images
 from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, read_index_to_name
 from inference.explain_requests import explain_request
-from inference.images import ImageError, batch_jpeg_decoder, decode_many, probe
+from inference.image_errors import ImageError, in_request
+from inference.images import batch_jpeg_decoder, decode_many
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError
 from inference.responses import topk_predictions
@@ -125,20 +126,12 @@ class ImageClassifierHandler(BaseHandler):
         # admission: every image's header first, then the request and batch budgets (no pixel decoded yet)
         cfg = self.settings
         limits = dict(max_pixels=cfg.max_pixels, max_aspect_ratio=cfg.max_aspect_ratio, max_frames=cfg.max_frames)
-        infos: dict[int, list] = {}
-        for i, req in batch.requests.items():
-            infos[i] = []
-            for k, data in enumerate(req.images):
-                try:
-                    infos[i].append(probe(data, **limits))
-                except ImageError as e:
-                    batch.errors[i] = self._image_error(req, k, e)
-                    break
+        infos, refused = probe_requests({i: r for i, r in batch.requests.items() if i not in batch.errors}, **limits)
+        batch.errors.update(refused)
         # an image costs what it is decoded to: reduced JPEGs on the CPU, full size through nvjpeg on a GPU
         min_side = None if self.jpeg_batch_decoder is not None else self.canvas.min_decode_side
-        batch.errors.update(admit({i: v for i, v in infos.items() if i not in batch.errors},
-                                  max_request_pixels=cfg.max_request_pixels, max_batch_pixels=self.max_batch_pixels,
-                                  min_side=min_side))
+        batch.errors.update(admit(infos, max_request_pixels=cfg.max_request_pixels,
+                                  max_batch_pixels=self.max_batch_pixels, min_side=min_side))
         headers_read = []
         for i, req in batch.requests.items():
             if i not in batch.errors:
@@ -153,7 +146,8 @@ class ImageClassifierHandler(BaseHandler):
         for image, owner in zip(decoded, owners):
             k = position[owner] = position.get(owner, -1) + 1
             if isinstance(image, ImageError) and owner not in batch.errors:
-                batch.errors[owner] = self._image_error(batch.requests[owner], k, image)
+                req = batch.requests[owner]
+                batch.errors[owner] = in_request(image, k, len(req.images), multi=req.multi)
         batch.timings["decode"] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         images = [(img, o) for img, o in zip(decoded, owners) if o not in batch.errors]
@@ -161,11 +155,6 @@ class ImageClassifierHandler(BaseHandler):
             batch.canvas, batch.owners = stack_images(images, batch.errors, name=self.model_name)
         batch.timings["preprocess"] = (time.perf_counter() - start) * 1000
         return batch
-
-    @staticmethod
-    def _image_error(req, k: int, error: ImageError) -> ImageError:
-        """The error of image ``k``; a request of several images fails whole, the message says which."""
-        return type(error)(f"image {k} of {len(req.images)}: {error}") if req.multi else error
 
     def inference(self, batch: Batch, *args, **kwargs) -> Batch:
         if batch.canvas is None:

@@ -19,12 +19,30 @@ of the batch at full size (a GPU), so that a full batch of 12-20 MP phone photos
 """
 from __future__ import annotations
 
-from inference.images import ImageInfo
-from inference.requests import RequestError
+from inference.image_errors import ImageError, in_request
+from inference.images import ImageInfo, probe
+from inference.requests import Request, RequestError
 
 DEFAULT_MAX_REQUEST_PIXELS = 64_000_000   # e.g. five 12 MP photos in one request
 DEFAULT_MAX_BATCH_PIXELS = 128_000_000    # ~384 MB of RGB at full resolution, before the resize
 FULL_SIZE_PIXELS_PER_SLOT = 24_000_000    # a batch slot's share when JPEGs decode at full size (GPU): 72 MB
+
+
+def probe_requests(requests: dict[int, Request], **limits) -> tuple[dict[int, list[ImageInfo]], dict[int, ImageError]]:
+    """Every image's header of every request (:func:`inference.images.probe` with ``limits``): the infos of the
+    requests whose images all pass, and for each other request the error of its first refused image."""
+    infos, errors = {}, {}
+    for i, req in requests.items():
+        found = []
+        for k, data in enumerate(req.images):
+            try:
+                found.append(probe(data, **limits))
+            except ImageError as e:
+                errors[i] = in_request(e, k, len(req.images), multi=req.multi)
+                break
+        else:
+            infos[i] = found
+    return infos, errors
 
 
 def batch_pixel_budget(configured: int | None, *, batch_size: int, full_size: bool) -> int:

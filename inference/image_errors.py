@@ -33,3 +33,10 @@ class StructureError(ImageError):
     def too_many(cls, kind: str, what: str, limit: int, size: int) -> "StructureError":
         return cls(f"{kind} of {size} bytes with more than {limit} {what}: refused (real images have far fewer; "
                    "reading them would hold the worker)")
+
+
+def in_request(error: ImageError, k: int, count: int, *, multi: bool) -> ImageError:
+    """The error of image ``k`` of a request of ``count``, as that request's answer: a request of several
+    images fails whole, and the message says which image; a single image's error is its own."""
+    return type(error)(f"image {k} of {count}: {error}") if multi else error
+

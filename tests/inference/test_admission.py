@@ -140,3 +140,17 @@ def test_the_batch_budget_follows_the_decoder_unless_configured():
     # the old fixed 128 MP on a GPU: ten phone photos of a batch of 16, the other six 503
     refused = admit({i: phone for i in range(16)}, max_batch_pixels=DEFAULT_MAX_BATCH_PIXELS)
     assert sorted(refused) == list(range(10, 16)) and all(e.status == 503 for e in refused.values())
+
+
+def test_probe_requests_names_the_first_refused_image_of_its_request():
+    from inference.admission import probe_requests
+    from inference.requests import Request
+    good = _encode(Image.new("RGB", (40, 30), "red"), "PNG")
+    wide = _encode(Image.new("RGB", (400, 10), "red"), "PNG")
+    requests = {0: Request([good, good], multi=True), 1: Request([good, wide, b"junk"], multi=True),
+                2: Request([wide]), 4: Request([good])}
+    infos, errors = probe_requests(requests, max_aspect_ratio=20.0)
+    assert sorted(infos) == [0, 4] and [(x.width, x.height) for x in infos[0]] == [(40, 30), (40, 30)]
+    assert sorted(errors) == [1, 2] and isinstance(errors[1], ImageTooLargeError)
+    assert str(errors[1]).startswith("image 1 of 3: ") and "aspect" in str(errors[1])  # the wide one, not the junk
+    assert str(errors[2]).startswith("image is 400x10")  # a single image's error is its own
