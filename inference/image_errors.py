@@ -39,4 +39,3 @@ def in_request(error: ImageError, k: int, count: int, *, multi: bool) -> ImageEr
     """The error of image ``k`` of a request of ``count``, as that request's answer: a request of several
     images fails whole, and the message says which image; a single image's error is its own."""
     return type(error)(f"image {k} of {count}: {error}") if multi else error
-

@@ -97,6 +97,8 @@ def decode_batch(payloads: dict[int, bytes | bytearray], orientation: dict[int, 
     ``finish`` (to the canvas, same shapes together). One undecodable JPEG fails the whole call: then each is
     decoded alone on the same decoder, so the others keep their full-size decode; a JPEG that fails alone is
     left out of the answer (the caller decodes it on the CPU)."""
+    if not payloads:  # torchvision's decode_jpeg refuses an empty list (ValueError): nothing to decode
+        return {}
     order = list(payloads)
     tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in order]
     try:
@@ -110,4 +112,3 @@ def decode_batch(payloads: dict[int, bytes | bytearray], orientation: dict[int, 
             except RuntimeError:  # this one alone: the caller's CPU path
                 pass
         return out
-

@@ -88,8 +88,9 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
     its answer (or error) speaks. Whatever the request holds, this only returns: a failure that is not a
     :class:`RequestError` is a bug of ours met on an odd request, answered with that request's 500 alone
     (and logged), never raised into TorchServe, which would answer the whole batch with 503."""
-    protocol = detect({"body": b""}, headers)  # from the headers alone, until the body is read
+    protocol = TORCHSERVE
     try:
+        protocol = detect({"body": b""}, headers)  # from the headers alone, until the body is read
         if isinstance((row or {}).get("body"), (bytes, bytearray)):  # inflated, and JSON parsed, once
             row = {**row, "body": _body({"body": inflate(row["body"], headers, max_bytes=max_inflated)}, headers)}
         protocol = detect(row, headers)
@@ -117,7 +118,7 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
 def read(row: dict, protocol: str, *, headers: dict | None = None, max_images: int = DEFAULT_MAX_IMAGES) -> Request:
     """The images and options of one request in ``protocol``; raises :class:`RequestError`."""
     body = _body(row, headers)
-    req = REGISTRY[protocol].read(row, body, headers, max_images=max_images)
+    req = lookup(protocol).read(row, body, headers, max_images=max_images)
     if isinstance(body, dict):
         params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
         req.overlay = body.get(OVERLAY_FIELD, params.get(OVERLAY_FIELD))
@@ -157,7 +158,7 @@ def read_kserve_v1(body: dict, *, max_images: int = DEFAULT_MAX_IMAGES) -> Reque
 def render(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer:
     """The answer body of one request: one per-image result object (as ``/predictions`` gives) each; OIP's
     in binary form where the request asks so (:func:`inference.oip.oip_body`)."""
-    return REGISTRY[req.protocol].render(req, results, model_name=model_name, model_version=model_version)
+    return lookup(req.protocol).render(req, results, model_name=model_name, model_version=model_version)
 
 
 def answer(req: Request, results: list[dict], *, model_name: str, model_version: str) -> str | BinaryAnswer | RequestError:
@@ -202,7 +203,7 @@ def render_error(protocol: str, kind: str, detail: str, *, status: int, model_na
                  model_version: str = "") -> str:
     """A per-request error: OIP's ``{"error": "..."}`` (:func:`inference.oip.oip_error`), else
     ``{"error", "detail", "code"}``."""
-    return REGISTRY[protocol].render_error(kind, detail, status=status, model_name=model_name,
+    return lookup(protocol).render_error(kind, detail, status=status, model_name=model_name,
                                            model_version=model_version)
 
 
@@ -265,9 +266,10 @@ REGISTRY: dict[str, Protocol] = {p.name: p for p in (  # in the order detection 
     Protocol(TORCHSERVE, "TorchServe's predictions API", lambda body, headers: True, read_torchserve,
              _render_torchserve, _plain_error, explanations=_one_or_list),
 )}
-PROTOCOLS = tuple(REGISTRY)
 
 
 def lookup(name: str) -> Protocol:
-    """The registered protocol called ``name``."""
+    """The registered protocol called ``name``; ValueError naming the registered ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown protocol {name!r}; registered: {', '.join(REGISTRY)}")
     return REGISTRY[name]

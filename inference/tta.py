@@ -12,9 +12,9 @@ can run view 0 alone and the other views only where needed:
 * ``multi_scale``-- for each scale ``s``: the center ``round(crop * s)`` square resized to ``crop``
   (``s > 1`` sees more context, ``s < 1`` zooms in); canvas at the resize size
 
-Each mode is one :class:`TTAMode` of :data:`MODES`; everything else (the choices of the settings and CLIs,
-the in-graph modes, the canvas, the view count, adaptive TTA's first view, the degenerate-configuration check)
-reads it from there.
+Each mode is one :class:`TTAMode` of :data:`MODES`; everything else reads it from there: the view count, the
+canvas, adaptive TTA's first view and the degenerate-configuration check at each call, the choice lists of
+the settings and CLIs (:data:`TTA_MODES`, :data:`GRAPH_TTA_MODES`) at import.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canv
     plain_logits = forward(first).float()
     probs = plain_logits.softmax(-1)
     mask = uncertain(probs, metric=metric, threshold=threshold)
-    if mode == "none" or not mask.any():
+    if num_views(mode, scales) == 1 or not mask.any():  # no view beyond the first
         return probs, torch.zeros(n, dtype=torch.bool)
     idx = mask.nonzero().squeeze(1)
     m = len(idx)

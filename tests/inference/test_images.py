@@ -102,6 +102,22 @@ def test_a_jpeg_the_batch_decoder_refuses_leaves_the_others_on_it():
     assert torch.equal(out[1], decode_rgb(refused))
 
 
+def test_the_batched_jpeg_path_with_no_complete_jpeg_still_decodes_the_rest():
+    """A batch decoder (nvjpeg on a GPU; torchvision's on the CPU here) is never called with an empty list
+    (torchvision refuses one with a ValueError that failed the whole batch): a batch of PNGs only, or one
+    whose only JPEG is cut off, decodes as without it."""
+    from inference.images import batch_jpeg_decoder, decode_many
+
+    png = encode(pattern_image("horizontal", size=30))
+    truncated = encode(pattern_image("circle", size=64), "JPEG")[:200]
+    decoder = batch_jpeg_decoder("cpu")
+    assert decode_many([], jpeg_batch_decoder=decoder) == []
+    only_png = decode_many([png], jpeg_batch_decoder=decoder)
+    assert torch.equal(only_png[0], decode_rgb(png))
+    mixed = decode_many([png, truncated], jpeg_batch_decoder=decoder)
+    assert torch.equal(mixed[0], decode_rgb(png)) and isinstance(mixed[1], ImageError)
+
+
 def test_decode_many_batched_jpeg_path_equals_one_by_one():
     """The GPU path's logic (all JPEGs in one decode_jpeg call) run on the CPU: same pixels, and a bad
     or oversized JPEG only fails itself."""

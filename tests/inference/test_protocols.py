@@ -279,3 +279,22 @@ def test_a_new_protocol_is_one_registry_entry(monkeypatch):
         explain_request(lambda x: x, None, req, settings=None, output="logits", class_names=[])
     assert e.value.status == 501
     assert detect({"body": {"instances": [B64]}}, {}) == KSERVE_V1  # the others are asked as before
+
+
+def test_a_protocol_that_fails_to_tell_a_body_fails_that_request_alone(monkeypatch):
+    """Detection runs inside read_row's guard, the headers-only guess too: a registered protocol whose
+    ``matches`` raises is that request's 500, never an exception into TorchServe (the whole batch's 503);
+    an unregistered name is a ValueError that names the registered ones."""
+    from inference.protocols import REGISTRY, Protocol, lookup
+
+    def broken(body, headers):
+        raise TypeError("a bug in a new protocol")
+    bad = Protocol("bad", "a bad protocol", broken, REGISTRY[TORCHSERVE].read, REGISTRY[TORCHSERVE].render,
+                   REGISTRY[TORCHSERVE].render_error, explanations=None)
+    monkeypatch.setattr(protocols, "REGISTRY", {"bad": bad, **REGISTRY})
+    protocol, err, topk = read_row({"body": bytearray(PNG)}, {}, max_images=4, default_topk=1, max_topk=5)
+    assert protocol == TORCHSERVE and isinstance(err, RequestError) and err.status == 500 and topk is None
+    assert "a bug in a new protocol" in str(err)
+    with pytest.raises(ValueError, match="unknown protocol 'v3'; registered: bad, kserve_v1, oip_v2, torchserve"):
+        lookup("v3")
+

@@ -145,7 +145,8 @@ def test_a_new_tta_mode_is_one_registry_entry(monkeypatch):
     canvas = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     views = tta.tta_views(canvas, "vflip", crop_size=4)
     assert tta.num_views("vflip") == 2 and torch.equal(views, torch.cat([canvas, canvas.flip(-2)]))
-    assert tta.canvas_preset("vflip", crop_size=4, resize_size=6).resize_size == 6  # cut from the crop itself
+    assert tta.canvas_preset("vflip", crop_size=4, resize_size=6).crop_size == 4  # cut from the crop itself
+    assert tta.canvas_preset("five_crop", crop_size=4, resize_size=6).crop_size == 6  # (not the resize square)
     forward = lambda x: x.float().flatten(1)[:, :5]  # noqa: E731  (a "model": five pixel values as logits)
     probs, applied = tta.adaptive_predict_proba(forward, canvas, "vflip", crop_size=4, threshold=1.1)
     assert applied.all() and torch.allclose(probs, tta.predict_proba(forward, canvas, "vflip", crop_size=4))
