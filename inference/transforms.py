@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+from torchvision.transforms import InterpolationMode, v2
 
 
 class EvalPreset:
-    """Resize the shorter side to ``resize_size`` (antialiased), then center-crop ``crop_size``."""
+    """Resize the shorter side to ``resize_size`` (antialiased), then center-crop ``crop_size``: one
+    ``v2.Compose`` built once, as torchvision's reference presets do (``transform``; training's augmentation
+    without randomness takes its steps, ``training.presets.TrainPreset``)."""
 
     def __init__(self, *, crop_size: int, resize_size: int | None = None,
                  interpolation: InterpolationMode = InterpolationMode.BILINEAR, antialias: bool = True):
@@ -23,6 +24,8 @@ class EvalPreset:
         self.resize_size = int(resize_size or crop_size)
         self.interpolation = interpolation
         self.antialias = antialias
+        self.transform = v2.Compose([v2.Resize(self.resize_size, interpolation=interpolation, antialias=antialias),
+                                     v2.CenterCrop(self.crop_size)])
 
     @property
     def min_decode_side(self) -> int:
@@ -33,8 +36,7 @@ class EvalPreset:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """``image``: uint8 ``(..., C, H, W)``; images of one shape may be batched."""
-        image = F.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=self.antialias)
-        return F.center_crop(image, [self.crop_size, self.crop_size])
+        return self.transform(image)
 
     def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Transform images of any sizes into one ``(N, C, crop, crop)`` uint8 batch.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from inference.transforms import EvalPreset
+
 
 class TrainPreset:
     """Training augmentation on one uint8 ``(C, H, W)`` tensor (the DataLoader batches); the output is
@@ -57,9 +59,9 @@ class TrainPreset:
         if mode == "random_resized_crop":
             steps.append(v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio),
                                               interpolation=interpolation, antialias=True))
-        else:  # EvalPreset's resize and crop, as torchvision transforms
-            steps += [v2.Resize(int(resize_size or crop_size), interpolation=interpolation, antialias=True),
-                      v2.CenterCrop(crop_size)]
+        else:  # the evaluation transform's own resize and crop
+            steps += EvalPreset(crop_size=crop_size, resize_size=resize_size,
+                                interpolation=interpolation).transform.transforms
             if mode == "pad_crop" and padding:
                 steps.append(v2.RandomCrop(crop_size, padding=padding, padding_mode="reflect"))
         if hflip_prob:
