@@ -263,7 +263,8 @@ class Exporter:
             log(f"calibration (speed-only INT8, accuracy unchecked): {len(calibration)} images of {calib_data}")
         elif int8:
             split = held_out(checkpoint_config=self.ckpt.get("config") or {}, class_names=self.spec.class_names,
-                             val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images)
+                             val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images,
+                             selection=self.ckpt.get("selection"))
             calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
             images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
             self.validation = (images, labels, split.val_source)

@@ -3,7 +3,10 @@
 * **Validation** (the accuracy control's judge): ``--val-data`` when given; else the training run's own
   validation split, rebuilt from the checkpoint's saved config -- ``DATA/val`` when the run had one,
   otherwise the same stratified, seeded ``--val-fraction`` of ``DATA/train`` that chose ``best.pt``
-  (:func:`training.datasets.stratified_split`, so the very same images).
+  (:func:`training.datasets.stratified_split`). The rebuilt split must be the very images that chose the
+  checkpoint: its digest is compared with the one the checkpoint records (``selection.digest``), and a split
+  that differs (the data changed, or training left unreadable images out before splitting) is refused with
+  "pass --val-data and --calib-data" rather than judged on training images. Only ImageFolder runs are rebuilt.
 * **Calibration**: ``--calib-data`` when given; else the training images of that run *minus* the
   validation images held out of them.
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
-from training.datasets import stratified_split
+from training.datasets import paths_digest, stratified_split
+from training.formats import AUTO, detect_format
 from training.image_folder import image_files, scan_image_folder
 
 DEFAULT_VAL_IMAGES = 2000   # INT8's accuracy control judges on these
@@ -46,33 +51,50 @@ def _labelled(folder: str, class_names: list[str]) -> tuple[list[str], list[int]
     return paths, labels
 
 
+PASS_BOTH = "pass --val-data (labelled, not the test split) and --calib-data"
+
+
 def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str | None = None,
              calib_data: str | None = None, val_images: int = DEFAULT_VAL_IMAGES, calib_images: int = DEFAULT_CALIB_IMAGES,
-             seed: int = 0) -> HeldOut:
-    """The validation and calibration images for an INT8 export (see the module docstring)."""
+             seed: int = 0, selection: dict | None = None) -> HeldOut:
+    """The validation and calibration images for an INT8 export (see the module docstring). ``selection``: the
+    checkpoint's record of the split that chose it (``digest``); a rebuilt split must be those very images."""
     cfg = checkpoint_config or {}
     root = cfg.get("data")
     train_dir = os.path.join(root, "train") if root else None
     train_paths = train_labels = held = None
     if val_data is None or calib_data is None:
         if not root or not os.path.isdir(train_dir):
-            raise ValueError("INT8 needs held-out validation images and training images to calibrate on: pass "
-                             "--val-data (labelled, not the test split) and --calib-data"
+            raise ValueError("INT8 needs held-out validation images and training images to calibrate on: "
+                             + PASS_BOTH
                              + (f" (the training data {root} recorded in the checkpoint is not here)" if root else ""))
+        if cfg.get("format", AUTO) not in (AUTO, "imagefolder") or detect_format(root) != "imagefolder":
+            raise ValueError(f"the run's validation split is rebuilt from an ImageFolder tree only, and {root} is "
+                             f"{cfg.get('format') if cfg.get('format', AUTO) != AUTO else detect_format(root)}: "
+                             + PASS_BOTH)
         train_paths, train_labels = _labelled(train_dir, class_names)
     if val_data is not None:
         val_paths, val_labels = _labelled(val_data, class_names)
         val_source = val_data
-    elif os.path.isdir(os.path.join(root, "val")) and os.path.isdir(os.path.join(root, "test")):
-        val_paths, val_labels = _labelled(os.path.join(root, "val"), class_names)
-        val_source = os.path.join(root, "val")
     else:
-        fraction = float(cfg.get("val_fraction") or 0)
-        if fraction <= 0:
-            raise ValueError("the checkpoint's run held out no validation images (--val-fraction 0): pass --val-data")
-        keep, held = stratified_split(train_labels, fraction, seed=int(cfg.get("seed", 0)))
-        val_paths, val_labels = [train_paths[i] for i in held], [train_labels[i] for i in held]
-        val_source = f"the run's validation split ({fraction:g} of {train_dir}, seed {cfg.get('seed', 0)})"
+        if os.path.isdir(os.path.join(root, "val")) and os.path.isdir(os.path.join(root, "test")):
+            val_root = os.path.join(root, "val")
+            val_paths, val_labels = _labelled(val_root, class_names)
+            val_source = val_root
+        else:
+            fraction = float(cfg.get("val_fraction") or 0)
+            if fraction <= 0:
+                raise ValueError("the checkpoint's run held out no validation images (--val-fraction 0): pass "
+                                 "--val-data")
+            val_root = train_dir
+            keep, held = stratified_split(train_labels, fraction, seed=int(cfg.get("seed", 0)))
+            val_paths, val_labels = [train_paths[i] for i in held], [train_labels[i] for i in held]
+            val_source = f"the run's validation split ({fraction:g} of {train_dir}, seed {cfg.get('seed', 0)})"
+        recorded = (selection or {}).get("digest")
+        if recorded and paths_digest(val_paths, val_labels, root=str(Path(val_root))) != recorded:  # as scanned
+            raise ValueError(f"the validation split rebuilt from {val_root} is not the one that chose this checkpoint "
+                             "(its images differ: the data changed since training, or training left unreadable "
+                             f"images out of it): {PASS_BOTH}")
     if calib_data is not None:
         calib_paths, calib_source = _images_under(calib_data), calib_data
     else:

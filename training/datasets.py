@@ -138,14 +138,23 @@ def stratified_split(labels, fraction: float, *, seed: int = 0) -> tuple[list[in
 
 def relative_paths(ds) -> list[str]:
     """``ds.paths`` relative to ``ds.root`` where they lie under it (so a moved data folder compares equal)."""
-    root = str(getattr(ds, "root", "") or "")
-    return [p[len(root):].lstrip("/\\") if root and p.startswith(root) else p for p in ds.paths]
+    return _relative(ds.paths, str(getattr(ds, "root", "") or ""))
+
+
+def _relative(paths: list[str], root: str) -> list[str]:
+    return [p[len(root):].lstrip("/\\") if root and p.startswith(root) else p for p in paths]
 
 
 def split_digest(ds) -> str:
-    """A short fingerprint of which images a split holds (``--resume`` checks the validation split)."""
+    """A short fingerprint of which images a split holds (``--resume`` checks the validation split; the
+    checkpoint records it as ``selection.digest``)."""
+    return paths_digest(ds.paths, ds.labels.tolist(), root=str(getattr(ds, "root", "") or ""))
+
+
+def paths_digest(paths: list[str], labels: list[int], *, root: str) -> str:
+    """:func:`split_digest` of the images ``paths`` (labelled ``labels``) of a data set rooted at ``root``."""
     h = hashlib.sha256()
-    for p, y in zip(relative_paths(ds), ds.labels.tolist()):
+    for p, y in zip(_relative(paths, root), labels):
         h.update(f"{p}\t{y}\n".encode())
     return h.hexdigest()[:16]
 

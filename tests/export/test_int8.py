@@ -70,7 +70,8 @@ def test_val_margin_outside_zero_to_one_is_one_clear_line(checkpoint, image_fold
 def test_held_out_rebuilds_the_runs_validation_split_and_calibrates_without_it(checkpoint, image_folder):
     spec, _, ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["config"]
-    split = held_out(checkpoint_config=cfg, class_names=spec.class_names, calib_images=10_000)
+    split = held_out(checkpoint_config=cfg, class_names=spec.class_names, calib_images=10_000,
+                     selection=ckpt["selection"])  # its digest: the very images that chose best.pt
     classes, paths, labels = scan_image_folder(image_folder / "train")
     _, held = stratified_split(labels, cfg["val_fraction"], seed=cfg["seed"])
     assert sorted(split.val_paths) == sorted(paths[i] for i in held)  # exactly the images that chose best.pt
