@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from inference.atomic import write_bytes
+
 from .formats import AUTO, FORMAT_CHOICES
 from .losses import LOSSES
 from .optim import OPTIMIZERS, SCHEDULES
@@ -207,8 +209,7 @@ class TrainConfig:
     def save_yaml(self, path: str) -> None:
         """The recipe, to repeat the run with ``--config``: every option but :data:`INVOCATION_ONLY`."""
         values = {k: v for k, v in self.to_dict().items() if k not in INVOCATION_ONLY}
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(values, f, sort_keys=False)
+        write_bytes(path=path, data=yaml.safe_dump(values, sort_keys=False, allow_unicode=True).encode())
 
 
 def _range_text(meta) -> str:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from inference.atomic import write_json
 from inference.images import read_image_file
 from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba
@@ -95,8 +95,6 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
     metrics["report"] = classification_report(metrics)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
         skipped = {p for p, _ in bad}
         write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [p for p in ds.paths if p not in skipped],
                               labels, probs, spec.class_names)
@@ -108,6 +106,7 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
             log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
             if os.path.isfile(log_csv):
                 metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
+        write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # last: the file is what is returned
     return metrics
 
 

@@ -6,11 +6,14 @@ they work headless and from any thread.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Sequence
 
 import torch
+
+from inference.atomic import replacing, write_bytes
 
 # ----------------------------------------------------------------------------------------- metrics
 
@@ -129,7 +132,8 @@ def _figure(width: float, height: float):
 def _save(fig, path) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    with replacing(path) as f:  # a crash mid-write leaves the earlier plot
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     return path
 
 
@@ -278,12 +282,13 @@ def write_predictions_csv(path, paths: Sequence[str], labels, probs: torch.Tenso
     header = ["path", "label", "label_name", "pred", "pred_name", "confidence"]
     for i in range(2, k + 1):
         header += [f"top{i}", f"top{i}_name", f"top{i}_confidence"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for p, y, cs, ps in zip(paths, labels, conf.tolist(), idx.tolist()):
-            row = [os.fspath(p), *(("", "") if y is None or y < 0 else (y, class_names[y]))]
-            for c, q in zip(cs, ps):
-                row += [q, class_names[q], f"{c:.6f}"]
-            w.writerow(row)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for p, y, cs, ps in zip(paths, labels, conf.tolist(), idx.tolist()):
+        row = [os.fspath(p), *(("", "") if y is None or y < 0 else (y, class_names[y]))]
+        for c, q in zip(cs, ps):
+            row += [q, class_names[q], f"{c:.6f}"]
+        w.writerow(row)
+    write_bytes(path=path, data=text.getvalue().encode())
     return path

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import json
+import io
 import os
 import shutil
+
+from inference.atomic import write_bytes, write_json
 
 LOG_FILE = "log.csv"
 TEST_METRICS_FILE = "test_metrics.json"
@@ -159,8 +161,9 @@ def _row(metrics: dict) -> list[str]:
 def start_log(out: str, history: list[dict]) -> None:
     """Write ``out/log.csv``: the header and the rows of ``history`` (kept on ``--resume``), formatted as
     :func:`append_log` formats them."""
-    with open(os.path.join(out, LOG_FILE), "w", newline="") as f:
-        csv.writer(f).writerows([LOG_COLUMNS, *map(_row, history)])
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows([LOG_COLUMNS, *map(_row, history)])
+    write_bytes(path=os.path.join(out, LOG_FILE), data=text.getvalue().encode())  # a resumed run's history too
 
 
 def append_log(out: str, metrics: dict) -> None:
@@ -172,10 +175,7 @@ def append_log(out: str, metrics: dict) -> None:
 def write_test_metrics(out: str, metrics: dict) -> str:
     """``out/test_metrics.json``: the final test-split evaluation (``"split": "test"``); returns its path."""
     path = os.path.join(out, TEST_METRICS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path=path, obj=metrics)
     return path
 
 

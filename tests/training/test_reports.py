@@ -215,3 +215,25 @@ def test_tied_scores_give_one_answer_everywhere(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["pred"] for r in rows] == [str(i) for i in probs.argmax(1).tolist()] == ["0", "0", "3"]
     assert [r["top2"] for r in rows] == ["1", "1", "4"]
+
+
+def test_reports_replace_their_files_whole_or_not_at_all(tmp_path, monkeypatch):
+    """predictions.csv and the plots are written to a temporary and renamed: a failure while writing leaves the
+    earlier file as it was, and no partial or temporary file behind."""
+    from matplotlib.figure import Figure
+
+    from training.reports import plot_confusion_matrix, write_predictions_csv
+    csv_path, png_path = tmp_path / "predictions.csv", tmp_path / "confusion_matrix.png"
+    csv_path.write_text("the earlier predictions")
+    png_path.write_bytes(b"the earlier plot")
+    with pytest.raises(IndexError):  # a prediction naming a class the list lacks, after some rows were built
+        write_predictions_csv(csv_path, ["a.png", "b.png"], [0, 0], torch.tensor([[0.9, 0.1], [0.1, 0.9]]), ["only"])
+
+    def broken_savefig(self, *args, **kwargs):
+        args[0].write(b"half a PNG")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plot_confusion_matrix(torch.eye(2, dtype=torch.long), ["a", "b"], png_path)
+    assert csv_path.read_text() == "the earlier predictions" and png_path.read_bytes() == b"the earlier plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "predictions.csv"]

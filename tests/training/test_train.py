@@ -51,6 +51,8 @@ def test_evaluate_writes_metrics_predictions_and_plots(run_dir, image_folder, ca
     assert len(rows) == 90 and {"path", "label", "label_name", "pred", "pred_name", "confidence"} <= set(rows[0])
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "per_class"} <= set(metrics)
+    assert [p.rsplit("/", 1)[1] for p in metrics["plots"]] == [  # written last: the file is the returned dict
+        "confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"]
     assert set(metrics["per_class"]) == {"circle", "horizontal", "vertical"}
     assert metrics["top1"] == pytest.approx(sum(r["label"] == r["pred"] for r in rows) / 90)
     for png in ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"):  # log.csv is next to best.pt
