@@ -22,8 +22,8 @@ from training.checkpoint import load_checkpoint, restore_model
 from .formats import (
     VARIANTS,
     Variant,
-    _trace_frozen,
     export_onnx,
+    export_torchscript,
     files_of,
     onnx_to_fp16,
     onnx_to_int8,
@@ -40,7 +40,7 @@ from .int8 import (
     within_budget,
 )
 from .integrity import file_hashes, sha256
-from .manifest import EXPORT_MANIFEST, PROVENANCE, check_same_model, merge, read_manifest
+from .manifest import EXPORT_MANIFEST, MODEL_FACTS, PROVENANCE, check_same_model, merge, read_manifest
 from .speed import describe as describe_speed
 from .speed import int8_speedup
 from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES, held_out
@@ -123,7 +123,7 @@ class Exporter:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[variant.precision]
             module = FusedNormalization(self.spec.build().eval(), mean=self.spec.mean, std=self.spec.std, dtype=dtype)
             module.model.load_state_dict(self.model.state_dict())
-            _trace_frozen(module, self.example(variant), path)
+            export_torchscript(module, self.example(variant), path)
         elif variant.name in ("onnx", "onnx-tta"):
             export_onnx(self.module(variant), self.example(variant), path,
                         output_names=["logits" if variant.output == "logits" else "probabilities"])
@@ -312,9 +312,8 @@ class Exporter:
         return manifest
 
     def facts(self) -> dict:
-        s = self.spec
-        return {"arch": s.arch, "model_kwargs": s.model_kwargs, "class_names": s.class_names,
-                "input_size": s.input_size, "resize_size": s.resize_size, "mean": list(s.mean), "std": list(s.std)}
+        values = {k: getattr(self.spec, k) for k in MODEL_FACTS}  # what every run into the folder must share
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
     def manifest(self, entries: dict, ref_acc: float | None, source: str) -> dict:
         return {**self.facts(), "variants": entries, "eager_accuracy": ref_acc, "verified_on": source,

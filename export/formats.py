@@ -1,8 +1,9 @@
 """The graph variants and their writers.
 
 Every variant takes the input ``images`` (uint8, ``N x 3 x S x S``, dynamic batch) and normalizes
-inside the graph. ``VARIANTS`` says what each one is for; ``write_variant`` writes one file (or the
-``.xml``/``.bin`` pair for OpenVINO).
+inside the graph. ``VARIANTS`` says what each one is for; the writers here (``export_torchscript``,
+``export_onnx``, ``onnx_to_fp16``, ``onnx_to_int8``, ``onnx_to_openvino``) write one file (or the
+``.xml``/``.bin`` pair for OpenVINO), and ``export.exporter.Exporter.write`` picks them per variant.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
-def _trace_frozen(module: nn.Module, example: torch.Tensor, path: str) -> None:
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: str) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript deprecation notices
         traced = torch.jit.trace(module.eval(), example, check_trace=False)

@@ -55,7 +55,9 @@ from .presets import TrainPreset
 from .progress import tqdm
 from .reports import nll, topk_accuracy
 from .run_log import (
+    BEST_CHECKPOINT,
     CONFIG_FILE,
+    LAST_CHECKPOINT,
     TEST_METRICS_FILE,
     add_scalars,
     append_log,
@@ -617,8 +619,8 @@ class Trainer:
         if improved:  # best.pt first: last.pt then records a best.pt that exists
             self.best = dict(metrics)
             weights = self.ema.module if use_ema else self.model
-            self._save(os.path.join(self.cfg.out, "best.pt"), epoch, metrics, weights=weights, training_state=False)
-        self._save(os.path.join(self.cfg.out, "last.pt"), epoch, metrics, weights=self.model, training_state=True,
+            self._save(os.path.join(self.cfg.out, BEST_CHECKPOINT), epoch, metrics, weights=weights, training_state=False)
+        self._save(os.path.join(self.cfg.out, LAST_CHECKPOINT), epoch, metrics, weights=self.model, training_state=True,
                    rng_states=rng_states)
         drop_set_aside(self.cfg.out)  # the new run has its checkpoints: the one --force replaced goes
         return stop
@@ -628,7 +630,7 @@ class Trainer:
         ``best.pt``'s metrics (``test_*``) say so. Returns best.pt's metrics with the test numbers."""
         if not self.main:
             return {}
-        path = os.path.join(self.cfg.out, "best.pt")
+        path = os.path.join(self.cfg.out, BEST_CHECKPOINT)
         if not os.path.isfile(path):
             self.log("no best.pt (no epoch trained): the test split is not evaluated")
             return dict(self.best)

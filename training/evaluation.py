@@ -29,6 +29,7 @@ from .reports import (
     plot_training_curves,
     write_predictions_csv,
 )
+from .run_log import LOG_FILE
 from .runtime import pick_device
 
 FOLDER = "folder"  # --data is the class folders themselves
@@ -103,7 +104,7 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
                 plot_confusion_matrix(metrics["confusion"], spec.class_names,
                                       os.path.join(out_dir, "confusion_matrix.png")),
                 plot_per_class_accuracy(metrics, os.path.join(out_dir, "per_class_accuracy.png"))]
-            log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.csv")
+            log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), LOG_FILE)
             if os.path.isfile(log_csv):
                 metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
         write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # last: the file is what is returned
@@ -138,7 +139,7 @@ def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "no
     probs, _ = predict(model, DataLoader(LazyDataset(len(paths), load, label=-1), batch_size=batch_size), spec,
                        device=dev, tta=tta, progress=progress, desc="predict")
     for i, reason in sorted(bad.items()):
-        print(f"skipped {paths[i]}: {reason}", file=sys.stderr)
+        print(unreadable_line(paths[i], reason), file=sys.stderr)
     if len(bad) == len(paths):
         raise ValueError(f"none of the {len(paths)} files under {images} is a readable image (first: {paths[0]}: "
                          f"{bad[0]})")

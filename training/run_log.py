@@ -30,9 +30,10 @@ LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "val_t
                "bad_images"]
 SCALARS = ("train_loss", "val_loss", "val_top1", "val_top5", "val_top1_ema", "lr")  # what TensorBoard gets
 CONFIG_FILE = "config.yaml"
-RUN_FILES = ("best.pt", "last.pt", LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best.pt", "last.pt"
+CHECKPOINTS = (BEST_CHECKPOINT, LAST_CHECKPOINT)
+RUN_FILES = (*CHECKPOINTS, LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
 LOCK_FILE = ".training.lock"  # locked (flock) by the process training into the folder; holds its PID
-CHECKPOINTS = ("best.pt", "last.pt")
 SET_ASIDE = ".replaced"  # the files of the run that --force replaces, until the new run's first checkpoint
 _FORMATS = {"lr": "{:.3e}", "seconds": "{:.1f}", "epoch": "{}", "bad_images": "{}"}  # the rest: "{:.5f}"
 
