@@ -25,6 +25,7 @@ from .formats import (
     export_onnx,
     export_torchscript,
     files_of,
+    fp32_counterpart,
     onnx_to_fp16,
     onnx_to_int8,
     onnx_to_openvino,
@@ -61,9 +62,9 @@ from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA, FusedNormalization,
 
 __all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "int8_summary", "sha256"]
 
-NEEDS_ONNX = {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
-NEEDS_CALIBRATION = {"onnx-int8", "openvino-int8"}
-FP32_SOURCE = {"onnx-int8": "onnx", "openvino-int8": "openvino"}  # what each INT8 graph's speed is compared with
+NEEDS_ONNX = {v.name for v in VARIANTS.values() if v.source == "onnx"}
+NEEDS_CALIBRATION = {v.name for v in VARIANTS.values() if v.precision == "int8"}
+FP32_SOURCE = {n: fp32_counterpart(VARIANTS[n]).name for n in NEEDS_CALIBRATION}  # each INT8 graph's speed reference
 
 
 class Exporter:

@@ -28,6 +28,7 @@ class Variant:
     precision: str        # fp32 | fp16 | bf16 | int8
     output: str           # logits | probabilities (in-graph TTA) | topk (in-graph top-k)
     purpose: str
+    source: str | None = None  # the variant whose graph this one is converted from (None: traced from the model)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -43,18 +44,25 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("onnx", "model.onnx", "onnxruntime", "fp32", "logits",
             "portable: ONNX Runtime (CPU/CUDA/TensorRT EPs), Triton, OpenVINO; ~2x torch eager on CPU"),
     Variant("onnx-fp16", "model_fp16.onnx", "onnxruntime", "fp16", "logits",
-            "GPU with the CUDA/TensorRT EP: fp16 weights and math, uint8 in / fp32 out"),
+            "GPU with the CUDA/TensorRT EP: fp16 weights and math, uint8 in / fp32 out", source="onnx"),
     Variant("onnx-int8", "model_int8.onnx", "onnxruntime", "int8", "logits",
-            "CPU throughput where OpenVINO is not available: static QDQ INT8, calibrated"),
+            "CPU throughput where OpenVINO is not available: static QDQ INT8, calibrated", source="onnx"),
     Variant("onnx-tta", "model_tta.onnx", "onnxruntime", "fp32", "probabilities",
             "TTA inside the graph (flip or five-crop + flip): portable to any runtime, no handler code"),
     Variant("onnx-topk", "model_topk.onnx", "onnxruntime", "fp32", "topk",
             "outputs (probabilities[k], indices[k]): clients of the bare ONNX model need no post-processing"),
     Variant("openvino", "model_ov.xml", "openvino", "fp32", "logits",
-            "Intel/AMD CPUs: OpenVINO IR; runs bf16 with the bf16 hint on CPUs that have it"),
+            "Intel/AMD CPUs: OpenVINO IR; runs bf16 with the bf16 hint on CPUs that have it", source="onnx"),
     Variant("openvino-int8", "model_ov_int8.xml", "openvino", "int8", "logits",
-            "fastest on CPU: NNCF post-training INT8 calibrated on training images"),
+            "fastest on CPU: NNCF post-training INT8 calibrated on training images", source="onnx"),
 ]}
+
+
+
+def fp32_counterpart(variant: Variant) -> Variant:
+    """The fp32 variant of the same runtime and output: what a reduced-precision graph's speed is compared with."""
+    return next(v for v in VARIANTS.values()
+                if (v.runtime, v.output, v.precision) == (variant.runtime, variant.output, "fp32"))
 
 
 def parse_variants(text: str) -> list[str]:

@@ -325,3 +325,8 @@ def test_every_variants_runtime_is_the_one_its_file_opens_with():
         assert runtime_for(v.filename) is RUNTIMES[v.runtime], v.name
     assert files_of(VARIANTS["openvino-int8"], "d") == ["d/model_ov_int8.xml", "d/model_ov_int8.bin"]
     assert files_of(VARIANTS["onnx"], "d") == ["d/model.onnx"]
+    from export.exporter import FP32_SOURCE, NEEDS_CALIBRATION, NEEDS_ONNX  # derived from VARIANTS, not listed
+    assert all(v.source in (None, *VARIANTS) for v in VARIANTS.values())
+    assert NEEDS_ONNX == {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
+    assert NEEDS_CALIBRATION == set(FP32_SOURCE) == {"onnx-int8", "openvino-int8"}
+    assert FP32_SOURCE == {"onnx-int8": "onnx", "openvino-int8": "openvino"}
