@@ -15,7 +15,7 @@ from torch import nn
 from inference.atomic import replacing
 
 from .models import build_model
-from .run_log import SET_ASIDE
+from .run_folder import SET_ASIDE
 
 FORMAT_VERSION = 1
 

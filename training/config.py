@@ -300,7 +300,7 @@ def saved_config(checkpoint: str) -> dict:
     """The training configuration saved in ``checkpoint`` (``RUN/last.pt``), without its ``resume``;
     options this version no longer has are dropped, options it added keep their defaults."""
     from .checkpoint import read_checkpoint
-    from .run_log import restore_killed_run
+    from .run_folder import restore_killed_run
 
     restore_killed_run(os.path.dirname(checkpoint) or ".")  # its last.pt may wait in RUN/.replaced/
     saved = read_checkpoint(checkpoint, what="--resume").get("config")

@@ -54,20 +54,22 @@ from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
 from .progress import tqdm
 from .reports import nll, topk_accuracy
-from .run_log import (
+from .run_folder import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
     LAST_CHECKPOINT,
+    claim_run_folder,
+    drop_set_aside,
+    restore_set_aside,
+    set_aside,
+    unlock_run_folder,
+)
+from .run_log import (
     TEST_METRICS_FILE,
     add_scalars,
     append_log,
-    claim_run_folder,
-    drop_set_aside,
     open_tensorboard,
-    restore_set_aside,
-    set_aside,
     start_log,
-    unlock_run_folder,
     write_test_metrics,
 )
 from .runtime import autocast_dtype, rng_state, seed_everything, set_rng_state

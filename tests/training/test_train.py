@@ -95,7 +95,7 @@ def test_a_forced_run_that_fails_before_its_first_checkpoint_keeps_the_old_run(s
         main(_tiny_run(small_folder, out, "--force", "--seed", "1"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every file, byte for byte; no lock left
     monkeypatch.undo()
-    from training.run_log import claim_run_folder, set_aside, unlock_run_folder
+    from training.run_folder import claim_run_folder, set_aside, unlock_run_folder
     set_aside(str(out), claim_run_folder(str(out), force=True))  # as a forced run killed (-9) in its epoch 1 leaves
     unlock_run_folder(str(out))
     with pytest.raises(FileNotFoundError, match=r"was killed before its first checkpoint: the run it replaced is in"):
