@@ -17,7 +17,6 @@ import torch
 
 from inference.backends import load_backend
 from inference.class_index import MODEL_CARD_FILE
-from inference.transforms import normalize
 
 from .exporter import Exporter, int8_summary
 from .formats import VARIANTS
@@ -27,12 +26,10 @@ from .verify import (
     DEFAULT_EVAL_IMAGES,
     DEFAULT_MAX_DROP,
     DEFAULT_MIN_INT8_AGREEMENT,
-    compare,
     effective_precision,
     format_table,
     load_eval_set,
     problems,
-    run_backend,
 )
 from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA
 
@@ -102,9 +99,7 @@ def verify(export_dir: str | None, *, data: str | None, checkpoint: str | None =
 def _compare_all(exporter: Exporter, manifest: dict, *, folder: str, record: str, reference: str,
                  data: str | None, eval_images: int, log) -> dict[str, dict]:
     evalset = load_eval_set(data, exporter.spec, count=eval_images)
-    with torch.no_grad():
-        ref_logits = exporter.model(normalize(evalset.crops, mean=exporter.spec.mean, std=exporter.spec.std))
-    ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
+    ref_acc = exporter.reference_accuracy(evalset)
     rows = {}
     cuda = torch.cuda.is_available()
     for name, info in manifest["variants"].items():
@@ -129,10 +124,7 @@ def _compare_all(exporter: Exporter, manifest: dict, *, folder: str, record: str
                 if label != "bf16":  # a graph that cannot be run at all is not verified
                     rows[row]["problems"] = [f"could not be loaded: {' '.join(str(e).split())[:300]}"]
                 continue
-            output, ms = run_backend(backend, exporter.graph_input(variant, evalset))
-            result = compare(output, exporter.reference(variant, evalset), kind=variant.output,
-                             labels=evalset.labels, k=min(5, exporter.spec.num_classes))
-            result.update(ms_per_image=ms, runtime=backend.providers)
+            result = exporter.measure(variant, backend, evalset)
             gate = info.get("gate", {})  # the gate the export applied (exports before it was recorded: defaults)
             bad = problems(effective_precision(variant.precision, hint=label), result, reference_accuracy=ref_acc,
                            max_drop=gate.get("max_drop", DEFAULT_MAX_DROP), cuda=label == "cuda",

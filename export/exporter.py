@@ -171,16 +171,26 @@ class Exporter:
                     {"name": "indices", "dtype": "int64", "shape": ["N", self.graph_topk]}]
         return [{"name": variant.output, "dtype": "float32", "shape": ["N", n]}]
 
-    def check(self, variant: Variant, path: str, evalset: EvalSet, *, ref_acc: float | None,
-              max_drop: float) -> tuple[dict, list[str]]:
-        """Run the written graph against the eager model: ``(numbers, problems)``."""
-        backend = load_backend(path)
+    @torch.no_grad()
+    def reference_accuracy(self, evalset: EvalSet) -> float | None:
+        """The eager model's top-1 accuracy on ``evalset`` (None: its images have no labels)."""
+        if evalset.labels is None:
+            return None
+        logits = self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
+        return (logits.argmax(1) == evalset.labels).float().mean().item()
+
+    def measure(self, variant: Variant, backend, evalset: EvalSet) -> dict:
+        """``variant``'s graph, loaded in ``backend``, against the eager model on ``evalset``: the numbers of
+        :func:`export.verify.compare`, ms per image, images and the runtime's providers."""
         output, ms = run_backend(backend, self.graph_input(variant, evalset))
         result = compare(output, self.reference(variant, evalset), kind=variant.output, labels=evalset.labels,
                          k=min(5, self.spec.num_classes))
-        result["ms_per_image"] = ms
-        result["images"] = len(evalset.crops)
-        result["runtime"] = backend.providers
+        return {**result, "ms_per_image": ms, "images": len(evalset.crops), "runtime": backend.providers}
+
+    def check(self, variant: Variant, path: str, evalset: EvalSet, *, ref_acc: float | None,
+              max_drop: float) -> tuple[dict, list[str]]:
+        """Run the written graph against the eager model: ``(numbers, problems)``."""
+        result = self.measure(variant, load_backend(path), evalset)
         bad = problems(variant.precision, result, reference_accuracy=ref_acc, max_drop=max_drop,
                        min_agreement=self.budget.min_agreement)
         report = self.int8_reports.get(variant.name)
@@ -273,9 +283,7 @@ class Exporter:
                 f"{len(images)} read of {split.val_source} (budget on "
                 f"the test gate: <= {self.budget.max_drop} points, >= {self.budget.min_agreement:.1%} top-1 "
                 f"agreement with fp32; {self.budget.margin:.0%} of each on validation)")
-        with torch.no_grad():
-            ref_logits = self.model(normalize(evalset.crops, mean=self.spec.mean, std=self.spec.std))
-        ref_acc = (ref_logits.argmax(1) == evalset.labels).float().mean().item() if evalset.labels is not None else None
+        ref_acc = self.reference_accuracy(evalset)
         run = self.manifest({}, ref_acc, evalset.source)
         run["speed_only"] = bool(speed_only and evalset.labels is None)
         provenance = {k: run[k] for k in PROVENANCE}
