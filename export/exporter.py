@@ -235,27 +235,9 @@ class Exporter:
         self.log = log
         self.keep_fp32 = list(keep_fp32)
         int8 = NEEDS_CALIBRATION & set(names)
-        if int8 and speed_only and calib_data is None:
-            raise ValueError("speed-only INT8 variants need calibration images (calib_data)")
-        if int8 and data is None and not speed_only:
-            raise ValueError("INT8 variants need --data (labelled test images: the final accuracy gate); they are "
-                             "calibrated on training images and judged on the validation split first")
-        if not 0 < val_margin <= 1:
-            raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
-        for option, path in (("--val-data", val_data), ("--calib-data", calib_data)):
-            if path and data and os.path.realpath(path) == os.path.realpath(data):
-                raise ValueError(f"{option} is --data ({data}): the test images judge the graph last, so INT8 "
-                                 "must be calibrated and controlled on other images (the default: the training run's)")
-        if not max_drop >= 0:
-            raise ValueError(f"--max-drop is in top-1 points and must be >= 0, got {max_drop}")
-        if min_agreement is not None and not 0 < min_agreement <= 1:
-            raise ValueError(f"--min-agreement is a share in (0, 1] (0.99 for 99%), got {min_agreement}")
-        if max_reverts < 1:
-            raise ValueError(f"--max-reverts must be at least 1, got {max_reverts}")
-        for option, count in (("--eval-images", eval_images), ("--calib-images", calib_images),
-                              ("--val-images", val_images)):
-            if count < 1:
-                raise ValueError(f"{option} must be at least 1, got {count}")
+        _check_options(int8=bool(int8), speed_only=speed_only, data=data, calib_data=calib_data, val_data=val_data,
+                       val_margin=val_margin, max_drop=max_drop, min_agreement=min_agreement, max_reverts=max_reverts,
+                       counts={"--eval-images": eval_images, "--calib-images": calib_images, "--val-images": val_images})
         self.max_reverts = max_reverts
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
                              else min_agreement, margin=val_margin)
@@ -263,26 +245,12 @@ class Exporter:
         recover(out=self.out, log=log)
         earlier = read_manifest(self.out)
         check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
-        ordered = (["onnx"] if NEEDS_ONNX & set(names) and "onnx" not in names else []) + names
-        if "onnx-int8" in ordered and "openvino-int8" in ordered:  # ONNX INT8 excludes what OpenVINO's kept
-            ordered.remove("onnx-int8")
-            ordered.insert(ordered.index("openvino-int8") + 1, "onnx-int8")
+        ordered = _write_order(names)
         evalset = load_eval_set(data, self.spec, count=eval_images)
         calibration = None
-        if int8 and speed_only and data is None:
-            calibration = load_calibration(calib_data, self.spec, count=calib_images)
-            log(f"calibration (speed-only INT8, accuracy unchecked): {len(calibration)} images of {calib_data}")
-        elif int8:
-            split = held_out(checkpoint_config=self.ckpt.get("config") or {}, class_names=self.spec.class_names,
-                             val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images,
-                             selection=self.ckpt.get("selection"))
-            calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
-            images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
-            self.validation = (images, labels, split.val_source)
-            log(f"INT8: calibration on {len(calibration)} read of {split.calib_source}; accuracy control on "
-                f"{len(images)} read of {split.val_source} (budget on "
-                f"the test gate: <= {self.budget.max_drop} points, >= {self.budget.min_agreement:.1%} top-1 "
-                f"agreement with fp32; {self.budget.margin:.0%} of each on validation)")
+        if int8:
+            calibration = self.int8_inputs(speed_only=speed_only and data is None, calib_data=calib_data,
+                                           val_data=val_data, val_images=val_images, calib_images=calib_images)
         ref_acc = self.reference_accuracy(evalset)
         run = self.manifest({}, ref_acc, evalset.source)
         run["speed_only"] = bool(speed_only and evalset.labels is None)
@@ -320,6 +288,26 @@ class Exporter:
             raise RefusedVariants(refused)
         return manifest
 
+    def int8_inputs(self, *, speed_only: bool, calib_data: str | None, val_data: str | None, val_images: int,
+                    calib_images: int) -> torch.Tensor:
+        """INT8's calibration images (returned) and, unless ``speed_only``, its held-out validation images
+        (``self.validation``) from :func:`export.splits.held_out`."""
+        if speed_only:
+            calibration = load_calibration(calib_data, self.spec, count=calib_images)
+            self.log(f"calibration (speed-only INT8, accuracy unchecked): {len(calibration)} images of {calib_data}")
+            return calibration
+        split = held_out(checkpoint_config=self.ckpt.get("config") or {}, class_names=self.spec.class_names,
+                         val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images,
+                         selection=self.ckpt.get("selection"))
+        calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
+        images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
+        self.validation = (images, labels, split.val_source)
+        self.log(f"INT8: calibration on {len(calibration)} read of {split.calib_source}; accuracy control on "
+                 f"{len(images)} read of {split.val_source} (budget on "
+                 f"the test gate: <= {self.budget.max_drop} points, >= {self.budget.min_agreement:.1%} top-1 "
+                 f"agreement with fp32; {self.budget.margin:.0%} of each on validation)")
+        return calibration
+
     def facts(self) -> dict:
         values = {k: getattr(self.spec, k) for k in MODEL_FACTS}  # what every run into the folder must share
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
@@ -352,3 +340,39 @@ class RefusedVariants(RuntimeError):
     def __init__(self, refused: dict[str, list[str]]):
         self.refused = refused
         super().__init__("refused (not written): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items()))
+
+
+def _check_options(*, int8: bool, speed_only: bool, data, calib_data, val_data, val_margin: float, max_drop: float,
+                   min_agreement: float | None, max_reverts: int, counts: dict[str, int]) -> None:
+    """:meth:`Exporter.run`'s options, refused with one clear line before anything is written."""
+    if int8 and speed_only and calib_data is None:
+        raise ValueError("speed-only INT8 variants need calibration images (calib_data)")
+    if int8 and data is None and not speed_only:
+        raise ValueError("INT8 variants need --data (labelled test images: the final accuracy gate); they are "
+                         "calibrated on training images and judged on the validation split first")
+    if not 0 < val_margin <= 1:
+        raise ValueError(f"--val-margin must be in (0, 1], got {val_margin}")
+    for option, path in (("--val-data", val_data), ("--calib-data", calib_data)):
+        if path and data and os.path.realpath(path) == os.path.realpath(data):
+            raise ValueError(f"{option} is --data ({data}): the test images judge the graph last, so INT8 "
+                             "must be calibrated and controlled on other images (the default: the training run's)")
+    if not max_drop >= 0:
+        raise ValueError(f"--max-drop is in top-1 points and must be >= 0, got {max_drop}")
+    if min_agreement is not None and not 0 < min_agreement <= 1:
+        raise ValueError(f"--min-agreement is a share in (0, 1] (0.99 for 99%), got {min_agreement}")
+    if max_reverts < 1:
+        raise ValueError(f"--max-reverts must be at least 1, got {max_reverts}")
+    for option, count in counts.items():
+        if count < 1:
+            raise ValueError(f"{option} must be at least 1, got {count}")
+
+
+def _write_order(names: list[str]) -> list[str]:
+    """The order variants are written in: the fp32 ONNX first when another is converted from it (written only
+    as their source when not asked for), ONNX INT8 after OpenVINO INT8 (it leaves out what OpenVINO's kept)."""
+    ordered = (["onnx"] if NEEDS_ONNX & set(names) and "onnx" not in names else []) + names
+    if "onnx-int8" in ordered and "openvino-int8" in ordered:
+        ordered.remove("onnx-int8")
+        ordered.insert(ordered.index("openvino-int8") + 1, "onnx-int8")
+    return ordered
+
