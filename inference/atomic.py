@@ -126,24 +126,35 @@ def publish_file(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
         copy_stream(src=inp, dst=out)
 
 
-def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy the folder ``src`` onto ``dst``. The copy is complete before ``dst`` changes; an existing
-    ``dst`` is renamed away and the copy renamed in (two renames: folders cannot be replaced in one)."""
+OLD_MARK = "old-"  # a replaced folder moved aside (see swap_in): put back by clean_stale if its process died
+
+
+def temp_tree(dst: str | os.PathLike) -> str:
+    """A new empty hidden folder beside ``dst`` (mode as the umask gives folders) to build ``dst``'s
+    replacement in, then :func:`swap_in`; what a killed process left there :func:`clean_stale` removes."""
     folder, name = os.path.split(os.path.abspath(dst))
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+    os.chmod(tmp, _mode(0o777))  # mkdtemp's is 0700
+    return tmp
+
+
+def swap_in(*, tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put the complete folder ``tmp`` (made by :func:`temp_tree`) in place of ``dst``. Folders cannot be
+    replaced in one rename: an existing ``dst`` is renamed aside, ``tmp`` renamed in, the old one removed.
+    A failure puts the old one back; a process killed between the two renames leaves it aside under a name
+    that :func:`clean_stale` recognises and puts back."""
+    folder, name = os.path.split(os.path.abspath(dst))
     old = None
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, _mode(0o777))  # mkdtemp's 0700, which copytree's copystat replaced by the source's
         if os.path.lexists(dst):
-            old = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
+            old = tempfile.mkdtemp(prefix=_temp_prefix(name) + OLD_MARK, suffix=".tmp", dir=folder)
             os.replace(dst, old)  # onto the empty folder just made
         os.replace(tmp, dst)
     except BaseException:
         if old is not None and not os.path.lexists(dst):
             os.replace(old, dst)  # put the earlier one back
             old = None
-        _remove(tmp)
+        _remove(str(tmp))
         raise
     finally:
         if old is not None:
@@ -151,8 +162,21 @@ def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
     fsync_dir(folder)
 
 
+def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the folder ``src`` onto ``dst``: the copy is complete before ``dst`` changes (:func:`swap_in`)."""
+    tmp = temp_tree(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, _mode(0o777))  # copytree's copystat gave it the source's mode
+    except BaseException:
+        _remove(tmp)
+        raise
+    swap_in(tmp=tmp, dst=dst)
+
+
 def clean_stale(*, folder: str | os.PathLike, name: str) -> list[str]:
-    """Remove the temporaries of ``folder/name`` that processes no longer alive left; return their names."""
+    """Remove the temporaries of ``folder/name`` that processes no longer alive left, but put back an earlier
+    ``name`` that one of them had moved aside (:func:`swap_in`) when ``name`` is missing; return their names."""
     prefix = f".{name}."
     removed = []
     try:
@@ -162,8 +186,12 @@ def clean_stale(*, folder: str | os.PathLike, name: str) -> list[str]:
     for entry in entries:
         if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue
-        pid = entry[len(prefix):].split(".", 1)[0]
+        pid, _, rest = entry[len(prefix):].partition(".")
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            _remove(os.path.join(folder, entry))
+            path, dst = os.path.join(folder, entry), os.path.join(folder, name)
+            if rest.startswith(OLD_MARK) and not os.path.lexists(dst):
+                os.replace(path, dst)  # killed between its two renames: the earlier one comes back
+            else:
+                _remove(path)
             removed.append(entry)
     return removed

@@ -14,9 +14,10 @@ image files directly in each class folder, as ImageFolder reads them) and writes
   their names, so a split depends only on the seed and each class's file names (adding a class does
   not move the others' images); the test images are drawn first, so changing ``--val`` keeps them.
 * ``--mode copy`` (default) or ``symlink`` (links to the absolute paths of the originals).
-* **All or nothing:** the tree is written into a hidden ``.OUT.split-PID-RANDOM`` folder next to
-  ``OUT`` and renamed onto ``OUT`` at the end; an interrupted split leaves no ``OUT``, and the
-  hidden folder of a killed one is removed by the next split into the same place. An ``OUT`` that
+* **All or nothing:** the tree is written into a hidden ``.OUT.PID.RANDOM.tmp`` folder next to
+  ``OUT`` and renamed onto ``OUT`` at the end (:func:`inference.atomic.swap_in`); an interrupted split
+  leaves no ``OUT``, and the hidden folder of a killed one is removed by the next split into the same place
+  (a replaced split that a killed ``--force`` had moved aside is put back first). An ``OUT`` that
   already holds a split is refused (``--force`` replaces it whole, never mixing two splits); a
   non-empty ``OUT`` holding anything else is always refused.
 
@@ -30,14 +31,13 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from inference.atomic import pid_alive, umask
+from inference.atomic import clean_stale as atomic_clean_stale
+from inference.atomic import swap_in, temp_tree
 
 from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
 
@@ -169,23 +169,10 @@ def summary_table(plan: dict[str, dict[str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
-def _hidden(out: Path, kind: str) -> str:
-    return f".{out.name}.{kind}-"
-
-
 def clean_stale(out: Path) -> None:
     """Remove what a killed split into ``out`` left next to it: its hidden temporary tree, and put back
-    a replaced split it had moved aside before its new one was in place."""
-    if not out.parent.is_dir():
-        return
-    pattern = re.compile(re.escape(out.name) + r"\.(split|old)-(\d+)-")
-    for entry in sorted(out.parent.iterdir()):
-        m = pattern.match(entry.name[1:]) if entry.name.startswith(".") else None
-        if not m or pid_alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and (entry / "split").is_dir() and not os.path.lexists(out):
-            os.rename(entry / "split", out)  # killed between moving the old split aside and renaming the new one in
-        shutil.rmtree(entry, ignore_errors=True)
+    a replaced split it had moved aside before its new one was in place (:func:`inference.atomic.clean_stale`)."""
+    atomic_clean_stale(folder=out.parent, name=out.name)
 
 
 def _check_out(out: Path, images: Path, *, force: bool) -> bool:
@@ -221,10 +208,9 @@ def write_split(plan: dict[str, dict[str, list[str]]], *, images: str | os.PathL
         raise SplitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     images, out = Path(images), Path(out)
     clean_stale(out)
-    replace = _check_out(out, images, force=force)
+    _check_out(out, images, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_hidden(out, "split") + f"{os.getpid()}-"))
-    old = None
+    tmp = Path(temp_tree(out))
     try:
         for split, per_class in plan.items():
             for cls, files in per_class.items():
@@ -239,21 +225,10 @@ def write_split(plan: dict[str, dict[str, list[str]]], *, images: str | os.PathL
         if (images / CLASS_NAMES_FILE).is_file():
             shutil.copy2(images / CLASS_NAMES_FILE, tmp / CLASS_NAMES_FILE)
         (tmp / SPLIT_RECORD).write_text(json.dumps({**(record or {}), "mode": mode, "files": plan}, indent=1) + "\n")
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; the tree should read as any folder does
-        if replace:  # move the old split aside, the new one in, then drop the old one
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_hidden(out, "old") + f"{os.getpid()}-"))
-            os.rename(out, old / "split")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # onto nothing, or onto an empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "split").is_dir() and not os.path.lexists(out):
-            os.rename(old / "split", out)  # the old split stays as it was
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         raise
+    swap_in(tmp=tmp, dst=out)  # the old split (if --force replaces one) aside, the new one in, the old one dropped
     return out
 
 

@@ -37,3 +37,21 @@ def test_every_file_or_folder_written_gets_the_umasks_mode(tmp_path, umask_022):
     os.chmod(tmp_path / "no_archive", 0o700)
     publish_tree(src=tmp_path / "tree", dst=tmp_path / "no_archive")
     assert mode(tmp_path / "no_archive") == 0o755
+
+
+def test_a_tree_replaced_by_a_process_killed_between_its_renames_comes_back(tmp_path):
+    """swap_in renames the earlier folder aside, then the new one in: a process killed in between left no
+    folder at all, and clean_stale removed the one aside. It is put back now; other temporaries still go."""
+    from inference.atomic import OLD_MARK, clean_stale
+    dead = 2 ** 30  # above any pid_max: no such process
+    aside = tmp_path / f".no_archive.{dead}.{OLD_MARK}abc.tmp"
+    aside.mkdir()
+    (aside / "model.onnx").write_bytes(b"the earlier archive")
+    half = tmp_path / f".no_archive.{dead}.xyz.tmp"  # the new copy, unfinished
+    half.mkdir()
+    assert sorted(clean_stale(folder=tmp_path, name="no_archive")) == sorted([aside.name, half.name])
+    assert (tmp_path / "no_archive" / "model.onnx").read_bytes() == b"the earlier archive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_archive"]
+    aside.mkdir()  # and when the folder is there: the one aside is only a leftover
+    assert clean_stale(folder=tmp_path, name="no_archive") == [aside.name] and not aside.exists()
+

@@ -209,16 +209,15 @@ def test_an_interrupted_split_leaves_nothing_half_written(photos, tmp_path, caps
 
 def test_what_a_killed_split_left_is_cleaned_up(photos, tmp_path, capsys):
     dead = 2 ** 30  # above any pid_max: no such process
-    stale = tmp_path / f".out.split-{dead}-abc"
+    stale = tmp_path / f".out.{dead}.abc.tmp"
     (stale / "train" / "circle").mkdir(parents=True)
     out = tmp_path / "out"
     assert run(capsys, "--images", photos, "--out", out)[0] == 0
     assert not stale.exists()
     # killed after moving the old split aside, before renaming the new one in: the old one comes back
-    aside = tmp_path / f".out.old-{dead}-xyz"
-    aside.mkdir()
+    aside = tmp_path / f".out.{dead}.old-xyz.tmp"
     before = tree(out)
-    os.rename(out, aside / "split")
+    os.rename(out, aside)
     code, _, err = run(capsys, "--images", photos, "--out", out, "--seed", 9)
     assert code == 2 and "already holds a split" in err
     assert tree(out) == before and not aside.exists()
