@@ -172,16 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.grid <= MAX_GRID or args.views_per_forward < 1:
             print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
             return 2
-        try:
-            r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
-                              views_per_forward=args.views_per_forward, device=args.device)
-        except (OSError, ValueError) as e:  # a missing file, not a checkpoint, not an image, a grid too fine
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        # a missing file, not a checkpoint, not an image, a grid too fine: one line through run_cli
+        r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
+                          views_per_forward=args.views_per_forward, device=args.device)
         print(f"{r['class']} (p={r['probability']:.3f}): {args.grid}x{args.grid} occlusion map over the "
               f"{r['size']}x{r['size']} input -> {r['out']}")
     return 0
 
 
-if __name__ == "__main__":  # a mistake (a missing file, a wrong order): one line, exit status 2
-    sys.exit(run_cli(main, expected=(ValueError,)))
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m training``: :func:`main` whose mistakes (a missing file, a bad value, a wrong order: a
+    ``ValueError`` or one of ``inference.cli``'s) are one line and exit status 2."""
+    return run_cli(main, argv, expected=(ValueError,))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -266,13 +266,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``split`` command: write the split and print the table of counts; a mistake: one line, status 2."""
-    try:
-        plan = split_images(images=args.images, out=args.out, val=args.val, test=args.test, seed=args.seed,
-                            mode=args.mode, force=args.force)
-    except (SplitError, OSError) as e:  # a mistake, or a file that cannot be read or written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The ``split`` command: write the split and print the table of counts. A mistake (:class:`SplitError`, a
+    missing or unreadable path, a full disk) is one line and status 2 through ``inference.cli.run``; any other
+    error is a bug and keeps its traceback."""
+    plan = split_images(images=args.images, out=args.out, val=args.val, test=args.test, seed=args.seed,
+                        mode=args.mode, force=args.force)
     print(summary_table(plan))
     print(f"split of {args.images} written to {args.out} ({args.mode}, seed {args.seed}); next: "
           f"python -m training train --data {args.out} --preset photo --out runs/NAME")

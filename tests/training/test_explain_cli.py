@@ -10,7 +10,7 @@ from inference.explain import occlusion, render_overlay
 from inference.images import read_image_file
 from inference.transforms import EvalPreset, normalize
 from tests.conftest import REPO, encode, pattern_image
-from training.__main__ import main
+from training.__main__ import cli, main
 from training.checkpoint import ModelSpec, load_model, save_checkpoint
 
 
@@ -71,8 +71,8 @@ def test_user_mistakes_print_one_line_and_exit_2(case, random_checkpoint, photo,
         save_checkpoint(ckpt_12, spec, spec.build())
         ckpt = str(ckpt_12)
     out = tmp_path / "out.png"
-    assert main(["explain", "--checkpoint", ckpt, "--image", image, "--out", str(out), "--grid", grid,
-                 "--device", "cpu"]) == 2
+    assert cli(["explain", "--checkpoint", ckpt, "--image", image, "--out", str(out), "--grid", grid,
+                "--device", "cpu"]) == 2  # as `python -m training` runs it
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert SAID[case] in err  # this mistake's own line, not another's

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO, encode, pattern_image
 from training import split as split_module
-from training.__main__ import main
+from training.__main__ import cli, main
 from training.formats import build_splits, detect_format
 from training.split import SPLIT_RECORD, split_counts
 
@@ -37,7 +37,7 @@ def tree(out: Path) -> dict:
 
 
 def run(capsys, *args):
-    code = main(["split", *map(str, args)])
+    code = cli(["split", *map(str, args)])  # as `python -m training` runs it
     out, err = capsys.readouterr()
     return code, out, err
 
