@@ -174,6 +174,15 @@ class Trainer:
             raise FileNotFoundError(f"--pretrained {cfg.pretrained}: file not found (nothing is downloaded)")
 
     def _build_data(self) -> None:
+        """The splits and their data sets, the model's facts (classes, mean/std), the loaders, the log line."""
+        self._build_datasets()
+        self._build_spec()
+        self._build_loaders()
+        self._log_data()
+
+    def _build_datasets(self) -> None:
+        """Training, validation and test images (``self.splits``, ``train_ds``, ``val_ds``, ``test_ds``) and the
+        record of the split that will choose ``best.pt`` (``self.selection``)."""
         cfg = self.cfg
         if cfg.augment == "random_resized_crop" and cfg.cache:
             raise ValueError("--augment random_resized_crop needs --no-cache: the in-memory cache keeps only the "
@@ -203,16 +212,24 @@ class Trainer:
         self.selection = {"split": None if self.val_ds is None else "val", "source": splits.val_name,
                           "images": 0 if self.val_ds is None else len(self.val_ds),
                           "digest": None if self.val_ds is None else split_digest(self.val_ds)}
+
+    def _build_spec(self) -> None:
+        """The normalization (``self.mean``/``std``) and the checkpoint's model facts (``self.spec``)."""
+        cfg, progress = self.cfg, self.cfg.progress and self.main
         self.mean, self.std = parse_normalize(
             cfg.normalize, dataset_stats_fn=lambda: dataset_stats(self._stats_view(), max_images=5000,
                                                                    progress=progress))
         num_classes = len(self.train_ds.classes)
         if num_classes < 2:  # the loss is 0 from the start: a model that answers its one class at 100%
-            raise ValueError(f"{splits.train_name} holds {num_classes} class ({', '.join(self.train_ds.classes)}): "
+            raise ValueError(f"{self.splits.train_name} holds {num_classes} class ({', '.join(self.train_ds.classes)}): "
                              "a classifier needs at least 2 classes")
         self.spec = ModelSpec(arch=cfg.arch, class_names=list(self.train_ds.classes), input_size=cfg.input_size,
                               resize_size=self.eval_preset.resize_size, mean=tuple(self.mean), std=tuple(self.std),
                               model_kwargs=dict(cfg.model_kwargs or {}))
+
+    def _build_loaders(self) -> None:
+        """The sampler, the DataLoaders (worker start, batch size clamped to a small set) and the batch mixer."""
+        cfg = self.cfg
         if cfg.balanced_sampler and self.dist.enabled:
             raise ValueError("--balanced-sampler is not supported under torchrun (use --weighted-loss instead)")
         self.sampler_generator = None
@@ -258,8 +275,11 @@ class Trainer:
                 self.val_ds, batch_size=cfg.batch_size * 2, shuffle=False, persistent_workers=cfg.workers > 0,
                 collate_fn={TrainingImages: collate_reporting, ReadableImages: collate_readable}.get(type(self.val_ds)),
                 generator=torch.Generator().manual_seed(cfg.seed), **self.loader_kwargs)
-        self.mixer = BatchMixer(num_classes=num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-                                prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
+        self.mixer = BatchMixer(num_classes=len(self.train_ds.classes), mixup_alpha=cfg.mixup_alpha,
+                                cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob, switch_prob=cfg.mix_switch_prob)
+
+    def _log_data(self) -> None:
+        cfg, splits = self.cfg, self.splits
         self.log(f"data: {len(self.train_ds)} training images ({splits.train_name}); "
                  + (f"validation split, which chooses best.pt: {len(self.val_ds)} images ({splits.val_name}); "
                     if self.val_ds is not None else
