@@ -147,3 +147,11 @@ def test_an_error_raised_in_a_dataloader_worker_is_its_own_last_line():
         next(iter(DataLoader(Broken(), num_workers=1)))
     assert "Original Traceback" in str(e.value) and torch.utils.data.get_worker_info() is None
     assert one_line(e.value) == "error: /data/cat/IMG_1.jpg: cannot read the image: truncated"
+
+
+def test_every_training_subcommand_runs_something_and_every_runner_has_its_options():
+    import argparse
+
+    from training.__main__ import COMMANDS, _parser
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS)

@@ -118,66 +118,84 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _prepare_fashion_mnist(args) -> None:
+    from .fashion_mnist import prepare_fashion_mnist
+    print(f"Fashion-MNIST written to {prepare_fashion_mnist(args.out, source=args.source)}")
+
+
+def _split(args) -> int:
+    from .split import run as run_split
+    return run_split(args)
+
+
+def _stats(args) -> None:
+    from inference.transforms import EvalPreset
+
+    from .datasets import ReadableImages, unreadable_line
+    from .formats import build_datasets
+    from .stats import dataset_stats
+    preset = EvalPreset(crop_size=args.input_size, resize_size=args.resize_size)
+    train_ds, _ = build_datasets(args.data, format=args.format, train_transform=preset)
+    bad: list[tuple[str, str]] = []  # unreadable files: skipped and named, as train skips them
+    mean, std = dataset_stats(ReadableImages(train_ds), max_images=args.max_images, bad=bad)
+    for path, reason in bad:
+        print(unreadable_line(path, reason), file=sys.stderr)
+    read = len(train_ds) if args.max_images is None else min(len(train_ds), args.max_images)
+    print(json.dumps({"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std],
+                      "images": read - len(bad), "unreadable": len(bad)}))
+    print("--normalize " + ",".join(f"{v:.4f}" for v in (*mean, *std)))
+
+
+def _train(args) -> None:
+    from .config import from_args
+    from .engine import train
+    cfg = from_args(args)
+    best = train(cfg)
+    if best:
+        chosen = (f"val top-1 {best['selected_val_top1']:.2%}" if "selected_val_top1" in best
+                  else "the last epoch, no validation split")
+        test = f"; test top-1 {best['test_top1']:.2%} (test split, once)" if "test_top1" in best else ""
+        print(f"best epoch {best['epoch']} ({best['weights']} weights, {chosen}){test} -> {cfg.out}/best.pt")
+
+
+def _evaluate(args) -> None:
     import os
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
+                 device=args.device, format=args.format)
+    print(m["report"])
+    print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
+          f"on {m['images']} images (tta={m['tta']}"
+          + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
+          + f"); metrics, predictions and plots in {out}")
 
-    args = _parser().parse_args(argv)
-    if args.command == "prepare-fashion-mnist":
-        from .fashion_mnist import prepare_fashion_mnist
-        print(f"Fashion-MNIST written to {prepare_fashion_mnist(args.out, source=args.source)}")
-    elif args.command == "split":
-        from .split import run as run_split
-        return run_split(args)
-    elif args.command == "stats":
-        from inference.transforms import EvalPreset
 
-        from .datasets import ReadableImages, unreadable_line
-        from .formats import build_datasets
-        from .stats import dataset_stats
-        preset = EvalPreset(crop_size=args.input_size, resize_size=args.resize_size)
-        train_ds, _ = build_datasets(args.data, format=args.format, train_transform=preset)
-        bad: list[tuple[str, str]] = []  # unreadable files: skipped and named, as train skips them
-        mean, std = dataset_stats(ReadableImages(train_ds), max_images=args.max_images, bad=bad)
-        for path, reason in bad:
-            print(unreadable_line(path, reason), file=sys.stderr)
-        read = len(train_ds) if args.max_images is None else min(len(train_ds), args.max_images)
-        print(json.dumps({"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std],
-                          "images": read - len(bad), "unreadable": len(bad)}))
-        print("--normalize " + ",".join(f"{v:.4f}" for v in (*mean, *std)))
-    elif args.command == "train":
-        from .config import from_args
-        from .engine import train
-        cfg = from_args(args)
-        best = train(cfg)
-        if best:
-            chosen = (f"val top-1 {best['selected_val_top1']:.2%}" if "selected_val_top1" in best
-                      else "the last epoch, no validation split")
-            test = f"; test top-1 {best['test_top1']:.2%} (test split, once)" if "test_top1" in best else ""
-            print(f"best epoch {best['epoch']} ({best['weights']} weights, {chosen}){test} -> {cfg.out}/best.pt")
-    elif args.command == "evaluate":
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-        m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
-                     device=args.device, format=args.format)
-        print(m["report"])
-        print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
-              f"on {m['images']} images (tta={m['tta']}"
-              + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
-              + f"); metrics, predictions and plots in {out}")
-    elif args.command == "predict":
-        n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
-                           device=args.device, topk=args.topk)
-        print(f"{n} images classified -> {args.out}")  # skipped files were named on stderr
-    elif args.command == "explain":
-        from inference.explain import MAX_GRID
-        if not 1 <= args.grid <= MAX_GRID or args.views_per_forward < 1:
-            print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
-            return 2
-        # a missing file, not a checkpoint, not an image, a grid too fine: one line through run_cli
-        r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
-                          views_per_forward=args.views_per_forward, device=args.device)
-        print(f"{r['class']} (p={r['probability']:.3f}): {args.grid}x{args.grid} occlusion map over the "
-              f"{r['size']}x{r['size']} input -> {r['out']}")
+def _predict(args) -> None:
+    n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
+                       device=args.device, topk=args.topk)
+    print(f"{n} images classified -> {args.out}")  # skipped files were named on stderr
+
+
+def _explain(args) -> int:
+    from inference.explain import MAX_GRID
+    if not 1 <= args.grid <= MAX_GRID or args.views_per_forward < 1:
+        print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
+        return 2
+    # a missing file, not a checkpoint, not an image, a grid too fine: one line through run_cli
+    r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
+                      views_per_forward=args.views_per_forward, device=args.device)
+    print(f"{r['class']} (p={r['probability']:.3f}): {args.grid}x{args.grid} occlusion map over the "
+          f"{r['size']}x{r['size']} input -> {r['out']}")
     return 0
+
+
+COMMANDS = {"prepare-fashion-mnist": _prepare_fashion_mnist, "split": _split, "stats": _stats, "train": _train,
+            "evaluate": _evaluate, "predict": _predict, "explain": _explain}  # what each subcommand runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS[args.command](args) or 0
 
 
 def cli(argv: list[str] | None = None) -> int:
