@@ -12,10 +12,11 @@ from inference.tta import GRAPH_TTA_MODES
 
 from .archive import ARCHIVE_FORMATS, DEFAULT_MODEL_STORE, DEFAULT_VARIANT, DEFAULT_VERSION
 from .formats import VARIANTS
+from .image_sets import DEFAULT_EVAL_IMAGES
 from .int8 import DEFAULT_MARGIN, DEFAULT_MAX_REVERTS
 from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES
 from .staging import recover
-from .verify import DEFAULT_EVAL_IMAGES, DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
+from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT
 from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA
 
 REFUSED_EXIT = 3  # some variants were refused by the tolerance/accuracy gate; the others were written

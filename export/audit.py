@@ -20,17 +20,10 @@ from inference.class_index import MODEL_CARD_FILE
 
 from .exporter import Exporter, int8_summary
 from .formats import VARIANTS
+from .image_sets import DEFAULT_EVAL_IMAGES, load_eval_set
 from .integrity import check_checkpoint, hash_mismatches
 from .manifest import EXPORT_MANIFEST, load_manifest
-from .verify import (
-    DEFAULT_EVAL_IMAGES,
-    DEFAULT_MAX_DROP,
-    DEFAULT_MIN_INT8_AGREEMENT,
-    effective_precision,
-    format_table,
-    load_eval_set,
-    problems,
-)
+from .verify import DEFAULT_MAX_DROP, DEFAULT_MIN_INT8_AGREEMENT, effective_precision, format_table, problems
 from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA
 
 

@@ -30,6 +30,7 @@ from .formats import (
     onnx_to_int8,
     onnx_to_openvino,
 )
+from .image_sets import DEFAULT_EVAL_IMAGES, EvalSet, load_calibration, load_eval_set, load_labelled
 from .int8 import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_REVERTS,
@@ -46,18 +47,7 @@ from .speed import describe as describe_speed
 from .speed import int8_speedup
 from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES, held_out
 from .staging import Staging, recover
-from .verify import (
-    DEFAULT_EVAL_IMAGES,
-    DEFAULT_MAX_DROP,
-    EvalSet,
-    compare,
-    format_table,
-    load_calibration,
-    load_eval_set,
-    load_labelled,
-    problems,
-    run_backend,
-)
+from .verify import DEFAULT_MAX_DROP, compare, format_table, problems, run_backend
 from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA, FusedNormalization, InGraphTopK, InGraphTTA
 
 __all__ = ["EXPORT_MANIFEST", "Exporter", "RefusedVariants", "int8_summary", "sha256"]

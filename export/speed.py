@@ -25,7 +25,14 @@ import torch
 
 from inference.backends import load_backend
 
-from .verify import ms_per_image
+
+def ms_per_image(backend, batch: torch.Tensor, *, threads: int, min_run_time: float = 0.2) -> float:
+    """ms per image of ``backend(batch)``: the median of ``torch.utils.benchmark.Timer`` blocks over
+    ``min_run_time`` seconds, with torch at ``threads`` threads."""
+    from torch.utils import benchmark  # here: importing it logs a CUDA warning on machines without one
+
+    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": batch}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
 
 
 def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds: int = 5,

@@ -9,109 +9,22 @@ Tolerances (explicit, and tested):
 | bf16 | 5e-2 | >= 99.5% | <= --max-drop points |
 | int8 | (reported) | >= --min-agreement (99%) on labelled data | <= --max-drop points |
 
-INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the validation split).
+INT8 graphs are accuracy-controlled before this gate (:mod:`export.int8`, on the validation split). The
+images are :mod:`export.image_sets`'; the timing, :func:`export.speed.ms_per_image`.
 """
 from __future__ import annotations
-
-import random
-import sys
-from dataclasses import dataclass
 
 import torch
 
 from inference.backends import chunked
-from inference.images import ImageError, read_image_file
-from inference.transforms import EvalPreset
-from training.datasets import unreadable_line
+
+from .speed import ms_per_image
 
 RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": None}
 CUDA_FP32_RTOL = 1e-3  # cuDNN and ONNX Runtime's CUDA EP use TF32 for fp32 convolutions
 MIN_TOP1_AGREEMENT = 0.995
 DEFAULT_MAX_DROP = 0.5  # top-1 accuracy points
 DEFAULT_MIN_INT8_AGREEMENT = 0.99  # share of images whose INT8 top-1 is fp32's
-DEFAULT_EVAL_IMAGES = 500  # labelled images for parity and accuracy
-
-
-@dataclass
-class EvalSet:
-    """uint8 images at the model's input size (``crops``) and at the resize size (``full``, for
-    five-crop TTA graphs), with labels when they came from a labelled folder."""
-    crops: torch.Tensor
-    full: torch.Tensor
-    labels: torch.Tensor | None
-    source: str
-
-
-def _read_readable(paths: list[str], *, min_side: int | None, what: str) -> tuple[list[torch.Tensor], list[int]]:
-    """The files of ``paths`` as the server decodes them, and the indices of those read. An unreadable file (as
-    ``train`` skips it: corrupt, truncated, not an image) is skipped and named on stderr, so that a gate never
-    runs on fewer images than it says (the caller's count is of the readable ones); none readable is an error."""
-    images, kept = [], []
-    for i, path in enumerate(paths):
-        try:
-            images.append(read_image_file(path, min_side=min_side))
-            kept.append(i)
-        except (ImageError, OSError) as e:
-            print(unreadable_line(path, e), file=sys.stderr)
-    if not kept and paths:
-        raise ValueError(f"none of the {len(paths)} {what} could be read (first: {paths[0]})")
-    return images, kept
-
-
-def _skipped(total: int, kept: int) -> str:
-    return f" ({total - kept} unreadable skipped)" if kept < total else ""
-
-
-def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalSet:
-    crop = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    full = EvalPreset(crop_size=spec.resize_size, resize_size=spec.resize_size)
-    if data is None:
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (count, 3, spec.resize_size, spec.resize_size), dtype=torch.uint8, generator=g)
-        return EvalSet(crop(images), images, None, "random uint8 images")
-    from training.evaluation import eval_dataset  # class folders, or a data-set root's test split, as evaluate
-
-    ds = eval_dataset(data)
-    data, classes, paths, labels = getattr(ds, "root", data), list(ds.classes), ds.paths, ds.labels.tolist()
-    if classes != spec.class_names:
-        raise ValueError(f"the classes of {data} differ from the checkpoint's: {classes} vs {spec.class_names}")
-    idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
-    decoded, kept = _read_readable([paths[i] for i in idx], min_side=crop.min_decode_side, what=f"images of {data}")
-    return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[idx[k]] for k in kept]),
-                   f"{len(kept)} images of {data}{_skipped(len(idx), len(kept))}")
-
-
-def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:
-    """Calibration images need no labels: every image under the folder ``source`` (any layout), or the
-    image files listed in ``source``, at the input size."""
-    from training.image_folder import image_files
-
-    if isinstance(source, str):
-        paths = image_files(source, option="--calib-data")
-        if not paths:
-            raise ValueError(f"no calibration images under {source}")
-    else:
-        paths = list(source)
-    paths = random.Random(seed).sample(paths, min(count, len(paths)))
-    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    return preset.batch(_read_readable(paths, min_side=preset.min_decode_side, what="calibration images")[0])
-
-
-def load_labelled(paths: list[str], labels: list[int], spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images at the input size (decoded as the server decodes them) and their labels; unreadable files
-    skipped and named (:func:`_read_readable`)."""
-    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
-    images, kept = _read_readable(paths, min_side=preset.min_decode_side, what="validation images")
-    return preset.batch(images), torch.tensor([labels[k] for k in kept])
-
-
-def ms_per_image(backend, batch: torch.Tensor, *, threads: int, min_run_time: float = 0.2) -> float:
-    """ms per image of ``backend(batch)``: the median of ``torch.utils.benchmark.Timer`` blocks over
-    ``min_run_time`` seconds, with torch at ``threads`` threads."""
-    from torch.utils import benchmark  # here: importing it logs a CUDA warning on machines without one
-
-    timer = benchmark.Timer(stmt="backend(batch)", globals={"backend": backend, "batch": batch}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
 
 
 def run_backend(backend, images: torch.Tensor, *, chunk: int = 64):

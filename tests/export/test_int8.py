@@ -96,7 +96,7 @@ def test_calibration_folders_skip_hidden_files_and_folders_as_training_does(chec
     ``load_calibration`` (rglob over every suffix took them)."""
     import shutil
 
-    from export.verify import load_calibration
+    from export.image_sets import load_calibration
     spec, _, ckpt = load_checkpoint(checkpoint)
     calib = tmp_path / "calib"
     shutil.copytree(image_folder / "train", calib)

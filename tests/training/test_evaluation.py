@@ -92,7 +92,7 @@ def test_unreadable_files_that_train_skips_are_skipped_by_evaluate_stats_and_exp
     split broke the README's next two steps). Each now skips it, names it and counts the rest."""
     import shutil
 
-    from export.verify import load_calibration, load_eval_set, load_labelled
+    from export.image_sets import load_calibration, load_eval_set, load_labelled
     from training.checkpoint import load_model
     data = tmp_path / "data"
     shutil.copytree(small_folder, data)
