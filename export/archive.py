@@ -230,6 +230,7 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
         else:
             publish_file(src=built, dst=target)  # tmp may be another file system: copied in, then renamed
         (export_dir / ARCHIVE_INPUTS).mkdir(exist_ok=True)
+        clean_stale(folder=export_dir / ARCHIVE_INPUTS, name=file_name)  # what a killed build left, put back
         publish_tree(src=inputs, dst=export_dir / ARCHIVE_INPUTS / file_name)  # what the by-hand command reads
     return target
 

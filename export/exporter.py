@@ -365,4 +365,3 @@ def _write_order(names: list[str]) -> list[str]:
         ordered.remove("onnx-int8")
         ordered.insert(ordered.index("openvino-int8") + 1, "onnx-int8")
     return ordered
-

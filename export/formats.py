@@ -58,7 +58,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
 ]}
 
 
-
 def fp32_counterpart(variant: Variant) -> Variant:
     """The fp32 variant of the same runtime and output: what a reduced-precision graph's speed is compared with."""
     return next(v for v in VARIANTS.values()

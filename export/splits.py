@@ -5,8 +5,9 @@
   otherwise the same stratified, seeded ``--val-fraction`` of ``DATA/train`` that chose ``best.pt``
   (:func:`training.datasets.stratified_split`). The rebuilt split must be the very images that chose the
   checkpoint: its digest is compared with the one the checkpoint records (``selection.digest``), and a split
-  that differs (the data changed, or training left unreadable images out before splitting) is refused with
-  "pass --val-data and --calib-data" rather than judged on training images. Only ImageFolder runs are rebuilt.
+  that differs is rebuilt once more without the images that do not decode (training, caching, leaves them out
+  before it splits), and refused if it still differs (the data changed since training: "pass --val-data")
+  rather than judged on training images. Only ImageFolder runs are rebuilt.
 * **Calibration**: ``--calib-data`` when given; else the training images of that run *minus* the
   validation images held out of them.
 
@@ -19,6 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.images import ImageError, read_image_file
 from training.datasets import paths_digest, stratified_split
 from training.formats import AUTO, detect_format
 from training.image_folder import image_files, scan_image_folder
@@ -42,6 +44,18 @@ def _images_under(folder: str) -> list[str]:
     if not paths:
         raise ValueError(f"no images under {folder}")
     return paths
+
+
+def _readable(paths: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    """The images of ``paths`` that decode (as training's cache decodes them), with their labels."""
+    keep = []
+    for i, path in enumerate(paths):
+        try:
+            read_image_file(path)
+            keep.append(i)
+        except (ImageError, OSError):
+            pass
+    return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
 def _labelled(folder: str, class_names: list[str]) -> tuple[list[str], list[int]]:
@@ -68,33 +82,41 @@ def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str |
             raise ValueError("INT8 needs held-out validation images and training images to calibrate on: "
                              + PASS_BOTH
                              + (f" (the training data {root} recorded in the checkpoint is not here)" if root else ""))
-        if cfg.get("format", AUTO) not in (AUTO, "imagefolder") or detect_format(root) != "imagefolder":
+        fmt = cfg.get("format") or AUTO
+        fmt = detect_format(root) if fmt == AUTO else fmt  # as training read it
+        if fmt != "imagefolder":
             raise ValueError(f"the run's validation split is rebuilt from an ImageFolder tree only, and {root} is "
-                             f"{cfg.get('format') if cfg.get('format', AUTO) != AUTO else detect_format(root)}: "
-                             + PASS_BOTH)
+                             f"{fmt}: " + PASS_BOTH)
         train_paths, train_labels = _labelled(train_dir, class_names)
     if val_data is not None:
         val_paths, val_labels = _labelled(val_data, class_names)
         val_source = val_data
     else:
-        if os.path.isdir(os.path.join(root, "val")) and os.path.isdir(os.path.join(root, "test")):
-            val_root = os.path.join(root, "val")
-            val_paths, val_labels = _labelled(val_root, class_names)
-            val_source = val_root
-        else:
-            fraction = float(cfg.get("val_fraction") or 0)
-            if fraction <= 0:
-                raise ValueError("the checkpoint's run held out no validation images (--val-fraction 0): pass "
-                                 "--val-data")
-            val_root = train_dir
-            keep, held = stratified_split(train_labels, fraction, seed=int(cfg.get("seed", 0)))
-            val_paths, val_labels = [train_paths[i] for i in held], [train_labels[i] for i in held]
-            val_source = f"the run's validation split ({fraction:g} of {train_dir}, seed {cfg.get('seed', 0)})"
         recorded = (selection or {}).get("digest")
-        if recorded and paths_digest(val_paths, val_labels, root=str(Path(val_root))) != recorded:  # as scanned
+        folder = os.path.isdir(os.path.join(root, "val")) and os.path.isdir(os.path.join(root, "test"))
+        val_root = os.path.join(root, "val") if folder else train_dir
+        for readable_only in (False, True):  # training (caching) drops unreadable images before it splits: so do we
+            if folder:
+                val_paths, val_labels = _labelled(val_root, class_names)
+                if readable_only:
+                    val_paths, val_labels = _readable(val_paths, val_labels)
+                val_source = val_root
+            else:
+                fraction = float(cfg.get("val_fraction") or 0)
+                if fraction <= 0:
+                    raise ValueError("the checkpoint's run held out no validation images (--val-fraction 0): pass "
+                                     "--val-data")
+                if readable_only:
+                    train_paths, train_labels = _readable(train_paths, train_labels)
+                keep, held = stratified_split(train_labels, fraction, seed=int(cfg.get("seed", 0)))
+                val_paths, val_labels = [train_paths[i] for i in held], [train_labels[i] for i in held]
+                val_source = f"the run's validation split ({fraction:g} of {train_dir}, seed {cfg.get('seed', 0)})"
+            if not recorded or paths_digest(val_paths, val_labels, root=str(Path(val_root))) == recorded:
+                break
+        else:
             raise ValueError(f"the validation split rebuilt from {val_root} is not the one that chose this checkpoint "
-                             "(its images differ: the data changed since training, or training left unreadable "
-                             f"images out of it): {PASS_BOTH}")
+                             "(its images differ: the data changed since training): pass --val-data (labelled, not "
+                             "the test split)" + ("" if calib_data else " and --calib-data"))
     if calib_data is not None:
         calib_paths, calib_source = _images_under(calib_data), calib_data
     else:

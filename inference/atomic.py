@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import BinaryIO, Iterator
@@ -177,19 +178,22 @@ def publish_tree(*, src: str | os.PathLike, dst: str | os.PathLike) -> None:
 def clean_stale(*, folder: str | os.PathLike, name: str) -> list[str]:
     """Remove the temporaries of ``folder/name`` that processes no longer alive left, but put back an earlier
     ``name`` that one of them had moved aside (:func:`swap_in`) when ``name`` is missing; return their names."""
-    prefix = f".{name}."
+    # exactly _temp_prefix(name) + [OLD_MARK] + tempfile's random letters + ".tmp": never a sibling's, such as
+    # those of "name.2024" (whose ".name.2024.PID..." would otherwise read as PID 2024)
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.({re.escape(OLD_MARK)})?[a-z0-9_]+\.tmp")
     removed = []
     try:
         entries = os.listdir(folder)
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+        m = pattern.fullmatch(entry)
+        if m is None:
             continue
-        pid, _, rest = entry[len(prefix):].partition(".")
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        pid = int(m.group(1))
+        if pid != os.getpid() and not pid_alive(pid):
             path, dst = os.path.join(folder, entry), os.path.join(folder, name)
-            if rest.startswith(OLD_MARK) and not os.path.lexists(dst):
+            if m.group(2) and not os.path.lexists(dst):
                 os.replace(path, dst)  # killed between its two renames: the earlier one comes back
             else:
                 _remove(path)

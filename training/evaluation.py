@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from inference.atomic import write_json
+from inference.atomic import clean_stale, write_json
 from inference.images import read_image_file
 from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba
@@ -34,6 +34,7 @@ from .runtime import pick_device
 
 FOLDER = "folder"  # --data is the class folders themselves
 EVAL_FORMAT_CHOICES = (AUTO, FOLDER, *FORMATS)  # what eval_dataset(format=...) accepts
+EVAL_PLOTS = ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png")  # in OUT, with --plots
 
 
 @torch.no_grad()
@@ -96,18 +97,20 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
     metrics["report"] = classification_report(metrics)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+        for name in ("metrics.json", "predictions.csv", *EVAL_PLOTS):  # what a killed evaluation left half-written
+            clean_stale(folder=out_dir, name=name)
+        write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # the numbers first, then the rest
         skipped = {p for p, _ in bad}
         write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [p for p in ds.paths if p not in skipped],
                               labels, probs, spec.class_names)
         if plots:
-            metrics["plots"] = [
-                plot_confusion_matrix(metrics["confusion"], spec.class_names,
-                                      os.path.join(out_dir, "confusion_matrix.png")),
-                plot_per_class_accuracy(metrics, os.path.join(out_dir, "per_class_accuracy.png"))]
+            confusion, per_class, curves = (os.path.join(out_dir, name) for name in EVAL_PLOTS)
+            metrics["plots"] = [plot_confusion_matrix(metrics["confusion"], spec.class_names, confusion),
+                                plot_per_class_accuracy(metrics, per_class)]
             log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), LOG_FILE)
             if os.path.isfile(log_csv):
-                metrics["plots"].append(plot_training_curves(log_csv, os.path.join(out_dir, "training_curves.png")))
-        write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # last: the file is what is returned
+                metrics["plots"].append(plot_training_curves(log_csv, curves))
+            write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # again: with the plots it returns
     return metrics
 
 

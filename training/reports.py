@@ -132,8 +132,8 @@ def _figure(width: float, height: float):
 def _save(fig, path) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with replacing(path) as f:  # a crash mid-write leaves the earlier plot
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    with replacing(path) as f:  # a crash mid-write leaves the earlier plot; the format is the name's, as savefig's
+        fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=100, bbox_inches="tight")
     return path
 
 

@@ -14,6 +14,8 @@ import fcntl
 import os
 import shutil
 
+from inference.atomic import clean_stale
+
 from .run_log import LOG_FILE, TEST_METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -33,6 +35,8 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
     if lock:  # never two processes writing one folder, --force or not (lock: the process that writes: rank 0)
         lock_run_folder(out)
         restore_set_aside(out)  # a forced run killed before its first checkpoint: the run it replaced returns
+        for name in (*RUN_FILES, CONFIG_FILE):  # the half-written temporaries a killed run left
+            clean_stale(folder=out, name=name)
     try:
         return _replaced_files(out, resume=resume, force=force)
     except ValueError:

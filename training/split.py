@@ -31,13 +31,14 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 from inference.atomic import clean_stale as atomic_clean_stale
-from inference.atomic import swap_in, temp_tree
+from inference.atomic import pid_alive, swap_in, temp_tree
 
 from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
 
@@ -171,8 +172,19 @@ def summary_table(plan: dict[str, dict[str, list[str]]]) -> str:
 
 def clean_stale(out: Path) -> None:
     """Remove what a killed split into ``out`` left next to it: its hidden temporary tree, and put back
-    a replaced split it had moved aside before its new one was in place (:func:`inference.atomic.clean_stale`)."""
+    a replaced split it had moved aside before its new one was in place (:func:`inference.atomic.clean_stale`;
+    and the ``.OUT.split-PID-*`` / ``.OUT.old-PID-*/split`` folders of the versions before 2026-12-06)."""
     atomic_clean_stale(folder=out.parent, name=out.name)
+    if not out.parent.is_dir():
+        return
+    legacy = re.compile(re.escape(out.name) + r"\.(split|old)-(\d+)-")
+    for entry in sorted(out.parent.iterdir()):
+        m = legacy.match(entry.name[1:]) if entry.name.startswith(".") else None
+        if not m or pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and (entry / "split").is_dir() and not os.path.lexists(out):
+            os.rename(entry / "split", out)  # killed between moving the old split aside and renaming the new one in
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _check_out(out: Path, images: Path, *, force: bool) -> bool:

@@ -19,23 +19,31 @@ def _train(data, out) -> dict:
     return dict(checkpoint_config=ckpt["config"], class_names=spec.class_names, selection=ckpt["selection"])
 
 
-def test_a_rebuilt_split_that_differs_from_the_recorded_one_is_refused(tmp_path):
-    """Training leaves an unreadable image out before it splits (the cache), the export's scan of DATA/train
-    does not: one bad file moved every class's split, so INT8 was judged on training images. The checkpoint's
-    digest of its validation split tells them apart."""
+def test_the_rebuilt_split_is_the_one_that_chose_the_checkpoint_even_past_an_unreadable_image(tmp_path):
+    """Training (caching) leaves an unreadable image out before it splits, export's scan of DATA/train did not:
+    one bad file moved every class's split, so INT8 was judged on training images. The checkpoint's digest of
+    its validation split tells them apart; the rebuild then leaves out what does not decode, as training did."""
     data = write_shapes(tmp_path / "data", {"train": 12, "test": 4})
-    clean = _train(data, tmp_path / "clean")
-    split = held_out(**clean, calib_images=10_000)  # the same images: accepted
-    assert len(split.val_paths) == clean["selection"]["images"]
     (data / "train" / "circle" / "000_bad.png").write_bytes(b"not a png")
-    bad = _train(data, tmp_path / "bad")
-    with pytest.raises(ValueError, match=r"is not the one that chose this checkpoint .*pass --val-data \(labelled, "
-                                         r"not the test split\) and --calib-data"):
-        held_out(**bad)
-    with pytest.raises(ValueError, match="is not the one that chose"):  # the data changed since the clean run
-        held_out(**clean)
-    other = held_out(**bad, val_data=str(data / "test"), calib_data=str(data / "train"))  # what the message says
+    run = _train(data, tmp_path / "run")
+    split = held_out(**run, calib_images=10_000)
+    assert len(split.val_paths) == run["selection"]["images"]
+    assert not any("_bad" in p for p in split.val_paths + split.calib_paths)
+    (data / "train" / "circle" / "zz_new.png").write_bytes((data / "train" / "circle" / "001.png").read_bytes())
+    with pytest.raises(ValueError, match=r"is not the one that chose this checkpoint \(its images differ: the data "
+                                         r"changed since training\): pass --val-data \(labelled, not the test split\)"
+                                         r" and --calib-data"):
+        held_out(**run)
+    other = held_out(**run, val_data=str(data / "test"), calib_data=str(data / "train"))  # what the message says
     assert other.val_source.endswith(str(data / "test"))
+
+
+def test_a_val_folder_with_an_unreadable_image_is_rebuilt_as_training_read_it(tmp_path):
+    data = write_shapes(tmp_path / "data", {"train": 12, "val": 4, "test": 4})
+    (data / "val" / "circle" / "000_bad.png").write_bytes(b"not a png")
+    run = _train(data, tmp_path / "run")
+    split = held_out(**run, calib_images=10_000)
+    assert len(split.val_paths) == run["selection"]["images"] == 12 and split.val_source.endswith("data/val")
 
 
 def test_a_run_on_another_data_format_names_what_to_pass(tmp_path):
@@ -44,3 +52,8 @@ def test_a_run_on_another_data_format_names_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match=r"rebuilt from an ImageFolder tree only, and .*inat is inat: pass --val-data"):
         held_out(checkpoint_config={"data": str(tmp_path / "inat"), "format": "auto", "val_fraction": 0.1},
                  class_names=["a"])
+    data = write_shapes(tmp_path / "both", {"train": 12, "test": 4})  # told imagefolder: read as training read it
+    (data / "train.json").write_text("{}")
+    split = held_out(checkpoint_config={"data": str(data), "format": "imagefolder", "val_fraction": 0.25},
+                     class_names=["circle", "horizontal", "vertical"])
+    assert len(split.val_paths) == 9

@@ -55,3 +55,17 @@ def test_a_tree_replaced_by_a_process_killed_between_its_renames_comes_back(tmp_
     aside.mkdir()  # and when the folder is there: the one aside is only a leftover
     assert clean_stale(folder=tmp_path, name="no_archive") == [aside.name] and not aside.exists()
 
+
+
+def test_clean_stale_never_takes_a_siblings_temporaries(tmp_path):
+    """The temporaries of "photos_split.2024" begin like those of "photos_split" followed by a PID of 2024."""
+    import os
+
+    from inference.atomic import OLD_MARK, clean_stale
+    sibling = tmp_path / f".photos_split.2024.{os.getpid()}.{OLD_MARK}abc.tmp"  # a live run's only copy
+    sibling.mkdir()
+    other = tmp_path / f".photos_split.2024.{2 ** 30}.xyz.tmp"
+    other.mkdir()
+    assert clean_stale(folder=tmp_path, name="photos_split") == []
+    assert sibling.exists() and other.exists()
+    assert clean_stale(folder=tmp_path, name="photos_split.2024") == [other.name] and sibling.exists()

@@ -297,4 +297,3 @@ def test_a_protocol_that_fails_to_tell_a_body_fails_that_request_alone(monkeypat
     assert "a bug in a new protocol" in str(err)
     with pytest.raises(ValueError, match="unknown protocol 'v3'; registered: bad, kserve_v1, oip_v2, torchserve"):
         lookup("v3")
-

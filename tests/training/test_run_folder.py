@@ -116,3 +116,16 @@ def test_an_out_that_is_a_file_is_one_clear_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file: a run needs a folder"):
         claim_run_folder(str(tmp_path / "afile"))
+
+
+def test_claiming_a_folder_removes_what_a_killed_run_left_half_written(tmp_path):
+    from training.run_folder import claim_run_folder, unlock_run_folder
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = 2 ** 30  # above any pid_max: no such process
+    leftovers = [out / f".log.csv.{dead}.abc.tmp", out / f".best.pt.{dead}.xyz.tmp", out / f".config.yaml.{dead}.q.tmp"]
+    for path in leftovers:
+        path.write_text("half")
+    assert claim_run_folder(str(out)) == []
+    assert not any(path.exists() for path in leftovers)
+    unlock_run_folder(str(out))

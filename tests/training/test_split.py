@@ -221,6 +221,14 @@ def test_what_a_killed_split_left_is_cleaned_up(photos, tmp_path, capsys):
     code, _, err = run(capsys, "--images", photos, "--out", out, "--seed", 9)
     assert code == 2 and "already holds a split" in err
     assert tree(out) == before and not aside.exists()
+    # what the versions before 2026-12-06 left: .OUT.split-PID-* and .OUT.old-PID-*/split
+    legacy = tmp_path / f".out.old-{dead}-xyz"
+    legacy.mkdir()
+    os.rename(out, legacy / "split")
+    (tmp_path / f".out.split-{dead}-abc").mkdir()
+    code, _, err = run(capsys, "--images", photos, "--out", out, "--seed", 9)
+    assert code == 2 and "already holds a split" in err
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]
 
 
 def test_the_command_exits_2_without_a_traceback(tmp_path):
