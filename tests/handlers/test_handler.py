@@ -237,6 +237,32 @@ def test_the_batch_budget_counts_jpegs_at_their_reduced_size(model_dir):
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 503]
 
 
+def test_the_gpus_batched_jpeg_path_answers_each_request_as_the_cpu_path_does(model_dir):
+    """With a batched JPEG decoder (a GPU's nvjpeg; torchvision's CPU decoder stands in), a batch of PNGs only,
+    a cut-off JPEG beside a PNG, and a good JPEG are each answered as without it: a batch with no complete JPEG
+    once called the decoder with an empty list, whose ValueError failed every request of the batch."""
+    from inference.images import batch_jpeg_decoder
+    jpeg = encode(pattern_image("vertical", size=30, seed=7), "JPEG", quality=95)
+    cut = encode(pattern_image("circle", size=64, seed=8), "JPEG")[:200]
+    batches = [[IMAGES[0], IMAGES[1]], [IMAGES[2], cut], [jpeg, IMAGES[0], cut]]
+    answers = {}
+    for decoder in (None, batch_jpeg_decoder("cpu")):
+        handler = handler_for(model_dir)
+        handler.jpeg_batch_decoder = decoder
+        for b, payloads in enumerate(batches):
+            ctx = make_context(model_dir, n=len(payloads))
+            out = run(handler, ctx, [{"body": bytearray(p)} for p in payloads])
+            answers.setdefault(b, []).append(([ctx.get_response_status(i)[0] for i in range(len(payloads))],
+                                              [json.loads(o) for o in out]))
+    for b, ((cpu_status, cpu), (status, batched)) in answers.items():
+        assert status == cpu_status, (b, cpu_status, status)
+        for k, payload in enumerate(batches[b]):
+            if payload in IMAGES or payload is cut:  # PNGs decode alike on both paths; the cut JPEG is a 400 on both
+                assert batched[k] == cpu[k], (b, k)
+    assert [answers[b][0][0] for b in range(3)] == [[200, 200], [200, 400], [200, 200, 400]]
+    assert answers[2][1][1][0]["predictions"][0]["class"] == answers[2][0][1][0]["predictions"][0]["class"]
+
+
 def test_the_default_batch_budget_grows_with_the_batch_where_jpegs_decode_full_size(model_dir):
     """Unset, max_batch_pixels is 128 MP on the CPU and batchSize x 24 MP on a GPU (nvjpeg's batched
     decoder; torchvision's CPU decoder stands in), where it is more; a configured budget is kept as it is."""
