@@ -24,7 +24,8 @@ Every response is checked: status 200, JSON with a non-empty "predictions" list 
 "class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
 as a failure, and so does a request that got no answer (connection refused or reset, a timeout).
 A bad setting (no images, an unknown SCHEMA, TOPK that is not an integer >= 1) stops locust at start-up
-with one line.
+with one line. It runs from a checkout of this repository (locust puts the locustfile's folder on the import
+path): the image listing is the core's ``inference.image_files``, standard library only.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from pathlib import Path
 import gevent
 from locust import FastHttpUser, events, task
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what the server accepts
+from inference.image_files import IMAGE_EXTENSIONS, image_files  # standard library only: no torch in locust
+
 
 
 @events.init_command_line_parser.add_listener
@@ -56,16 +58,16 @@ def _options(parser):
 
 
 def load_payloads(folder: str, limit, seed: int = 0) -> list[tuple[str, bytes, str]]:
-    """Up to ``limit`` image files under ``folder`` (recursively; hidden files such as macOS ``._x.jpg`` and
-    folders named like images skipped), read into memory; a mistake is one line (``SystemExit``)."""
+    """Up to ``limit`` image files under ``folder``, listed as training and ``predict`` list a folder
+    (``inference.image_files``: recursively, symlinked folders followed, hidden files and folders such as macOS
+    ``._x.jpg`` or ``.thumbs/`` skipped), read into memory; a mistake is one line (``SystemExit``)."""
     if not str(limit).strip().isdecimal() or int(limit) < 1:
         raise SystemExit(f"error: --max-images (MAX_IMAGES) must be an integer >= 1, not {limit!r}")
     if not Path(folder).is_dir():
         raise SystemExit(f"error: --images (IMAGES) {folder!r} is not a folder")
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith(".") and p.is_file())
+    paths = [Path(p) for p in image_files(folder)]
     if not paths:
-        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder!r} (set --images or "
+        raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r} (set --images or "
                          "IMAGES)")
     paths = random.Random(seed).sample(paths, min(int(limit), len(paths)))
     try:

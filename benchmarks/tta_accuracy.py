@@ -1,8 +1,8 @@
 """Accuracy and cost of the handler's TTA modes, adaptive TTA included, on a labelled image folder.
 
     python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx --data data/fashion-mnist/test
-    python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx --data data/fashion-mnist/train \
-        --val-fraction 0.1 --seed 0   # the validation split training held out: choose thresholds here
+    python -m benchmarks.tta_accuracy --graph exports/demo/model.onnx \
+        --validation-of runs/demo/best.pt   # the validation split that chose best.pt: choose thresholds here
 
 Runs the handler's own functions in-process (decode -> canvas preset -> TTA views -> one forward ->
 aggregation) through the exported graph on the CPU, for every image of the folder, and prints a
@@ -11,10 +11,11 @@ its cost relative to no TTA. The time of a pass over the folder is the median of
 ``torch.utils.benchmark.Timer`` blocks (``tools.timing``): at least one warm-up pass and one timed pass
 per mode, more where a pass is shorter than ``--min-time``.
 
-``--val-fraction F --seed S`` evaluates on the images that ``python -m training train --val-fraction F
---seed S`` held out of DATA (its training folder) to choose ``best.pt`` (``training.datasets.
-stratified_split``, the same function): tune adaptive-TTA thresholds there, then report the chosen one
-once on the test split. (The same images when training skipped no unreadable file of DATA.)
+``--validation-of RUN/best.pt`` evaluates on the validation split that chose that checkpoint (``DATA/val``, or the
+fraction ``train`` held out of ``DATA/train``), rebuilt from the run's recorded data and settings by
+:func:`export.splits.held_out` (as INT8's export judges on it) and refused unless it is the very images the
+checkpoint records (its ``selection.digest``): tune adaptive-TTA thresholds there, then report the chosen one
+once on the test split.
 """
 from __future__ import annotations
 
@@ -29,23 +30,31 @@ from inference.backends import load_backend
 from inference.images import read_image_file
 from inference.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
 from tools.timing import seconds_per_call
-from training.datasets import stratified_split
 from training.image_folder import scan_image_folder
 
 
-def evaluation_images(data: str, *, val_fraction: float = 0.0, seed: int = 0) -> tuple[list[str], list[int]]:
-    """``(paths, labels)`` of DATA, or with ``val_fraction`` of the validation split training holds out of it."""
-    _, paths, labels = scan_image_folder(data)
-    if val_fraction:
-        _, held = stratified_split(labels, val_fraction, seed=seed)
-        paths, labels = [paths[i] for i in held], [labels[i] for i in held]
-    return paths, labels
+def evaluation_images(*, data: str | None = None, validation_of: str | None = None) -> tuple[list[str], list[int], str]:
+    """``(paths, labels, source)``: every image of the ImageFolder tree ``data``, or the validation split that
+    chose the checkpoint ``validation_of`` (checked against its digest; a ``ValueError`` when it cannot be
+    rebuilt as it was)."""
+    if validation_of is None:
+        _, paths, labels = scan_image_folder(data)
+        return paths, labels, data
+    from export.splits import held_out
+    from training.checkpoint import load_checkpoint
+
+    spec, _, ckpt = load_checkpoint(validation_of)
+    split = held_out(checkpoint_config=ckpt.get("config") or {}, class_names=spec.class_names, val_images=sys.maxsize,
+                     calib_images=0, selection=ckpt.get("selection"))
+    return split.val_paths, split.val_labels, split.val_source
 
 
 def run(args) -> list[dict]:
-    manifest = json.load(open(os.path.join(os.path.dirname(args.graph), "export.json")))
+    paths, labels, source = evaluation_images(data=args.data, validation_of=args.validation_of)
+    print(f"images: {len(paths)} of {source}", file=sys.stderr)
+    with open(os.path.join(os.path.dirname(args.graph), "export.json")) as f:
+        manifest = json.load(f)
     crop, resize = manifest["input_size"], manifest["resize_size"]
-    paths, labels = evaluation_images(args.data, val_fraction=args.val_fraction, seed=args.seed)
     if args.limit:
         paths, labels = paths[:: max(1, len(paths) // args.limit)], labels[:: max(1, len(labels) // args.limit)]
     labels = torch.tensor(labels)
@@ -83,20 +92,20 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--graph", required=True, help="an exported uint8 logits graph (.onnx/.pt/.xml) with export.json beside it")
-    p.add_argument("--data", required=True, help="labelled ImageFolder tree")
+    images = p.add_mutually_exclusive_group(required=True)
+    images.add_argument("--data", help="labelled ImageFolder tree (e.g. the test split, once thresholds are chosen)")
+    images.add_argument("--validation-of", metavar="CHECKPOINT",
+                        help="the validation split that chose this checkpoint (RUN/best.pt), rebuilt and checked as "
+                             "INT8's export does: choose thresholds here")
     p.add_argument("--batch", type=int, default=64, help="images per forward (as the server's batch)")
     p.add_argument("--thresholds", default="0.6,0.8,0.9,0.95", help="adaptive TTA confidence thresholds")
     p.add_argument("--limit", type=int, default=0, help="use about this many images (0: all)")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="use only the validation images `python -m training train --val-fraction F` held out of "
-                        "DATA (a training folder); 0: every image of DATA")
-    p.add_argument("--seed", type=int, default=0, help="with --val-fraction: the training run's --seed")
     p.add_argument("--min-time", type=float, default=1.0,
                    help="seconds of timed passes per mode at least (the median pass is reported)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
     rows = run(args)
     print("| TTA | top-1 | views/image | TTA applied | ms/image | cost vs none |\n|---|---|---|---|---|---|")
@@ -108,4 +117,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from inference.cli import run as run_cli
+
+    sys.exit(run_cli(main, expected=(ValueError,)))

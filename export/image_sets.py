@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.images import ImageError, read_image_file
+from inference.images import read_image_file
 from inference.transforms import EvalPreset
-from training.datasets import unreadable_line
+from training.datasets import UNREADABLE, unreadable_line
 
 DEFAULT_EVAL_IMAGES = 500  # labelled images for parity and accuracy
 
@@ -37,7 +37,7 @@ def _read_readable(paths: list[str], *, min_side: int | None, what: str) -> tupl
         try:
             images.append(read_image_file(path, min_side=min_side))
             kept.append(i)
-        except (ImageError, OSError) as e:
+        except UNREADABLE as e:
             print(unreadable_line(path, e), file=sys.stderr)
     if not kept and paths:
         raise ValueError(f"none of the {len(paths)} {what} could be read (first: {paths[0]})")
@@ -70,7 +70,7 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
 def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:
     """Calibration images need no labels: every image under the folder ``source`` (any layout), or the
     image files listed in ``source``, at the input size."""
-    from training.image_folder import image_files
+    from inference.image_files import image_files
 
     if isinstance(source, str):
         paths = image_files(source, option="--calib-data")

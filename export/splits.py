@@ -20,10 +20,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.images import ImageError, read_image_file
-from training.datasets import paths_digest, stratified_split
+from inference.image_files import image_files
+from inference.images import read_image_file
+from training.datasets import UNREADABLE, paths_digest, stratified_split
 from training.formats import AUTO, detect_format
-from training.image_folder import image_files, scan_image_folder
+from training.image_folder import scan_image_folder
 
 DEFAULT_VAL_IMAGES = 2000   # INT8's accuracy control judges on these
 DEFAULT_CALIB_IMAGES = 300  # and calibrates on these
@@ -53,7 +54,7 @@ def _readable(paths: list[str], labels: list[int]) -> tuple[list[str], list[int]
         try:
             read_image_file(path)
             keep.append(i)
-        except (ImageError, OSError):
+        except UNREADABLE:
             pass
     return [paths[i] for i in keep], [labels[i] for i in keep]
 

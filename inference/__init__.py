@@ -26,6 +26,7 @@ One concept per module:
 * ``metrics``     -- the handler's metrics: names, types (histograms, gauges), units, values
 * ``cli``         -- how every command line ends on a user's mistake (one line, exit status 2)
 * ``atomic``      -- crash-safe replacement of files and folders (checkpoints, graphs, archives)
+* ``image_files`` -- which files are images, and the image files under a folder (standard library only)
 
 It imports only torch, torchvision, Pillow and numpy (and the runtimes lazily), never ``training``,
 ``export`` or ``handlers``. The ``.mar`` archive carries this folder as a package, so the handler

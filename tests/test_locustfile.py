@@ -147,3 +147,22 @@ print(json.dumps([locustfile.check_oip_v2_body(b, None) for b in (adaptive, plai
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == [None, None, "indices: expected int values"]
+
+
+def test_payloads_are_listed_as_training_lists_a_folder(tmp_path):
+    """The locustfile had its own listing: it sent the images of hidden folders (`.thumbs/`) and did not follow a
+    symlinked folder, where training, `predict` and INT8's calibration (inference.image_files) do the opposite."""
+    from inference.image_files import image_files
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / ".thumbs").mkdir(parents=True)
+    elsewhere.mkdir()
+    png = encode(pattern_image("circle", size=20))
+    for path in (photos / "a.png", photos / ".thumbs" / "a.png", elsewhere / "b.png"):
+        path.write_bytes(png)
+    (photos / "linked").symlink_to(elsewhere, target_is_directory=True)
+    code = ("import json, locustfile; print(json.dumps(sorted(n for n, _, _ in locustfile.load_payloads("
+            f"{str(photos)!r}, 100))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["a.png", "b.png"]
+    assert [p.rsplit("/", 1)[1] for p in image_files(str(photos))] == ["a.png", "b.png"]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from inference.atomic import clean_stale, write_json
+from inference.image_files import IMAGE_EXTENSIONS, image_files
 from inference.images import read_image_file
 from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba
@@ -19,7 +20,7 @@ from inference.tta import canvas_preset, predict_proba
 from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset, ReadableImages, collate_readable, unreadable_line
 from .formats import AUTO, FORMATS, build_datasets, detect_format
-from .image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, image_files
+from .image_folder import ImageFolderDataset
 from .progress import tqdm
 from .reports import (
     classification_metrics,

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from inference.image_files import is_image_name
+
 from .cifar import CIFAR_SUBFOLDERS, CifarDataset, is_cifar_folder
 from .datasets import ImageSubset, stratified_split
-from .image_folder import ImageFolderDataset, is_class_folder, is_image_name
+from .image_folder import ImageFolderDataset, is_class_folder
 from .inat import InatDataset
 
 FORMATS = ("imagefolder", "inat", "cifar")
@@ -57,6 +59,29 @@ def _first(root: Path, names: tuple[str, ...], is_ok, what: str) -> Path:
     raise FileNotFoundError(f"{root} has none of the {what} {', '.join(names)}")
 
 
+def _open_sets(data: str | os.PathLike, format: str, *, train: dict, test: dict) -> tuple[Dataset, Dataset, str, str]:
+    """``(train_ds, test_ds, train_name, test_name)`` of a data folder in ``format`` (or :data:`AUTO`): the one
+    place that maps a format to its files and dataset class; ``train`` and ``test`` are each set's keyword
+    arguments (``max_bad_images`` is dropped for CIFAR, whose pickles hold no unreadable file)."""
+    root = Path(data)
+    if format == AUTO:
+        format = detect_format(root)
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected {AUTO} or one of {', '.join(FORMATS)}")
+    if format == "imagefolder":
+        train_dir = _first(root, ("train",), Path.is_dir, "sub-folders")
+        test_dir = _first(root, ("test", "val"), Path.is_dir, "sub-folders")
+        return ImageFolderDataset(train_dir, **train), ImageFolderDataset(test_dir, **test), str(train_dir), str(test_dir)
+    if format == "inat":
+        train_json = _first(root, ("train.json",), Path.is_file, "files")
+        test_json = _first(root, ("val.json", "test.json"), Path.is_file, "files")
+        return (InatDataset(train_json, root=root, **train), InatDataset(test_json, root=root, **test),
+                str(train_json), str(test_json))
+    train_ds = CifarDataset(root, split="train", **{k: v for k, v in train.items() if k != "max_bad_images"})
+    test_ds = CifarDataset(root, split="test", **{k: v for k, v in test.items() if k != "max_bad_images"})
+    return train_ds, test_ds, f"{train_ds.root} (train)", f"{test_ds.root} (test)"
+
+
 def build_datasets(data: str | os.PathLike, *, format: str = AUTO, train_transform=None, eval_transform=None,
                    cache_transform=None, progress: bool = True) -> tuple[Dataset, Dataset]:
     """``(train_ds, test_ds)`` of a data folder.
@@ -68,27 +93,9 @@ def build_datasets(data: str | os.PathLike, *, format: str = AUTO, train_transfo
     ``train_transform`` and ``eval_transform`` run on every access of the train and test set;
     ``cache_transform`` (both sets) as in :class:`ImageFolderDataset`. Both sets must have the same classes.
     """
-    root = Path(data)
-    if format == AUTO:
-        format = detect_format(root)
-    if format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; expected {AUTO} or one of {', '.join(FORMATS)}")
     common = dict(cache_transform=cache_transform, progress=progress)
-    if format == "imagefolder":
-        train_dir = _first(root, ("train",), Path.is_dir, "sub-folders")
-        test_dir = _first(root, ("test", "val"), Path.is_dir, "sub-folders")
-        train_ds = ImageFolderDataset(train_dir, transform=train_transform, **common)
-        test_ds = ImageFolderDataset(test_dir, transform=eval_transform, **common)
-        train_name, test_name = train_dir, test_dir
-    elif format == "inat":
-        train_name = _first(root, ("train.json",), Path.is_file, "files")
-        test_name = _first(root, ("val.json", "test.json"), Path.is_file, "files")
-        train_ds = InatDataset(train_name, root=root, transform=train_transform, **common)
-        test_ds = InatDataset(test_name, root=root, transform=eval_transform, **common)
-    else:
-        train_ds = CifarDataset(root, split="train", transform=train_transform, **common)
-        test_ds = CifarDataset(root, split="test", transform=eval_transform, **common)
-        train_name, test_name = f"{train_ds.root} (train)", f"{test_ds.root} (test)"
+    train_ds, test_ds, train_name, test_name = _open_sets(data, format, train=dict(transform=train_transform, **common),
+                                                          test=dict(transform=eval_transform, **common))
     check_same_classes(train_name, train_ds.classes, test_name, test_ds.classes)
     return train_ds, test_ds
 
@@ -143,33 +150,16 @@ def build_splits(data: str | os.PathLike, *, format: str = AUTO, train_transform
     access; without, every access decodes the file. ``max_bad_images``: how many unreadable training
     files caching may skip (``None``: an error naming the first).
     """
-    root = Path(data)
-    if format == AUTO:
-        format = detect_format(root)
-    if format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; expected {AUTO} or one of {', '.join(FORMATS)}")
     cached = dict(cache_transform=eval_transform if cache else None, progress=progress)
+    base, test_ds, train_name, test_name = _open_sets(
+        data, format, train=dict(transform=train_transform, max_bad_images=max_bad_images, **cached),
+        test=dict(transform=eval_transform, progress=progress))
     val_ds = val_name = None
-    if format == "imagefolder":
-        train_dir = _first(root, ("train",), Path.is_dir, "sub-folders")
-        test_dir = _first(root, ("test", "val"), Path.is_dir, "sub-folders")
-        base = ImageFolderDataset(train_dir, transform=train_transform, max_bad_images=max_bad_images, **cached)
-        test_ds = ImageFolderDataset(test_dir, transform=eval_transform, progress=progress)
-        train_name, test_name = str(train_dir), str(test_dir)
-        if test_dir.name == "test" and (root / "val").is_dir():
-            val_ds = ImageFolderDataset(root / "val", transform=None if cache else eval_transform,
-                                        max_bad_images=max_bad_images, **cached)  # skipped as --no-cache does
-            val_name = str(root / "val")
-    elif format == "inat":
-        train_json = _first(root, ("train.json",), Path.is_file, "files")
-        test_json = _first(root, ("val.json", "test.json"), Path.is_file, "files")
-        base = InatDataset(train_json, root=root, transform=train_transform, max_bad_images=max_bad_images, **cached)
-        test_ds = InatDataset(test_json, root=root, transform=eval_transform, progress=progress)
-        train_name, test_name = str(train_json), str(test_json)
-    else:
-        base = CifarDataset(root, split="train", transform=train_transform, **cached)
-        test_ds = CifarDataset(root, split="test", transform=eval_transform, progress=progress)
-        train_name, test_name = f"{base.root} (train)", f"{test_ds.root} (test)"
+    root = Path(data)
+    if isinstance(base, ImageFolderDataset) and Path(test_name).name == "test" and (root / "val").is_dir():
+        val_ds = ImageFolderDataset(root / "val", transform=None if cache else eval_transform,
+                                    max_bad_images=max_bad_images, **cached)  # skipped as --no-cache does
+        val_name = str(root / "val")
     for name, ds in ((test_name, test_ds), (val_name, val_ds)):
         if ds is not None:
             check_same_classes(train_name, base.classes, name, ds.classes)

@@ -12,38 +12,11 @@ from pathlib import Path
 
 import torch
 
+from inference.image_files import IMAGE_EXTENSIONS, is_image_name
+
 from .datasets import LabelledImages
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CLASS_NAMES_FILE = "class_names.json"
-
-
-def is_image_name(name: str) -> bool:
-    """Whether a directory entry named ``name`` is read as an image: an image extension, not hidden (a
-    macOS ``._photo.jpg`` AppleDouble file is metadata, not a photo)."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def image_files(folder: str, *, option: str = "--images") -> list[str]:
-    """The image files under ``folder`` (or ``folder`` itself, an image file), sorted: symlinked sub-folders
-    followed (``Path.rglob`` does not before Python 3.13), each real folder once (a link loop ends), hidden files
-    and folders skipped (as training skips them). ``option`` names what gave ``folder`` in the errors."""
-    if os.path.isfile(folder) and is_image_name(os.path.basename(folder)):  # one photo
-        return [folder]
-    if os.path.isfile(folder):
-        raise ValueError(f"{option} {folder}: not an image file ({', '.join(IMAGE_EXTENSIONS)}) nor a folder")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{option} {folder}: no such folder or image file")
-    paths, seen = [], set()
-    for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = [d for d in folders if not d.startswith(".")]
-        paths += [os.path.join(root, f) for f in files if is_image_name(f)]
-    return sorted(paths)
 
 
 def is_class_folder(path: Path) -> bool:

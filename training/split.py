@@ -39,8 +39,9 @@ from pathlib import Path
 
 from inference.atomic import clean_stale as atomic_clean_stale
 from inference.atomic import pid_alive, swap_in, temp_tree
+from inference.image_files import IMAGE_EXTENSIONS, is_image_name
 
-from .image_folder import CLASS_NAMES_FILE, IMAGE_EXTENSIONS, is_image_name
+from .image_folder import CLASS_NAMES_FILE
 
 SPLITS = ("train", "val", "test")
 MODES = ("copy", "symlink")

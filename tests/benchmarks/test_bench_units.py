@@ -144,19 +144,6 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 12 and all(line.startswith("error: ") for line in err)
 
 
-def test_tta_accuracy_val_fraction_uses_the_validation_split_training_held_out(image_folder):
-    """Thresholds are tuned on the images training chose best.pt on, never on the test split."""
-    from benchmarks.tta_accuracy import evaluation_images
-    from training.formats import build_splits
-
-    splits = build_splits(image_folder, cache=False, val_fraction=0.25, seed=3)
-    paths, labels = evaluation_images(str(image_folder / "train"), val_fraction=0.25, seed=3)
-    assert splits.val_carved and paths == list(splits.val.paths) and labels == splits.val.labels.tolist()
-    assert not set(paths) & set(splits.test.paths) and not set(paths) & set(splits.train.paths)
-    assert evaluation_images(str(image_folder / "train"), val_fraction=0.25, seed=4)[0] != paths  # seeded
-    assert len(evaluation_images(str(image_folder / "train"))[0]) == len(splits.train) + len(paths)
-
-
 def test_adaptive_tta_limits_are_timed_over_whole_cycles_of_the_photos():
     assert block_batches(21, 8, adaptive=False) == 1  # a batch costs the same whatever its photos
     for photos, batch in ((21, 8), (16, 8), (3, 8), (7, 1)):

@@ -71,8 +71,8 @@ def test_train_and_evaluate_on_cifar_pickles(tmp_path):
 
 
 def test_predict_finds_images_behind_symlinked_folders_once_and_skips_hidden_ones(tmp_path):
+    from inference.image_files import image_files
     from tests.conftest import encode, pattern_image
-    from training.image_folder import image_files
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "b.png").write_bytes(encode(pattern_image("circle", size=8)))
