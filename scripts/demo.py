@@ -112,17 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n=== serve: TorchServe on 127.0.0.1", flush=True)
         # its own logs: a `make serve` running beside it names its worker alike, and its drain reads logs/
         server = TorchServe(model_store=store, models=f"{MODEL}={MODEL}.mar", log_dir=str(REPO / "logs" / "demo"))
-        server.start()
-        print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
         try:
+            server.start()
+            print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
             top1, offline, mismatches, n = served_accuracy(server, f"{RUN}/eval/predictions.csv")
             print(f"\nserved top-1: {top1:.2%} on {n} test-split images (offline top-1: {offline:.2%}, mismatches: "
                   f"{mismatches})", flush=True)
             load_test(server)
         finally:
             pid = server.pid
-            server.close()  # stops it and removes its temporary working folder
-            print(f"TorchServe PID {pid} stopped", flush=True)
+            server.close()  # stops it and removes its temporary working folder (a failed start's too)
+            if pid is not None:
+                print(f"TorchServe PID {pid} stopped", flush=True)
         failed = [what for what, bad in ((f"{mismatches} served answers differ from offline evaluation", mismatches),
                                          (f"served top-1 {top1:.2%} is below 85%", top1 < 0.85)) if bad]
         minutes = (time.time() - start) / 60

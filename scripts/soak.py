@@ -44,13 +44,15 @@ import psutil
 
 from inference.cli import UsageError
 from inference.cli import run as run_cli
-from scripts.soak_verdict import evaluate, merge, plot, report, write_csv
+from scripts.soak_verdict import evaluate, merge, plot, report, shortest_duration, write_csv
 from tools import REPO
 from tools.locust import history, locust_command, run_locust
 from tools.processes import worker_processes
 from tools.torchserve import TorchServe
 
 DEFAULT_ARCHIVE = REPO / "model_store" / "fmnist.mar"
+RESULT_FILES = ("summary.json", "soak.csv", "rss.csv", "soak.png", "locust.log", "server-ts_log.log",
+                "server-model_log.log")
 
 
 # --- model and payloads ---------------------------------------------------------------------------
@@ -128,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-growth", type=float, default=0.10, help="largest allowed worker RSS growth (fraction)")
     p.add_argument("--sample-interval", type=float, default=1.0, help="seconds between RSS samples")
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.users < 1 or args.sample_interval <= 0:
-        raise UsageError("--duration and --sample-interval must be > 0 and --users at least 1")
+    if args.users < 1 or args.sample_interval <= 0:
+        raise UsageError("--sample-interval must be > 0 and --users at least 1")
+    if args.duration < shortest_duration():
+        raise UsageError(f"--duration must be at least {shortest_duration()} s: the verdict compares a window after "
+                         "the warm-up with the last one (10 s each below 100 s), and shorter runs have no two")
     if args.archive and not Path(args.archive).is_file():
         raise UsageError(f"--archive {args.archive}: file not found (a .mar written by `python -m export archive`)")
     if args.images and not Path(args.images).is_dir():
@@ -147,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(1 for q in images.rglob('*') if q.is_file())} files); {args.users} users for {args.duration} s",
           flush=True)
     prefix = out / "locust"
-    for old in out.glob("locust_*.csv"):
-        old.unlink()
-    with TorchServe(model_store=archive.parent, models=f"{model}={archive.name}") as server:
+    for old in [*out.glob("locust_*.csv"), *(out / name for name in RESULT_FILES)]:
+        old.unlink(missing_ok=True)  # a reused folder: never an earlier run's verdict beside this run's failure
+    server = TorchServe(model_store=archive.parent, models=f"{model}={archive.name}")
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as e:
+        server.close()
+        print(f"error: TorchServe did not start with {archive}: {e}", file=sys.stderr)
+        return 1
+    try:
         print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
         sampler = RssSampler(server.pid, args.sample_interval)
         sampler.start()
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     with open(src, "rb") as f:
                         f.seek(max(0, src.stat().st_size - 200_000))
                         (out / f"server-{name}").write_bytes(f.read())
+    finally:
+        server.close()
     if not Path(f"{prefix}_stats_history.csv").is_file():
         print(f"locust wrote no stats history (exit status {rc}):\n{(out / 'locust.log').read_text()[-3000:]}")
         return 1

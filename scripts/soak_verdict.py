@@ -40,10 +40,25 @@ def merge(history_rows: list[dict], samples: list[dict], t0: float) -> list[dict
     return rows
 
 
+P99_SPAN_S = 10  # locust's per-second p99 covers the 10 s before it
+
+
 def windows(duration: float) -> tuple[float, float]:
     """(warm-up, window) in seconds for a run of ``duration`` seconds."""
     w = min(60.0, max(10.0, duration / 10))
     return w, w
+
+
+def p99_windows(duration: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The first window after warm-up and the last one whose p99 samples are compared, in seconds: the first
+    starts :data:`P99_SPAN_S` after the warm-up, so that its samples cover requests of the loaded run only."""
+    warmup, window = windows(duration)
+    return (warmup + P99_SPAN_S, warmup + P99_SPAN_S + window), (duration - window, duration)
+
+
+def shortest_duration() -> int:
+    """The shortest run (whole seconds) whose two compared windows do not overlap: 40 s (20-30 s against 30-40 s)."""
+    return next(d for d in range(1, 10_000) if p99_windows(d)[0][1] <= p99_windows(d)[1][0])
 
 
 def evaluate(rows: list[dict], *, duration: float, users: int, p99_ratio: float = 1.5,
@@ -56,8 +71,7 @@ def evaluate(rows: list[dict], *, duration: float, users: int, p99_ratio: float 
         return None if v in (None, "") else float(v)
 
     full = [r for r in rows if int(float(r["users"])) == users and col(r, "t_s") <= duration]
-    first_lo, first_hi = warmup + 10, warmup + 10 + window  # p99 samples cover the 10 s before them
-    last_lo, last_hi = duration - window, duration
+    (first_lo, first_hi), (last_lo, last_hi) = p99_windows(duration)
     p99_first = [col(r, "p99_ms") for r in full if first_lo <= col(r, "t_s") <= first_hi and col(r, "p99_ms")]
     p99_last = [col(r, "p99_ms") for r in full if last_lo <= col(r, "t_s") <= last_hi and col(r, "p99_ms")]
     rss_first = [col(r, "worker_rss_mb") for r in rows if warmup <= col(r, "t_s") <= warmup + window

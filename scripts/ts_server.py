@@ -37,7 +37,7 @@ from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools import REPO
 from tools.drain import drain
-from tools.torchserve import DEFAULT_CONFIG, TorchServe, read_properties
+from tools.torchserve import DEFAULT_CONFIG, TorchServe, is_torchserve, read_properties
 
 STATE_FILE = REPO / ".torchserve" / "server.json"
 RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
@@ -70,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     if state_file.is_file():
         pid = _read_state(state_file).get("pid")
-        if pid and _running(pid):
+        if pid and is_torchserve(pid):
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
         state_file.unlink()  # stale: it must not say "ready" before this server is
     other = _read_state(_starting_file(state_file)).get("serve_pid")
@@ -82,7 +82,11 @@ def serve(args: argparse.Namespace) -> int:
     if not all(found.values()):
         raise UsageError(f"{args.config}: {', '.join(k for k, m in found.items() if not m)} must be http://HOST:PORT")
     ports = tuple(int(m.group(1)) for m in found.values())
-    grpc_ports = (int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+    grpc = {k: props.get(k, default).strip() for k, default in (("grpc_inference_port", "7070"),
+                                                                  ("grpc_management_port", "7071"))}
+    if bad := [f"{k}={v!r}" for k, v in grpc.items() if not (v.isdigit() and 0 < int(v) < 65536)]:
+        raise UsageError(f"{args.config}: {', '.join(bad)} must be a port number (1-65535)")
+    grpc_ports = tuple(int(v) for v in grpc.values())
     overrides = {"enable_model_api": "true"} if getattr(args, "enable_model_api", False) else None
     server = TorchServe(model_store=args.model_store, config=args.config, ports=ports, grpc_ports=grpc_ports,
                         overrides=overrides, log_dir=str(getattr(args, "log_dir", None) or REPO / "logs"),
@@ -149,14 +153,6 @@ def _is_serve(pid) -> bool:
     return "scripts.ts_server" in cmdline and "serve" in cmdline
 
 
-def _running(pid) -> bool:
-    """``pid`` is a live TorchServe (not a PID the system gave to another process since)."""
-    try:
-        return isinstance(pid, int) and "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return False
-
-
 def stop(args: argparse.Namespace) -> int:
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     drain_timeout = float(getattr(args, "drain_timeout", 30))
@@ -173,7 +169,10 @@ def stop(args: argparse.Namespace) -> int:
         return 0
     state = _read_state(state_file)
     pid = state.get("pid")
-    if not _running(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now
+    if isinstance(pid, int) and psutil.pid_exists(pid) and not _ours_to_signal(pid):
+        raise UsageError(f"TorchServe PID {pid} belongs to another user (started with sudo?): stop it as that user, "
+                         "e.g. `sudo make stop`")
+    if not is_torchserve(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now
         what = f"TorchServe PID {pid} is not running" if pid else f"{state_file} cannot be read"
         print(f"{what} (a stale {state_file}, removed); nothing to stop")
         state_file.unlink(missing_ok=True)
@@ -182,13 +181,15 @@ def stop(args: argparse.Namespace) -> int:
         try:
             os.kill(pid, 0)
             result = drain(state["metrics_url"], state["access_log"], offset=state.get("access_log_offset", 0),
-                           ts_log=state.get("ts_log"), ts_log_offset=state.get("ts_log_offset", 0),
+                           inode=state.get("access_log_inode"), ts_log=state.get("ts_log"),
+                           ts_log_offset=state.get("ts_log_offset", 0), ts_log_inode=state.get("ts_log_inode"),
                            timeout=drain_timeout)
             if result["drained"]:
                 n = len(result["busy_workers"])
                 busy = f" ({n} busy worker{'s' * (n != 1)} now idle)" if n else ""
-                print(f"drained: {result['in_flight']} requests in flight answered{busy} in {result['seconds']} s",
-                      flush=True)
+                answered = (f"{result['in_flight']} requests in flight answered" if result["in_flight"] is not None
+                            else "every worker idle (the access log rolled over into a file that could not be read)")
+                print(f"drained: {answered}{busy} in {result['seconds']} s", flush=True)
             else:
                 print(f"not drained: {result['reason']}", flush=True)
         except ProcessLookupError:
@@ -211,6 +212,17 @@ def stop(args: argparse.Namespace) -> int:
             print(f"TorchServe PID {pid} did not exit in {EXIT_TIMEOUT:.0f} s: killed", flush=True)
     state_file.unlink(missing_ok=True)
     return 0
+
+
+def _ours_to_signal(pid: int) -> bool:
+    """Whether this process may send ``pid`` a signal (another user's process: no)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return False
+    except ProcessLookupError:
+        pass
+    return True
 
 
 def _exited(process: psutil.Process, *, timeout: float) -> bool:

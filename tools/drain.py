@@ -59,7 +59,8 @@ import re
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
+
+from tools.log_tail import LogTail
 
 ARRIVALS_RE = re.compile(r'^ts_inference_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$', re.M)
 ACCESS_RE = re.compile(r'"(?P<method>[A-Za-z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d+)')
@@ -126,23 +127,6 @@ def answered_model(line: str) -> tuple[str | None, bool]:
     return name, False
 
 
-def _new_lines(tail) -> list[str]:
-    """The complete lines appended to ``tail.path`` since ``tail.pos`` (a half-written last line waits
-    in ``tail._partial``); from the start again when the file was rolled over; none while it is missing."""
-    try:
-        with open(tail.path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < tail.pos:  # rolled over (daily or at 100 MB): start again
-                tail.pos, tail._partial = 0, b""
-            f.seek(tail.pos)
-            data = f.read()
-            tail.pos = f.tell()
-    except FileNotFoundError:
-        data = b""
-    lines = (tail._partial + data).split(b"\n")
-    tail._partial = lines.pop()
-    return [line.decode(errors="replace") for line in lines]
-
-
 TS_LOG_RE = re.compile(r'^\S+ \[\s*[A-Z]+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<msg>.*)$')
 BUSY_MESSAGES = ("get first job: ", "Flushing req.cmd ")            # a batch taken, a batch sent to the backend
 IDLE_MESSAGES = ("Backend response time: ", "Backend worker thread exception")  # answered, or died
@@ -169,14 +153,14 @@ class WorkerActivity:
     lines read so far (TorchServe's log4j2.xml writes each ``org.pytorch.serve`` line twice, which does
     not change who is busy)."""
 
-    def __init__(self, path: str | os.PathLike, offset: int = 0):
-        self.path, self.pos, self._partial = Path(path), int(offset), b""
+    def __init__(self, path: str | os.PathLike, offset: int = 0, inode: int | None = None):
+        self.tail = LogTail(path, offset, inode)
         self.busy: dict[str, bool] = {}
         self.events = 0
 
     def read(self) -> list[str]:
         """The busy worker threads, sorted."""
-        for line in _new_lines(self):
+        for line in self.tail.lines():
             event = worker_event(line)
             if event is not None:
                 self.busy[event[0]] = event[1]
@@ -189,12 +173,18 @@ class AccessLogAnswers:
     (TorchServe writes one line per response, just before it writes the response itself); ``grpc``:
     gRPC inference answers that the log does not attribute to a model (a log without thread names)."""
 
-    def __init__(self, path: str | os.PathLike, offset: int = 0):
-        self.path, self.pos, self.counts, self._partial = Path(path), int(offset), {}, b""
+    def __init__(self, path: str | os.PathLike, offset: int = 0, inode: int | None = None):
+        self.tail = LogTail(path, offset, inode)
+        self.counts: dict[str, int] = {}
         self.grpc = 0
 
+    @property
+    def lost(self) -> bool:
+        """Answers may be missing: the log rolled over into a file that could not be read (:class:`LogTail`)."""
+        return self.tail.lost
+
     def read(self) -> dict[str, int]:
-        for line in _new_lines(self):
+        for line in self.tail.lines():
             name, unattributed = answered_model(line)
             if name is not None:
                 self.counts[name] = self.counts.get(name, 0) + 1
@@ -208,9 +198,9 @@ def outstanding(arrivals: dict[str, int], answers: dict[str, int], grpc_answers:
     return max(0, sum(max(0, n - answers.get(m, 0)) for m, n in arrivals.items()) - grpc_answers)
 
 
-def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0,
-          ts_log: str | os.PathLike | None = None, ts_log_offset: int = 0, timeout: float = 30,
-          poll: float = 0.05, settle: float = 0.25) -> dict:
+def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, inode: int | None = None,
+          ts_log: str | os.PathLike | None = None, ts_log_offset: int = 0, ts_log_inode: int | None = None,
+          timeout: float = 30, poll: float = 0.05, settle: float = 0.25) -> dict:
     """Wait until every inference request that had arrived when this was called is answered.
 
     Counted requests: done when the answers logged since start cover, model by model, the arrivals
@@ -219,9 +209,12 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0,
     first. With ``ts_log`` (``ts_log.log``, read from ``ts_log_offset``) it also waits until no worker is
     busy, ``settle`` seconds apart twice (module docstring): that covers what TorchServe does not count
     (gRPC ``ModelInfer``), and under continuous traffic it waits for a pause, or gives up after
-    ``timeout`` seconds with the busy workers named. Returns ``{"drained", "in_flight", "seconds",
-    "reason", "busy_workers"}``: ``in_flight`` counted requests at the call, ``busy_workers`` the workers
-    busy at the call (a list, empty without ``ts_log``).
+    ``timeout`` seconds with the busy workers named. Both logs are followed across log4j2's rollovers from
+    the file that had inode ``inode`` / ``ts_log_inode`` at the offset (:class:`tools.log_tail.LogTail`); if
+    the access log rolled into a file that cannot be read, the answers are not countable and, given
+    ``ts_log``, the workers' idleness alone decides (``in_flight`` is then None). Returns ``{"drained",
+    "in_flight", "seconds", "reason", "busy_workers"}``: ``in_flight`` counted requests at the call,
+    ``busy_workers`` the workers busy at the call (a list, empty without ``ts_log``).
     """
     start = time.time()
     try:
@@ -232,12 +225,16 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0,
     if target is None:
         return {"drained": False, "in_flight": None, "seconds": 0.0,
                 "reason": "/metrics is empty: the drain needs metrics_mode=prometheus", "busy_workers": []}
-    answers = AccessLogAnswers(access_log, offset)
-    workers = WorkerActivity(ts_log, ts_log_offset) if ts_log is not None else None
+    answers = AccessLogAnswers(access_log, offset, inode)
+    workers = WorkerActivity(ts_log, ts_log_offset, ts_log_inode) if ts_log is not None else None
+
+    def counted(done: dict[str, int], arrivals: dict[str, int]) -> int | None:
+        """Counted requests not answered; None when answers were lost to a rollover and the workers can tell."""
+        return None if answers.lost and workers is not None else outstanding(arrivals, done, answers.grpc)
     done = answers.read()
-    in_flight = outstanding(target, done, answers.grpc)
+    in_flight = counted(done, target)
     busy_at_call = workers.read() if workers is not None else []
-    left, busy = in_flight, busy_at_call
+    left, busy = in_flight or 0, busy_at_call
     quiet_since, events = (start if not busy else None), (workers.events if workers is not None else 0)
 
     def result(drained: bool, reason: str = "") -> dict:
@@ -249,18 +246,20 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0,
             return result(True)
         if now_t - start > timeout:
             if left:
-                return result(False, f"{left} of {in_flight} requests still unanswered after {timeout:.0f} s")
+                lost = " (the access log rolled over into a file that could not be read: answers may be missing)"
+                return result(False, f"{left} of {in_flight} requests still unanswered after {timeout:.0f} s"
+                                     + (lost if answers.lost else ""))
             return result(False, f"workers still busy after {timeout:.0f} s: {', '.join(busy) or 'between batches'}"
                                  " (requests TorchServe does not count, e.g. gRPC ModelInfer, or new traffic:"
                                  " take the instance out of rotation first)")
         time.sleep(poll)
         done = answers.read()
-        left = outstanding(target, done, answers.grpc)
+        left = counted(done, target) or 0
         try:
             now = inference_arrivals(metrics_url) or {}
         except OSError:
             now = {}
-        if now and outstanding(now, done, answers.grpc) == 0:
+        if now and not counted(done, now):
             left = 0  # nothing counted in flight at all
         if workers is not None:
             busy = workers.read()

