@@ -43,7 +43,6 @@ from locust import FastHttpUser, events, task
 from inference.image_files import IMAGE_EXTENSIONS, image_files  # standard library only: no torch in locust
 
 
-
 @events.init_command_line_parser.add_listener
 def _options(parser):
     parser.add_argument("--images", default=os.environ.get("IMAGES", "data/fashion-mnist/test"), help="image folder")

@@ -36,7 +36,7 @@ def server(export_dir, tmp_path_factory):
     ts.start(timeout=180)
     pid = ts.pid
     yield ts
-    ts.stop()
+    ts.close()  # stopped by PID, and its temporary folder removed
     with pytest.raises(ProcessLookupError):  # stopped by PID: the Java process is gone
         os.kill(pid, 0)
 

@@ -132,7 +132,7 @@ def explain_server(export_dir, tmp_path_factory):
     ts.start(timeout=180)
     pid = ts.pid
     yield ts
-    ts.stop()
+    ts.close()
     with pytest.raises(ProcessLookupError):  # stopped by PID
         os.kill(pid, 0)
 

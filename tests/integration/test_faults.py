@@ -111,7 +111,7 @@ def fault_server(export_dir, tmp_path_factory):
     server.start(timeout=180)
     pid = server.pid
     yield server
-    server.stop()
+    server.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
@@ -259,7 +259,7 @@ def _stop_with_requests_in_flight(store, tmp_path, drain_timeout: float, n: int 
         server.launcher.wait(timeout=60)
         exited_s = time.time() - stop_at
     finally:
-        server.stop()
+        server.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     return results, cli, stop_at, exited_s
 

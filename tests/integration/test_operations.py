@@ -52,7 +52,7 @@ def ops_server(exported, tmp_path_factory):
     assert ts.token_auth
     ts.start(timeout=240)
     yield ts
-    ts.stop()
+    ts.close()
 
 
 def predict(server: TorchServe, model: str = "ops") -> int:

@@ -35,6 +35,7 @@ def test_the_pod_logs_to_stdout_only_and_keeps_its_metrics(export_dir, tmp_path)
     finally:
         ts.stop()
     stdout = (ts.workdir / "stdout.log").read_text(errors="replace")
+    ts.close()  # its temporary folder: read, no longer needed
     written = sorted(str(p.relative_to(log_dir)) for p in log_dir.rglob("*") if p.is_file())
     print(f"\nfiles under LOG_LOCATION: {written}; stdout: {len(stdout.splitlines())} lines")
     assert written == [], written

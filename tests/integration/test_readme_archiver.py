@@ -49,6 +49,6 @@ def test_the_readmes_raw_archiver_command_builds_an_archive_that_serves(export_d
     try:
         status, body = predict(ts.url, "fmnist", encode(pattern_image("vertical", seed=5)))
     finally:
-        ts.stop()
+        ts.close()
     assert status == 200, body
     assert body["predictions"][0]["class"] in CLASSES and len(body["predictions"]) == 2

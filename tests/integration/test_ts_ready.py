@@ -98,4 +98,4 @@ def test_the_probe_waits_for_the_models_where_ping_does_not(tmp_path):
         assert _probe(ts)[0] == 0
         assert json.loads(call(f"{ts.url}/ping", headers=ts.auth("inference"), timeout=5)[1])["status"] == "Healthy"
     finally:
-        ts.stop()
+        ts.close()
