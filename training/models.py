@@ -11,6 +11,7 @@ Their ``layers`` / ``groups`` / ``width_per_group`` arguments shrink the same fa
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -45,34 +46,49 @@ NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+# Activations and gates by name (a checkpoint stores its model's keyword arguments as JSON): every one exports
+# to ONNX and OpenVINO.
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {"relu": partial(nn.ReLU, inplace=True),
+                                                  "silu": partial(nn.SiLU, inplace=True), "gelu": nn.GELU}
+GATE_LAYERS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
+
+
+def _from_name(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
 def norm_layer_from_name(name: str) -> Callable[[int], nn.Module]:
-    if name not in NORM_LAYERS:
-        raise ValueError(f"unknown norm_layer {name!r}; choose one of {', '.join(NORM_LAYERS)}")
-    return NORM_LAYERS[name]
+    return _from_name(NORM_LAYERS, name, "norm_layer")
 
 
 def _conv_bn_act(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[[], nn.Module] = ACT_LAYERS["relu"]) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
         norm_layer(out_ch),
-        nn.ReLU(inplace=True),
+        act_layer(),
     )
 
 
 class CBAMBasicBlock(nn.Module):
-    """3x3 -> 3x3 residual block with a CBAM gate on the residual branch."""
+    """3x3 -> 3x3 residual block with a CBAM gate on the residual branch; ``act_layer`` is the block's and CBAM's
+    channel MLP's activation, ``gate_layer`` CBAM's two gates."""
 
     def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1, reduction: int = 16,
-                 spatial_kernel_size: int = 7, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 spatial_kernel_size: int = 7, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[[], nn.Module] = ACT_LAYERS["relu"], gate_layer: type[nn.Module] = nn.Sigmoid):
         super().__init__()
-        self.conv1 = _conv_bn_act(in_ch, out_ch, 3, stride, norm_layer)
+        self.conv1 = _conv_bn_act(in_ch, out_ch, 3, stride, norm_layer, act_layer)
         self.conv2 = nn.Sequential(nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), norm_layer(out_ch))
-        self.attn = CBAM(out_ch, reduction=reduction, spatial_kernel_size=spatial_kernel_size, norm_layer=norm_layer)
+        self.attn = CBAM(out_ch, reduction=reduction, spatial_kernel_size=spatial_kernel_size, norm_layer=norm_layer,
+                         act_layer=act_layer, gate_layer=gate_layer)
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), norm_layer(out_ch))
-        self.act = nn.ReLU(inplace=True)
+        self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.attn(self.conv2(self.conv1(x))) + self.shortcut(x))
@@ -83,27 +99,30 @@ class CBAMResNet(nn.Module):
 
     3x3 stem, four stages of ``blocks_per_stage`` CBAM residual blocks (strides 1, 2, 2, 2), a 1x1
     "extra" convolution to ``head_width`` channels, global average pooling, dropout and a linear head.
-    ``norm_layer``: ``"batchnorm"`` (the seed's) or ``"none"``.
+    ``norm_layer``: ``"batchnorm"`` (the seed's) or ``"none"``; ``act_layer`` (:data:`ACT_LAYERS`, ``"relu"``
+    the seed's) every activation, ``gate_layer`` (:data:`GATE_LAYERS`, ``"sigmoid"``) CBAM's gates.
     """
 
     def __init__(self, *, num_classes: int, widths: tuple[int, ...] = (40, 80, 160, 336),
                  blocks_per_stage: int = 2, head_width: int = 640, drop_rate: float = 0.3,
                  reduction: int = 16, spatial_kernel_size: int = 7, in_chans: int = 3,
-                 norm_layer: str = "batchnorm"):
+                 norm_layer: str = "batchnorm", act_layer: str = "relu", gate_layer: str = "sigmoid"):
         super().__init__()
         norm = norm_layer_from_name(norm_layer)
-        self.stem = _conv_bn_act(in_chans, widths[0], 3, norm_layer=norm)
+        act, gate = _from_name(ACT_LAYERS, act_layer, "act_layer"), _from_name(GATE_LAYERS, gate_layer, "gate_layer")
+        self.stem = _conv_bn_act(in_chans, widths[0], 3, norm_layer=norm, act_layer=act)
         stages, in_ch = [], widths[0]
         for i, width in enumerate(widths):
             blocks = []
             for j in range(blocks_per_stage):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(CBAMBasicBlock(in_ch, width, stride=stride, reduction=reduction,
-                                             spatial_kernel_size=spatial_kernel_size, norm_layer=norm))
+                                             spatial_kernel_size=spatial_kernel_size, norm_layer=norm,
+                                             act_layer=act, gate_layer=gate))
                 in_ch = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.extra = _conv_bn_act(in_ch, head_width, 1, norm_layer=norm)
+        self.extra = _conv_bn_act(in_ch, head_width, 1, norm_layer=norm, act_layer=act)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_width, num_classes)

@@ -205,3 +205,32 @@ def test_cbam_against_a_reference_written_from_the_paper():
         torch.testing.assert_close(block(x), expected)
     assert ch.fc1.out_channels == 4 and sp.conv.kernel_size == (7, 7)  # 16 / reduction 4; knobs reach the gates
     assert isinstance(CBAM(16, gate_layer=torch.nn.Hardsigmoid).spatial.gate, torch.nn.Hardsigmoid)
+
+
+def test_cbam_resnet_activation_and_gate_are_arguments_that_export():
+    """Every knob an argument (timm's layers): the activation and CBAM's gate by name, as a checkpoint's JSON
+    model_kwargs holds them; the defaults are the seed's ReLU and sigmoid, so earlier checkpoints rebuild alike."""
+    import onnxruntime as ort
+    from torch import nn
+
+    kwargs = dict(widths=[8, 8, 16, 16], head_width=32, blocks_per_stage=1)
+    torch.manual_seed(0)
+    default = build_model("cbam_resnet", num_classes=5, **kwargs).eval()
+    torch.manual_seed(0)
+    explicit = build_model("cbam_resnet", num_classes=5, act_layer="relu", gate_layer="sigmoid", **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(default(x), explicit(x))
+    model = build_model("cbam_resnet", num_classes=5, act_layer="silu", gate_layer="hardsigmoid", **kwargs).eval()
+    kinds = {type(m) for m in model.modules()}
+    assert nn.SiLU in kinds and nn.Hardsigmoid in kinds and nn.ReLU not in kinds and nn.Sigmoid not in kinds
+    model.load_state_dict(default.state_dict())  # activations hold no weights: the same state dict
+    buf = __import__("io").BytesIO()
+    torch.onnx.export(model, (x,), buf, input_names=["x"], dynamo=False)
+    out = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(out), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown act_layer 'swish'; choose one of relu, silu, gelu"):
+        build_model("cbam_resnet", num_classes=5, act_layer="swish")
+    with pytest.raises(ValueError, match="unknown gate_layer 'tanh'; choose one of sigmoid, hardsigmoid"):
+        build_model("cbam_resnet", num_classes=5, gate_layer="tanh")
