@@ -115,10 +115,21 @@ def verdict(*, arch: str, variant_info: dict, variant: str, runtime_precision: s
         return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": None,
                 "label": f"speed-only (no gate record for {arch}/{key})"}
     numbers = f"{rec['accuracy_change_points']:+.2f} pts, {rec['top1_agreement']:.1%} agree"
-    kept = variant_info.get("speed_only_kept_fp32")
-    if "kept_fp32" in rec and kept is not None and sorted(kept) != sorted(rec["kept_fp32"]):
-        return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec,
-                "label": f"speed-only (INT8 of {len(kept)} fp32 layers; the gated graph kept {len(rec['kept_fp32'])})"}
+
+    def speed_only(why: str) -> dict:
+        return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec, "label": f"speed-only ({why})"}
+    if variant_info.get("runtime") == "openvino" and runtime_precision not in (rec.get("runs") or {}):
+        return speed_only(f"the gate never ran {key} with the {runtime_precision} hint it is served with")
+    if variant_info.get("precision") == "int8":
+        # the layers the measured graph kept in fp32, read from the graph itself (export.int8.kept_layers): at
+        # least those the gated graph kept, else it is quantized harder than what passed, and maybe faster
+        kept = variant_info.get("speed_only_kept_fp32", (variant_info.get("int8") or {}).get("kept_fp32"))
+        gated = rec.get("kept_fp32")
+        if kept is None or gated is None:
+            return speed_only("no record of the layers " + ("this graph" if kept is None else "the gated graph")
+                              + " kept in fp32")
+        if missing := sorted(set(gated) - set(kept)):
+            return speed_only(f"INT8 in {len(missing)} layers the gated graph kept in fp32, e.g. {missing[0]}")
     if not rec["passed"]:
         return {"status": SPEED_ONLY, "counts": False, "gate_variant": key, "record": rec,
                 "label": f"speed-only (gate failed: {numbers})"}

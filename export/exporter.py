@@ -36,6 +36,7 @@ from .int8 import (
     DEFAULT_MAX_REVERTS,
     Budget,
     attention_scopes,
+    kept_layers,
     onnx_int8,
     onnx_node_name,
     openvino_int8,
@@ -198,8 +199,8 @@ class Exporter:
         files = [os.path.basename(f) for f in files_of(variant, folder)]
         size = self.input_size(variant)
         int8 = {"int8": self.int8_reports[variant.name]} if variant.name in self.int8_reports else {}
-        if variant.precision == "int8" and variant.name not in self.int8_reports:
-            int8 = {"speed_only_kept_fp32": self.keep_fp32}
+        if variant.precision == "int8" and variant.name not in self.int8_reports:  # what the graph kept, read back
+            int8 = {"speed_only_kept_fp32": kept_layers(os.path.join(folder, variant.filename))}
         return {**variant.describe(), **int8, "files": files, "sha256": file_hashes(folder=folder, files=files),
                 "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, size, size]},
                 "input_size": size, "outputs": self.outputs(variant),

@@ -113,6 +113,14 @@ def kept_layers_openvino(model) -> tuple[list[str], int]:
     return kept, len(layers)
 
 
+def kept_layers(path: str) -> list[str]:
+    """The weighted layers an INT8 graph file (OpenVINO ``.xml`` or QDQ ONNX) left in fp32, read from the graph."""
+    if path.endswith(".xml"):
+        import openvino as ov
+        return kept_layers_openvino(ov.Core().read_model(path))[0]
+    return kept_layers_onnx(path)[0]
+
+
 def kept_layers_onnx(path: str) -> tuple[list[str], int]:
     """The same for a QDQ ONNX graph: a layer runs in INT8 when its input 0 comes from DequantizeLinear."""
     import onnx
