@@ -37,12 +37,15 @@ from benchmarks.configs import BATCH, Split
 
 def adaptive_threshold(export_dir: Path, spec, payload_dir: Path, quantile: float = 0.25) -> float:
     """Random weights have no meaningful confidence: pick the threshold that sends about a quarter of
-    these payloads to TTA, so the cost of adaptive TTA at that trigger rate is what gets measured."""
+    these payloads to TTA, so the cost of adaptive TTA at that trigger rate is what gets measured. The
+    confidences are those the server decides on: the plain view of the photos decoded as it decodes them
+    (JPEGs reduced in the DCT down to the resize size), not of full-size decodes."""
     from inference.backends import load_backend
     from inference.images import read_image_file
     from inference.transforms import EvalPreset
     paths = sorted(p for p in payload_dir.rglob("*.jpg"))
-    batch = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size).batch([read_image_file(str(p)) for p in paths])
+    preset = EvalPreset(crop_size=spec.input_size, resize_size=spec.resize_size)
+    batch = preset.batch([read_image_file(str(p), min_side=preset.min_decode_side) for p in paths])
     conf = load_backend(str(export_dir / "model.onnx"))(batch).softmax(-1).max(1).values
     return float(conf.quantile(quantile))
 
