@@ -12,7 +12,9 @@ This asks the management API on loopback instead: ``GET /models`` (every model),
 else exit 1 with one line saying which is not. Standard library only (the exec probe of
 deploy/kubernetes, copied into the serving image as ``/usr/local/bin/ts-ready``; ``tests/deploy``
 runs it against a real TorchServe). A management key (token authorization on) comes from
-``TS_MANAGEMENT_KEY`` or ``--key-file`` (TorchServe's ``key_file.json``).
+``TS_MANAGEMENT_KEY`` or ``--key-file`` (TorchServe's ``key_file.json``). Proxy variables (``HTTP_PROXY``, which
+some clusters inject into every pod) are ignored: the server is on loopback. All requests together end within
+``--deadline`` seconds, below the probe's ``timeoutSeconds``, so a slow answer is "not ready", not a killed probe.
 """
 from __future__ import annotations
 
@@ -20,22 +22,33 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.parse
 import urllib.request
 
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+DEADLINE_S = 4.0  # all requests together; deploy/kubernetes' probes give it timeoutSeconds 6 (tests/deploy checks)
 
-def _get(url: str, key: str | None, timeout: float):
+
+def _get(url: str, key: str | None, timeout: float, deadline: float):
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no complete answer within the deadline")
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
+    with DIRECT.open(request, timeout=min(timeout, left)) as answer:
         return json.load(answer)
 
 
-def problem(management_url: str, *, key: str | None = None, timeout: float = 2.0) -> str | None:
-    """Why the server is not ready, or None when every registered model has a READY worker."""
+def problem(management_url: str, *, key: str | None = None, timeout: float = 2.0,
+            deadline: float | None = None) -> str | None:
+    """Why the server is not ready, or None when every registered model has a READY worker; ``deadline``: the
+    ``time.monotonic()`` by which every answer must be in (default: ``timeout`` per request only)."""
+    deadline = deadline if deadline is not None else float("inf")
     base = management_url.rstrip("/")
     names, token = [], ""
     while True:  # the listing is paged (100 a page by default)
-        page = _get(f"{base}/models?limit=1000" + (f"&next_page_token={token}" if token else ""), key, timeout)
+        page = _get(f"{base}/models?limit=1000" + (f"&next_page_token={token}" if token else ""), key, timeout,
+                    deadline)
         names += [m["modelName"] for m in page.get("models", [])]
         token = page.get("nextPageToken")
         if not token:
@@ -43,7 +56,7 @@ def problem(management_url: str, *, key: str | None = None, timeout: float = 2.0
     if not names:
         return "no model is registered (an archive that failed to load leaves none)"
     for name in names:
-        versions = _get(f"{base}/models/{urllib.parse.quote(name, safe='')}", key, timeout)
+        versions = _get(f"{base}/models/{urllib.parse.quote(name, safe='')}", key, timeout, deadline)
         workers = [w for v in versions for w in v.get("workers", [])]
         if not any(w.get("status") == "READY" for w in workers):
             return f"model {name} has no READY worker (workers: {[w.get('status') for w in workers] or 'none'})"
@@ -56,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8081", help="TorchServe's management API")
     p.add_argument("--key-file", help="TorchServe's key_file.json, for its management key (token authorization)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per request")
+    p.add_argument("--deadline", type=float, default=DEADLINE_S,
+                   help="seconds for all requests together (keep it below the probe's timeoutSeconds)")
     args = p.parse_args(argv)
+    deadline = time.monotonic() + args.deadline
     key = os.environ.get("TS_MANAGEMENT_KEY")
     try:
         if args.key_file:
             with open(args.key_file) as f:
                 key = json.load(f)["management"]["key"]
-        why = problem(args.url, key=key, timeout=args.timeout)
+        why = problem(args.url, key=key, timeout=args.timeout, deadline=deadline)
     except (OSError, ValueError, KeyError, TypeError) as e:  # not up yet, refused, a body that is not the API's
         why = f"the management API at {args.url} did not answer as TorchServe's: {type(e).__name__}: {e}"
     print(f"not ready: {why}" if why else "ready", file=sys.stderr if why else sys.stdout)

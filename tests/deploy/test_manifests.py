@@ -38,6 +38,17 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 PVC_OVERLAY = K8S / "overlays" / "model-store-pvc"
+
+
+def _ts_ready_deadline() -> float:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ts_ready", DEPLOY / "image" / "ts_ready.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DEADLINE_S
+
+
+TS_READY_DEADLINE_S = _ts_ready_deadline()
 RATE_OVERLAY = K8S / "overlays" / "request-rate"  # the base + components/request-rate
 KSERVE = DEPLOY / "kserve"
 SCHEMAS = DEPLOY / "schemas"
@@ -206,6 +217,9 @@ def consistency_problems(objs: dict[str, dict], props: dict[str, str], adapter_r
         probe = ts.get(kind) or {}
         if probe.get("exec", {}).get("command") != ["ts-ready"]:
             problems.append(f"{kind} must run ts-ready (deploy/image/ts_ready.py), has {probe or 'none'}")
+        elif probe.get("timeoutSeconds", 1) <= TS_READY_DEADLINE_S:  # killed by the kubelet before it can answer
+            problems.append(f"{kind} timeoutSeconds {probe.get('timeoutSeconds', 1)} must exceed ts-ready's "
+                            f"--deadline ({TS_READY_DEADLINE_S} s)")
     probe = ts.get("livenessProbe") or {}
     if ("httpGet" not in probe or probe["httpGet"].get("path") != "/ping"
             or resolve_port(ts, probe["httpGet"]["port"]) != inf_port):
@@ -653,3 +667,17 @@ def test_the_pod_logs_to_standard_output_only():
     assert args[args.index("--log-config") + 1] == f"{mount}/log4j2.xml"
     generated = yaml.safe_load((BASE / "kustomization.yaml").read_text())["configMapGenerator"][0]["files"]
     assert "log4j2.xml" in generated
+
+
+def test_kserve_logs_to_standard_output_and_both_jvms_exit_on_out_of_memory():
+    """KServe's runtime starts torchserve without --log-config: TorchServe's own log4j2.xml then wrote rolling
+    files forever into the container's writable layer. Its config names the stdout-only copy through vmargs;
+    and a JVM out of memory exits (the container restarts) instead of answering /ping with dying threads."""
+    kserve = DEPLOY / "kserve" / "config"
+    assert (kserve / "log4j2.xml").read_text().split("-->", 1)[1] == (BASE / "log4j2.xml").read_text().split("-->", 1)[1]
+    store_root = read_properties(kserve / "config.properties")["model_store"].rsplit("/", 1)[0]  # /mnt/models
+    for config, extra in ((kserve / "config.properties", f"-Dlog4j.configurationFile=file://{store_root}/config/log4j2.xml"),
+                          (BASE / "config.properties", None)):
+        vmargs = read_properties(config)["vmargs"].split()
+        assert "-XX:+ExitOnOutOfMemoryError" in vmargs and "-XX:MaxRAMPercentage=25" in vmargs, config
+        assert extra is None or extra in vmargs, (config, vmargs)

@@ -99,3 +99,44 @@ def test_the_probe_waits_for_the_models_where_ping_does_not(tmp_path):
         assert json.loads(call(f"{ts.url}/ping", headers=ts.auth("inference"), timeout=5)[1])["status"] == "Healthy"
     finally:
         ts.close()
+
+
+def test_the_probe_ignores_proxy_variables_and_ends_within_its_deadline(tmp_path):
+    """A cluster that injects HTTP_PROXY into every pod sent the loopback probe through the proxy (never ready);
+    and one slow answer per model added up past the probe's timeoutSeconds (the kubelet kills it: a failure
+    without a reason). A stand-in management API: one model, READY, and a slow path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/models?"):
+                body = {"models": [{"modelName": "m"}, {"modelName": "slow"}]}
+            else:
+                if self.path == "/models/slow":
+                    time.sleep(1.5)  # within the 2 s per request, beyond a 1 s deadline
+                body = [{"workers": [{"status": "READY"}]}]
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {"PATH": "/usr/bin:/bin", "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    try:
+        proc = subprocess.run([sys.executable, str(PROBE), "--url", url, "--deadline", "10"], capture_output=True,
+                              text=True, timeout=30, env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ready", proc.stderr
+        began = time.monotonic()
+        proc = subprocess.run([sys.executable, str(PROBE), "--url", url, "--deadline", "1"], capture_output=True,
+                              text=True, timeout=30, env=env)
+        took = time.monotonic() - began
+        assert proc.returncode == 1 and "not ready" in proc.stderr and took < 2.5, (took, proc.stderr)
+    finally:
+        server.shutdown()
+        server.server_close()
