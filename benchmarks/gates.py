@@ -29,9 +29,12 @@ export), one per architecture and variant::
 * ``accuracy_change_points``: the variant's top-1 minus fp32's, in points (negative: a drop);
 * ``top1_agreement``: the fraction of images whose top-1 equals fp32's (0..1);
 * ``source``: what was exported and judged on (checkpoint, images);
-* ``kept_fp32`` (INT8, optional): the layers the accuracy control left in fp32. The bench's INT8 graph of
-  random weights then leaves the same layers in fp32 (``tools.models.export_random_model``), so that its
-  speed is that of the graph that kept accuracy; a graph quantized otherwise is speed-only.
+* ``kept_fp32`` (INT8; without it an INT8 record never counts): the layers the accuracy control left in fp32.
+  The bench's INT8 graph of random weights then leaves the same layers in fp32
+  (``tools.models.export_random_model``), read back from that graph; it counts only when it kept at least
+  those, so that its speed is that of the graph that kept accuracy; a graph quantized otherwise is speed-only;
+* ``runs`` (OpenVINO; written by ``records_from_verify``): ``{hint: numbers}`` of each precision hint the
+  variant was judged with; it counts only for the hint the bench serves it with.
 
 Other keys are kept and ignored. A later record for the same ``(arch, variant)`` replaces an earlier
 one (append to the file as exports are redone).

@@ -97,7 +97,11 @@ class Served:
                                  overrides={"async_logging": "true"})
 
     def start(self) -> "Served":
-        self.server.start(timeout=300)
+        try:
+            self.server.start(timeout=300)
+        except BaseException:  # recorded by the sitting, which goes on: not with this server's folder left behind
+            self.server.close()
+            raise
         return self
 
     def stop(self) -> None:

@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         print(f"error: TorchServe did not start with {archive}: {e}", file=sys.stderr)
         return 1
+    except BaseException:  # a mistake (a busy port: one line from run_cli) or Ctrl-C: its folder goes too
+        server.close()
+        raise
     try:
         print(f"TorchServe PID {server.pid} at {server.url}", flush=True)
         sampler = RssSampler(server.pid, args.sample_interval)

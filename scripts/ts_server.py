@@ -169,7 +169,7 @@ def stop(args: argparse.Namespace) -> int:
         return 0
     state = _read_state(state_file)
     pid = state.get("pid")
-    if isinstance(pid, int) and psutil.pid_exists(pid) and not _ours_to_signal(pid):
+    if is_torchserve(pid) and not _ours_to_signal(pid):  # a stale PID now a root daemon's is just stale
         raise UsageError(f"TorchServe PID {pid} belongs to another user (started with sudo?): stop it as that user, "
                          "e.g. `sudo make stop`")
     if not is_torchserve(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now

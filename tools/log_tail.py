@@ -15,9 +15,12 @@ deleted by the rollover's ``max``, a log4j2.xml of the user's) it reads the new 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ROLLED_PATTERN = "%d{yyyy-MM-dd}.%i.log"  # after "NAME.": daily, then by size; no ".gz", so the inode stays
+ROLLED_MAX = 20  # rolled files a day that log4j2 keeps (TorchServe's 5: a deleted one's lines are lost)
+ROLLED_NAME = re.compile(r"\.(\d{4}-\d\d-\d\d)\.(\d+)\.log$")  # the date and index ROLLED_PATTERN writes
 
 
 def inode(path: str | os.PathLike) -> int | None:
@@ -67,8 +70,9 @@ class LogTail:
             except OSError:
                 continue
             if p != self.path and p.is_file():
-                rolled.append((st.st_mtime_ns, st.st_ino, p))
-        rolled.sort()
+                m = ROLLED_NAME.search(p.name)  # ties of the coarse file clock: the name's date and index decide
+                rolled.append(((st.st_mtime_ns, m[1], int(m[2])) if m else (st.st_mtime_ns, "", 0), st.st_ino, p))
+        rolled.sort(key=lambda r: r[0])
         start = next((i for i, (_, ino, _) in enumerate(rolled) if ino == self.inode), None)
         if start is None:
             self.lost = True

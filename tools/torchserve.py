@@ -55,7 +55,7 @@ def listener_host(address: str | None) -> str:
                          "listeners; for TLS, put a proxy in front (README, Security) or run torchserve yourself")
     return m.group(2)
 from tools.drain import drain
-from tools.log_tail import ROLLED_PATTERN, inode
+from tools.log_tail import ROLLED_MAX, ROLLED_PATTERN, inode
 
 DEFAULT_CONFIG = REPO / "config.properties"
 
@@ -126,7 +126,10 @@ def log_config(dest: str | os.PathLike) -> Path | None:
     new, k = re.subn(r'(\s*)<Loggers>', lambda m: f'{m[0]}{m[1]}\t{WORKER_TRACE_LOGGER}', new, count=1)
     new, r = re.subn(r'(name="(access_log|ts_log)"\s+fileName="[^"]*"\s+filePattern="[^"]*?\b\2\.)[^"]*(")',
                      lambda m: m[1] + ROLLED_PATTERN + m[3], new, flags=re.S)
-    if n != 1 or k != 1 or r != 2:
+    # more rolled files a day before log4j2 deletes the oldest (5): a deleted file's lines are lost to a drain
+    new, d = re.subn(r'(name="(?:access_log|ts_log)".*?<DefaultRolloverStrategy max=")\d+(")',
+                     lambda m: m[1] + str(ROLLED_MAX) + m[2], new, flags=re.S)
+    if n != 1 or k != 1 or r != 2 or d != 2:
         return None
     Path(dest).write_text(new)
     return Path(dest)

@@ -681,3 +681,17 @@ def test_kserve_logs_to_standard_output_and_both_jvms_exit_on_out_of_memory():
         vmargs = read_properties(config)["vmargs"].split()
         assert "-XX:+ExitOnOutOfMemoryError" in vmargs and "-XX:MaxRAMPercentage=25" in vmargs, config
         assert extra is None or extra in vmargs, (config, vmargs)
+
+
+def test_the_image_installs_with_constraints_that_pin_everything_its_pins_pull_in():
+    """The Dockerfile pinned what the server imports, and pip took the newest of everything those pull in
+    (protobuf, sympy, matplotlib through captum): the image was not the set `make audit` checks here."""
+    from tools.image_constraints import render
+    dockerfile = (DEPLOY / "image" / "Dockerfile").read_text()
+    assert re.search(r"^COPY constraints.txt /tmp/constraints.txt$", dockerfile, re.M)
+    assert dockerfile.count("pip install --no-cache-dir -c /tmp/constraints.txt") == 2  # both indexes
+    current = (DEPLOY / "image" / "constraints.txt").read_text()
+    assert current == render(), "deploy/image/constraints.txt is stale: python -m tools.image_constraints > it"
+    pinned = dict(line.split("==") for line in current.splitlines() if line and not line.startswith("#"))
+    assert {"protobuf", "sympy", "matplotlib", "flatbuffers", "torch", "torchserve"} <= set(pinned)
+    assert not [n for n in pinned if n.startswith(("nvidia-", "cuda-")) or n == "triton"]  # the CPU wheel's set

@@ -15,7 +15,7 @@ from tools.log_tail import inode
 from tools.torchserve import TorchServe, log_config
 
 pytestmark = pytest.mark.slow
-REQUESTS = 60
+REQUESTS = 40  # some 3 rolled files: well within the 20 a day log4j2 keeps
 
 
 def _small_access_log_config(dest):

@@ -72,3 +72,30 @@ def test_without_a_known_inode_a_shorter_file_is_a_rollover_with_lines_lost(tmp_
     log.write_text("new\n")
     assert tail.lines() == ["new"] and tail.lost
     assert LogTail(tmp_path / "missing.log").lines() == []
+
+
+def test_torchserves_log_config_rolls_the_two_drained_logs_into_plain_files_and_keeps_twenty(tmp_path):
+    import re
+
+    from tools.log_tail import ROLLED_MAX, ROLLED_PATTERN
+    from tools.torchserve import log_config
+    xml = log_config(tmp_path / "log4j2.xml").read_text()
+    for name in ("access_log", "ts_log"):
+        block = re.search(rf'name="{name}".*?</RollingFile>', xml, re.S)[0]
+        assert f'/{name}.{ROLLED_PATTERN}"' in block and ".gz" not in block, block
+        assert f'<DefaultRolloverStrategy max="{ROLLED_MAX}"/>' in block
+    assert xml.count(".log.gz") == 3  # model_log, model_metrics, ts_metrics: TorchServe's own, untouched
+
+
+def test_rolled_files_of_one_clock_tick_are_read_in_the_order_of_their_index(tmp_path):
+    log = tmp_path / "access_log.log"
+    _append(log, "a")
+    tail = LogTail(log, inode=inode(log))
+    for i, text in ((1, "b"), (2, "c")):
+        _roll(log, f"access_log.2026-12-06.{i}.log")
+        _append(log, text)
+    _roll(log, "access_log.2026-12-06.3.log")
+    _append(log, "d")
+    for i in (3, 2, 1):  # the same modification time for all three
+        os.utime(tmp_path / f"access_log.2026-12-06.{i}.log", ns=(10**9, 10**9))
+    assert tail.lines() == ["a", "b", "c", "d"]
