@@ -223,3 +223,32 @@ def test_a_forced_stop_kills_the_whole_tree_even_below_a_killed_parent():
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     finally:
         launcher.kill()
+
+
+def test_a_hung_stop_kills_the_workers_below_java_too(tmp_path):
+    """stop()'s forced path SIGKILLed Java first and only then listed the launcher's children: Java's workers had
+    been handed to init by then, and a worker stuck in a forward pass lived on. A launcher that ignores SIGTERM
+    and waits on its "Java", whose "worker" sleeps: all three end."""
+    import subprocess
+
+    import psutil
+
+    from tools.torchserve import TorchServe
+    server = TorchServe(model_store=tmp_path, workdir=tmp_path / "run")
+    server.launcher = subprocess.Popen(["bash", "-c", "trap '' TERM; bash -c 'trap \"\" TERM; sleep 300 & wait' & wait"])
+    try:
+        deadline = time.time() + 10
+        while len(psutil.Process(server.launcher.pid).children(recursive=True)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        tree = psutil.Process(server.launcher.pid).children(recursive=True)
+        java = next(p for p in tree if p.ppid() == server.launcher.pid)
+        worker = next(p for p in tree if p.ppid() == java.pid)
+        server.pid = java.pid
+        server.stop(timeout=1)  # SIGTERM is ignored: the forced path
+        psutil.wait_procs([java, worker], timeout=10)
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, "the worker outlived the stop"
+    finally:
+        for p in psutil.Process(server.launcher.pid).children(recursive=True) if server.launcher.poll() is None else []:
+            p.kill()
+        server.launcher.kill()
+        server.close()
