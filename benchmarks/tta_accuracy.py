@@ -47,10 +47,9 @@ def evaluation_images(*, data: str | None = None, validation_of: str | None = No
     try:
         split = held_out(checkpoint_config=ckpt.get("config") or {}, class_names=spec.class_names,
                          val_images=sys.maxsize, calib_images=0, selection=ckpt.get("selection"))
-    except ValueError as e:  # its advice names export's options: say this script's
-        why = str(e).split(": pass --")[0]
-        raise ValueError(f"--validation-of {validation_of}: {why}: pass --data with labelled validation images "
-                         "instead (not the test split)") from None
+    except ValueError as e:  # its advice names export's options (in parentheses here): say this script's
+        raise ValueError(f"--validation-of {validation_of}: the validation split that chose it cannot be rebuilt "
+                         f"here ({e}); pass --data with labelled validation images instead (not the test split)") from None
     return split.val_paths, split.val_labels, split.val_source
 
 

@@ -169,7 +169,7 @@ def stop(args: argparse.Namespace) -> int:
         return 0
     state = _read_state(state_file)
     pid = state.get("pid")
-    if is_torchserve(pid) and not _ours_to_signal(pid):  # a stale PID now a root daemon's is just stale
+    if isinstance(pid, int) and not _ours_to_signal(pid) and _may_be_torchserve(pid):  # not a root daemon's now
         raise UsageError(f"TorchServe PID {pid} belongs to another user (started with sudo?): stop it as that user, "
                          "e.g. `sudo make stop`")
     if not is_torchserve(pid):  # gone (killed, the terminal closed, a reboot): its PID may be another process's now
@@ -212,6 +212,16 @@ def stop(args: argparse.Namespace) -> int:
             print(f"TorchServe PID {pid} did not exit in {EXIT_TIMEOUT:.0f} s: killed", flush=True)
     state_file.unlink(missing_ok=True)
     return 0
+
+
+def _may_be_torchserve(pid: int) -> bool:
+    """A live TorchServe, or a live process whose command line cannot be read (``/proc`` mounted ``hidepid``)."""
+    try:
+        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _ours_to_signal(pid: int) -> bool:

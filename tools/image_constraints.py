@@ -8,7 +8,10 @@ distribution's requirements, markers evaluated for this Linux/CPython, extras no
 installed here, for ``pip install -c constraints.txt``. torch's CUDA requirements (``nvidia-*``, ``cuda-*``,
 ``triton``) are left out: the image takes torch from PyTorch's CPU index, whose wheels do not require them.
 
-    python -m tools.image_constraints > deploy/image/constraints.txt   # tests/deploy checks it is current
+    python -m tools.image_constraints --write   # deploy/image/constraints.txt; tests/deploy checks it is current
+
+To raise a pin: edit pyproject.toml and the Dockerfile, ``make setup CONSTRAINTS=`` (the old constraints would
+refuse the new version), then ``--write``. Without ``--write`` the file's text goes to standard output.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from packaging.utils import canonicalize_name
 from tools import REPO
 
 DOCKERFILE = REPO / "deploy" / "image" / "Dockerfile"
+CONSTRAINTS = REPO / "deploy" / "image" / "constraints.txt"
 CUDA_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")  # torch's PyPI (CUDA) wheel needs them; the CPU wheel does not
 # the image's CPU package, read from the GPU package installed here (same version and requirements)
 INSTALLED_AS = {"onnxruntime": "onnxruntime-gpu"}
@@ -65,4 +69,10 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    text = render()  # a missing package ends here, before anything is written
+    if sys.argv[1:] == ["--write"]:
+        from inference.atomic import write_bytes
+        write_bytes(path=CONSTRAINTS, data=text.encode())
+        print(f"wrote {CONSTRAINTS}")
+    else:
+        sys.stdout.write(text)

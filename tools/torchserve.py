@@ -127,7 +127,7 @@ def log_config(dest: str | os.PathLike) -> Path | None:
     new, r = re.subn(r'(name="(access_log|ts_log)"\s+fileName="[^"]*"\s+filePattern="[^"]*?\b\2\.)[^"]*(")',
                      lambda m: m[1] + ROLLED_PATTERN + m[3], new, flags=re.S)
     # more rolled files a day before log4j2 deletes the oldest (5): a deleted file's lines are lost to a drain
-    new, d = re.subn(r'(name="(?:access_log|ts_log)".*?<DefaultRolloverStrategy max=")\d+(")',
+    new, d = re.subn(r'(name="(?:access_log|ts_log)"(?:(?!</RollingFile>).)*?<DefaultRolloverStrategy max=")\d+(")',
                      lambda m: m[1] + str(ROLLED_MAX) + m[2], new, flags=re.S)
     if n != 1 or k != 1 or r != 2 or d != 2:
         return None

@@ -691,7 +691,7 @@ def test_the_image_installs_with_constraints_that_pin_everything_its_pins_pull_i
     assert re.search(r"^COPY constraints.txt /tmp/constraints.txt$", dockerfile, re.M)
     assert dockerfile.count("pip install --no-cache-dir -c /tmp/constraints.txt") == 2  # both indexes
     current = (DEPLOY / "image" / "constraints.txt").read_text()
-    assert current == render(), "deploy/image/constraints.txt is stale: python -m tools.image_constraints > it"
+    assert current == render(), "deploy/image/constraints.txt is stale: python -m tools.image_constraints --write"
     pinned = dict(line.split("==") for line in current.splitlines() if line and not line.startswith("#"))
     assert {"protobuf", "sympy", "matplotlib", "flatbuffers", "torch", "torchserve"} <= set(pinned)
     assert not [n for n in pinned if n.startswith(("nvidia-", "cuda-")) or n == "triton"]  # the CPU wheel's set

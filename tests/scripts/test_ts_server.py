@@ -29,9 +29,28 @@ def test_stop_names_a_server_of_another_user_instead_of_a_traceback(tmp_path, ca
     state = tmp_path / "s.json"
     state.write_text('{"pid": 1}')  # init: alive, and not ours to signal unless the tests run as root
     monkeypatch.setattr(ts_server, "_ours_to_signal", lambda pid: False)
-    monkeypatch.setattr(ts_server, "is_torchserve", lambda pid: True)  # a TorchServe started with sudo
+    monkeypatch.setattr(ts_server, "_may_be_torchserve", lambda pid: True)  # a TorchServe started with sudo
     assert run_cli(ts_server.main, ["stop", "--state-file", str(state)]) == 2
     assert "belongs to another user" in capsys.readouterr().err and state.is_file()  # left for that user's stop
-    monkeypatch.setattr(ts_server, "is_torchserve", lambda pid: False)  # after a reboot: a root daemon has the PID
+    monkeypatch.setattr(ts_server, "_may_be_torchserve", lambda pid: False)  # after a reboot: a root daemon's PID
     assert run_cli(ts_server.main, ["stop", "--state-file", str(state)]) == 0
     assert "nothing to stop" in capsys.readouterr().out and not state.is_file()  # stale: removed, not "sudo"
+
+
+def test_stop_does_not_call_a_server_stale_because_its_command_line_is_hidden(tmp_path, capsys, monkeypatch):
+    """/proc mounted hidepid: another user's live TorchServe has an unreadable command line; removing its state
+    file as stale left a later `sudo make stop` nothing to stop."""
+    import psutil
+
+    class Hidden:
+        def __init__(self, pid):
+            pass
+
+        def cmdline(self):
+            raise psutil.AccessDenied(1)
+    state = tmp_path / "s.json"
+    state.write_text('{"pid": 1}')
+    monkeypatch.setattr(ts_server, "_ours_to_signal", lambda pid: False)
+    monkeypatch.setattr(ts_server.psutil, "Process", Hidden)
+    assert run_cli(ts_server.main, ["stop", "--state-file", str(state)]) == 2
+    assert "belongs to another user" in capsys.readouterr().err and state.is_file()
