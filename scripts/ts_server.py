@@ -216,12 +216,7 @@ def stop(args: argparse.Namespace) -> int:
 
 def _may_be_torchserve(pid: int) -> bool:
     """A live TorchServe, or a live process whose command line cannot be read (``/proc`` mounted ``hidepid``)."""
-    try:
-        return "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
-    except psutil.AccessDenied:
-        return True
-    except psutil.Error:
-        return False
+    return is_torchserve(pid, unreadable=True)
 
 
 def _ours_to_signal(pid: int) -> bool:

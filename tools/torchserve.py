@@ -135,12 +135,18 @@ def log_config(dest: str | os.PathLike) -> Path | None:
     return Path(dest)
 
 
-def is_torchserve(pid) -> bool:
-    """``pid`` is a live TorchServe (not a PID the system gave to another process since)."""
+def is_torchserve(pid, *, unreadable: bool = False) -> bool:
+    """``pid`` is a live TorchServe (not a PID the system gave to another process since); ``unreadable``: what a
+    live process whose command line cannot be read counts as (another user's under ``/proc`` mounted hidepid)."""
     try:
         import psutil
+    except ImportError:
+        return False
+    try:
         return isinstance(pid, int) and "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline()
-    except Exception:  # gone, a zombie, not ours to read, or no psutil
+    except psutil.AccessDenied:
+        return unreadable
+    except Exception:  # gone, a zombie
         return False
 
 
