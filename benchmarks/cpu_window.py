@@ -6,18 +6,24 @@ a CPU-second) and the idle server around it. ``CpuWindow``, a context manager ar
 locust's stats history has its first row (locust writes it as the test starts, and all users spawn at
 once), then reads the cumulative CPU time of TorchServe's Java frontend (its PID), of its Python workers
 (``tools.processes.worker_processes``), of the locust process tree and of the whole machine
-(``psutil.cpu_times``) ``settle`` seconds later and again ``margin`` seconds before the run ends. ``cores``
-are the differences over the window's wall time: 2.0 is both cores of a 2-core machine all the time.
+(the CPUs of this process's affinity, from ``/proc/stat``) ``settle`` seconds later and again ``margin``
+seconds before the run ends. ``cores`` are the differences over the window's wall time: 2.0 is both cores
+of a 2-core machine all the time. In a container restricted to some of the host's CPUs (its cpuset), the
+machine is those CPUs: the host's other tenants are neither busy time nor cores of this run.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from inference.threads import available_cores
 from tools.processes import processes_cpu, worker_processes
+
+_NOT_BUSY = (3, 4, 8, 9)  # /proc/stat's idle, iowait, guest, guest_nice columns (user, nice, ... from 0)
 
 
 def _started(history_csv: Path) -> bool:
@@ -41,11 +47,26 @@ def _locust_tree() -> list[psutil.Process]:
     return out
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent outside idle and iowait since boot; steal (the hypervisor's
-    share of a virtual CPU) counts as busy, guest time only once (Linux counts it in user already)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - sum(getattr(t, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
+def machine_busy(cpus: set[int] | None = None) -> float:
+    """CPU seconds that ``cpus`` (default: this process's affinity) have spent outside idle and iowait since
+    boot; steal (the hypervisor's share of a virtual CPU) counts as busy, guest time only once (Linux counts it
+    in user already). Without ``/proc/stat``: the whole machine's, from psutil."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+    except OSError:
+        rows = None
+    if not rows or cpus is None:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - sum(getattr(t, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
+    ticks = 0
+    for row in rows:
+        if int(row[0][3:]) in cpus:
+            values = [int(v) for v in row[1:]]
+            ticks += sum(values) - sum(values[i] for i in _NOT_BUSY if i < len(values))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class CpuWindow:
@@ -91,5 +112,5 @@ class CpuWindow:
             return
         b = self._snapshot()
         wall = b["t"] - a["t"]
-        self.result = {"window_s": round(wall, 3), "cores": psutil.cpu_count(),
+        self.result = {"window_s": round(wall, 3), "cores": available_cores(),
                        **{f"{k}_cores": (b[k] - a[k]) / wall for k in ("frontend", "workers", "locust", "machine_busy")}}

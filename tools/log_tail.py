@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 ROLLED_PATTERN = "%d{yyyy-MM-dd}.%i.log"  # after "NAME.": daily, then by size; no ".gz", so the inode stays
 ROLLED_MAX = 20  # rolled files a day that log4j2 keeps (TorchServe's 5: a deleted one's lines are lost)
+CHUNK = 1 << 20  # bytes read at a time
 ROLLED_NAME = re.compile(r"\.(\d{4}-\d\d-\d\d)\.(\d+)\.log$")  # the date and index ROLLED_PATTERN writes
 
 
@@ -33,36 +35,47 @@ def inode(path: str | os.PathLike) -> int | None:
 
 class LogTail:
     """The complete lines appended to ``path`` from byte ``offset`` of the file whose inode is ``inode`` (None:
-    whatever file is at ``path`` on the first read) on; a half-written last line waits for the next read."""
+    whatever file is at ``path`` on the first read) on; a half-written last line waits for the next read.
+    Files are read :data:`CHUNK` bytes at a time, so a drain that meets a rolled 100 MB log holds one chunk."""
 
     def __init__(self, path: str | os.PathLike, offset: int = 0, inode: int | None = None):
         self.path, self.pos, self.inode = Path(path), int(offset), inode
         self.lost = False
         self._partial = b""
 
-    def lines(self) -> list[str]:
-        """The lines appended since the last call (none while there is no file)."""
+    def lines(self) -> Iterator[str]:
+        """The lines appended since the last call (none while there is no file); consume it whole: the
+        position moves on as chunks are read."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
-            return []
+            return
         with f:
             st = os.fstat(f.fileno())
-            data = b""
             if self.inode is not None and st.st_ino != self.inode:  # rolled over since the last read
-                data, self.pos = self._rolled_rest(), 0
+                for k, rolled in enumerate(self._rolled_after()):
+                    with open(rolled, "rb") as g:
+                        g.seek(self.pos if k == 0 else 0)
+                        yield from self._chunks(g)
+                self.pos = 0
             elif st.st_size < self.pos:  # rolled over (or truncated), and the earlier file is not known
                 self.lost, self.pos = True, 0
             self.inode = st.st_ino
             f.seek(self.pos)
-            data += f.read()
+            for line in self._chunks(f):
+                self.pos = f.tell()
+                yield line
             self.pos = f.tell()
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return [line.decode(errors="replace") for line in lines]
 
-    def _rolled_rest(self) -> bytes:
-        """The rest of the rolled file that was being read (from :attr:`pos`), then the files rolled after it."""
+    def _chunks(self, f) -> Iterator[str]:
+        """The complete lines of ``f`` from where it stands to its end, the last partial one kept back."""
+        while chunk := f.read(CHUNK):
+            lines = (self._partial + chunk).split(b"\n")
+            self._partial = lines.pop()
+            yield from (line.decode(errors="replace") for line in lines)
+
+    def _rolled_after(self) -> list[Path]:
+        """The rolled file that was being read (from :attr:`pos`), then the files rolled after it."""
         rolled = []
         for p in self.path.parent.glob(f"{self.path.stem}.*"):
             try:
@@ -75,14 +88,14 @@ class LogTail:
         rolled.sort(key=lambda r: r[0])
         start = next((i for i, (_, ino, _) in enumerate(rolled) if ino == self.inode), None)
         if start is None:
-            self.lost = True
-            return b""
+            self.lost, self.pos = True, 0
+            return []
         out = []
         for k, (_, _, p) in enumerate(rolled[start:]):
             if p.suffix == ".gz":  # a later roll compressed: its lines are not read
                 self.lost = True
-                continue
-            with open(p, "rb") as g:
-                g.seek(self.pos if k == 0 else 0)
-                out.append(g.read())
-        return b"".join(out)
+                if k == 0:
+                    self.pos = 0
+            else:
+                out.append(p)
+        return out

@@ -28,11 +28,11 @@ def test_a_rollover_between_reads_loses_no_line(tmp_path):
     _append(log, "before the server started")
     tail = LogTail(log, offset=log.stat().st_size, inode=inode(log))
     _append(log, "a1", "a2")
-    assert tail.lines() == ["a1", "a2"]
+    assert list(tail.lines()) == ["a1", "a2"]
     _append(log, "a3")
     _roll(log, "access_log.2026-12-06.1.log")
     _append(log, "b1")
-    assert tail.lines() == ["a3", "b1"] and not tail.lost
+    assert list(tail.lines()) == ["a3", "b1"] and not tail.lost
 
 
 def test_several_rollovers_before_the_first_read_are_read_in_order(tmp_path):
@@ -47,7 +47,7 @@ def test_several_rollovers_before_the_first_read_are_read_in_order(tmp_path):
         _roll(log, f"access_log.2026-12-0{day}.1.log")
     _append(log, "d")
     os.utime(tmp_path / "access_log.2026-12-06.1.log", ns=(6 * 10**9, 6 * 10**9))
-    assert tail.lines() == ["a", "b", "c", "d"] and not tail.lost
+    assert list(tail.lines()) == ["a", "b", "c", "d"] and not tail.lost
 
 
 def test_a_half_written_line_waits_and_a_compressed_roll_is_reported_lost(tmp_path):
@@ -56,13 +56,13 @@ def test_a_half_written_line_waits_and_a_compressed_roll_is_reported_lost(tmp_pa
     tail = LogTail(log, inode=inode(log))
     with open(log, "a") as f:
         f.write("x1\nx2 half")
-    assert tail.lines() == ["x1"]
+    assert list(tail.lines()) == ["x1"]
     _append(log, " written")
-    assert tail.lines() == ["x2 half written"]
+    assert list(tail.lines()) == ["x2 half written"]
     _append(log, "x3")
     _roll(log, "access_log.06-Dec.log.gz", compress=True)  # TorchServe's own log4j2.xml gzips its rolled files
     _append(log, "y1")
-    assert tail.lines() == ["y1"] and tail.lost
+    assert list(tail.lines()) == ["y1"] and tail.lost
 
 
 def test_without_a_known_inode_a_shorter_file_is_a_rollover_with_lines_lost(tmp_path):
@@ -70,8 +70,8 @@ def test_without_a_known_inode_a_shorter_file_is_a_rollover_with_lines_lost(tmp_
     _append(log, "0123456789" * 3)
     tail = LogTail(log, offset=log.stat().st_size)
     log.write_text("new\n")
-    assert tail.lines() == ["new"] and tail.lost
-    assert LogTail(tmp_path / "missing.log").lines() == []
+    assert list(tail.lines()) == ["new"] and tail.lost
+    assert list(LogTail(tmp_path / "missing.log").lines()) == []
 
 
 def test_torchserves_log_config_rolls_the_two_drained_logs_into_plain_files_and_keeps_twenty(tmp_path):
@@ -98,4 +98,22 @@ def test_rolled_files_of_one_clock_tick_are_read_in_the_order_of_their_index(tmp
     _append(log, "d")
     for i in (3, 2, 1):  # the same modification time for all three
         os.utime(tmp_path / f"access_log.2026-12-06.{i}.log", ns=(10**9, 10**9))
-    assert tail.lines() == ["a", "b", "c", "d"]
+    assert list(tail.lines()) == ["a", "b", "c", "d"]
+
+
+def test_lines_across_chunk_boundaries_and_rolled_files_read_a_chunk_at_a_time(tmp_path, monkeypatch):
+    import tools.log_tail
+    monkeypatch.setattr(tools.log_tail, "CHUNK", 7)  # every line crosses a chunk boundary somewhere
+    log = tmp_path / "access_log.log"
+    _append(log, "old")
+    tail = LogTail(log, offset=log.stat().st_size, inode=inode(log))
+    first = [f"line {i:03d} of the first file" for i in range(40)]
+    _append(log, *first)
+    _roll(log, "access_log.2026-12-06.1.log")
+    _append(log, "new 1", "new 2")
+    with open(log, "a") as f:
+        f.write("half")
+    assert list(tail.lines()) == first + ["new 1", "new 2"] and not tail.lost
+    assert tail.pos == log.stat().st_size
+    _append(log, " done")
+    assert list(tail.lines()) == ["half done"]
