@@ -39,7 +39,7 @@ from inference.image_errors import ImageError, in_request
 from inference.images import batch_jpeg_decoder, decode_many
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError
-from inference.responses import topk_predictions
+from inference.responses import failure_reason, topk_predictions
 from inference.settings import HandlerSettings
 from inference.threads import WorkerThreads
 from inference.transforms import EvalPreset
@@ -206,8 +206,8 @@ class ImageClassifierHandler(BaseHandler):
         batch.errors.update({i: e for i, body in enumerate(out) if (e := protocols.bounded(body, limit=limit))})
         if batch.failure is not None:
             for owner in set(batch.owners):
-                batch.errors[owner] = RequestError(f"the model failed on this batch: {batch.failure}", status=500,
-                                                   error="inference failed")
+                batch.errors[owner] = RequestError(f"the model failed on this batch: {failure_reason(batch.failure)}",
+                                                   status=500, error="inference failed")
         for i, err in batch.errors.items():
             status, kind = protocols.status_of(err)
             out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err), status=status,
@@ -243,8 +243,10 @@ class ImageClassifierHandler(BaseHandler):
                     headers=self.context.get_all_request_header(i), crop_size=self.crop_size,
                     model_name=self.model_name, model_version=self.model_version)
             except Exception as e:  # this request's alone: a RequestError as it is, anything else its 500
+                if not isinstance(e, RequestError):
+                    log.exception("%s: an explanation failed", self.model_name)
                 batch.errors[i] = e if isinstance(e, RequestError) else RequestError(
-                    f"the explanation failed: {type(e).__name__}: {e}", status=500, error="internal error")
+                    f"the explanation failed: {failure_reason(e)}", status=500, error="internal error")
         keep = [k for k, o in enumerate(batch.owners) if o not in self.explaining]
         batch.canvas, batch.owners = (batch.canvas[keep] if keep else None), [batch.owners[k] for k in keep]
         out = self.postprocess(self.inference(batch))  # predictions, every error, content types, metrics

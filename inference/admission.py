@@ -20,7 +20,7 @@ of the batch at full size (a GPU), so that a full batch of 12-20 MP phone photos
 from __future__ import annotations
 
 from inference.image_errors import ImageError, in_request
-from inference.images import ImageInfo, probe
+from inference.images import PYTHON_DECODE_WEIGHT, ImageInfo, probe
 from inference.requests import Request, RequestError
 
 DEFAULT_MAX_REQUEST_PIXELS = 64_000_000   # e.g. five 12 MP photos in one request
@@ -64,8 +64,9 @@ def admit(requests: dict[int, list[ImageInfo]], *, max_request_pixels: int = DEF
     for i in sorted(requests):
         pixels = sum(info.decoded_pixels(min_side) for info in requests[i])
         if pixels > max_request_pixels:
+            rle = f" (RLE-compressed BMPs count {PYTHON_DECODE_WEIGHT}x their pixels)" if any(x.python_decoded for x in requests[i]) else ""
             errors[i] = RequestError(f"the request's {len(requests[i])} images decode to {pixels} pixels; the limit "
-                                     f"per request is {max_request_pixels}", status=413, error="request too large")
+                                     f"per request is {max_request_pixels}{rle}", status=413, error="request too large")
         elif admitted and total + pixels > max_batch_pixels:
             errors[i] = RequestError(f"the worker's budget of {max_batch_pixels} decoded pixels per batch is taken by "
                                      f"other requests (this one needs {pixels}): retry", status=503,

@@ -14,7 +14,7 @@ import torch
 from inference.explain import METHOD, OUTPUTS, occlusion, render_overlay
 from inference.protocols import bounded, lookup
 from inference.requests import OVERLAY_FIELD, Request, RequestError, header, shown
-from inference.responses import float32_values
+from inference.responses import failure_reason, float32_values
 from inference.tta import tta_views
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def explain_request(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
                            output=output)
     except Exception as e:  # the model failed: this request's 500, with the cause in the log
         log.exception("%s: explaining %d images failed", model_name, len(images))
-        raise RequestError(f"the model failed while explaining: {e}", status=500, error="inference failed") from None
+        raise RequestError(f"the model failed while explaining: {failure_reason(e)}", status=500,
+                           error="inference failed") from None
     answers = []
     for k, (index, p, cells) in enumerate(zip(result.indices.tolist(), float32_values(result.probabilities),
                                               result.maps)):

@@ -47,6 +47,7 @@ warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7200x5500 photo (39.6 MP) passes, a 20000x20000 bomb does not
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # long side / short side: a 6:1 panorama passes, a 100000x50 strip does not
 DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far more frames is refused
+PYTHON_DECODE_WEIGHT = 8  # an RLE BMP counts 8x its pixels: Pillow decodes RLE in Python (12 MP: 1.6 s, a PNG 0.19)
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP")
@@ -62,7 +63,8 @@ class ImageInfo:
     height: int
     frames: int = 1
     orientation: int = 1  # EXIF (JPEG): what a decoder that ignores it must apply (inference.jpeg.exif_orient)
-    progressive: bool = False  # a JPEG of several scans: libjpeg holds its full-size coefficients, even reduced
+    progressive: bool = False  # several scans (libjpeg holds full-size coefficients) or lossless: counts full size
+    python_decoded: bool = False  # an RLE-compressed BMP: counts PYTHON_DECODE_WEIGHT times its pixels
 
     @property
     def pixels(self) -> int:
@@ -75,10 +77,11 @@ class ImageInfo:
         full size however it is decoded: libjpeg buffers all its scans' coefficients at full size (2 bytes
         each, ~3 bytes a pixel at 4:2:0) and reads every scan, so a few hundred KB can cost as much memory
         and time as a full-size decode (measured, 7000x5700 decoded to 875x713: 344 KB progressive +117 MB
-        and 0.27 s; the same photo baseline +10 MB and 0.03 s)."""
+        and 0.27 s; the same photo baseline +10 MB and 0.03 s). An RLE BMP counts :data:`PYTHON_DECODE_WEIGHT`
+        times its pixels, for the time Pillow's Python decoder takes (a 9 KB file of 40 MP held a thread 5.5 s)."""
         reduced = self.format in JPEG_FORMATS and not self.progressive
         scale = jpeg_scale(self.width, self.height, min_side) if reduced else 1
-        return -(-self.width // scale) * -(-self.height // scale)
+        return -(-self.width // scale) * -(-self.height // scale) * (PYTHON_DECODE_WEIGHT if self.python_decoded else 1)
 
 
 def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -92,9 +95,11 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         scans = check_structure(data, max_frames=max_frames)  # before Pillow walks it in Python
         with Image.open(io.BytesIO(data), formats=PLUGINS) as im:  # no other plugin parses it (EPS: 1.1 s/4 MiB)
             fmt, (width, height) = im.format, im.size
-            if width * height > max_pixels:
+            rle = bool(im.tile) and im.tile[0][0] == "bmp_rle"  # Pillow's decoder in Python
+            if width * height * (PYTHON_DECODE_WEIGHT if rle else 1) > max_pixels:
                 raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels; the limit is "
-                                         f"{max_pixels}")
+                                         f"{max_pixels}" + (f" (an RLE-compressed BMP counts {PYTHON_DECODE_WEIGHT}x "
+                                                            "its pixels: send it as PNG)" if rle else ""))
             if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
                 raise ImageTooLargeError(f"image is {width}x{height}: its aspect ratio is beyond the limit of "
                                          f"{max_aspect_ratio:g}:1")
@@ -107,7 +112,8 @@ def probe(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                                          "first is used)")
             jpeg = fmt in JPEG_FORMATS
             return ImageInfo(fmt, width, height, frames, orientation_of(im) if jpeg else 1,
-                             progressive=jpeg and (bool(im.info.get("progressive")) or scans > 1))
+                             progressive=jpeg and (bool(im.info.get("progressive")) or scans > 1 or not im.quantization),
+                             python_decoded=rle)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
@@ -175,8 +181,8 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
     before, the pixels' bytes copied once into the tensor's own buffer (a 6000x6000 RGBA PNG of 627 KB:
     peak RSS +618 MB with a copy kept at every step, +343 MB so)."""
     im = upright(Image.open(io.BytesIO(data), formats=PLUGINS))  # a file in memory: nothing to close
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.point(lambda v: v / 256).convert("L")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # I;16B (big-endian TIFF) has no point(): through I
+        im = (im if im.mode in ("I", "I;16") else im.convert("I")).point(lambda v: v / 256).convert("L")
     if im.mode != "RGB":
         im = im.convert("RGB")
     height, width, raw = im.height, im.width, im.tobytes()

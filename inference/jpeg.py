@@ -44,10 +44,12 @@ def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
 
 
 def decode_jpeg_reduced(data: bytes | bytearray, scale: int) -> torch.Tensor:
-    """The JPEG decoded at 1/``scale`` in the DCT domain, EXIF orientation applied (Pillow's ``draft``)."""
+    """The JPEG decoded at 1/``scale`` in the DCT domain, EXIF orientation applied (Pillow's ``draft``); a lossless
+    JPEG (no quantization tables: no DCT, libjpeg cannot reduce it, and failed when asked to) at full size."""
     with Image.open(io.BytesIO(data), formats=JPEG_FORMATS) as im:
         width, height = im.size
-        im.draft("RGB", (width // scale, height // scale))  # libjpeg picks 1/scale: each side ceil(side / scale)
+        if im.quantization:
+            im.draft("RGB", (width // scale, height // scale))  # libjpeg picks 1/scale: each side ceil(side / scale)
         rgb = upright(im).convert("RGB")
         t = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         return t.view(rgb.height, rgb.width, 3).permute(2, 0, 1)  # channels-last memory: resized 2x faster

@@ -27,6 +27,7 @@ import json
 import struct
 
 from inference.requests import DEFAULT_MAX_IMAGES, Request, RequestError, check_count, decode_b64, header, shown
+from inference.requests import parse_json as parse_bounded_json
 
 OIP_V2 = "oip_v2"
 OIP_INPUT = "image"                                  # the documented input name (any one name is accepted)
@@ -59,10 +60,11 @@ def _binary_body(raw: bytes | bytearray, length: str) -> tuple[dict, bytes]:
         n = int(length)
         if not 0 <= n <= len(raw):
             raise ValueError
-        head = json.loads(bytes(raw[:n or len(raw)]))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise RequestError(f"the {BINARY_HEADER} header ({shown(length)}) does not frame a JSON inference header "
-                           f"in the {len(raw)} bytes sent", error="bad request") from None
+        head = parse_bounded_json(raw[:n or len(raw)])
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # a RequestError: too many objects, its own 413
+        raise e if isinstance(e, RequestError) else RequestError(
+            f"the {BINARY_HEADER} header ({shown(length)}) does not frame a JSON inference header in the {len(raw)} "
+            "bytes sent", error="bad request") from None
     if not isinstance(head, dict):
         raise RequestError("the binary request's inference header is not a JSON object", error="bad request")
     return head, bytes(raw[n:]) if n else b""

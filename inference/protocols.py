@@ -38,10 +38,11 @@ from inference.requests import (
     decode_b64,
     header,
     inflate,
+    parse_json,
     parse_topk,
     read_request,
 )
-from inference.responses import error_body
+from inference.responses import error_body, failure_reason
 
 KSERVE_V1 = "kserve_v1"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -57,7 +58,9 @@ def _body(row: dict | None, headers: dict | None):
     text = bytes(body[:64]).removeprefix(UTF8_BOM).lstrip()  # curl --data-binary of a pretty-printed file
     if text[:1] in (b"{", b"["):  # an object, or a list of base64 images (TorchServe's JSON list)
         try:
-            parsed = json.loads(bytes(body).decode("utf-8-sig"))
+            parsed = parse_json(body)
+        except RequestError:  # too many values to parse: its own 413
+            raise
         except (ValueError, RecursionError):  # not JSON (nor UTF-8), or nested deeper than Python's parser goes
             return body
         return parsed if isinstance(parsed, (dict, list)) else body
@@ -111,7 +114,7 @@ def read_row(row: dict, headers: dict | None, *, max_images: int, default_topk: 
         return protocol, e, None
     except Exception as e:
         log.exception("reading a %s request failed", protocol)
-        return protocol, RequestError(f"the request could not be read: {type(e).__name__}: {e}", status=500,
+        return protocol, RequestError(f"the request could not be read: {failure_reason(e)}", status=500,
                                       error="internal error"), None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import reprlib
 import zlib
 from dataclasses import dataclass
@@ -80,6 +81,21 @@ def inflate(body: bytes | bytearray, headers: dict | None, *, max_bytes: int) ->
         except zlib.error as e:
             reason = str(e)
     raise RequestError(f"the body is not valid {coding} data ({reason})", error="bad encoding")
+
+
+MAX_JSON_VALUES = 10_000  # objects, arrays and items in a JSON body we parse: a request holds a few dozen
+
+
+def parse_json(raw: bytes | bytearray):
+    """``raw`` parsed as JSON (UTF-8, a BOM allowed), after counting its objects, arrays and separators at C
+    speed: a 16 KB gzip body inflates to 5 million ``{}`` that ``json.loads`` would build (1.3 s, +430 MB)
+    before any check could look at them. Raises :class:`RequestError` (413) past :data:`MAX_JSON_VALUES`,
+    ``ValueError``/``RecursionError`` as ``json.loads`` does."""
+    if (n := raw.count(b"{") + raw.count(b"[") + raw.count(b",")) > MAX_JSON_VALUES:
+        raise RequestError(f"the JSON body holds {n} objects, arrays and items; at most {MAX_JSON_VALUES} are read: "
+                           "send each image as one base64 string or as raw bytes", status=413,
+                           error="request too large")
+    return json.loads(bytes(raw).decode("utf-8-sig"))
 
 
 MAX_GZIP_MEMBERS = 64  # gzip(1) of a few files concatenated; thousands of empty members only cost time

@@ -31,3 +31,10 @@ def error_body(error: str, detail: str, *, status: int = 400) -> str:
     """``{"error": kind, "detail": message, "code": HTTP status}``: the same shape on every route, so that
     a gRPC client (TorchServe 0.12 answers gRPC OK with this body) still sees the status."""
     return json.dumps({"error": error, "detail": detail, "code": status})
+
+
+def failure_reason(e: BaseException) -> str:
+    """What a 500 says of an exception of the model or of ours: its type, and "out of memory" when it is that;
+    not its message, which may hold paths, node names and memory totals of the server (the log has it all)."""
+    oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+    return f"{type(e).__name__}{': out of memory' if oom else ''} (the server's log has the cause)"

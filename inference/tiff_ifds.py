@@ -20,7 +20,10 @@ there, else tiles), and refuses with a 400 that names the count:
 * an uncompressed page listing more strips or tiles than its size needs, or more than ``MAX_PAGE_PIECES``
   (a 40 MP photo in one-row strips has at most 28,284), more than 4,096 plus one per 16 bytes of the file
   over the pages read, or pages whose pixels add up to more bytes than the file has (strips that share
-  bytes). Compressed pages are cut by libtiff, in C: their strips cost no Python.
+  bytes). Compressed pages are cut by libtiff, in C: their strips cost no Python;
+* a tile wider or longer than ``MAX_TILE_SIDE`` and than its page (rounded up to 16, the TIFF rule), compressed
+  or not: libtiff decodes each tile into a buffer of the whole tile, so a 64x64 page declaring one
+  16384x8192 tile (a 400 KB file admitted as 4,096 pixels) took 384 MB and 1.1 s.
 
 A directory cut off by the end of the file counts with the entries it holds (Pillow keeps them); one the
 file cannot hold at all, or an EXIF or GPS pointer past its end, is skipped, as Pillow skips it.
@@ -40,6 +43,7 @@ MAX_TIFF_TAGS = 8192       # tags of every directory read, plus PAGE_TAGS a page
 PAGE_TAGS = 24             # what a page of a real multi-page file has (a fax: 9-16)
 MAX_COLOURS = 3 * 256      # ColorMap values: Pillow reads TIFF palettes of 8 bits at most, each value in Python
 MAX_PAGE_PIECES = 32_768   # strips or tiles of one uncompressed page
+MAX_TILE_SIDE = 1024       # a tile side past its page's: GDAL's 256/512 blocks on small images stay within it
 SUB_DIRECTORIES = (34665, 34853, 40965)  # EXIF, GPS, Interoperability (inside EXIF)
 FRACTIONS = (5, 10)
 INTEGERS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # SHORT, LONG, IFD, LONG8, IFD8: a size, an offset
@@ -90,6 +94,7 @@ def check_tiff(data, *, max_pages: int) -> None:
     while offset and offset not in pages_seen and len(pages_seen) < max_pages:
         pages_seen.add(offset)
         page = _directory(data, offset, layout)
+        _check_tile_sides(data, page.entries, layout)
         listed, pixel_bytes = _page_pieces(data, page, layout)
         pieces, raw = pieces + listed, raw + pixel_bytes
         if pieces > 4096 + size // 16:
@@ -178,6 +183,18 @@ def _byte_counts(data, entries: dict, layout: _Layout) -> int:
         return sum(unpack_from(f"{layout.order}{values}{INTEGERS[kind]}", data, at))
     except (StructError, OverflowError):  # past the end: Pillow skips the tag
         return 0
+
+
+def _check_tile_sides(data, entries: dict, layout: _Layout) -> None:
+    """Refuse a tiled page (tiles when there are no strips, as Pillow reads it) whose tile is larger than
+    ``MAX_TILE_SIDE`` and than the page's side rounded up to 16."""
+    if STRIPS in entries or TILES not in entries:
+        return
+    for side, tile, name in ((WIDTH, TILE_WIDTH, "wide"), (LENGTH, TILE_LENGTH, "long")):
+        page, size = _value(data, entries, side, layout, 1), _value(data, entries, tile, layout, 0)
+        if size > max(MAX_TILE_SIDE, -(-page // 16) * 16):
+            raise StructureError(f"TIFF of {len(data)} bytes whose tiles are {size} pixels {name} on a page of "
+                                 f"{page}: refused (tiles of at most {MAX_TILE_SIDE}, or the page's side)")
 
 
 def _page_pieces(data, page: _Directory, layout: _Layout) -> tuple[int, int]:

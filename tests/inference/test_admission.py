@@ -1,6 +1,8 @@
 """inference.admission and the header bounds of inference.images.probe."""
 import io
+import struct
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -154,3 +156,37 @@ def test_probe_requests_names_the_first_refused_image_of_its_request():
     assert sorted(errors) == [1, 2] and isinstance(errors[1], ImageTooLargeError)
     assert str(errors[1]).startswith("image 1 of 3: ") and "aspect" in str(errors[1])  # the wide one, not the junk
     assert str(errors[2]).startswith("image is 400x10")  # a single image's error is its own
+
+
+def _rle8_bmp(width: int, height: int) -> tuple[bytes, np.ndarray]:
+    """A BI_RLE8 BMP of grey runs (by hand: Pillow writes no RLE) and the pixels it holds, top row first."""
+    rows, pixels = b"", np.zeros((height, width), np.uint8)
+    for y in range(height):  # BMP rows go bottom-up
+        row_value = (7 * y) % 256
+        for x in range(0, width, 200):
+            n = min(200, width - x)
+            rows += bytes([n, (row_value + x // 200) % 256])
+            pixels[height - 1 - y, x:x + n] = (row_value + x // 200) % 256
+        rows += b"\x00\x00"  # end of line
+    rows += b"\x00\x01"  # end of bitmap
+    palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    dib = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + dib + palette + rows, pixels
+
+
+def test_an_rle_bmp_counts_eight_times_its_pixels_and_decodes_to_its_runs():
+    """Pillow decodes RLE BMPs in Python (a 9 KB file of 40 MP held a thread 5.5 s, ~8x a PNG's time a pixel):
+    each counts PYTHON_DECODE_WEIGHT times its pixels, in the image limit and in the request and batch budgets."""
+    from inference.images import PYTHON_DECODE_WEIGHT
+    data, pixels = _rle8_bmp(1000, 600)
+    info = probe(data)
+    assert info.python_decoded and info.decoded_pixels(256) == 600_000 * PYTHON_DECODE_WEIGHT == 4_800_000
+    rgb = decode_rgb(data).numpy()
+    assert all(np.array_equal(rgb[c], pixels) for c in range(3))  # the runs as written (grey palette)
+    assert not probe(_encode(Image.new("RGB", (40, 24)), "BMP")).python_decoded  # an uncompressed BMP: C
+    big, _ = _rle8_bmp(3000, 2000)  # 6 MP: 48 MP counted, over the 40 MP limit
+    with pytest.raises(ImageTooLargeError, match="3000x2000 = 6000000 pixels; the limit is 40000000 .an RLE-compressed"):
+        probe(big)
+    errors = admit({0: [info] * 13, 1: [info] * 14})  # 62.4 MP counted: in; 67.2: over the request budget
+    assert list(errors) == [1] and errors[1].status == 413 and "RLE-compressed BMPs count 8x" in str(errors[1])

@@ -145,6 +145,47 @@ def test_tiled_and_planar_tiffs_pass_and_one_piece_too_many_is_refused(name):
         check_structure(_tiff_by_hand(RGB, **HAND_TIFFS[name], extra=1), max_frames=FRAMES)
 
 
+def _tiff_deflate_tiled(pixels: np.ndarray, tile: tuple[int, int]) -> bytes:
+    """A deflate-compressed (8) RGB TIFF page of ``pixels`` in ``tile`` (width, length) tiles, by hand."""
+    height, width, _ = pixels.shape
+    tw, tl = tile
+    pieces = []
+    for y in range(0, height, tl):
+        for x in range(0, width, tw):
+            padded = np.zeros((tl, tw, 3), np.uint8)
+            part = pixels[y:y + tl, x:x + tw]
+            padded[:part.shape[0], :part.shape[1]] = part
+            pieces.append(zlib.compress(padded.tobytes(), 9))
+    n, body = len(pieces), b"".join(pieces)
+    offsets = [8 + sum(len(q) for q in pieces[:k]) for k in range(n)]
+    arrays = 8 + len(body)
+    tags = sorted([(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, arrays + 8 * n), (259, 3, 1, 8),
+                   (262, 3, 1, 2), (277, 3, 1, 3), (322, 4, 1, tw), (323, 4, 1, tl), (324, 4, n, arrays),
+                   (325, 4, n, arrays + 4 * n)])
+    if n == 1:  # one value fits the entry itself
+        tags = [(t, k, c, {324: offsets[0], 325: len(pieces[0])}.get(t, v)) for t, k, c, v in tags]
+    ifd = arrays + 8 * n + 8
+    return (b"II*\x00" + struct.pack("<I", ifd) + body + struct.pack(f"<{n}I", *offsets)
+            + struct.pack(f"<{n}I", *map(len, pieces)) + struct.pack("<4H", 8, 8, 8, 0) + struct.pack("<H", len(tags))
+            + b"".join(struct.pack("<HHII", t, k, c, v) if not (k == 3 and c == 1) else
+                       struct.pack("<HHIHH", t, k, c, v, 0) for t, k, c, v in tags) + struct.pack("<I", 0))
+
+
+def test_a_compressed_tile_far_larger_than_its_page_is_refused_and_real_tilings_pass():
+    """libtiff decodes each tile into a buffer of the whole tile: a 64x64 page declaring one 16384x8192 tile
+    (a 400 KB file, admitted as 4,096 pixels) took 384 MB and 1.1 s. GDAL-style 256/512 tiles on small pages,
+    and tiles the page's size rounded up to 16, pass and decode to their pixels (Pillow/libtiff)."""
+    from inference.tiff_ifds import MAX_TILE_SIDE
+    for tile in ((256, 256), (512, 512), (48, 48), (64, 16)):
+        data = _tiff_deflate_tiled(RGB, tile)
+        check_structure(data, max_frames=FRAMES)
+        assert np.array_equal(decode_rgb(data).permute(1, 2, 0).numpy(), RGB), tile
+    for tile, said in (((2048, 16), "2048 pixels wide on a page of 50"), ((16, 4096), "4096 pixels long on a page of 37"),
+                       ((MAX_TILE_SIDE + 16, 16), f"{MAX_TILE_SIDE + 16} pixels wide")):
+        with pytest.raises(StructureError, match=said):
+            check_structure(_tiff_deflate_tiled(RGB, tile), max_frames=FRAMES)
+
+
 def _exif_of(size: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112], exif[0x010E] = 6, "x" * size  # turned, and a long ImageDescription

@@ -416,3 +416,17 @@ def test_an_mp4_is_not_called_a_heic_photo():
     with pytest.raises(ImageError) as e:
         probe(mp4)
     assert "HEIF" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])
+def test_16_bit_tiffs_of_either_byte_order_become_their_8_bit_grey(dtype):
+    """Big-endian ("MM") 16-bit TIFFs (ImageJ, lab and medical software) open as Pillow's I;16B, which has no
+    point(): they were refused as "cannot decode"; both byte orders give the 8-bit source's grey."""
+    grey = np.asarray(Image.fromarray(pattern_image("vertical", size=16)).convert("L"))
+    img = Image.fromarray((grey.astype(np.uint16) * 257).astype(dtype))
+    assert img.mode == ("I;16" if dtype == "<u2" else "I;16B")
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    assert buf.getvalue()[:2] == (b"II" if dtype == "<u2" else b"MM")
+    out = decode_rgb(buf.getvalue())
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.stack([grey] * 3, -1))

@@ -2,6 +2,7 @@
 reference) for all eight orientations, and the batched decoder's path (nvjpeg on a GPU; here torchvision's
 CPU decoder, which like nvjpeg is asked for the image as stored) giving upright images."""
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -105,3 +106,22 @@ def test_other_formats_are_turned_as_exif_transpose_does_without_rewriting_their
 
     monkeypatch.setattr(Image.Exif, "tobytes", no_rewrite)
     assert torch.equal(decode_rgb(data), reference)
+
+
+def _lossless_jpeg(width: int, height: int) -> bytes:
+    """A lossless (SOF3) greyscale JPEG, by hand: one Huffman code, every difference 0 (libjpeg-turbo 3's
+    ``cjpeg -lossless`` writes this frame type; Pillow cannot)."""
+    sof = b"\xff\xc3" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    dht = b"\xff\xc4" + struct.pack(">H", 21) + b"\x00" + bytes([1, 1] + [0] * 14) + b"\x00\x01"
+    sos = b"\xff\xda" + struct.pack(">HB", 8, 1) + b"\x01\x00" + b"\x01\x00\x00"
+    return b"\xff\xd8" + sof + dht + sos + b"\x00" * ((width * height + 7) // 8) + b"\xff\xd9"
+
+
+def test_a_lossless_jpeg_counts_and_decodes_at_full_size():
+    """No DCT, nothing to reduce: asked for 1/2 it failed ("broken data stream") and admission counted it reduced."""
+    data = _lossless_jpeg(600, 600)
+    info = probe(data)
+    assert info.decoded_pixels(256) == 600 * 600  # not 300x300: it is decoded whole
+    with Image.open(io.BytesIO(data)) as im:  # Pillow's full-size decode: the reference
+        expected = np.asarray(im.convert("RGB"))
+    assert np.array_equal(decode_rgb(data, min_side=256).permute(1, 2, 0).numpy(), expected)
