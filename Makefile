@@ -7,7 +7,7 @@ DATA := data/fashion-mnist
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup data demo test lint serve stop loadtest bench soak validate-deploy audit clean
+.PHONY: help setup data demo test lint serve wait stop loadtest bench soak validate-deploy audit clean
 
 help:
 	@echo "make demo   - set up, train on Fashion-MNIST, export, archive, serve, classify, load test"
@@ -15,6 +15,7 @@ help:
 	@echo "make test   - set up, lint (ruff) and run the test suite (CPU)"
 	@echo "make serve  - serve model_store/ with TorchServe in the foreground; make stop ends it"
 	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
+	@echo "make wait   - return once the server of make serve is ready (after make serve &; exit 1: none starting, or 3 min)"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
 	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (about 35 minutes on 2 cores)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
@@ -55,6 +56,9 @@ lint: setup
 # CONFIG=config.prod.properties: the locked-down profile; MODEL_API=1: model registration over the API.
 serve: setup
 	$(PY) -m scripts.ts_server serve $(if $(CONFIG),--config $(CONFIG)) $(if $(filter 1 true yes,$(MODEL_API)),--enable-model-api)
+
+wait: setup
+	@$(PY) -m scripts.ts_server wait
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m scripts.ts_server stop; else echo "no TorchServe started by \`make serve\` is running (no $(VENV) yet)"; fi

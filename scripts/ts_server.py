@@ -2,6 +2,7 @@
 
     python -m scripts.ts_server serve    # foreground, serves model_store/ with config.properties
     python -m scripts.ts_server serve --config config.prod.properties [--enable-model-api]
+    python -m scripts.ts_server wait     # returns once that server is ready (make serve & ... in a script)
     python -m scripts.ts_server stop     # drains, then stops that server by its PID
 
 ``serve`` runs TorchServe in ``.torchserve/run/`` (its working and temporary directory: PID file,
@@ -14,6 +15,8 @@ requests that had arrived are answered (TorchServe 0.12 itself cuts them on SIGT
 serve`` finds the ports free). The state file is written (atomically) once the server is ready: waiting for
 it is waiting for readiness; an unreadable one is stale. Until then ``serve`` keeps its own PID in
 ``.torchserve/server.starting.json``, so that ``stop`` (or SIGTERM) during start-up stops what was started.
+``wait`` returns once the state file names a live TorchServe (a state file left by a killed server or a crashed
+host does not count), and fails with one line when no ``serve`` is starting one or ``--timeout`` passes.
 ``serve`` exits 1 when TorchServe exits without being asked (killed, crashed). The drain reads only ``/metrics`` and the access log, which
 need no key. ``--enable-model-api`` turns on registration over the management API
 (``enable_model_api=true``); what may be registered is the config's ``allowed_urls``. The process
@@ -41,6 +44,7 @@ from tools.torchserve import DEFAULT_CONFIG, TorchServe, is_torchserve, read_pro
 
 STATE_FILE = REPO / ".torchserve" / "server.json"
 RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
+WAIT_GRACE = 15.0  # seconds `wait` gives a `serve` launched beside it (`make serve &`) to write its starting file
 EXIT_TIMEOUT = 60.0  # seconds `stop` waits for the Java process to exit after SIGTERM (it takes about 3), then SIGKILL
 
 
@@ -214,6 +218,31 @@ def stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def wait(args: argparse.Namespace) -> int:
+    """Until the state file names a live, ready TorchServe (not one being stopped); exit 1 when no ``serve`` is
+    starting one (after :data:`WAIT_GRACE`) or after ``--timeout`` seconds."""
+    state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
+    timeout = float(getattr(args, "timeout", 180))
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout:g}")
+    t0 = time.monotonic()
+    while True:
+        state = _read_state(state_file)
+        if state.get("pid") and not state.get("stopping") and is_torchserve(state["pid"]):
+            print(f"ready: {state.get('url', 'TorchServe')} (PID {state['pid']})", flush=True)
+            return 0
+        waited = time.monotonic() - t0
+        if waited >= WAIT_GRACE and not _is_serve(_read_state(_starting_file(state_file)).get("serve_pid")):
+            print(f"no `make serve` is starting TorchServe ({'a stale ' + str(state_file) if state else 'nothing '}"
+                  f"after {waited:.0f} s): start one, or see its output for why it exited", file=sys.stderr)
+            return 1
+        if waited >= timeout:
+            print(f"TorchServe not ready after {timeout:g} s (`make serve` is still starting it: see "
+                  f"logs/ts_log.log)", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
 def _may_be_torchserve(pid: int) -> bool:
     """A live TorchServe, or a live process whose command line cannot be read (``/proc`` mounted ``hidepid``)."""
     return is_torchserve(pid, unreadable=True)
@@ -262,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--drain-timeout", type=float, default=30,
                    help="seconds to wait for requests in flight to be answered before SIGTERM (0: no drain)")
     t.add_argument("--state-file", default=str(STATE_FILE), help=argparse.SUPPRESS)
+    w = sub.add_parser("wait", help="return once the server started by `serve` is ready (exit 1: none is "
+                                    "starting, or --timeout passed)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    w.add_argument("--timeout", type=float, default=180, help="seconds to wait at most")
+    w.add_argument("--state-file", default=str(STATE_FILE), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return {"serve": serve, "stop": stop}[args.command](args)
+    return {"serve": serve, "stop": stop, "wait": wait}[args.command](args)
 
 
 if __name__ == "__main__":  # a mistake (no archives, a wrong path, serving twice): one line, exit status 2

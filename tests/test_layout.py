@@ -112,3 +112,16 @@ def test_the_readmes_layout_names_every_module():
     missing = [f"{pkg}/{p.name}" for pkg in PACKAGES for p in sources(pkg)
                if p.parent == REPO / pkg and p.name not in ("__init__.py", "__main__.py") and p.name not in block]
     assert not missing, f"README's Layout does not name: {missing}"
+
+
+def test_every_command_line_parses_its_options():
+    """README: every command has --help, and a mistyped option is refused (argparse's exit status 2); a module
+    run as a script without a parser printed its output for --help and did its default for a typo of --write."""
+    mains = [p for pkg in PACKAGES for p in sources(pkg)
+             if p.name != "__main__.py" and '__name__ == "__main__"' in p.read_text()]
+    assert len(mains) >= 15, mains  # benchmarks.*, scripts.*, tools.image_constraints
+    missing = [str(p.relative_to(REPO)) for p in mains if "argparse.ArgumentParser(" not in p.read_text()]
+    assert not missing, f"run as commands, without an argparse parser: {missing}"
+    proc = subprocess.run([sys.executable, "-m", "tools.image_constraints", "--wirte"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --wirte" in proc.stderr and proc.stdout == ""

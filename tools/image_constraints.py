@@ -15,6 +15,7 @@ refuse the new version), then ``--write``. Without ``--write`` the file's text g
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata as md
 import re
 import sys
@@ -22,6 +23,9 @@ import sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from inference.atomic import write_bytes
+from inference.cli import UsageError
+from inference.cli import run as run_cli
 from tools import REPO
 
 DOCKERFILE = REPO / "deploy" / "image" / "Dockerfile"
@@ -52,7 +56,7 @@ def closure(names: list[str]) -> dict[str, str]:
                     raise
                 dist = md.distribution(INSTALLED_AS[name])
         except md.PackageNotFoundError:
-            raise SystemExit(f"error: {name} is required by the image but not installed here: run `make setup`")
+            raise UsageError(f"{name} is required by the image but not installed here: run `make setup`")
         found[name] = dist.version.split("+")[0]  # a local label (+cpu) is not on PyPI
         for text in dist.requires or []:
             req = Requirement(text)
@@ -68,11 +72,19 @@ def render() -> str:
     return head + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.image_constraints", description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true",
+                   help=f"replace {CONSTRAINTS.relative_to(REPO)} (atomically) instead of printing the constraints")
+    args = p.parse_args(argv)
     text = render()  # a missing package ends here, before anything is written
-    if sys.argv[1:] == ["--write"]:
-        from inference.atomic import write_bytes
+    if args.write:
         write_bytes(path=CONSTRAINTS, data=text.encode())
         print(f"wrote {CONSTRAINTS}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":  # a mistake (an unknown option, a package missing from .venv): one line, exit 2
+    sys.exit(run_cli(main))

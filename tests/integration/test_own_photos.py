@@ -6,8 +6,12 @@ They run in a temporary folder (so their relative paths land there) with the rep
 what differs from the README is only what a test must change: one epoch instead of the README's, the
 server's ports (free ones instead of 8080-8082, through a copy of config.properties) and its private
 run/log/state folders (hidden options of ``scripts.ts_server``), and the image curl sends (one of the
-generated photos). It checks the path works, not the accuracy.
+generated photos). It checks the path works, not the accuracy, and that it runs a second time (``--force``);
+and, before the README's stop, that the served answers (the ONNX graph in TorchServe, posted with requests)
+agree with ``python -m training predict`` (the eager checkpoint) on the same files: every photo, a 12 MP
+phone-size copy stored sideways with an EXIF orientation, a PNG and one smaller than the crop.
 """
+import csv
 import json
 import os
 import re
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from tools import REPO
@@ -44,9 +49,6 @@ def readme_commands() -> list[tuple[list[str], bool]]:
     commands = []
     for line in block.group(1).replace("\\\n", " ").splitlines():
         tokens = shlex.split(line, comments=True)
-        if tokens[:1] == ["for"]:  # the README's wait for the server's state file: the test waits on it itself
-            assert "server.json" in line, line
-            continue
         background = bool(tokens) and tokens[-1] == "&"
         tokens = tokens[:-1] if background else tokens
         while tokens:
@@ -81,6 +83,44 @@ def write_photos(root: Path) -> list[Path]:
     return files
 
 
+def write_extra_photos(photos: list[Path], root: Path) -> list[Path]:
+    """Payloads beyond the 300x260 JPEGs, as users send them: a 4032x3024 JPEG stored sideways (pixels 3024
+    wide, EXIF orientation 6: shown upright), a PNG, and a 64x48 JPEG (smaller than the 224-px crop)."""
+    root.mkdir()
+    img = Image.open(photos[3]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display: the stored pixels are the upright ones turned back
+    big = img.resize((4032, 3024), Image.Resampling.BICUBIC).transpose(Image.Transpose.ROTATE_90)
+    big.save(root / "phone_12mp.jpg", quality=90, exif=exif)
+    Image.open(photos[PER_CLASS + 5]).save(root / "stripes.png")
+    Image.open(photos[2 * PER_CLASS + 1]).resize((64, 48)).save(root / "small.jpg", quality=90)
+    return sorted(root.iterdir())
+
+
+def served_and_offline_agree(work: Path, port: int, files: list[Path], env: dict) -> None:
+    """Each file's served top-1 (class, confidence) equals ``python -m training predict``'s on the same file."""
+    served = {}
+    for f in files:
+        r = requests.post(f"http://127.0.0.1:{port}/predictions/mine", data=f.read_bytes(), timeout=60)
+        assert r.status_code == 200, (f.name, r.status_code, r.text[:500])
+        served[f.name] = r.json()["predictions"][0]
+    links = work / "agreement"  # one folder holding exactly these files
+    links.mkdir()
+    for f in files:
+        (links / f.name).symlink_to(f)
+    out = work / "agreement.csv"
+    proc = subprocess.run([sys.executable, "-m", "training", "predict", "--checkpoint", "runs/mine/best.pt",
+                           "--images", str(links), "--out", str(out)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert sorted(offline) == sorted(served)
+    for name, answer in served.items():
+        row = offline[name]
+        assert answer["class"] == row["pred_name"] and answer["index"] == int(row["pred"]), (name, answer, row)
+        assert abs(answer["confidence"] - float(row["confidence"])) < 1e-4, (name, answer, row)
+
+
 def substitute(argv: list[str], *, work: Path, port: int, image: Path) -> list[str]:
     argv = list(argv)
     if argv[0] == "python":
@@ -104,7 +144,7 @@ def test_readme_block_is_the_five_steps():
     assert [n for n in names if n.startswith("python")] == [
         "python -m training split", "python -m training train", "python -m training evaluate",
         "python -m export --checkpoint", "python -m export archive", "python -m scripts.ts_server serve",
-        "python -m scripts.ts_server stop"]
+        "python -m scripts.ts_server wait", "python -m scripts.ts_server stop"]
     assert any(n.startswith("curl") for n in names)
 
 
@@ -125,6 +165,8 @@ def test_own_photos_in_five_commands(tmp_path):
     try:
         for argv, background in readme_commands():
             argv = substitute(argv, work=work, port=port, image=photos[PER_CLASS + 3])  # a green_stripes photo
+            if argv[1:4] == ["-m", "scripts.ts_server", "stop"]:  # the server is still up: compare with offline
+                served_and_offline_agree(work, port, photos + write_extra_photos(photos, work / "extra"), env)
             if background:
                 server = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
@@ -144,6 +186,15 @@ def test_own_photos_in_five_commands(tmp_path):
             server.wait(timeout=90)  # the README's stop ended it, by its PID
             assert server.returncode == 0
             server = None
+        # run again (README: the block redoes every step), up to the archive: each replaces the earlier output
+        first = (work / "runs" / "mine" / "best.pt").stat().st_mtime_ns
+        for argv, background in readme_commands():
+            if background:
+                break
+            argv = substitute(argv, work=work, port=port, image=photos[0])
+            proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"again: {shlex.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        assert (work / "runs" / "mine" / "best.pt").stat().st_mtime_ns != first
     finally:
         if server is not None and server.poll() is None:  # a failure midway: stop what this test started
             state = work / "server.json"

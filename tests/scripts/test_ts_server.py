@@ -54,3 +54,38 @@ def test_stop_does_not_call_a_server_stale_because_its_command_line_is_hidden(tm
     monkeypatch.setattr(ts_server.psutil, "Process", Hidden)
     assert run_cli(ts_server.main, ["stop", "--state-file", str(state)]) == 2
     assert "belongs to another user" in capsys.readouterr().err and state.is_file()
+
+
+def test_wait_returns_once_the_state_file_names_a_live_torchserve(tmp_path, capsys, monkeypatch):
+    """README's `make serve &` then `make wait`: the state file may appear while it waits; one left by a killed
+    server (its PID dead or another program's) is not "ready"."""
+    import json
+    import threading
+    state = tmp_path / "s.json"
+    live = {4242}
+    monkeypatch.setattr(ts_server, "is_torchserve", lambda pid: pid in live)
+    monkeypatch.setattr(ts_server, "_is_serve", lambda pid: pid == 77)  # a `serve` starting TorchServe
+    (tmp_path / "s.starting.json").write_text('{"serve_pid": 77}')
+    state.write_text('{"pid": 999, "url": "http://127.0.0.1:1"}')  # stale: PID 999 is no TorchServe
+    timer = threading.Timer(0.6, lambda: state.write_text(json.dumps({"pid": 4242, "url": "http://127.0.0.1:8080"})))
+    timer.start()
+    try:
+        assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "20"]) == 0
+    finally:
+        timer.cancel()
+    assert capsys.readouterr().out.strip() == "ready: http://127.0.0.1:8080 (PID 4242)"
+    state.write_text('{"pid": 4242, "stopping": true}')  # `make stop` is draining it: not ready
+    assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "0.3"]) == 1
+    assert "not ready after 0.3 s" in capsys.readouterr().err
+
+
+def test_wait_fails_in_one_line_when_no_serve_is_starting_a_server(tmp_path, capsys, monkeypatch):
+    state = tmp_path / "s.json"
+    state.write_text('{"pid": 999}')  # left by a server killed with -9, and no `serve` runs
+    monkeypatch.setattr(ts_server, "is_torchserve", lambda pid: False)
+    monkeypatch.setattr(ts_server, "WAIT_GRACE", 0.2)
+    assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "30"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"no `make serve` is starting TorchServe (a stale {state}") and "\n" not in err
+    assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --timeout must be positive, got 0"
