@@ -19,8 +19,9 @@ def test_search_grid_is_every_split_of_all_or_half_the_cores():
     assert [str(s) for s in search_grid(4)] == ["1x2", "2x1", "1x4", "2x2", "4x1"]
     assert search_grid(1) == [Split(1, 1)]
     assert parse_grid("1x1, 2x1,2x1") == [Split(1, 1), Split(2, 1)]
-    for bad in ("2", "0x1", "ax1", ""):
-        with pytest.raises(ValueError):
+    for bad, said in (("2", "write WORKERSxTHREADS"), ("0x1", "must be >= 1"), ("ax1", "write WORKERSxTHREADS"),
+                      ("", "the grid is empty")):
+        with pytest.raises(ValueError, match=said):
             parse_grid(bad)
 
 

@@ -508,6 +508,7 @@ def test_prometheus_adapter_rule_reads_a_real_torchserve_metric(adapter_rules):
 def test_servicemonitor_scrapes_the_service(base_objs):
     sm = load_all(K8S / "monitoring" / "servicemonitor.yaml")[0]
     svc = by_kind(base_objs)["Service"]
+    assert sm["spec"]["selector"]["matchLabels"] and sm["spec"]["endpoints"]  # empty: every Service, or nothing
     assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
     assert sm["metadata"]["namespace"] == svc["metadata"]["namespace"] in sm["spec"]["namespaceSelector"]["matchNames"]
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}

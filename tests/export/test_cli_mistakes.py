@@ -107,7 +107,7 @@ def test_a_commit_that_cannot_be_finished_is_left_to_recover(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(staging, "_move_in", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         with Staging(out=out) as st:
             (tmp_path / "x").write_text("new")
             os.replace(tmp_path / "x", st.file("model.onnx"))

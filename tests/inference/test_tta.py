@@ -81,7 +81,7 @@ def test_mean_logits_aggregation():
     assert torch.allclose(aggregate(uneven, 1, how="logits"), by_logits, atol=1e-6)
     assert torch.allclose(aggregate(uneven, 1, how="softmax"), by_softmax, atol=1e-6)
     assert not torch.allclose(by_logits, by_softmax, atol=1e-2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
         aggregate(logits, 1, how="median")
 
 
@@ -152,3 +152,20 @@ def test_a_new_tta_mode_is_one_registry_entry(monkeypatch):
     assert applied.all() and torch.allclose(probs, tta.predict_proba(forward, canvas, "vflip", crop_size=4))
     with pytest.raises(ValueError, match=r"unknown TTA mode 'hflip'; choose one of"):
         tta.num_views("hflip")
+
+
+def test_five_and_ten_crop_views_are_torchvisions():
+    """Every view against torchvision's own five_crop/ten_crop (the independent reference, which also fixes
+    where each corner's crop sits), as a set per image: ours are view-major (all images' center, then ...)."""
+    from torchvision.transforms.v2 import functional as F
+    # an odd height margin (where rounding shows); an even width margin: torchvision's ten_crop crops the flipped
+    # image, ours flips the crops, the same views unless the center crop's left margin had to be rounded
+    canvas = torch.randint(0, 256, (2, 3, 21, 20), dtype=torch.uint8)
+    for mode, reference in (("five_crop", F.five_crop), ("ten_crop", F.ten_crop)):
+        ours = tta_views(canvas, mode, crop_size=16).view(-1, 2, 3, 16, 16)
+        for i in range(2):
+            theirs = reference(canvas[i], [16, 16])
+            assert len(theirs) == ours.shape[0]
+            assert sorted(v.flatten().tolist() for v in ours[:, i]) == sorted(v.flatten().tolist() for v in theirs)
+        if mode == "five_crop":  # and view 0 is torchvision's center crop
+            assert torch.equal(ours[0], F.center_crop(canvas, [16, 16]))

@@ -50,3 +50,30 @@ def test_the_bytes_are_synced_before_the_rename(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "best.pt", _spec(), _spec().build())
     assert calls[:2] == ["fsync", ("replace", True)]  # the file's fsync, a rename within the folder (then the folder's)
     assert load_checkpoint(tmp_path / "best.pt")[0].class_names == CLASSES
+
+
+class _Payload:
+    """Unpickled, it would create ``marker``: what a checkpoint downloaded from a stranger may hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_when_unpickled_is_refused_and_runs_nothing(tmp_path):
+    """best.pt for evaluate/predict/export, --resume and --pretrained all load with weights_only=True: a file
+    whose pickle calls a function is a one-line ValueError, and the function never runs."""
+    from training.finetune import load_pretrained
+    from training.models import build_model
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "best.pt"
+    torch.save({"arch": "cbam_resnet", "state_dict": {}, "x": _Payload(marker)}, evil)
+    for load in (load_checkpoint, lambda p: checkpoint.read_checkpoint(p, what="--resume"),
+                 lambda p: load_pretrained(build_model("cbam_resnet", num_classes=3, **TINY_KWARGS), p)):
+        with pytest.raises(ValueError, match="not a (checkpoint written by|torch state dict file)"):
+            load(evil)
+        assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the check of the check: unpickled in full, it runs
+    assert marker.exists()

@@ -85,10 +85,12 @@ def test_focal_buffers_follow_the_module():
     assert "per-class" in repr(m)
 
 
-@pytest.mark.parametrize("kwargs", [{"gamma": -1}, {"label_smoothing": 1.5}, {"reduction": "avg"},
-                                    {"weight": [[1.0, 2.0]]}])
-def test_focal_rejects_bad_options(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs,said", [({"gamma": -1}, "gamma must be >= 0"),
+                                         ({"label_smoothing": 1.5}, "label_smoothing must be in"),
+                                         ({"reduction": "avg"}, "reduction must be one of"),
+                                         ({"weight": [[1.0, 2.0]]}, "weight must be one value per class")])
+def test_focal_rejects_bad_options(kwargs, said):
+    with pytest.raises(ValueError, match=said):  # ours, not an error of torch's further on
         FocalLoss(**kwargs)
 
 

@@ -224,6 +224,6 @@ def test_early_stopping_min_patience_zero_and_state():
     other.load_state_dict(es.state_dict())
     assert other.best == 0.9 and other.bad_epochs == 1
     assert [other.step(m) for m in (0.91, 0.92)] == [False, True]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min', got 'up'"):
         EarlyStopping(mode="up")
     assert not EarlyStopping().improved(float("nan"))
