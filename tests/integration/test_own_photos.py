@@ -100,14 +100,14 @@ def write_extra_photos(photos: list[Path], root: Path) -> list[Path]:
 def served_and_offline_agree(work: Path, port: int, files: list[Path], env: dict) -> None:
     """Each file's served top-1 (class, confidence) equals ``python -m training predict``'s on the same file."""
     served = {}
-    for f in files:
+    links = work / "agreement"  # one folder holding exactly these files (the classes' files share names)
+    links.mkdir()
+    for k, f in enumerate(files):
         r = requests.post(f"http://127.0.0.1:{port}/predictions/mine", data=f.read_bytes(), timeout=60)
         assert r.status_code == 200, (f.name, r.status_code, r.text[:500])
-        served[f.name] = r.json()["predictions"][0]
-    links = work / "agreement"  # one folder holding exactly these files
-    links.mkdir()
-    for f in files:
-        (links / f.name).symlink_to(f)
+        name = f"{k:03d}_{f.name}"
+        served[name] = r.json()["predictions"][0]
+        (links / name).symlink_to(f)
     out = work / "agreement.csv"
     proc = subprocess.run([sys.executable, "-m", "training", "predict", "--checkpoint", "runs/mine/best.pt",
                            "--images", str(links), "--out", str(out)], cwd=work, env=env, capture_output=True,
