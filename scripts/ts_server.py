@@ -233,8 +233,9 @@ def wait(args: argparse.Namespace) -> int:
             return 0
         waited = time.monotonic() - t0
         if waited >= WAIT_GRACE and not _is_serve(_read_state(_starting_file(state_file)).get("serve_pid")):
-            print(f"no `make serve` is starting TorchServe ({'a stale ' + str(state_file) if state else 'nothing '}"
-                  f"after {waited:.0f} s): start one, or see its output for why it exited", file=sys.stderr)
+            stale = f"; {state_file} is stale" if state else ""
+            print(f"no `make serve` is starting TorchServe (waited {waited:.0f} s{stale}): start one (`make serve &`), "
+                  "or see its output for why it exited", file=sys.stderr)
             return 1
         if waited >= timeout:
             print(f"TorchServe not ready after {timeout:g} s (`make serve` is still starting it: see "

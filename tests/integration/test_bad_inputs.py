@@ -121,6 +121,25 @@ def test_body_over_max_request_size_is_413_from_the_frontend(server):
     assert _classify(server, GOOD) >= 0  # still serving
 
 
+def test_what_torchserves_frontend_answers_before_the_handler(server):
+    """README "Errors from TorchServe itself": TorchServe's own shape ({"code", "type", "message"}), and the one
+    trap of curl's default: ``--data-binary @photo.jpg`` without a Content-Type sends
+    application/x-www-form-urlencoded, which the frontend parses as a form and answers 500 before the handler
+    is called; the same bytes PUT (``curl -T``), posted without a content type (requests) or as a multipart
+    file (``curl -F data=@``) are classified."""
+    import requests
+    url = f"{server.url}/predictions/shapes"
+    r = requests.post(url, data=GOOD, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 500 and r.json()["type"] == "ErrorDataDecoderException", r.text[:300]
+    for answer in (requests.put(url, data=GOOD, timeout=60), requests.post(url, data=GOOD, timeout=60),
+                   requests.post(url, files={"data": ("a.png", GOOD, "image/png")}, timeout=60)):
+        assert answer.status_code == 200 and answer.json()["predictions"], answer.text[:300]
+    r = requests.post(f"{server.url}/predictions/no_such_model", data=GOOD, headers={"Content-Type": "image/png"},
+                      timeout=60)
+    assert r.status_code == 404 and r.json() == {"code": 404, "type": "ModelNotFoundException",
+                                                 "message": "Model not found: no_such_model"}
+
+
 def test_unknown_model_and_wrong_method(server):
     code, _, raw = _post(f"{server.url}/predictions/no_such_model", GOOD, "image/png", {})
     assert code == 404 and "no_such_model" in raw.decode()

@@ -86,6 +86,7 @@ def test_wait_fails_in_one_line_when_no_serve_is_starting_a_server(tmp_path, cap
     monkeypatch.setattr(ts_server, "WAIT_GRACE", 0.2)
     assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "30"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"no `make serve` is starting TorchServe (a stale {state}") and "\n" not in err
+    assert err.startswith("no `make serve` is starting TorchServe (waited ") and f"s; {state} is stale)" in err
+    assert "\n" not in err
     assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --timeout must be positive, got 0"
