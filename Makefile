@@ -17,7 +17,7 @@ help:
 	@echo "              (CONFIG=config.prod.properties: token auth, keys in .torchserve/run/key_file.json; MODEL_API=1: registration on)"
 	@echo "make wait   - return once the server of make serve is ready (after make serve &; exit 1: none starting, or 3 min)"
 	@echo "make loadtest - locust against the server of make serve (USERS, DURATION, MODEL, IMAGES)"
-	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (about 35 minutes on 2 cores)"
+	@echo "make bench  - stock vs ours (same worker x thread search), vs the in-process limit in the same split; 3 interleaved repeats (34-36 minutes on 2 cores)"
 	@echo "make soak   - 10-minute saturation soak on its own TorchServe (SOAK_DURATION, SOAK_USERS): fails on errors, p99 creep, worker RSS growth"
 	@echo "make validate-deploy - validate deploy/ (Kubernetes, KServe) offline"
 	@echo "make audit  - pip-audit of the pinned dependencies (exit 1 on findings not in deploy/audit-ignore.txt)"

@@ -27,7 +27,7 @@ RUN = "runs/demo"
 EXPORT = "exports/demo"
 MODEL = "fmnist"
 # The demo budget: a narrower cbam_resnet (0.74 M parameters instead of 4.9 M) at Fashion-MNIST's
-# native 28 px, 2 epochs: about 8 minutes on 2 CPU cores. `python -m training train` defaults to the
+# native 28 px, 2 epochs: 7-17 minutes in all on 2 CPU cores (README). `python -m training train` defaults to the
 # full-width model at 32 px.
 TRAIN_ARGS = ["--arch", "cbam_resnet", "--model-kwargs", '{"widths": [16, 32, 64, 128], "head_width": 256}',
               "--input-size", "28", "--epochs", "2", "--batch-size", "128", "--lr", "3e-3"]
@@ -83,7 +83,7 @@ def load_test(server: TorchServe) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.split("\n\n")[0] + " Takes no "
-                            "options: each stage prints the command it runs (about 15 minutes on 2 cores); it "
+                            "options: each stage prints the command it runs (7-17 minutes on 2 cores); it "
                             "writes data/fashion-mnist, runs/demo, exports/demo and model_store/fmnist.mar."
                             ).parse_args(argv)
     start = time.time()
