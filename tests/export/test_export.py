@@ -330,3 +330,37 @@ def test_every_variants_runtime_is_the_one_its_file_opens_with():
     assert NEEDS_ONNX == {"onnx-fp16", "onnx-int8", "openvino", "openvino-int8"}
     assert NEEDS_CALIBRATION == set(FP32_SOURCE) == {"onnx-int8", "openvino-int8"}
     assert FP32_SOURCE == {"onnx-int8": "onnx", "openvino-int8": "openvino"}
+
+
+def test_reduced_precision_graphs_judged_again_by_their_runtimes_alone(export_dir, export_manifest, checkpoint,
+                                                                         image_folder):
+    """The exporter's own numbers (parity: agreement with eager, accuracy change) recomputed without it: each
+    graph file opened by its runtime directly (onnxruntime, OpenVINO at f32 as the exporter judges it), the 90
+    test PNGs read with Pillow and cut with torchvision's resize and center crop, the eager model's argmax as
+    the reference. They must agree with export.json within one image, and pass the gate the fixture set."""
+    import openvino as ov
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    spec, model = load_model(checkpoint)
+    files = sorted((image_folder / "test").rglob("*.png"))
+    labels = np.array([spec.class_names.index(f.parent.name) for f in files])
+    x = torch.stack([F.center_crop(F.resize(pil_to_tensor(Image.open(f).convert("RGB")), [spec.resize_size],
+                                            antialias=True), [spec.input_size]) for f in files])
+    with torch.no_grad():
+        ref = model(normalize(x, mean=spec.mean, std=spec.std)).argmax(1).numpy()
+    core = ov.Core()
+    run = {"onnxruntime": lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+               None, {"images": x.numpy()})[0],
+           "openvino": lambda p: core.compile_model(str(p), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]}
+    one = 1 / len(files)
+    for name in ("onnx-int8", "openvino-int8", "onnx-fp16"):
+        variant = VARIANTS[name]
+        pred = np.asarray(run[variant.runtime](export_dir / variant.filename)).argmax(1)
+        agreement, change = (pred == ref).mean(), ((pred == labels).mean() - (ref == labels).mean()) * 100
+        parity = export_manifest["variants"][name]["parity"]
+        print(name, f"agreement {agreement:.4f} (export.json {parity['top1_agreement']:.4f}), accuracy change "
+                    f"{change:+.2f} points ({parity['accuracy_change_points']:+.2f})")
+        assert abs(agreement - parity["top1_agreement"]) <= one + 1e-9, name
+        assert abs(change - parity["accuracy_change_points"]) <= 100 * one + 1e-6, name
+        assert agreement >= (0.98 if variant.precision == "int8" else MIN_TOP1_AGREEMENT) - one, name
