@@ -75,10 +75,21 @@ def ports_in_use(addresses: list[tuple[str, int]]) -> list[str]:
     return busy
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all held open together while the kernel picks them (ports picked
+    one after another may repeat, each being free again once its socket closes)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _launcher() -> list[str]:
@@ -203,8 +214,9 @@ class TorchServe:
         self.logging = Path(logging) if logging else None
         self.model_store = Path(model_store).resolve()
         self.models = models
-        self.ports = ports or (free_port(), free_port(), free_port())
-        self.grpc_ports = grpc_ports or (free_port(), free_port())  # (inference, management)
+        spare = free_ports(5)  # distinct from each other, whichever are used
+        self.ports = ports or tuple(spare[:3])
+        self.grpc_ports = grpc_ports or tuple(spare[3:])  # (inference, management)
         props = read_properties(config)
         # each listener keeps its config's host (loopback unless the config binds elsewhere on purpose) on its port
         self.hosts = tuple(listener_host(props.get(key)) for key in ADDRESS_KEYS)

@@ -28,7 +28,7 @@ import requests
 from PIL import Image
 
 from tools import REPO
-from tools.torchserve import DEFAULT_CONFIG, free_port, read_properties
+from tools.torchserve import DEFAULT_CONFIG, free_ports, read_properties
 
 pytestmark = pytest.mark.slow
 
@@ -152,12 +152,12 @@ def test_own_photos_in_five_commands(tmp_path):
     work = tmp_path / "work"  # the README's relative paths (photos, data/mine, runs/mine, ...) land here
     work.mkdir()
     photos = write_photos(work / "photos")
-    port = free_port()
+    port, management, metrics, grpc, grpc_management = free_ports(5)
     props = read_properties(DEFAULT_CONFIG)
     props.update({"inference_address": f"http://127.0.0.1:{port}",
-                  "management_address": f"http://127.0.0.1:{free_port()}",
-                  "metrics_address": f"http://127.0.0.1:{free_port()}",
-                  "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())})
+                  "management_address": f"http://127.0.0.1:{management}",
+                  "metrics_address": f"http://127.0.0.1:{metrics}",
+                  "grpc_inference_port": str(grpc), "grpc_management_port": str(grpc_management)})
     (work / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}

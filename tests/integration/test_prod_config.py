@@ -30,7 +30,7 @@ from tools import REPO, grpc_stubs
 from tools.client import call
 from tools.drain import drain, inference_arrivals
 from tools.locust import locust_command, summary
-from tools.torchserve import free_port, read_properties
+from tools.torchserve import free_ports, read_properties
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,8 @@ class Served:
 
     def __init__(self, tmp: Path, store: Path, *options: str):
         props = read_properties(PROD)
-        http, grpc_ports = [free_port() for _ in range(3)], (free_port(), free_port())
+        spare = free_ports(5)
+        http, grpc_ports = spare[:3], tuple(spare[3:])
         props.update({"inference_address": f"http://127.0.0.1:{http[0]}",
                       "management_address": f"http://127.0.0.1:{http[1]}",
                       "metrics_address": f"http://127.0.0.1:{http[2]}",

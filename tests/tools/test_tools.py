@@ -252,3 +252,12 @@ def test_a_hung_stop_kills_the_workers_below_java_too(tmp_path):
             p.kill()
         server.launcher.kill()
         server.close()
+
+
+def test_free_ports_are_distinct():
+    """TorchServe's five ports picked together: one after another, a port is free again once its socket closes
+    and the kernel may hand it out twice."""
+    from tools.torchserve import free_ports
+    for _ in range(20):
+        ports = free_ports(5)
+        assert len(set(ports)) == 5 and all(1024 <= p < 65536 for p in ports)
