@@ -5,8 +5,10 @@ For the payload sets of ``tools.photos`` (500x375 and 12 MP phone photos), one t
 (torchvision's libjpeg-turbo), THE decoder with the evaluation transform's ``min_side`` (Pillow's
 DCT-domain draft, ``inference.images.jpeg_scale``), simplejpeg at the same scale where it is
 installed (the alternative that was measured against it; not a dependency), and the resize/crop to
-the canvas from full size and from the reduced decode. Prints one line per path, the machine's ISA
-class first. The figures are in docs/performance.md.
+the canvas from full size and from the reduced decode; and for training (``--preset photo``: decode, then
+``RandomResizedCrop`` and the rest of the training preset) from a full-size decode and from one reduced to
+the preset's ``min_decode_side``. Prints one line per path, the machine's ISA class first. The figures are in
+docs/performance.md.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from inference.images import decode_rgb, jpeg_scale, probe
 from inference.transforms import EvalPreset
 from tools.photos import photo_jpegs
 from tools.timing import seconds_per_call
+from training.config import TrainConfig
+from training.engine import train_preset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +40,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     preset = EvalPreset(crop_size=args.crop_size, resize_size=args.resize_size)
     side = preset.min_decode_side
-    print(f"isa={isa_class()} threads=1 preset={preset}")
+    train = train_preset(TrainConfig.create(data="-", out="-", preset="photo", input_size=args.crop_size,
+                                            resize_size=args.resize_size))
+    print(f"isa={isa_class()} threads=1 preset={preset} train min_side={train.min_decode_side}")
     for set_name in ("jpeg500", "phone12mp"):
         datas = [d for _, d in photo_jpegs(set_name, limit=args.photos)]
         info = probe(datas[0])
@@ -48,7 +54,10 @@ def main(argv=None) -> int:
                  "decode full size": lambda d, i: decode_rgb(d),
                  f"decode min_side={side} (1/{scale})": lambda d, i: decode_rgb(d, min_side=side),
                  "resize+crop from full size": lambda d, i: preset(full[i]),
-                 f"resize+crop from 1/{scale}": lambda d, i: preset(reduced[i])}
+                 f"resize+crop from 1/{scale}": lambda d, i: preset(reduced[i]),
+                 "train: full-size decode + photo preset": lambda d, i: train(decode_rgb(d)),
+                 f"train: decode to 1/{jpeg_scale(info.width, info.height, train.min_decode_side)} + photo preset":
+                     lambda d, i: train(decode_rgb(d, min_side=train.min_decode_side))}
         try:
             import simplejpeg
             h, w = reduced[0].shape[-2:]
@@ -61,7 +70,7 @@ def main(argv=None) -> int:
                 for i, d in enumerate(datas):
                     fn(d, i)
             ms = seconds_per_call(run, min_run_time=args.min_run_time) / len(datas) * 1000
-            print(f"{set_name:<10} {info.width}x{info.height} {mb:4.2f} MB  {name:<34} {ms:7.2f} ms/image")
+            print(f"{set_name:<10} {info.width}x{info.height} {mb:4.2f} MB  {name:<44} {ms:7.2f} ms/image")
     return 0
 
 

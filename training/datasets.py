@@ -29,8 +29,9 @@ UNREADABLE = (ImageError, OSError)  # what reading one image file can raise: not
 
 
 def _min_decode_side(transform) -> int | None:
-    """The evaluation transform (``inference.transforms.EvalPreset``) lets JPEGs be decoded reduced to
-    its resize size, as the server does; a training transform (random crops) gets full-size images."""
+    """The shorter side ``transform`` needs from the decoder: the evaluation transform's resize size
+    (``inference.transforms.EvalPreset``), as the server decodes; a training preset's narrowest random crop at
+    its crop size (``training.presets.TrainPreset.min_decode_side``); None (full size) for any other callable."""
     return getattr(transform, "min_decode_side", None)
 
 

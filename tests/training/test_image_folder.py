@@ -46,3 +46,20 @@ def test_splits_with_other_classes_name_them(tmp_path):
     with pytest.raises(ValueError, match=r"\(3\) and .*test \(2\) differ \(only in .*train: 'dog', 'fox'; only in "
                                          r".*test: 'dgo'\)"):
         build_splits(tmp_path, cache=False, progress=False)
+
+
+def test_training_photos_decode_reduced_as_far_as_the_random_crop_allows(tmp_path):
+    """--preset photo on phone photos: the training view decodes a 4032x3024 JPEG at 1/2 (TrainPreset's
+    min_decode_side, 915), the validation view carved from it at 1/8 as the server does (EvalPreset: 256)."""
+    import numpy as np
+    from PIL import Image
+
+    from training.presets import TrainPreset
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.full((3024, 4032, 3), 90 if c == "a" else 160, np.uint8)).save(tmp_path / c / "p.jpg",
+                                                                                          quality=90)
+    train = ImageFolderDataset(tmp_path, transform=TrainPreset(crop_size=224, mode="random_resized_crop"))
+    assert train.read(0).shape == (3, 1512, 2016) and train[0][0].shape == (3, 224, 224)
+    evaluated = ImageFolderDataset(tmp_path, transform=EvalPreset(crop_size=224, resize_size=256))
+    assert evaluated.read(1).shape == (3, 378, 504)

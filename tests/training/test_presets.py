@@ -89,3 +89,25 @@ def test_train_preset_rejects_bad_options():
                           (dict(random_erase=1.5), "probability"), (dict(affine=1.0), "affine")):
         with pytest.raises(ValueError, match=match):
             TrainPreset(crop_size=8, **kwargs)
+
+
+def test_the_decoders_min_side_never_shrinks_a_random_crop_below_the_crop_size():
+    """A 12 MP phone photo trained with --preset photo decodes at 1/2 in the DCT domain (915 px min side): every
+    crop torchvision's RandomResizedCrop draws from an image of that short side still has crop_size pixels on its
+    short side (sampled with torchvision's own get_params, square and 4:3 images); a smaller image would not."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from inference.images import jpeg_scale
+    preset = TrainPreset(crop_size=224, mode="random_resized_crop")
+    side = preset.min_decode_side
+    assert side == 915 and jpeg_scale(4032, 3024, side) == 2 and jpeg_scale(1600, 1200, side) == 1
+    torch.manual_seed(0)
+
+    def narrowest(h, w):
+        img = torch.zeros(3, h, w, dtype=torch.uint8)
+        return min(min(RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])[2:])
+                   for _ in range(20_000))
+    assert narrowest(side, side) >= 224 and narrowest(side, side * 4 // 3) >= 224
+    assert narrowest(side * 9 // 10, side * 9 // 10) < 224  # the bound is tight: 10% less and crops go below
+    assert TrainPreset(crop_size=32, resize_size=36).min_decode_side == 36  # pad_crop: the evaluation resize
+    assert TrainPreset(crop_size=224, mode="random_resized_crop", scale=(0.25, 1.0)).min_decode_side == 518
