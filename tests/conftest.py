@@ -15,6 +15,7 @@ from pathlib import Path
 # crashes now and then: CI died with SIGSEGV in tests/training/test_bad_images.py (2026-12-02), and a loop of
 # gRPC calls + a 1-worker DataLoader hung in 5 of 5 runs of 100 forks here, 0 of 10 runs with this set
 # (grpc/grpc#32992). Set before anything imports grpc; tests/test_grpc_fork.py guards it.
+GRPC_IMPORTED_FIRST = "grpc" in sys.modules  # a plugin imported it before this file: the setting came too late
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import numpy as np

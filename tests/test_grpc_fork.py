@@ -39,6 +39,8 @@ finally:
 
 
 def test_fork_support_is_off_before_grpc_is_imported():
+    from tests import conftest
+    assert not conftest.GRPC_IMPORTED_FIRST, "grpc was imported before tests/conftest.py could switch fork support off"
     assert os.environ.get("GRPC_ENABLE_FORK_SUPPORT") == "0"
 
 
