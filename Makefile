@@ -57,8 +57,8 @@ lint: setup
 serve: setup
 	$(PY) -m scripts.ts_server serve $(if $(CONFIG),--config $(CONFIG)) $(if $(filter 1 true yes,$(MODEL_API)),--enable-model-api)
 
-wait: setup
-	@$(PY) -m scripts.ts_server wait
+wait:  # no setup: `make serve &` may be installing it at this moment
+	@if [ -x $(PY) ]; then $(PY) -m scripts.ts_server wait; else echo "no $(VENV) yet: make setup (or make demo) first" >&2; exit 1; fi
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m scripts.ts_server stop; else echo "no TorchServe started by \`make serve\` is running (no $(VENV) yet)"; fi

@@ -50,7 +50,8 @@ def _locust_tree() -> list[psutil.Process]:
 def machine_busy(cpus: set[int] | None = None) -> float:
     """CPU seconds that ``cpus`` (default: this process's affinity) have spent outside idle and iowait since
     boot; steal (the hypervisor's share of a virtual CPU) counts as busy, guest time only once (Linux counts it
-    in user already). Without ``/proc/stat``: the whole machine's, from psutil."""
+    in user already). Without ``/proc/stat``, or when none of its rows is one of ``cpus``: the whole machine's,
+    from psutil."""
     if cpus is None:
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
@@ -58,14 +59,14 @@ def machine_busy(cpus: set[int] | None = None) -> float:
             rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
     except OSError:
         rows = None
-    if not rows or cpus is None:
+    mine = [row for row in rows or [] if cpus is not None and int(row[0][3:]) in cpus]
+    if not mine:  # no /proc/stat, or one that numbers CPUs otherwise (LXCFS renumbers them): the whole machine
         t = psutil.cpu_times()
         return sum(t) - t.idle - sum(getattr(t, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
     ticks = 0
-    for row in rows:
-        if int(row[0][3:]) in cpus:
-            values = [int(v) for v in row[1:]]
-            ticks += sum(values) - sum(values[i] for i in _NOT_BUSY if i < len(values))
+    for row in mine:
+        values = [int(v) for v in row[1:]]
+        ticks += sum(values) - sum(values[i] for i in _NOT_BUSY if i < len(values))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

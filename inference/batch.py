@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.requests import Request, RequestError
+from inference.responses import failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,14 @@ def stack_images(images: list[tuple[torch.Tensor, int]], errors: dict[int, Excep
         try:
             parts[owner] = torch.stack([img for img, o in images if o == owner])
         except Exception as e:
-            errors[owner] = RequestError(f"preprocessing failed: {e}", status=500, error="preprocess failed")
+            errors[owner] = RequestError(f"preprocessing failed: {failure_reason(e)}", status=500,
+                                         error="preprocess failed")
     while parts:
         try:
             return torch.cat(list(parts.values())), [o for o, t in parts.items() for _ in range(len(t))]
         except Exception as e:  # still too large together: the largest request fails, the others are tried again
             largest = max(parts, key=lambda o: parts[o].numel())
             del parts[largest]
-            errors[largest] = RequestError(f"preprocessing failed: {e}", status=500, error="preprocess failed")
+            errors[largest] = RequestError(f"preprocessing failed: {failure_reason(e)}", status=500,
+                                         error="preprocess failed")
     return None, []

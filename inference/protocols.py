@@ -171,7 +171,7 @@ def answer(req: Request, results: list[dict], *, model_name: str, model_version:
         return render(req, results, model_name=model_name, model_version=model_version)
     except Exception as e:
         log.exception("answering a %s request failed", req.protocol)
-        return RequestError(f"the answer could not be built: {type(e).__name__}: {e}", status=500,
+        return RequestError(f"the answer could not be built: {failure_reason(e)}", status=500,
                             error="internal error")
 
 

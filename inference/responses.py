@@ -33,8 +33,12 @@ def error_body(error: str, detail: str, *, status: int = 400) -> str:
     return json.dumps({"error": error, "detail": detail, "code": status})
 
 
+OUT_OF_MEMORY = ("out of memory", "not enough memory", "failed to allocate", "bad_alloc")  # torch/CUDA, ORT, OpenVINO
+
+
 def failure_reason(e: BaseException) -> str:
     """What a 500 says of an exception of the model or of ours: its type, and "out of memory" when it is that;
     not its message, which may hold paths, node names and memory totals of the server (the log has it all)."""
-    oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    oom = isinstance(e, MemoryError) or any(w in text for w in OUT_OF_MEMORY)
     return f"{type(e).__name__}{': out of memory' if oom else ''} (the server's log has the cause)"

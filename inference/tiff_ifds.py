@@ -21,9 +21,10 @@ there, else tiles), and refuses with a 400 that names the count:
   (a 40 MP photo in one-row strips has at most 28,284), more than 4,096 plus one per 16 bytes of the file
   over the pages read, or pages whose pixels add up to more bytes than the file has (strips that share
   bytes). Compressed pages are cut by libtiff, in C: their strips cost no Python;
-* a tile wider or longer than ``MAX_TILE_SIDE`` and than its page (rounded up to 16, the TIFF rule), compressed
-  or not: libtiff decodes each tile into a buffer of the whole tile, so a 64x64 page declaring one
-  16384x8192 tile (a 400 KB file admitted as 4,096 pixels) took 384 MB and 1.1 s.
+* a tile of more than ``MAX_TILE_PIXELS`` and 4 times its page's pixels, compressed or not (libtiff decodes
+  each tile into a buffer of the whole tile: a 64x64 page declaring one 16384x8192 tile, a 400 KB file
+  admitted as 4,096 pixels, took 384 MB and 1.1 s), or a tile size stored as another type than an unsigned
+  integer (libtiff reads signed ones too; this walk would not see them).
 
 A directory cut off by the end of the file counts with the entries it holds (Pillow keeps them); one the
 file cannot hold at all, or an EXIF or GPS pointer past its end, is skipped, as Pillow skips it.
@@ -43,7 +44,7 @@ MAX_TIFF_TAGS = 8192       # tags of every directory read, plus PAGE_TAGS a page
 PAGE_TAGS = 24             # what a page of a real multi-page file has (a fax: 9-16)
 MAX_COLOURS = 3 * 256      # ColorMap values: Pillow reads TIFF palettes of 8 bits at most, each value in Python
 MAX_PAGE_PIECES = 32_768   # strips or tiles of one uncompressed page
-MAX_TILE_SIDE = 1024       # a tile side past its page's: GDAL's 256/512 blocks on small images stay within it
+MAX_TILE_PIXELS = 4096 * 4096  # a tile past 4x its page: any power-of-two tiling (GDAL blocks up to 4096) fits
 SUB_DIRECTORIES = (34665, 34853, 40965)  # EXIF, GPS, Interoperability (inside EXIF)
 FRACTIONS = (5, 10)
 INTEGERS = {3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # SHORT, LONG, IFD, LONG8, IFD8: a size, an offset
@@ -186,15 +187,19 @@ def _byte_counts(data, entries: dict, layout: _Layout) -> int:
 
 
 def _check_tile_sides(data, entries: dict, layout: _Layout) -> None:
-    """Refuse a tiled page (tiles when there are no strips, as Pillow reads it) whose tile is larger than
-    ``MAX_TILE_SIDE`` and than the page's side rounded up to 16."""
+    """Refuse a tiled page (tiles when there are no strips, as Pillow reads it) whose tile holds more than
+    ``MAX_TILE_PIXELS`` and 4 times the page's pixels, or whose tile size is not stored as an unsigned integer."""
     if STRIPS in entries or TILES not in entries:
         return
-    for side, tile, name in ((WIDTH, TILE_WIDTH, "wide"), (LENGTH, TILE_LENGTH, "long")):
-        page, size = _value(data, entries, side, layout, 1), _value(data, entries, tile, layout, 0)
-        if size > max(MAX_TILE_SIDE, -(-page // 16) * 16):
-            raise StructureError(f"TIFF of {len(data)} bytes whose tiles are {size} pixels {name} on a page of "
-                                 f"{page}: refused (tiles of at most {MAX_TILE_SIDE}, or the page's side)")
+    if odd := [tag for tag in (TILE_WIDTH, TILE_LENGTH) if tag in entries and entries[tag][0] not in INTEGERS]:
+        raise StructureError(f"TIFF of {len(data)} bytes whose tile size (tag {odd[0]}) is of type "
+                             f"{entries[odd[0]][0]}, not an unsigned integer: refused")
+    width, length = _value(data, entries, TILE_WIDTH, layout, 0), _value(data, entries, TILE_LENGTH, layout, 0)
+    columns, rows = _value(data, entries, WIDTH, layout, 1), _value(data, entries, LENGTH, layout, 1)
+    if width * length > max(MAX_TILE_PIXELS, 4 * columns * rows):
+        raise StructureError(f"TIFF of {len(data)} bytes whose tiles are {width}x{length} pixels on a page of "
+                             f"{columns}x{rows}: refused (a tile is decoded whole: at most {MAX_TILE_PIXELS} pixels "
+                             "or 4 times the page)")
 
 
 def _page_pieces(data, page: _Directory, layout: _Layout) -> tuple[int, int]:

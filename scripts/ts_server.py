@@ -232,7 +232,10 @@ def wait(args: argparse.Namespace) -> int:
             print(f"ready: {state.get('url', 'TorchServe')} (PID {state['pid']})", flush=True)
             return 0
         waited = time.monotonic() - t0
-        if waited >= WAIT_GRACE and not _is_serve(_read_state(_starting_file(state_file)).get("serve_pid")):
+        starting = _is_serve(_read_state(_starting_file(state_file)).get("serve_pid"))
+        if not starting and _read_state(state_file) != state:  # serve wrote it, then removed its starting file
+            continue
+        if waited >= WAIT_GRACE and not starting:
             stale = f"; {state_file} is stale" if state else ""
             print(f"no `make serve` is starting TorchServe (waited {waited:.0f} s{stale}): start one (`make serve &`), "
                   "or see its output for why it exited", file=sys.stderr)

@@ -156,7 +156,7 @@ def paths_digest(paths: list[str], labels: list[int], *, root: str) -> str:
     """:func:`split_digest` of the images ``paths`` (labelled ``labels``) of a data set rooted at ``root``."""
     h = hashlib.sha256()
     for p, y in zip(_relative(paths, root), labels):
-        h.update(f"{p}\t{y}\n".encode())
+        h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))  # a name of undecodable bytes: those bytes
     return h.hexdigest()[:16]
 
 

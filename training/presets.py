@@ -84,18 +84,20 @@ class TrainPreset:
         self.crop_size = int(crop_size)
         self.transform = v2.Compose(steps)
         if mode == "random_resized_crop":  # the narrowest crop it can draw: a scale[0] share, the most oblong ratio
-            self._min_decode_side = math.ceil(self.crop_size / math.sqrt(scale[0] * min(ratio[0], 1 / ratio[1], 1.0)))
+            share = scale[0] * min(ratio[0], 1 / ratio[1], 1.0)
+            self._min_decode_side = math.ceil(self.crop_size / math.sqrt(share)) if share > 0 else None
         else:
             self._min_decode_side = EvalPreset(crop_size=crop_size, resize_size=resize_size).min_decode_side
 
     @property
-    def min_decode_side(self) -> int:
+    def min_decode_side(self) -> int | None:
         """The shorter side this transform needs from the decoder (``inference.images.decode_rgb``'s ``min_side``),
         so that a JPEG decoded reduced in the DCT domain down to it is never upsampled where the full-size one
         would not be. ``random_resized_crop``: its narrowest crop, ``scale[0]`` of the area at the most oblong
         ``ratio``, has a shorter side of ``sqrt(scale[0] * min(ratio[0], 1 / ratio[1]))`` times a square image's
         side; that must still be ``crop_size`` (224 / sqrt(0.08 * 3/4) = 915 px: a 12 MP phone photo decodes at 1/2,
-        a quarter of its pixels). Otherwise the evaluation resize's size, as :class:`EvalPreset`."""
+        a quarter of its pixels; None, full size, for a ``scale[0]`` of 0). Otherwise the evaluation resize's size,
+        as :class:`EvalPreset`."""
         return self._min_decode_side
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:

@@ -290,5 +290,5 @@ def write_predictions_csv(path, paths: Sequence[str], labels, probs: torch.Tenso
         for c, q in zip(cs, ps):
             row += [q, class_names[q], f"{c:.6f}"]
         w.writerow(row)
-    write_bytes(path=path, data=text.getvalue().encode())
+    write_bytes(path=path, data=text.getvalue().encode("utf-8", "surrogateescape"))  # file names as on disk
     return path

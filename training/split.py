@@ -41,6 +41,7 @@ from inference.atomic import clean_stale as atomic_clean_stale
 from inference.atomic import pid_alive, swap_in, temp_tree
 from inference.image_files import IMAGE_EXTENSIONS, is_image_name
 
+from .duplicates import find_duplicates
 from .image_folder import CLASS_NAMES_FILE
 
 SPLITS = ("train", "val", "test")
@@ -65,6 +66,14 @@ class SplitError(ValueError):
     """A user mistake: the message is one line saying what to do."""
 
 
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return True
+    return False
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and is_image_name(path.name)
 
@@ -82,6 +91,9 @@ def scan_classes(images: str | os.PathLike) -> dict[str, list[str]]:
     if loose:
         print(f"warning: {len(loose)} image files directly in {images} are in no class folder and are left out",
               file=sys.stderr)
+    if bad := [p.name for p in folders if _not_utf8(p.name)]:
+        raise SplitError(f"class folder {bad[0]!r} of {images}: its name is not valid UTF-8 text (a zip unpacked "
+                         "with another encoding?): rename it")
     classes, skipped = {}, Counter()
     for folder in folders:
         classes[folder.name] = sorted(p.name for p in folder.iterdir() if _is_image(p))
@@ -129,31 +141,34 @@ def check_fractions(*, val: float, test: float) -> None:
 
 
 def plan_split(classes: dict[str, list[str]], *, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST,
-               seed: int = DEFAULT_SEED) -> dict[str, dict[str, list[str]]]:
+               seed: int = DEFAULT_SEED, groups: dict[str, list[list[str]]] | None = None
+               ) -> dict[str, dict[str, list[str]]]:
     """``{split: {class: file names}}`` for :data:`SPLITS` (``val`` left out when ``val`` is 0).
 
-    Refuses (:class:`SplitError`, one line naming every such class) a class with too few images to give
-    every split at least one.
+    ``groups``: each class's files that must land in one split (identical photos,
+    :func:`training.duplicates.find_duplicates`); a group counts as one photo. Without duplicates the plan is
+    the same as without ``groups``. Refuses (:class:`SplitError`, one line naming every such class) a class
+    with too few distinct images to give every split at least one.
     """
     check_fractions(val=val, test=test)
     if len(classes) < 2:
         raise SplitError(f"{len(classes)} class folder ({', '.join(map(repr, classes))}): a classifier needs at least "
                          "2 classes, each in a folder of its own")
     need = min_class_size(val=val, test=test)
-    small = {c: len(files) for c, files in classes.items() if len(files) < need}
+    groups = groups or {c: [[f] for f in sorted(files)] for c, files in classes.items()}
+    small = {c: (len(classes[c]), len(g)) for c, g in groups.items() if len(g) < need}
     if small:
-        listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(small.items()))
+        listed = ", ".join(f"{c!r} has {n}" + (f" ({d} distinct)" if d < n else "") for c, (n, d) in sorted(small.items()))
         raise SplitError(f"too few images to give train, {'val and ' if val > 0 else ''}test one each (at least "
                          f"{need} per class with --val {val} --test {test}): {listed}; add images or drop the class")
     plan: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS if s != "val" or val > 0}
-    for cls, files in sorted(classes.items()):
-        order = sorted(files)
+    for cls in sorted(classes):
+        order = sorted(groups[cls])  # one file each, unless identical ones: the same order as the files'
         random.Random(f"{seed}:{cls}").shuffle(order)  # str seeds hash with SHA-512: stable everywhere
         n_train, n_val, n_test = split_counts(len(order), val=val, test=test)
-        plan["test"][cls] = sorted(order[:n_test])
-        if val > 0:
-            plan["val"][cls] = sorted(order[n_test:n_test + n_val])
-        plan["train"][cls] = sorted(order[n_test + n_val:])
+        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+        for split in plan:
+            plan[split][cls] = sorted(f for group in parts[split] for f in group)
     return plan
 
 
@@ -178,9 +193,10 @@ def clean_stale(out: Path) -> None:
     atomic_clean_stale(folder=out.parent, name=out.name)
     if not out.parent.is_dir():
         return
-    legacy = re.compile(re.escape(out.name) + r"\.(split|old)-(\d+)-")
+    # exactly tempfile.mkdtemp's names: a user's own ".mine.old-2024-05" folder is no PID 2024's temporary
+    legacy = re.compile(re.escape(out.name) + r"\.(split|old)-(\d+)-[a-z0-9_]{8}")
     for entry in sorted(out.parent.iterdir()):
-        m = legacy.match(entry.name[1:]) if entry.name.startswith(".") else None
+        m = legacy.fullmatch(entry.name[1:]) if entry.name.startswith(".") else None
         if not m or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and (entry / "split").is_dir() and not os.path.lexists(out):
@@ -253,13 +269,33 @@ def split_images(*, images: str | os.PathLike, out: str | os.PathLike, val: floa
         raise SplitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     check_fractions(val=val, test=test)
     classes = scan_classes(images)
-    plan = plan_split(classes, val=val, test=test, seed=seed)
+    plan_split(classes, val=val, test=test, seed=seed)  # its refusals first, before any file is read
+    groups, across = find_duplicates(images, classes)
+    _warn_duplicates(groups, across)
+    plan = plan_split(classes, val=val, test=test, seed=seed, groups=groups)
     clean_stale(Path(out))
     _check_out(Path(out), Path(images), force=force)  # refuse before copying anything
     record = {"images": str(Path(images).resolve()), "seed": seed, "val": val, "test": test,
               "counts": {s: {c: len(f) for c, f in per_class.items()} for s, per_class in plan.items()}}
     write_split(plan, images=images, out=out, mode=mode, force=force, record=record)
     return plan
+
+
+def _shown(name: str) -> str:
+    """A file name as text (undecodable bytes as U+FFFD), printable on any stream."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _warn_duplicates(groups: dict[str, list[list[str]]], across: list[list[tuple[str, str]]]) -> None:
+    copies = [g for gs in groups.values() for g in gs if len(g) > 1]
+    if copies:
+        print(f"warning: {sum(len(g) - 1 for g in copies)} photos are copies (identical bytes) of another in their "
+              f"class, e.g. {' = '.join(map(_shown, copies[0][:3]))}: each set is kept in one split, so none is both "
+              "trained on and tested on", file=sys.stderr)
+    if across:
+        shown = " = ".join(f"{c}/{_shown(n)}" for c, n in across[0][:3])
+        print(f"warning: {len(across)} photos are filed under more than one class (identical bytes), e.g. {shown}: "
+              "one photo cannot have two labels; remove the wrong copies and split again", file=sys.stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,3 +72,6 @@ def test_the_machine_is_the_cpus_this_process_may_use(busy_process):
             "print(available_cores(), x <= y <= z, round(z - x, 3), machine_busy({0, 1}) - z > 1)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "1" and out[1] == "True" and float(out[2]) < 0.1 and out[3] == "True"
+    import psutil  # CPUs /proc/stat does not list (LXCFS renumbers them): the whole machine, not 0
+    t = psutil.cpu_times()
+    assert machine_busy({10**6}) >= sum(t) - t.idle - t.iowait - t.guest - t.guest_nice - 1

@@ -389,4 +389,5 @@ def test_an_answer_that_cannot_be_built_fails_its_request_only(model_dir, monkey
     ctx = make_context(model_dir, n=2)
     out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": [base64.b64encode(IMAGES[1]).decode()]}])
     assert ctx.get_response_status(0)[0] == 200 and json.loads(out[0])["predictions"]
-    assert ctx.get_response_status(1)[0] == 500 and "simulated renderer bug" in json.loads(out[1])["detail"]
+    detail = json.loads(out[1])["detail"]
+    assert ctx.get_response_status(1)[0] == 500 and "could not be built" in detail and "simulated" not in detail

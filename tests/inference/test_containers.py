@@ -173,17 +173,26 @@ def _tiff_deflate_tiled(pixels: np.ndarray, tile: tuple[int, int]) -> bytes:
 
 def test_a_compressed_tile_far_larger_than_its_page_is_refused_and_real_tilings_pass():
     """libtiff decodes each tile into a buffer of the whole tile: a 64x64 page declaring one 16384x8192 tile
-    (a 400 KB file, admitted as 4,096 pixels) took 384 MB and 1.1 s. GDAL-style 256/512 tiles on small pages,
-    and tiles the page's size rounded up to 16, pass and decode to their pixels (Pillow/libtiff)."""
-    from inference.tiff_ifds import MAX_TILE_SIDE
-    for tile in ((256, 256), (512, 512), (48, 48), (64, 16)):
+    (a 400 KB file, admitted as 4,096 pixels) took 384 MB and 1.1 s. Power-of-two tilings up to 4096 on small
+    pages (GDAL's blocks), and tiles of the page's own size, pass and decode to their pixels (Pillow/libtiff);
+    a tile size stored signed (libtiff reads it; the walk would not) is refused."""
+    from inference.tiff_ifds import MAX_TILE_PIXELS
+    for tile in ((256, 256), (512, 512), (48, 48), (64, 16), (2048, 16), (1024, 1024)):
         data = _tiff_deflate_tiled(RGB, tile)
         check_structure(data, max_frames=FRAMES)
         assert np.array_equal(decode_rgb(data).permute(1, 2, 0).numpy(), RGB), tile
-    for tile, said in (((2048, 16), "2048 pixels wide on a page of 50"), ((16, 4096), "4096 pixels long on a page of 37"),
-                       ((MAX_TILE_SIDE + 16, 16), f"{MAX_TILE_SIDE + 16} pixels wide")):
-        with pytest.raises(StructureError, match=said):
-            check_structure(_tiff_deflate_tiled(RGB, tile), max_frames=FRAMES)
+    one = _tiff_deflate_tiled(RGB, (64, 48))  # one tile: its declared size patched below (the check reads no pixel)
+    for tile in ((16384, 8192), (4096, 4112)):
+        assert tile[0] * tile[1] > MAX_TILE_PIXELS
+        data = one.replace(struct.pack("<HHII", 322, 4, 1, 64), struct.pack("<HHII", 322, 4, 1, tile[0]))
+        data = data.replace(struct.pack("<HHII", 323, 4, 1, 48), struct.pack("<HHII", 323, 4, 1, tile[1]))
+        with pytest.raises(StructureError, match=f"tiles are {tile[0]}x{tile[1]} pixels on a page of 50x37"):
+            check_structure(data, max_frames=FRAMES)
+    signed = bytearray(one)
+    at = signed.index(struct.pack("<HH", 322, 4))  # TileWidth, LONG -> SLONG (type 9)
+    signed[at + 2:at + 4] = struct.pack("<H", 9)
+    with pytest.raises(StructureError, match="tile size .tag 322. is of type 9"):
+        check_structure(bytes(signed), max_frames=FRAMES)
 
 
 def _exif_of(size: int) -> bytes:

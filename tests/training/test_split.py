@@ -222,13 +222,19 @@ def test_what_a_killed_split_left_is_cleaned_up(photos, tmp_path, capsys):
     assert code == 2 and "already holds a split" in err
     assert tree(out) == before and not aside.exists()
     # what the versions before 2026-12-06 left: .OUT.split-PID-* and .OUT.old-PID-*/split
-    legacy = tmp_path / f".out.old-{dead}-xyz"
+    legacy = tmp_path / f".out.old-{dead}-xyz_1234"  # tempfile.mkdtemp's 8 characters after the prefix
     legacy.mkdir()
     os.rename(out, legacy / "split")
-    (tmp_path / f".out.split-{dead}-abc").mkdir()
+    (tmp_path / f".out.split-{dead}-abcd0123").mkdir()
     code, _, err = run(capsys, "--images", photos, "--out", out, "--seed", 9)
     assert code == 2 and "already holds a split" in err
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]
+    # a folder of the user's that merely looks like one (".out.old-2024-05": "2024" is no PID of ours) stays
+    mine = tmp_path / ".out.old-2024-05"
+    (mine / "keep").mkdir(parents=True)
+    (mine / "keep" / "notes.txt").write_text("precious")
+    code, _, err = run(capsys, "--images", photos, "--out", out, "--seed", 9, "--force")
+    assert code == 0 and (mine / "keep" / "notes.txt").read_text() == "precious"
 
 
 def test_the_command_exits_2_without_a_traceback(tmp_path):
@@ -264,3 +270,49 @@ def test_one_class_is_refused_and_unread_file_types_are_named(tmp_path, capsys):
     assert code == 0 and "warning: files of types that are not read are left out (3 .heic)" in err
     assert "HEIC to JPEG" in err and "._img" not in err
     assert not any(name.startswith("._") for name in os.listdir(tmp_path / "o" / "train" / "vertical"))
+
+
+def test_identical_photos_stay_in_one_split_and_one_photo_in_two_classes_is_named(photos, tmp_path, capsys):
+    """A photo imported twice ("img_03 (1).png") was a coin toss away from being trained on and tested on;
+    each set of identical files now lands in one split (counted as one photo). One photo in two classes is
+    named. Without copies the plan is the one the seed gave before."""
+    out = tmp_path / "out"
+    assert run(capsys, "--images", photos, "--out", out)[0] == 0
+    before = tree(out)
+    for i in range(8):  # every third vertical photo imported again, and one twice
+        shutil.copy(photos / "vertical" / f"img_{i:02d}.png", photos / "vertical" / f"img_{i:02d} (1).png")
+    shutil.copy(photos / "vertical" / "img_03.png", photos / "vertical" / "img_03 (2).png")
+    shutil.copy(photos / "circle" / "img_05.png", photos / "horizontal" / "img_05_from_circle.png")
+    code, _, err = run(capsys, "--images", photos, "--out", out, "--force")
+    assert code == 0
+    assert "9 photos are copies (identical bytes) of another in their class" in err
+    assert "1 photos are filed under more than one class" in err and "circle/img_05.png" in err
+    where = {f: s for s, per_class in tree(out).items() for f in per_class.get("vertical", [])}
+    for i in range(8):
+        assert where[f"img_{i:02d}.png"] == where[f"img_{i:02d} (1).png"], i
+    assert where["img_03.png"] == where["img_03 (2).png"]
+    counts = {s: len(per_class["vertical"]) for s, per_class in tree(out).items()}
+    assert sum(counts.values()) == 29 and counts["test"] >= 2 and counts["val"] >= 2  # 20 distinct: 2, 2, 16
+    assert tree(out)["train"]["circle"] == before["train"]["circle"]  # no copies in this class: as before
+
+
+def test_names_of_undecodable_bytes(photos, tmp_path, capsys):
+    """A zip made on Windows and unpacked here leaves names of bytes that are not UTF-8: a class folder of such a
+    name is refused in one line (rename it); a photo of such a name is split, trained on (the split's digest)
+    and predicted, its name written back as the same bytes."""
+    from training.datasets import paths_digest
+    from training.reports import write_predictions_csv
+    odd = os.fsdecode(b"IMG_\xe9t\xe9.png")
+    shutil.copy(photos / "circle" / "img_00.png", photos / "circle" / odd)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "--images", photos, "--out", out)
+    assert code == 0, err
+    split_of = {s: f for s, per_class in tree(out).items() for f in per_class["circle"] if f == odd}
+    assert len(split_of) == 1
+    assert len(paths_digest([str(out / "train" / "circle" / odd)], [0], root=str(out / "train"))) == 16
+    csv_path = write_predictions_csv(tmp_path / "p.csv", [str(photos / "circle" / odd)], None,
+                                     [[0.9, 0.1]], ["a", "b"])
+    assert b"IMG_\xe9t\xe9.png" in Path(csv_path).read_bytes()
+    os.mkdir(photos / os.fsdecode(b"caf\xe9"))
+    code, _, err = run(capsys, "--images", photos, "--out", tmp_path / "out2")
+    assert code == 2 and "its name is not valid UTF-8 text" in err and "rename it" in err
