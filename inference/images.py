@@ -47,6 +47,7 @@ warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 7200x5500 photo (39.6 MP) passes, a 20000x20000 bomb does not
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # long side / short side: a 6:1 panorama passes, a 100000x50 strip does not
 DEFAULT_MAX_FRAMES = 1000        # animated images: only frame 0 is decoded; far more frames is refused
+OFFLINE_MAX_PIXELS, OFFLINE_MAX_ASPECT_RATIO = 150_000_000, 100.0  # read_image_file: training, evaluate, predict
 PYTHON_DECODE_WEIGHT = 8  # an RLE BMP counts 8x its pixels: Pillow decodes RLE in Python (12 MP: 1.6 s, a PNG 0.19)
 # The allow-list, by Pillow's name of the format read from the header (MPO: the multi-picture JPEG that
 # many phones write). Anything else Pillow may open (ICO, PPM, TGA, PSD, ...) is refused.
@@ -227,11 +228,13 @@ def decode_rgb(data: bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"cannot decode the {width}x{height} image: {e}") from None
 
 
-def read_image_file(path: str, *, min_side: int | None = None) -> torch.Tensor:
-    """:func:`decode_rgb` of a file's bytes (the same decoder as the server's, so offline and served
-    pixels of one file are identical when ``min_side`` is the same)."""
+def read_image_file(path: str, *, min_side: int | None = None, max_pixels: int = OFFLINE_MAX_PIXELS,
+                    max_aspect_ratio: float = OFFLINE_MAX_ASPECT_RATIO) -> torch.Tensor:
+    """:func:`decode_rgb` of a file's bytes (the same decoder as the server's, so offline and served pixels of one
+    file are identical when ``min_side`` is the same), with offline bounds: a 48-50 MP phone photo or a panorama
+    is the user's own file here, not a stranger's request (the server's ``max_pixels`` is 40 MP, 20:1)."""
     with open(path, "rb") as f:
-        return decode_rgb(f.read(), min_side=min_side)
+        return decode_rgb(f.read(), min_side=min_side, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
 
 
 def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_MAX_PIXELS,

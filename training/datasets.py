@@ -16,6 +16,7 @@ with the batch (:func:`collate_reporting`) instead of failing the epoch.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import torch
 from torch.utils.data import Dataset
@@ -75,10 +76,14 @@ class LabelledImages(Dataset):
         self.cache = torch.stack(images)
 
     def _load(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
         try:
-            return read_image_file(self.paths[i], min_side=_min_decode_side(self.transform))
+            return read_image_file(path, min_side=_min_decode_side(self.transform))
         except UNREADABLE as e:
-            raise ImageError(f"{self.paths[i]}: cannot read the image: {e}") from None
+            if os.path.islink(path) and not os.path.exists(path):  # `split --mode symlink`, originals moved
+                raise ImageError(f"{path}: a symlink to {os.readlink(path)}, which no longer exists (the originals of "
+                                 "a `split --mode symlink` moved or deleted? split again)") from None
+            raise ImageError(f"{path}: cannot read the image: {e}") from None
 
     def read(self, i: int) -> torch.Tensor:
         """Image ``i`` before ``transform``: the cached tensor, or the decoded file."""

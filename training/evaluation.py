@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from inference.atomic import clean_stale, write_json
-from inference.image_files import IMAGE_EXTENSIONS, image_files
+from inference.image_files import IMAGE_EXTENSIONS, image_files, skipped_line
 from inference.images import read_image_file
 from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba
@@ -121,7 +122,10 @@ def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "no
 
     A file that is not a readable image (corrupt, truncated, too large) is skipped, named on stderr with
     its reason, and left out of the CSV; none readable at all is an error."""
-    paths = image_files(images)
+    skipped = Counter()
+    paths = image_files(images, skipped=skipped)
+    if skipped:  # e.g. an iPhone's .heic photos, passed over in silence before
+        print(skipped_line(skipped), file=sys.stderr)
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {images}")
     if topk < 1 or batch_size < 1:

@@ -33,7 +33,8 @@ FORMAT_CHOICES = (AUTO, *FORMATS)  # what build_datasets(format=...) accepts
 
 
 def detect_format(data: str | os.PathLike) -> str:
-    """``"inat"`` (``train.json``), ``"cifar"`` (CIFAR pickles) or ``"imagefolder"`` (``train/`` folder)."""
+    """``"inat"`` (``train.json``), ``"cifar"`` (CIFAR pickles) or ``"imagefolder"`` (a ``train/`` folder of class
+    folders; a ``train/`` of images is a class of that name, as in a test split of classes "train" and "bus")."""
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {data}")
@@ -41,8 +42,8 @@ def detect_format(data: str | os.PathLike) -> str:
         return "inat"
     if is_cifar_folder(root):
         return "cifar"
-    if (root / "train").is_dir():
-        return "imagefolder"
+    if (root / "train").is_dir() and not any(is_image_name(f) for f in os.listdir(root / "train")):
+        return "imagefolder"  # train/ of class folders (train/ of images: a class named "train", a class folder)
     if any(is_class_folder(p) and any(is_image_name(f) for f in os.listdir(p)) for p in root.iterdir()):
         raise ValueError(f"{data} holds class folders of images but no train/ and test/ splits: make them first "
                          f"with `python -m training split --images {data} --out {str(data).rstrip('/')}_split`, "

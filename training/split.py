@@ -39,7 +39,7 @@ from pathlib import Path
 
 from inference.atomic import clean_stale as atomic_clean_stale
 from inference.atomic import pid_alive, swap_in, temp_tree
-from inference.image_files import IMAGE_EXTENSIONS, is_image_name
+from inference.image_files import is_image_name, other_kinds, skipped_line
 
 from .duplicates import find_duplicates
 from .image_folder import CLASS_NAMES_FILE
@@ -97,16 +97,13 @@ def scan_classes(images: str | os.PathLike) -> dict[str, list[str]]:
     classes, skipped = {}, Counter()
     for folder in folders:
         classes[folder.name] = sorted(p.name for p in folder.iterdir() if _is_image(p))
-        skipped.update(p.suffix.lower() or p.name for p in folder.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and not _is_image(p))
+        skipped.update(other_kinds(p.name for p in folder.iterdir() if p.is_file()))
         nested = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if nested:
             print(f"warning: sub-folders of {folder} are left out (only its own image files are read): "
                   f"{', '.join(sorted(nested)[:3])}{', ...' if len(nested) > 3 else ''}", file=sys.stderr)
     if skipped:  # e.g. an iPhone's .heic photos: a class of only those would read "has 0 images"
-        kinds = ", ".join(f"{n} {kind}" for kind, n in skipped.most_common(5))
-        print(f"warning: files of types that are not read are left out ({kinds}); images must be one of "
-              f"{', '.join(IMAGE_EXTENSIONS)} (convert the others, e.g. HEIC to JPEG)", file=sys.stderr)
+        print(skipped_line(skipped), file=sys.stderr)
     return classes
 
 
@@ -204,6 +201,12 @@ def clean_stale(out: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def _real_out(out: Path) -> Path:
+    """``out``, or the folder it links to (``data/mine`` -> a larger disk): the split is written there, in place
+    of that folder, and the link stays (renaming onto the link itself fails: "is a directory")."""
+    return out.resolve() if out.is_symlink() and out.is_dir() else out
+
+
 def _check_out(out: Path, images: Path, *, force: bool) -> bool:
     """Whether ``out`` holds a split that ``--force`` replaces; refuse any other non-empty ``out``."""
     src, dst = images.resolve(), out.resolve()
@@ -235,7 +238,7 @@ def write_split(plan: dict[str, dict[str, list[str]]], *, images: str | os.PathL
     through a hidden temporary folder renamed onto ``out``; return ``out``."""
     if mode not in MODES:
         raise SplitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    images, out = Path(images), Path(out)
+    images, out = Path(images), _real_out(Path(out))
     clean_stale(out)
     _check_out(out, images, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,7 @@ def split_images(*, images: str | os.PathLike, out: str | os.PathLike, val: floa
     if mode not in MODES:
         raise SplitError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     check_fractions(val=val, test=test)
+    out = _real_out(Path(out))
     classes = scan_classes(images)
     plan_split(classes, val=val, test=test, seed=seed)  # its refusals first, before any file is read
     groups, across = find_duplicates(images, classes)

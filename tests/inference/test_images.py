@@ -430,3 +430,17 @@ def test_16_bit_tiffs_of_either_byte_order_become_their_8_bit_grey(dtype):
     assert buf.getvalue()[:2] == (b"II" if dtype == "<u2" else b"MM")
     out = decode_rgb(buf.getvalue())
     assert np.array_equal(out.permute(1, 2, 0).numpy(), np.stack([grey] * 3, -1))
+
+
+def test_offline_reading_takes_the_photos_the_server_refuses(tmp_path):
+    """48-50 MP phone photos and long panoramas are the user's own files when training or predicting: training
+    skipped them one by one and stopped after --max-bad-images; the server keeps its 40 MP and 20:1."""
+    from inference.images import ImageTooLargeError, read_image_file
+    big, pano = tmp_path / "50mp.jpg", tmp_path / "pano.png"
+    Image.new("RGB", (8160, 6120), (40, 90, 160)).save(big, quality=90)  # a 50 MP phone's JPEG
+    Image.new("RGB", (2300, 100), (200, 10, 10)).save(pano)  # 23:1
+    for path in (big, pano):
+        with pytest.raises(ImageTooLargeError):
+            decode_rgb(path.read_bytes())  # the server's bounds
+    assert read_image_file(str(big), min_side=915).shape == (3, 1530, 2040)  # decoded at 1/4
+    assert read_image_file(str(pano)).shape == (3, 100, 2300)

@@ -44,10 +44,13 @@ def test_predict_skips_and_names_unreadable_files(image_folder, tmp_path, capsys
     args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--images", str(photos), "--batch-size", "4"]
     assert main([*args, "--out", str(tmp_path / "clean.csv")]) == 0
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "scan.jfif", "Thumbs.db", ".DS_Store"):  # an iPhone's, Windows'
+        (photos / name).write_bytes(b"not read")
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "p.csv")]) == 0
     captured = capsys.readouterr()
     assert "skipped unreadable image" in captured.err and str(photos / 'broken.jpg') in captured.err
+    assert "files of types that are not read are left out (2 .heic, 1 .jfif)" in captured.err  # was silent
     assert f"{len(good)} images classified" in captured.out
     with open(tmp_path / "p.csv") as f, open(tmp_path / "clean.csv") as g:
         assert list(csv.DictReader(f)) == list(csv.DictReader(g))

@@ -60,3 +60,17 @@ def test_an_unsplit_photo_folder_and_an_empty_class_are_one_clear_line(small_fol
         (data / split / "fish").mkdir()
     with pytest.raises(ValueError, match=r"no training image of class 'fish': add images, or remove the empty"):
         build_splits(data, val_fraction=0.25, progress=False)
+
+
+def test_a_class_named_train_is_a_class_not_a_data_set_root(tmp_path):
+    """Vehicle classes "bus" and "train": evaluate --data data/mine/test read test/train/ as a data set's train
+    split and failed ('has none of the sub-folders test, val'); export too."""
+    from training.evaluation import eval_dataset
+    for split in ("train", "test"):
+        for c in ("bus", "train"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / c / f"{i}.png").write_bytes(encode(pattern_image("circle", seed=i)))
+    assert detect_format(tmp_path) == "imagefolder"  # the data set's root: train/ holds class folders
+    ds = eval_dataset(str(tmp_path / "test"))
+    assert ds.classes == ["bus", "train"] and len(ds) == 4

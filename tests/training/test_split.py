@@ -316,3 +316,30 @@ def test_names_of_undecodable_bytes(photos, tmp_path, capsys):
     os.mkdir(photos / os.fsdecode(b"caf\xe9"))
     code, _, err = run(capsys, "--images", photos, "--out", tmp_path / "out2")
     assert code == 2 and "its name is not valid UTF-8 text" in err and "rename it" in err
+
+
+def test_an_out_that_links_to_another_disk_is_filled_through_the_link(photos, tmp_path, capsys):
+    """data/mine -> ../bigdisk/mine: "is a directory" every time (the rename went onto the link itself); now the
+    split is written into the linked folder, the link stays, and --force replaces it there."""
+    target = tmp_path / "bigdisk" / "mine"
+    target.mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "mine"
+    link.symlink_to(target, target_is_directory=True)
+    assert run(capsys, "--images", photos, "--out", link)[0] == 0
+    assert link.is_symlink() and (target / "split.json").is_file() and sorted(tree(link)) == ["test", "train", "val"]
+    code, _, err = run(capsys, "--images", photos, "--out", link, "--seed", 3, "--force")
+    assert code == 0, err
+    assert link.is_symlink() and json.loads((target / "split.json").read_text())["seed"] == 3
+
+
+def test_a_symlink_split_whose_originals_moved_says_so(photos, tmp_path, capsys):
+    from training.image_folder import ImageFolderDataset
+    out = tmp_path / "out"
+    assert run(capsys, "--images", photos, "--out", out, "--mode", "symlink")[0] == 0
+    moved = tmp_path / "elsewhere"
+    photos.rename(moved)
+    ds = ImageFolderDataset(out / "train")
+    with pytest.raises(ValueError, match=r"a symlink to .*photos/circle/img_\d\d.png, which no longer exists .the "
+                                         r"originals of a `split --mode symlink` moved or deleted\? split again"):
+        ds.read(0)
