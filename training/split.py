@@ -83,6 +83,9 @@ def scan_classes(images: str | os.PathLike) -> dict[str, list[str]]:
     root = Path(images)
     if not root.is_dir():
         raise SplitError(f"--images {images}: folder not found (expected IMAGES/<class>/<image files>)")
+    if (root / SPLIT_RECORD).is_file() and (root / "train").is_dir():
+        raise SplitError(f"--images {images} is already a split (it has {SPLIT_RECORD}): train on it directly, "
+                         f"python -m training train --data {images} ..., or split the original photos again")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p for p in root.iterdir() if _is_image(p)]
     if not folders:

@@ -343,3 +343,10 @@ def test_a_symlink_split_whose_originals_moved_says_so(photos, tmp_path, capsys)
     with pytest.raises(ValueError, match=r"a symlink to .*photos/circle/img_\d\d.png, which no longer exists .the "
                                          r"originals of a `split --mode symlink` moved or deleted\? split again"):
         ds.read(0)
+
+
+def test_splitting_a_split_again_says_what_it_is(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "--images", photos, "--out", out)[0] == 0
+    code, _, err = run(capsys, "--images", out, "--out", tmp_path / "again")
+    assert code == 2 and f"--images {out} is already a split (it has split.json): train on it directly" in err
