@@ -31,6 +31,7 @@ import re
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
@@ -39,8 +40,9 @@ from inference.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
 from tools import REPO
+from tools.client import LOOPBACK
 from tools.drain import drain
-from tools.torchserve import DEFAULT_CONFIG, TorchServe, is_torchserve, read_properties
+from tools.torchserve import DEFAULT_CONFIG, TorchServe, is_torchserve, kill_trees, read_properties
 
 STATE_FILE = REPO / ".torchserve" / "server.json"
 RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
@@ -101,9 +103,13 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # from here on, start-up included, SIGTERM stops what was started
     try:
         server.start(foreground=True)
-        write_json(path=state_file, obj=server.state())  # atomic: a crash never leaves half a state file
-        starting.unlink(missing_ok=True)
-        _announce(server, args.model_store, grpc_ports)
+        try:
+            write_json(path=state_file, obj=server.state())  # atomic: a crash never leaves half a state file
+            starting.unlink(missing_ok=True)
+            _announce(server, args.model_store, grpc_ports)
+        except BaseException:  # a full disk, a closed stdout: nothing could find this server again to stop it
+            server.stop(timeout=20)
+            raise
         server.launcher.wait()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it has exited: nothing left to stop
         state = _read_state(state_file)
@@ -128,9 +134,20 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _announce(server: TorchServe, model_store: str, grpc_ports: tuple[int, int]) -> None:
-    print(f"TorchServe (PID {server.pid}) serving {model_store} at {server.url}, management "
-          f"{server.management_url}, metrics {server.metrics_url}/metrics, gRPC 127.0.0.1:{grpc_ports[0]} "
-          f"(inference) and 127.0.0.1:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`", flush=True)
+    p = server.props
+    http = {k: p.get(f"{k}_address", "").strip() for k in ("inference", "management", "metrics")}
+    grpc = {k: p.get(f"grpc_{k}_address", "0.0.0.0").strip() for k in ("inference", "management")}
+    print(f"TorchServe (PID {server.pid}) serving {model_store} at {http['inference']}, management "
+          f"{http['management']}, metrics {http['metrics']}/metrics, gRPC {grpc['inference']}:{grpc_ports[0]} "
+          f"(inference) and {grpc['management']}:{grpc_ports[1]} (management); stop with Ctrl-C or `make stop`",
+          flush=True)
+    hosts = {**{k: urllib.parse.urlsplit(a).hostname for k, a in http.items()},
+             **{f"gRPC {k}": h.strip("[]") for k, h in grpc.items()}}
+    exposed = [f"{k} on {h}" for k, h in hosts.items() if h not in LOOPBACK]
+    if exposed and not server.token_auth:
+        print(f"warning: listening beyond this machine ({', '.join(exposed)}) with token authorization off: anyone "
+              "who reaches it may use the management API (scale, unregister); serve config.prod.properties "
+              "(CONFIG=config.prod.properties) or bind 127.0.0.1", file=sys.stderr, flush=True)
     if server.token_auth:
         print(f"token authorization on: keys in {server.key_file} (send 'Authorization: Bearer KEY'; "
               f"inference key for {server.url}, management key for {server.management_url})", flush=True)
@@ -200,8 +217,9 @@ def stop(args: argparse.Namespace) -> int:
             pass
     try:  # `serve` then knows the exit was asked for; a full disk must not keep the server from stopping
         write_json(path=state_file, obj={**state, "stopping": True})
-    except OSError as e:
-        print(f"could not mark {state_file} ({e}); stopping anyway", flush=True)
+    except OSError as e:  # no state at all says "asked" to `serve` as well (removing works on a full disk)
+        state_file.unlink(missing_ok=True)
+        print(f"could not mark {state_file} ({e}): removed it; stopping", flush=True)
     try:
         process = psutil.Process(pid)
         process.terminate()
@@ -212,8 +230,8 @@ def stop(args: argparse.Namespace) -> int:
         if _exited(process, timeout=EXIT_TIMEOUT):
             print(f"TorchServe PID {pid} exited", flush=True)
         else:
-            process.kill()
-            print(f"TorchServe PID {pid} did not exit in {EXIT_TIMEOUT:.0f} s: killed", flush=True)
+            kill_trees(pid)  # Java and its workers: a worker stuck in a forward pass outlives its Java otherwise
+            print(f"TorchServe PID {pid} did not exit in {EXIT_TIMEOUT:.0f} s: killed with its workers", flush=True)
     state_file.unlink(missing_ok=True)
     return 0
 

@@ -2,15 +2,28 @@
 
 ``predict`` posts one image to ``/predictions/MODEL``; ``predict_files`` posts many at once (so the
 server batches them); ``call`` is any request, answered as ``(status, text)`` whatever the status;
-``manage`` is a management-API call whose body is parsed as JSON where it is JSON.
+``manage`` is a management-API call whose body is parsed as JSON where it is JSON. A loopback URL never goes
+through ``http_proxy``/``HTTP_PROXY`` (urllib would send 127.0.0.1 to a proxy set without ``no_proxy``: start-up
+then timed out and ``make stop`` found /metrics unreachable); any other host goes as urllib sends it.
 """
 from __future__ import annotations
 
 import json
 import mimetypes
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def urlopen(req: urllib.request.Request | str, *, timeout: float):
+    """``urllib.request.urlopen``, straight to a loopback host whatever the proxy variables say."""
+    url = req.full_url if isinstance(req, urllib.request.Request) else req
+    host = urllib.parse.urlsplit(url).hostname
+    return (_DIRECT.open if host in LOOPBACK else urllib.request.urlopen)(req, timeout=timeout)
 
 
 def call(url: str, *, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
@@ -18,7 +31,7 @@ def call(url: str, *, method: str = "GET", data: bytes | None = None, headers: d
     """``(status, body text)``: an HTTP error status is an answer here, not an exception."""
     req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -40,7 +53,7 @@ def predict(url: str, model: str, data: bytes, *, content_type: str = "image/png
         headers["X-Top-K"] = str(topk)
     req = urllib.request.Request(f"{url}/predictions/{model}", data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         body = e.read()

@@ -58,8 +58,8 @@ import os
 import re
 import time
 import urllib.parse
-import urllib.request
 
+from tools.client import urlopen
 from tools.log_tail import LogTail
 
 ARRIVALS_RE = re.compile(r'^ts_inference_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$', re.M)
@@ -75,7 +75,7 @@ GRPC_INFERENCE = {f"org.pytorch.serve.grpc.inference.InferenceAPIsService/{m}"
 def inference_arrivals(metrics_url: str, timeout: float = 5) -> dict[str, int] | None:
     """Inference requests received per model name since start (``ts_inference_requests_total``, all
     versions), or None when ``/metrics`` is empty (TorchServe's ``metrics_mode`` is not prometheus)."""
-    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=timeout) as r:
+    with urlopen(f"{metrics_url}/metrics", timeout=timeout) as r:
         text = r.read().decode()
     if not text.strip():
         return None

@@ -161,7 +161,7 @@ def is_torchserve(pid, *, unreadable: bool = False) -> bool:
         return False
 
 
-def _kill_trees(*pids: int | None) -> None:
+def kill_trees(*pids: int | None) -> None:
     """SIGKILL to each of ``pids`` and every process below them (a launcher that hangs: its Java and the workers).
     Every tree is listed before anything is killed: a worker whose Java was killed first is re-parented and
     would no longer be found below it (a worker stuck in a forward pass does not end by itself)."""
@@ -323,7 +323,11 @@ class TorchServe:
             cmd += ["--log-config", str(logging_config)]
         out = None if foreground else open(self.workdir / "stdout.log", "wb")
         try:
-            self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            # a session of its own: a signal to the caller's process group (GNU timeout, a terminal's Ctrl-C, a
+            # supervisor that signals the group) reaches the caller, which drains and stops Java; Java itself
+            # would cut the requests in flight
+            self.launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
         finally:
             if out is not None:
                 out.close()  # the launcher has its own copy; a benchmark starts some 20 servers in one process
@@ -446,7 +450,7 @@ class TorchServe:
             try:
                 self.launcher.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_trees(self.launcher.pid, self.pid)
+                kill_trees(self.launcher.pid, self.pid)
                 self.launcher.wait()
         self.pid = None
         self.forget_keys()

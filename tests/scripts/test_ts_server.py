@@ -90,3 +90,86 @@ def test_wait_fails_in_one_line_when_no_serve_is_starting_a_server(tmp_path, cap
     assert "\n" not in err
     assert run_cli(ts_server.main, ["wait", "--state-file", str(state), "--timeout", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --timeout must be positive, got 0"
+
+
+class _FakeServer:
+    """TorchServe as `serve` drives it, started at once; records stop()."""
+    stopped = []
+
+    def __init__(self, **kwargs):
+        self.props, self.token_auth, self.pid, self.launcher = {}, False, 4242, None
+
+    def start(self, *, foreground):
+        self.launcher = self
+
+    def state(self):
+        return {"pid": self.pid}
+
+    def stop(self, **kwargs):
+        _FakeServer.stopped.append(kwargs)
+
+    def forget_keys(self):
+        pass
+
+
+def _config(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "m.mar").write_bytes(b"only its name is looked at")
+    config = tmp_path / "c.properties"
+    config.write_text("inference_address=http://127.0.0.1:18080\nmanagement_address=http://127.0.0.1:18081\n"
+                      "metrics_address=http://127.0.0.1:18082\n")
+    return ["--config", str(config), "--model-store", str(store), "--state-file", str(tmp_path / "s.json"),
+            "--run-dir", str(tmp_path / "run")]
+
+
+def test_a_failure_right_after_start_stops_the_server_it_started(tmp_path, capsys, monkeypatch):
+    """A full disk while writing the state file (or a closed stdout while announcing): `serve` ended and left Java
+    serving with nothing that could find it to stop it."""
+    import errno
+    monkeypatch.setattr(ts_server, "TorchServe", _FakeServer)
+    _FakeServer.stopped.clear()
+
+    def full(*, path, obj):
+        if str(path).endswith("s.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        from inference.atomic import write_json
+        write_json(path=path, obj=obj)
+    monkeypatch.setattr(ts_server, "write_json", full)
+    assert run_cli(ts_server.main, ["serve", *_config(tmp_path)]) == 2
+    assert _FakeServer.stopped and "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.starting.json").exists()
+
+
+def test_stop_on_a_full_disk_removes_the_state_so_serve_knows_it_was_asked(tmp_path, capsys, monkeypatch):
+    import errno
+    import subprocess
+    import sys
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "TorchServe"
+    try:
+        state = tmp_path / "s.json"
+        state.write_text(f'{{"pid": {stand_in.pid}}}')
+        monkeypatch.setattr(ts_server, "is_torchserve", lambda pid: True)
+
+        def full(*, path, obj):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ts_server, "write_json", full)
+        assert run_cli(ts_server.main, ["stop", "--state-file", str(state), "--drain-timeout", "0"]) == 0
+        assert "removed it; stopping" in capsys.readouterr().out and not state.exists()
+        assert stand_in.wait(timeout=10) is not None
+    finally:
+        stand_in.kill()
+
+
+def test_a_server_listening_beyond_loopback_without_tokens_is_warned_about(capsys):
+    server = _FakeServer()
+    server.props = {"inference_address": "http://0.0.0.0:8080", "management_address": "http://127.0.0.1:8081",
+                    "metrics_address": "http://127.0.0.1:8082", "grpc_inference_address": "127.0.0.1",
+                    "grpc_management_address": "127.0.0.1"}
+    ts_server._announce(server, "model_store", (7070, 7071))
+    out, err = capsys.readouterr()
+    assert "serving model_store at http://0.0.0.0:8080" in out
+    assert "warning: listening beyond this machine (inference on 0.0.0.0)" in err
+    server.props["inference_address"] = "http://127.0.0.1:8080"
+    ts_server._announce(server, "model_store", (7070, 7071))
+    assert capsys.readouterr().err == ""

@@ -209,7 +209,7 @@ def test_a_forced_stop_kills_the_whole_tree_even_below_a_killed_parent():
 
     import psutil
 
-    from tools.torchserve import _kill_trees
+    from tools.torchserve import kill_trees
     launcher = subprocess.Popen(["bash", "-c", "bash -c 'sleep 300 & wait' & wait"])  # launcher -> java -> worker
     try:
         deadline = time.time() + 10
@@ -217,7 +217,7 @@ def test_a_forced_stop_kills_the_whole_tree_even_below_a_killed_parent():
             time.sleep(0.05)
         java = next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.ppid() == launcher.pid)
         worker = next(p for p in psutil.Process(launcher.pid).children(recursive=True) if p.ppid() == java.pid)
-        _kill_trees(launcher.pid, java.pid)
+        kill_trees(launcher.pid, java.pid)
         launcher.wait(timeout=10)
         psutil.wait_procs([java, worker], timeout=10)
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
@@ -261,3 +261,39 @@ def test_free_ports_are_distinct():
     for _ in range(20):
         ports = free_ports(5)
         assert len(set(ports)) == 5 and all(1024 <= p < 65536 for p in ports)
+
+
+def test_loopback_calls_ignore_a_proxy_in_the_environment(monkeypatch):
+    """http_proxy set without no_proxy (a corporate shell): urllib sent 127.0.0.1 to the proxy, so TorchServe's
+    start-up timed out and `make stop` found /metrics unreachable. Loopback goes direct; the drain too."""
+    import http.server
+    import threading
+    import urllib.request
+
+    from tools.client import call
+    from tools.drain import inference_arrivals
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'ts_inference_requests_total{model_name="m",model_version="default",hostname="h"} 3.0\n'
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for var in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
+        for var in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        url = f"http://127.0.0.1:{server.server_port}"
+        proxied = urllib.request.build_opener(urllib.request.ProxyHandler())  # what urllib does by default
+        with pytest.raises(OSError):
+            proxied.open(f"{url}/metrics", timeout=5)
+        assert call(f"{url}/metrics", timeout=5)[0] == 200
+        assert inference_arrivals(url) == {"m": 3}
+    finally:
+        server.shutdown()
