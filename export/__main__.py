@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import verify
         args = _verify_parser().parse_args(argv[1:])
         try:
+            if args.dir:
+                recover(out=args.dir)  # an export cut off in its commit: finish it first (else its graphs look changed)
             rows = verify(args.dir, data=args.data, checkpoint=args.checkpoint, eval_images=args.eval_images,
                           archive=args.archive)
         except (FileNotFoundError, ValueError) as e:

@@ -107,6 +107,9 @@ DEFAULT_MODEL_STORE = "model_store"
 ARCHIVE_FORMATS = ("default", "no-archive")  # torch-model-archiver's: a zip .mar, or a plain folder (development)
 
 
+CPU_PACKAGE = {"onnxruntime-gpu": "onnxruntime"}
+
+
 def requirements(runtime: str) -> str:
     """``requirements.txt`` for the graph's runtime, pinned to the versions it was exported and checked
     with (for TorchServe's ``install_py_dep_per_model=true``); torch itself is TorchServe's own."""
@@ -115,7 +118,14 @@ def requirements(runtime: str) -> str:
     lines = []
     for module in modules:
         dist = installed.get(module, [module])[0]
-        lines.append(f"{dist}=={importlib.metadata.version(dist)}")
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(f"the {runtime} graph needs {module}, which is not installed here: install it to "
+                             "archive (its version is pinned in the archive's requirements.txt)") from None
+        # the CPU package of the same version: a CPU server installing the archive's requirements would pull the
+        # CUDA wheel (and clash with its onnxruntime); a GPU image installs onnxruntime-gpu itself
+        lines.append(f"{CPU_PACKAGE.get(dist, dist)}=={version}")
     return "\n".join(lines) + "\n"
 
 
@@ -159,9 +169,10 @@ def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, 
                               graph=graph, rest=rest, name=name, version=version, export_path=Path(model_store),
                               archive_format=archive_format)
     command = shlex.join(["torch-model-archiver", *args])
-    if file_name and file_name != name:  # the archiver names the file after the model
-        command += " && " + shlex.join(["mv", str(Path(model_store) / f"{name}.mar"),
-                                        str(Path(model_store) / f"{file_name}.mar")])
+    if file_name and file_name != name:  # the archiver names the file (or the no-archive folder) after the model
+        suffix = "" if archive_format == "no-archive" else ".mar"
+        command += " && " + shlex.join(["mv", str(Path(model_store) / f"{name}{suffix}"),
+                                        str(Path(model_store) / f"{file_name}{suffix}")])
     return command
 
 

@@ -80,7 +80,8 @@ def problems(precision: str, result: dict, *, reference_accuracy: float | None, 
     labelled data (a speed-only INT8 of random weights on random images has no answers worth keeping)."""
     out = []
     if precision == "int8" and result.get("accuracy") is not None and result["top1_agreement"] < min_agreement:
-        out.append(f"top-1 agreement with fp32 {result['top1_agreement']:.2%} < --min-agreement {min_agreement:.1%}")
+        out.append(f"top-1 agreement with fp32 {result['top1_agreement']:.2%} < the gate's {min_agreement:.1%} "
+                   "(export --min-agreement)")
     rtol = CUDA_FP32_RTOL if cuda and precision == "fp32" else RTOL[precision]
     if rtol is not None and result["max_rel_diff"] > rtol:
         out.append(f"max relative difference {result['max_rel_diff']:.1e} > {rtol:.0e}")
@@ -90,7 +91,7 @@ def problems(precision: str, result: dict, *, reference_accuracy: float | None, 
         drop = (reference_accuracy - result["accuracy"]) * 100
         result["accuracy_change_points"] = round(-drop, 4) + 0.0  # no "-0.0"
         if drop > max_drop:
-            out.append(f"top-1 accuracy drops {drop:.2f} points > --max-drop {max_drop}")
+            out.append(f"top-1 accuracy drops {drop:.2f} points > the gate's {max_drop} (export --max-drop)")
     return out
 
 

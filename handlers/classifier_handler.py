@@ -40,7 +40,7 @@ from inference.images import batch_jpeg_decoder, decode_many
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError
 from inference.responses import failure_reason, topk_predictions
-from inference.settings import HandlerSettings
+from inference.settings import HandlerSettings, WorkerSettings
 from inference.threads import WorkerThreads
 from inference.transforms import EvalPreset
 from inference.tta import adaptive_predict_proba, canvas_preset, num_views, predict_proba
@@ -58,7 +58,8 @@ class ImageClassifierHandler(BaseHandler):
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         # threads = cores // the model's live workers, re-sized as they change (inference.threads)
-        self.worker_threads = WorkerThreads(configured=cfg.threads, workers=int(yaml_cfg.get("minWorkers", 1) or 1),
+        workers = WorkerSettings.of_model_config(yaml_cfg).workers  # minWorkers: two is a message, not a traceback
+        self.worker_threads = WorkerThreads(configured=cfg.threads, workers=workers,
                                             model_dir=model_dir, interval=cfg.threads_check_interval,
                                             name=self.model_name)
         index_path = os.path.join(model_dir, INDEX_FILE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -73,6 +74,9 @@ def _check(name: str, hint, meta, value, where: str):
             raise bad
         value = tuple(float(v) for v in value)
     items = value if isinstance(value, tuple) else (value,)
+    if base is float or typing.get_origin(base) is tuple:  # NaN passes every comparison: .nan turned guards off
+        if not all(math.isfinite(v) for v in items):
+            raise SettingsError(f"{where}.{name} must be a finite number, got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise SettingsError(f"{where}.{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
     for v in items:
@@ -97,14 +101,18 @@ class _Settings:
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            object.__setattr__(self, f.name, _check(f.name, hints[f.name], f.metadata, getattr(self, f.name), self.WHERE))
+            object.__setattr__(self, f.name, _check(f.metadata["yaml_key"] or f.name, hints[f.name], f.metadata,
+                                                    getattr(self, f.name), self.WHERE))
 
     @classmethod
     def from_config(cls, section: dict | None):
         """Read a ``model-config.yaml`` mapping; unknown keys and bad values raise :class:`SettingsError`."""
+        if section is not None and not isinstance(section, dict):
+            raise SettingsError(f"{cls.WHERE} must be a mapping of key: value, got {type(section).__name__} "
+                                f"{section!r:.60}")
         section = dict(section or {})
         known = {f.metadata["yaml_key"] or f.name: f.name for f in fields(cls)}
-        unknown = sorted(k for k in section if k not in known and k not in cls.IGNORED)
+        unknown = sorted((k for k in section if k not in known and k not in cls.IGNORED), key=str)
         if unknown:
             raise SettingsError(f"{cls.WHERE}: unknown key(s) {', '.join(map(str, unknown))}; the known keys are "
                                 f"{', '.join(known)}")
@@ -139,6 +147,13 @@ class WorkerSettings(_Settings):
     def to_config(self) -> dict:
         out = super().to_config()
         return {"minWorkers": out.pop("minWorkers"), "maxWorkers": self.workers, **out}
+
+    @classmethod
+    def of_model_config(cls, config: dict) -> "WorkerSettings":
+        """These keys of a whole ``model-config.yaml`` checked (a hand-written ``minWorkers: two`` is a
+        :class:`SettingsError` naming it); TorchServe's many other top-level keys and sections left to it."""
+        keys = {f.metadata["yaml_key"] or f.name for f in fields(cls)}
+        return cls.from_config({k: v for k, v in (config or {}).items() if k in keys})
 
 
 @dataclass(frozen=True)
@@ -206,6 +221,12 @@ class HandlerSettings(_Settings):
     graph_topk: int | None = _opt(None, "k of an in-graph top-k (graph_output: topk)", minimum=1, cli=False)
     precision: str = _opt("fp32", "the graph's precision", choices=PRECISIONS, cli=False)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.input_size and self.resize_size and self.resize_size < self.input_size:  # the crop would pad zeros
+            raise SettingsError(f"{self.WHERE}.resize_size {self.resize_size} is smaller than input_size "
+                                f"{self.input_size}: the center crop would pad the image with black")
+
     def tta_problem(self) -> str | None:
         """Why the handler's TTA would run copies of one view, or None: five_crop/ten_crop (and multi_scale with
         no scale below 1) cut their views from the resize_size square, which must then be larger than the crop.
@@ -223,6 +244,14 @@ class HandlerSettings(_Settings):
         return self.tta if self.graph_output == "logits" else "none"
 
 
+def _numbers(text: str) -> tuple[float, ...]:
+    """An argparse ``type=``: comma-separated numbers (argparse names the option and this message)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--option`` per command-line field of ``cls``, with its default, type, choices and help."""
     hints = typing.get_type_hints(cls)
@@ -236,8 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
-            kwargs.update(type=lambda text: tuple(float(x) for x in text.split(",") if x.strip()),
-                          metavar="S1,S2,...", default=",".join(map(str, f.default)))
+            kwargs.update(type=_numbers, metavar="S1,S2,...", default=",".join(map(str, f.default)))
         else:
             kwargs.update(type=hint, choices=f.metadata["choices"])
         parser.add_argument(flag, **kwargs)

@@ -177,3 +177,25 @@ def test_an_export_folder_with_a_comma_is_refused_before_anything_is_written(exp
         build_archive(comma, variant="onnx", name="shapes", model_store=tmp_path / "store")
     assert not (tmp_path / "store").exists()
     assert json.loads((export_dir / "export.json").read_text())  # untouched
+
+
+def test_archive_requirements_pin_the_cpu_runtime_and_a_missing_one_is_one_line(monkeypatch):
+    """The archiving machine's onnxruntime-gpu went into requirements.txt (a CPU server installing per-model
+    dependencies pulled the CUDA wheel); a runtime not installed here was PackageNotFoundError's traceback."""
+    import importlib.metadata
+
+    from export.archive import requirements
+    text = requirements("onnxruntime")
+    assert text.startswith("onnxruntime==") and "onnxruntime-gpu" not in text
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: (_ for _ in ()).throw(
+        importlib.metadata.PackageNotFoundError(d)) if d.startswith("openvino") else real(d))
+    with pytest.raises(ValueError, match="the openvino graph needs openvino, which is not installed here"):
+        requirements("openvino")
+
+
+def test_the_raw_command_of_a_renamed_no_archive_folder_moves_the_folder(export_dir):
+    from export.archive import archiver_command
+    command = archiver_command(export_dir, variant="onnx", name="m", file_name="m_v2", model_store="store",
+                               archive_format="no-archive")
+    assert command.endswith("&& mv store/m store/m_v2")

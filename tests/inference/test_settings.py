@@ -99,3 +99,37 @@ def test_crop_tta_without_room_to_crop_is_refused_at_archive_time(tta, scales, r
         assert model_config(**options)["handler"]["tta"] == tta
     assert model_config(**{**options, "resize_size": 32})["handler"]["tta"] == tta
     assert HandlerSettings(**options, graph_output="probabilities").tta_problem() is None  # the graph's own views
+
+
+@pytest.mark.parametrize("text,match", [
+    ("handler: {input_size: 28, tta_scales: [.nan, 1.0]}", "tta_scales must be a finite number"),
+    ("handler: {input_size: 28, max_aspect_ratio: .nan}", "max_aspect_ratio must be a finite number"),  # guard off
+    ("handler: {input_size: 28, adaptive_threshold: .inf}", "adaptive_threshold must be a finite number"),
+    ("handler: flip", "handler must be a mapping of key: value, got str 'flip'"),
+    ("handler: {input_size: 28, 1: a, foo: b}", "unknown key.s. 1, foo"),  # was: TypeError comparing int and str
+    ("handler: {input_size: 28, resize_size: 8}", "resize_size 8 is smaller than input_size 28"),
+])
+def test_hand_edited_handler_sections_are_refused_naming_the_problem(text, match):
+    """NaN passes every range comparison (a NaN max_aspect_ratio switched the aspect guard off, a NaN scale failed
+    every multi_scale request); a section that is no mapping, or keys of mixed types, were raw Python errors."""
+    with pytest.raises(SettingsError, match=match):
+        HandlerSettings.from_config(yaml.safe_load(text)["handler"])
+
+
+def test_the_top_level_worker_keys_are_checked_and_named_as_written():
+    """minWorkers: two crashed the handler's initialize with int()'s traceback; TorchServe's other keys pass."""
+    config = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "deviceType": "cpu", "jobQueueSize": 100,
+              "handler": {"input_size": 28}}
+    assert WorkerSettings.of_model_config(config).workers == 2
+    with pytest.raises(SettingsError, match=r"model-config.yaml.minWorkers must be an integer"):
+        WorkerSettings.of_model_config({**config, "minWorkers": "two"})
+    with pytest.raises(SettingsError, match=r"model-config.yaml.batchSize must be >= 1, got 0"):  # the file's name
+        WorkerSettings.of_model_config({**config, "batchSize": 0})
+
+
+def test_a_bad_list_of_scales_on_the_command_line_says_so(capsys):
+    p = argparse.ArgumentParser()
+    add_arguments(p, HandlerSettings)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tta-scales", "1,abc"])
+    assert "'1,abc' is not a comma-separated list of numbers" in capsys.readouterr().err  # was "invalid <lambda>"
