@@ -117,7 +117,11 @@ KEY_FILE = "key_file.json"  # TorchServe 0.12's name, in the Java process's work
 ACCESS_LOG_PATTERN = "%d{ISO8601} [%t] - %m%n"  # TorchServe's "%d{ISO8601} - %m%n" plus the thread
 # "get first job" when a worker takes a batch's first job (TRACE): what tools.drain waits on for the jobs
 # TorchServe counts nowhere (gRPC ModelInfer). Two lines per batch, into the appenders of org.pytorch.serve.
-WORKER_TRACE_LOGGER = '<Logger name="org.pytorch.serve.wlm.Model" level="trace"/>'
+# Into ts_log.log only (additivity off): through the root logger they also went to STDOUT, the terminal of a
+# foreground `make serve`, two lines per batch.
+WORKER_TRACE_LOGGER = ('<Logger name="org.pytorch.serve.wlm.Model" level="trace" additivity="false">'
+                       '<AppenderRef ref="ts_log"/></Logger>')
+ROLLED_KEEP_DAYS = 14  # rolled access_log/ts_log files older than this are deleted (TorchServe's gzip did the bounding)
 
 
 def log_config(dest: str | os.PathLike) -> Path | None:
@@ -138,8 +142,12 @@ def log_config(dest: str | os.PathLike) -> Path | None:
     new, r = re.subn(r'(name="(access_log|ts_log)"\s+fileName="[^"]*"\s+filePattern="[^"]*?\b\2\.)[^"]*(")',
                      lambda m: m[1] + ROLLED_PATTERN + m[3], new, flags=re.S)
     # more rolled files a day before log4j2 deletes the oldest (5): a deleted file's lines are lost to a drain
-    new, d = re.subn(r'(name="(?:access_log|ts_log)"(?:(?!</RollingFile>).)*?<DefaultRolloverStrategy max=")\d+(")',
-                     lambda m: m[1] + str(ROLLED_MAX) + m[2], new, flags=re.S)
+    # and files of earlier days deleted after ROLLED_KEEP_DAYS (max counts within a day only: logs/ grew forever)
+    new, d = re.subn(r'(name="(access_log|ts_log)"\s+fileName="([^"]*)/[^"/]*"(?:(?!</RollingFile>).)*?)'
+                     r'<DefaultRolloverStrategy max="\d+"/>',
+                     lambda m: (f'{m[1]}<DefaultRolloverStrategy max="{ROLLED_MAX}"><Delete basePath="{m[3]}" '
+                                f'maxDepth="1"><IfFileName glob="{m[2]}.*.log"/><IfLastModified '
+                                f'age="{ROLLED_KEEP_DAYS}d"/></Delete></DefaultRolloverStrategy>'), new, flags=re.S)
     if n != 1 or k != 1 or r != 2 or d != 2:
         return None
     Path(dest).write_text(new)

@@ -4,7 +4,9 @@ only found fewer answers than arrivals and waited out its whole timeout ("not dr
 rolls every 2 KB (about 15 answers), so a few dozen requests roll it several times."""
 from __future__ import annotations
 
+import os
 import re
+import time
 
 import pytest
 
@@ -35,6 +37,10 @@ def test_drain_counts_the_answers_of_every_rolled_access_log(export_dir, tmp_pat
                         logging=_small_access_log_config(tmp_path / "log4j2.xml"))
     try:
         server.start(timeout=180)
+        # rolled by an earlier server of this log folder, 20 days ago: deleted at the next rollover (logs/ grew forever)
+        old = server.log_dir / "access_log.2026-11-01.1.log"
+        old.write_text("2026-11-01T00:00:00,000 [W-9000-shapes_1.0] - old line\n")
+        os.utime(old, (time.time() - 20 * 86400,) * 2)
         first = inode(server.log_dir / "access_log.log")
         assert server.access_log_inode == first and server.access_log_offset == 0
         image = encode(pattern_image("circle", size=30))
@@ -44,6 +50,7 @@ def test_drain_counts_the_answers_of_every_rolled_access_log(export_dir, tmp_pat
             assert status == 200, body
         rolled = sorted(p.name for p in server.log_dir.glob("access_log.*.log") if p.name != "access_log.log")
         assert len(rolled) >= 2 and inode(server.log_dir / "access_log.log") != first, rolled
+        assert "access_log.2026-11-01.1.log" not in rolled  # older than ROLLED_KEEP_DAYS: deleted
         result = server.drain(timeout=15)
         print(f"rolled files {rolled}; drain {result}")
         assert result["drained"] and result["in_flight"] == 0 and result["seconds"] < 5, result

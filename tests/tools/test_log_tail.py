@@ -83,8 +83,12 @@ def test_torchserves_log_config_rolls_the_two_drained_logs_into_plain_files_and_
     for name in ("access_log", "ts_log"):
         block = re.search(rf'name="{name}".*?</RollingFile>', xml, re.S)[0]
         assert f'/{name}.{ROLLED_PATTERN}"' in block and ".gz" not in block, block
-        assert f'<DefaultRolloverStrategy max="{ROLLED_MAX}"/>' in block
+        assert f'<DefaultRolloverStrategy max="{ROLLED_MAX}"><Delete basePath="${{env:LOG_LOCATION:-logs}}" ' \
+               f'maxDepth="1"><IfFileName glob="{name}.*.log"/><IfLastModified age="14d"/>' in block
     assert xml.count(".log.gz") == 3  # model_log, model_metrics, ts_metrics: TorchServe's own, untouched
+    # the worker trace goes to ts_log.log alone, not also through the root logger to STDOUT
+    assert '<Logger name="org.pytorch.serve.wlm.Model" level="trace" additivity="false"><AppenderRef ref="ts_log"/>' \
+           in xml
 
 
 def test_rolled_files_of_one_clock_tick_are_read_in_the_order_of_their_index(tmp_path):
