@@ -256,6 +256,8 @@ def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
     names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     if not names:
         raise ValueError(f"--variant {variants!r} names no variant (e.g. onnx, or all)")
+    if missing := [v for v in names if v not in manifest["variants"]]:  # before any archive is written
+        raise ValueError(f"{export_dir} holds no {', '.join(missing)} graph (it has: {', '.join(manifest['variants'])})")
     if len(names) == 1:
         return [(names[0], name, file_name or name)]
     return [(v, f"{name}_{v.replace('-', '_')}", f"{file_name or name}_{v.replace('-', '_')}") for v in names]

@@ -199,3 +199,11 @@ def test_the_raw_command_of_a_renamed_no_archive_folder_moves_the_folder(export_
     command = archiver_command(export_dir, variant="onnx", name="m", file_name="m_v2", model_store="store",
                                archive_format="no-archive")
     assert command.endswith("&& mv store/m store/m_v2")
+
+
+def test_archiving_several_variants_checks_them_all_before_writing_any(export_dir, tmp_path):
+    """--variant onnx,nope: onnx's archive was published, then the run failed on the missing one."""
+    from export.archive import build_archives
+    with pytest.raises(ValueError, match="holds no nope graph"):
+        build_archives(export_dir, variants="onnx,nope", name="m", model_store=tmp_path / "store")
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
