@@ -108,6 +108,23 @@ def _check(environment, **_):
         raise SystemExit("error: --topk (TOPK) does not apply to --schema stock: TorchServe's image_classifier "
                          "always answers its top 5")
     _payloads_for(opts)
+    if getattr(opts, "headless", False) and environment.host:
+        _check_host(environment.host)
+
+
+def _check_host(host: str) -> None:
+    """A headless run against a host where nothing listens spent its whole duration on connection errors and wrote
+    a report of 100% failures: one line instead. Any HTTP answer (401 of a server with token authorization too)
+    will do; only a refused or unreachable connection stops the run."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(f"{host.rstrip('/')}/ping", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: nothing answers at {host} ({getattr(e, 'reason', e)}): start the server first "
+                         "(make serve & make wait), or give --host") from None
 
 
 @events.test_start.add_listener
