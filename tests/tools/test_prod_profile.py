@@ -109,7 +109,9 @@ def test_log_config_adds_the_thread_to_the_access_log_and_the_workers_trace(tmp_
     access = text[text.index('name="access_log"'):]
     assert access[:access.index("</RollingFile>")].count(f'pattern="{ACCESS_LOG_PATTERN}"') == 1
     assert text.count("[%t]") == 1 and 'name="ts_log"' in text
-    # the drain's worker activity: TRACE for the queue's "get first job", no appender of its own (no copies)
+    # the drain's worker activity: TRACE for the queue's "get first job", into ts_log.log alone (additivity off:
+    # through the root logger it also went to STDOUT, a foreground make serve's terminal)
     loggers = ET.fromstring(text).find("Loggers")
     model = [e for e in loggers if e.get("name") == "org.pytorch.serve.wlm.Model"]
-    assert len(model) == 1 and model[0].get("level") == "trace" and not list(model[0])
+    assert len(model) == 1 and model[0].get("level") == "trace" and model[0].get("additivity") == "false"
+    assert [(r.tag, r.get("ref")) for r in model[0]] == [("AppenderRef", "ts_log")]
