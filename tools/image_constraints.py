@@ -23,6 +23,7 @@ import sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from export.archive import CPU_PACKAGE
 from inference.atomic import write_bytes
 from inference.cli import UsageError
 from inference.cli import run as run_cli
@@ -32,7 +33,7 @@ DOCKERFILE = REPO / "deploy" / "image" / "Dockerfile"
 CONSTRAINTS = REPO / "deploy" / "image" / "constraints.txt"
 CUDA_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")  # torch's PyPI (CUDA) wheel needs them; the CPU wheel does not
 # the image's CPU package, read from the GPU package installed here (same version and requirements)
-INSTALLED_AS = {"onnxruntime": "onnxruntime-gpu"}
+INSTALLED_AS = {cpu: gpu for gpu, cpu in CPU_PACKAGE.items()}  # onnxruntime: onnxruntime-gpu
 
 
 def dockerfile_pins(text: str) -> list[str]:

@@ -62,8 +62,8 @@ class TrainPreset:
             steps.append(v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio),
                                               interpolation=interpolation, antialias=True))
         else:  # the evaluation transform's own resize and crop
-            steps += EvalPreset(crop_size=crop_size, resize_size=resize_size,
-                                interpolation=interpolation).transform.transforms
+            evaluation = EvalPreset(crop_size=crop_size, resize_size=resize_size, interpolation=interpolation)
+            steps += evaluation.transform.transforms
             if mode == "pad_crop" and padding:
                 steps.append(v2.RandomCrop(crop_size, padding=padding, padding_mode="reflect"))
         if hflip_prob:
@@ -87,7 +87,7 @@ class TrainPreset:
             share = scale[0] * min(ratio[0], 1 / ratio[1], 1.0)
             self._min_decode_side = math.ceil(self.crop_size / math.sqrt(share)) if share > 0 else None
         else:
-            self._min_decode_side = EvalPreset(crop_size=crop_size, resize_size=resize_size).min_decode_side
+            self._min_decode_side = evaluation.min_decode_side
 
     @property
     def min_decode_side(self) -> int | None:

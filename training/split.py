@@ -39,7 +39,7 @@ from pathlib import Path
 
 from inference.atomic import clean_stale as atomic_clean_stale
 from inference.atomic import pid_alive, swap_in, temp_tree
-from inference.image_files import is_image_name, other_kinds, skipped_line
+from inference.image_files import OS_FILES, is_image_name, other_kinds, skipped_line
 
 from .duplicates import find_duplicates
 from .image_folder import CLASS_NAMES_FILE
@@ -55,7 +55,7 @@ SPLIT_ENTRIES = frozenset({*SPLITS, SPLIT_RECORD, CLASS_NAMES_FILE})
 
 
 #: files an operating system's file browser leaves in any folder it shows: not the user's data
-OS_DROPPINGS = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+OS_DROPPINGS = frozenset({".DS_Store", *OS_FILES})
 
 
 def _dropping(name: str) -> bool:
