@@ -65,7 +65,7 @@ from tools.log_tail import LogTail
 ARRIVALS_RE = re.compile(r'^ts_inference_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$', re.M)
 ACCESS_RE = re.compile(r'"(?P<method>[A-Za-z]+) (?P<uri>\S+) HTTP/[0-9.]+" (?P<status>\d+)')
 THREAD_RE = re.compile(r'^\S+ \[(?P<thread>[^\]]*)\] - ')  # the access-log pattern of tools.torchserve
-WORKER_RE = re.compile(r'^W-\d+-(?P<model>.+)_[^_]*$')         # W-PORT-MODEL_VERSION (WorkerThread.getWorkerName)
+WORKER_RE = re.compile(r'^W-\d+-(?P<name>.+_[^_]*)$')          # W-PORT-MODEL_VERSION (WorkerThread.getWorkerName)
 # The gRPC calls that TorchServe 0.12 counts in ts_inference_requests_total (InferenceImpl); the OIP
 # service's ModelInfer and the management service are not counted, Ping is no inference.
 GRPC_INFERENCE = {f"org.pytorch.serve.grpc.inference.InferenceAPIsService/{m}"
@@ -106,10 +106,20 @@ def model_of_uri(uri: str) -> str | None:
     return None
 
 
-def answered_model(line: str) -> tuple[str | None, bool]:
+def worker_model(name: str, models=()) -> str:
+    """The model of a worker thread's ``MODEL_VERSION``: the longest of ``models`` (the names counted on
+    ``/metrics``) that it starts with before an ``_``, else what precedes its last ``_`` (TorchServe joins
+    the two with ``_`` and both may hold one: model ``a`` version ``1_0`` is ``a_1_0``)."""
+    known = [m for m in models if name.startswith(f"{m}_")]
+    return max(known, key=len) if known else name.rsplit("_", 1)[0]
+
+
+def answered_model(line: str, models=()) -> tuple[str | None, bool]:
     """``(model, grpc_unattributed)`` for one access-log line: the model whose counted inference request
     it answers (None: not such an answer), or ``(None, True)`` for a gRPC inference answer in a log
-    without thread names, which names no model. See the module's docstring for the rules."""
+    without thread names, which names no model. ``models``: the served model names, which tell a gRPC
+    answer's model from its worker thread's name (:func:`worker_model`). See the module's docstring for
+    the rules."""
     m = ACCESS_RE.search(line)
     if not m or m["method"] == "OPTIONS":
         return None, False
@@ -120,7 +130,7 @@ def answered_model(line: str) -> tuple[str | None, bool]:
             return None, False  # Ping, ModelInfer (never counted as an arrival), management
         if t is None:
             return None, True
-        return (worker["model"] if worker else None), False  # not on a worker: refused before counting
+        return (worker_model(worker["name"], models) if worker else None), False  # not on a worker: refused
     name = model_of_uri(m["uri"])
     if name is None or (t is not None and worker is None and m["status"] != "503"):
         return None, False  # not inference, or refused before it was counted
@@ -183,9 +193,10 @@ class AccessLogAnswers:
         """Answers may be missing: the log rolled over into a file that could not be read (:class:`LogTail`)."""
         return self.tail.lost
 
-    def read(self) -> dict[str, int]:
+    def read(self, models=()) -> dict[str, int]:
+        """Answers per model so far; ``models``: the served model names (:func:`answered_model`)."""
         for line in self.tail.lines():
-            name, unattributed = answered_model(line)
+            name, unattributed = answered_model(line, models)
             if name is not None:
                 self.counts[name] = self.counts.get(name, 0) + 1
             self.grpc += unattributed
@@ -231,7 +242,8 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
     def counted(done: dict[str, int], arrivals: dict[str, int]) -> int | None:
         """Counted requests not answered; None when answers were lost to a rollover and the workers can tell."""
         return None if answers.lost and workers is not None else outstanding(arrivals, done, answers.grpc)
-    done = answers.read()
+    models = set(target)  # the served model names, for the gRPC answers' worker threads
+    done = answers.read(models)
     in_flight = counted(done, target)
     busy_at_call = workers.read() if workers is not None else []
     left, busy = in_flight or 0, busy_at_call
@@ -253,12 +265,13 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
                                  " (requests TorchServe does not count, e.g. gRPC ModelInfer, or new traffic:"
                                  " take the instance out of rotation first)")
         time.sleep(poll)
-        done = answers.read()
+        done = answers.read(models)  # before the arrivals: an answer read later may be a later arrival's
         left = counted(done, target) or 0
         try:
             now = inference_arrivals(metrics_url) or {}
         except OSError:
             now = {}
+        models |= now.keys()
         if now and not counted(done, now):
             left = 0  # nothing counted in flight at all
         if workers is not None:

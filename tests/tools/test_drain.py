@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tools import REPO
-from tools.drain import AccessLogAnswers, WorkerActivity, answered_model, drain, model_of_uri, outstanding, worker_event
+from tools.drain import (AccessLogAnswers, WorkerActivity, answered_model, drain, model_of_uri, outstanding, worker_event,
+                         worker_model)
 
 GRPC = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 OIP = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
@@ -70,6 +71,17 @@ def test_model_of_uri_covers_every_counted_route(uri, model):
 ])
 def test_which_lines_answer_a_counted_request(text, expected):
     assert answered_model(text) == expected
+
+
+@pytest.mark.parametrize("name, models, model", [
+    ("shapes_1_0", {"shapes"}, "shapes"),                        # a version with "_" (model-config: "1_0")
+    ("shapes_ts_1.0", {"shapes", "shapes_ts"}, "shapes_ts"),    # two served names, one the other's prefix
+    ("shapes_1.0", {"shapes", "shapes_ts"}, "shapes"),
+    ("shapes_ts_1.0", set(), "shapes_ts"),                     # no names known: before the version's "_"
+])
+def test_a_grpc_answer_belongs_to_the_served_model_its_worker_names(name, models, model):
+    assert worker_model(name, models) == model
+    assert answered_model(grpc_line(f"W-9000-{name}", f"{GRPC}/Predictions", 0), models) == (model, False)
 
 
 def test_outstanding_subtracts_unattributed_grpc_answers():
