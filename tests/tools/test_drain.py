@@ -15,8 +15,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tools import REPO
-from tools.drain import (AccessLogAnswers, WorkerActivity, answered_model, drain, model_of_uri, outstanding, worker_event,
-                         worker_model)
+from tools.drain import (
+    AccessLogAnswers,
+    WorkerActivity,
+    answered_model,
+    drain,
+    model_of_uri,
+    outstanding,
+    worker_event,
+    worker_model,
+)
 
 GRPC = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 OIP = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
