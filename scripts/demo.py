@@ -105,6 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         print("(variants listed as refused broke the accuracy/agreement gate and were not written; see "
               "docs/results.md)", flush=True)
     # the archive is checked from a store of its own and replaces model_store/fmnist.mar only once it passed
+    try:
+        minutes = serve_and_publish(start)
+    except SystemExit as e:  # a failed step from here on: say that the served model is still the old one
+        if not isinstance(e.code, str):
+            raise
+        raise SystemExit(f"{e.code}; model_store/{MODEL}.mar was left as it was") from None
+    if minutes is None:
+        return 1
+    print(f"\ndemo finished in {minutes:.1f} min: model_store/{MODEL}.mar written; `make serve` serves model_store/")
+    return 0
+
+
+def serve_and_publish(start: float) -> float | None:
+    """Archive, serve from a temporary store, check the served answers and load-test; only then replace
+    model_store/fmnist.mar. The demo's minutes, or None when the served answers failed their check."""
     with tempfile.TemporaryDirectory(prefix="demo-store-") as store:
         step("archive (checked before it replaces model_store/fmnist.mar): ONNX Runtime fp32", PY, "-m", "export",
              "archive", "--dir", EXPORT, "--variant", "onnx", "--name", MODEL, "--version", "1.0", "--tta", TTA,
@@ -130,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         if failed:
             print(f"\ndemo FAILED after {minutes:.1f} min: {'; '.join(failed)}; model_store/{MODEL}.mar was left as "
                   "it was", file=sys.stderr)
-            return 1
+            return None
         (REPO / "model_store").mkdir(exist_ok=True)
         publish_file(src=os.path.join(store, f"{MODEL}.mar"), dst=REPO / "model_store" / f"{MODEL}.mar")
-    print(f"\ndemo finished in {minutes:.1f} min: model_store/{MODEL}.mar written; `make serve` serves model_store/")
-    return 0
+    return minutes
 
 
 if __name__ == "__main__":  # Ctrl-C: "interrupted", exit status 130, no traceback
