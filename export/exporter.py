@@ -47,7 +47,7 @@ from .manifest import EXPORT_MANIFEST, MODEL_FACTS, PROVENANCE, check_same_model
 from .speed import describe as describe_speed
 from .speed import int8_speedup
 from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES, held_out
-from .staging import Staging, recover
+from .staging import Staging, one_export, recover
 from .verify import DEFAULT_MAX_DROP, compare, format_table, problems, run_backend
 from .wrappers import DEFAULT_GRAPH_TOPK, DEFAULT_GRAPH_TTA, FusedNormalization, InGraphTopK, InGraphTTA
 
@@ -232,52 +232,52 @@ class Exporter:
         self.max_reverts = max_reverts
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
                              else min_agreement, margin=val_margin)
-        os.makedirs(self.out, exist_ok=True)
-        recover(out=self.out, log=log)
-        earlier = read_manifest(self.out)
-        check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
-        ordered = _write_order(names)
-        evalset = load_eval_set(data, self.spec, count=eval_images)
-        calibration = None
-        if int8:
-            calibration = self.int8_inputs(speed_only=speed_only and data is None, calib_data=calib_data,
-                                           val_data=val_data, val_images=val_images, calib_images=calib_images)
-        ref_acc = self.reference_accuracy(evalset)
-        run = self.manifest({}, ref_acc, evalset.source)
-        run["speed_only"] = bool(speed_only and evalset.labels is None)
-        provenance = {k: run[k] for k in PROVENANCE}
-        entries, rows, refused = {}, {}, {}
-        with Staging(out=self.out) as staging:
-            for name in ordered:
-                variant = VARIANTS[name]
-                if name in NEEDS_ONNX and "onnx" in refused:
-                    refused[name] = ["its source, the fp32 onnx graph, was refused"]
-                    continue
-                path = self.write(variant, calibration, folder=staging.path)
-                rows[name], bad = self.check(variant, path, evalset, ref_acc=ref_acc, max_drop=max_drop)
-                if name in FP32_SOURCE:
-                    rows[name]["speed_vs_fp32"] = self.int8_speed(name, path, evalset, folder=staging.path)
-                if bad:
-                    refused[name] = bad
-                elif name in names:  # not the fp32 ONNX written only as the source of other variants
-                    entries[name] = self.entry(variant, folder=staging.path, parity=rows[name], provenance=provenance)
-            log(f"parity against eager fp32 on {evalset.source}:")
-            log(format_table(rows, reference_accuracy=ref_acc))
-            for line in int8_summary(rows, self.int8_reports):
-                log(line)
-            manifest = merge(earlier=earlier, run=run, entries=entries)
-            older = [name for name, e in manifest["variants"].items()
-                     if name not in entries and e.get("checkpoint_sha256") != run["checkpoint_sha256"]]
-            if older:  # a variant refused (or not asked for) this time keeps its earlier graph, of other weights
-                log(f"kept from an earlier checkpoint, not this one: {', '.join(older)} (their model cards say which; "
-                    "`export verify` flags them; re-export them or export into a new folder)")
-            if entries:
-                write_index_to_name(staging.file(INDEX_FILE), self.spec.class_names)
-                write_json(path=staging.file(EXPORT_MANIFEST), obj=manifest)
-                staging.commit([f for e in entries.values() for f in e["files"]] + [INDEX_FILE, EXPORT_MANIFEST])
-        if refused:
-            raise RefusedVariants(refused)
-        return manifest
+        with one_export(self.out):  # a second export into OUT is refused while this one runs
+            recover(out=self.out, log=log)
+            earlier = read_manifest(self.out)
+            check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
+            ordered = _write_order(names)
+            evalset = load_eval_set(data, self.spec, count=eval_images)
+            calibration = None
+            if int8:
+                calibration = self.int8_inputs(speed_only=speed_only and data is None, calib_data=calib_data,
+                                               val_data=val_data, val_images=val_images, calib_images=calib_images)
+            ref_acc = self.reference_accuracy(evalset)
+            run = self.manifest({}, ref_acc, evalset.source)
+            run["speed_only"] = bool(speed_only and evalset.labels is None)
+            provenance = {k: run[k] for k in PROVENANCE}
+            entries, rows, refused = {}, {}, {}
+            with Staging(out=self.out) as staging:
+                for name in ordered:
+                    variant = VARIANTS[name]
+                    if name in NEEDS_ONNX and "onnx" in refused:
+                        refused[name] = ["its source, the fp32 onnx graph, was refused"]
+                        continue
+                    path = self.write(variant, calibration, folder=staging.path)
+                    rows[name], bad = self.check(variant, path, evalset, ref_acc=ref_acc, max_drop=max_drop)
+                    if name in FP32_SOURCE:
+                        rows[name]["speed_vs_fp32"] = self.int8_speed(name, path, evalset, folder=staging.path)
+                    if bad:
+                        refused[name] = bad
+                    elif name in names:  # not the fp32 ONNX written only as the source of other variants
+                        entries[name] = self.entry(variant, folder=staging.path, parity=rows[name], provenance=provenance)
+                log(f"parity against eager fp32 on {evalset.source}:")
+                log(format_table(rows, reference_accuracy=ref_acc))
+                for line in int8_summary(rows, self.int8_reports):
+                    log(line)
+                manifest = merge(earlier=earlier, run=run, entries=entries)
+                older = [name for name, e in manifest["variants"].items()
+                         if name not in entries and e.get("checkpoint_sha256") != run["checkpoint_sha256"]]
+                if older:  # a variant refused (or not asked for) this time keeps its earlier graph, of other weights
+                    log(f"kept from an earlier checkpoint, not this one: {', '.join(older)} (their model cards say which; "
+                        "`export verify` flags them; re-export them or export into a new folder)")
+                if entries:
+                    write_index_to_name(staging.file(INDEX_FILE), self.spec.class_names)
+                    write_json(path=staging.file(EXPORT_MANIFEST), obj=manifest)
+                    staging.commit([f for e in entries.values() for f in e["files"]] + [INDEX_FILE, EXPORT_MANIFEST])
+            if refused:
+                raise RefusedVariants(refused)
+            return manifest
 
     def int8_inputs(self, *, speed_only: bool, calib_data: str | None, val_data: str | None, val_images: int,
                     calib_images: int) -> torch.Tensor:

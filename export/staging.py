@@ -6,6 +6,9 @@ output folder (so on its file system), then moved in with ``os.replace``.
   :func:`recover`), so ``OUT`` never keeps half of a commit.
 * :meth:`Staging.commit` -- fsyncs the staged files, writes a journal naming them (``export.json``
   last), then renames each into ``OUT``. Nothing else ever writes into ``OUT``.
+* :func:`one_export` -- held around a whole export: a second export into the same ``OUT`` is refused
+  (:mod:`inference.folder_lock`): two exports would each merge the manifest they read at their start, and
+  the later commit would drop the other's entries.
 * :func:`recover` -- run before an export: a staging folder whose process is gone is either finished
   (its journal was written: the rest of its renames are done, so the folder holds that run's
   graphs and the ``export.json`` that lists them) or removed (no journal: the run never reached
@@ -13,15 +16,31 @@ output folder (so on its file system), then moved in with ``os.replace``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from typing import Iterator
 
 from inference.atomic import fsync_dir, fsync_file, pid_alive, write_json
+from inference.cli import UsageError
+from inference.folder_lock import FolderBusy, folder_locked
 
 STAGING_PREFIX = ".staging-"
 JOURNAL = ".commit.json"
+EXPORT_LOCK = ".export.lock"  # held (flock) by the export writing into the folder; holds its PID
+
+
+@contextlib.contextmanager
+def one_export(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``OUT/.export.lock`` for the block; :class:`UsageError` while another export holds it."""
+    try:
+        with folder_locked(out, name=EXPORT_LOCK):
+            yield
+    except FolderBusy as e:
+        raise UsageError(f"{os.fspath(out)}: another export is writing into it (PID {e.holder}); wait for it, or "
+                         "export into another --out") from None
 
 
 class Staging:

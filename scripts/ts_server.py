@@ -14,7 +14,9 @@ requests that had arrived are answered (TorchServe 0.12 itself cuts them on SIGT
 ``tools/drain.py``), then sends SIGTERM and returns once the process has exited (so ``make stop && make
 serve`` finds the ports free). The state file is written (atomically) once the server is ready: waiting for
 it is waiting for readiness; an unreadable one is stale. Until then ``serve`` keeps its own PID in
-``.torchserve/server.starting.json``, so that ``stop`` (or SIGTERM) during start-up stops what was started.
+``.torchserve/server.starting.json``, so that ``stop`` (or SIGTERM) during start-up stops what was started,
+and it holds ``.torchserve/server.lock`` for as long as it runs (:mod:`inference.folder_lock`): a second
+``serve`` is refused in one line, however close behind the first it comes.
 ``wait`` returns once the state file names a live TorchServe (a state file left by a killed server or a crashed
 host does not count), and fails with one line when no ``serve`` is starting one or ``--timeout`` passes.
 ``serve`` exits 1 when TorchServe exits without being asked (killed, crashed). The drain reads only ``/metrics`` and the access log, which
@@ -39,6 +41,7 @@ import psutil
 from inference.atomic import write_json
 from inference.cli import UsageError
 from inference.cli import run as run_cli
+from inference.folder_lock import FolderBusy, folder_locked
 from tools import REPO
 from tools.client import LOOPBACK
 from tools.drain import drain
@@ -74,14 +77,20 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive "
                          "...`) first")
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
+    try:
+        with folder_locked(state_file.parent, name=f"{state_file.stem}.lock"):  # one `make serve` at a time
+            return _serve(args, state_file)
+    except FolderBusy as e:
+        raise UsageError(f"a `make serve` (PID {e.holder}) is starting TorchServe or serving with it: wait for it, "
+                         "or `make stop`") from None
+
+
+def _serve(args: argparse.Namespace, state_file: Path) -> int:
     if state_file.is_file():
         pid = _read_state(state_file).get("pid")
         if pid and is_torchserve(pid):
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
         state_file.unlink()  # stale: it must not say "ready" before this server is
-    other = _read_state(_starting_file(state_file)).get("serve_pid")
-    if other != os.getpid() and _is_serve(other):
-        raise UsageError(f"a `make serve` (PID {other}) is starting TorchServe: wait for it, or `make stop`")
     props = read_properties(args.config)
     found = {k: re.search(r":(\d+)/?$", props.get(k, "").strip())  # the last colon: [::1] has others
              for k in ("inference_address", "management_address", "metrics_address")}

@@ -10,11 +10,11 @@ are :mod:`training.run_log`.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 
 from inference.atomic import clean_stale
+from inference.folder_lock import FolderBusy, holds, lock_folder, unlock_folder
 
 from .run_log import LOG_FILE, TEST_METRICS_FILE
 
@@ -57,40 +57,19 @@ def _replaced_files(out: str, *, resume: str | None, force: bool) -> list[str]:
     return held + config
 
 
-_LOCKS: dict[str, int] = {}  # run folder (real path) -> the open lock file this process holds
-
-
 def lock_run_folder(out: str) -> None:
-    """Hold an exclusive lock on ``RUN/.training.lock`` for as long as this process trains into ``out``:
-    another run into the folder is refused (``ValueError``) while it is held. The kernel drops the lock when the
-    process ends, however it ends (Ctrl-C, kill -9, out of memory), so a crash never leaves the folder blocked,
-    and a PID number reused by another process means nothing."""
-    key = os.path.realpath(out)
-    if key in _LOCKS:  # this process holds it already (a second Trainer in one program)
-        return
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(os.path.join(out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold ``RUN/.training.lock`` (:mod:`inference.folder_lock`) for as long as this process trains into
+    ``out``: another run into the folder is refused (``ValueError``) while it is held."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ValueError(f"--out {out}: a run is training into it (PID {holder}); wait for it, stop it, or choose "
+        lock_folder(out, name=LOCK_FILE)
+    except FolderBusy as e:
+        raise ValueError(f"--out {out}: a run is training into it (PID {e.holder}); wait for it, stop it, or choose "
                          "a new --out") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _LOCKS[key] = fd
 
 
 def unlock_run_folder(out: str) -> None:
     """Release the lock of :func:`lock_run_folder` and remove its file (the run leaves nothing of it behind)."""
-    fd = _LOCKS.pop(os.path.realpath(out), None)
-    if fd is not None:
-        try:
-            os.remove(os.path.join(out, LOCK_FILE))
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    unlock_folder(out, name=LOCK_FILE)
 
 
 def set_aside(out: str, names: list[str]) -> None:
@@ -129,7 +108,7 @@ def restore_killed_run(out: str) -> None:
     (under the folder's lock: never under a live run, whose lock refuses this with a clear line)."""
     if not os.path.isdir(os.path.join(out, SET_ASIDE)):
         return
-    held = os.path.realpath(out) in _LOCKS
+    held = holds(out, name=LOCK_FILE)
     lock_run_folder(out)
     try:
         restore_set_aside(out)

@@ -14,6 +14,7 @@ from export.archive import build_archive
 from export.exporter import Exporter
 from export.integrity import sha256
 from export.staging import recover
+from inference.cli import UsageError
 from tests.conftest import REPO
 from tests.export.test_export import refuse_reduced_precision
 
@@ -146,3 +147,26 @@ def test_a_stale_staging_folder_without_a_journal_is_removed(checkpoint, tmp_pat
     assert not stale.exists() and live.is_dir()
     after = snapshot(out)
     assert after["model.onnx"] == before["model.onnx"] and "model.pt" in after
+
+
+def test_a_second_export_into_a_folder_being_exported_into_is_one_line(checkpoint, tmp_path):
+    out = tmp_path / "ex"
+    assert export(checkpoint, out, "onnx") == 0
+    before = snapshot(out)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from export.staging import one_export
+        with one_export({str(out)!r}):
+            print("exporting", flush=True)
+            time.sleep(60)
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "exporting"
+        with pytest.raises(UsageError, match=rf"^{out}: another export is writing into it \(PID {holder.pid}\)"):
+            export(checkpoint, out, "torchscript")
+        assert snapshot(out) == {**before, ".export.lock": f"{holder.pid}\n".encode()}
+    finally:
+        holder.kill()  # as kill -9 would: the kernel drops the lock
+        holder.wait()
+    assert export(checkpoint, out, "torchscript") == 0 and (out / "model.pt").is_file()
+    assert not (out / ".export.lock").exists()  # an export leaves no lock file behind

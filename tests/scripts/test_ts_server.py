@@ -141,6 +141,34 @@ def test_a_failure_right_after_start_stops_the_server_it_started(tmp_path, capsy
     assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.starting.json").exists()
 
 
+def test_a_second_serve_is_refused_while_the_first_holds_its_lock(tmp_path, capsys, monkeypatch):
+    """Two `make serve` started together both passed the state-file checks (neither had written one yet): the
+    first holds .torchserve/server.lock for its life, and the second is one line, whatever the timing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tools import REPO
+    monkeypatch.setattr(ts_server, "TorchServe", _FakeServer)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from inference.folder_lock import lock_folder
+        lock_folder({str(tmp_path)!r}, name="s.lock")
+        print("serving", flush=True)
+        time.sleep(60)
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "serving"
+        _FakeServer.stopped.clear()
+        assert run_cli(ts_server.main, ["serve", *_config(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: a `make serve` (PID {holder.pid}) is starting TorchServe "
+                                                   "or serving with it: wait for it, or `make stop`")
+        assert not (tmp_path / "s.starting.json").exists() and not _FakeServer.stopped
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_stop_on_a_full_disk_removes_the_state_so_serve_knows_it_was_asked(tmp_path, capsys, monkeypatch):
     import errno
     import subprocess
