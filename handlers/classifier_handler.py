@@ -33,13 +33,13 @@ from inference import protocols
 from inference.admission import admit, batch_pixel_budget, probe_requests
 from inference.backends import chunked, load_backend, openvino_precision
 from inference.batch import Batch, stack_images
-from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, read_index_to_name
+from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, check_graph_width, read_index_to_name
 from inference.explain_requests import explain_request
 from inference.image_errors import ImageError, in_request
 from inference.images import batch_jpeg_decoder, decode_many
 from inference.metrics import METRICS, batch_metrics
 from inference.requests import RequestError
-from inference.responses import failure_reason, topk_predictions
+from inference.responses import failure_reason, top_classes, topk_predictions, unanswerable_rows
 from inference.settings import HandlerSettings, WorkerSettings
 from inference.threads import WorkerThreads
 from inference.transforms import EvalPreset
@@ -92,7 +92,9 @@ class ImageClassifierHandler(BaseHandler):
         warm = torch.zeros((batch * self.views, 3, self.crop_size, self.crop_size), dtype=torch.uint8,
                            device=self.device)
         start = time.perf_counter()
-        self.forward(warm)
+        out = self.forward(warm)  # and its width against the names: a mismatch would fail every batch
+        check_graph_width((out[0] if isinstance(out, tuple) else out).shape[-1], class_names=self.class_names,
+                          graph_topk=cfg.graph_topk if self.graph_output == "topk" else None)
         log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d px, warm-up %.0f ms",
                  self.model_name, self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)),
                  self.device, self.worker_threads.threads, self.tta, " (adaptive)" if self.adaptive else "",
@@ -176,7 +178,7 @@ class ImageClassifierHandler(BaseHandler):
                 else:
                     probs = predict_proba(self.forward, batch.canvas, self.tta, crop_size=self.crop_size,
                                           scales=cfg.tta_scales, how=cfg.tta_aggregate)
-                values, indices = probs.topk(max(batch.topk[i] for i in set(batch.owners)), dim=1)
+                values, indices = top_classes(probs, max(batch.topk[i] for i in set(batch.owners)))
             batch.values, batch.indices, batch.tta_applied = values.cpu(), indices.cpu(), applied.cpu()
         except Exception as e:  # the model failed: 500 for this batch, with the cause in the log
             log.exception("%s: inference failed for a batch of %d images", self.model_name, n)
@@ -187,10 +189,15 @@ class ImageClassifierHandler(BaseHandler):
     def postprocess(self, batch: Batch) -> list[str]:
         out: list[str] = [""] * batch.size
         if batch.values is not None:
-            preds = topk_predictions(batch.values, batch.indices, [batch.topk[o] for o in batch.owners],
+            for k, why in unanswerable_rows(batch.values, batch.indices, classes=len(self.class_names)).items():
+                batch.errors.setdefault(batch.owners[k], RequestError(why, status=500, error="inference failed"))
+            keep = [k for k, o in enumerate(batch.owners) if o not in batch.errors]  # that request's 500 alone
+            preds = topk_predictions(batch.values[keep], batch.indices[keep], [batch.topk[batch.owners[k]] for k in keep],
                                      self.class_names)
             per_request: dict[int, list[dict]] = {}
-            for owner, p, applied in zip(batch.owners, preds, batch.tta_applied.tolist()):
+            tta_applied = batch.tta_applied.tolist()
+            for k, p in zip(keep, preds):
+                owner, applied = batch.owners[k], tta_applied[k]
                 body = {"predictions": p, "model": self.model_name, "version": self.model_version,
                         "tta": self.tta_label if applied or self.graph_output != "logits" else "none"}
                 if self.adaptive:

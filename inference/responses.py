@@ -17,6 +17,24 @@ def topk_predictions(values: torch.Tensor, indices: torch.Tensor, ks: list[int],
             for v, ix, k in zip(float32_values(values), indices.tolist(), ks)]
 
 
+def top_classes(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of each row's ``k`` best scores, best first, equal scores in index order (a stable
+    sort): a request's answer never depends on the k its batch neighbours asked for (``torch.topk`` orders
+    ties differently for different k)."""
+    values, indices = scores.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+def unanswerable_rows(values: torch.Tensor, indices: torch.Tensor, *, classes: int) -> dict[int, str]:
+    """Rows no answer can be built from, with why: scores holding a NaN or an infinity (an fp16 forward that
+    overflowed), or an in-graph top-k naming a class beyond the ``classes`` names."""
+    bad = {k: "the model's scores for an image are not finite (NaN or infinity)"
+           for k in (~torch.isfinite(values.float())).any(dim=1).nonzero().flatten().tolist()}
+    for k in ((indices < 0) | (indices >= classes)).any(dim=1).nonzero().flatten().tolist():
+        bad.setdefault(k, f"the model named a class beyond the archive's {classes} class names")
+    return bad
+
+
 def float32_values(values: torch.Tensor) -> list:
     """``values`` as Python floats in the fewest digits that read back as the same float32 (numpy's shortest
     repr), nested as the tensor is: what every answer's probabilities are written with."""

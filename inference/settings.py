@@ -32,6 +32,7 @@ from inference.tta import (
     GRAPH_TTA_MODES,
     TTA_MODES,
     mode_of,
+    scale_sides,
 )
 
 
@@ -226,16 +227,27 @@ class HandlerSettings(_Settings):
         if self.input_size and self.resize_size and self.resize_size < self.input_size:  # the crop would pad zeros
             raise SettingsError(f"{self.WHERE}.resize_size {self.resize_size} is smaller than input_size "
                                 f"{self.input_size}: the center crop would pad the image with black")
+        if self.graph_output == "topk" and self.graph_topk is None:
+            raise SettingsError(f"{self.WHERE}.graph_topk is missing: graph_output topk needs the k the graph returns")
 
     def tta_problem(self) -> str | None:
-        """Why the handler's TTA would run copies of one view, or None: five_crop/ten_crop (and multi_scale with
-        no scale below 1) cut their views from the resize_size square, which must then be larger than the crop.
+        """Why the handler's TTA would run copies of one view (or, adaptive, nothing), or None: five_crop/ten_crop
+        (and multi_scale with no scale below 1) cut their views from the resize_size square, which must then be
+        larger than the crop; two multi_scale scales must not cut the same square.
         ``export archive`` refuses such a configuration; a worker loading an older archive logs it."""
         crop, resize, tta = self.input_size, self.resize_size or self.input_size, self.handler_tta
         degenerate = mode_of(tta).needs_margin(self.tta_scales)
         if crop and degenerate and resize <= crop:
             return (f"tta {tta} cuts its views from the resize_size square, and resize_size {resize} is input_size "
                     f"{crop}: every view would be the same image; use flip, or export with a larger resize size")
+        if self.adaptive_tta and tta == "none":
+            return (f"adaptive_tta needs the handler's TTA, and it has none (tta {self.tta}, graph_output "
+                    f"{self.graph_output}): adaptive TTA would do nothing; set tta, or adaptive_tta: false")
+        sides = scale_sides(self.tta_scales, crop=crop, size=resize) if crop and tta == "multi_scale" else []
+        if len(set(sides)) < len(sides):
+            return (f"tta_scales {', '.join(map(str, self.tta_scales))} cut squares of sides {sides} from the "
+                    f"resize_size {resize} square (a scale above {resize / crop:.3g} is the whole square): one view "
+                    "would count twice; give distinct scales up to resize_size / input_size")
         return None
 
     @property

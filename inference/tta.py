@@ -50,10 +50,15 @@ def _five_crops(canvas: torch.Tensor, crop: int) -> torch.Tensor:
                       canvas[..., h - crop:, :crop], canvas[..., h - crop:, w - crop:]])
 
 
+def scale_sides(scales: Sequence[float], *, crop: int, size: int) -> list[int]:
+    """The side of the center square each multi_scale view cuts from a ``size`` canvas: ``round(crop * s)``,
+    at most the whole canvas (so every scale above ``size / crop`` is the same view)."""
+    return [min(size, max(1, round(crop * s))) for s in scales]
+
+
 def _scaled(canvas: torch.Tensor, crop: int, scales: Sequence[float]) -> torch.Tensor:
-    size, out = canvas.shape[-1], []
-    for s in scales:
-        side = min(size, max(1, round(crop * s)))
+    out = []
+    for side in scale_sides(scales, crop=crop, size=int(canvas.shape[-1])):
         view = _center(canvas, side)
         out.append(view if side == crop else F.resize(view, [crop, crop], antialias=True))
     return torch.cat(out)
@@ -142,12 +147,13 @@ def predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch
 
 def uncertain(probs: torch.Tensor, *, metric: str = DEFAULT_ADAPTIVE_METRIC,
               threshold: float = DEFAULT_ADAPTIVE_THRESHOLD) -> torch.Tensor:
-    """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``."""
+    """Boolean mask of rows whose top-1 confidence (or top-1 minus top-2 margin) is below ``threshold``, or is
+    not a number (NaN scores of an overflowed forward are no certainty)."""
     if metric not in ADAPTIVE_METRICS:
         raise ValueError(f"adaptive TTA metric must be confidence or margin, got {metric!r}")
     top = probs.topk(min(2, probs.shape[1]), dim=1).values
     score = top[:, 0] if metric == "confidence" else top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
-    return score < threshold
+    return ~(score >= threshold)
 
 
 def adaptive_predict_proba(forward: Callable[[torch.Tensor], torch.Tensor], canvas: torch.Tensor, mode: str, *,

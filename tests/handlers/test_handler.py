@@ -391,3 +391,47 @@ def test_an_answer_that_cannot_be_built_fails_its_request_only(model_dir, monkey
     assert ctx.get_response_status(0)[0] == 200 and json.loads(out[0])["predictions"]
     detail = json.loads(out[1])["detail"]
     assert ctx.get_response_status(1)[0] == 500 and "could not be built" in detail and "simulated" not in detail
+
+
+def test_a_graph_of_another_class_count_than_its_names_refuses_to_start(model_dir, tmp_path):
+    """index_to_name.json of 3 classes beside a graph of the model's 4 (or 5 names): every batch failed, and a
+    client's large k made its neighbours' answers 500s too; now the worker does not start, saying why."""
+    names = json.loads((model_dir / "index_to_name.json").read_text())
+    for count in (len(names) - 1, len(names) + 1):
+        d = tmp_path / f"names{count}"
+        shutil.copytree(model_dir, d)
+        (d / "index_to_name.json").write_text(json.dumps({str(i): f"c{i}" for i in range(count)}))
+        with pytest.raises(ValueError, match=rf"returns {len(names)} scores per image but index_to_name.json says "
+                                             rf"{count} of {count} classes"):
+            handler_for(d)
+
+
+def test_a_requests_ranking_does_not_depend_on_its_neighbours_k(model_dir):
+    """Tied probabilities: torch.topk ordered them by the largest k of the batch, so a neighbour's X-Top-K changed
+    which classes this request got; they now rank in index order, whatever the batch."""
+    handler = handler_for(model_dir, tta="none")
+    classes = len(handler.class_names)
+    handler.backend = lambda images: torch.zeros(len(images), classes)  # every class tied
+
+    def answer(neighbour_k):
+        ctx = make_context(model_dir, n=2, headers=[{}, {"X-Top-K": str(neighbour_k)}])
+        out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(IMAGES[1])}])
+        return [p["index"] for p in json.loads(out[0])["predictions"]]
+    assert answer(1) == answer(classes) == [0, 1]
+
+
+def test_non_finite_scores_are_their_requests_500_and_the_others_are_answered(model_dir):
+    handler = handler_for(model_dir, tta="none")
+    forward = handler.backend
+
+    def overflowing(images):  # the first image's scores overflow, as an fp16 forward can
+        out = forward(images)
+        out[0, 0] = float("inf")
+        return out
+    handler.backend = overflowing
+    ctx = make_context(model_dir, n=2)
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, {"body": bytearray(IMAGES[1])}])
+    assert ctx.get_response_status(0)[0] == 500 and "not finite" in json.loads(out[0])["detail"]
+    assert ctx.get_response_status(1)[0] == 200 and len(json.loads(out[1])["predictions"]) == 2
+    for body in out:  # strict JSON: no NaN / Infinity constant anywhere
+        json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in {body}"))

@@ -108,6 +108,7 @@ def test_crop_tta_without_room_to_crop_is_refused_at_archive_time(tta, scales, r
     ("handler: flip", "handler must be a mapping of key: value, got str 'flip'"),
     ("handler: {input_size: 28, 1: a, foo: b}", "unknown key.s. 1, foo"),  # was: TypeError comparing int and str
     ("handler: {input_size: 28, resize_size: 8}", "resize_size 8 is smaller than input_size 28"),
+    ("handler: {input_size: 28, graph_output: topk}", "graph_topk is missing: graph_output topk needs the k"),
 ])
 def test_hand_edited_handler_sections_are_refused_naming_the_problem(text, match):
     """NaN passes every range comparison (a NaN max_aspect_ratio switched the aspect guard off, a NaN scale failed
@@ -133,3 +134,18 @@ def test_a_bad_list_of_scales_on_the_command_line_says_so(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--tta-scales", "1,abc"])
     assert "'1,abc' is not a comma-separated list of numbers" in capsys.readouterr().err  # was "invalid <lambda>"
+
+
+def test_scales_that_cut_one_square_twice_and_adaptive_without_tta_are_refused_at_archive_time(caplog):
+    """multi_scale 1.3 and 1.5 on a 224/256 archive both cut the whole 256 square (the same view, counted twice);
+    adaptive_tta with no handler TTA did nothing. Refused by `export archive`, logged by a worker loading one."""
+    from export.archive import model_config
+    with pytest.raises(SettingsError, match=r"tta_scales 1.0, 1.3, 1.5 cut squares of sides \[224, 256, 256\] from "
+                                            r"the resize_size 256 square \(a scale above 1.14 is the whole square\)"):
+        model_config(input_size=224, resize_size=256, tta="multi_scale", tta_scales=(1.0, 1.3, 1.5))
+    assert model_config(input_size=224, resize_size=256, tta="multi_scale")["handler"]["tta"] == "multi_scale"
+    for options in ({"tta": "none"}, {"graph_output": "probabilities", "graph_tta": "flip"}):
+        with pytest.raises(SettingsError, match="adaptive_tta needs the handler's TTA, and it has none"):
+            model_config(input_size=28, adaptive_tta=True, **options)
+    section = {**HandlerSettings(input_size=28, tta="none").to_config(), "adaptive_tta": True}
+    assert HandlerSettings.from_config(section).adaptive_tta and "adaptive TTA would do nothing" in caplog.text

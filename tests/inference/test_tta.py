@@ -111,6 +111,8 @@ def test_uncertainty_metrics():
     probs = torch.tensor([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05]])
     assert uncertain(probs, metric="confidence", threshold=0.6).tolist() == [True, False]
     assert uncertain(probs, metric="margin", threshold=0.1).tolist() == [True, False]
+    nan = torch.full((1, 3), float("nan"))  # an overflowed forward's softmax: no certainty
+    assert uncertain(nan, metric="confidence").tolist() == uncertain(nan, metric="margin").tolist() == [True]
     with pytest.raises(ValueError, match="confidence or margin"):
         uncertain(probs, metric="entropy")
 
