@@ -260,7 +260,10 @@ def _typed(f, value):
 
 def load_yaml(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     known = {f.name for f in fields(TrainConfig)}

@@ -35,6 +35,9 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if info.enabled and device.startswith("cuda:"):  # every rank on that one GPU: NCCL fails, or they share it
+        raise ValueError(f"--device {device} under torchrun: each process takes cuda:LOCAL_RANK; pass --device cuda "
+                         "(or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     check_device(device)
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
     if device == "auto" or (device == "cuda" and info.enabled):

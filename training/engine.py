@@ -49,7 +49,7 @@ from .finetune import ProgressiveUnfreezer, load_pretrained, param_groups, parse
 from .formats import build_splits
 from .losses import build_loss, class_weights
 from .mixing import BatchMixer
-from .models import build_model
+from .models import build_model, list_models
 from .optim import EarlyStopping, build_optimizer, build_schedule
 from .presets import TrainPreset
 from .progress import tqdm
@@ -95,7 +95,7 @@ def train_preset(cfg: TrainConfig) -> TrainPreset:
     return TrainPreset(crop_size=cfg.input_size, resize_size=cfg.resize_size,
                        mode=cfg.augment, hflip_prob=cfg.hflip, rotation=cfg.rotation,
                        color_jitter=cfg.color_jitter, affine=cfg.affine, auto_augment=cfg.auto_augment,
-                       random_erase=cfg.random_erase)
+                       random_erase=cfg.random_erase, cached=cfg.cache)
 
 
 def _short(names: list) -> str:
@@ -156,6 +156,8 @@ class Trainer:
                 warnings.simplefilter("ignore")
                 model = build_model(cfg.arch, num_classes=2, **dict(cfg.model_kwargs or {}))
         except (TypeError, ValueError, RuntimeError) as e:  # an argument it does not take, a width below 0, ...
+            if cfg.arch not in list_models():
+                raise ValueError(f"--arch {cfg.arch}: {str(e).splitlines()[0]}") from None
             raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {str(e).splitlines()[0]}") from None
         try:  # shapes only: widths of 0, or an input too small for the architecture's strides
             with torch.device("meta"):
@@ -304,6 +306,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = self.spec.build()
+        if self.dist.enabled:  # then each rank its own stream again (dropout, Mixup/CutMix, augmentation draws)
+            torch.manual_seed(cfg.seed + self.dist.rank)
         if cfg.pretrained:
             report = load_pretrained(model, cfg.pretrained, partial=cfg.pretrained_partial)
             left = "".join(f"; {what}: {', '.join(report[what][:5])}{' ...' if len(report[what]) > 5 else ''}"
@@ -380,6 +384,12 @@ class Trainer:
                              f"differ from {dict(cfg.model_kwargs or {})}")
         if int(ckpt["input_size"]) != cfg.input_size:
             raise ValueError(f"{where} input size {ckpt['input_size']} differs from --input-size {cfg.input_size}")
+        saved = dict(ckpt.get("config") or {})
+        for key in ("optimizer", "backbone_lr_scale"):  # the optimizer state (and its groups' rates) is built for them
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise ValueError(f"{where} --{key.replace('_', '-')} {saved[key]!r} cannot change on --resume (to "
+                                 f"{getattr(cfg, key)!r}): its optimizer state is of that one; start a new run (or "
+                                 "fine-tune from the checkpoint with --pretrained)")
         resize = EvalPreset(crop_size=cfg.input_size, resize_size=cfg.resize_size).resize_size
         if int(ckpt.get("resize_size") or ckpt["input_size"]) != resize:
             raise ValueError(f"{where} resize size {ckpt.get('resize_size')} differs from this run's {resize} "
@@ -413,7 +423,11 @@ class Trainer:
     def _resume(self, path: str, ckpt: dict) -> None:
         self._check_resume_data(path, ckpt)
         self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        given = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                 for g in self.optimizer.param_groups]  # this run's --weight-decay, --momentum, ...
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # (which brings back the checkpoint's: given win)
+        for group, options in zip(self.optimizer.param_groups, given):
+            group.update(options)
         self.schedule.load_state_dict(ckpt["schedule"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

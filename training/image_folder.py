@@ -38,10 +38,10 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
     if not folders:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<images>")
     display = {}
-    if (root / CLASS_NAMES_FILE).is_file():
-        display = json.loads((root / CLASS_NAMES_FILE).read_text(encoding="utf-8"))
-    elif (root.parent / CLASS_NAMES_FILE).is_file():
-        display = json.loads((root.parent / CLASS_NAMES_FILE).read_text(encoding="utf-8"))
+    for names_file in (root / CLASS_NAMES_FILE, root.parent / CLASS_NAMES_FILE):
+        if names_file.is_file():
+            display = _display_names(names_file)
+            break
     paths, labels = [], []
     for label, folder in enumerate(folders):
         files = sorted(f for f in os.listdir(root / folder) if is_image_name(f))
@@ -50,6 +50,18 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[str], li
     if not paths:
         raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return [display.get(f, f) for f in folders], paths, labels
+
+
+def _display_names(path: Path) -> dict[str, str]:
+    """``class_names.json``: ``{"folder": "display name", ...}``; anything else is one ``ValueError`` naming it."""
+    try:
+        display = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(display, dict) or not all(isinstance(v, str) for v in display.values()):
+        raise ValueError(f'{path}: expected {{"folder name": "display name", ...}}, got {type(display).__name__} '
+                         f"{json.dumps(display)[:60]}")
+    return display
 
 
 class ImageFolderDataset(LabelledImages):

@@ -28,6 +28,10 @@ class TrainPreset:
       the crop can only zoom into what the cache kept;
     * ``"none"``: just the evaluation resize and crop.
 
+    ``cached``: the images come already through the evaluation resize and crop (the in-memory cache of
+    ``train --cache`` keeps them so): ``pad_crop`` and ``none`` do not apply them a second time (which
+    magnified every training image by ``resize_size / crop_size`` against evaluation and serving).
+
     Then, each off at its default: horizontal flip (``hflip_prob``), ``RandomRotation(rotation)``
     degrees, ``RandomAffine`` with translate ``affine`` (fraction of the size) and scale
     ``1 +- affine``, ``ColorJitter`` with brightness/contrast/saturation ``color_jitter``, an
@@ -44,7 +48,7 @@ class TrainPreset:
                  padding: int = 4, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip_prob: float = 0.5, rotation: float = 0.0,
                  color_jitter: float = 0.0, affine: float = 0.0, auto_augment: str | None = None,
-                 ra_magnitude: int = 9, random_erase: float = 0.0,
+                 ra_magnitude: int = 9, random_erase: float = 0.0, cached: bool = False,
                  interpolation: InterpolationMode = InterpolationMode.BILINEAR):
         if mode not in self.MODES:
             raise ValueError(f"TrainPreset mode must be one of {self.MODES}, not {mode!r}")
@@ -57,13 +61,17 @@ class TrainPreset:
             raise ValueError(f"TrainPreset affine strength must be in [0, 1), not {affine}")
         if rotation < 0 or color_jitter < 0 or padding < 0:
             raise ValueError("TrainPreset rotation, color_jitter and padding must be >= 0")
+        if cached and mode == "random_resized_crop":
+            raise ValueError("TrainPreset: random_resized_crop cannot crop cached images (the cache keeps only the "
+                             "evaluation center crop)")
         steps: list = []
         if mode == "random_resized_crop":
             steps.append(v2.RandomResizedCrop(crop_size, scale=tuple(scale), ratio=tuple(ratio),
                                               interpolation=interpolation, antialias=True))
-        else:  # the evaluation transform's own resize and crop
+        else:  # the evaluation transform's own resize and crop, unless the cache applied them already
             evaluation = EvalPreset(crop_size=crop_size, resize_size=resize_size, interpolation=interpolation)
-            steps += evaluation.transform.transforms
+            if not cached:
+                steps += evaluation.transform.transforms
             if mode == "pad_crop" and padding:
                 steps.append(v2.RandomCrop(crop_size, padding=padding, padding_mode="reflect"))
         if hflip_prob:
@@ -82,7 +90,7 @@ class TrainPreset:
         if random_erase:
             steps.append(v2.RandomErasing(p=random_erase, value=0))
         self.crop_size = int(crop_size)
-        self.transform = v2.Compose(steps)
+        self.transform = v2.Compose(steps or [v2.Identity()])  # cached, no augmentation: as cached
         if mode == "random_resized_crop":  # the narrowest crop it can draw: a scale[0] share, the most oblong ratio
             share = scale[0] * min(ratio[0], 1 / ratio[1], 1.0)
             self._min_decode_side = math.ceil(self.crop_size / math.sqrt(share)) if share > 0 else None

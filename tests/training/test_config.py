@@ -60,3 +60,21 @@ def test_balanced_sampler_and_weighted_loss_together_are_refused():
     with pytest.raises(ValueError, match="--balanced-sampler and --weighted-loss each even the classes out"):
         TrainConfig.create(data="d", out="o", balanced_sampler=True, weighted_loss=True)
     assert TrainConfig.create(data="d", out="o", weighted_loss=True).weighted_loss
+
+
+def test_a_config_that_is_not_yaml_is_one_line(tmp_path):
+    from training.config import load_yaml
+    path = tmp_path / "recipe.yaml"
+    path.write_text("epochs: [1\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not valid YAML: while parsing a flow sequence"):
+        load_yaml(str(path))
+
+
+def test_an_unknown_arch_is_named_as_the_arch_and_cuda_n_under_torchrun_is_refused(monkeypatch):
+    from training.distributed import init_distributed
+    from training.engine import Trainer
+    with pytest.raises(ValueError, match="^--arch foo: unknown architecture 'foo'"):
+        Trainer(TrainConfig(data="d", out="o", device="cpu", arch="foo").validate())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: every rank would take that one GPU
+    with pytest.raises(ValueError, match=r"^--device cuda:0 under torchrun: each process takes cuda:LOCAL_RANK"):
+        init_distributed("cuda:0")

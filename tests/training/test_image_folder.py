@@ -63,3 +63,16 @@ def test_training_photos_decode_reduced_as_far_as_the_random_crop_allows(tmp_pat
     assert train.read(0).shape == (3, 1512, 2016) and train[0][0].shape == (3, 224, 224)
     evaluated = ImageFolderDataset(tmp_path, transform=EvalPreset(crop_size=224, resize_size=256))
     assert evaluated.read(1).shape == (3, 378, 504)
+
+
+@pytest.mark.parametrize("text", ['["cat", "dog"]', '{"cat": 1}', "{cat: Katze}"])
+def test_a_class_names_file_of_another_shape_is_one_line(tmp_path, text):
+    from tests.conftest import encode, pattern_image
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "a.png").write_bytes(encode(pattern_image("circle", size=8)))
+    (tmp_path / "class_names.json").write_text(text)
+    with pytest.raises(ValueError, match=r"class_names.json: (expected \{\"folder name\"|not valid JSON)"):
+        scan_image_folder(tmp_path)
+    (tmp_path / "class_names.json").write_text('{"cat": "Katze"}')
+    assert scan_image_folder(tmp_path)[0] == ["Katze", "dog"]

@@ -49,7 +49,7 @@ def test_photo_preset_reaches_the_config_and_the_train_transform():
     small = config()
     assert small == TrainConfig(data="d", out="o").validate() and small.preset == DEFAULT_PRESET
     assert (small.input_size, small.augment, small.cache) == (32, "pad_crop", True)
-    assert step_names(small) == ["Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip"]
+    assert step_names(small) == ["RandomCrop", "RandomHorizontalFlip"]  # the cache ran the evaluation resize/crop
 
 
 def test_options_given_override_the_preset(tmp_path):
@@ -58,7 +58,9 @@ def test_options_given_override_the_preset(tmp_path):
     assert "size=(160, 160)" in train_preset(cfg).describe()[0]
     cfg = config("--preset", "photo", "--augment", "pad_crop", "--cache", "--color-jitter", 0, "--batch-size", 8)
     assert (cfg.augment, cfg.cache, cfg.color_jitter, cfg.batch_size, cfg.input_size) == ("pad_crop", True, 0.0, 8, 224)
-    assert step_names(cfg) == ["Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip"]
+    assert step_names(cfg) == ["RandomCrop", "RandomHorizontalFlip"]  # not the 256/224 resize again (a zoom)
+    assert step_names(config("--preset", "photo", "--augment", "pad_crop")) == [
+        "Resize", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "ColorJitter"]  # no cache: from the file
     # --config: the preset under the file's values, the command line over both
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"preset": "photo", "input_size": 192, "batch_size": 16}))

@@ -111,3 +111,20 @@ def test_the_decoders_min_side_never_shrinks_a_random_crop_below_the_crop_size()
     assert narrowest(side * 9 // 10, side * 9 // 10) < 224  # the bound is tight: 10% less and crops go below
     assert TrainPreset(crop_size=32, resize_size=36).min_decode_side == 36  # pad_crop: the evaluation resize
     assert TrainPreset(crop_size=224, mode="random_resized_crop", scale=(0.25, 1.0)).min_decode_side == 518
+
+
+def test_cached_images_are_not_resized_and_cropped_a_second_time():
+    """train --cache keeps each image through the evaluation resize and crop; the training preset applied them
+    again, so with resize_size > crop_size every training image was magnified (28/24 here) against evaluation
+    and serving. Cached, the preset starts from the cached crop: without augmentation it is the evaluation image."""
+    from inference.transforms import EvalPreset
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    evaluation = EvalPreset(crop_size=24, resize_size=28)(image)
+    cached = TrainPreset(crop_size=24, resize_size=28, mode="none", hflip_prob=0.0, cached=True)
+    assert torch.equal(cached(evaluation), evaluation)
+    assert not torch.equal(TrainPreset(crop_size=24, resize_size=28, mode="none", hflip_prob=0.0)(evaluation),
+                           evaluation)  # what the cached run did: the crop resized to 28 and cropped again
+    assert torch.equal(TrainPreset(crop_size=24, resize_size=28, mode="none", hflip_prob=0.0)(image), evaluation)
+    assert cached.describe() == ["Identity()"]
+    with pytest.raises(ValueError, match="random_resized_crop cannot crop cached images"):
+        TrainPreset(crop_size=24, mode="random_resized_crop", cached=True)

@@ -119,8 +119,10 @@ def two_class_folder(tmp_path_factory):
                                   r"mean \(0\.4850, 0\.4560, 0\.4060\)"),
     (["--normalize", "0.5,0.25"], r"normalization mean .* differs .*--normalize 0\.5,0\.25"),
     (["--val-fraction", "0.3"], r"the checkpoint's validation split \(\d+ images.*\) differs from this run's"),
+    (["--optimizer", "sgd"], r"the checkpoint's --optimizer 'adamw' cannot change on --resume \(to 'sgd'\)"),
+    (["--backbone-lr-scale", "0.1"], r"the checkpoint's --backbone-lr-scale 1.0 cannot change on --resume"),
 ], ids=["classes", "arch", "model_kwargs", "input_size", "resize_size", "mean_std_imagenet", "mean_std_explicit",
-        "val_split"])
+        "val_split", "optimizer", "backbone_lr_scale"])
 def test_a_mismatched_resume_is_refused_with_a_clear_message(one_epoch_run, two_class_folder, tmp_path, args,
                                                              message):
     last = one_epoch_run / "last.pt"
@@ -130,6 +132,17 @@ def test_a_mismatched_resume_is_refused_with_a_clear_message(one_epoch_run, two_
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"--resume {last}: the checkpoint's")
     assert not (tmp_path / "again" / "last.pt").exists()
+
+
+def test_a_new_weight_decay_on_resume_is_the_one_the_optimizer_uses(one_epoch_run, tmp_path):
+    """The optimizer's saved state brought back the checkpoint's weight decay over --weight-decay, while the log
+    said "options changed"."""
+    saved = yaml.safe_load((one_epoch_run / "config.yaml").read_text())
+    trainer = Trainer(TrainConfig(**{**saved, "resume": str(one_epoch_run / "last.pt"), "epochs": 2,
+                                     "weight_decay": 0.5, "out": str(tmp_path / "again"), "progress": False}))
+    decays = sorted({g["weight_decay"] for g in trainer.optimizer.param_groups})
+    assert saved["weight_decay"] != 0.5 and decays == [0.0, 0.5]  # norms and biases keep none
+    assert trainer.optimizer.state  # the moments themselves came back
 
 
 def test_resume_from_best_pt_or_a_missing_file_is_refused(one_epoch_run, tmp_path):
