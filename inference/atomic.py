@@ -11,6 +11,7 @@ files all write through it, and ``make stop`` must not pay for importing torch b
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -100,7 +101,10 @@ def replacing(dst: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except IsADirectoryError:  # named as the user knows it, not as our temporary
+            raise IsADirectoryError(errno.EISDIR, "is a folder, where a file is to be written", os.fspath(dst)) from None
     except BaseException:
         _remove(tmp)
         raise

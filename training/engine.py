@@ -496,6 +496,7 @@ class Trainer:
             unlock_run_folder(self.cfg.out)
             raise ValueError(f"--resume {self.cfg.resume}: the run has trained its {self.start_epoch - 1} epochs "
                              f"already; pass --epochs N (more than {self.start_epoch - 1}) to train on")
+        failed = True
         try:
             self.begin()
             for epoch in range(self.start_epoch, self.cfg.epochs + 1):
@@ -503,12 +504,13 @@ class Trainer:
                     self.log(f"early stopping: no better validation top-1 for {self.cfg.early_stopping} epochs")
                     break
             result = self.test_best()
+            failed = False
         except BaseException:
             if self.main and (back := restore_set_aside(self.cfg.out)):
                 self.warn(f"{self.cfg.out}: the run that --force was replacing is back ({', '.join(back)})")
             raise
         finally:
-            self.finish()
+            self.finish(failed=failed)
         return result if self.main else {}
 
     def begin(self) -> None:
@@ -532,13 +534,18 @@ class Trainer:
         metrics = self.evaluate_epoch(epoch, train_loss, time.time() - start)
         return bool(broadcast(self.end_of_epoch(epoch, metrics, self.writer), self.dist))
 
-    def finish(self) -> None:
+    def finish(self, *, failed: bool = False) -> None:
+        """Close the run. ``failed``: leave without the closing barrier, whose other ranks may be waiting in a
+        collective call that this rank will never make (rank 0 failing in a step of its own, a checkpoint
+        write on a full disk, hung all of them, silently): this process exits with its error, and torchrun
+        then stops the others."""
         if self.writer is not None:
             self.writer.close()
         if self.main:
             unlock_run_folder(self.cfg.out)
-        barrier(self.dist)
-        shutdown(self.dist)
+        if not failed:
+            barrier(self.dist)
+            shutdown(self.dist)
 
     def train_one_epoch(self, epoch: int) -> float:
         cfg = self.cfg

@@ -69,3 +69,12 @@ def test_clean_stale_never_takes_a_siblings_temporaries(tmp_path):
     assert clean_stale(folder=tmp_path, name="photos_split") == []
     assert sibling.exists() and other.exists()
     assert clean_stale(folder=tmp_path, name="photos_split.2024") == [other.name] and sibling.exists()
+
+
+def test_writing_where_a_folder_stands_names_that_path_and_leaves_no_temporary(tmp_path):
+    from inference.atomic import write_json
+    (tmp_path / "config.yaml").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        write_json(path=tmp_path / "config.yaml", obj={})
+    assert e.value.filename == str(tmp_path / "config.yaml")  # was our hidden temporary's name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

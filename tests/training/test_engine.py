@@ -166,6 +166,21 @@ def test_ddp_with_progressive_unfreezing_keeps_the_processes_in_step(image_folde
     assert "unfroze layer4" in run.stdout + run.stderr
 
 
+@pytest.mark.slow
+def test_ddp_rank_0_failing_alone_ends_the_run_with_its_error(image_folder, tmp_path):
+    """Rank 0 failed in a step of its own (here writing RUN/config.yaml, which is a folder) and then waited at
+    the closing barrier while rank 1 waited in the epoch's collectives: both hung, nothing printed, until killed."""
+    out = tmp_path / "run"
+    (out / "config.yaml").mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = _run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "-m", "training", "train", "--data", str(image_folder), "--model-kwargs", json.dumps(TINY_KWARGS),
+                      "--input-size", "16", "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu",
+                      "--out", str(out)], env, timeout=150)
+    assert run.returncode not in (0, -signal.SIGKILL), run.stderr[-3000:]  # -9: the timeout killed a hang
+    assert f"error: {out / 'config.yaml'}: is a folder, where a file is to be written" in run.stderr, run.stderr[-3000:]
+
+
 def test_a_process_whose_copy_drifted_is_an_error():
     """check_in_step in a gloo process group of two spawned processes: one copy nudged by 1e-6 is found."""
     import torch.multiprocessing as mp
