@@ -55,6 +55,7 @@ class ImageClassifierHandler(BaseHandler):
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.settings = cfg = HandlerSettings.from_config(yaml_cfg.get("handler"))
         self.model_name, self.model_version = (context.manifest["model"].get(k, "") for k in ("modelName", "modelVersion"))
+        self.model_name = getattr(context, "model_name", None) or self.model_name  # as registered (model_name=)
         gpu_id = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         # threads = cores // the model's live workers, re-sized as they change (inference.threads)
@@ -218,8 +219,9 @@ class ImageClassifierHandler(BaseHandler):
                                                    status=500, error="inference failed")
         for i, err in batch.errors.items():
             status, kind = protocols.status_of(err)
+            grpc = self.context is not None and protocols.is_grpc_call(self.context.get_all_request_header(i))
             out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err), status=status,
-                                            model_name=self.model_name, model_version=self.model_version)
+                                            model_name=self.model_name, model_version=self.model_version, grpc=grpc)
             if self.context is not None:
                 self.context.set_response_status(status, kind, idx=i)
         if self.context is not None:

@@ -35,7 +35,6 @@ OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}   # the 
 OPTIONAL_OUTPUTS = {"tta_applied": "BOOL"}           # on request (and by default with adaptive TTA)
 BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
 RAW_FORMATS = {"FP32": "f", "INT64": "q", "BOOL": "?"}  # struct codes of the numeric outputs' binary form
-MAX_DIMS = 8            # an input's shape: Triton's own limit on a tensor's dimensions
 MAX_ID_CHARS = 1024     # the request "id", echoed in the answer (KServe's clients send a 36-character UUID)
 
 
@@ -89,8 +88,8 @@ def _bytes_elements(blob: bytes, where: str, *, max_images: int) -> list[bytes]:
 
 def _image_bytes(element: bytes) -> bytes:
     """A binary BYTES element: the image itself, or its base64 text (image bytes are never strict base64)."""
-    try:
-        decoded = base64.b64decode(element, validate=True)
+    try:  # line breaks (`base64` without -w0 and encodebytes() wrap the text) are no data
+        decoded = base64.b64decode(b"".join(element.split()), validate=True)
         return decoded if decoded else element
     except (binascii.Error, ValueError):
         return element
@@ -183,11 +182,11 @@ def read_oip_v2(body, headers: dict | None = None, *, max_images: int = DEFAULT_
     if tensor.get("datatype") != "BYTES":
         raise RequestError(f'input "{name}": datatype must be BYTES (encoded images), got '
                            f'{shown(tensor.get("datatype"))}', error="bad request")
-    shape = tensor.get("shape")
-    if (not isinstance(shape, list) or not 0 < len(shape) <= MAX_DIMS
+    shape = tensor.get("shape")  # [N] or [N, 1]: the answer's [N, k] outputs keep the batch as N
+    if (not isinstance(shape, list) or len(shape) not in (1, 2) or shape[1:] not in ([], [1])
             or not all(type(d) is int and d >= 0 for d in shape)):
-        raise RequestError(f'input "{name}": shape must be a list of 1 to {MAX_DIMS} non-negative integers, e.g. '
-                           f'[N]; got {shown(shape)}', error="bad request")
+        raise RequestError(f'input "{name}": shape must be [N] or [N, 1] for N images, got {shown(shape)}',
+                           error="bad request")
     held = _product(shape, stop=2**63)
     if held == 0:
         raise RequestError(f'input "{name}": shape {shown(shape)} holds no image: send at least one', error="bad request")
@@ -292,9 +291,10 @@ def oip_body(req: Request, results: list[dict], *, model_name: str, model_versio
     return BinaryAnswer.of(answer, blobs)
 
 
-def oip_error(message: str, *, model_name: str, model_version: str) -> str:
-    """TorchServe 0.12's OIP gRPC service turns every answer into a ``ModelInferResponse`` whatever its status,
-    and its worker thread dies on a body without ``id``/``model_name``/``outputs``: so the error also carries
-    those, with the message as a BYTES output named ``error``."""
+def oip_error(message: str, *, model_name: str, model_version: str, grpc: bool = False) -> str:
+    """``{"error": "<message>"}``; over gRPC, where TorchServe 0.12 makes every answer a ``ModelInferResponse`` (its
+    worker thread dies on one without ``id``/``model_name``/``outputs``), with those, the message as output ``error``."""
+    if not grpc:
+        return json.dumps({"error": message})
     return json.dumps({"error": message, "id": "", "model_name": model_name, "model_version": model_version,
                        "outputs": [{"name": "error", "datatype": "BYTES", "shape": [1], "data": [message]}]})

@@ -203,11 +203,11 @@ def status_of(err: Exception) -> tuple[int, str]:
 
 
 def render_error(protocol: str, kind: str, detail: str, *, status: int, model_name: str = "",
-                 model_version: str = "") -> str:
-    """A per-request error: OIP's ``{"error": "..."}`` (:func:`inference.oip.oip_error`), else
-    ``{"error", "detail", "code"}``."""
+                 model_version: str = "", grpc: bool = False) -> str:
+    """A per-request error: OIP's ``{"error": "..."}`` (:func:`inference.oip.oip_error`; over gRPC with what
+    TorchServe's gRPC answer needs), else ``{"error", "detail", "code"}``."""
     return lookup(protocol).render_error(kind, detail, status=status, model_name=model_name,
-                                           model_version=model_version)
+                                           model_version=model_version, grpc=grpc)
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Protocol:
     matches: Callable[[object, dict | None], bool]    # (body, headers)
     read: Callable[..., Request]                      # (row, body, headers, *, max_images)
     render: Callable[..., str | BinaryAnswer]         # (req, results, *, model_name, model_version)
-    render_error: Callable[..., str]                  # (kind, detail, *, status, model_name, model_version)
+    render_error: Callable[..., str]                  # (kind, detail, *, status, model_name, model_version, grpc)
     explanations: Callable[[Request, list[dict]], object] | None  # (req, per-image objects) -> JSON value
 
 
@@ -257,8 +257,9 @@ def _plain_error(kind: str, detail: str, *, status: int, **_) -> str:
     return error_body(kind, detail, status=status)
 
 
-def _oip_error(kind: str, detail: str, *, status: int, model_name: str = "", model_version: str = "") -> str:
-    return oip_error(f"{kind}: {detail}", model_name=model_name, model_version=model_version)
+def _oip_error(kind: str, detail: str, *, status: int, model_name: str = "", model_version: str = "",
+               grpc: bool = False) -> str:
+    return oip_error(f"{kind}: {detail}", model_name=model_name, model_version=model_version, grpc=grpc)
 
 
 REGISTRY: dict[str, Protocol] = {p.name: p for p in (  # in the order detection asks them

@@ -98,13 +98,15 @@ def test_torchscript_backend_and_mean_logits(model_dir, eager):
     """The TorchScript graph with tta_aggregate: logits answers what offline softmax-of-mean-logits gives,
     which differs from the mean of softmaxes (so a handler ignoring the setting fails here)."""
     _, probs = eager
+    # the image whose two flip views the model tells apart most (a symmetric one's aggregations are equal)
+    image = max(IMAGES, key=lambda i: (probs([i], how="logits") - probs([i], how="softmax")).abs().max().item())
     handler = handler_for(model_dir, serialized="model.pt", tta="flip", tta_aggregate="logits", topk=3)
-    body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[0])}])[0])
+    body = json.loads(run(handler, make_context(model_dir), [{"body": bytearray(image)}])[0])
     assert body["tta"] == "flip" and len(body["predictions"]) == 3
     got = {p["index"]: p["confidence"] for p in body["predictions"]}
-    by_logits, by_softmax = probs(IMAGES[:1], how="logits")[0], probs(IMAGES[:1], how="softmax")[0]
+    by_logits, by_softmax = probs([image], how="logits")[0], probs([image], how="softmax")[0]
     assert got == pytest.approx({i: by_logits[i].item() for i in range(3)}, abs=1e-5)
-    assert not torch.allclose(by_logits, by_softmax, atol=1e-5)
+    assert not torch.allclose(by_logits, by_softmax, atol=1e-4)
 
 
 def test_multi_scale_follows_the_configured_scales(model_dir, eager):

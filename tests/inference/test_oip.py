@@ -86,6 +86,19 @@ def test_adaptive_tta_is_a_bool_tensor_and_every_parameter_a_scalar():
     assert plain["outputs"][0]["data"] == [True, True] and plain["parameters"] == {"tta": "flip"}
 
 
+def test_base64_text_with_line_breaks_in_a_binary_tensor_is_read_as_in_json():
+    """`base64 a.png` (no -w0) and Python's encodebytes() wrap lines every 76 characters: the JSON path dropped
+    the line breaks, the binary tensor path took the text itself for the image."""
+    wrapped = base64.encodebytes(PNG * 4)
+    image = triton_http.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([wrapped], dtype=object), binary_data=True)
+    body, json_size = _get_inference_request(inputs=[image], request_id="", outputs=None, sequence_id=0,
+                                             sequence_start=False, sequence_end=False, priority=0, timeout=None,
+                                             custom_parameters=None)
+    req = read_oip_v2(bytearray(body), {"Inference-Header-Content-Length": str(json_size)})
+    assert b"\n" in wrapped and req.images == [PNG * 4]
+
+
 def test_binary_data_size_must_be_the_bytes_that_follow():
     element = struct.pack("<I", len(PNG)) + PNG
     head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
@@ -110,10 +123,12 @@ def oip_row(tensor: dict, **extra) -> dict:
 
 @pytest.mark.parametrize("tensor,match", [
     ({"datatype": "A" * 9_000_000}, "datatype must be BYTES"),
-    ({"shape": [0] * 5_000_000}, "shape must be a list of 1 to 8"),
-    ({"shape": [2] * 9}, "shape must be a list of 1 to 8"),
-    ({"shape": [10 ** 3999, 10 ** 3999]}, "holds over 2**63 images; the limit is 4"),  # never multiplied out
-    ({"shape": [True]}, "shape must be a list"),
+    ({"shape": [0] * 5_000_000}, "shape must be [N] or [N, 1]"),
+    ({"shape": [2] * 9}, "shape must be [N] or [N, 1]"),
+    ({"shape": [10 ** 3999, 1]}, "holds over 2**63 images; the limit is 4"),  # never multiplied out
+    ({"shape": [1, 2], "data": [B64, B64]}, "shape must be [N] or [N, 1] for N images, got [1, 2]"),  # was [1, k]
+    ({"shape": [2, 1, 1], "data": [B64, B64]}, "shape must be [N] or [N, 1]"),
+    ({"shape": [True]}, "shape must be [N] or [N, 1]"),
     ({"name": "é" * 1_000_000, "datatype": "FP32"}, "datatype must be BYTES"),
 ])
 def test_a_hostile_tensor_is_a_short_400(tensor, match):

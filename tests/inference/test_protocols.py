@@ -79,7 +79,7 @@ def test_oip_v2_binary_tensor_extension_with_raw_and_base64_elements():
     ({"inputs": []}, "exactly one tensor"),
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [0.5]}]}, "datatype must be BYTES"),
     ({"inputs": [{"name": "image", "shape": [3], "datatype": "BYTES", "data": [B64]}]}, r"shape \[3\] holds 3"),
-    ({"inputs": [{"name": "image", "shape": "2", "datatype": "BYTES", "data": [B64]}]}, "shape must be a list"),
+    ({"inputs": [{"name": "image", "shape": "2", "datatype": "BYTES", "data": [B64]}]}, "shape must be \\[N\\] or \\[N, 1\\]"),
     ({**oip([B64]), "outputs": [{"name": "probabilities"}]}, '"outputs" may name labels, scores, indices'),
     ({**oip([B64]), "id": 7}, '"id" must be a string'),
     ({**oip([B64]), "outputs": [{"name": ["labels"]}]}, '"outputs" may name'),  # unhashable: still a 400
@@ -131,6 +131,9 @@ def test_answers_per_protocol():
 
 def test_error_bodies_per_protocol():
     err = json.loads(render_error(OIP_V2, "bad image", "not an image", status=400, model_name="m", model_version="1"))
+    assert err == {"error": "bad image: not an image"}  # the protocol's $inference_error_response, over HTTP
+    err = json.loads(render_error(OIP_V2, "bad image", "not an image", status=400, model_name="m", model_version="1",
+                                  grpc=True))
     assert err["error"] == "bad image: not an image"
     # what TorchServe's OIP gRPC path needs to turn it into a ModelInferResponse without killing the worker
     assert err["model_name"] == "m" and err["id"] == "" and err["outputs"][0]["data"] == ["bad image: not an image"]

@@ -106,7 +106,7 @@ def test_tritonclient_http_classification_compression_and_default_outputs(server
                 assert [(int(i), name) for _, i, name in parts] == [(p["index"], p["class"]) for p in ref["predictions"]]
                 assert [float(v) for v, _, _ in parts] == pytest.approx([p["confidence"] for p in ref["predictions"]],
                                                                         abs=1e-6)
-        result = client.infer("shapes", [image])  # no outputs named: every output, in JSON
+        result = client.infer("shapes", [image])  # no outputs named: every output (binary: tritonclient asks binary_data_output)
         assert [o["name"] for o in result.get_response()["outputs"]] == ["labels", "scores", "indices"]
         assert all(not isinstance(v, list) for v in result.get_response()["parameters"].values())  # scalars only
 
@@ -215,6 +215,7 @@ def test_each_protocol_gets_its_own_4xx_while_a_neighbour_succeeds(server):
     bad_v1, bad_v2, good_v2, good_v1 = answers
     assert bad_v1.status_code == 400 and bad_v1.json()["error"] == "bad base64" and bad_v1.json()["code"] == 400
     assert bad_v2.status_code == 400 and "shape [3] holds 3 elements but 2" in bad_v2.json()["error"]
+    assert list(bad_v2.json()) == ["error"]  # OIP's $inference_error_response over HTTP; gRPC's carries more
     assert good_v2.status_code == 200 and good_v2.json()["outputs"][0]["shape"] == [1, 2]
     assert good_v1.status_code == 200 and len(good_v1.json()["predictions"]) == 1
 
