@@ -10,6 +10,8 @@ Settings (environment variables, or the same names as locust options ``--images`
   MAX_IMAGES  how many images to load into memory (default 500)
   TOKEN       optional inference key, sent as "Authorization: Bearer TOKEN" (TorchServe's token
               authorization: the "inference" key of key_file.json, e.g. with config.prod.properties)
+  --final-stats PATH (an option only): the whole run's Aggregated figures as JSON, written when locust quits
+              (locust's --csv is a snapshot taken once a second; tools/locust.py's summary reads this first)
   SCHEMA      the protocol and the expected answer:
               ours (default): raw bytes to /predictions/MODEL_NAME, {"predictions": [...]} back;
               stock: the same request, the {"class name": probability, ...} object of TorchServe's
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import logging
 import mimetypes
 import os
@@ -54,6 +57,28 @@ def _options(parser):
                         help="expected response body")
     parser.add_argument("--token", default=os.environ.get("TOKEN", ""), is_secret=True,  # masked in the web UI
                         help="inference key (token authorization); write --token=KEY: a key may start with '-'")
+    parser.add_argument("--final-stats", default="", help="write the whole run's Aggregated figures to this JSON "
+                        "file when locust quits (its --csv holds the last snapshot, up to a second old)")
+
+
+@events.quit.add_listener
+def _final_stats(exit_code, **_):
+    """``--final-stats PATH``: the ``Aggregated`` row of the whole run as locust's CSV defines it (requests over the
+    time from the start to the last answer), taken when locust quits: the CSV, written once a second, is the
+    last snapshot before the end, and the figures of a slow server's few requests moved with it."""
+    environment = _ENVIRONMENT[0] if _ENVIRONMENT else None
+    opts = getattr(environment, "parsed_options", None)
+    if not getattr(opts, "final_stats", "") or type(environment.runner).__name__ == "WorkerRunner":
+        return
+    total = environment.stats.total
+    figures = {"requests": total.num_requests, "failures": total.num_failures, "requests_per_s": total.total_rps,
+               "failures_per_s": total.total_fail_per_sec,
+               "percentiles": {f"{p * 100:g}%": total.get_response_time_percentile(p) if total.num_requests else None
+                               for p in (0.5, 0.66, 0.75, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)}}
+    Path(opts.final_stats).write_text(json.dumps(figures))
+
+
+_ENVIRONMENT: list = []  # the quit event passes no environment: the init event's, kept here
 
 
 def load_payloads(folder: str, limit, seed: int = 0) -> list[tuple[str, bytes, str]]:
@@ -99,6 +124,7 @@ def _payloads_for(opts) -> None:
 def _check(environment, **_):
     """At start-up, before any user runs: a mistake stops locust with one line (argparse does not check an
     environment variable's default against ``choices``)."""
+    _ENVIRONMENT[:] = [environment]
     opts = environment.parsed_options
     if opts is None:  # locust used as a library, without its command line
         return

@@ -1,14 +1,16 @@
 """Load from ``locustfile.py`` run headless (closed loop), and the CSVs it writes.
 
 ``locust_command`` builds the command line, ``run_locust`` runs it and measures locust's own CPU
-time; ``summary`` reads the ``Aggregated`` row of ``PREFIX_stats.csv`` (throughput, failures,
-percentiles), ``history`` the ``Aggregated`` rows of ``PREFIX_stats_history.csv`` (one a second, with
+time; ``summary`` reads the whole run's ``Aggregated`` figures (throughput, failures, percentiles) from
+``PREFIX_final.json`` (``locustfile.py --final-stats``, written as locust quits), or from ``PREFIX_stats.csv``,
+whose last row is a snapshot up to a second before the end, ``history`` the ``Aggregated`` rows of ``PREFIX_stats_history.csv`` (one a second, with
 ``full_history=True``). Locust writes ``N/A`` or an empty cell where it has no value: ``number``
 reads those as None.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import resource
 import subprocess
@@ -33,7 +35,7 @@ def locust_command(host: str, *, images: str | Path, model: str, users: int, sec
            "-t", f"{seconds}s", "--host", host, "--images", str(images), "--model-name", model]
     if schema:
         cmd += ["--schema", schema]
-    cmd += ["--csv", str(prefix)]
+    cmd += ["--csv", str(prefix), "--final-stats", final_stats_path(prefix)]
     if full_history:
         cmd.append("--csv-full-history")
     cmd += ["--only-summary", "--loglevel", loglevel]
@@ -73,15 +75,28 @@ def aggregated(prefix: str | Path) -> dict:
     return row
 
 
+def final_stats_path(prefix: str | Path) -> str:
+    """Where ``locustfile.py --final-stats`` writes the whole run's figures for a ``--csv PREFIX`` run."""
+    return f"{prefix}_final.json"
+
+
 def summary(prefix: str | Path) -> dict:
     """``ok_per_s`` (answered without failure per second), ``requests_per_s``, ``requests``,
-    ``failures``, ``p50_ms``, ``p99_ms`` and every percentile locust reports (``percentiles``)."""
+    ``failures``, ``p50_ms``, ``p99_ms`` and every percentile locust reports (``percentiles``): the whole run's
+    (``PREFIX_final.json``, written when locust quits), else the CSV's last snapshot (``source`` says which)."""
+    final = Path(final_stats_path(prefix))
+    if final.is_file():
+        f = json.loads(final.read_text())
+        pct = {k: number(v) for k, v in f["percentiles"].items() if number(v) is not None}
+        return {"ok_per_s": f["requests_per_s"] - f["failures_per_s"], "requests_per_s": f["requests_per_s"],
+                "requests": int(f["requests"]), "failures": int(f["failures"]), "p50_ms": pct.get("50%"),
+                "p99_ms": pct.get("99%"), "percentiles": pct, "source": final.name}
     agg = aggregated(prefix)
     pct = {k: number(agg[k]) for k in PERCENTILES if number(agg.get(k)) is not None}
     return {"ok_per_s": float(agg["Requests/s"]) - float(agg["Failures/s"]),
             "requests_per_s": float(agg["Requests/s"]),
             "requests": int(agg["Request Count"]), "failures": int(agg["Failure Count"]),
-            "p50_ms": pct.get("50%"), "p99_ms": pct.get("99%"), "percentiles": pct}
+            "p50_ms": pct.get("50%"), "p99_ms": pct.get("99%"), "percentiles": pct, "source": f"{Path(prefix).name}_stats.csv"}
 
 
 def history(prefix: str | Path) -> list[dict]:

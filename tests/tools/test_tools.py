@@ -33,7 +33,8 @@ def test_locust_command_has_every_option_once():
     assert cmd[:5] == [sys.executable, "-m", "locust", "-f", str(REPO / "locustfile.py")]
     joined = " ".join(cmd)
     for part in ("--headless -u 4 -r 4 -t 20s", "--host http://127.0.0.1:1", "--images imgs", "--model-name m",
-                 "--schema stock", "--csv out/p --csv-full-history", "--only-summary --loglevel ERROR",
+                 "--schema stock", "--csv out/p --final-stats out/p_final.json --csv-full-history",
+                 "--only-summary --loglevel ERROR",
                  "--stop-timeout 10"):
         assert part in joined
     plain = locust_command("h", images="i", model="m", users=1, seconds=5, prefix="p", stop_timeout=None)
