@@ -242,6 +242,11 @@ def main(argv=None) -> int:
           + ", ".join(f"{n}={v:.2f}" for n, v in s["served_over_limit"].items())
           + f"; best gated: {s['best_gated']}; best speed-only: {s['best_speed_only']})")
     print(s["ratios"])
+    failed = [f"{model}/{r['name']}: {'did not run' if 'error' in r else 'its in-process limit failed'}"
+              for model, sitting in sittings.items() for r in sitting["results"] if "error" in r or r.get("limit_errors")]
+    if failed:  # the figures above are of what ran; a sitting with holes is no clean result
+        print(f"incomplete sitting: {'; '.join(failed)} (the JSON has the errors)", file=sys.stderr)
+        return 1
     return 0
 
 

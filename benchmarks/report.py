@@ -75,6 +75,9 @@ def ratios(sitting: dict, *, top: int, small: dict | None = None, eager_limit: d
     best_speed = max(speed_only, key=lambda x: x[1], default=(None, NAN))
     served_limit = {r["name"]: _div(median_of(r, FIRST_SET, top), r["limit_img_s"]) for r in sitting["results"]
                     if r.get("limit_img_s")}
+    # the worst configuration: one served without its limit (it failed) leaves the worst unknown, not dropped
+    unlimited = [r["name"] for r in sitting["results"] if r["config"]["kind"] == "ours" and r.get("runs")
+                 and not r.get("limit_img_s")]
     eager = (eager_limit or sitting.get("eager_limit") or {}).get("img_s")
     fp32_limit = by.get("ours_fp32", {}).get("limit_img_s")
     small_by = {r["name"]: r for r in (small or {}).get("results", [])}
@@ -85,7 +88,7 @@ def ratios(sitting: dict, *, top: int, small: dict | None = None, eager_limit: d
         "ours/stock": _div(fp32, stock),
         "runtime_gap": _div(fp32_limit, eager),
         "best_gated/stock": _div(best_gated[1], stock),
-        "served/limit": min(served_limit.values(), default=NAN),
+        "served/limit": NAN if unlimited else min(served_limit.values(), default=NAN),
         "flip_tta_cost": _div(fp32, median_of(by.get("ours_fp32_flip"), FIRST_SET, top)),
         "adaptive_tta_cost": _div(fp32, median_of(by.get("ours_fp32_adaptive"), FIRST_SET, top)),
         "small/12mp": _div(median_of(small_by.get("ours_fp32"), PAIRED_SET, top),
@@ -198,13 +201,16 @@ def cpu_flags() -> set[str]:
 
 def isa_class(flags: set[str] | None = None) -> str:
     """The class of machine a figure belongs to: AMX, AVX512_BF16, AVX512 or AVX2 (the speed of the
-    graphs differs by 2x or more between them)."""
+    graphs differs by 2x or more between them); OTHER for anything else (an ARM machine, whose
+    /proc/cpuinfo has no x86 flags, or an x86 without AVX2), whose figures no target tier covers."""
     flags = cpu_flags() if flags is None else flags
     if "amx_tile" in flags:
         return "AMX"
     if "avx512_bf16" in flags:
         return "AVX512_BF16"
-    return "AVX512" if "avx512f" in flags else "AVX2"
+    if "avx512f" in flags:
+        return "AVX512"
+    return "AVX2" if "avx2" in flags else "OTHER"
 
 
 def machine() -> dict:

@@ -69,6 +69,13 @@ class Plan:
     max_batch_delay: int = MAX_BATCH_DELAY  # ms, TorchServe maxBatchDelay of every configuration
 
 
+def rotated(items: list, i: int) -> list:
+    """``items`` from its ``i``-th on, then the rest: round ``i``'s order, so that the interleaved runs (stock,
+    ours, ... ) take turns at coming first, right after the previous round's in-process limits."""
+    k = i % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def key(set_name: str, users: int) -> str:
     return f"{set_name}@{users}"
 
@@ -286,8 +293,8 @@ class ModelSitting:
         if plan.settle:  # TorchServe's JIT at steady state, as in a server that has been up a while
             for c in live:
                 self.servers[c.name].run(first, plan.top_users, plan.settle, tag=f"{c.name}-settle", quiet=True)
-        for i in range(plan.repeats):
-            for c in live:
+        for i in range(plan.repeats):  # each round begins one configuration later: none always follows the limits
+            for c in rotated(live, i):
                 self.measure(c, first_set, first, plan.top_users, plan.duration, repeat=i)
             self.limit_round(extra, i)
         in_sets = [c for c in live if c.name in plan.set_configs]
@@ -299,7 +306,7 @@ class ModelSitting:
         paired = [(PAIRED_SET, first)] if others else []  # small/12mp: the first set in the same rounds
         for i in range(plan.repeats):
             for set_name, folder in [*paired, *others]:
-                for c in in_sets:
+                for c in rotated(in_sets, i):
                     if set_name != PAIRED_SET or c.name == "ours_fp32":
                         self.measure(c, set_name, folder, plan.top_users, plan.duration, repeat=i)
         for users in plan.low_users:

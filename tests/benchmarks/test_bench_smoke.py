@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-RATIOS = re.compile(r"^ratios: isa=(AVX2|AVX512|AVX512_BF16|AMX) " + " ".join(
+RATIOS = re.compile(r"^ratios: isa=(AVX2|AVX512|AVX512_BF16|AMX|OTHER) " + " ".join(
     re.escape(k) + r"=(nan|\d+\.\d\d)" for k in RATIO_KEYS) + r"( \S+=\S+)*$")
 
 

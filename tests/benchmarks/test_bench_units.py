@@ -98,7 +98,7 @@ def test_medians_and_ratios_are_like_for_like():
         result("ours_ov_bf16", "ours", "none", True, [run(30.0)], limit=31.0),
         result("ours_ov_bf16_flip", "ours", "flip", True, [run(20.0)], limit=21.0),
         result("ours_ov_int8", "ours", "none", False, [run(90.0, p99=2000)], limit=100.0),
-        result("ours_fails_fast", "ours", "none", True, [{**run(1.0, p99=10.0), "failures": 40}]),
+        result("ours_fails_fast", "ours", "none", True, [{**run(1.0, p99=10.0), "failures": 40}], limit=1.0),
     ]}
     sitting["results"][0]["runs"].append(run(2.0, set_name="phone12mp"))
     sitting["results"][0]["medians"] = medians(sitting["results"][0]["runs"])
@@ -121,6 +121,15 @@ def test_medians_and_ratios_are_like_for_like():
                            "flip_tta_cost=2.00 adaptive_tta_cost=nan small/12mp=3.00 ours/stock_12mp=2.50 ")
     assert [w.split("=")[0] for w in line.split()[2:2 + len(RATIO_KEYS)]] == list(RATIO_KEYS)
     assert " flip_tta_cost_bf16=1.50" in line
+    sitting["results"][3]["limit_img_s"] = None  # its in-process limit failed: the worst is unknown, not 0.88
+    assert math.isnan(ratios(sitting, top=16)["values"]["served/limit"])
+
+
+def test_the_isa_class_needs_its_flags():
+    from benchmarks.report import isa_class
+    assert isa_class({"avx2", "fma"}) == "AVX2" and isa_class({"avx2", "avx512f"}) == "AVX512"
+    assert isa_class({"avx2", "avx512f", "avx512_bf16", "amx_tile"}) == "AMX"
+    assert isa_class(set()) == isa_class({"fp", "asimd"}) == isa_class({"sse4_2"}) == "OTHER"  # ARM, old x86
 
 
 def test_eager_fp32_limit_runs_in_stocks_split_else_in_ours_fp32s():
@@ -183,3 +192,10 @@ def test_the_stock_archive_batches_as_ours_do(tmp_path):
                       "responseTimeout": RESPONSE_TIMEOUT}
     ours = WorkerSettings(batch_size=8, max_batch_delay=10, workers=2, response_timeout=RESPONSE_TIMEOUT)
     assert config == ours.to_config()
+
+
+def test_each_round_begins_one_configuration_later():
+    from benchmarks.sitting import rotated
+    assert [rotated(["stock", "ours", "int8"], i) for i in range(4)] == [
+        ["stock", "ours", "int8"], ["ours", "int8", "stock"], ["int8", "stock", "ours"], ["stock", "ours", "int8"]]
+    assert rotated([], 2) == []
