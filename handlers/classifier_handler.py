@@ -84,6 +84,7 @@ class ImageClassifierHandler(BaseHandler):
                                             threads=threads, precision=precision,
                                             pinning=cfg.openvino_cpu_pinning)
         self.backend = load(self.worker_threads.threads)
+        self.device = self.backend.device  # a CPU runtime on a GPU host (OpenVINO, CPU onnxruntime): decode on the CPU
         if self.backend.threads_fixed and self.device.type == "cpu":
             self.worker_threads.rebuild = lambda threads: setattr(self, "backend", load(threads))
         self.jpeg_batch_decoder = None

@@ -83,16 +83,18 @@ class OnnxRuntimeBackend:
             opts.inter_op_num_threads = 1
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
+        if device.type == "cuda" and "CUDAExecutionProvider" in available:
             if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the pip-installed nvidia-* packages (torch's)
                 ort.preload_dlls()
             gpu = {"device_id": device.index or 0}
             providers = ([("TensorrtExecutionProvider", gpu)] if _tensorrt_usable(available) else []) + \
-                ([("CUDAExecutionProvider", gpu)] if "CUDAExecutionProvider" in available else []) + providers
+                [("CUDAExecutionProvider", gpu)] + providers
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
-        self.device = device
         self.providers = self.session.get_providers()
+        # where its inputs and outputs live: the GPU only where a GPU provider runs it (the CPU onnxruntime
+        # package, which archives pin, runs on the CPU on a GPU host too)
+        self.device = device if self.providers[0] != "CPUExecutionProvider" else torch.device("cpu")
         log.info("ONNX Runtime providers for %s: %s", os.path.basename(path), self.providers)
 
     def __call__(self, images: torch.Tensor):

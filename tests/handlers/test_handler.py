@@ -437,3 +437,17 @@ def test_non_finite_scores_are_their_requests_500_and_the_others_are_answered(mo
     assert ctx.get_response_status(1)[0] == 200 and len(json.loads(out[1])["predictions"]) == 2
     for body in out:  # strict JSON: no NaN / Infinity constant anywhere
         json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in {body}"))
+
+
+def test_a_cpu_runtime_on_a_gpu_host_decodes_and_batches_on_the_cpu(model_dir, monkeypatch):
+    """TorchServe gives each worker a gpu_id on a GPU host; the archive's CPU onnxruntime runs on the CPU there:
+    the handler took the GPU anyway (full-size nvjpeg decode, images copied back for every forward)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU host, whose worker has gpu_id 0
+    ctx = make_context(model_dir)
+    ctx.system_properties["gpu_id"] = 0
+    handler = ImageClassifierHandler()
+    handler.initialize(ctx)
+    assert handler.device.type == "cpu" and handler.backend.device.type == "cpu"
+    assert handler.jpeg_batch_decoder is None and handler.backend.providers == ["CPUExecutionProvider"]
+    out = run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[0])}])
+    assert json.loads(out[0])["predictions"]
