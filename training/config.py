@@ -143,7 +143,11 @@ class TrainConfig:
     warmup_epochs: float = _opt(0.2, "linear warm-up length in (fractional) epochs", minimum=0)
     min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of --lr", minimum=0, maximum=1)
     restart_epochs: int = _opt(10, "cosine_restarts: epochs of the first cycle", minimum=1)
+    restart_mult: int = _opt(1, "cosine_restarts: each cycle this many times the one before", minimum=1)
     plateau_patience: int = _opt(2, "plateau: epochs without improvement before the lr drops", minimum=0)
+    plateau_factor: float = _opt(0.1, "plateau: the lr is multiplied by this when it drops", minimum=0, below=1)
+    step_epochs: int = _opt(30, "step: the lr is multiplied by --step-gamma every this many epochs", minimum=1)
+    step_gamma: float = _opt(0.1, "step: the factor of each drop", minimum=0, maximum=1)
     grad_clip: float = _opt(0.0, "clip the gradient norm to this value (0: off)", minimum=0)
     backbone_lr_scale: float = _opt(1.0, "learning rate of the backbone relative to the head "
                                     "(differential learning rates; models with a backbone/head split)", minimum=0)

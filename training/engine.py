@@ -356,7 +356,9 @@ class Trainer:
         self.schedule = build_schedule(self.optimizer, name=cfg.schedule, epochs=cfg.epochs,
                                        steps_per_epoch=len(self.train_loader), warmup_epochs=cfg.warmup_epochs,
                                        min_lr_ratio=cfg.min_lr_ratio, restart_epochs=cfg.restart_epochs,
-                                       plateau_patience=cfg.plateau_patience)
+                                       restart_mult=cfg.restart_mult, plateau_patience=cfg.plateau_patience,
+                                       plateau_factor=cfg.plateau_factor, step_epochs=cfg.step_epochs,
+                                       step_gamma=cfg.step_gamma)
         weight = None
         if cfg.weighted_loss:
             weight = class_weights(self.train_ds.labels, len(self.spec.class_names)).to(self.device)

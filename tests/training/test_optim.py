@@ -227,3 +227,24 @@ def test_early_stopping_min_patience_zero_and_state():
     with pytest.raises(ValueError, match="mode must be 'max' or 'min', got 'up'"):
         EarlyStopping(mode="up")
     assert not EarlyStopping().improved(float("nan"))
+
+
+def test_every_schedule_knob_reaches_the_schedule_from_the_command_line(small_folder, tmp_path):
+    """`--schedule step` decayed every 30 epochs by 0.1 whatever was asked (no option reached them): a 10-epoch
+    run was a constant one. Now --step-epochs/--step-gamma (and --restart-mult, --plateau-factor) are options."""
+    import json
+
+    from tests.conftest import TINY_KWARGS
+    from training.__main__ import _parser
+    from training.config import from_args
+    from training.engine import Trainer
+    cfg = from_args(_parser().parse_args([
+        "train", "--data", str(small_folder), "--out", str(tmp_path / "run"), "--model-kwargs", json.dumps(TINY_KWARGS),
+        "--input-size", "16", "--device", "cpu", "--schedule", "step", "--step-epochs", "2", "--step-gamma", "0.5",
+        "--warmup-epochs", "0", "--restart-mult", "2", "--plateau-factor", "0.3", "--no-progress"]))
+    assert (cfg.step_epochs, cfg.step_gamma, cfg.restart_mult, cfg.plateau_factor) == (2, 0.5, 2, 0.3)
+    trainer = Trainer(cfg)
+    factors = [trainer.schedule._lambda(s) for s in range(0, 10_000)]
+    drops = [s for s in range(1, len(factors)) if factors[s] < factors[s - 1]]
+    assert factors[0] == 1.0 and factors[drops[0]] == 0.5 and factors[drops[1]] == 0.25
+    assert drops[0] == 2 * len(trainer.train_loader) and drops[1] == 2 * drops[0]  # every 2 epochs
