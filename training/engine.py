@@ -201,10 +201,12 @@ class Trainer:
         self.train_ds = TrainingImages(splits.train, seed=cfg.seed, max_bad_images=cfg.max_bad_images)
         if splits.val is None:
             self.val_ds = None
-        elif splits.val_carved:  # training images too: skipped and counted like them
-            self.val_ds = TrainingImages(splits.val, max_bad_images=cfg.max_bad_images)
-        elif getattr(splits.val, "cache", None) is None:  # a val/ folder decoded per access (--no-cache)
+        elif getattr(splits.val, "cache", None) is None and (not splits.val_carved or not cfg.cache):
+            # decoded per access (--no-cache): an unreadable image is left out and named, never replaced by the
+            # next one (which would count that one twice in the validation top-1 that chooses best.pt)
             self.val_ds = ReadableImages(splits.val)
+        elif splits.val_carved:  # cached: its unreadable images were skipped and counted while caching
+            self.val_ds = TrainingImages(splits.val, max_bad_images=cfg.max_bad_images)
         else:
             self.val_ds = splits.val
         self.test_ds = ReadableImages(splits.test)  # read once, at the end (test_best); never cached

@@ -158,3 +158,20 @@ def test_readable_images_collate_leaves_unreadable_ones_out():
     images, labels, bad = collate_readable([ds[0], ds[1], ds[2]])
     assert images[:, 0, 0, 0].tolist() == [0, 2] and labels.tolist() == [0, 1] and bad == [("y.png", "truncated")]
     assert collate_readable([ds[1]]) == (None, None, [("y.png", "truncated")])
+
+
+def test_an_unreadable_image_of_the_carved_validation_split_is_left_out_not_replaced(bad_folder, tmp_path):
+    """--no-cache: the validation split carved from train/ read an unreadable photo as the next one (counted
+    twice in the top-1 that chooses best.pt); it is now left out and named, as a val/ folder's is."""
+    from training.datasets import ReadableImages
+    data, bad = bad_folder
+    for seed in range(20):  # a seed whose split holds one of the unreadable files out for validation
+        trainer = Trainer(_cfg(data, tmp_path / f"run{seed}", cache=False, val_fraction=0.5, normalize="imagenet",
+                               seed=seed))
+        if held := [i for i, p in enumerate(trainer.val_ds.paths) if p in bad]:
+            break
+    assert held and isinstance(trainer.val_ds, ReadableImages)
+    image, label, reported = trainer.val_ds[held[0]]
+    assert image is None and reported[0][0] == trainer.val_ds.paths[held[0]]
+    cached = Trainer(_cfg(data, tmp_path / "cached", val_fraction=0.5, normalize="imagenet"))
+    assert not set(cached.val_ds.paths) & set(bad)  # cached: skipped while caching, as before
