@@ -165,9 +165,18 @@ class SEBottleneck(Bottleneck):
         return self.relu(self.se(self.bn3(self.conv3(out))) + identity)
 
 
+_SE_BLOCKS: dict[int, type[SEBottleneck]] = {SEBottleneck.reduction: SEBottleneck}
+
+
 def se_bottleneck(reduction: int = 16) -> type[SEBottleneck]:
-    """:class:`SEBottleneck` with another ``reduction``."""
-    return type(f"SEBottleneck{reduction}", (SEBottleneck,), {"reduction": int(reduction)})
+    """:class:`SEBottleneck` with another ``reduction``: one class per value, named in this module
+    (``SEBottleneck8``), so that two models of one reduction share it and ``pickle``/``torch.save`` find it."""
+    reduction = int(reduction)
+    if reduction not in _SE_BLOCKS:
+        name = f"SEBottleneck{reduction}"
+        cls = type(name, (SEBottleneck,), {"reduction": reduction, "__module__": __name__, "__qualname__": name})
+        globals()[name] = _SE_BLOCKS[reduction] = cls
+    return _SE_BLOCKS[reduction]
 
 
 class ResNetBackbone(ResNet):

@@ -234,3 +234,15 @@ def test_cbam_resnet_activation_and_gate_are_arguments_that_export():
         build_model("cbam_resnet", num_classes=5, act_layer="swish")
     with pytest.raises(ValueError, match="unknown gate_layer 'tanh'; choose one of sigmoid, hardsigmoid"):
         build_model("cbam_resnet", num_classes=5, gate_layer="tanh")
+
+
+def test_se_blocks_of_one_reduction_are_one_class_that_pickles():
+    """se_bottleneck made a new unnamed class per call: two models of one reduction had different block classes,
+    and pickle / torch.save(model) failed ("Can't pickle <class 'training.models.SEBottleneck16'>")."""
+    import pickle
+
+    from training.models import SEBottleneck, se_bottleneck
+    assert se_bottleneck(16) is SEBottleneck and se_bottleneck(8) is se_bottleneck(8.0)
+    block = se_bottleneck(8)(64, 16)
+    copy = pickle.loads(pickle.dumps(block))
+    assert type(copy) is se_bottleneck(8) and copy.reduction == 8 and copy.se is not None
