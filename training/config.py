@@ -35,6 +35,7 @@ from .losses import LOSSES
 from .optim import OPTIMIZERS, SCHEDULES
 from .presets import TrainPreset
 from .runtime import AMP_MODES, check_device
+from .stats import parse_normalize
 
 #: Options of one invocation, not of the recipe: kept out of ``RUN/config.yaml`` (repeating a run from it must
 #: not resume or replace another) and never taken from a checkpoint's saved configuration.
@@ -192,6 +193,10 @@ class TrainConfig:
         if self.resize_size is not None and self.resize_size < self.input_size:
             raise ValueError(f"--resize-size {self.resize_size} is smaller than --input-size {self.input_size}: the "
                              "evaluation crop is cut from the resized image (the rest would be black padding)")
+        if self.focal_alpha is not None and self.loss != "focal":
+            raise ValueError(f"--focal-alpha is an option of --loss focal, not of --loss {self.loss} (class weights: "
+                             "--weighted-loss)")
+        parse_normalize(self.normalize, dataset_stats_fn=lambda: ((0.5,) * 3, (0.5,) * 3))  # a typo: before the data
         if self.balanced_sampler and self.weighted_loss:  # each alone evens the classes out; both: 1/n twice
             raise ValueError("--balanced-sampler and --weighted-loss each even the classes out; together a rare class "
                              "counts twice over (its share grows as 1/count): use one")

@@ -78,3 +78,16 @@ def test_an_unknown_arch_is_named_as_the_arch_and_cuda_n_under_torchrun_is_refus
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: every rank would take that one GPU
     with pytest.raises(ValueError, match=r"^--device cuda:0 under torchrun: each process takes cuda:LOCAL_RANK"):
         init_distributed("cuda:0")
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(normalize="0.5,0.5,0.5"), "normalize '0.5,0.5,0.5' has 3 numbers"),
+    (dict(normalize="imagnet"), "normalize 'imagnet': expected 'dataset', 'imagenet'"),
+    (dict(focal_alpha=0.25), "--focal-alpha is an option of --loss focal, not of --loss ce"),
+])
+def test_option_mistakes_found_only_after_reading_the_data_are_found_before(values, message):
+    """Both were raised after every image was decoded and the statistics computed (--focal-alpha naming the
+    loss's Python argument); validate() finds them first."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(data="d", out="o", device="cpu", **values).validate()
+    TrainConfig(data="d", out="o", device="cpu", normalize="dataset", loss="focal", focal_alpha=0.25).validate()
