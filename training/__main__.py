@@ -48,9 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     split_arguments(sp)
 
     st = sub.add_parser("stats", help="per-channel mean/std of a data set's training images",
-                        description="Compute the channel mean/std (0..1 scale) of the training split after the "
-                        "evaluation resize/crop; pass the result to train --normalize M1,M2,M3,S1,S2,S3 (train "
-                        "computes it itself with the default --normalize dataset).")
+                        description="Compute the channel mean/std (0..1 scale) of every image of the training "
+                        "folder after the evaluation resize/crop; pass the result to train --normalize "
+                        "M1,M2,M3,S1,S2,S3. train computes its own with the default --normalize dataset, over at "
+                        "most 5000 of its training images (the validation images it carves out left out), so the "
+                        "two differ a little; give the same --input-size/--resize-size as train (the photo "
+                        "preset's are 224/256).")
     st.add_argument("--data", required=True, help="data set root (as for train)")
     st.add_argument("--format", default=AUTO, choices=FORMAT_CHOICES, help="data format")
     st.add_argument("--input-size", type=positive_int, default=TrainConfig.input_size,
