@@ -242,7 +242,9 @@ def main(argv=None) -> int:
           + ", ".join(f"{n}={v:.2f}" for n, v in s["served_over_limit"].items())
           + f"; best gated: {s['best_gated']}; best speed-only: {s['best_speed_only']})")
     print(s["ratios"])
-    failed = [f"{model}/{r['name']}: {'did not run' if 'error' in r else 'its in-process limit failed'}"
+    failed = [f"{model}/{r['name']}: " + ("did not run" if "error" in r else
+                                          f"its in-process limit failed in {len(r['limit_errors'])} of "
+                                          f"{len(r['limit_errors']) + len(r.get('limits') or [])} rounds")
               for model, sitting in sittings.items() for r in sitting["results"] if "error" in r or r.get("limit_errors")]
     if failed:  # the figures above are of what ran; a sitting with holes is no clean result
         print(f"incomplete sitting: {'; '.join(failed)} (the JSON has the errors)", file=sys.stderr)

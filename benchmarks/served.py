@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.configs import BATCH, MAX_BATCH_DELAY, Config, Split
 from benchmarks.cpu_window import CpuWindow
 from tools import REPO
-from tools.locust import locust_command, run_locust, summary
+from tools.locust import clear_outputs, locust_command, run_locust, summary
 from tools.models import ExportedModel
 from tools.processes import cpu_seconds
 from tools.torchserve import TorchServe
@@ -66,8 +66,7 @@ def load_run(url: str, model: str, payload_dir: Path, users: int, seconds: int, 
     cmd = locust_command(url, images=payload_dir, model=model, users=users, seconds=seconds, prefix=prefix,
                          schema=schema, processes=processes)
     log = Path(f"{prefix}.locust.log")
-    for kind in ("stats", "stats_history", "failures", "exceptions"):  # a reused folder: never an earlier run's
-        Path(f"{prefix}_{kind}.csv").unlink(missing_ok=True)
+    clear_outputs(prefix)  # a reused folder: never an earlier run's figures
     rc, locust_cpu_s = run_locust(cmd, log=log)
     if not Path(f"{prefix}_stats.csv").is_file():  # locust stopped before any request: say why
         tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []

@@ -28,7 +28,7 @@ def read_index_to_name(path: str | os.PathLike) -> list[str]:
         mapping = json.load(f)
     if not isinstance(mapping, dict) or not mapping:
         raise ValueError(f"{path}: expected a non-empty JSON object of index -> class name")
-    if bad := [k for k in mapping if not (k.isdigit() and str(int(k)) == k)]:
+    if bad := [k for k in mapping if not (k.isascii() and k.isdigit() and str(int(k)) == k)]:
         raise ValueError(f"{path}: keys must be class indices 0, 1, 2, ... written plainly, not {bad[0]!r}")
     names = {int(k): v[-1] if isinstance(v, list) and v else v for k, v in mapping.items()}
     if bad := [k for k, v in names.items() if not isinstance(v, str) or not v]:
@@ -44,5 +44,6 @@ def check_graph_width(width: int, *, class_names: list[str], graph_topk: int | N
     expected, what = (graph_topk, "its in-graph top-k") if graph_topk else (len(class_names), INDEX_FILE)
     if width != expected or (graph_topk and graph_topk > len(class_names)):
         raise ValueError(f"the model returns {width} scores per image but {what} says {expected} of "
-                         f"{len(class_names)} classes: the graph and {INDEX_FILE} are of different models; rebuild "
-                         "the archive with `python -m export archive`")
+                         f"{len(class_names)} classes: the graph and {INDEX_FILE} are of different models (or the "
+                         "handler's graph_output is not what the graph returns); rebuild the archive with "
+                         "`python -m export archive`")

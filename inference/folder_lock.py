@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from typing import Iterator
 
 _HELD: dict[str, int] = {}  # lock file (real path) -> the open file this process holds it with
@@ -32,24 +33,39 @@ def _key(folder: str | os.PathLike, name: str) -> str:
     return os.path.join(os.path.realpath(folder), name)
 
 
-def lock_folder(folder: str | os.PathLike, *, name: str) -> None:
+def lock_folder(folder: str | os.PathLike, *, name: str, wait: float = 0.0) -> None:
     """Hold ``folder/name`` exclusively until :func:`unlock_folder` or this process's end (made with the
     folder where missing). Holding it already in this process is fine; another process holding it raises
-    :class:`FolderBusy`."""
+    :class:`FolderBusy`, at once or after trying for ``wait`` seconds (a holder that is exiting)."""
     key = _key(folder, name)
     if key in _HELD:
         return
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise FolderBusy(key, holder) from None
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise FolderBusy(key, holder) from None
+            time.sleep(0.1)
+            continue
+        if _same_file(fd, key):
+            break
+        os.close(fd)  # locked a file its holder removed on release: the lock is the one at the path now
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def unlock_folder(folder: str | os.PathLike, *, name: str) -> None:
@@ -68,11 +84,11 @@ def holds(folder: str | os.PathLike, *, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def folder_locked(folder: str | os.PathLike, *, name: str) -> Iterator[None]:
-    """``with folder_locked(OUT, name=...):`` hold the lock for the block; release it after, unless this
-    process held it already before the block."""
+def folder_locked(folder: str | os.PathLike, *, name: str, wait: float = 0.0) -> Iterator[None]:
+    """``with folder_locked(OUT, name=...):`` hold the lock for the block (:func:`lock_folder`); release it
+    after, unless this process held it already before the block."""
     held = holds(folder, name=name)
-    lock_folder(folder, name=name)
+    lock_folder(folder, name=name, wait=wait)
     try:
         yield
     finally:

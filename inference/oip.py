@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 
 from inference.requests import DEFAULT_MAX_IMAGES, Request, RequestError, check_count, decode_b64, header, shown
@@ -35,6 +36,7 @@ OIP_OUTPUTS = {"labels": "BYTES", "scores": "FP32", "indices": "INT64"}   # the 
 OPTIONAL_OUTPUTS = {"tta_applied": "BOOL"}           # on request (and by default with adaptive TTA)
 BINARY_HEADER = "inference-header-content-length"   # Triton's binary tensor extension
 RAW_FORMATS = {"FP32": "f", "INT64": "q", "BOOL": "?"}  # struct codes of the numeric outputs' binary form
+WRAPPED_B64 = re.compile(rb"[A-Za-z0-9+/]{4,76}\r?\n")  # base64 text in lines (`base64`, encodebytes())
 MAX_ID_CHARS = 1024     # the request "id", echoed in the answer (KServe's clients send a 36-character UUID)
 
 
@@ -87,12 +89,13 @@ def _bytes_elements(blob: bytes, where: str, *, max_images: int) -> list[bytes]:
 
 
 def _image_bytes(element: bytes) -> bytes:
-    """A binary BYTES element: the image itself, or its base64 text (image bytes are never strict base64)."""
-    try:  # line breaks (`base64` without -w0 and encodebytes() wrap the text) are no data
-        decoded = base64.b64decode(b"".join(element.split()), validate=True)
-        return decoded if decoded else element
+    """A binary BYTES element: the image itself, or its base64 text, maybe in lines (image bytes are never strict
+    base64, nor lines of it: only text that starts as such is stripped of its line breaks, as JSON's is)."""
+    try:
+        decoded = base64.b64decode(b"".join(element.split()) if WRAPPED_B64.match(element) else element, validate=True)
     except (binascii.Error, ValueError):
         return element
+    return decoded or element
 
 
 def _parameters(holder: dict, where: str) -> dict:
@@ -212,11 +215,7 @@ def read_oip_v2(body, headers: dict | None = None, *, max_images: int = DEFAULT_
 def _unicode(text: str) -> bool:
     """Whether ``text`` is valid Unicode: JSON lets a lone surrogate through (``"\\ud800"``), which strict
     parsers (tritonclient's rapidjson) refuse when it is echoed back."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def _product(shape: list[int], *, stop: int) -> int:

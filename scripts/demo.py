@@ -18,7 +18,7 @@ from inference.atomic import publish_file
 from inference.cli import run as run_cli
 from tools import REPO
 from tools.client import predict_files
-from tools.locust import locust_command, summary
+from tools.locust import clear_outputs, locust_command, summary
 from tools.torchserve import TorchServe
 
 PY = sys.executable
@@ -72,6 +72,7 @@ def served_accuracy(server: TorchServe, offline_csv: str) -> tuple[float, float,
 def load_test(server: TorchServe) -> None:
     prefix = REPO / "logs" / "locust"
     prefix.parent.mkdir(exist_ok=True)
+    clear_outputs(prefix)  # the previous demo's: never read as this one's
     step("load test: locust, 8 users, 20 s", *locust_command(
         server.url, images=f"{DATA}/test", model=MODEL, users=8, seconds=20, prefix=prefix, loglevel="WARNING",
         stop_timeout=None, locustfile="locustfile.py"))

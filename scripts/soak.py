@@ -46,7 +46,7 @@ from inference.cli import UsageError
 from inference.cli import run as run_cli
 from scripts.soak_verdict import evaluate, merge, plot, report, shortest_duration, write_csv
 from tools import REPO
-from tools.locust import history, locust_command, run_locust
+from tools.locust import clear_outputs, history, locust_command, run_locust
 from tools.processes import worker_processes
 from tools.torchserve import TorchServe
 
@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(1 for q in images.rglob('*') if q.is_file())} files); {args.users} users for {args.duration} s",
           flush=True)
     prefix = out / "locust"
-    for old in [*out.glob("locust_*.csv"), *(out / name for name in RESULT_FILES)]:
-        old.unlink(missing_ok=True)  # a reused folder: never an earlier run's verdict beside this run's failure
+    clear_outputs(prefix)  # a reused folder: never an earlier run's figures or verdict beside this run's failure
+    for old in (out / name for name in RESULT_FILES):
+        old.unlink(missing_ok=True)
     server = TorchServe(model_store=archive.parent, models=f"{model}={archive.name}")
     try:
         server.start()

@@ -50,6 +50,7 @@ from tools.torchserve import DEFAULT_CONFIG, TorchServe, is_torchserve, kill_tre
 STATE_FILE = REPO / ".torchserve" / "server.json"
 RUN_DIR = REPO / ".torchserve" / "run"  # TorchServe's working directory: key_file.json lands here
 WAIT_GRACE = 15.0  # seconds `wait` gives a `serve` launched beside it (`make serve &`) to write its starting file
+LOCK_WAIT = 10.0  # seconds `serve` waits for the lock of a `serve` that is exiting (`make stop && make serve`)
 EXIT_TIMEOUT = 60.0  # seconds `stop` waits for the Java process to exit after SIGTERM (it takes about 3), then SIGKILL
 
 
@@ -77,19 +78,25 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"no .mar archives in {args.model_store}: run `make demo` (or `python -m export archive "
                          "...`) first")
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
-    try:
-        with folder_locked(state_file.parent, name=f"{state_file.stem}.lock"):  # one `make serve` at a time
+    _refuse_a_live_server(state_file)
+    try:  # one `make serve` at a time; a few seconds for one that `make stop` has just stopped to exit
+        with folder_locked(state_file.parent, name=f"{state_file.stem}.lock", wait=LOCK_WAIT):
             return _serve(args, state_file)
     except FolderBusy as e:
         raise UsageError(f"a `make serve` (PID {e.holder}) is starting TorchServe or serving with it: wait for it, "
                          "or `make stop`") from None
 
 
-def _serve(args: argparse.Namespace, state_file: Path) -> int:
+def _refuse_a_live_server(state_file: Path) -> None:
     if state_file.is_file():
         pid = _read_state(state_file).get("pid")
         if pid and is_torchserve(pid):
             raise UsageError(f"a TorchServe started by `make serve` already runs (PID {pid}): `make stop` first")
+
+
+def _serve(args: argparse.Namespace, state_file: Path) -> int:
+    _refuse_a_live_server(state_file)  # again, under the lock
+    if state_file.is_file():
         state_file.unlink()  # stale: it must not say "ready" before this server is
     props = read_properties(args.config)
     found = {k: re.search(r":(\d+)/?$", props.get(k, "").strip())  # the last colon: [::1] has others

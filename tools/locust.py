@@ -75,6 +75,14 @@ def aggregated(prefix: str | Path) -> dict:
     return row
 
 
+def clear_outputs(prefix: str | Path) -> None:
+    """Remove what a run with ``prefix`` writes, so that a reused prefix never shows an earlier run's figures (a
+    locust that dies before it quits writes no final figures, and :func:`summary` would read the last run's)."""
+    for path in (final_stats_path(prefix), *(f"{prefix}_{kind}.csv" for kind in
+                                              ("stats", "stats_history", "failures", "exceptions"))):
+        Path(path).unlink(missing_ok=True)
+
+
 def final_stats_path(prefix: str | Path) -> str:
     """Where ``locustfile.py --final-stats`` writes the whole run's figures for a ``--csv PREFIX`` run."""
     return f"{prefix}_final.json"

@@ -429,7 +429,11 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         given = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                  for g in self.optimizer.param_groups]  # this run's --weight-decay, --momentum, ...
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # (which brings back the checkpoint's: given win)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])  # (which brings back the checkpoint's: given win)
+        except ValueError as e:  # other parameter groups: --unfreeze (or --backbone-lr-scale) set or unset
+            raise ValueError(f"--resume {path}: the checkpoint's optimizer state does not fit this run's parameter "
+                             f"groups ({e}): keep --unfreeze and --backbone-lr-scale as the run had them") from None
         for group, options in zip(self.optimizer.param_groups, given):
             group.update(options)
         self.schedule.load_state_dict(ckpt["schedule"])

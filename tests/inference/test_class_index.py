@@ -42,3 +42,10 @@ def test_a_graph_width_other_than_the_names_is_refused():
     for width, topk in ((4, None), (2, None), (3, 2), (4, 4)):
         with pytest.raises(ValueError, match="are of different models"):
             check_graph_width(width, class_names=names, graph_topk=topk)
+
+
+def test_a_unicode_digit_key_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "index_to_name.json"
+    path.write_text(json.dumps({"0": "a", "²": "b"}))  # "²".isdigit() is True, int("²") raises
+    with pytest.raises(ValueError, match="written plainly, not '²'"):
+        read_index_to_name(path)

@@ -150,6 +150,7 @@ def test_a_second_serve_is_refused_while_the_first_holds_its_lock(tmp_path, caps
 
     from tools import REPO
     monkeypatch.setattr(ts_server, "TorchServe", _FakeServer)
+    monkeypatch.setattr(ts_server, "LOCK_WAIT", 0.3)  # how long it lets an exiting `serve` go (10 s)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from inference.folder_lock import lock_folder

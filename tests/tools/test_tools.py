@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,15 @@ def test_loopback_calls_ignore_a_proxy_in_the_environment(monkeypatch):
         assert inference_arrivals(url) == {"m": 3}
     finally:
         server.shutdown()
+
+
+def test_a_reused_prefix_never_shows_an_earlier_runs_figures(tmp_path):
+    """A locust that dies before it quits writes no final figures: summary() read the previous run's."""
+    from tools.locust import clear_outputs, final_stats_path
+    (tmp_path / "p_stats.csv").write_text(STATS_HEADER + "\n,Aggregated,12,0,10,11,5,50,300,1.0,0,10,12,13,14,20,25,"
+                                                          "30,40,50,50,50\n")
+    Path(final_stats_path(tmp_path / "p")).write_text(json.dumps(
+        {"requests": 999, "failures": 0, "requests_per_s": 99.9, "failures_per_s": 0.0, "percentiles": {"50%": 5}}))
+    assert summary(tmp_path / "p")["requests"] == 999  # the final figures win over the CSV's snapshot ...
+    clear_outputs(tmp_path / "p")  # ... so every run clears both first
+    assert not list(tmp_path.iterdir())
