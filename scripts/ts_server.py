@@ -79,8 +79,9 @@ def serve(args: argparse.Namespace) -> int:
                          "...`) first")
     state_file = Path(getattr(args, "state_file", None) or STATE_FILE)
     _refuse_a_live_server(state_file)
+    starting = _is_serve(_read_state(_starting_file(state_file)).get("serve_pid"))  # refused at once, as serving
     try:  # one `make serve` at a time; a few seconds for one that `make stop` has just stopped to exit
-        with folder_locked(state_file.parent, name=f"{state_file.stem}.lock", wait=LOCK_WAIT):
+        with folder_locked(state_file.parent, name=f"{state_file.stem}.lock", wait=0 if starting else LOCK_WAIT):
             return _serve(args, state_file)
     except FolderBusy as e:
         raise UsageError(f"a `make serve` (PID {e.holder}) is starting TorchServe or serving with it: wait for it, "

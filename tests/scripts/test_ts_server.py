@@ -161,10 +161,19 @@ def test_a_second_serve_is_refused_while_the_first_holds_its_lock(tmp_path, caps
     try:
         assert holder.stdout.readline().strip() == "serving"
         _FakeServer.stopped.clear()
-        assert run_cli(ts_server.main, ["serve", *_config(tmp_path)]) == 2
+        args = ["serve", *_config(tmp_path)]
+        assert run_cli(ts_server.main, args) == 2  # after LOCK_WAIT: it could have been a serve that was exiting
         assert capsys.readouterr().err.strip() == (f"error: a `make serve` (PID {holder.pid}) is starting TorchServe "
                                                    "or serving with it: wait for it, or `make stop`")
         assert not (tmp_path / "s.starting.json").exists() and not _FakeServer.stopped
+        # one that is starting (its starting file names a live serve) is refused at once, whatever LOCK_WAIT
+        import time
+        monkeypatch.setattr(ts_server, "LOCK_WAIT", 60)
+        monkeypatch.setattr(ts_server, "_is_serve", lambda pid: pid == holder.pid)
+        (tmp_path / "s.starting.json").write_text(f'{{"serve_pid": {holder.pid}}}')
+        started = time.monotonic()
+        assert run_cli(ts_server.main, args) == 2 and time.monotonic() - started < 5
+        assert "is starting TorchServe" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
