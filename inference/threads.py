@@ -154,14 +154,17 @@ class WorkerThreads:
             return None
         if change.threads != change.threads_before:
             start = time.perf_counter()
-            torch.set_num_threads(change.threads)
-            old, self.pool = self.pool, ThreadPoolExecutor(max_workers=change.threads, thread_name_prefix="decode")
-            old.shutdown(wait=False)
-            if self.rebuild is not None:
-                try:
+            try:  # the runtime first: where it cannot be re-created, nothing else changes either
+                if self.rebuild is not None:
                     self.rebuild(change.threads)
-                except Exception:  # e.g. out of memory: the old session keeps serving with its threads
-                    log.exception("%s: re-creating the runtime with %d threads failed", self.name, change.threads)
+            except Exception:  # e.g. out of memory: the old session keeps serving with its threads, and its count
+                log.exception("%s: re-creating the runtime with %d threads failed", self.name, change.threads)
+                self.threads = change.threads_before  # stays what the metric reports
+                change = Change(change.workers_before, change.workers, change.threads_before, self.threads)
+            else:
+                torch.set_num_threads(change.threads)
+                old, self.pool = self.pool, ThreadPoolExecutor(max_workers=change.threads, thread_name_prefix="decode")
+                old.shutdown(wait=False)
             log.info("%s: %d live workers (were %d): %d threads per worker (were %d), re-sized in %.0f ms",
                      self.name, change.workers, change.workers_before, change.threads, change.threads_before,
                      (time.perf_counter() - start) * 1000)

@@ -451,3 +451,14 @@ def test_a_cpu_runtime_on_a_gpu_host_decodes_and_batches_on_the_cpu(model_dir, m
     assert handler.jpeg_batch_decoder is None and handler.backend.providers == ["CPUExecutionProvider"]
     out = run(handler, make_context(model_dir), [{"body": bytearray(IMAGES[0])}])
     assert json.loads(out[0])["predictions"]
+
+
+def test_answers_name_the_model_as_it_was_registered(model_dir):
+    """`POST /models?url=shapes.mar&model_name=mine`: the answers said the archive's name, not the model's."""
+    ctx = make_context(model_dir)
+    registered = Context("mine", str(model_dir), ctx.manifest, 4, None, "0.12.0", model_yaml_config=ctx.model_yaml_config)
+    registered.request_processor = ctx.request_processor
+    handler = ImageClassifierHandler()
+    handler.initialize(registered)
+    out = run(handler, registered, [{"body": bytearray(IMAGES[0])}])
+    assert json.loads(out[0])["model"] == "mine" and ctx.manifest["model"]["modelName"] == "shapes"

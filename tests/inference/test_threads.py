@@ -176,3 +176,19 @@ def test_describe_answers_the_archives_model_card(tmp_path):
     card = {"name": "m", "checkpoint_sha256": "ab" * 32, "handler": {"input_size": 24}}
     (tmp_path / "model_card.json").write_text(json.dumps(card, indent=1))
     assert json.loads(h.describe_handle()) == card
+
+
+def test_a_runtime_that_cannot_be_re_created_keeps_its_threads_and_its_count():
+    """The count (and the WorkerThreads metric) said the new threads while the old session kept its own."""
+    counts = Counts(1, 2, 2)
+    t = tracker(counts)
+
+    def fails(threads):
+        raise MemoryError("simulated: no memory for a second session")
+    t.rebuild = fails
+    pool = t.pool
+    for now in (2.0, 4.0):
+        counts.now = now
+        change = t.follow()
+    assert change == Change(workers_before=1, workers=2, threads_before=8, threads=8)
+    assert (t.workers, t.threads, torch.get_num_threads(), t.pool) == (2, 8, 8, pool)
