@@ -80,6 +80,27 @@ def json_server(answer, *, headers: list | None = None):
         server.server_close()
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(folder, name: str):
+    """Another Python process holding ``inference.folder_lock``'s lock ``folder/name`` (yielded once it holds it);
+    killed at the end as kill -9 would kill it: no clean-up runs, the kernel drops the lock."""
+    import subprocess
+    import textwrap
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from inference.folder_lock import lock_folder
+        lock_folder({str(folder)!r}, name={name!r})
+        print("held", flush=True)
+        time.sleep(60)
+        """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def encode(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **kwargs)

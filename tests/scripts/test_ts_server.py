@@ -144,22 +144,10 @@ def test_a_failure_right_after_start_stops_the_server_it_started(tmp_path, capsy
 def test_a_second_serve_is_refused_while_the_first_holds_its_lock(tmp_path, capsys, monkeypatch):
     """Two `make serve` started together both passed the state-file checks (neither had written one yet): the
     first holds .torchserve/server.lock for its life, and the second is one line, whatever the timing."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from tools import REPO
+    from tests.conftest import lock_held_elsewhere
     monkeypatch.setattr(ts_server, "TorchServe", _FakeServer)
     monkeypatch.setattr(ts_server, "LOCK_WAIT", 0.3)  # how long it lets an exiting `serve` go (10 s)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from inference.folder_lock import lock_folder
-        lock_folder({str(tmp_path)!r}, name="s.lock")
-        print("serving", flush=True)
-        time.sleep(60)
-        """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "serving"
+    with lock_held_elsewhere(tmp_path, "s.lock") as holder:
         _FakeServer.stopped.clear()
         args = ["serve", *_config(tmp_path)]
         assert run_cli(ts_server.main, args) == 2  # after LOCK_WAIT: it could have been a serve that was exiting
@@ -174,9 +162,6 @@ def test_a_second_serve_is_refused_while_the_first_holds_its_lock(tmp_path, caps
         started = time.monotonic()
         assert run_cli(ts_server.main, args) == 2 and time.monotonic() - started < 5
         assert "is starting TorchServe" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_stop_on_a_full_disk_removes_the_state_so_serve_knows_it_was_asked(tmp_path, capsys, monkeypatch):
