@@ -522,9 +522,14 @@ class Trainer:
         return result if self.main else {}
 
     def begin(self) -> None:
+        self.config_pending = False
         if self.main:
             set_aside(self.cfg.out, self.replaced)
-            self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
+            # A resumed run writes its options over a config.yaml with its first checkpoint: one that fails before
+            # leaves the folder's config.yaml the recipe of the last.pt that is still there
+            self.config_pending = bool(self.cfg.resume) and os.path.isfile(os.path.join(self.cfg.out, CONFIG_FILE))
+            if not self.config_pending:
+                self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
             start_log(self.cfg.out, self.history)
         self.writer = open_tensorboard(self.cfg.out) if self.cfg.tensorboard and self.main else None
 
@@ -674,6 +679,9 @@ class Trainer:
         self._save(os.path.join(self.cfg.out, LAST_CHECKPOINT), epoch, metrics, weights=self.model, training_state=True,
                    rng_states=rng_states)
         drop_set_aside(self.cfg.out)  # the new run has its checkpoints: the one --force replaced goes
+        if self.config_pending:
+            self.cfg.save_yaml(os.path.join(self.cfg.out, CONFIG_FILE))
+            self.config_pending = False
         return stop
 
     def test_best(self) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 from inference.atomic import clean_stale
 from inference.folder_lock import FolderBusy, holds, lock_folder, unlock_folder
@@ -103,10 +104,18 @@ def restore_set_aside(out: str) -> list[str]:
     return restored
 
 
-def restore_killed_run(out: str) -> None:
+def restore_killed_run(out: str, *, rank: int | None = None, wait: float = 60.0) -> None:
     """Put back the run that a ``--force`` run killed before its first checkpoint left in ``RUN/.replaced/``
-    (under the folder's lock: never under a live run, whose lock refuses this with a clear line)."""
-    if not os.path.isdir(os.path.join(out, SET_ASIDE)):
+    (under the folder's lock: never under a live run, whose lock refuses this with a clear line). Under torchrun
+    (``rank``: ``RANK``) rank 0 puts it back and the other ranks wait up to ``wait`` seconds for it: each taking
+    the lock, all but one were refused."""
+    aside = os.path.join(out, SET_ASIDE)
+    if not os.path.isdir(aside):
+        return
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
+        deadline = time.monotonic() + wait
+        while os.path.isdir(aside) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return
     held = holds(out, name=LOCK_FILE)
     lock_run_folder(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -196,3 +197,24 @@ def test_resume_on_the_command_line_keeps_the_runs_options(small_folder, tmp_pat
     assert saved["data"] == str(small_folder) and saved["model_kwargs"] == TINY_KWARGS
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and [h["epoch"] for h in last["history"]] == [1, 2]
+
+
+def test_a_resume_that_fails_before_its_first_checkpoint_leaves_config_yaml_as_it_was(one_epoch_run, tmp_path,
+                                                                                       monkeypatch):
+    """config.yaml is the recipe of the folder's last.pt: a resume with new options that failed in its first epoch
+    had already written them over it (repeating the run from it then repeated what never trained)."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    before = (run / "config.yaml").read_bytes()
+    args = ["train", "--resume", str(run / "last.pt"), "--epochs", "2", "--lr", "0.0123"]
+
+    def fails(self, epoch):
+        raise RuntimeError("out of memory")
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_one_epoch", fails)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main(args)
+    assert (run / "config.yaml").read_bytes() == before
+    assert main(args) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 0.0123 and saved["epochs"] == 2

@@ -129,3 +129,24 @@ def test_claiming_a_folder_removes_what_a_killed_run_left_half_written(tmp_path)
     assert claim_run_folder(str(out)) == []
     assert not any(path.exists() for path in leftovers)
     unlock_run_folder(str(out))
+
+
+def test_under_torchrun_only_rank_0_puts_a_killed_run_back(tmp_path):
+    """Every torchrun rank reads --resume's configuration, which puts back the run a killed --force run left aside:
+    each rank took the folder's lock for it, and the ranks that lost the race failed ("a run is training into it")."""
+    import threading
+    import time
+
+    from training.run_folder import restore_killed_run
+    out = tmp_path / "run"
+    (out / ".replaced").mkdir(parents=True)
+    (out / ".replaced" / "last.pt").write_text("old last.pt")
+    seen = []
+    rank1 = threading.Thread(target=lambda: (restore_killed_run(str(out), rank=1),
+                                             seen.append((out / "last.pt").read_text())))
+    rank1.start()
+    time.sleep(0.3)
+    assert rank1.is_alive() and not (out / "last.pt").exists()  # waiting for rank 0, not taking the lock
+    restore_killed_run(str(out), rank=0)
+    rank1.join(5)
+    assert seen == ["old last.pt"] and not (out / ".replaced").exists()
