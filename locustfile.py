@@ -4,7 +4,7 @@
 
 Settings (environment variables, or the same names as locust options ``--images`` etc.):
   IMAGES      folder of images (searched recursively; .png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff, hidden files
-              skipped); default data/fashion-mnist/test
+              skipped) or one image file; default data/fashion-mnist/test
   MODEL_NAME  model to call (/predictions/MODEL_NAME); default fmnist
   TOPK        optional X-Top-K header value (an integer >= 1)
   MAX_IMAGES  how many images to load into memory (default 500)
@@ -24,7 +24,10 @@ Settings (environment variables, or the same names as locust options ``--images`
 
 Every response is checked: status 200, JSON with a non-empty "predictions" list whose entries have
 "class", "index" and "confidence" (and exactly TOPK entries when TOPK is set). A wrong body counts
-as a failure, and so does a request that got no answer (connection refused or reset, a timeout).
+as a failure, and so does a request that got no answer (connection refused or reset, a timeout); a failure's
+text is the fault alone (one row per fault in locust's table), the image that met it first is logged once.
+Each image's request body is built once (base64 and JSON for kserve_v1/oip_v2), not per request. With
+``--processes N`` the master only checks the folder; the workers read the images.
 A bad setting (no images, an unknown SCHEMA, TOPK that is not an integer >= 1) stops locust at start-up
 with one line. It runs from a checkout of this repository (locust puts the locustfile's folder on the import
 path): the image listing is the core's ``inference.image_files``, standard library only.
@@ -81,21 +84,24 @@ def _final_stats(exit_code, **_):
 _ENVIRONMENT: list = []  # the quit event passes no environment: the init event's, kept here
 
 
-def load_payloads(folder: str, limit, seed: int = 0) -> list[tuple[str, bytes, str]]:
-    """Up to ``limit`` image files under ``folder``, listed as training and ``predict`` list a folder
-    (``inference.image_files``: recursively, symlinked folders followed, hidden files and folders such as macOS
-    ``._x.jpg`` or ``.thumbs/`` skipped), read into memory; a mistake is one line (``SystemExit``)."""
+def load_payloads(folder: str, limit, seed: int = 0, *, read: bool = True) -> list[tuple[str, bytes, str]]:
+    """Up to ``limit`` image files under ``folder`` (or ``folder`` itself, one image file), listed as training and
+    ``predict`` list a folder (``inference.image_files``: recursively, symlinked folders followed, hidden files and
+    folders such as macOS ``._x.jpg`` or ``.thumbs/`` skipped), read into memory (``read=False``: listed only, the
+    bytes empty); a mistake is one line (``SystemExit``)."""
     if not str(limit).strip().isdecimal() or int(limit) < 1:
         raise SystemExit(f"error: --max-images (MAX_IMAGES) must be an integer >= 1, not {limit!r}")
-    if not Path(folder).is_dir():
-        raise SystemExit(f"error: --images (IMAGES) {folder!r} is not a folder")
-    paths = [Path(p) for p in image_files(folder)]
+    try:
+        paths = [Path(p) for p in image_files(folder, option="--images (IMAGES)")]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if not paths:
         raise SystemExit(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r} (set --images or "
                          "IMAGES)")
     paths = random.Random(seed).sample(paths, min(int(limit), len(paths)))
     try:
-        return [(p.name, p.read_bytes(), mimetypes.guess_type(p.name)[0] or "application/octet-stream") for p in paths]
+        return [(p.name, p.read_bytes() if read else b"", mimetypes.guess_type(p.name)[0] or "application/octet-stream")
+                for p in paths]
     except OSError as e:
         raise SystemExit(f"error: cannot read {e.filename}: {e.strerror}") from None
 
@@ -110,13 +116,20 @@ def parse_topk(value: str) -> int | None:
 
 
 PAYLOADS: list = []
+_BODIES: dict = {}  # (schema, topk) -> {payload index: request}: base64 and JSON encoded once, not per request
+_REPORTED: set = set()  # failure texts already logged with the image that met them first
 _LOADED: list = [None]  # the (folder, limit) PAYLOADS hold: loaded once, again only when the web UI changed them
 
 
-def _payloads_for(opts) -> None:
+def _payloads_for(opts, *, role: str = "") -> None:
+    """Load the payloads; the master of ``--processes N`` sends nothing: it only checks the folder."""
+    if role == "MasterRunner":
+        load_payloads(opts.images, opts.max_images, read=False)
+        return
     key = (opts.images, opts.max_images)
     if _LOADED[0] != key:
         PAYLOADS[:] = load_payloads(opts.images, opts.max_images)
+        _BODIES.clear()
         _LOADED[0] = key
 
 
@@ -133,8 +146,13 @@ def _check(environment, **_):
     if parse_topk(opts.topk) and opts.schema == "stock":
         raise SystemExit("error: --topk (TOPK) does not apply to --schema stock: TorchServe's image_classifier "
                          "always answers its top 5")
-    _payloads_for(opts)
-    if getattr(opts, "headless", False) and environment.host:
+    if opts.final_stats:  # found out at the end of the run, the figures were lost
+        folder = Path(opts.final_stats).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: --final-stats {opts.final_stats}: {folder} is not a writable folder")
+    role = type(environment.runner).__name__
+    _payloads_for(opts, role=role)
+    if getattr(opts, "headless", False) and environment.host and role != "WorkerRunner":
         _check_host(environment.host)
 
 
@@ -142,10 +160,14 @@ def _check_host(host: str) -> None:
     """A headless run against a host where nothing listens spent its whole duration on connection errors and wrote
     a report of 100% failures: one line instead. Any HTTP answer (401 of a server with token authorization too)
     will do; only a refused or unreachable connection stops the run."""
+    import ssl
     import urllib.error
     import urllib.request
+    # as locust's FastHttpUser connects: no proxy from the environment, no certificate check (insecure = True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
     try:
-        urllib.request.urlopen(f"{host.rstrip('/')}/ping", timeout=10).close()
+        opener.open(f"{host.rstrip('/')}/ping", timeout=10).close()
     except urllib.error.HTTPError:
         pass
     except (OSError, ValueError) as e:
@@ -159,7 +181,7 @@ def _load(environment, **_):
     test with its one line in the log, not the whole locust process."""
     try:
         parse_topk(environment.parsed_options.topk)
-        _payloads_for(environment.parsed_options)
+        _payloads_for(environment.parsed_options, role=type(environment.runner).__name__)
     except SystemExit as e:
         logging.getLogger("locustfile").error(str(e))
         if environment.runner is not None:
@@ -235,13 +257,17 @@ def _raw(data: bytes, ctype: str, topk: int | None):
     return {"data": data, "headers": {"Content-Type": ctype, **({"X-Top-K": str(topk)} if topk else {})}}
 
 
+def _json(body: dict):
+    return {"data": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
+
+
 def _kserve_v1(data: bytes, ctype: str, topk: int | None):
-    return {"json": {"instances": [{"data": base64.b64encode(data).decode()}], **({"topk": topk} if topk else {})}}
+    return _json({"instances": [{"data": base64.b64encode(data).decode()}], **({"topk": topk} if topk else {})})
 
 
 def _oip_v2(data: bytes, ctype: str, topk: int | None):
     body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(data).decode()]}]}
-    return {"json": {**body, **({"parameters": {"topk": topk}} if topk else {})}}
+    return _json({**body, **({"parameters": {"topk": topk}} if topk else {})})
 
 
 # schema -> (route, request builder, answer check)
@@ -262,15 +288,30 @@ class ClassifierUser(FastHttpUser):
         self.path = route.format(model=opts.model_name)
         self.topk = parse_topk(opts.topk)
         self.auth = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
-        self.payloads = itertools.cycle(random.sample(PAYLOADS, len(PAYLOADS)))
+        self.payloads = itertools.cycle(random.sample(range(len(PAYLOADS)), len(PAYLOADS)))
+        self.bodies = _BODIES.setdefault((opts.schema, self.topk), {})
         self.check = lambda body: check(body, self.topk)
+
+    def _request(self, i: int) -> dict:
+        if i not in self.bodies:  # built on first use: a user's first pass over 12 MP photos is not one long stall
+            self.bodies[i] = self.build(PAYLOADS[i][1], PAYLOADS[i][2], self.topk)
+        request = self.bodies[i]
+        return {**request, "headers": {**request.get("headers", {}), **self.auth}}
+
+    @staticmethod
+    def _fail(r, name: str, problem: str) -> None:
+        """One failure row per kind of fault (locust groups failures by their text); the image that met it first
+        is logged once."""
+        r.failure(problem)
+        if problem not in _REPORTED:
+            _REPORTED.add(problem)
+            logging.getLogger("locustfile").warning("%s (first met with %s)", problem, name)
 
     @task
     def classify(self):
-        name, data, ctype = next(self.payloads)
-        request = self.build(data, ctype, self.topk)
-        request["headers"] = {**request.get("headers", {}), **self.auth}
-        with self.client.post(self.path, **request, name=self.path, catch_response=True) as r:
+        i = next(self.payloads)
+        name = PAYLOADS[i][0]
+        with self.client.post(self.path, **self._request(i), name=self.path, catch_response=True) as r:
             if not r.status_code:  # no answer at all: locust's stand-in response carries the error, no text
                 r.failure(f"no response: {getattr(r, 'error', None) or 'connection failed'}")
                 return
@@ -278,15 +319,15 @@ class ClassifierUser(FastHttpUser):
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
-                body = r.json()
-            except ValueError:
-                r.failure(f"{name}: response is not JSON")
+                body = json.loads(r.content)  # not r.json(): its text is None where no charset can be told
+            except (ValueError, TypeError):
+                self._fail(r, name, "response is not JSON")
                 return
             try:
                 problem = self.check(body)
             except Exception as e:  # a body of a shape no check foresaw: still this request's failure
                 problem = f"unexpected body ({type(e).__name__}: {e})"
             if problem:
-                r.failure(f"{name}: {problem}")
+                self._fail(r, name, problem)
             else:
                 r.success()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -46,7 +47,8 @@ from inference.cli import UsageError
 from inference.cli import run as run_cli
 from scripts.soak_verdict import evaluate, merge, plot, report, shortest_duration, write_csv
 from tools import REPO
-from tools.locust import clear_outputs, history, locust_command, run_locust
+from tools.locust import clear_outputs, final_stats_path, history, locust_command, run_locust
+from tools.locust import summary as locust_summary
 from tools.processes import worker_processes
 from tools.torchserve import TorchServe
 
@@ -173,7 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cmd = locust_command(server.url, images=images, model=model, users=args.users, seconds=args.duration,
                                  prefix=prefix, full_history=True, loglevel="WARNING")
-            rc, _ = run_locust(cmd, log=out / "locust.log", timeout=args.duration + 120)
+            try:
+                rc, _ = run_locust(cmd, log=out / "locust.log", timeout=args.duration + 120)
+            except subprocess.TimeoutExpired:
+                print(f"error: locust did not stop within {args.duration + 120} s of a {args.duration} s run "
+                      f"(see {out / 'locust.log'})", file=sys.stderr)
+                return 1
         finally:
             sampler.stop()
             for name in ("ts_log.log", "model_log.log"):
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow([round(s["time"] - t0, 2), round(s["worker_rss"] / 2**20, 1), round(s["java_rss"] / 2**20, 1),
                         " ".join(map(str, s["pids"]))])
     summary = evaluate(rows, duration=args.duration, users=args.users, p99_ratio=args.p99_ratio,
-                       rss_growth=args.rss_growth, samples=sampler.samples)
+                       rss_growth=args.rss_growth, samples=sampler.samples, final=locust_summary(prefix) if Path(final_stats_path(prefix)).is_file() else None,
+                       locust_exit_code=rc)
     summary.update(model=model, archive=str(archive), model_choice=why, locust_exit_code=rc,
                    machine=f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
                    started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)))

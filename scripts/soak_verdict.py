@@ -62,8 +62,11 @@ def shortest_duration() -> int:
 
 
 def evaluate(rows: list[dict], *, duration: float, users: int, p99_ratio: float = 1.5,
-             rss_growth: float = 0.10, samples: list[dict] | None = None) -> dict:
-    """The verdict from the per-second rows (as written to soak.csv: values may be strings)."""
+             rss_growth: float = 0.10, samples: list[dict] | None = None, final: dict | None = None,
+             locust_exit_code: int | None = None) -> dict:
+    """The verdict from the per-second rows (as written to soak.csv: values may be strings). ``final``: the whole
+    run's requests and failures (``tools.locust.summary``); the per-second rows end up to a second before locust
+    stops and miss what its stop timeout answered. ``locust_exit_code``: locust's own (1 on any failure)."""
     warmup, window = windows(duration)
 
     def col(row, key):
@@ -83,6 +86,8 @@ def evaluate(rows: list[dict], *, duration: float, users: int, p99_ratio: float 
         pid_sets |= {" ".join(map(str, s["pids"])) for s in samples if s["pids"]}
     last = rows[-1] if rows else {}
     total, failures = int(float(last.get("total_requests", 0) or 0)), int(float(last.get("total_failures", 0) or 0))
+    if final is not None:
+        total, failures = max(total, int(final["requests"])), max(failures, int(final["failures"]))
     result = {
         "duration_s": duration, "users": users, "warmup_s": warmup, "window_s": window,
         "requests": total, "failures": failures,
@@ -111,6 +116,8 @@ def evaluate(rows: list[dict], *, duration: float, users: int, p99_ratio: float 
         problems.append("no request was answered")
     if failures:
         problems.append(f"{failures} failed requests")
+    elif locust_exit_code not in (None, 0):
+        problems.append(f"locust exited with status {locust_exit_code} (see locust.log)")
     if result["p99_ratio"] is None:
         problems.append("not enough latency samples to compare the first and last windows")
     elif result["p99_ratio"] > p99_ratio:

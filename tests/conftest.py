@@ -51,19 +51,24 @@ def pattern_image(kind: str, size: int = 20, seed: int = 0) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def json_server(answer, *, headers: list | None = None):
-    """A loopback HTTP server answering every POST with ``answer(request body bytes)`` as JSON (200); yields
-    its base URL. Stands in for a service a test must not reach (OSV) or for a misbehaving one. ``headers``:
-    a list that gets each request's headers (a dict)."""
+def json_server(answer, *, headers: list | None = None, bodies: list | None = None,
+                content_type: str = "application/json"):
+    """A loopback HTTP server answering every POST with ``answer(request body bytes)`` as JSON (200; bytes are sent
+    as they are, as ``content_type``); yields its base URL. Stands in for a service a test must not reach (OSV) or
+    for a misbehaving one. ``headers``, ``bodies``: lists that get each request's headers (a dict) and body."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
             if headers is not None:
                 headers.append(dict(self.headers))
-            body = json.dumps(answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))).encode()
+            request = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if bodies is not None:
+                bodies.append(request)
+            body = answer(request)
+            body = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

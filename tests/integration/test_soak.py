@@ -52,7 +52,9 @@ def test_soak_60s_no_failures_no_latency_creep_no_memory_growth(export_dir, tmp_
     assert len(worker_pid_sets) == 1
 
     # ... and the script judged the same files the same way.
-    assert summary["requests"] == requests and summary["failures"] == failures
+    # (its counts are the whole run's, locust's figures as it quit: the CSV's last row is up to a second before)
+    final = json.loads(next(out.rglob("*_final.json")).read_text())
+    assert summary["requests"] == final["requests"] >= requests and summary["failures"] == failures == final["failures"]
     assert summary["p99_ratio"] == pytest.approx(p99_last / p99_first, abs=1e-3)
     assert summary["worker_rss_growth"] == pytest.approx(rss_last / rss_first - 1, abs=1e-3)
     assert summary["passed"] and proc.returncode == 0, summary["problems"]
@@ -83,5 +85,23 @@ def test_the_verdict_catches_each_problem(change, problem):
     result = evaluate(_rows(**change), duration=DURATION, users=USERS)
     if problem is None:
         assert result["passed"] and not result["problems"], result["problems"]
+    else:
+        assert not result["passed"] and any(problem in p for p in result["problems"]), result["problems"]
+
+
+@pytest.mark.parametrize("final, rc, problem", [
+    ({"requests": 3100, "failures": 2}, 1, "2 failed requests"),  # answered during the stop: not in the rows
+    (None, 1, "locust exited with status 1"),
+    ({"requests": 3100, "failures": 0}, 0, None),
+])
+def test_the_verdict_counts_the_whole_run_and_locusts_exit_status(final, rc, problem):
+    """The per-second rows end up to a second before locust stops: failures answered in that second or during the
+    stop timeout passed the soak while locust itself exited 1."""
+    from scripts.soak_verdict import evaluate
+    result = evaluate(_rows(), duration=DURATION, users=USERS, final=final, locust_exit_code=rc)
+    if final:
+        assert result["requests"] == 3100 and result["failures"] == final["failures"]
+    if problem is None:
+        assert result["passed"], result["problems"]
     else:
         assert not result["passed"] and any(problem in p for p in result["problems"]), result["problems"]
