@@ -7,7 +7,8 @@
 
 What is audited: the distributions installed in this interpreter's environment -- the venv `make setup` builds
 from pyproject.toml's pins (every extra, plus foolbox) -- minus editable ones (the project itself), as listed by
-`pip list --format=freeze --exclude-editable`. That list is handed to
+`pip list --format=freeze --exclude-editable`, plus the serving image's CPU build of a GPU package installed here
+(onnxruntime beside onnxruntime-gpu, same version: advisories are filed by project name). That list is handed to
 
     pip-audit --requirement PINS --no-deps --disable-pip --strict --vulnerability-service SERVICE
               --ignore-vuln ID ... --format json --output logs/audit.json --progress-spinner off --timeout N
@@ -72,9 +73,14 @@ def read_ignore_file(path: Path) -> dict[str, str]:
 
 
 def installed_requirements() -> str:
-    """This environment's distributions as `name==version` lines, editable installs left out (pip's own flags)."""
-    return subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude-editable",
-                           "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
+    """This environment's distributions as `name==version` lines, editable installs left out (pip's own flags),
+    and the serving image's CPU builds of the GPU packages installed here (``export.archive.CPU_PACKAGE``)."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude-editable",
+                             "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
+    from export.archive import CPU_PACKAGE
+    image = [f"{CPU_PACKAGE[name.lower()]}=={version}" for name, _, version in
+             (line.partition("==") for line in listed.splitlines()) if name.lower() in CPU_PACKAGE]
+    return listed + "".join(line + "\n" for line in image)
 
 
 def pip_audit_command(requirement: Path, service: str, ignores: dict[str, str], output: Path, timeout: int,

@@ -83,6 +83,7 @@ def test_what_is_audited_is_the_venv_as_pyproject_pins_it():
     assert {"torch", "torchvision", "torchserve", "onnx", "pytest", "foolbox"} <= set(pins)
     assert {"filelock", "jinja2"} <= set(pins), "transitive dependencies are included"
     assert "attention-classifier-serving" not in pins, "the editable project itself is not on PyPI"
+    assert pins["onnxruntime"] == pins["onnxruntime-gpu"], "the image's onnxruntime is audited by its own name"
     drift = {r.name: (str(r.specifier), pins.get(canonicalize_name(r.name))) for r in declared
              if r.marker is None and pins.get(canonicalize_name(r.name)) not in r.specifier}
     assert not drift, f"the venv does not match pyproject.toml (run make setup): {drift}"

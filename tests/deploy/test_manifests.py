@@ -498,6 +498,8 @@ def test_prometheus_adapter_rule_reads_a_real_torchserve_metric(adapter_rules):
     assert rule["seriesQuery"].startswith("ts_inference_requests_total{")
     assert re.search(r"\^ts_inference_requests_total\$", rule["name"]["matches"])
     assert "rate(<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
+    # a pod scraped by two jobs (ServiceMonitor and annotations) has each series twice: one kept per pod and model
+    assert rule["metricsQuery"].startswith("sum(max by (<<.GroupBy>>, model_name, model_version) (rate(")
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     ts = pytest.importorskip("ts")
     metrics = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())
@@ -564,6 +566,19 @@ def test_kserve_inferenceservice_and_its_config():
     ours = read_properties(REPO / "config.properties")
     for key in ("max_request_size", "max_response_size", "model_metrics_auto_detect", "disable_system_metrics"):
         assert props[key] == ours[key], key
+
+
+def test_kserve_network_policy_admits_the_wrapper_and_the_metrics_port_only():
+    """The KServe path had no policy: the metrics port bound to 0.0.0.0 and the wrapper were open cluster-wide."""
+    isvc, policy = load_all(KSERVE / "inferenceservice.yaml")[0], load_all(KSERVE / "networkpolicy.yaml")[0]
+    props = read_properties(KSERVE / "config" / "config.properties")
+    assert policy["metadata"]["namespace"] == isvc["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {8080, 8081, host_port(props["metrics_address"])[1]}
+    metrics = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 8082)
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 def _isvc():
