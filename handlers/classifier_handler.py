@@ -37,7 +37,7 @@ from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, check_graph_width
 from inference.explain_requests import explain_request
 from inference.image_errors import ImageError, in_request
 from inference.images import batch_jpeg_decoder, decode_many
-from inference.metrics import METRICS, batch_metrics
+from inference.metrics import METRICS, batch_metrics, dimensions
 from inference.requests import RequestError
 from inference.responses import failure_reason, top_classes, topk_predictions, unanswerable_rows
 from inference.settings import HandlerSettings, WorkerSettings
@@ -218,8 +218,10 @@ class ImageClassifierHandler(BaseHandler):
             for owner in set(batch.owners):
                 batch.errors[owner] = RequestError(f"the model failed on this batch: {failure_reason(batch.failure)}",
                                                    status=500, error="inference failed")
+        statuses = []
         for i, err in batch.errors.items():
             status, kind = protocols.status_of(err)
+            statuses.append(status)
             grpc = self.context is not None and protocols.is_grpc_call(self.context.get_all_request_header(i))
             out[i] = protocols.render_error(batch.protocols.get(i, protocols.TORCHSERVE), kind, str(err), status=status,
                                             model_name=self.model_name, model_version=self.model_version, grpc=grpc)
@@ -230,7 +232,7 @@ class ImageClassifierHandler(BaseHandler):
                 grpc = protocols.is_grpc_call(self.context.get_all_request_header(i))
                 for key, value in protocols.answer_headers(out[i], grpc=grpc).items():
                     self.context.set_response_header(i, key, value)
-        self._record_metrics(batch)
+        self._record_metrics(batch, statuses)
         return out
 
     # -- POST /explanations/NAME and /v1/models/NAME:explain: occlusion maps (inference.explain) ------------
@@ -263,17 +265,18 @@ class ImageClassifierHandler(BaseHandler):
         out = self.postprocess(self.inference(batch))  # predictions, every error, content types, metrics
         return [answers.get(i, body) for i, body in enumerate(out)]
 
-    def _record_metrics(self, batch: Batch) -> None:
-        """Per batch: the stage timings as histograms (s) and gauges (ms), and the gauges of inference.metrics."""
+    def _record_metrics(self, batch: Batch, statuses: list[int]) -> None:
+        """Per batch: the stage timings as histograms (s) and gauges (ms), the gauges and counters of inference.metrics."""
         metrics = getattr(self.context, "metrics", None) if self.context is not None else None
         if metrics is None:
             return
         sizing = self.worker_threads
-        for name, value in batch_metrics(batch, views=self.metric_views, adaptive=self.adaptive, threads=sizing.threads,
-                                         workers=sizing.workers):
+        for name, value, extra in batch_metrics(batch, views=self.metric_views, adaptive=self.adaptive,
+                                                threads=sizing.threads, workers=sizing.workers, error_statuses=statuses):
             kind, unit, _ = METRICS[name]
-            metrics.add_metric(name, value, unit, None, [Dimension("ModelName", self.model_name),
-                               Dimension("Level", "Model")], metric_type=MetricTypes(kind))
+            values = (self.model_name, "Model", *extra)
+            metrics.add_metric(name, value, unit, None, [Dimension(d, v) for d, v in zip(dimensions(name), values)],
+                               metric_type=MetricTypes(kind))
 
     def describe_handle(self) -> str:
         """``GET /models/NAME?customized=true``: the archive's model_card.json, as ``customizedMetadata``."""

@@ -12,7 +12,7 @@ import yaml
 
 from inference.batch import Batch
 from inference.cli import UsageError
-from inference.metrics import METRICS, batch_metrics
+from inference.metrics import METRICS, batch_metrics, dimensions
 from inference.settings import HandlerSettings, SettingsError
 from inference.threads import Change, WorkerThreads, live_workers
 from tests.conftest import REPO
@@ -132,7 +132,8 @@ def test_metrics_yaml_declares_the_handlers_metrics_and_keeps_torchserves():
     for kind, entries in default["model_metrics"].items():  # TorchServe's own (HandlerTime, PredictionTime)
         for m in entries:
             assert declared.pop(m["name"]) == (kind, m["unit"], tuple(m["dimensions"]))
-    assert declared == {name: (kind, unit, ("ModelName", "Level")) for name, (kind, unit, _) in METRICS.items()}
+    assert declared == {name: (kind, unit, dimensions(name)) for name, (kind, unit, _) in METRICS.items()}
+    assert dimensions("RequestErrorsTotal") == ("ModelName", "Level", "Status")
     for config in ("config.properties", "config.prod.properties"):
         assert "metrics_config=metrics.yaml" in (REPO / config).read_text().splitlines(), config
 
@@ -150,12 +151,30 @@ def test_torchserve_is_given_the_repositorys_metrics_yaml():
 def test_batch_metrics_are_seconds_for_histograms_and_ms_for_gauges():
     batch = Batch(size=3, owners=[0, 0, 2], tta_applied=torch.tensor([True, False, False]),
                   timings={"decode": 12.5, "preprocess": 0.25, "forward": 1500.0})
-    values = dict(batch_metrics(batch, views=2, adaptive=True, threads=4, workers=2))
+    values = {name: value for name, value, _ in batch_metrics(batch, views=2, adaptive=True, threads=4, workers=2)}
     assert values == {"DecodeSeconds": 0.0125, "DecodeMs": 12.5, "PreprocessSeconds": 0.00025, "PreprocessMs": 0.25,
                       "ForwardSeconds": 1.5, "ForwardMs": 1500.0, "BatchSize": 3, "WorkerThreads": 4,
-                      "LiveWorkers": 2, "TTAViewsPerImage": round(4 / 3, 3), "AdaptiveTTATriggerRate": 33.33}
+                      "LiveWorkers": 2, "TTAViewsPerImage": round(4 / 3, 3), "AdaptiveTTATriggerRate": 33.33,
+                      "ImagesTotal": 3, "TTAImagesTotal": 1, "ForwardViewsTotal": 4}
     assert set(values) <= set(METRICS)
     assert {METRICS[n][0] for n in values if n.endswith("Seconds")} == {"histogram"}
+    assert {METRICS[n][0] for n in values if n.endswith("Total")} == {"counter"}
+
+
+def test_counters_add_up_what_the_gauges_overwrite_and_a_failed_forward_counts_as_errors():
+    """The gauges are one worker's last batch: a rate or a ratio over time needs counters. A batch whose forward
+    failed reported a trigger rate of 0 and 1 view per image, as if the model had answered without TTA."""
+    plain = Batch(size=2, owners=[0, 1, 1], tta_applied=torch.tensor([True, True, True]))
+    values = {n: v for n, v, _ in batch_metrics(plain, views=10, adaptive=False, threads=1, workers=1)}
+    assert (values["ImagesTotal"], values["TTAImagesTotal"], values["ForwardViewsTotal"]) == (3, 3, 30)
+    failed = Batch(size=3, owners=[0, 1, 2], failure=RuntimeError("out of memory"), timings={"forward": 5.0})
+    out = batch_metrics(failed, views=2, adaptive=True, threads=1, workers=1, error_statuses=[500, 500, 500])
+    names = {n for n, _, _ in out}
+    assert not names & {"TTAViewsPerImage", "AdaptiveTTATriggerRate", "ImagesTotal", "TTAImagesTotal"}
+    assert ("RequestErrorsTotal", 3, ("500",)) in out and "ForwardSeconds" in names  # the time was spent
+    mixed = batch_metrics(Batch(size=3), views=1, adaptive=False, threads=1, workers=1, error_statuses=[503, 413, 503])
+    assert [e for e in mixed if e[0] == "RequestErrorsTotal"] == [("RequestErrorsTotal", 1, ("413",)),
+                                                                  ("RequestErrorsTotal", 2, ("503",))]
 
 
 def test_a_missing_graph_fact_names_the_key():

@@ -92,20 +92,19 @@ def wait_for(what: str, condition, *, timeout: float = 90, server: TorchServe | 
 @pytest.mark.skipif(CORES < 2, reason="threads cannot be divided on one core")
 def test_threads_follow_the_workers_actually_running(ops_server):
     server, half = ops_server, max(1, CORES // 2)
-    predict(server)
-    assert gauge(scrape(server), "WorkerThreads", "ops") == CORES
-    assert gauge(scrape(server), "LiveWorkers", "ops") == 1
+
+    def reported(threads: int, workers: int) -> bool:
+        text = scrape(server)
+        return (gauge(text, "WorkerThreads", "ops"), gauge(text, "LiveWorkers", "ops")) == (threads, workers)
+
+    # the frontend reads a batch's metrics from the worker's log after the answer: polled, not read at once
+    wait_for(f"WorkerThreads {CORES} and LiveWorkers 1 on /metrics", lambda: reported(CORES, 1), server=server)
     status, body = server.manage("PUT", "/models/ops?min_worker=2&max_worker=2&synchronous=true")
     assert status == 200, body
     line = f"ops: 2 live workers (were 1): {half} threads per worker (were {CORES}), re-sized in"
     wait_for(line, lambda: line in model_log(server), server=server)
     # the new worker started with its share; every answering worker now reports it
     assert re.search(rf"ops 1\.0: onnxruntime \(.*\) on cpu, {half} threads", model_log(server))
-
-    def reported(threads: int, workers: int) -> bool:
-        text = scrape(server)
-        return (gauge(text, "WorkerThreads", "ops"), gauge(text, "LiveWorkers", "ops")) == (threads, workers)
-
     wait_for(f"WorkerThreads {half} and LiveWorkers 2 on /metrics", lambda: reported(half, 2), server=server)
     status, body = server.manage("PUT", "/models/ops?min_worker=1&max_worker=1&synchronous=true")
     assert status == 200, body

@@ -1,6 +1,7 @@
 """A real TorchServe (Java frontend + Python workers) on loopback, serving freshly built archives."""
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -171,3 +172,21 @@ def test_handler_metrics_reach_the_prometheus_endpoint(server):
         low, high = {"BatchSize": (1, 8), "TTAViewsPerImage": (1, 10), "AdaptiveTTATriggerRate": (0, 100),  # percent
                      "ForwardMs": (1e-6, 60_000)}.get(name, (0, 60_000))
         assert low <= value <= high, (name, value)
+    counters = {name: _sample(text, name, ADAPTIVE) for name in ("ImagesTotal", "TTAImagesTotal", "ForwardViewsTotal")}
+    assert counters["ImagesTotal"] >= len(_payloads()), counters  # every image of every batch (of earlier tests too)
+    assert 0 <= counters["TTAImagesTotal"] <= counters["ImagesTotal"] <= counters["ForwardViewsTotal"], counters
+    before = _sample(text, "RequestErrorsTotal", ADAPTIVE, Status="400") or 0
+    assert predict(server.url, ADAPTIVE, b"not an image", content_type="image/png")[0] == 400
+    deadline, seen = time.monotonic() + 10, None  # the frontend reads the worker's metric lines from its log
+    while time.monotonic() < deadline and seen != before + 1:
+        with urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=30) as r:
+            seen = _sample(r.read().decode(), "RequestErrorsTotal", ADAPTIVE, Status="400")
+        time.sleep(0.1)
+    assert seen == before + 1, (before, seen)
+
+
+def _sample(text: str, name: str, model: str, **labels) -> float | None:
+    """The value of ``name``'s series for ``model`` (and ``labels``) on a /metrics page; None where it has none."""
+    want = [f'ModelName="{model}"', *(f'{k}="{v}"' for k, v in labels.items())]
+    lines = [ln for ln in text.splitlines() if ln.startswith(name + "{") and all(w in ln for w in want)]
+    return float(lines[-1].rsplit(" ", 1)[1]) if lines else None
