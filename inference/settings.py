@@ -31,8 +31,7 @@ from inference.tta import (
     DEFAULT_SCALES,
     GRAPH_TTA_MODES,
     TTA_MODES,
-    mode_of,
-    scale_sides,
+    view_problem,
 )
 
 
@@ -236,18 +235,13 @@ class HandlerSettings(_Settings):
         larger than the crop; two multi_scale scales must not cut the same square.
         ``export archive`` refuses such a configuration; a worker loading an older archive logs it."""
         crop, resize, tta = self.input_size, self.resize_size or self.input_size, self.handler_tta
-        degenerate = mode_of(tta).needs_margin(self.tta_scales)
-        if crop and degenerate and resize <= crop:
-            return (f"tta {tta} cuts its views from the resize_size square, and resize_size {resize} is input_size "
-                    f"{crop}: every view would be the same image; use flip, or export with a larger resize size")
+        problem = view_problem(tta, crop=crop, size=resize, scales=self.tta_scales) if crop else None
+        if problem:
+            return problem + ("; give distinct scales up to resize_size / input_size" if problem.startswith("tta_scales")
+                              else "; use flip, or export with a larger resize size")
         if self.adaptive_tta and tta == "none":
             return (f"adaptive_tta needs the handler's TTA, and it has none (tta {self.tta}, graph_output "
                     f"{self.graph_output}): adaptive TTA would do nothing; set tta, or adaptive_tta: false")
-        sides = scale_sides(self.tta_scales, crop=crop, size=resize) if crop and tta == "multi_scale" else []
-        if len(set(sides)) < len(sides):
-            return (f"tta_scales {', '.join(map(str, self.tta_scales))} cut squares of sides {sides} from the "
-                    f"resize_size {resize} square (a scale above {resize / crop:.3g} is the whole square): one view "
-                    "would count twice; give distinct scales up to resize_size / input_size")
         return None
 
     @property

@@ -56,6 +56,21 @@ def scale_sides(scales: Sequence[float], *, crop: int, size: int) -> list[int]:
     return [min(size, max(1, round(crop * s))) for s in scales]
 
 
+def view_problem(mode: str, *, crop: int, size: int, scales: Sequence[float] = DEFAULT_SCALES) -> str | None:
+    """Why ``mode``'s views of a ``size`` canvas cropped to ``crop`` would repeat one view, or None: five_crop/ten_crop
+    (and multi_scale with no scale below 1) cut their views from the resize_size square, which must then be larger
+    than the crop; two multi_scale scales must not cut the same square. The handler's settings and offline
+    ``evaluate``/``predict`` refuse what this names (each adds its own remedy)."""
+    if mode_of(mode).needs_margin(scales) and size <= crop:
+        return (f"tta {mode} cuts its views from the resize_size square, and resize_size {size} is input_size "
+                f"{crop}: every view would be the same image")
+    sides = scale_sides(scales, crop=crop, size=size) if mode == "multi_scale" else []
+    if len(set(sides)) < len(sides):
+        return (f"tta_scales {', '.join(map(str, scales))} cut squares of sides {sides} from the resize_size {size} "
+                f"square (a scale above {size / crop:.3g} is the whole square): one view would count twice")
+    return None
+
+
 def _scaled(canvas: torch.Tensor, crop: int, scales: Sequence[float]) -> torch.Tensor:
     out = []
     for side in scale_sides(scales, crop=crop, size=int(canvas.shape[-1])):

@@ -82,8 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                    "root as for train (its test/val split)")
     e.add_argument("--format", default=AUTO, choices=EVAL_FORMAT_CHOICES,
                    help="how to read --data (auto: a data-set root if it is one, else class folders)")
+    from inference.settings import HandlerSettings
+    served = (f"; an archive serves tta {HandlerSettings.tta} by default (model-config.yaml tta): pass it to score what "
+              "the server answers")
     e.add_argument("--tta", default=default(evaluate, "tta"), choices=TTA_MODES,
-                   help="test-time augmentation, exactly as the handler does it (see inference/tta.py)")
+                   help="test-time augmentation, as the handler does it (inference/tta.py)" + served)
     e.add_argument("--batch-size", type=positive_int, default=default(evaluate, "batch_size"), help="images per forward")
     e.add_argument("--out", default=None, help="output folder (default: eval/ next to the checkpoint)")
     e.add_argument("--device", default=default(evaluate, "device"), help="auto, cpu, cuda, ...")
@@ -95,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     pr.add_argument("--images", required=True, help="an image file, or a folder of images (any layout)")
     pr.add_argument("--out", required=True, help="CSV file to write")
-    pr.add_argument("--tta", default=default(predict_folder, "tta"), choices=TTA_MODES, help="test-time augmentation")
+    pr.add_argument("--tta", default=default(predict_folder, "tta"), choices=TTA_MODES,
+                    help="test-time augmentation, as the handler does it (inference/tta.py)" + served)
     pr.add_argument("--topk", type=positive_int, default=default(predict_folder, "topk"),
                     help="classes per image in the CSV")
     pr.add_argument("--batch-size", type=positive_int, default=default(predict_folder, "batch_size"),
@@ -103,7 +107,6 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=default(predict_folder, "device"), help="auto, cpu, cuda, ...")
 
     from inference.explain import FILLS, MAX_GRID
-    from inference.settings import HandlerSettings
     ex = sub.add_parser("explain", help="write the occlusion heatmap of one image's top-1 class as a PNG",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Occlusion sensitivity of the top-1 class, as the server's /explanations "
@@ -167,7 +170,8 @@ def _evaluate(args) -> None:
     m = evaluate(args.checkpoint, args.data, tta=args.tta, batch_size=args.batch_size, out_dir=out,
                  device=args.device, format=args.format)
     print(m["report"])
-    print(f"top-1 {m['top1']:.2%}  top-3 {m['top3']:.2%}  top-5 {m['top5']:.2%}  macro F1 {m['macro_f1']:.4f}  "
+    topk = "".join(f"top-{k} {m[f'top{k}']:.2%}  " for k in (1, 3, 5) if k == 1 or k < len(m["per_class"]))  # k < K
+    print(f"{topk}macro F1 {m['macro_f1']:.4f}  "
           f"on {m['images']} images (tta={m['tta']}"
           + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
           + f"); metrics, predictions and plots in {out}")

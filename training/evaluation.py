@@ -16,7 +16,7 @@ from inference.atomic import clean_stale, write_json
 from inference.image_files import IMAGE_EXTENSIONS, image_files, skipped_line
 from inference.images import read_image_file
 from inference.transforms import normalize
-from inference.tta import canvas_preset, predict_proba
+from inference.tta import canvas_preset, predict_proba, view_problem
 
 from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset, ReadableImages, collate_readable, unreadable_line
@@ -36,7 +36,7 @@ from .runtime import pick_device
 
 FOLDER = "folder"  # --data is the class folders themselves
 EVAL_FORMAT_CHOICES = (AUTO, FOLDER, *FORMATS)  # what eval_dataset(format=...) accepts
-EVAL_PLOTS = ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png")  # in OUT, with --plots
+EVAL_PLOTS = ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png")  # in OUT (plots=True)
 
 
 @torch.no_grad()
@@ -76,6 +76,15 @@ def eval_dataset(data: str, *, format: str = AUTO, transform=None):
     return build_datasets(data, format=format, eval_transform=transform, progress=False)[1]
 
 
+def check_tta(tta: str, spec: ModelSpec) -> None:
+    """Refuse, as the server refuses it (``inference.tta.view_problem``), a TTA whose views repeat one view of this
+    model's canvas: five_crop on a model whose resize size is its input size scored five copies of the plain view
+    and recorded them as five-crop TTA."""
+    problem = view_problem(tta, crop=spec.input_size, size=spec.resize_size)
+    if problem:
+        raise ValueError(f"--tta {tta}: {problem}; use flip, or a model trained with a larger --resize-size")
+
+
 def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int = 256, out_dir: str | None = None,
              device: str = "auto", progress: bool = True, plots: bool = True, format: str = AUTO) -> dict:
     """Evaluate a checkpoint on labelled images (see :func:`eval_dataset`): top-1/3/5, macro
@@ -84,6 +93,7 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
     (``unreadable_images``), as ``train`` does on its test split; the numbers are over the readable ones."""
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
+    check_tta(tta, spec)
     model.to(dev)
     ds = eval_dataset(data, format=format, transform=canvas_preset(tta, crop_size=spec.input_size,
                                                                    resize_size=spec.resize_size))
@@ -107,12 +117,18 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
                               labels, probs, spec.class_names)
         if plots:
             confusion, per_class, curves = (os.path.join(out_dir, name) for name in EVAL_PLOTS)
-            metrics["plots"] = [plot_confusion_matrix(metrics["confusion"], spec.class_names, confusion),
-                                plot_per_class_accuracy(metrics, per_class)]
+            metrics["plots"] = [plot_per_class_accuracy(metrics, per_class)]
+            if "confusion" in metrics:  # not above DENSE_CONFUSION_MAX classes: a picture of 100M cells shows nothing
+                metrics["plots"].insert(0, plot_confusion_matrix(metrics["confusion"], spec.class_names, confusion))
             log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), LOG_FILE)
             if os.path.isfile(log_csv):
                 metrics["plots"].append(plot_training_curves(log_csv, curves))
             write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # again: with the plots it returns
+        drawn = {os.path.abspath(p) for p in metrics.get("plots", [])}
+        for name in EVAL_PLOTS:  # an earlier evaluation's plot this one does not draw: it showed another run
+            path = os.path.join(out_dir, name)
+            if os.path.abspath(path) not in drawn and os.path.exists(path):
+                os.remove(path)
     return metrics
 
 
@@ -132,6 +148,7 @@ def predict_folder(checkpoint: str, images: str, *, out_csv: str, tta: str = "no
         raise ValueError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
     dev = pick_device(device)
     spec, model = load_model(checkpoint)
+    check_tta(tta, spec)
     model.to(dev)
     preset = canvas_preset(tta, crop_size=spec.input_size, resize_size=spec.resize_size)
     blank = preset(torch.zeros((3, 8, 8), dtype=torch.uint8))  # stands in for a skipped file in its batch

@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -46,6 +47,25 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+#: Classes up to which metrics.json holds the whole confusion matrix (and evaluate draws it): 1000 classes are 1M
+#: cells, a few MB; iNat's 10,000 would be 100M (hundreds of MB of JSON, GBs of RAM to write it). Above, only its
+#: non-zero cells (at most one per image) are kept, as ``confusion_cells``.
+DENSE_CONFUSION_MAX = 1000
+MOST_CONFUSED = 20  # the off-diagonal cells listed as "most_confused"
+
+
+def confusion_cells(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """The confusion matrix's non-zero cells as ``[true, predicted, images]``, in O(images) memory."""
+    keys, counts = torch.unique(labels.long() * num_classes + pred.long(), return_counts=True)
+    return torch.stack([keys // num_classes, keys % num_classes, counts], 1).tolist()
+
+
+def most_confused(cells: list[list[int]], class_names: Sequence[str], n: int = MOST_CONFUSED) -> list[dict]:
+    """The ``n`` off-diagonal cells with the most images (ties by true, then predicted class index)."""
+    off = sorted((c for c in cells if c[0] != c[1]), key=lambda c: (-c[2], c[0], c[1]))[:n]
+    return [{"true": str(class_names[t]), "predicted": str(class_names[p]), "images": k} for t, p, k in off]
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (no nan, no warning)."""
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
@@ -59,7 +79,9 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
 
         {"top1", "top3", "top5", "macro_precision", "macro_recall", "macro_f1",
          "per_class": {name: {"precision", "recall", "f1", "accuracy", "support"}},
-         "confusion": [[int]] (rows true, columns predicted), "images": N}
+         "confusion": [[int]] (rows true, columns predicted; above DENSE_CONFUSION_MAX classes
+         "confusion_cells": [[true, predicted, images]], its non-zero cells), "most_confused":
+         [{"true", "predicted", "images"}] (the largest off-diagonal cells), "images": N}
 
     A zero division gives 0. Like scikit-learn, the macro averages are over the classes that occur
     among the labels or the predictions (a class absent from both would only add a meaningless 0).
@@ -72,20 +94,30 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
     pred = probs.argmax(1)
-    cm = confusion_matrix(pred, labels, num_classes)
-    tp = cm.diag().double()
-    support, predicted = cm.sum(1).double(), cm.sum(0).double()
+    support = torch.bincount(labels, minlength=num_classes).double()
+    predicted = torch.bincount(pred, minlength=num_classes).double()
+    tp = torch.bincount(labels[pred == labels], minlength=num_classes).double()
     precision, recall = _safe_div(tp, predicted), _safe_div(tp, support)
     f1 = _safe_div(2 * precision * recall, precision + recall)
     present = (support > 0) | (predicted > 0)
     macro = lambda v: v[present].mean().item() if present.any() else 0.0  # noqa: E731
     per_class = {name: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(),
                         "accuracy": recall[i].item(), "support": int(support[i].item())}
-                 for i, name in enumerate(class_names)}
+                 for i, name in enumerate(distinct_names(class_names))}
+    cells = confusion_cells(pred, labels, num_classes)
+    confusion = ({"confusion": confusion_matrix(pred, labels, num_classes).tolist()}
+                 if num_classes <= DENSE_CONFUSION_MAX else {"confusion_cells": cells})
     return {"top1": topk_accuracy(probs, labels, 1), "top3": topk_accuracy(probs, labels, 3),
             "top5": topk_accuracy(probs, labels, 5), "macro_precision": macro(precision),
-            "macro_recall": macro(recall), "macro_f1": macro(f1), "per_class": per_class,
-            "confusion": cm.tolist(), "images": len(labels)}
+            "macro_recall": macro(recall), "macro_f1": macro(f1), "per_class": per_class, **confusion,
+            "most_confused": most_confused(cells, class_names), "images": len(labels)}
+
+
+def distinct_names(class_names) -> list[str]:
+    """The class names, each one that repeats an earlier one suffixed with its index (``"Aster [7]"``): keyed by
+    name, two classes of one display name (class_names.json, an iNat common name) merged into one row."""
+    counts = Counter(map(str, class_names))
+    return [f"{name} [{i}]" if counts[str(name)] > 1 else str(name) for i, name in enumerate(class_names)]
 
 
 def classification_report(metrics: dict, *, digits: int = 3) -> str:

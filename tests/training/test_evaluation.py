@@ -142,3 +142,28 @@ def test_predict_takes_one_image_file(image_folder, tmp_path, capsys):
                  "--out", str(tmp_path / "p.csv")]) == 0
     with open(tmp_path / "p.csv") as f:
         assert [r["path"] for r in csv.DictReader(f)] == [str(photo)]
+
+
+def test_a_tta_whose_views_repeat_is_refused_offline_as_the_server_refuses_it(image_folder, tmp_path):
+    """five_crop on a model whose resize size is its input size scored five copies of the plain view and recorded
+    "tta": "five_crop" in metrics.json; the server (export archive, inference.settings) refuses it."""
+    import pytest
+
+    from training.checkpoint import ModelSpec, save_checkpoint
+    from training.evaluation import evaluate, predict_folder
+    spec = ModelSpec(arch="cbam_resnet", class_names=["circle", "horizontal", "vertical"], input_size=16,
+                     resize_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, model_kwargs=TINY_KWARGS)
+    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
+    message = r"--tta five_crop: tta five_crop cuts its views from the resize_size square, and resize_size 16 is " \
+              r"input_size 16: every view would be the same image; use flip"
+    with pytest.raises(ValueError, match=message):
+        evaluate(str(tmp_path / "m.pt"), str(image_folder / "test"), tta="five_crop", progress=False)
+    with pytest.raises(ValueError, match=r"--tta multi_scale: tta_scales 1.0, 1.15, 0.87 cut squares of sides "
+                                         r"\[16, 16, 14\]"):
+        predict_folder(str(tmp_path / "m.pt"), str(image_folder / "test"), out_csv=str(tmp_path / "p.csv"),
+                       tta="multi_scale", progress=False)
+    assert not (tmp_path / "p.csv").exists()
+    wide = ModelSpec(**{**spec.__dict__, "resize_size": 20})
+    save_checkpoint(tmp_path / "w.pt", wide, wide.build().eval())
+    assert predict_folder(str(tmp_path / "w.pt"), str(image_folder / "test"), out_csv=str(tmp_path / "p.csv"),
+                          tta="five_crop", progress=False) == 90

@@ -1,4 +1,5 @@
 import csv
+import json
 import warnings
 
 import pytest
@@ -48,7 +49,9 @@ def test_metrics_by_hand(example):
     probs, labels = example
     m = classification_metrics(probs, labels, NAMES)
     assert set(m) == {"top1", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "per_class",
-                      "confusion", "images"}
+                      "confusion", "most_confused", "images"}
+    assert [(c["true"], c["predicted"], c["images"]) for c in m["most_confused"]] == [
+        (NAMES[0], NAMES[1], 1), (NAMES[1], NAMES[0], 1), (NAMES[2], NAMES[0], 1), (NAMES[2], NAMES[1], 1)]
     assert m["images"] == 9
     assert m["confusion"] == [[2, 1, 0, 0], [1, 1, 0, 0], [1, 1, 2, 0], [0, 0, 0, 0]]
     assert m["top1"] == pytest.approx(5 / 9)
@@ -237,3 +240,30 @@ def test_reports_replace_their_files_whole_or_not_at_all(tmp_path, monkeypatch):
         plot_confusion_matrix(torch.eye(2, dtype=torch.long), ["a", "b"], png_path)
     assert csv_path.read_text() == "the earlier predictions" and png_path.read_bytes() == b"the earlier plot"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "predictions.csv"]
+
+
+def test_classes_of_one_display_name_keep_a_row_each(example):
+    """per_class was keyed by name: two classes named "Aster" (class_names.json, an iNat common name) became one
+    row, its support short of the images and the weighted average and plot without a class."""
+    probs, labels = example
+    m = classification_metrics(probs, labels, ["Aster", "dog", "Aster", "fish"])
+    assert list(m["per_class"]) == ["Aster [0]", "dog", "Aster [2]", "fish"]
+    assert sum(c["support"] for c in m["per_class"].values()) == m["images"] == 9
+    assert m["per_class"]["Aster [2]"] == classification_metrics(probs, labels, NAMES)["per_class"][NAMES[2]]
+
+
+def test_many_classes_keep_the_confusion_matrixs_cells_not_the_matrix():
+    """iNat's 10,000 classes made metrics.json hold a 10,000 x 10,000 matrix (100M numbers: hundreds of MB of JSON,
+    GBs of memory to write it) and a plot of it; above DENSE_CONFUSION_MAX classes only the non-zero cells."""
+    from training.reports import DENSE_CONFUSION_MAX
+    k = 10_000
+    labels = torch.tensor([0, 0, 5, 9_999, 9_999, 9_999])
+    probs = torch.zeros(len(labels), k)
+    probs[torch.arange(6), torch.tensor([0, 7, 5, 5, 5, 9_999])] = 1.0
+    m = classification_metrics(probs, labels, [f"c{i}" for i in range(k)])
+    assert k > DENSE_CONFUSION_MAX and "confusion" not in m
+    assert m["confusion_cells"] == [[0, 0, 1], [0, 7, 1], [5, 5, 1], [9_999, 5, 2], [9_999, 9_999, 1]]
+    assert m["most_confused"][0] == {"true": "c9999", "predicted": "c5", "images": 2}
+    assert m["per_class"]["c5"]["precision"] == pytest.approx(1 / 3) and m["per_class"]["c9999"]["recall"] == \
+        pytest.approx(1 / 3)
+    assert len(json.dumps(m)) < 2_000_000

@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,6 +58,12 @@ def test_evaluate_writes_metrics_predictions_and_plots(run_dir, image_folder, ca
     assert metrics["top1"] == pytest.approx(sum(r["label"] == r["pred"] for r in rows) / 90)
     for png in ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"):  # log.csv is next to best.pt
         assert (out / png).stat().st_size > 1000
+    # the same folder for a checkpoint with no log.csv beside it: the run's curves no longer stand there as its own
+    elsewhere = run_dir.parent / f"{run_dir.name}-copy"
+    elsewhere.mkdir(exist_ok=True)
+    shutil.copy(run_dir / "best.pt", elsewhere / "best.pt")
+    main(["evaluate", "--checkpoint", str(elsewhere / "best.pt"), "--data", str(image_folder / "test"), "--out", str(out)])
+    assert not (out / "training_curves.png").exists() and (out / "confusion_matrix.png").exists()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
