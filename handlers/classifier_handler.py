@@ -274,9 +274,8 @@ class ImageClassifierHandler(BaseHandler):
         for name, value, extra in batch_metrics(batch, views=self.metric_views, adaptive=self.adaptive,
                                                 threads=sizing.threads, workers=sizing.workers, error_statuses=statuses):
             kind, unit, _ = METRICS[name]
-            values = (self.model_name, "Model", *extra)
-            metrics.add_metric(name, value, unit, None, [Dimension(d, v) for d, v in zip(dimensions(name), values)],
-                               metric_type=MetricTypes(kind))
+            dims = [Dimension(d, v) for d, v in zip(dimensions(name), (self.model_name, "Model", *extra), strict=True)]
+            metrics.add_metric(name, value, unit, None, dims, metric_type=MetricTypes(kind))
 
     def describe_handle(self) -> str:
         """``GET /models/NAME?customized=true``: the archive's model_card.json, as ``customizedMetadata``."""

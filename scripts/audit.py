@@ -77,9 +77,12 @@ def installed_requirements() -> str:
     and the serving image's CPU builds of the GPU packages installed here (``export.archive.CPU_PACKAGE``)."""
     listed = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude-editable",
                              "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
+    from packaging.utils import canonicalize_name
+
     from export.archive import CPU_PACKAGE
-    image = [f"{CPU_PACKAGE[name.lower()]}=={version}" for name, _, version in
-             (line.partition("==") for line in listed.splitlines()) if name.lower() in CPU_PACKAGE]
+    pins = {canonicalize_name(name): version for name, _, version in (line.partition("==") for line in listed.split())}
+    image = [f"{cpu}=={pins[canonicalize_name(gpu)]}" for gpu, cpu in CPU_PACKAGE.items()
+             if canonicalize_name(gpu) in pins and canonicalize_name(cpu) not in pins]  # one pin per name
     return listed + "".join(line + "\n" for line in image)
 
 

@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Top-1/3/5, macro precision/recall/F1, per-class accuracy, a classification "
                        "report and a confusion matrix of CHECKPOINT on a labelled ImageFolder tree. Writes "
-                       "OUT/metrics.json, OUT/predictions.csv, OUT/confusion_matrix.png, OUT/per_class_accuracy.png "
+                       "OUT/metrics.json, OUT/predictions.csv, OUT/confusion_matrix.png (up to 1000 classes), "
+                       "OUT/per_class_accuracy.png "
                        "and, when the run's log.csv sits next to the checkpoint, OUT/training_curves.png.")
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     e.add_argument("--data", required=True, help="labelled images: class folders (e.g. DATA/test), or a data-set "

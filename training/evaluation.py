@@ -124,11 +124,11 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
             if os.path.isfile(log_csv):
                 metrics["plots"].append(plot_training_curves(log_csv, curves))
             write_json(path=os.path.join(out_dir, "metrics.json"), obj=metrics)  # again: with the plots it returns
-        drawn = {os.path.abspath(p) for p in metrics.get("plots", [])}
-        for name in EVAL_PLOTS:  # an earlier evaluation's plot this one does not draw: it showed another run
-            path = os.path.join(out_dir, name)
-            if os.path.abspath(path) not in drawn and os.path.exists(path):
-                os.remove(path)
+            drawn = {os.path.abspath(p) for p in metrics["plots"]}
+            for name in EVAL_PLOTS:  # an earlier evaluation's plot this one does not draw: it showed another run
+                path = os.path.join(out_dir, name)
+                if os.path.abspath(path) not in drawn and os.path.exists(path):
+                    os.remove(path)
     return metrics
 
 

@@ -110,7 +110,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, class_name
     return {"top1": topk_accuracy(probs, labels, 1), "top3": topk_accuracy(probs, labels, 3),
             "top5": topk_accuracy(probs, labels, 5), "macro_precision": macro(precision),
             "macro_recall": macro(recall), "macro_f1": macro(f1), "per_class": per_class, **confusion,
-            "most_confused": most_confused(cells, class_names), "images": len(labels)}
+            "most_confused": most_confused(cells, distinct_names(class_names)), "images": len(labels)}
 
 
 def distinct_names(class_names) -> list[str]:

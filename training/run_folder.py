@@ -112,7 +112,7 @@ def restore_killed_run(out: str, *, rank: int | None = None, wait: float = 60.0)
     aside = os.path.join(out, SET_ASIDE)
     if not os.path.isdir(aside):
         return
-    if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
+    if (os.environ.get("RANK", "0").strip() not in ("", "0")) if rank is None else rank != 0:
         deadline = time.monotonic() + wait
         while os.path.isdir(aside) and time.monotonic() < deadline:
             time.sleep(0.05)

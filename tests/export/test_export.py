@@ -364,3 +364,18 @@ def test_reduced_precision_graphs_judged_again_by_their_runtimes_alone(export_di
         assert abs(agreement - parity["top1_agreement"]) <= one + 1e-9, name
         assert abs(change - parity["accuracy_change_points"]) <= 100 * one + 1e-6, name
         assert agreement >= (0.98 if variant.precision == "int8" else MIN_TOP1_AGREEMENT) - one, name
+
+
+def test_in_graph_crop_tta_without_room_to_crop_is_refused(tmp_path):
+    """--graph-tta five_crop on a model whose resize size is its input size built a graph of five copies of the
+    plain view (5x the compute), where the handler's own TTA setting is refused for the same reason."""
+    from export.exporter import Exporter
+    from tests.conftest import TINY_KWARGS
+    from training.checkpoint import ModelSpec, save_checkpoint
+    spec = ModelSpec(arch="cbam_resnet", class_names=["a", "b", "c"], input_size=16, resize_size=16,
+                     mean=(0.5,) * 3, std=(0.25,) * 3, model_kwargs=TINY_KWARGS)
+    save_checkpoint(tmp_path / "m.pt", spec, spec.build().eval())
+    with pytest.raises(ValueError, match=r"^--graph-tta five_crop: tta five_crop cuts its views from the resize_size "
+                                         r"square, and resize_size 16 is input_size 16: every view would be the same"):
+        Exporter(str(tmp_path / "m.pt"), str(tmp_path / "out"), graph_tta="five_crop").run(["onnx-tta"])
+    assert not (tmp_path / "out" / "model_tta.onnx").exists()

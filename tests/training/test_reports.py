@@ -250,6 +250,7 @@ def test_classes_of_one_display_name_keep_a_row_each(example):
     assert list(m["per_class"]) == ["Aster [0]", "dog", "Aster [2]", "fish"]
     assert sum(c["support"] for c in m["per_class"].values()) == m["images"] == 9
     assert m["per_class"]["Aster [2]"] == classification_metrics(probs, labels, NAMES)["per_class"][NAMES[2]]
+    assert ("Aster [2]", "Aster [0]") in {(c["true"], c["predicted"]) for c in m["most_confused"]}
 
 
 def test_many_classes_keep_the_confusion_matrixs_cells_not_the_matrix():
