@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Top-1/3/5, macro precision/recall/F1, per-class accuracy, a classification "
                        "report and a confusion matrix of CHECKPOINT on a labelled ImageFolder tree. Writes "
                        "OUT/metrics.json, OUT/predictions.csv, OUT/confusion_matrix.png (up to 1000 classes), "
-                       "OUT/per_class_accuracy.png "
+                       "OUT/per_class_accuracy.png, OUT/calibration.png (reliability diagram; ECE and NLL in metrics.json) "
                        "and, when the run's log.csv sits next to the checkpoint, OUT/training_curves.png.")
     e.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train")
     e.add_argument("--data", required=True, help="labelled images: class folders (e.g. DATA/test), or a data-set "
@@ -172,7 +172,7 @@ def _evaluate(args) -> None:
                  device=args.device, format=args.format)
     print(m["report"])
     topk = "".join(f"top-{k} {m[f'top{k}']:.2%}  " for k in (1, 3, 5) if k == 1 or k < len(m["per_class"]))  # k < K
-    print(f"{topk}macro F1 {m['macro_f1']:.4f}  "
+    print(f"{topk}macro F1 {m['macro_f1']:.4f}  ECE {m['ece']:.2%}  NLL {m['nll']:.4f}  "
           f"on {m['images']} images (tta={m['tta']}"
           + (f"; {len(m['unreadable_images'])} unreadable skipped" if m["unreadable_images"] else "")
           + f"); metrics, predictions and plots in {out}")

@@ -18,6 +18,7 @@ from inference.images import read_image_file
 from inference.transforms import normalize
 from inference.tta import canvas_preset, predict_proba, view_problem
 
+from .calibration import calibration_metrics, plot_reliability
 from .checkpoint import ModelSpec, load_model
 from .datasets import LazyDataset, ReadableImages, collate_readable, unreadable_line
 from .formats import AUTO, FORMATS, build_datasets, detect_format
@@ -36,7 +37,7 @@ from .runtime import pick_device
 
 FOLDER = "folder"  # --data is the class folders themselves
 EVAL_FORMAT_CHOICES = (AUTO, FOLDER, *FORMATS)  # what eval_dataset(format=...) accepts
-EVAL_PLOTS = ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png")  # in OUT (plots=True)
+EVAL_PLOTS = ("confusion_matrix.png", "per_class_accuracy.png", "calibration.png", "training_curves.png")  # plots=True
 
 
 @torch.no_grad()
@@ -104,7 +105,8 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
                             spec, device=dev, tta=tta, progress=progress, bad=bad)
     for path, reason in bad:
         print(unreadable_line(path, reason), file=sys.stderr)
-    metrics = {**classification_metrics(probs, labels, spec.class_names), "tta": tta, "checkpoint": str(checkpoint),
+    metrics = {**classification_metrics(probs, labels, spec.class_names), **calibration_metrics(probs, labels),
+               "tta": tta, "checkpoint": str(checkpoint),
                "data": str(data), "unreadable_images": [{"path": p, "reason": r} for p, r in bad]}
     metrics["report"] = classification_report(metrics)
     if out_dir:
@@ -116,8 +118,8 @@ def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int =
         write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [p for p in ds.paths if p not in skipped],
                               labels, probs, spec.class_names)
         if plots:
-            confusion, per_class, curves = (os.path.join(out_dir, name) for name in EVAL_PLOTS)
-            metrics["plots"] = [plot_per_class_accuracy(metrics, per_class)]
+            confusion, per_class, reliability, curves = (os.path.join(out_dir, name) for name in EVAL_PLOTS)
+            metrics["plots"] = [plot_per_class_accuracy(metrics, per_class), plot_reliability(metrics, reliability)]
             if "confusion" in metrics:  # not above DENSE_CONFUSION_MAX classes: a picture of 100M cells shows nothing
                 metrics["plots"].insert(0, plot_confusion_matrix(metrics["confusion"], spec.class_names, confusion))
             log_csv = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), LOG_FILE)

@@ -53,10 +53,12 @@ def test_evaluate_writes_metrics_predictions_and_plots(run_dir, image_folder, ca
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "per_class"} <= set(metrics)
     assert [p.rsplit("/", 1)[1] for p in metrics["plots"]] == [  # written last: the file is the returned dict
-        "confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"]
+        "confusion_matrix.png", "per_class_accuracy.png", "calibration.png", "training_curves.png"]
+    assert 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0 and sum(b["images"] for b in metrics["calibration"]) == 90
+    assert "ECE " in printed
     assert set(metrics["per_class"]) == {"circle", "horizontal", "vertical"}
     assert metrics["top1"] == pytest.approx(sum(r["label"] == r["pred"] for r in rows) / 90)
-    for png in ("confusion_matrix.png", "per_class_accuracy.png", "training_curves.png"):  # log.csv is next to best.pt
+    for png in ("confusion_matrix.png", "per_class_accuracy.png", "calibration.png", "training_curves.png"):
         assert (out / png).stat().st_size > 1000
     # the same folder for a checkpoint with no log.csv beside it: the run's curves no longer stand there as its own
     elsewhere = run_dir.parent / f"{run_dir.name}-copy"
