@@ -16,8 +16,9 @@ from inference.atomic import write_json
 from inference.backends import load_backend
 from inference.class_index import INDEX_FILE, write_index_to_name
 from inference.transforms import normalize
-from inference.tta import cuts_from_resize, view_problem
+from inference.tta import cuts_from_resize
 from training.checkpoint import load_checkpoint, restore_model
+from training.evaluation import check_tta
 
 from .formats import (
     VARIANTS,
@@ -229,10 +230,8 @@ class Exporter:
         _check_options(int8=bool(int8), speed_only=speed_only, data=data, calib_data=calib_data, val_data=val_data,
                        val_margin=val_margin, max_drop=max_drop, min_agreement=min_agreement, max_reverts=max_reverts,
                        counts={"--eval-images": eval_images, "--calib-images": calib_images, "--val-images": val_images})
-        if "onnx-tta" in names and (problem := view_problem(self.graph_tta, crop=self.spec.input_size,
-                                                             size=self.spec.resize_size)):
-            raise ValueError(f"--graph-tta {self.graph_tta}: {problem}; use flip, or a model trained with a larger "
-                             "--resize-size")
+        if "onnx-tta" in names:
+            check_tta(self.graph_tta, self.spec, option="--graph-tta")
         self.max_reverts = max_reverts
         self.budget = Budget(max_drop=max_drop, min_agreement=self.budget.min_agreement if min_agreement is None
                              else min_agreement, margin=val_margin)

@@ -12,6 +12,8 @@ batch whose forward failed counts in ``RequestErrorsTotal`` (500), not in the im
 """
 from __future__ import annotations
 
+from collections import Counter
+
 HISTOGRAM, GAUGE, COUNTER = "histogram", "gauge", "counter"
 STAGES = ("decode", "preprocess", "forward")  # the handler's timed stages (Batch.timings, in ms)
 
@@ -57,6 +59,5 @@ def batch_metrics(batch, *, views: int, adaptive: bool, threads: int, workers: i
             out.append(("AdaptiveTTATriggerRate", round(100.0 * applied / images, 2), ()))
         out += [("ImagesTotal", images, ()), ("TTAImagesTotal", applied if adaptive else images * (views > 1), ()),
                 ("ForwardViewsTotal", used, ())]
-    for status in sorted(set(error_statuses)):
-        out.append(("RequestErrorsTotal", list(error_statuses).count(status), (str(status),)))
+    out += [("RequestErrorsTotal", n, (str(status),)) for status, n in sorted(Counter(error_statuses).items())]
     return out

@@ -77,13 +77,13 @@ def eval_dataset(data: str, *, format: str = AUTO, transform=None):
     return build_datasets(data, format=format, eval_transform=transform, progress=False)[1]
 
 
-def check_tta(tta: str, spec: ModelSpec) -> None:
+def check_tta(tta: str, spec: ModelSpec, *, option: str = "--tta") -> None:
     """Refuse, as the server refuses it (``inference.tta.view_problem``), a TTA whose views repeat one view of this
     model's canvas: five_crop on a model whose resize size is its input size scored five copies of the plain view
-    and recorded them as five-crop TTA."""
+    and recorded them as five-crop TTA. ``option`` names what gave ``tta`` (``export`` checks its --graph-tta)."""
     problem = view_problem(tta, crop=spec.input_size, size=spec.resize_size)
     if problem:
-        raise ValueError(f"--tta {tta}: {problem}; use flip, or a model trained with a larger --resize-size")
+        raise ValueError(f"{option} {tta}: {problem}; use flip, or a model trained with a larger --resize-size")
 
 
 def evaluate(checkpoint: str, data: str, *, tta: str = "none", batch_size: int = 256, out_dir: str | None = None,
