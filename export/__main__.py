@@ -118,6 +118,9 @@ def _archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", default=DEFAULT_MODEL_STORE, help="folder the archive is written to")
     p.add_argument("--archive-format", default=ARCHIVE_FORMATS[0], choices=ARCHIVE_FORMATS,
                    help="default: a zip .mar; no-archive: a plain folder, for development")
+    p.add_argument("--allow-earlier-checkpoint", action="store_true",
+                   help="pack a variant that an earlier export into --dir wrote from another checkpoint than the "
+                   "folder's latest export (refused by default: it would serve other weights)")
     add_arguments(p, WorkerSettings)
     add_arguments(p, HandlerSettings)
     return p
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             recover(out=args.dir)  # an export cut off in its commit: finish it first (else its graphs look changed)
             paths = build_archives(args.dir, variants=args.variant, name=args.name, version=args.version,
                                    file_name=args.file_name, model_store=args.model_store,
-                                   archive_format=args.archive_format, **options)
+                                   archive_format=args.archive_format,
+                                   allow_earlier_checkpoint=args.allow_earlier_checkpoint, **options)
         except (SettingsError, FileNotFoundError, ValueError, ArchiverError) as e:
             raise SystemExit(f"error: {e}") from None
         plan = archive_plan(args.dir, variants=args.variant, name=args.name, file_name=args.file_name)

@@ -189,12 +189,27 @@ def check_name(value: str, option: str) -> str:
     return value
 
 
+def check_checkpoint_current(manifest: dict, variant: str, *, export_dir: str | os.PathLike) -> None:
+    """Refuse ``variant`` when an earlier export into ``export_dir`` wrote it from another checkpoint than
+    the folder's latest export (a variant refused or not asked for by that export keeps its earlier graph:
+    packing it would serve weights other than the ones the folder was last exported from)."""
+    own, latest = manifest["variants"][variant].get("checkpoint_sha256"), manifest.get("checkpoint_sha256")
+    if own and latest and own != latest:
+        info = manifest["variants"][variant]
+        raise ValueError(f"{export_dir}'s {variant} graph is of an earlier checkpoint ({info.get('checkpoint')}, "
+                         f"exported {info.get('created')}) than its latest export ({manifest.get('checkpoint')}, "
+                         f"{manifest.get('created')}): export {variant} again from the checkpoint you mean to serve, "
+                         "or pass --allow-earlier-checkpoint to pack it as it is")
+
+
 def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIANT, name: str, version: str = DEFAULT_VERSION,
                   file_name: str | None = None, model_store: str | os.PathLike = DEFAULT_MODEL_STORE,
-                  archive_format: str = ARCHIVE_FORMATS[0], **config) -> Path:
+                  archive_format: str = ARCHIVE_FORMATS[0], allow_earlier_checkpoint: bool = False,
+                  **config) -> Path:
     """Write ``model_store/FILE_NAME.mar`` (or a folder for ``no-archive``) and return its path.
 
     ``config``: field names of :class:`WorkerSettings` and :class:`HandlerSettings` (defaults there).
+    ``allow_earlier_checkpoint``: pack a variant of an earlier checkpoint (:func:`check_checkpoint_current`).
     """
     export_dir = Path(export_dir)
     check_name(name, "--name")
@@ -205,6 +220,8 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
     manifest = load_manifest(export_dir)
     if variant not in manifest["variants"]:
         raise ValueError(f"{export_dir} holds no {variant} graph (it has: {', '.join(manifest['variants'])})")
+    if not allow_earlier_checkpoint:
+        check_checkpoint_current(manifest, variant, export_dir=export_dir)
     info = manifest["variants"][variant]
     model_store = Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
@@ -264,7 +281,13 @@ def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
 
 
 def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
-                   **kwargs) -> list[Path]:
-    """One archive per variant of :func:`archive_plan`."""
-    return [build_archive(export_dir, variant=v, name=n, file_name=f, **kwargs)
-            for v, n, f in archive_plan(export_dir, variants=variants, name=name, file_name=file_name)]
+                   allow_earlier_checkpoint: bool = False, **kwargs) -> list[Path]:
+    """One archive per variant of :func:`archive_plan`; none when one of them would be refused for its
+    checkpoint (:func:`check_checkpoint_current`)."""
+    plan = archive_plan(export_dir, variants=variants, name=name, file_name=file_name)
+    if not allow_earlier_checkpoint:
+        manifest = load_manifest(export_dir)
+        for v, _, _ in plan:
+            check_checkpoint_current(manifest, v, export_dir=export_dir)
+    return [build_archive(export_dir, variant=v, name=n, file_name=f, allow_earlier_checkpoint=True, **kwargs)
+            for v, n, f in plan]

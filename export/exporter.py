@@ -273,7 +273,8 @@ class Exporter:
                          if name not in entries and e.get("checkpoint_sha256") != run["checkpoint_sha256"]]
                 if older:  # a variant refused (or not asked for) this time keeps its earlier graph, of other weights
                     log(f"kept from an earlier checkpoint, not this one: {', '.join(older)} (their model cards say which; "
-                        "`export verify` flags them; re-export them or export into a new folder)")
+                        "`export verify` flags them and `export archive` refuses them; re-export them or export into a "
+                        "new folder)")
                 if entries:
                     write_index_to_name(staging.file(INDEX_FILE), self.spec.class_names)
                     write_json(path=staging.file(EXPORT_MANIFEST), obj=manifest)

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e.code, str):
             raise
         raise SystemExit(f"{e.code}; model_store/{MODEL}.mar was left as it was") from None
+    except (RuntimeError, OSError) as e:  # TorchServe that exits or never gets ready, a reset connection
+        raise SystemExit(f"demo stopped: {e}; model_store/{MODEL}.mar was left as it was") from None
     if minutes is None:
         return 1
     print(f"\ndemo finished in {minutes:.1f} min: model_store/{MODEL}.mar written; `make serve` serves model_store/")

@@ -45,10 +45,15 @@ So ``tools.torchserve.TorchServe`` starts TorchServe with its own log4j2.xml, To
 thread name added to the access log (``%d{ISO8601} [%t] - %m%n``) and TRACE for
 ``org.pytorch.serve.wlm.Model`` (two lines per batch), and an answer is a line of an
 inference route on a worker thread, attributed to that worker's model (gRPC included), or an HTTP 503
-of an inference route on any thread. Refusals are then never taken for answers. Left uncounted: a
-gRPC call refused by a full queue (its INTERNAL is indistinguishable from an unknown model's), so a
-drain then waits for its timeout; the bidirectional ``StreamPredictions2`` counts every message but
-is logged once per stream. From an access log without thread names (a TorchServe started otherwise)
+of an inference route on any thread. Refusals are then never taken for answers. A gRPC call that the
+client cancels (or whose deadline passes) is closed CANCELLED by TorchServe's cancel handler on a gRPC
+thread, and its job's answer is never logged: that line counts as an answer to some model. A
+``/invocations`` without ``?model_name`` (TorchServe's only model) counts for its worker's model. Left
+without a logged answer: a gRPC call refused by a full queue (its INTERNAL is indistinguishable from an
+unknown model's), and the bidirectional ``StreamPredictions2``, which counts every message but is logged
+once per stream. Their arrivals stay counted for the server's life; given ``ts_log``, a drain ends anyway
+once every worker has been idle for ``stale`` seconds with none down (a counted job waits in the queue
+only while its model's workers are busy or restarting), and says how many arrivals had no answer. From an access log without thread names (a TorchServe started otherwise)
 HTTP lines count by the model in their URI, refusals included, and gRPC lines count as answers to
 any model: refusals of a served model's requests during a drain can then end it early.
 """
@@ -70,6 +75,7 @@ WORKER_RE = re.compile(r'^W-\d+-(?P<name>.+_[^_]*)$')          # W-PORT-MODEL_VE
 # service's ModelInfer and the management service are not counted, Ping is no inference.
 GRPC_INFERENCE = {f"org.pytorch.serve.grpc.inference.InferenceAPIsService/{m}"
                   for m in ("Predictions", "StreamPredictions", "StreamPredictions2")}
+GRPC_CANCELLED = "1"  # io.grpc.Status.Code.CANCELLED, as the gRPC interceptor logs it
 
 
 def inference_arrivals(metrics_url: str, timeout: float = 5) -> dict[str, int] | None:
@@ -130,14 +136,22 @@ def answered_model(line: str, models=()) -> tuple[str | None, bool]:
             return None, False  # Ping, ModelInfer (never counted as an arrival), management
         if t is None:
             return None, True
-        return (worker_model(worker["name"], models) if worker else None), False  # not on a worker: refused
+        if worker:
+            return worker_model(worker["name"], models), False
+        # not on a worker: refused before it was counted, or (CANCELLED) a counted call the client cancelled
+        # (a deadline), closed by TorchServe's cancel handler; its job's answer is then never logged
+        return None, m["status"] == GRPC_CANCELLED
     name = model_of_uri(m["uri"])
+    if name is None and worker and m["uri"].partition("?")[0].rstrip("/") == "/invocations":
+        name = worker_model(worker["name"], models)  # no ?model_name: TorchServe's only model answered it
     if name is None or (t is not None and worker is None and m["status"] != "503"):
         return None, False  # not inference, or refused before it was counted
     return name, False
 
 
 TS_LOG_RE = re.compile(r'^\S+ \[\s*[A-Z]+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<msg>.*)$')
+STATE_RE = re.compile(r'^(?P<worker>\S+) State change \S+ -> (?P<state>[A-Z_]+)')  # WorkerThread.setState (DEBUG)
+UP_STATES = ("WORKER_MODEL_LOADED", "WORKER_SCALED_DOWN")  # serving, or gone for good: no restart to wait for
 BUSY_MESSAGES = ("get first job: ", "Flushing req.cmd ")            # a batch taken, a batch sent to the backend
 IDLE_MESSAGES = ("Backend response time: ", "Backend worker thread exception")  # answered, or died
 WORKER_THREAD_RE = re.compile(r'^W-\d+-.+_[^_]*$')
@@ -157,16 +171,29 @@ def worker_event(line: str) -> tuple[str, bool] | None:
     return None
 
 
+def worker_state(line: str) -> tuple[str, str] | None:
+    """``(worker, new state)`` for a ``ts_log.log`` line of a worker's state change, else None."""
+    m = TS_LOG_RE.match(line)
+    s = STATE_RE.match(m["msg"]) if m else None
+    return (s["worker"], s["state"]) if s else None
+
+
 class WorkerActivity:
     """Which TorchServe worker threads are busy with a batch, read incrementally from ``ts_log.log``
     from ``offset`` on (the size it had when the server started). ``events`` counts the batch-cycle
     lines read so far (TorchServe's log4j2.xml writes each ``org.pytorch.serve`` line twice, which does
-    not change who is busy)."""
+    not change who is busy); ``down``: the workers whose last state is neither loaded nor scaled down
+    (starting, or stopped and waiting for their restart: their model's queued jobs wait for it)."""
 
     def __init__(self, path: str | os.PathLike, offset: int = 0, inode: int | None = None):
         self.tail = LogTail(path, offset, inode)
         self.busy: dict[str, bool] = {}
+        self.states: dict[str, str] = {}
         self.events = 0
+
+    @property
+    def down(self) -> list[str]:
+        return sorted(w for w, state in self.states.items() if state not in UP_STATES)
 
     def read(self) -> list[str]:
         """The busy worker threads, sorted."""
@@ -175,6 +202,8 @@ class WorkerActivity:
             if event is not None:
                 self.busy[event[0]] = event[1]
                 self.events += 1
+            if (state := worker_state(line)) is not None:
+                self.states[state[0]] = state[1]
         return sorted(t for t, b in self.busy.items() if b)
 
 
@@ -211,7 +240,7 @@ def outstanding(arrivals: dict[str, int], answers: dict[str, int], grpc_answers:
 
 def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, inode: int | None = None,
           ts_log: str | os.PathLike | None = None, ts_log_offset: int = 0, ts_log_inode: int | None = None,
-          timeout: float = 30, poll: float = 0.05, settle: float = 0.25) -> dict:
+          timeout: float = 30, poll: float = 0.05, settle: float = 0.25, stale: float = 2.0) -> dict:
     """Wait until every inference request that had arrived when this was called is answered.
 
     Counted requests: done when the answers logged since start cover, model by model, the arrivals
@@ -223,9 +252,14 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
     ``timeout`` seconds with the busy workers named. Both logs are followed across log4j2's rollovers from
     the file that had inode ``inode`` / ``ts_log_inode`` at the offset (:class:`tools.log_tail.LogTail`); if
     the access log rolled into a file that cannot be read, the answers are not countable and, given
-    ``ts_log``, the workers' idleness alone decides (``in_flight`` is then None). Returns ``{"drained",
-    "in_flight", "seconds", "reason", "busy_workers"}``: ``in_flight`` counted requests at the call,
-    ``busy_workers`` the workers busy at the call (a list, empty without ``ts_log``).
+    ``ts_log``, the workers' idleness alone decides (``in_flight`` is then None). Counted arrivals whose
+    answer is never logged (a gRPC call refused by a full queue, a ``StreamPredictions2`` stream's later
+    messages) would otherwise hold every later drain of the server for its whole ``timeout``: given
+    ``ts_log``, once no worker has been busy or has logged a batch for ``stale`` seconds and none is down
+    (:class:`WorkerActivity`), no counted request can still be queued, and the drain ends, the unanswered
+    count in ``reason``. Returns ``{"drained", "in_flight", "seconds", "reason", "busy_workers"}``:
+    ``in_flight`` counted requests at the call, ``busy_workers`` the workers busy at the call (a list, empty
+    without ``ts_log``), ``reason`` why it was not drained, or a note on a drain that ended as above.
     """
     start = time.time()
     try:
@@ -247,15 +281,21 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
     in_flight = counted(done, target)
     busy_at_call = workers.read() if workers is not None else []
     left, busy = in_flight or 0, busy_at_call
-    quiet_since, events = (start if not busy else None), (workers.events if workers is not None else 0)
+    # quiet from now, after the first reads (which may take longer than settle): a line flushed meanwhile counts
+    quiet_since, events = (time.time() if not busy else None), (workers.events if workers is not None else 0)
 
     def result(drained: bool, reason: str = "") -> dict:
         return {"drained": drained, "in_flight": in_flight, "seconds": round(time.time() - start, 3),
                 "reason": reason, "busy_workers": busy_at_call}
     while True:
         now_t = time.time()
-        if left == 0 and (workers is None or (quiet_since is not None and now_t - quiet_since >= settle)):
+        quiet = workers is not None and quiet_since is not None
+        if left == 0 and (workers is None or (quiet and now_t - quiet_since >= settle)):
             return result(True)
+        if left and quiet and now_t - quiet_since >= stale and not workers.down:
+            return result(True, f"{left} counted arrivals have no logged answer while every worker was idle for "
+                                f"{stale:.0f} s (a gRPC call refused by a full queue, a StreamPredictions2 stream, "
+                                "or a request TorchServe answered on no worker thread): none is queued")
         if now_t - start > timeout:
             if left:
                 lost = " (the access log rolled over into a file that could not be read: answers may be missing)"

@@ -275,6 +275,21 @@ def test_a_reexport_from_other_weights_names_the_graphs_it_keeps_from_the_earlie
     manifest = json.loads((tmp_path / "export" / "export.json").read_text())
     shas = {k: v["checkpoint_sha256"] for k, v in manifest["variants"].items()}
     assert shas["onnx"] != shas["torchscript"]
+    # archive refuses the earlier checkpoint's graph (it would serve other weights than the folder's latest
+    # export), alone or among others, and writes nothing; --allow-earlier-checkpoint packs it
+    store = tmp_path / "store"
+    for variant in ("torchscript", "all"):
+        with pytest.raises(SystemExit, match=r"^error: .*'s torchscript graph is of an earlier checkpoint \(.*"
+                           r"--allow-earlier-checkpoint to pack it as it is$") as e:
+            main(["archive", "--dir", str(tmp_path / "export"), "--variant", variant, "--name", "m",
+                  "--model-store", str(store)])
+        assert "\n" not in str(e.value.code) and not (store.exists() and any(store.iterdir()))
+    assert main(["archive", "--dir", str(tmp_path / "export"), "--variant", "onnx", "--name", "m",
+                 "--model-store", str(store)]) == 0
+    assert main(["archive", "--dir", str(tmp_path / "export"), "--variant", "torchscript", "--name", "old",
+                 "--model-store", str(store), "--allow-earlier-checkpoint"]) == 0
+    with zipfile.ZipFile(store / "old.mar") as z:
+        assert json.loads(z.read("model_card.json"))["checkpoint_sha256"] == shas["torchscript"]
 
 
 def test_every_logits_graph_run_by_its_own_runtime_agrees_with_eager(export_dir, export_manifest, checkpoint,

@@ -24,3 +24,32 @@ def test_a_failed_step_after_export_says_the_served_archive_was_kept(monkeypatch
         demo.main([])
     assert titles[-1].startswith("archive") and len(titles) == 5
     assert (mar.read_bytes() if mar.is_file() else None) == before
+
+
+@pytest.mark.parametrize("error", [TimeoutError("TorchServe not ready after 120 s (connection refused): log"),
+                                   RuntimeError("TorchServe exited with 1: log"),
+                                   ConnectionResetError(104, "Connection reset by peer")])
+def test_a_server_that_fails_is_one_line_saying_the_served_archive_was_kept(monkeypatch, capsys, error):
+    """A TorchServe that never gets ready or exits, or a connection reset while the demo checks the served
+    answers: exit status 2 and one line, not a traceback, saying model_store/fmnist.mar was kept."""
+    from inference.cli import run as run_cli
+    mar = REPO / "model_store" / f"{demo.MODEL}.mar"
+    before = mar.read_bytes() if mar.is_file() else None
+    monkeypatch.setattr(demo, "step", lambda title, *cmd, ok=(0,): 0)
+
+    class Server:
+        def __init__(self, **kwargs):
+            self.pid = None
+
+        def start(self):
+            raise error
+
+        def close(self):
+            pass
+    monkeypatch.setattr(demo, "TorchServe", Server)
+    monkeypatch.chdir(REPO)
+    assert run_cli(demo.main, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: demo stopped: ") and \
+        err[0].endswith(f"model_store/{demo.MODEL}.mar was left as it was"), err
+    assert (mar.read_bytes() if mar.is_file() else None) == before

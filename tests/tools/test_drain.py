@@ -63,6 +63,12 @@ def test_model_of_uri_covers_every_counted_route(uri, model):
     (line("epollEventLoopGroup-3-1", "POST", "/predictions/shapes/9.9", 404), (None, False)),
     (line("epollEventLoopGroup-3-1", "POST", "/v2/models/shapes/versions/1.0/infer", 501), (None, False)),
     (grpc_line("grpc-default-executor-0", f"{GRPC}/Predictions", 13), (None, False)),       # model not found
+    # a counted gRPC call the client cancelled (deadline): closed CANCELLED by the cancel handler on a gRPC
+    # thread, its job's answer never logged: an answer to some model
+    (grpc_line("grpc-default-executor-2", f"{GRPC}/Predictions", 1), (None, True)),
+    # /invocations without ?model_name: TorchServe's only model, answered on its worker thread
+    (line("W-9000-shapes_1.0", "POST", "/invocations", 200), ("shapes", False)),
+    (line("epollEventLoopGroup-3-1", "POST", "/invocations", 400), (None, False)),
     # a full queue answers 503 on the Netty thread after counting the arrival: an answer
     (line("epollEventLoopGroup-3-2", "POST", "/predictions/shapes", 503), ("shapes", False)),
     # not inference, or never counted as an arrival
@@ -364,3 +370,62 @@ def test_drain_with_answers_lost_to_a_compressed_rollover_waits_for_idle_workers
     assert result["drained"] and result["in_flight"] is None, result
     result = drain(metrics.url, log, inode=ino, timeout=0.3)  # and no ts_log to tell: not drained, and why
     assert not result["drained"] and "rolled over into a file that could not be read" in result["reason"], result
+
+
+def test_a_cancelled_grpc_call_does_not_hold_every_later_drain(metrics, tmp_path):
+    """A gRPC client's deadline passed: TorchServe counted the call, closed it CANCELLED on a gRPC thread and
+    never logs its job's answer. The gap it left stayed for the server's life: every later `make stop`
+    waited its whole timeout and said "not drained"."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {"shapes": 3}
+    log.write_text(line("W-9000-shapes_1.0", "POST", "/predictions/shapes", 200)
+                   + grpc_line("W-9000-shapes_1.0", f"{GRPC}/Predictions", 0)
+                   + grpc_line("grpc-default-executor-1", f"{GRPC}/Predictions", 1))
+    ts_log.write_text(ts_line(W, "TRACE", "Model", "get first job: x") + ANSWERED)
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=5)
+    assert result["drained"] and result["in_flight"] == 0 and result["seconds"] < 1, result
+
+
+def test_arrivals_that_are_never_answered_end_the_drain_once_every_worker_stays_idle(metrics, tmp_path):
+    """A StreamPredictions2 stream (every message counted, one line per stream) or a gRPC call refused by a
+    full queue: no line will ever answer them. With the workers' log: ended once every worker has been idle
+    for `stale` seconds, and said; without it, or while a worker is down (its model's jobs wait for its
+    restart), the drain waits for its timeout."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {"slow": 3}
+    log.write_text(grpc_line(W, f"{GRPC}/StreamPredictions2", 0))
+    ts_log.write_text(TAKEN + ANSWERED)
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=10, stale=0.5)
+    assert result["drained"] and result["in_flight"] == 2 and 0.5 <= result["seconds"] < 3, result
+    assert result["reason"].startswith("2 counted arrivals have no logged answer"), result
+    assert not drain(metrics.url, log, timeout=0.8, stale=0.5)["drained"]  # no ts_log: cannot tell
+    with open(ts_log, "a") as f:  # the worker died and waits for its restart: its queued jobs with it
+        f.write(ts_line(W, "DEBUG", "WorkerThread", f"{W} State change WORKER_MODEL_LOADED -> WORKER_STOPPED"))
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=1.2, stale=0.5)
+    assert not result["drained"] and "2 of 2 requests still unanswered" in result["reason"], result
+    with open(ts_log, "a") as f:  # restarted and loaded: idle again, nothing queued
+        f.write(ts_line(W, "DEBUG", "WorkerThread", f"{W} State change WORKER_STARTED -> WORKER_MODEL_LOADED"))
+    assert drain(metrics.url, log, ts_log=ts_log, timeout=5, stale=0.5)["drained"]
+
+
+def test_a_line_flushed_while_the_first_read_ran_restarts_the_quiet_window(metrics, tmp_path, monkeypatch):
+    """The first reads of a long-running server's logs can take longer than `settle`: the quiet window
+    starts after them, so a batch line written meanwhile is read before the drain ends."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {}
+    ts_log.write_text(ANSWERED)
+    real = WorkerActivity.read
+    calls = []
+
+    def slow_first_read(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.4)
+            busy = real(self)
+            with open(ts_log, "a") as f:  # an uncounted ModelInfer's batch, flushed just after the read
+                f.write(TAKEN)
+            return busy
+        return real(self)
+    monkeypatch.setattr(WorkerActivity, "read", slow_first_read)
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=0.8, settle=0.25)
+    assert not result["drained"] and W in result["reason"], result
