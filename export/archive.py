@@ -192,7 +192,9 @@ def check_name(value: str, option: str) -> str:
 def check_checkpoint_current(manifest: dict, variant: str, *, export_dir: str | os.PathLike) -> None:
     """Refuse ``variant`` when an earlier export into ``export_dir`` wrote it from another checkpoint than
     the folder's latest export (a variant refused or not asked for by that export keeps its earlier graph:
-    packing it would serve weights other than the ones the folder was last exported from)."""
+    packing it would serve weights other than the ones the folder was last exported from). "Latest" is the
+    latest export that wrote a graph: one whose every variant was refused leaves ``export.json`` as it was
+    (the export said so, exit status 3)."""
     own, latest = manifest["variants"][variant].get("checkpoint_sha256"), manifest.get("checkpoint_sha256")
     if own and latest and own != latest:
         info = manifest["variants"][variant]

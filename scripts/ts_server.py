@@ -227,8 +227,9 @@ def stop(args: argparse.Namespace) -> int:
                 busy = f" ({n} busy worker{'s' * (n != 1)} now idle)" if n else ""
                 answered = (f"{result['in_flight']} requests in flight answered" if result["in_flight"] is not None
                             else "every worker idle (the access log rolled over into a file that could not be read)")
-                note = f"; {result['reason']}" if result["reason"] else ""
-                print(f"drained: {answered}{busy} in {result['seconds']} s{note}", flush=True)
+                if result["reason"]:  # ended on idle workers with arrivals that no line will ever answer
+                    answered = f"every worker idle, {result['reason']}"
+                print(f"drained: {answered}{busy} in {result['seconds']} s", flush=True)
             else:
                 print(f"not drained: {result['reason']}", flush=True)
         except ProcessLookupError:

@@ -140,7 +140,8 @@ def answered_model(line: str, models=()) -> tuple[str | None, bool]:
             return worker_model(worker["name"], models), False
         # not on a worker: refused before it was counted, or (CANCELLED) a counted call the client cancelled
         # (a deadline), closed by TorchServe's cancel handler; its job's answer is then never logged
-        return None, m["status"] == GRPC_CANCELLED
+        # (a StreamPredictions2 stream's cancel handler is set once per stream, counted messages or not)
+        return None, m["status"] == GRPC_CANCELLED and not m["uri"].endswith("/StreamPredictions2")
     name = model_of_uri(m["uri"])
     if name is None and worker and m["uri"].partition("?")[0].rstrip("/") == "/invocations":
         name = worker_model(worker["name"], models)  # no ?model_name: TorchServe's only model answered it
@@ -151,7 +152,8 @@ def answered_model(line: str, models=()) -> tuple[str | None, bool]:
 
 TS_LOG_RE = re.compile(r'^\S+ \[\s*[A-Z]+\s*\] (?P<thread>\S+) (?P<logger>\S+) - (?P<msg>.*)$')
 STATE_RE = re.compile(r'^(?P<worker>\S+) State change \S+ -> (?P<state>[A-Z_]+)')  # WorkerThread.setState (DEBUG)
-UP_STATES = ("WORKER_MODEL_LOADED", "WORKER_SCALED_DOWN")  # serving, or gone for good: no restart to wait for
+STARTING = "Worker cmdline: "  # WorkerLifeCycle (DEBUG), on the worker's thread, before its process starts
+LOADED, SCALED_DOWN = "WORKER_MODEL_LOADED", "WORKER_SCALED_DOWN"
 BUSY_MESSAGES = ("get first job: ", "Flushing req.cmd ")            # a batch taken, a batch sent to the backend
 IDLE_MESSAGES = ("Backend response time: ", "Backend worker thread exception")  # answered, or died
 WORKER_THREAD_RE = re.compile(r'^W-\d+-.+_[^_]*$')
@@ -172,8 +174,11 @@ def worker_event(line: str) -> tuple[str, bool] | None:
 
 
 def worker_state(line: str) -> tuple[str, str] | None:
-    """``(worker, new state)`` for a ``ts_log.log`` line of a worker's state change, else None."""
+    """``(worker, new state)`` for a ``ts_log.log`` line of a worker's state change, ``(worker, "STARTING")``
+    for the line a worker logs before it starts its process, else None."""
     m = TS_LOG_RE.match(line)
+    if m and m["msg"].startswith(STARTING) and WORKER_THREAD_RE.match(m["thread"]):
+        return m["thread"], "STARTING"
     s = STATE_RE.match(m["msg"]) if m else None
     return (s["worker"], s["state"]) if s else None
 
@@ -182,8 +187,10 @@ class WorkerActivity:
     """Which TorchServe worker threads are busy with a batch, read incrementally from ``ts_log.log``
     from ``offset`` on (the size it had when the server started). ``events`` counts the batch-cycle
     lines read so far (TorchServe's log4j2.xml writes each ``org.pytorch.serve`` line twice, which does
-    not change who is busy); ``down``: the workers whose last state is neither loaded nor scaled down
-    (starting, or stopped and waiting for their restart: their model's queued jobs wait for it)."""
+    not change who is busy); ``down``: the workers starting, or stopped and waiting for their restart (their
+    model's queued jobs wait for them), i.e. whose last state is not loaded; a worker scaled down is gone
+    for good (the ``WORKER_STOPPED`` it logs next, as its thread ends, is no restart to wait for);
+    ``states``: whether the log shows workers' states at all (TorchServe's DEBUG lines)."""
 
     def __init__(self, path: str | os.PathLike, offset: int = 0, inode: int | None = None):
         self.tail = LogTail(path, offset, inode)
@@ -193,7 +200,7 @@ class WorkerActivity:
 
     @property
     def down(self) -> list[str]:
-        return sorted(w for w, state in self.states.items() if state not in UP_STATES)
+        return sorted(w for w, state in self.states.items() if state not in (LOADED, SCALED_DOWN))
 
     def read(self) -> list[str]:
         """The busy worker threads, sorted."""
@@ -202,7 +209,7 @@ class WorkerActivity:
             if event is not None:
                 self.busy[event[0]] = event[1]
                 self.events += 1
-            if (state := worker_state(line)) is not None:
+            if (state := worker_state(line)) is not None and self.states.get(state[0]) != SCALED_DOWN:
                 self.states[state[0]] = state[1]
         return sorted(t for t, b in self.busy.items() if b)
 
@@ -255,9 +262,10 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
     ``ts_log``, the workers' idleness alone decides (``in_flight`` is then None). Counted arrivals whose
     answer is never logged (a gRPC call refused by a full queue, a ``StreamPredictions2`` stream's later
     messages) would otherwise hold every later drain of the server for its whole ``timeout``: given
-    ``ts_log``, once no worker has been busy or has logged a batch for ``stale`` seconds and none is down
-    (:class:`WorkerActivity`), no counted request can still be queued, and the drain ends, the unanswered
-    count in ``reason``. Returns ``{"drained", "in_flight", "seconds", "reason", "busy_workers"}``:
+    ``ts_log``, once no worker has been busy or has logged a batch for ``stale`` seconds and none is starting
+    or down (:class:`WorkerActivity`; only where the log shows the workers' states, TorchServe's DEBUG lines,
+    and none of it was lost to a rollover), no counted request can still be queued, and the drain ends, the
+    unanswered count in ``reason``. Returns ``{"drained", "in_flight", "seconds", "reason", "busy_workers"}``:
     ``in_flight`` counted requests at the call, ``busy_workers`` the workers busy at the call (a list, empty
     without ``ts_log``), ``reason`` why it was not drained, or a note on a drain that ended as above.
     """
@@ -292,7 +300,8 @@ def drain(metrics_url: str, access_log: str | os.PathLike, *, offset: int = 0, i
         quiet = workers is not None and quiet_since is not None
         if left == 0 and (workers is None or (quiet and now_t - quiet_since >= settle)):
             return result(True)
-        if left and quiet and now_t - quiet_since >= stale and not workers.down:
+        if left and quiet and now_t - quiet_since >= stale and workers.states and not workers.down \
+                and not workers.tail.lost:  # the log shows every worker's state, none starting or restarting
             return result(True, f"{left} counted arrivals have no logged answer while every worker was idle for "
                                 f"{stale:.0f} s (a gRPC call refused by a full queue, a StreamPredictions2 stream, "
                                 "or a request TorchServe answered on no worker thread): none is queued")

@@ -207,6 +207,10 @@ def read_properties(path: str | os.PathLike) -> dict[str, str]:
     return props
 
 
+class ServerExited(RuntimeError):
+    """TorchServe exited while it was being started (its log's tail in the message)."""
+
+
 class TorchServe:
     """One TorchServe instance: ``start()`` waits until the models answer, ``stop()`` ends it by PID."""
 
@@ -295,7 +299,7 @@ class TorchServe:
                 if time.time() > deadline:
                     raise TimeoutError(f"no complete {self.key_file} after {timeout:.0f} s: {self.tail_log()}") from None
                 if self.launcher is not None and self.launcher.poll() is not None:
-                    raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}") from None
+                    raise ServerExited(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}") from None
                 time.sleep(0.2)
 
     def auth(self, kind: str = "inference") -> dict[str, str]:
@@ -358,7 +362,7 @@ class TorchServe:
             if pid_file.is_file() and pid_file.read_text().strip():
                 return int(pid_file.read_text().strip())
             if self.launcher.poll() is not None:
-                raise RuntimeError(f"torchserve exited with {self.launcher.returncode}: {self.tail_log()}")
+                raise ServerExited(f"torchserve exited with {self.launcher.returncode}: {self.tail_log()}")
             time.sleep(0.1)
         raise TimeoutError("torchserve wrote no PID file")
 
@@ -392,7 +396,7 @@ class TorchServe:
             self.keys(timeout=timeout)
         while time.time() < deadline:
             if self.launcher and self.launcher.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}")
+                raise ServerExited(f"TorchServe exited with {self.launcher.returncode}: {self.tail_log()}")
             try:
                 status, body = call(f"{self.url}/ping", headers=self.auth("inference"), timeout=5)
                 if status == 200 and json.loads(body).get("status") == "Healthy":

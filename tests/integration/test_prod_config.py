@@ -240,6 +240,23 @@ def test_make_serve_with_the_prod_profile_is_ready_keyed_and_drains_every_route(
             assert [w for w in result["busy_workers"] if w.endswith("-slow_1.0")], result
             assert oip_answer["outputs"] == ["labels", "scores", "indices"], oip_answer
 
+            # a gRPC call whose deadline passes in the slow model's batch window: TorchServe counted it, its
+            # cancel handler closes it CANCELLED on a gRPC thread, and the job's answer is never logged. That
+            # gap held every later drain of the server for its whole timeout ("not drained: 1 of 1")
+            before = inference_arrivals(metrics).get("slow", 0)  # ModelInfer above counted none
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Predictions(pb.PredictionsRequest(model_name="slow", input={"data": IMAGE}), metadata=metadata,
+                                 timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert inference_arrivals(metrics)["slow"] == before + 1  # counted
+            result = drain(metrics, state["access_log"], offset=state["access_log_offset"], ts_log=state["ts_log"],
+                           ts_log_offset=state["ts_log_offset"], timeout=30)
+            assert result["drained"] and result["in_flight"] == 0 and not result["reason"], result
+            assert '"gRPC org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions HTTP/2.0" 1 ' in \
+                access_log.read_text()
+            result = drain(metrics, state["access_log"], offset=state["access_log_offset"], timeout=5)
+            assert result["drained"] and result["seconds"] < 2, result  # and later drains are not held
+
             # make stop with a /v2 and a gRPC request in flight on the slow model: both answered, then stopped
             answers: dict[str, object] = {}
 

@@ -2,10 +2,14 @@
 (model_store/fmnist.mar) was left as it was, and leaves it so."""
 from __future__ import annotations
 
+import urllib.error
+
 import pytest
 
+from inference.cli import UsageError
 from scripts import demo
 from tools import REPO
+from tools.torchserve import ServerExited
 
 
 def test_a_failed_step_after_export_says_the_served_archive_was_kept(monkeypatch):
@@ -27,11 +31,14 @@ def test_a_failed_step_after_export_says_the_served_archive_was_kept(monkeypatch
 
 
 @pytest.mark.parametrize("error", [TimeoutError("TorchServe not ready after 120 s (connection refused): log"),
-                                   RuntimeError("TorchServe exited with 1: log"),
-                                   ConnectionResetError(104, "Connection reset by peer")])
+                                   ServerExited("TorchServe exited with 1: log"),
+                                   UsageError("something already listens on 127.0.0.1:8080"),
+                                   ConnectionResetError(104, "Connection reset by peer"),
+                                   urllib.error.URLError("Connection refused")])
 def test_a_server_that_fails_is_one_line_saying_the_served_archive_was_kept(monkeypatch, capsys, error):
-    """A TorchServe that never gets ready or exits, or a connection reset while the demo checks the served
-    answers: exit status 2 and one line, not a traceback, saying model_store/fmnist.mar was kept."""
+    """A TorchServe that never gets ready, exits or cannot start, or a connection refused or reset while the
+    demo checks the served answers: exit status 2 and one line, not a traceback, saying
+    model_store/fmnist.mar was kept. A bug (any other error) keeps its traceback."""
     from inference.cli import run as run_cli
     mar = REPO / "model_store" / f"{demo.MODEL}.mar"
     before = mar.read_bytes() if mar.is_file() else None
@@ -53,3 +60,21 @@ def test_a_server_that_fails_is_one_line_saying_the_served_archive_was_kept(monk
     assert len(err) == 1 and err[0].startswith("error: demo stopped: ") and \
         err[0].endswith(f"model_store/{demo.MODEL}.mar was left as it was"), err
     assert (mar.read_bytes() if mar.is_file() else None) == before
+
+
+def test_a_bug_in_the_serve_stage_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr(demo, "step", lambda title, *cmd, ok=(0,): 0)
+
+    class Server:
+        def __init__(self, **kwargs):
+            self.pid = None
+
+        def start(self):
+            raise RuntimeError("a bug")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(demo, "TorchServe", Server)
+    monkeypatch.chdir(REPO)
+    with pytest.raises(RuntimeError, match="a bug"):
+        demo.main([])

@@ -66,6 +66,8 @@ def test_model_of_uri_covers_every_counted_route(uri, model):
     # a counted gRPC call the client cancelled (deadline): closed CANCELLED by the cancel handler on a gRPC
     # thread, its job's answer never logged: an answer to some model
     (grpc_line("grpc-default-executor-2", f"{GRPC}/Predictions", 1), (None, True)),
+    # ... but not a cancelled bidirectional stream: its cancel handler is set once per stream, counted or not
+    (grpc_line("grpc-default-executor-2", f"{GRPC}/StreamPredictions2", 1), (None, False)),
     # /invocations without ?model_name: TorchServe's only model, answered on its worker thread
     (line("W-9000-shapes_1.0", "POST", "/invocations", 200), ("shapes", False)),
     (line("epollEventLoopGroup-3-1", "POST", "/invocations", 400), (None, False)),
@@ -386,26 +388,65 @@ def test_a_cancelled_grpc_call_does_not_hold_every_later_drain(metrics, tmp_path
     assert result["drained"] and result["in_flight"] == 0 and result["seconds"] < 1, result
 
 
+def state_line(worker: str, old: str, new: str, thread: str | None = None) -> str:
+    """WorkerThread.setState's DEBUG line (logged on the worker's thread, or on the thread that scales it down)."""
+    return ts_line(thread or worker, "DEBUG", "WorkerThread", f"{worker} State change {old} -> {new}")
+
+
+STARTED = (ts_line(W, "DEBUG", "WorkerLifeCycle", "Worker cmdline: [python, ts/model_service_worker.py]")
+           + state_line(W, "null", "WORKER_STARTED") + state_line(W, "WORKER_STARTED", "WORKER_MODEL_LOADED"))
+
+
 def test_arrivals_that_are_never_answered_end_the_drain_once_every_worker_stays_idle(metrics, tmp_path):
-    """A StreamPredictions2 stream (every message counted, one line per stream) or a gRPC call refused by a
-    full queue: no line will ever answer them. With the workers' log: ended once every worker has been idle
-    for `stale` seconds, and said; without it, or while a worker is down (its model's jobs wait for its
-    restart), the drain waits for its timeout."""
+    """A StreamPredictions2 stream (every message counted, one line per stream, written on a gRPC thread) or a
+    gRPC call refused by a full queue: no line will ever answer them. With the workers' log: ended once
+    every worker has been idle for `stale` seconds, and said; without it, or while a worker is starting or
+    down (its model's jobs wait for it), the drain waits for its timeout."""
     log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
     metrics.arrivals = {"slow": 3}
-    log.write_text(grpc_line(W, f"{GRPC}/StreamPredictions2", 0))
-    ts_log.write_text(TAKEN + ANSWERED)
+    log.write_text(line(W, "POST", "/predictions/slow", 200)
+                   + grpc_line("grpc-default-executor-3", f"{GRPC}/StreamPredictions2", 0)
+                   + grpc_line("grpc-default-executor-4", f"{GRPC}/StreamPredictions2", 1))  # cancelled stream
+    ts_log.write_text(STARTED + TAKEN + ANSWERED)
     result = drain(metrics.url, log, ts_log=ts_log, timeout=10, stale=0.5)
     assert result["drained"] and result["in_flight"] == 2 and 0.5 <= result["seconds"] < 3, result
     assert result["reason"].startswith("2 counted arrivals have no logged answer"), result
     assert not drain(metrics.url, log, timeout=0.8, stale=0.5)["drained"]  # no ts_log: cannot tell
     with open(ts_log, "a") as f:  # the worker died and waits for its restart: its queued jobs with it
-        f.write(ts_line(W, "DEBUG", "WorkerThread", f"{W} State change WORKER_MODEL_LOADED -> WORKER_STOPPED"))
+        f.write(state_line(W, "WORKER_MODEL_LOADED", "WORKER_STOPPED"))
     result = drain(metrics.url, log, ts_log=ts_log, timeout=1.2, stale=0.5)
     assert not result["drained"] and "2 of 2 requests still unanswered" in result["reason"], result
-    with open(ts_log, "a") as f:  # restarted and loaded: idle again, nothing queued
-        f.write(ts_line(W, "DEBUG", "WorkerThread", f"{W} State change WORKER_STARTED -> WORKER_MODEL_LOADED"))
+    with open(ts_log, "a") as f:  # restarted: starting (its process not up yet) is not idle either
+        f.write(ts_line(W, "DEBUG", "WorkerLifeCycle", "Worker cmdline: [python, ts/model_service_worker.py]"))
+    assert not drain(metrics.url, log, ts_log=ts_log, timeout=1.2, stale=0.5)["drained"]
+    with open(ts_log, "a") as f:
+        f.write(state_line(W, "null", "WORKER_STARTED") + state_line(W, "WORKER_STARTED", "WORKER_MODEL_LOADED"))
     assert drain(metrics.url, log, ts_log=ts_log, timeout=5, stale=0.5)["drained"]
+
+
+def test_a_scaled_down_worker_is_gone_not_down(metrics, tmp_path):
+    """Scaling down (PUT min_worker, an unregister) logs SCALED_DOWN from the management thread, then the
+    worker's own thread logs WORKER_STOPPED as it ends: no restart comes, so it does not hold the drain."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    other = "W-9001-slow_1.0"
+    metrics.arrivals = {"slow": 2}
+    log.write_text(line(W, "POST", "/predictions/slow", 200))
+    ts_log.write_text(STARTED + STARTED.replace(W, other) + TAKEN + ANSWERED
+                      + state_line(other, "WORKER_MODEL_LOADED", "WORKER_SCALED_DOWN", thread="epollEventLoopGroup-3-2")
+                      + state_line(other, "WORKER_SCALED_DOWN", "WORKER_STOPPED"))
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=5, stale=0.5)
+    assert result["drained"] and result["in_flight"] == 1, result
+
+
+def test_without_the_workers_states_in_the_log_unanswered_arrivals_hold_the_drain(metrics, tmp_path):
+    """A log4j2.xml at INFO (deploy/'s) writes no batch or state lines: idle-looking workers may be mid-batch,
+    so only the counts decide."""
+    log, ts_log = tmp_path / "access_log.log", tmp_path / "ts_log.log"
+    metrics.arrivals = {"slow": 2}
+    log.write_text(line(W, "POST", "/predictions/slow", 200))
+    ts_log.write_text(ANSWERED)
+    result = drain(metrics.url, log, ts_log=ts_log, timeout=1.0, stale=0.3)
+    assert not result["drained"] and "1 of 1 requests still unanswered" in result["reason"], result
 
 
 def test_a_line_flushed_while_the_first_read_ran_restarts_the_quiet_window(metrics, tmp_path, monkeypatch):
