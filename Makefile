@@ -48,7 +48,7 @@ demo: setup $(FMNIST)
 	$(PY) -m scripts.demo
 
 test: setup $(FMNIST) lint
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=20  # the 20 slowest tests: the suite must stay under 30 minutes on 2 cores
 
 lint: setup
 	$(PY) -m ruff check .

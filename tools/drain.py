@@ -52,8 +52,9 @@ thread, and its job's answer is never logged: that line counts as an answer to s
 without a logged answer: a gRPC call refused by a full queue (its INTERNAL is indistinguishable from an
 unknown model's), and the bidirectional ``StreamPredictions2``, which counts every message but is logged
 once per stream. Their arrivals stay counted for the server's life; given ``ts_log``, a drain ends anyway
-once every worker has been idle for ``stale`` seconds with none down (a counted job waits in the queue
-only while its model's workers are busy or restarting), and says how many arrivals had no answer. From an access log without thread names (a TorchServe started otherwise)
+once every worker has been idle for ``stale`` seconds with none starting or restarting (a counted job
+waits in the queue only while its model's workers are busy, starting or restarting), and says how many
+arrivals had no answer. From an access log without thread names (a TorchServe started otherwise)
 HTTP lines count by the model in their URI, refusals included, and gRPC lines count as answers to
 any model: refusals of a served model's requests during a drain can then end it early.
 """
