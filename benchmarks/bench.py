@@ -63,7 +63,7 @@ DEFAULT_CONFIGS = ("stock,ours_fp32,ours_fp32_flip,ours_fp32_adaptive,ours_ov_f3
                    "ours_ov_int8")
 SMOKE = {"models": ["smoke"], "configs": ["ours_fp32", "ours_fp32_flip"], "users": [1, 16], "duration": 2,
          "low_duration": 2, "search_duration": 2, "warmup": 1, "settle": 1, "limit_seconds": 1.0, "tta_seconds": 0.2,
-         "photos": 3}
+         "tta_rounds": 1, "photos": 3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     if args.smoke:
         models, names = SMOKE["models"], SMOKE["configs"]
         plan.top_users, plan.low_users = max(SMOKE["users"]), tuple(SMOKE["users"][:-1])
-        for k in ("duration", "low_duration", "search_duration", "warmup", "settle", "limit_seconds", "tta_seconds"):
+        for k in ("duration", "low_duration", "search_duration", "warmup", "settle", "limit_seconds", "tta_seconds",
+                  "tta_rounds"):
             setattr(plan, k, SMOKE[k])
         photos = SMOKE["photos"]
     unknown = [m for m in models if m not in MODELS]

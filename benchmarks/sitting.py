@@ -63,7 +63,8 @@ class Plan:
     settle: int = 20            # seconds of the uncounted run of each chosen server before the repeats (JIT)
     repeats: int = 3
     limit_seconds: float = 8.0
-    tta_seconds: float = 1.0     # per item and round of the TTA breakdown (3 rounds)
+    tta_seconds: float = 1.0     # per item and round of the TTA breakdown
+    tta_rounds: int = 3          # interleaved rounds of the TTA breakdown
     set_configs: tuple[str, ...] = ("stock", "ours_fp32")
     batch: int = BATCH          # TorchServe batchSize of every configuration, and the in-process limit's batch
     max_batch_delay: int = MAX_BATCH_DELAY  # ms, TorchServe maxBatchDelay of every configuration
@@ -145,7 +146,8 @@ class ModelSitting:
                 if info.get("runtime") == "openvino" else None
             out["runtime_precision"] = precision
             out["gate"] = verdict(arch=self.prep.spec.arch, variant_info=info, variant=c.variant,
-                                  runtime_precision=precision, gates=self.gates)
+                                  runtime_precision=precision, gates=self.gates,
+                                  model_kwargs=self.prep.spec.model_kwargs or {})
         else:
             out["gate"] = {"status": "baseline", "counts": False, "label": "stock (eager fp32)"}
         return out
@@ -276,7 +278,8 @@ class ModelSitting:
                 extra["tta_breakdown"] = breakdown(
                     str(self.prep.export_dir / info["files"][0]), payloads=self.job(flip).payloads,
                     crop_size=self.prep.spec.input_size, resize_size=self.prep.spec.resize_size,
-                    threads=split.threads, batch=self.plan.batch, min_run_time=self.plan.tta_seconds)
+                    threads=split.threads, batch=self.plan.batch, min_run_time=self.plan.tta_seconds,
+                    rounds=self.plan.tta_rounds)
             finally:
                 torch.set_num_threads(threads)
             b = extra["tta_breakdown"]

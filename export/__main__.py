@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                    allow_earlier_checkpoint=args.allow_earlier_checkpoint, **options)
         except (SettingsError, FileNotFoundError, ValueError, ArchiverError) as e:
             raise SystemExit(f"error: {e}") from None
-        plan = archive_plan(args.dir, variants=args.variant, name=args.name, file_name=args.file_name)
+        plan = archive_plan(args.dir, variants=args.variant, name=args.name, file_name=args.file_name,
+                            allow_earlier_checkpoint=True)  # the names of what was built (checked above)
         for path, (variant, name, file_name) in zip(paths, plan):
             print(f"wrote {path}; the same by hand:\n  " + archiver_command(
                 args.dir, variant=variant, name=name, version=args.version, file_name=file_name,

@@ -265,18 +265,23 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
     return target
 
 
-def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
-                 file_name: str | None = None) -> list[tuple[str, str, str]]:
+def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
+                 allow_earlier_checkpoint: bool = False) -> list[tuple[str, str, str]]:
     """``(variant, model name, file name)`` of each archive of ``variants`` (``all``, or a comma list);
-    with several, model and file names (``file_name``, else ``name``) get a ``_<variant>`` suffix."""
+    with several, model and file names (``file_name``, else ``name``) get a ``_<variant>`` suffix. Every
+    variant is checked before any archive is written: it exists, and it is of the folder's latest
+    checkpoint unless ``allow_earlier_checkpoint`` (:func:`check_checkpoint_current`)."""
     check_name(name, "--name")
     check_name(file_name or name, "--file-name")
     manifest = load_manifest(export_dir)
     names = list(manifest["variants"]) if variants == "all" else [v.strip() for v in variants.split(",") if v.strip()]
     if not names:
         raise ValueError(f"--variant {variants!r} names no variant (e.g. onnx, or all)")
-    if missing := [v for v in names if v not in manifest["variants"]]:  # before any archive is written
+    if missing := [v for v in names if v not in manifest["variants"]]:
         raise ValueError(f"{export_dir} holds no {', '.join(missing)} graph (it has: {', '.join(manifest['variants'])})")
+    if not allow_earlier_checkpoint:
+        for v in names:
+            check_checkpoint_current(manifest, v, export_dir=export_dir)
     if len(names) == 1:
         return [(names[0], name, file_name or name)]
     return [(v, f"{name}_{v.replace('-', '_')}", f"{file_name or name}_{v.replace('-', '_')}") for v in names]
@@ -284,12 +289,8 @@ def archive_plan(export_dir: str | os.PathLike, *, variants: str, name: str,
 
 def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, file_name: str | None = None,
                    allow_earlier_checkpoint: bool = False, **kwargs) -> list[Path]:
-    """One archive per variant of :func:`archive_plan`; none when one of them would be refused for its
-    checkpoint (:func:`check_checkpoint_current`)."""
-    plan = archive_plan(export_dir, variants=variants, name=name, file_name=file_name)
-    if not allow_earlier_checkpoint:
-        manifest = load_manifest(export_dir)
-        for v, _, _ in plan:
-            check_checkpoint_current(manifest, v, export_dir=export_dir)
+    """One archive per variant of :func:`archive_plan`; none when one of them is refused there."""
+    plan = archive_plan(export_dir, variants=variants, name=name, file_name=file_name,
+                        allow_earlier_checkpoint=allow_earlier_checkpoint)
     return [build_archive(export_dir, variant=v, name=n, file_name=f, allow_earlier_checkpoint=True, **kwargs)
             for v, n, f in plan]

@@ -244,7 +244,8 @@ class Exporter:
             calibration = None
             if int8:
                 calibration = self.int8_inputs(speed_only=speed_only and data is None, calib_data=calib_data,
-                                               val_data=val_data, val_images=val_images, calib_images=calib_images)
+                                               val_data=val_data, val_images=val_images, calib_images=calib_images,
+                                               test_paths=evalset.paths)
             ref_acc = self.reference_accuracy(evalset)
             run = self.manifest({}, ref_acc, evalset.source)
             run["speed_only"] = bool(speed_only and evalset.labels is None)
@@ -284,7 +285,7 @@ class Exporter:
             return manifest
 
     def int8_inputs(self, *, speed_only: bool, calib_data: str | None, val_data: str | None, val_images: int,
-                    calib_images: int) -> torch.Tensor:
+                    calib_images: int, test_paths: tuple[str, ...] = ()) -> torch.Tensor:
         """INT8's calibration images (returned) and, unless ``speed_only``, its held-out validation images
         (``self.validation``) from :func:`export.splits.held_out`."""
         if speed_only:
@@ -293,7 +294,7 @@ class Exporter:
             return calibration
         split = held_out(checkpoint_config=self.ckpt.get("config") or {}, class_names=self.spec.class_names,
                          val_data=val_data, calib_data=calib_data, val_images=val_images, calib_images=calib_images,
-                         selection=self.ckpt.get("selection"))
+                         selection=self.ckpt.get("selection"), test_paths=test_paths)
         calibration = load_calibration(split.calib_paths, self.spec, count=calib_images)
         images, labels = load_labelled(split.val_paths, split.val_labels, self.spec)
         self.validation = (images, labels, split.val_source)

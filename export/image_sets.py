@@ -26,6 +26,7 @@ class EvalSet:
     full: torch.Tensor
     labels: torch.Tensor | None
     source: str
+    paths: tuple[str, ...] = ()  # the files of a labelled set (none for random images)
 
 
 def _read_readable(paths: list[str], *, min_side: int | None, what: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -64,7 +65,7 @@ def load_eval_set(data: str | None, spec, *, count: int, seed: int = 0) -> EvalS
     idx = random.Random(seed).sample(range(len(paths)), min(count, len(paths)))
     decoded, kept = _read_readable([paths[i] for i in idx], min_side=crop.min_decode_side, what=f"images of {data}")
     return EvalSet(crop.batch(decoded), full.batch(decoded), torch.tensor([labels[idx[k]] for k in kept]),
-                   f"{len(kept)} images of {data}{_skipped(len(idx), len(kept))}")
+                   f"{len(kept)} images of {data}{_skipped(len(idx), len(kept))}", tuple(paths[idx[k]] for k in kept))
 
 
 def load_calibration(source: str | list[str], spec, *, count: int, seed: int = 1) -> torch.Tensor:

@@ -85,16 +85,29 @@ def validation_numbers(pred: np.ndarray, *, ref: np.ndarray, labels: np.ndarray,
 def attention_scopes(model: torch.nn.Module, *, prefix: str = "model") -> list[str]:
     """Regular expressions for the ONNX/OpenVINO node names of every attention gate of ``model``
     (``prefix``: the attribute that holds it in the exported wrapper). The ONNX exporter names a node
-    ``/prefix/a/a.b/a.b.c/...`` after the module path ``a.b.c``."""
+    after the module path ``a.b.c``, one segment per level, each either the dotted path so far or the
+    level's own name: ``/model/stages/stages.0/stages.0.0/attn/channel/fc1/Conv`` for the module
+    ``stages.0.0.attn.channel`` (torch 2.11-2.14); both spellings match. :func:`resolve_scopes` checks
+    that each one names a layer of the graph."""
     from training.layers import ChannelAttention, SpatialAttention, SqueezeExcite
 
     out = []
     for name, module in model.named_modules():
         if name and isinstance(module, (ChannelAttention, SpatialAttention, SqueezeExcite)):
             parts = name.split(".")
-            scope = "/" + "/".join([prefix] + [".".join(parts[:i + 1]) for i in range(len(parts))]) + "/"
-            out.append(re.escape(scope) + ".*")
+            segments = [f"(?:{re.escape('.'.join(parts[:i + 1]))}|{re.escape(parts[i])})" for i in range(len(parts))]
+            out.append("/" + "/".join([re.escape(prefix)] + segments) + "/.*")
     return out
+
+
+def resolve_scopes(patterns: list[str], layers: list[str]) -> list[str]:
+    """The ``layers`` (node names) that ``patterns`` match; ``ValueError`` naming a pattern that matches
+    none (the exporter's node naming changed: the layer would silently run in INT8)."""
+    compiled = [re.compile(p) for p in patterns]
+    if unmatched := [p.pattern for p in compiled if not any(p.fullmatch(n) for n in layers)]:
+        raise ValueError(f"{len(unmatched)} attention scope(s) match no weighted layer of the graph (first: "
+                         f"{unmatched[0]}; a layer is named like {layers[len(layers) // 2] if layers else '-'})")
+    return [n for n in layers if any(p.fullmatch(n) for p in compiled)]
 
 
 def onnx_node_name(openvino_name: str) -> str:
@@ -122,13 +135,16 @@ def kept_layers(path: str) -> list[str]:
 
 
 def kept_layers_onnx(path: str) -> tuple[list[str], int]:
-    """The same for a QDQ ONNX graph: a layer runs in INT8 when its input 0 comes from DequantizeLinear."""
+    """The same for a QDQ ONNX graph: a layer runs in INT8 when its activation (input 0) and its weights
+    (input 1) both come from DequantizeLinear. An excluded layer keeps fp32 weights even where its input
+    was quantized for the layer before it (the spatial attention's Conv after a quantized Concat)."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
     layers = [n for n in graph.node if n.op_type in QUANTIZABLE_ONNX]
-    kept = [n.name for n in layers if getattr(producer.get(n.input[0]), "op_type", None) != "DequantizeLinear"]
+    kept = [n.name for n in layers if any(getattr(producer.get(x), "op_type", None) != "DequantizeLinear"
+                                          for x in n.input[:2])]
     return kept, len(layers)
 
 
@@ -150,6 +166,7 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
     model = ov.convert_model(onnx_path)
     weighted = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV]
     ends = [weighted[0], weighted[-1]] if weighted else []
+    kept_from_start = list(dict.fromkeys(ends + resolve_scopes(list(ignored), weighted)))
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}  # judge INT8 against true fp32, not the CPU's bf16 default
     ref = _top1_openvino(core.compile_model(model, "CPU", f32), val_images)
     labels = val_labels.numpy()
@@ -173,7 +190,7 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
             quantized = nncf.quantize_with_accuracy_control(
                 model, calib, validation, validate, max_drop=1.0, drop_type=nncf.DropType.ABSOLUTE,
                 preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration), fast_bias_correction=False,
-                ignored_scope=nncf.IgnoredScope(names=ends, patterns=list(ignored), validate=False),
+                ignored_scope=nncf.IgnoredScope(names=kept_from_start),
                 advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
                     max_num_iterations=max_reverts, ranking_subset_size=min(ranking_images, len(items)),
                     num_ranking_workers=1))
@@ -182,7 +199,7 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
     ov.save_model(quantized, dst_xml, compress_to_fp16=False)
     kept, layers = kept_layers_openvino(quantized)
     pred = _top1_openvino(core.compile_model(quantized, "CPU", f32), val_images)
-    report = {"budget": budget.describe(), "layers": layers, "kept_fp32": kept, "ignored_scope": ends + list(ignored),
+    report = {"budget": budget.describe(), "layers": layers, "kept_fp32": kept, "ignored_scope": kept_from_start,
               "validation": validation_numbers(pred, ref=ref, labels=labels, budget=budget)}
     log(f"openvino-int8: {layers - len(kept)} of {layers} layers in INT8, kept in fp32: {', '.join(kept) or 'none'}; "
         f"validation {_numbers_line(report['validation'])}")

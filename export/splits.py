@@ -11,10 +11,15 @@
 * **Calibration**: ``--calib-data`` when given; else the training images of that run *minus* the
   validation images held out of them.
 
-The test split (``--data``) is only the final report and gate: it chooses nothing.
+The test split (``--data``) is only the final report and gate: it chooses nothing. So the validation and
+calibration images are checked against the test images the export judges on (:func:`check_apart`): a
+file that is one of them (the same path, a link, ``--data`` naming the data-set root whose ``test/``
+it reads) is refused, and so is a set of which more than :data:`MAX_TEST_COPIES` are byte-for-byte
+copies of test images (a copied test folder; a few duplicates between real splits are let through).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from training.image_folder import scan_image_folder
 
 DEFAULT_VAL_IMAGES = 2000   # INT8's accuracy control judges on these
 DEFAULT_CALIB_IMAGES = 300  # and calibrates on these
+MAX_TEST_COPIES = 0.01      # share of validation (or calibration) images that may be copies of test images
 
 
 @dataclass
@@ -59,6 +65,29 @@ def _readable(paths: list[str], labels: list[int]) -> tuple[list[str], list[int]
     return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_apart(paths: list[str], test_paths: list[str] | tuple[str, ...], *, what: str, option: str) -> None:
+    """``ValueError`` when ``paths`` (validation or calibration images) are test images: any of the same
+    file, or more than :data:`MAX_TEST_COPIES` of them identical in content to one."""
+    if not paths or not test_paths:
+        return
+    test_files = {os.path.realpath(p) for p in test_paths}
+    if same := [p for p in paths if os.path.realpath(p) in test_files]:
+        raise ValueError(f"{len(same)} of the {len(paths)} {what} images are test images (e.g. {same[0]}): the test "
+                         f"images judge the graph last; pass {option} with other images")
+    sizes = {p: os.path.getsize(p) for p in (*paths, *test_paths)}  # only a file of the same size can be a copy
+    mine = set(sizes[p] for p in paths)
+    test_digests = {_digest(p) for p in test_paths if sizes[p] in mine}
+    theirs = set(sizes[p] for p in test_paths)
+    copies = [p for p in paths if sizes[p] in theirs and _digest(p) in test_digests]
+    if len(copies) > MAX_TEST_COPIES * len(paths):
+        raise ValueError(f"{len(copies)} of the {len(paths)} {what} images are copies of test images (e.g. {copies[0]}): "
+                         f"the test images judge the graph last; pass {option} with other images")
+
+
 def _labelled(folder: str, class_names: list[str]) -> tuple[list[str], list[int]]:
     classes, paths, labels = scan_image_folder(folder)
     if classes != list(class_names):
@@ -71,9 +100,10 @@ PASS_BOTH = "pass --val-data (labelled, not the test split) and --calib-data"
 
 def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str | None = None,
              calib_data: str | None = None, val_images: int = DEFAULT_VAL_IMAGES, calib_images: int = DEFAULT_CALIB_IMAGES,
-             seed: int = 0, selection: dict | None = None) -> HeldOut:
+             seed: int = 0, selection: dict | None = None, test_paths: tuple[str, ...] = ()) -> HeldOut:
     """The validation and calibration images for an INT8 export (see the module docstring). ``selection``: the
-    checkpoint's record of the split that chose it (``digest``); a rebuilt split must be those very images."""
+    checkpoint's record of the split that chose it (``digest``); a rebuilt split must be those very images.
+    ``test_paths``: the test images the export judges on, which neither may be (:func:`check_apart`)."""
     cfg = checkpoint_config or {}
     root = cfg.get("data")
     train_dir = os.path.join(root, "train") if root else None
@@ -133,5 +163,7 @@ def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str |
         idx = sorted(rng.sample(range(len(val_paths)), val_images))
         val_paths, val_labels = [val_paths[i] for i in idx], [val_labels[i] for i in idx]
     calib_paths = rng.sample(calib_paths, min(calib_images, len(calib_paths)))
+    check_apart(val_paths, test_paths, what="validation", option="--val-data")
+    check_apart(calib_paths, test_paths, what="calibration", option="--calib-data")
     return HeldOut(val_paths, val_labels, f"{len(val_paths)} images of {val_source}", calib_paths,
                    f"{len(calib_paths)} images of {calib_source}")

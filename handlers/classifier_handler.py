@@ -6,7 +6,8 @@ adaptive: TTA only for the uncertain ones) -> postprocess (top-k per request, JS
 status). Each request of a batch may speak its own protocol (TorchServe's, KServe v1 or the Open Inference
 Protocol v2: ``inference.protocols``) and is answered in it. A bad request gets its own 4xx and JSON
 error; the rest of its batch is answered normally.
-A failure of the model answers the batch with 500 and a log line, never a hung request.
+A failure of the model is retried request by request (``inference.batch.predict_per_request``): the
+requests that fail alone get 500 and a log line, the others their answers; never a hung request.
 
 Settings come from the archive's ``model-config.yaml`` (``handler:`` section), read and validated by
 :class:`inference.settings.HandlerSettings`: an unknown key or a bad value stops the worker at
@@ -32,8 +33,9 @@ from ts.torch_handler.base_handler import BaseHandler
 from inference import protocols
 from inference.admission import admit, batch_pixel_budget, probe_requests
 from inference.backends import chunked, load_backend, openvino_precision
-from inference.batch import Batch, stack_images
+from inference.batch import Batch, predict_per_request, stack_images
 from inference.class_index import INDEX_FILE, MODEL_CARD_FILE, check_graph_width, read_index_to_name
+from inference.decode_memory import DecodeMemory
 from inference.explain_requests import explain_request
 from inference.image_errors import ImageError, in_request
 from inference.images import batch_jpeg_decoder, decode_many
@@ -63,6 +65,7 @@ class ImageClassifierHandler(BaseHandler):
         self.worker_threads = WorkerThreads(configured=cfg.threads, workers=workers,
                                             model_dir=model_dir, interval=cfg.threads_check_interval,
                                             name=self.model_name)
+        self.decode_memory = DecodeMemory(cfg.max_decode_bytes)  # the decode pool's threads share it
         index_path = os.path.join(model_dir, INDEX_FILE)
         if not os.path.isfile(index_path):
             raise FileNotFoundError(f"{INDEX_FILE} is missing from the archive of model {self.model_name}: rebuild "
@@ -97,10 +100,11 @@ class ImageClassifierHandler(BaseHandler):
         out = self.forward(warm)  # and its width against the names: a mismatch would fail every batch
         check_graph_width((out[0] if isinstance(out, tuple) else out).shape[-1], class_names=self.class_names,
                           graph_topk=cfg.graph_topk if self.graph_output == "topk" else None)
-        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d px, warm-up %.0f ms",
+        log.info("%s %s: %s (%s) on %s, %d threads, tta=%s%s, topk=%d, batch budget %d px, decode memory %d MB, "
+                 "warm-up %.0f ms",
                  self.model_name, self.model_version, self.backend.name, ", ".join(map(str, self.backend.providers)),
                  self.device, self.worker_threads.threads, self.tta, " (adaptive)" if self.adaptive else "",
-                 self.default_topk, self.max_batch_pixels, (time.perf_counter() - start) * 1000)
+                 self.default_topk, self.max_batch_pixels, cfg.max_decode_bytes >> 20, (time.perf_counter() - start) * 1000)
         self.initialized = True
 
     @property
@@ -146,7 +150,7 @@ class ImageClassifierHandler(BaseHandler):
         # decode -> canvas image by image per pool thread, JPEGs DCT-reduced (GPU: nvjpeg, then same-shape groups)
         decoded = decode_many(payloads, **limits, device=self.device, pool=self.worker_threads.pool,
                               jpeg_batch_decoder=self.jpeg_batch_decoder, infos=headers_read, transform=self.canvas,
-                              min_side=self.canvas.min_decode_side)
+                              min_side=self.canvas.min_decode_side, memory=self.decode_memory)
         position: dict[int, int] = {}
         for image, owner in zip(decoded, owners):
             k = position[owner] = position.get(owner, -1) + 1
@@ -165,28 +169,27 @@ class ImageClassifierHandler(BaseHandler):
         if batch.canvas is None:
             return batch
         start = time.perf_counter()
-        n, cfg = len(batch.canvas), self.settings
-        try:
-            applied = torch.full((n,), self.tta != "none")
-            if self.graph_output == "topk":
-                values, indices = self.forward(batch.canvas)
-            else:
-                if self.graph_output == "probabilities":
-                    probs = self.forward(batch.canvas)
-                elif self.adaptive:
-                    probs, applied = adaptive_predict_proba(
-                        self.forward, batch.canvas, self.tta, crop_size=self.crop_size, scales=cfg.tta_scales,
-                        how=cfg.tta_aggregate, metric=cfg.adaptive_metric, threshold=cfg.adaptive_threshold)
-                else:
-                    probs = predict_proba(self.forward, batch.canvas, self.tta, crop_size=self.crop_size,
-                                          scales=cfg.tta_scales, how=cfg.tta_aggregate)
-                values, indices = top_classes(probs, max(batch.topk[i] for i in set(batch.owners)))
-            batch.values, batch.indices, batch.tta_applied = values.cpu(), indices.cpu(), applied.cpu()
-        except Exception as e:  # the model failed: 500 for this batch, with the cause in the log
-            log.exception("%s: inference failed for a batch of %d images", self.model_name, n)
-            batch.failure = e
+        k = max(batch.topk[i] for i in set(batch.owners))
+        # the model failed: request by request, so that only the requests that fail alone get their 500
+        predict_per_request(lambda canvas: self.predict(canvas, k), batch, name=self.model_name)
         batch.timings["forward"] = (time.perf_counter() - start) * 1000
         return batch
+
+    def predict(self, canvas: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values, indices, tta applied)``: the top-``k`` classes of each image of ``canvas``."""
+        cfg, applied = self.settings, torch.full((len(canvas),), self.tta != "none")
+        if self.graph_output == "topk":
+            return (*self.forward(canvas), applied)
+        if self.graph_output == "probabilities":
+            probs = self.forward(canvas)
+        elif self.adaptive:
+            probs, applied = adaptive_predict_proba(
+                self.forward, canvas, self.tta, crop_size=self.crop_size, scales=cfg.tta_scales,
+                how=cfg.tta_aggregate, metric=cfg.adaptive_metric, threshold=cfg.adaptive_threshold)
+        else:
+            probs = predict_proba(self.forward, canvas, self.tta, crop_size=self.crop_size, scales=cfg.tta_scales,
+                                  how=cfg.tta_aggregate)
+        return (*top_classes(probs, k), applied)
 
     def postprocess(self, batch: Batch) -> list[str]:
         out: list[str] = [""] * batch.size

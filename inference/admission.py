@@ -9,7 +9,9 @@ path, which decodes JPEGs at full size) every image costs its full size.
 A request whose images add up to more than ``max_request_pixels`` is refused with 413. The batch's
 requests are then admitted in order while their total stays within ``max_batch_pixels``; the rest get
 503 with a reason (retry later), never the whole batch. The first request that fits its own budget
-is always admitted, so a batch always makes progress. Together with the per-image bounds of
+is always admitted, so a batch always makes progress; as the settings refuse a ``max_request_pixels``
+above a configured ``max_batch_pixels`` (and the defaults keep it below), that first request fits the
+batch's budget too: the budget is a hard bound. Together with the per-image bounds of
 ``inference.images.probe`` this caps what a worker holds decoded at once, whatever the bodies' sizes
 (a PNG of a few KB can decode to hundreds of MB).
 

@@ -1,9 +1,11 @@
 """What one TorchServe batch carries from the handler's preprocess to inference and postprocess, and how
-its images are stacked into one tensor without one request's failure reaching another's."""
+its images are stacked into one tensor and run through the model without one request's failure reaching
+another's."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,7 +28,7 @@ class Batch:
     values: torch.Tensor | None = None                    # (M, k) top-k probabilities, sorted
     indices: torch.Tensor | None = None                   # (M, k) their class indices
     tta_applied: torch.Tensor | None = None               # (M,) bool
-    failure: Exception | None = None                      # the model itself failed: 500 for the batch
+    failure: Exception | None = None                      # the model failed on every request: 500 for all
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -55,3 +57,31 @@ def stack_images(images: list[tuple[torch.Tensor, int]], errors: dict[int, Excep
             errors[largest] = RequestError(f"preprocessing failed: {failure_reason(e)}", status=500,
                                          error="preprocess failed")
     return None, []
+
+
+def predict_per_request(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], batch: Batch, *, name: str = "") -> None:
+    """``batch.values, batch.indices, batch.tta_applied = fn(batch.canvas)``, once; when that fails (out of
+    memory on one request's many images or TTA views, say) request by request, so that a request that fails
+    alone gets its 500 in ``batch.errors`` and the others their answers (``canvas`` and ``owners`` then keep
+    the rows answered). ``batch.failure`` is set when every request failed. Never raises."""
+    try:
+        batch.values, batch.indices, batch.tta_applied = (t.cpu() for t in fn(batch.canvas))
+        return
+    except Exception as e:
+        log.exception("%s: inference failed for a batch of %d images", name, len(batch.canvas))
+        batch.failure = e
+    if len(set(batch.owners)) == 1:
+        return
+    parts, kept = [], []
+    for owner in dict.fromkeys(batch.owners):
+        rows = [k for k, o in enumerate(batch.owners) if o == owner]
+        try:
+            parts.append([t.cpu() for t in fn(batch.canvas[rows])])
+            kept += rows
+        except Exception as e:
+            batch.errors[owner] = RequestError(f"the model failed on this request: {failure_reason(e)}", status=500,
+                                               error="inference failed")
+    if parts:
+        log.warning("%s: request by request, %d of %d requests answered", name, len(parts), len(set(batch.owners)))
+        batch.values, batch.indices, batch.tta_applied = (torch.cat(columns) for columns in zip(*parts))
+        batch.canvas, batch.owners, batch.failure = batch.canvas[kept], [batch.owners[k] for k in kept], None

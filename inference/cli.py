@@ -23,6 +23,11 @@ from typing import Callable
 USAGE_EXIT = 2  # argparse's status for a bad option; the same for every other mistake
 
 
+def traceback_wanted() -> bool:
+    """``CLI_TRACEBACK`` is set (not empty, not 0): a mistake keeps its traceback."""
+    return os.environ.get("CLI_TRACEBACK", "") not in ("", "0")
+
+
 class UsageError(Exception):
     """A mistake the user can fix; the message says what to do."""
 
@@ -71,7 +76,7 @@ def run(main: Callable[..., int | None], *args, expected: tuple[type[BaseExcepti
         if isinstance(e, OSError) and not isinstance(e, MISTAKES + tuple(expected)) \
                 and e.errno not in ENVIRONMENT_ERRNOS:
             raise  # any other OSError is a bug: its traceback
-        if os.environ.get("CLI_TRACEBACK", "") not in ("", "0"):
+        if traceback_wanted():
             raise
         print(one_line(e), file=sys.stderr)
         return USAGE_EXIT

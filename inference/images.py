@@ -241,15 +241,14 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, max_frames: int = DEFAULT_MAX_FRAMES,
                 device=None, pool=None, jpeg_batch_decoder=None, infos: list[ImageInfo] | None = None,
                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                min_side: int | None = None) -> list[torch.Tensor | ImageError]:
-    """Decode many images; each result is an RGB uint8 ``(3, H, W)`` tensor on ``device`` (passed
-    through ``transform`` when given) or the :class:`ImageError` that image raised (one bad image never
-    fails the others).
+                min_side: int | None = None, memory=None) -> list[torch.Tensor | ImageError]:
+    """Decode many images; each result is an RGB uint8 ``(3, H, W)`` tensor on ``device`` (through ``transform``
+    when given) or the :class:`ImageError` that image raised (one bad image never fails the others).
 
     Bounded memory: with ``transform`` (the evaluation transform to the canvas), each image is decoded,
-    transformed and its full-size pixels released before the next one starts (one at a time per
-    thread of ``pool``), so what stays in memory is the canvases, not the full-resolution images.
-    ``min_side`` is passed to :func:`decode_rgb` (reduced JPEG decoding on the CPU).
+    transformed and its full-size pixels released before the next one starts (one at a time per thread of
+    ``pool``, and with ``memory``, an ``inference.decode_memory.DecodeMemory``, only while the decodes
+    running hold at most its bytes). ``min_side`` goes to :func:`decode_rgb` (reduced JPEGs on the CPU).
 
     ``jpeg_batch_decoder``, when given, decodes all JPEGs (after their header check) in ONE call at
     full size, e.g. ``batch_jpeg_decoder("cuda")`` for nvjpeg on the GPU, and a ``transform`` with a
@@ -264,11 +263,12 @@ def decode_many(payloads: list[bytes | bytearray], *, max_pixels: int = DEFAULT_
 
     def one(item):
         data, info = item
-        try:
-            image = decode_rgb(data, **limits, info=info, min_side=min_side)
-        except Exception as e:  # an ImageError, or a decoder's unforeseen one: this image's alone, never the batch's
-            return e if isinstance(e, ImageError) else PreprocessError(f"decoding failed: {type(e).__name__}: {e}")
-        return transformed(image, upload=device is not None)
+        with memory.hold(memory.cost(info, min_side)) if memory is not None and info else contextlib.nullcontext():
+            try:
+                image = decode_rgb(data, **limits, info=info, min_side=min_side)
+            except Exception as e:  # an ImageError, or a decoder's unforeseen one: this image's alone, never the batch's
+                return e if isinstance(e, ImageError) else PreprocessError(f"decoding failed: {type(e).__name__}: {e}")
+            return transformed(image, upload=device is not None)
 
     def transformed(image, *, upload: bool = False):
         try:  # the upload too: a device out of memory on one large image is that image's alone

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from inference.admission import DEFAULT_MAX_BATCH_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, FULL_SIZE_PIXELS_PER_SLOT
 from inference.backends import GRAPH_OUTPUTS, OPENVINO_PRECISIONS, PRECISIONS
 from inference.cli import UsageError
+from inference.decode_memory import DEFAULT_MAX_DECODE_BYTES
 from inference.explain import DEFAULT_FILL, DEFAULT_GRID, DEFAULT_VIEWS_PER_FORWARD, FILLS, MAX_GRID
 from inference.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_FRAMES, DEFAULT_MAX_PIXELS
 from inference.requests import DEFAULT_MAX_IMAGES, DEFAULT_MAX_INFLATED_BYTES, DEFAULT_MAX_RESPONSE_BYTES
@@ -182,6 +183,9 @@ class HandlerSettings(_Settings):
                                         f"get 503 (retry). Unset: {DEFAULT_MAX_BATCH_PIXELS} on the CPU; on a GPU "
                                         f"(nvjpeg decodes JPEGs at full size) batchSize x {FULL_SIZE_PIXELS_PER_SLOT}"
                                         " if more", minimum=1)
+    max_decode_bytes: int = _opt(DEFAULT_MAX_DECODE_BYTES, "memory the image decodes running at once in a worker may "
+                                 "hold, estimated from each header and format; a decode past it waits its turn",
+                                 minimum=1)
     max_aspect_ratio: float = _opt(DEFAULT_MAX_ASPECT_RATIO, "long side / short side of one image; beyond: 413",
                                    minimum=1.0)
     max_frames: int = _opt(DEFAULT_MAX_FRAMES, "frames of an animated image (only the first is used); more: 413",
@@ -228,6 +232,11 @@ class HandlerSettings(_Settings):
                                 f"{self.input_size}: the center crop would pad the image with black")
         if self.graph_output == "topk" and self.graph_topk is None:
             raise SettingsError(f"{self.WHERE}.graph_topk is missing: graph_output topk needs the k the graph returns")
+        if self.max_batch_pixels is not None and self.max_request_pixels > self.max_batch_pixels:
+            # admission lets the first request of a batch in whatever the batch budget: max(request, batch) would rule
+            raise SettingsError(f"{self.WHERE}.max_request_pixels {self.max_request_pixels} is more than "
+                                f"max_batch_pixels {self.max_batch_pixels}: one request could take more than a "
+                                "whole batch's budget; lower max_request_pixels or raise max_batch_pixels")
 
     def tta_problem(self) -> str | None:
         """Why the handler's TTA would run copies of one view (or, adaptive, nothing), or None: five_crop/ten_crop

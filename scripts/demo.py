@@ -16,7 +16,7 @@ import time
 import urllib.error
 
 from inference.atomic import publish_file
-from inference.cli import UsageError
+from inference.cli import UsageError, traceback_wanted
 from inference.cli import run as run_cli
 from tools import REPO
 from tools.client import predict_files
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise SystemExit(f"{e.code}; model_store/{MODEL}.mar was left as it was") from None
     except SERVER_FAILURES as e:  # expected failures of the server, one line (CLI_TRACEBACK=1: the traceback)
-        if os.environ.get("CLI_TRACEBACK", "") not in ("", "0"):
+        if traceback_wanted():
             raise
         raise SystemExit(f"demo stopped: {e}; model_store/{MODEL}.mar was left as it was") from None
     if minutes is None:

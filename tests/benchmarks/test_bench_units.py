@@ -71,6 +71,14 @@ def test_verdicts_fp32_by_parity_reduced_precision_only_with_a_passing_record():
                    gates=gates)["counts"]
     assert not verdict(arch="cbam_resnet", variant_info=int8, variant="openvino-int8", runtime_precision="bf16",
                        gates=gates)["counts"]  # a record of another architecture does not count
+    # make bench passes the served model's kwargs: a record of other widths, or of unknown ones, counts for none
+    judged = {("resnet50", "openvino-int8"): {**gates[("resnet50", "openvino-int8")], "model_kwargs": {}}}
+    assert verdict(arch="resnet50", variant_info=int8, variant="openvino-int8", runtime_precision="bf16",
+                   gates=judged, model_kwargs={})["counts"]
+    for kwargs, other in (({"widths": [16, 32, 64, 128]}, "{}"), ({}, "(not recorded)")):
+        v = verdict(arch="resnet50", variant_info=int8, variant="openvino-int8", runtime_precision="bf16",
+                    gates=judged if other == "{}" else gates, model_kwargs=kwargs)
+        assert not v["counts"] and f"the record's resnet50 has model kwargs {other}, this one {kwargs}" in v["label"]
     failed = {("resnet50", "openvino-int8"): {**gates[("resnet50", "openvino-int8")], "passed": False}}
     v = verdict(arch="resnet50", variant_info=int8, variant="openvino-int8", runtime_precision="bf16", gates=failed)
     assert not v["counts"] and "gate failed" in v["label"]

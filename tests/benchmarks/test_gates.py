@@ -73,10 +73,11 @@ def test_records_from_a_real_export_of_a_trained_model_feed_the_bench_verdict(ex
     assert status == (0 if all(r["passed"] for r in records) else 1)
     int8 = by_variant["openvino-int8"]
     assert int8["arch"] == export_manifest["arch"] and "f32" in int8["runs"]
+    assert (int8["model_kwargs"], int8["input_size"]) == (export_manifest["model_kwargs"], export_manifest["input_size"])
     assert f"{int8['arch']}/openvino-int8: " in out
     # the bench reads the file back and counts a passing record
     v = verdict(arch=int8["arch"], variant_info=export_manifest["variants"]["openvino-int8"], variant="openvino-int8",
-                runtime_precision="f32", gates=load_gates(gates))
+                runtime_precision="f32", gates=load_gates(gates), model_kwargs=export_manifest["model_kwargs"])
     assert v["counts"] == int8["passed"] and v["record"]["source"].startswith("python -m benchmarks.gates")
 
 
@@ -97,6 +98,14 @@ def test_an_int8_record_counts_only_for_a_graph_that_keeps_its_fp32_layers_under
     assert not v["counts"] and "no record of the layers this graph kept" in v["label"]
     v = judged({**INT8, "speed_only_kept_fp32": rec["kept_fp32"]}, record={**rec, "runs": {"f32": {}}})
     assert not v["counts"] and "never ran openvino-int8 with the bf16 hint" in v["label"]  # judged on f32 only
+    # passed under the budget of an export run with --max-drop 5 --min-agreement 0.9: not the project's gate
+    for loose, why in (({"accuracy_change_points": -0.6}, "0.5 points"), ({"top1_agreement": 0.985}, "99.0% agreement")):
+        v = judged({**INT8, "speed_only_kept_fp32": rec["kept_fp32"]}, record={**rec, **loose})
+        assert not v["counts"] and f"passed under a looser budget than the gate's {why}" in v["label"], v["label"]
+    bf16 = {"runtime": "openvino", "precision": "fp32"}
+    v = verdict(arch="resnet50", variant_info=bf16, variant="openvino", runtime_precision="bf16",
+                gates={("resnet50", "openvino-bf16"): {**rec, "variant": "openvino-bf16", "top1_agreement": 0.993}})
+    assert not v["counts"] and "99.5% agreement" in v["label"]  # other precisions: the parity gate's 99.5%
     rows = {"openvino-int8 (f32)": row()}
     [r] = records_from_verify(rows, variants={"openvino-int8": {**INT8, "int8": {"kept_fp32": ["a", "b"]}}},
                               arch="resnet50", source="s")

@@ -57,3 +57,44 @@ def test_a_run_on_another_data_format_names_what_to_pass(tmp_path):
     split = held_out(checkpoint_config={"data": str(data), "format": "imagefolder", "val_fraction": 0.25},
                      class_names=["circle", "horizontal", "vertical"])
     assert len(split.val_paths) == 9
+
+
+def test_validation_or_calibration_images_that_are_test_images_are_refused(tmp_path):
+    """Never judged on the test images, whatever path names them: the same files (a link to the test folder,
+    --data naming the data-set root whose test/ it reads) or a byte-for-byte copy of them; a duplicate or two
+    between real splits is let through (MAX_TEST_COPIES)."""
+    import os
+    import shutil
+
+    from export.splits import MAX_TEST_COPIES, check_apart
+    from inference.image_files import image_files
+
+    data = write_shapes(tmp_path / "data", {"train": 12, "test": 8})
+    test = image_files(str(data / "test"))
+    os.symlink(data / "test", tmp_path / "linked")
+    with pytest.raises(ValueError, match=r"^24 of the 24 validation images are test images \(e\.g\. .*linked.*\): "
+                                         r"the test images judge the graph last; pass --val-data with other images$"):
+        check_apart(image_files(str(tmp_path / "linked")), test, what="validation", option="--val-data")
+    shutil.copytree(data / "test", tmp_path / "copy")
+    with pytest.raises(ValueError, match=r"^24 of the 24 calibration images are copies of test images"):
+        check_apart(image_files(str(tmp_path / "copy")), test, what="calibration", option="--calib-data")
+    train = image_files(str(data / "train"))
+    check_apart(train, test, what="validation", option="--val-data")  # other images: fine
+    assert MAX_TEST_COPIES * len(train + test[:1]) < 1
+    shutil.copy(test[0], tmp_path / "dup.png")
+    with pytest.raises(ValueError, match="1 of the 37 validation images are copies"):  # over 1% of 37
+        check_apart(train + [str(tmp_path / "dup.png")], test, what="validation", option="--val-data")
+    check_apart(train * 3 + [str(tmp_path / "dup.png")], test, what="validation", option="--val-data")  # 1 of 109
+
+
+def test_export_refuses_a_copy_of_the_test_split_as_validation_before_writing(checkpoint, image_folder, tmp_path):
+    import shutil
+
+    from export.__main__ import main as export_main
+
+    val = shutil.copytree(image_folder / "test", tmp_path / "val_copy")
+    with pytest.raises(SystemExit, match=r"^error: \d+ of the \d+ validation images are copies of test images .*"
+                                         r"pass --val-data with other images$"):
+        export_main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ex"), "--formats", "openvino-int8",
+                     "--data", str(image_folder / "test"), "--val-data", str(val)])
+    assert not (tmp_path / "ex" / "export.json").exists()

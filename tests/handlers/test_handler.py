@@ -220,10 +220,10 @@ def test_admission_budgets_answer_413_and_503_per_request(model_dir):
 
 
 def test_the_batch_budget_counts_jpegs_at_their_reduced_size(model_dir):
-    """Two 400x300 photos against a 10,000-pixel batch budget: as JPEGs each is decoded reduced to 50x38
-    (1/8, for the model's resize to 36) and both are answered; as PNGs (decoded at full size) the second
-    gets 503."""
-    handler = handler_for(model_dir, max_request_pixels=200_000, max_batch_pixels=10_000)
+    """Two 400x300 photos against a 200,000-pixel batch budget: as JPEGs each is decoded reduced to 50x38
+    (1/8, for the model's resize to 36) and both are answered; as PNGs (decoded at full size, 120,000 pixels)
+    the second gets 503."""
+    handler = handler_for(model_dir, max_request_pixels=200_000, max_batch_pixels=200_000)
     assert handler.canvas.min_decode_side <= 37  # 300 // 8
     photo = pattern_image("circle", size=400, seed=5)[:300]  # 400 wide, 300 high
     for fmt, statuses in (("JPEG", [200, 200]), ("PNG", [200, 503])):
@@ -277,7 +277,7 @@ def test_the_default_batch_budget_grows_with_the_batch_where_jpegs_decode_full_s
     assert handler.settings.max_batch_pixels is None and handler.max_batch_pixels == 128_000_000
     handler.jpeg_batch_decoder = batch_jpeg_decoder("cpu")
     assert handler.max_batch_pixels == 16 * 24_000_000
-    assert handler_for(model_dir, max_batch_pixels=10_000).max_batch_pixels == 10_000
+    assert handler_for(model_dir, max_request_pixels=10_000, max_batch_pixels=10_000).max_batch_pixels == 10_000
 
 
 def test_the_batch_size_is_the_one_torchserve_batches_with(model_dir):
@@ -324,6 +324,35 @@ def test_a_failure_while_stacking_is_retried_request_by_request(model_dir, monke
     assert calls[:3] == [2, 1, 1], calls  # the batch's stack failed, then each request's own succeeded
     assert [ctx.get_response_status(i)[0] for i in range(2)] == [200, 200]
     assert all(json.loads(o)["predictions"] for o in out)
+
+
+def test_a_model_failure_is_retried_request_by_request_and_fails_only_the_request_that_fails_alone(model_dir):
+    """One request of many images (with flip TTA, twice as many views) is too much for the model (an out of
+    memory, simulated above 8 rows): the batch's forward fails, then each request alone; that request gets its
+    500, its neighbours their 200 with the answers they get in a batch of their own."""
+    handler = handler_for(model_dir, tta="flip")
+    alone = {}
+    for i in (0, 2):
+        ctx = make_context(model_dir, n=1)
+        alone[i] = json.loads(run(handler, ctx, [{"body": bytearray(IMAGES[i])}])[0])["predictions"]
+    backend, calls = handler.backend, []
+
+    def limited(images):
+        calls.append(len(images))
+        if len(images) > 8:
+            raise RuntimeError("simulated out of memory")
+        return backend(images)
+    handler.backend = limited
+    ctx = make_context(model_dir, n=3)
+    many = {"body": {"data": [base64.b64encode(IMAGES[1]).decode()] * 5}}  # 5 images, 10 views
+    out = run(handler, ctx, [{"body": bytearray(IMAGES[0])}, many, {"body": bytearray(IMAGES[2])}])
+    assert calls == [14, 2, 10, 2], calls  # the batch (7 images x 2 views), then request by request
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 500, 200]
+    assert json.loads(out[1])["error"] == "inference failed" and "out of memory" in json.loads(out[1])["detail"]
+    for i in (0, 2):
+        got = json.loads(out[i])["predictions"]
+        assert [p["class"] for p in got] == [p["class"] for p in alone[i]]
+        assert [p["confidence"] for p in got] == pytest.approx([p["confidence"] for p in alone[i]], abs=1e-6)
 
 
 def test_an_unsupported_format_is_415(model_dir):

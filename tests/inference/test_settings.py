@@ -81,6 +81,17 @@ def test_cli_options_come_from_the_fields():
     assert "max_batch_pixels" not in HandlerSettings(input_size=28).to_config()  # unset: left to the worker
 
 
+def test_a_request_budget_over_the_batch_budget_is_refused():
+    """Admission lets a batch's first request in whatever the batch budget (so that a batch makes progress):
+    a request budget above the batch's would make the batch budget a soft one."""
+    from inference.settings import SettingsError
+    with pytest.raises(SettingsError, match=r"^model-config.yaml handler.max_request_pixels 64000000 is more than "
+                                            r"max_batch_pixels 50000000: one request could take more than a whole "
+                                            r"batch's budget; lower max_request_pixels or raise max_batch_pixels$"):
+        HandlerSettings.from_config({"input_size": 28, "max_batch_pixels": 50_000_000})
+    assert HandlerSettings(input_size=28, max_request_pixels=50_000_000, max_batch_pixels=50_000_000)
+
+
 @pytest.mark.parametrize("tta,scales,refused", [("five_crop", (1.0,), True), ("ten_crop", (1.0,), True),
                                                 ("multi_scale", (1.0, 1.15), True), ("multi_scale", (1.0, 0.87), False)])
 def test_crop_tta_without_room_to_crop_is_refused_at_archive_time(tta, scales, refused, caplog):

@@ -1,5 +1,6 @@
 """One real TorchServe for the integration tests, serving freshly built archives."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +20,20 @@ ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the
 ADAPTIVE_THRESHOLD = 0.85     # the test model's plain confidences on test_torchserve's images lie on both sides
 
 
-@pytest.fixture(scope="module")  # one server at a time: see tools/torchserve.py
-def server(export_dir, tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
+def pytest_collection_modifyitems(items):
+    """The modules that use the shared ``server`` run first among the integration tests, one after the other,
+    so that one TorchServe serves them all (a start costs 25-30 s on 2 cores) and is stopped before the other
+    modules start servers of their own (the soak, the own-photos flow): never two at once. The rest keep
+    their order."""
+    here = Path(__file__).parent
+    at = [i for i, item in enumerate(items) if Path(str(item.fspath)).parent == here]
+    block = [items[i] for i in at]
+    users = {item.module for item in block if "server" in item.fixturenames}
+    for i, item in zip(at, [x for x in block if x.module in users] + [x for x in block if x.module not in users]):
+        items[i] = item
+
+
+def _start(export_dir, store) -> TorchServe:
     for name, variant in SERVED.items():
         build_archive(export_dir, variant=variant, name=name, model_store=store, batch_size=8,
                       max_batch_delay=BATCH_DELAY_MS, topk=2, tta="flip")
@@ -34,11 +46,38 @@ def server(export_dir, tmp_path_factory):
     ts = TorchServe(model_store=store, models=",".join(f"{n}={n}.mar" for n in [*SERVED, ADAPTIVE]),
                     overrides={"enable_model_api": "true"})
     ts.start(timeout=180)
+    return ts
+
+
+def _close(ts: TorchServe) -> None:
     pid = ts.pid
-    yield ts
     ts.close()  # stopped by PID, and its temporary folder removed
     with pytest.raises(ProcessLookupError):  # stopped by PID: the Java process is gone
         os.kill(pid, 0)
+
+
+@pytest.fixture(scope="session")
+def _shared_server():
+    """Holds the one shared TorchServe (started by the first module that asks for ``server``); stops it at
+    the end of the session if the last module using it did not."""
+    held: dict[str, TorchServe] = {}
+    yield held
+    if "ts" in held:
+        _close(held.pop("ts"))
+
+
+@pytest.fixture(scope="module")
+def server(_shared_server, export_dir, tmp_path_factory, request):
+    """One real TorchServe serving the archives of :data:`SERVED` (and ADAPTIVE; shapes 2.0 in its store), shared
+    by the modules that use it (they run one after the other: :func:`pytest_collection_modifyitems`) and
+    stopped by PID after the last of them. A module that changes what it serves puts it back."""
+    if "ts" not in _shared_server:
+        _shared_server["ts"] = _start(export_dir, tmp_path_factory.mktemp("model_store"))
+    yield _shared_server["ts"]
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    if not any("server" in item.fixturenames for item in items[last + 1:]):
+        _close(_shared_server.pop("ts"))
 
 
 @pytest.fixture(scope="module")

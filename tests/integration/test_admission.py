@@ -130,3 +130,33 @@ def test_phone_photos_within_budget_are_decoded_in_bounded_memory(server):
           f"growth {growth / 2**20:.0f} MiB")
     assert code == 200 and len(body) == 5 and all(b["predictions"] for b in body)
     assert growth < 100 * 2**20  # full-size decoding would hold 5 x 36 MB of RGB at least
+
+
+def test_the_costliest_images_within_budget_decode_within_the_workers_decode_memory(server):
+    """Three 38 MP WEBPs (a few KB each; libwebp holds about 18 bytes a pixel while decoding, 0.7 GB each), one
+    a request, in one batch with a good neighbour: each fits the pixel budgets (115 MP in all) and is answered,
+    and the worker's decode pool (2 threads here) decodes them one at a time within its decode memory (1 GiB),
+    so that the workers' peak RSS grows by less than the issue's 1.5 GB."""
+    from inference.decode_memory import DEFAULT_MAX_DECODE_BYTES, decode_bytes
+    from inference.images import probe
+
+    webp = _encode(Image.new("L", (6200, 6200), 90), "WEBP", quality=10, method=0)
+    url = f"{server.url}/predictions/shapes"
+    _post(url, data=GOOD, headers={"Content-Type": "image/png"})  # a warm worker
+    _reset_peak_rss(server)
+    rss_before = _rss(server)
+    with ThreadPoolExecutor(4) as pool:  # sent together: one batch (300 ms window on this server)
+        big = [pool.submit(_post, url, data=webp, headers={"Content-Type": "image/webp"}) for _ in range(3)]
+        good = pool.submit(_post, url, data=GOOD, headers={"Content-Type": "image/png"})
+        answers = [f.result() for f in big]
+        good_code, good_body, _ = good.result()
+    growth = _peak_rss(server) - rss_before
+    print(f"3 x 38 MP WEBP ({len(webp)} bytes each) -> {[a[0] for a in answers]} in "
+          f"{max(a[2] for a in answers):.1f} s; workers' peak RSS growth {growth / 2**20:.0f} MiB")
+    assert [a[0] for a in answers] == [200] * 3 and good_code == 200 and good_body["predictions"]
+    assert growth < 1.5e9
+    # one at a time (two of 0.7 GB exceed the 1 GiB decode memory): under 1.5 decodes' worth; two at once,
+    # without the bound, measured 1175 MiB here
+    one = decode_bytes(probe(webp))
+    assert 2 * one > DEFAULT_MAX_DECODE_BYTES
+    assert growth < 1.5 * one, f"{growth / 2**20:.0f} MiB: more than one decode at a time"
