@@ -35,9 +35,10 @@ import torch
 
 from benchmarks.configs import BATCH, Split
 
-# What the fork server imports once. Nothing here starts a thread or computes (torch's thread pools start
-# with the first parallel op, in the child that sets its own thread count); the runtimes (ONNX Runtime,
-# OpenVINO) are imported by each child, as a TorchServe worker imports them.
+# What the fork server imports once. Nothing here computes: torch's thread pools start with the first
+# parallel op, in the child that sets its own thread count (numpy's OpenBLAS starts a thread at import and
+# handles a fork itself); the runtimes (ONNX Runtime, OpenVINO) are imported by each child, as a TorchServe
+# worker imports them.
 PRELOAD = ("torch", "torchvision", "PIL.Image", "inference.images", "inference.transforms")
 
 

@@ -132,11 +132,12 @@ class Exporter:
             images, labels, _ = self.validation
             self.int8_reports[variant.name] = onnx_int8(
                 onnx_fp32, path, calibration=calibration, val_images=images, val_labels=labels, budget=self.budget,
-                exclude=ov_report["kept_fp32"], log=self.log)
+                exclude=list(dict.fromkeys(ov_report["kept_fp32"] + ov_report["ignored_scope"])), log=self.log)
         elif variant.name == "openvino":
             onnx_to_openvino(onnx_fp32, path)
         elif variant.name == "openvino-int8" and self.validation is None:
-            onnx_to_openvino(onnx_fp32, path, calibration=calibration, ignored=self.keep_fp32)
+            onnx_to_openvino(onnx_fp32, path, calibration=calibration, ignored=self.keep_fp32,
+                             patterns=attention_scopes(self.model))  # the gates whole, as the controlled export
         elif variant.name == "openvino-int8":
             self.int8_reports[variant.name] = self.openvino_int8(onnx_fp32, path, calibration)
         return path

@@ -141,10 +141,10 @@ def onnx_to_int8(src: str, dst: str, calibration: torch.Tensor, *, exclude: list
 
 
 def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None = None,
-                     ignored: list[str] = ()) -> None:
+                     ignored: list[str] = (), patterns: list[str] = ()) -> None:
     """OpenVINO IR (fp32 weights) from the ONNX graph; plain NNCF INT8 when ``calibration`` is given (speed-only
     exports of random-weight models: trained models get :func:`export.int8.openvino_int8`), with the layers
-    named in ``ignored`` left in fp32."""
+    named in ``ignored`` or matched by ``patterns`` (the attention gates) left in fp32."""
     import openvino as ov
 
     model = ov.convert_model(src)
@@ -157,7 +157,8 @@ def onnx_to_openvino(src: str, dst_xml: str, *, calibration: torch.Tensor | None
         with keep_signal_stack():  # NNCF's engines make Core objects of their own (see inference.signal_stack)
             model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
                                   preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
-                                  ignored_scope=nncf.IgnoredScope(names=list(ignored), validate=False))
+                                  ignored_scope=nncf.IgnoredScope(names=list(ignored), patterns=list(patterns),
+                                                                  validate=False))
     ov.save_model(model, dst_xml, compress_to_fp16=False)
 
 

@@ -22,11 +22,13 @@ fp32 scores 1 and a graph is within budget iff ``score >= 0``, i.e. an absolute 
   images, and while the budget is broken reverts the most sensitive layers (ranked on the
   validation images) to fp32, one group at a time: the fastest graph that keeps the budget. The
   attention gates (:func:`attention_scopes`: channel/spatial attention, squeeze-excite) stay fp32
-  from the start: their inputs are pooled vectors or two-channel maps (a negligible share of the
+  from the start, whole (convolutions, sigmoid, product; :func:`resolve_scopes` refuses a scope that
+  names no layer): their inputs are pooled vectors or two-channel maps (a negligible share of the
   FLOPs), and their sigmoid outputs scale whole feature maps, so INT8 noise there reaches every
-  activation downstream (on the demo model: 98.7% top-1 agreement with them in INT8, 99.1% without).
+  activation downstream (the demo model on 2026-12-07, docs/results.md: 99.22% test agreement and
+  1.44x OpenVINO fp32 per core with the gates whole in fp32, 99.15% and 1.26x with them in INT8).
   So do the first and the last weighted layer (the stem convolution on the three input channels, and
-  the classifier), as is usual for INT8: 99.4% agreement with all of these in fp32.
+  the classifier), as is usual for INT8.
   At most ``max_reverts`` iterations (``--max-reverts``): each reverts one group, and one that made the
   budget worse is stepped back and costs a re-ranking pass (NNCF's ``max_num_iterations``); then it gives up.
 * **ONNX Runtime** (``onnx-int8``): ORT's static QDQ quantizer with the same layers excluded
@@ -100,14 +102,15 @@ def attention_scopes(model: torch.nn.Module, *, prefix: str = "model") -> list[s
     return out
 
 
-def resolve_scopes(patterns: list[str], layers: list[str]) -> list[str]:
-    """The ``layers`` (node names) that ``patterns`` match; ``ValueError`` naming a pattern that matches
-    none (the exporter's node naming changed: the layer would silently run in INT8)."""
+def resolve_scopes(patterns: list[str], layers: list[str], *, every: list[str] | None = None) -> list[str]:
+    """The node names of ``every`` (default: ``layers``) that ``patterns`` match; ``ValueError`` naming a pattern
+    that matches none of the weighted ``layers`` (the exporter's node naming changed: the gate would silently
+    run in INT8)."""
     compiled = [re.compile(p) for p in patterns]
     if unmatched := [p.pattern for p in compiled if not any(p.fullmatch(n) for n in layers)]:
         raise ValueError(f"{len(unmatched)} attention scope(s) match no weighted layer of the graph (first: "
                          f"{unmatched[0]}; a layer is named like {layers[len(layers) // 2] if layers else '-'})")
-    return [n for n in layers if any(p.fullmatch(n) for p in compiled)]
+    return [n for n in (layers if every is None else every) if any(p.fullmatch(n) for p in compiled)]
 
 
 def onnx_node_name(openvino_name: str) -> str:
@@ -166,7 +169,10 @@ def openvino_int8(onnx_path: str, dst_xml: str, *, calibration: torch.Tensor, va
     model = ov.convert_model(onnx_path)
     weighted = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OV]
     ends = [weighted[0], weighted[-1]] if weighted else []
-    kept_from_start = list(dict.fromkeys(ends + resolve_scopes(list(ignored), weighted)))
+    # the gates whole (their convolutions, sigmoid and product), not only their weighted layers: quantizers on
+    # a gate's sigmoid output would still scale the feature maps with INT8 noise
+    every = [op.get_friendly_name() for op in model.get_ordered_ops()]
+    kept_from_start = list(dict.fromkeys(ends + resolve_scopes(list(ignored), weighted, every=every)))
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}  # judge INT8 against true fp32, not the CPU's bf16 default
     ref = _top1_openvino(core.compile_model(model, "CPU", f32), val_images)
     labels = val_labels.numpy()

@@ -232,11 +232,13 @@ class HandlerSettings(_Settings):
                                 f"{self.input_size}: the center crop would pad the image with black")
         if self.graph_output == "topk" and self.graph_topk is None:
             raise SettingsError(f"{self.WHERE}.graph_topk is missing: graph_output topk needs the k the graph returns")
-        if self.max_batch_pixels is not None and self.max_request_pixels > self.max_batch_pixels:
+        batch = self.max_batch_pixels or DEFAULT_MAX_BATCH_PIXELS  # unset: at least the CPU's default
+        if self.max_request_pixels > batch:
             # admission lets the first request of a batch in whatever the batch budget: max(request, batch) would rule
             raise SettingsError(f"{self.WHERE}.max_request_pixels {self.max_request_pixels} is more than "
-                                f"max_batch_pixels {self.max_batch_pixels}: one request could take more than a "
-                                "whole batch's budget; lower max_request_pixels or raise max_batch_pixels")
+                                f"max_batch_pixels {batch}{'' if self.max_batch_pixels else ' (its default)'}: one "
+                                "request could take more than a whole batch's budget; lower max_request_pixels or "
+                                "raise max_batch_pixels")
 
     def tta_problem(self) -> str | None:
         """Why the handler's TTA would run copies of one view (or, adaptive, nothing), or None: five_crop/ten_crop

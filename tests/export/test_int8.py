@@ -123,8 +123,9 @@ def test_int8_entries_record_the_accuracy_control(export_manifest, export_dir):
 
 def test_the_attention_gates_stay_fp32_from_the_start(export_manifest, export_dir):
     """Every convolution of an attention gate (channel/spatial attention: ``attn`` in the node name) is in the
-    ignored scope NNCF got, and is fp32 in the written OpenVINO and ONNX INT8 graphs; so are the stem and the
-    classifier. (The scopes once matched no layer: nothing said so, and the gates ran in INT8.)"""
+    ignored scope NNCF got, and is fp32 in the written OpenVINO and ONNX INT8 graphs, and no quantizer follows a
+    gate's sigmoid; the stem and the classifier are fp32 too. (The scopes once matched no layer: nothing said
+    so, and the gates ran in INT8.)"""
     import openvino as ov
 
     from export.int8 import QUANTIZABLE_OV
@@ -134,7 +135,11 @@ def test_the_attention_gates_stay_fp32_from_the_start(export_manifest, export_di
     gates = [n for n in weighted if "/attn/" in n]
     assert gates and export_manifest["arch"] == "cbam_resnet"
     info = export_manifest["variants"]["openvino-int8"]["int8"]
-    assert set(gates) | {weighted[0], weighted[-1]} <= set(info["ignored_scope"]) <= set(info["kept_fp32"])
+    assert set(gates) | {weighted[0], weighted[-1]} <= set(info["ignored_scope"]) & set(info["kept_fp32"])
+    # the gates whole: no quantizer on a gate's sigmoid, whose output scales the feature maps
+    sigmoids = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Sigmoid" and "/attn/" in op.get_friendly_name()]
+    assert sigmoids and not [op.get_friendly_name() for op in sigmoids for out in op.outputs()
+                             for use in out.get_target_inputs() if use.get_node().get_type_name() == "FakeQuantize"]
     assert set(info["kept_fp32"]) == set(kept_layers(str(export_dir / "model_ov_int8.xml")))
     onnx_kept = set(kept_layers(str(export_dir / "model_int8.onnx")))
     assert {n.removesuffix("/WithoutBiases") for n in gates} <= onnx_kept

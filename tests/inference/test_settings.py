@@ -90,6 +90,9 @@ def test_a_request_budget_over_the_batch_budget_is_refused():
                                             r"batch's budget; lower max_request_pixels or raise max_batch_pixels$"):
         HandlerSettings.from_config({"input_size": 28, "max_batch_pixels": 50_000_000})
     assert HandlerSettings(input_size=28, max_request_pixels=50_000_000, max_batch_pixels=50_000_000)
+    with pytest.raises(SettingsError, match=r"max_request_pixels 200000000 is more than max_batch_pixels 128000000 "
+                                            r"\(its default\)"):  # unset: the CPU's default, the smallest
+        HandlerSettings(input_size=28, max_request_pixels=200_000_000)
 
 
 @pytest.mark.parametrize("tta,scales,refused", [("five_crop", (1.0,), True), ("ten_crop", (1.0,), True),

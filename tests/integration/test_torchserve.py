@@ -91,15 +91,17 @@ def test_versioned_management_api_v1_and_v2_side_by_side(server):
     data = encode(pattern_image("horizontal", size=30))
     status, body = server.manage("POST", "/models?url=shapes_v2.mar&initial_workers=1&synchronous=true")
     assert status == 200, body
-    status, versions = server.manage("GET", "/models/shapes/all")
-    assert status == 200 and sorted(v["modelVersion"] for v in versions) == ["1.0", "2.0"]
-    assert predict(server.url, "shapes", data)[1]["version"] == "1.0"  # the default stays 1.0
-    status, body = predict(server.url, "shapes/2.0", data)
-    assert status == 200 and body["version"] == "2.0" and body["tta"] == "none"
-    assert server.manage("PUT", "/models/shapes/2.0/set-default")[0] == 200
-    assert predict(server.url, "shapes", data)[1]["version"] == "2.0"
-    assert server.manage("PUT", "/models/shapes/1.0/set-default")[0] == 200
-    assert server.manage("DELETE", "/models/shapes/2.0")[0] == 200
+    try:  # the server is shared with other modules: put back what it served, whatever fails here
+        status, versions = server.manage("GET", "/models/shapes/all")
+        assert status == 200 and sorted(v["modelVersion"] for v in versions) == ["1.0", "2.0"]
+        assert predict(server.url, "shapes", data)[1]["version"] == "1.0"  # the default stays 1.0
+        status, body = predict(server.url, "shapes/2.0", data)
+        assert status == 200 and body["version"] == "2.0" and body["tta"] == "none"
+        assert server.manage("PUT", "/models/shapes/2.0/set-default")[0] == 200
+        assert predict(server.url, "shapes", data)[1]["version"] == "2.0"
+    finally:
+        assert server.manage("PUT", "/models/shapes/1.0/set-default")[0] == 200
+        assert server.manage("DELETE", "/models/shapes/2.0")[0] == 200
 
 
 def _multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
