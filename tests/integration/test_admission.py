@@ -160,3 +160,29 @@ def test_the_costliest_images_within_budget_decode_within_the_workers_decode_mem
     one = decode_bytes(probe(webp))
     assert 2 * one > DEFAULT_MAX_DECODE_BYTES
     assert growth < 1.5 * one, f"{growth / 2**20:.0f} MiB: more than one decode at a time"
+
+
+def test_a_batch_over_its_pixel_budget_answers_503_to_the_requests_past_it_and_the_rest_normally(server):
+    """One batch of a real TorchServe: four 38 MP PNGs (one a request; 154 MP against the worker's 128 MP), a
+    request of 30 small PNGs that decode to 270 MP, and a good 30x30 PNG. The first three big ones fit the batch
+    (115 MP) and are answered, the fourth gets 503 `busy` with a JSON reason (retry), the 270 MP request 413,
+    the good one 200; the refused big one, sent again alone, gets 200."""
+    big = _encode(Image.new("L", (6200, 6200), 90), "PNG")
+    many_small = [base64.b64encode(_encode(Image.new("1", (3000, 3000)), "PNG")).decode()] * 30
+    url = f"{server.url}/predictions/shapes"
+    with ThreadPoolExecutor(6) as pool:  # sent together: one batch (300 ms window, batch size 8)
+        bigs = [pool.submit(_post, url, data=big, headers={"Content-Type": "image/png"}) for _ in range(4)]
+        small = pool.submit(_post, url, json={"data": many_small})
+        good = pool.submit(_post, url, data=GOOD, headers={"Content-Type": "image/png"})
+        answers = [f.result() for f in bigs]
+        (small_code, small_body, _), (good_code, good_body, _) = small.result(), good.result()
+    codes = [a[0] for a in answers]
+    print(f"4 x 38 MP PNG ({len(big)} bytes each) -> {codes}; 30 x 9 MP PNGs -> {small_code}; good -> {good_code}; "
+          f"{max(a[2] for a in answers):.1f} s")
+    assert sorted(codes) == [200, 200, 200, 503], codes
+    busy = next(body for code, body, _ in answers if code == 503)
+    assert busy["error"] == "busy" and "decoded pixels per batch is taken by other requests" in busy["detail"], busy
+    assert small_code == 413 and small_body["error"] == "request too large"
+    assert good_code == 200 and good_body["predictions"]
+    code, body, _ = _post(url, data=big, headers={"Content-Type": "image/png"})
+    assert code == 200 and body["predictions"]  # retried alone, it fits
