@@ -16,6 +16,14 @@ both graphs. The two differ most on small graphs, whose many tiny operations do 
 on the Fashion-MNIST demo model (2-vCPU AMX Xeon, 2026-12-05) OpenVINO INT8 was 1.73x its fp32 graph on
 one thread and 1.30x on two, where the attention gates' reductions took twice as long on two threads as on one
 (docs/results.md).
+
+A shared machine also has slow *phases* of seconds, when both graphs lose time at once (a neighbour on the
+physical core: no steal time shows): on the 2-vCPU Ice Lake Xeon of 2026-12-07 the demo model's fp32 graph took
+0.94 ms/img per core, then 1.51 for eight rounds in a row, then 0.94 again, and INT8 0.59 and 1.05 in the same
+rounds, so the median's speedup was 1.42-1.45x in processes that ran in such a phase and 1.58-1.73x in quiet
+ones. Each setting therefore also records its **fastest** round of each graph (``fp32_best_ms``, ``int8_best_ms``)
+and their ratio (``best_speedup``): what the graphs do when the machine is quiet. The median stays the figure
+that is judged; the best shows how far a slow phase moved it.
 """
 from __future__ import annotations
 
@@ -35,11 +43,12 @@ def ms_per_image(backend, batch: torch.Tensor, *, threads: int, min_run_time: fl
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1000 / len(batch)
 
 
-def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds: int = 5,
+def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds: int = 9,
                  min_run_time: float = 0.2, batch: int = 8) -> dict[str, dict]:
-    """``{"per_core": {"threads", "fp32_ms", "int8_ms", "speedup"}, "one_process": {...}}``: ms per image of
-    each graph (median of ``rounds`` interleaved measurements) on ``images[:batch]``; ``speedup`` is fp32's
-    ms over INT8's."""
+    """``{"per_core": {"threads", "fp32_ms", "int8_ms", "speedup", "fp32_best_ms", "int8_best_ms",
+    "best_speedup", "rounds"}, "one_process": {...}}``: ms per image of each graph on ``images[:batch]``, the
+    median of ``rounds`` interleaved measurements and the fastest of them; ``speedup`` is fp32's median ms over
+    INT8's, ``best_speedup`` the same of the fastest rounds."""
     x = images[:batch].contiguous()
     out = {}
     settings = {"per_core": 1, "one_process": torch.get_num_threads()}
@@ -55,18 +64,23 @@ def int8_speedup(fp32_path: str, int8_path: str, images: torch.Tensor, *, rounds
             for name, backend in graphs.items():
                 times[name].append(ms_per_image(backend, x, threads=threads, min_run_time=min_run_time))
         fp32_ms, int8_ms = statistics.median(times["fp32"]), statistics.median(times["int8"])
-        out[setting] = {"threads": threads, "fp32_ms": fp32_ms, "int8_ms": int8_ms,
-                        "speedup": fp32_ms / int8_ms}
+        fp32_best, int8_best = min(times["fp32"]), min(times["int8"])
+        out[setting] = {"threads": threads, "fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms,
+                        "fp32_best_ms": fp32_best, "int8_best_ms": int8_best, "best_speedup": fp32_best / int8_best,
+                        "rounds": rounds}
     return out
 
 
 def describe(speed: dict[str, dict]) -> str:
-    """``speed against its fp32 graph 1.78x on 1 thread (per core: 0.658 -> 0.369 ms/img), 1.36x on 2 threads
-    (one process: 0.497 -> 0.365 ms/img)``."""
+    """``speed against its fp32 graph 1.78x on 1 thread (per core: 0.658 -> 0.369 ms/img, fastest rounds 1.81x),
+    1.36x on 2 threads (one process: 0.497 -> 0.365 ms/img, fastest rounds 1.40x)`` (medians; a record made
+    before the fastest rounds were kept has none)."""
     parts = []
     for key, label in (("per_core", "per core"), ("one_process", "one process")):
         s = speed.get(key)
         if s:
             threads = f"{s['threads']} thread" + ("s" if s["threads"] != 1 else "")
-            parts.append(f"{s['speedup']:.2f}x on {threads} ({label}: {s['fp32_ms']:.3f} -> {s['int8_ms']:.3f} ms/img)")
+            best = f", fastest rounds {s['best_speedup']:.2f}x" if "best_speedup" in s else ""
+            parts.append(f"{s['speedup']:.2f}x on {threads} ({label}: {s['fp32_ms']:.3f} -> {s['int8_ms']:.3f} ms/img"
+                         f"{best})")
     return "speed against its fp32 graph " + ", ".join(parts)
