@@ -26,7 +26,7 @@ fp32 scores 1 and a graph is within budget iff ``score >= 0``, i.e. an absolute 
   names no layer): their inputs are pooled vectors or two-channel maps (a negligible share of the
   FLOPs), and their sigmoid outputs scale whole feature maps, so INT8 noise there reaches every
   activation downstream (the demo model on 2026-12-07, docs/results.md: 99.22% test agreement and
-  1.44x OpenVINO fp32 per core with the gates whole in fp32, 99.15% and 1.26x with them in INT8).
+  1.63x OpenVINO fp32 per core in `make demo` with the gates whole in fp32, 99.15% with them in INT8).
   So do the first and the last weighted layer (the stem convolution on the three input channels, and
   the classifier), as is usual for INT8.
   At most ``max_reverts`` iterations (``--max-reverts``): each reverts one group, and one that made the

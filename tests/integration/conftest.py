@@ -18,24 +18,33 @@ SERVED = {"shapes": "onnx", "shapes_ts": "torchscript", "shapes_ov8": "openvino-
           "shapes_tta": "onnx-tta", "shapes_topk": "onnx-topk"}
 ADAPTIVE = "shapes_adaptive"  # the onnx graph with adaptive ten-crop TTA in the handler
 ADAPTIVE_THRESHOLD = 0.85     # the test model's plain confidences on test_torchserve's images lie on both sides
+HERE = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before the other plain hooks: --sw deselects in the order that runs
+def pytest_collection_modifyitems(items):
+    """The modules that use the shared ``server`` run first among the integration tests, one after the other,
+    so that one TorchServe serves them all (a start costs 25-30 s on 2 cores) and is stopped before the other
+    modules start servers of their own (the soak, the own-photos flow): never two at once. The rest keep
+    their order."""
+    group_server_users_first(items, HERE)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the terminal's: --collect-only lists the order that runs
 def pytest_collection_finish(session):
-    """The modules that use the shared ``server`` run first among the integration tests, one after the other,
-    so that one TorchServe serves them all (a start costs 25-30 s on 2 cores) and is stopped before the other
-    modules start servers of their own (the soak, the own-photos flow): never two at once. The rest keep
-    their order. Done once every ``pytest_collection_modifyitems`` has run: pytest's ``--ff``, ``--nf`` and
-    ``--lf`` reorder in a wrapper of that hook, which ran after ours whenever this conftest was loaded before
-    them (``pytest tests/integration``), and undid the grouping."""
-    group_server_users_first(session.items, Path(__file__).parent)
+    """The same grouping again once collection is done: pytest's ``--ff``, ``--nf`` and ``--lf`` reorder in
+    wrappers of ``pytest_collection_modifyitems``, which always run after its plain hooks (``--ff`` put a failed
+    soak test before the shared server's modules, which then idled beside the soak's own server). With
+    ``--ff`` the block of integration tests runs where its first test was moved to: failed tests elsewhere that
+    sort after it run after the whole block."""
+    group_server_users_first(session.items, HERE)
 
 
 def group_server_users_first(items, here: Path) -> None:
     """Reorders ``items`` in place: the tests in ``here`` as one block where the first of them was, those of
     the modules that use ``server`` first, each group in its order (``--ff`` may have moved a failed one to
     the front: the block follows it there)."""
-    block = [item for item in items if Path(str(item.fspath)).parent == here]
+    block = [item for item in items if item.path.parent == here]
     if not block:
         return
     users = {item.module for item in block if "server" in item.fixturenames}
@@ -82,7 +91,7 @@ def _shared_server():
 @pytest.fixture(scope="module")
 def server(_shared_server, export_dir, tmp_path_factory, request):
     """One real TorchServe serving the archives of :data:`SERVED` (and ADAPTIVE; shapes 2.0 in its store), shared
-    by the modules that use it (they run one after the other: :func:`pytest_collection_finish`) and
+    by the modules that use it (they run one after the other: :func:`pytest_collection_modifyitems`) and
     stopped by PID after the last of them. A module that changes what it serves puts it back."""
     if "ts" not in _shared_server:
         _shared_server["ts"] = _start(export_dir, tmp_path_factory.mktemp("model_store"))
