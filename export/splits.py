@@ -69,20 +69,28 @@ def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_apart(paths: list[str], test_paths: list[str] | tuple[str, ...], *, what: str, option: str) -> None:
+def check_apart(paths: list[str], test_paths: list[str] | tuple[str, ...], *, what: str, option: str,
+                digests: dict[str, str] | None = None) -> None:
     """``ValueError`` when ``paths`` (validation or calibration images) are test images: any of the same
-    file, or more than :data:`MAX_TEST_COPIES` of them identical in content to one."""
+    file, or more than :data:`MAX_TEST_COPIES` of them identical in content to one. ``digests``: a cache of
+    file digests shared by the calls of one export (the test images are read once, not once per set)."""
     if not paths or not test_paths:
         return
+    cache = {} if digests is None else digests
+
+    def digest(path: str) -> str:
+        if path not in cache:
+            cache[path] = _digest(path)
+        return cache[path]
     test_files = {os.path.realpath(p) for p in test_paths}
     if same := [p for p in paths if os.path.realpath(p) in test_files]:
         raise ValueError(f"{len(same)} of the {len(paths)} {what} images are test images (e.g. {same[0]}): the test "
                          f"images judge the graph last; pass {option} with other images")
     sizes = {p: os.path.getsize(p) for p in (*paths, *test_paths)}  # only a file of the same size can be a copy
     mine = set(sizes[p] for p in paths)
-    test_digests = {_digest(p) for p in test_paths if sizes[p] in mine}
+    test_digests = {digest(p) for p in test_paths if sizes[p] in mine}
     theirs = set(sizes[p] for p in test_paths)
-    copies = [p for p in paths if sizes[p] in theirs and _digest(p) in test_digests]
+    copies = [p for p in paths if sizes[p] in theirs and digest(p) in test_digests]
     if len(copies) > MAX_TEST_COPIES * len(paths):
         raise ValueError(f"{len(copies)} of the {len(paths)} {what} images are copies of test images (e.g. {copies[0]}): "
                          f"the test images judge the graph last; pass {option} with other images")
@@ -163,7 +171,8 @@ def held_out(*, checkpoint_config: dict, class_names: list[str], val_data: str |
         idx = sorted(rng.sample(range(len(val_paths)), val_images))
         val_paths, val_labels = [val_paths[i] for i in idx], [val_labels[i] for i in idx]
     calib_paths = rng.sample(calib_paths, min(calib_images, len(calib_paths)))
-    check_apart(val_paths, test_paths, what="validation", option="--val-data")
-    check_apart(calib_paths, test_paths, what="calibration", option="--calib-data")
+    digests: dict[str, str] = {}
+    check_apart(val_paths, test_paths, what="validation", option="--val-data", digests=digests)
+    check_apart(calib_paths, test_paths, what="calibration", option="--calib-data", digests=digests)
     return HeldOut(val_paths, val_labels, f"{len(val_paths)} images of {val_source}", calib_paths,
                    f"{len(calib_paths)} images of {calib_source}")
