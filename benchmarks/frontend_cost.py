@@ -22,7 +22,6 @@ import collections
 import http.client
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.report import isa_class
+from export.archive import run_archiver
 from tools.photos import photo_jpegs
 from tools.processes import processes_cpu, worker_processes
 from tools.torchserve import TorchServe
@@ -106,8 +106,8 @@ def measure(server: TorchServe, bodies: list[bytes], *, requests: int, clients: 
 
 def echo_archive(store: Path) -> None:
     store.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL, "--version", "1.0",
-                    "--handler", str(HANDLER), "--export-path", str(store), "--force"], check=True, capture_output=True)
+    run_archiver(["--model-name", MODEL, "--version", "1.0", "--handler", str(HANDLER), "--export-path", str(store),
+                  "--force"]).check_returncode()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,8 +11,6 @@ cores each party used in the run's steady part (``benchmarks.cpu_window``).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path,
                       batch: int = BATCH, max_batch_delay: int = MAX_BATCH_DELAY) -> str:
     """Write ``store/NAME.mar`` for ``c`` served as ``split`` (TorchServe ``batchSize`` ``batch``, ``maxBatchDelay``
     ``max_batch_delay`` ms); returns NAME (the model's name in URLs)."""
-    from export.archive import build_archive
+    from export.archive import build_archive, run_archiver
     store.mkdir(parents=True, exist_ok=True)
     name = archive_name(c, split)
     if c.kind == "stock":
@@ -47,11 +45,10 @@ def build_archive_for(c: Config, split: Split, prep: ExportedModel, store: Path,
         cfg.write_text(yaml.safe_dump(WorkerSettings(batch_size=batch, max_batch_delay=max_batch_delay,
                                                      workers=split.workers,
                                                      response_timeout=RESPONSE_TIMEOUT).to_config(), sort_keys=False))
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
-               "--model-file", str(STOCK_MODEL_FILE), "--serialized-file", str(prep.state_dict),
-               "--handler", "image_classifier", "--extra-files", str(prep.export_dir / "index_to_name.json"),
-               "--config-file", str(cfg), "--export-path", str(store), "--force"]
-        subprocess.run(cmd, check=True, capture_output=True)
+        run_archiver(["--model-name", name, "--version", "1.0", "--model-file", str(STOCK_MODEL_FILE),
+                      "--serialized-file", str(prep.state_dict), "--handler", "image_classifier",
+                      "--extra-files", str(prep.export_dir / "index_to_name.json"), "--config-file", str(cfg),
+                      "--export-path", str(store), "--force"]).check_returncode()
     else:
         build_archive(prep.export_dir, variant=c.variant, name=name, model_store=store, batch_size=batch,
                       max_batch_delay=max_batch_delay, workers=split.workers, threads=split.threads, topk=5,

@@ -129,7 +129,7 @@ def _archive_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "archive":
-        from .archive import ArchiverError, archive_plan, archiver_command, build_archives
+        from .archive import ARCHIVER_TMPDIR_NOTE, ArchiverError, archive_plan, archiver_command, build_archives
         args = _archive_parser().parse_args(argv[1:])
         options = {f.name: getattr(args, f.name) for cls in (WorkerSettings, HandlerSettings) for f in fields(cls)
                    if f.metadata["cli"]}
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}; the same by hand:\n  " + archiver_command(
                 args.dir, variant=variant, name=name, version=args.version, file_name=file_name,
                 model_store=args.model_store, archive_format=args.archive_format))
+        print(f"  ({ARCHIVER_TMPDIR_NOTE})")
         return 0
     if argv and argv[0] == "verify":
         from .audit import verify

@@ -133,6 +133,24 @@ class ArchiverError(RuntimeError):
     """torch-model-archiver refused the inputs; the message ends with its last line of output."""
 
 
+#: What to tell whoever runs torch-model-archiver by hand (printed with the raw command, and in the README).
+ARCHIVER_TMPDIR_NOTE = ("torch-model-archiver 0.12 stages its files in $TMPDIR/<model name> (/tmp/<model name>) and "
+                        "deletes that folder first and after: run it with TMPDIR set to a new empty folder, e.g. "
+                        "TMPDIR=\"$(mktemp -d)\" torch-model-archiver ...")
+
+
+def run_archiver(args: list[str], *, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``torch-model-archiver ARGS`` (this interpreter's ``model_archiver``), its output captured as text.
+
+    TorchServe 0.12's archiver stages its files in ``tempfile.gettempdir() / MODEL_NAME``, removing whatever
+    is there first and after (``model_packaging_utils.copy_artifacts``): ``--model-name data`` would delete a
+    user's ``/tmp/data``, and two builds of one name at once would mix their files. TorchServe is in limited
+    maintenance, so the fix is here: each run gets ``TMPDIR`` set to a new folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="archiver-") as private:
+        return subprocess.run([sys.executable, "-m", "model_archiver.model_packaging", *args], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "TMPDIR": private})
+
+
 def write_inputs(*, dest: Path, cfg: dict, card: dict, runtime: str) -> Path:
     """The archiver's inputs in the new folder ``dest``: ``model-config.yaml``, ``model_card.json``,
     ``requirements.txt`` and ``core/inference/``. :func:`build_archive` writes them in its temporary
@@ -247,10 +265,9 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
         inputs = write_inputs(dest=Path(tmp) / "inputs", cfg=cfg, card=card, runtime=info["runtime"])
         export_path = Path(tmp) / "out"
         export_path.mkdir()
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging"] + archiver_arguments(
+        proc = run_archiver(archiver_arguments(
             inputs=inputs, export_dir=export_dir, graph=graph, rest=rest, name=name, version=version,
-            export_path=export_path, archive_format=archive_format)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+            export_path=export_path, archive_format=archive_format))
         if proc.returncode != 0:
             said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
             raise ArchiverError(f"torch-model-archiver failed (exit status {proc.returncode}): {said}")

@@ -127,3 +127,19 @@ def test_verify_cli_refusal_is_one_line_without_a_traceback(tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user mistake: one line, exit 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: archive not found: {tmp_path / 'none.mar'}"
+
+
+def test_archiving_leaves_a_folder_named_after_the_model_in_the_temporary_folder_alone(export_dir, tmp_path,
+                                                                                         monkeypatch):
+    """torch-model-archiver 0.12 stages in $TMPDIR/<model name> and deletes that folder first: `export archive
+    --name own` deleted a user's /tmp/own, with the export folder and the photos in it (found 2026-12-07)."""
+    from export.archive import build_archive
+    tmp = tmp_path / "tmp"
+    mine = tmp / "shapes"
+    mine.mkdir(parents=True)
+    (mine / "photo.jpg").write_bytes(b"a user's file")
+    monkeypatch.setenv("TMPDIR", str(tmp))  # what the archiver's process reads as its temporary folder
+    mar = build_archive(export_dir, variant="onnx", name="shapes", model_store=tmp_path / "store")
+    assert zipfile.ZipFile(mar).getinfo("model.onnx").file_size > 0
+    assert (mine / "photo.jpg").read_bytes() == b"a user's file"
+    assert sorted(os.listdir(tmp)) == ["shapes"]  # nothing staged there either

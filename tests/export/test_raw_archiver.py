@@ -33,7 +33,9 @@ def test_the_printed_archiver_command_builds_the_same_archive(export_dir, tmp_pa
     ours = zipfile.ZipFile(store / "shapes.mar")
     by_hand = tmp_path / "by_hand"
     by_hand.mkdir()
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    assert "deletes that folder first and after: run it with TMPDIR set to a new empty folder" in out
+    (tmp_path / "tmp").mkdir()  # as the printed note says: the archiver deletes $TMPDIR/shapes
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp")}
     subprocess.run(command.replace(f"--export-path {store}", f"--export-path {by_hand}"), shell=True, check=True,
                    env=env, capture_output=True)
     theirs = zipfile.ZipFile(by_hand / "shapes.mar")

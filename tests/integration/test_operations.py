@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -187,7 +188,9 @@ def test_a_hand_built_archive_without_input_size_names_the_key(ops_server, expor
     argv = shlex.split(archiver_command(exported, variant="onnx", name="handmade",
                                         model_store=ops_server.model_store))
     argv[0] = str(Path(sys.executable).parent / argv[0])  # the raw command, with this venv's archiver
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    (tmp_path / "tmp").mkdir()  # the archiver deletes $TMPDIR/handmade: not the user's /tmp/handmade
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert proc.returncode == 0, proc.stderr
     start = len(model_log(ops_server))
     status, body = ops_server.manage("POST", "/models?url=handmade.mar&initial_workers=1&synchronous=true")

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 def readme_archiver_command() -> list[str]:
     text = (REPO / "README.md").read_text()
-    block = re.search(r"```bash\n(torch-model-archiver --model-name fmnist .*?)```", text, re.S)
-    assert block, "the README's raw torch-model-archiver command is gone"
+    block = re.search(r'```bash\nTMPDIR="\$\(mktemp -d\)" (torch-model-archiver --model-name fmnist .*?)```', text, re.S)
+    assert block, "the README's raw torch-model-archiver command (with its own TMPDIR) is gone"
     return shlex.split(block.group(1).replace("\\\n", " "))
 
 
@@ -41,7 +41,8 @@ def test_the_readmes_raw_archiver_command_builds_an_archive_that_serves(export_d
     argv = [a.replace("exports/demo", str(work)) for a in argv]
     argv = [str(REPO / a) if a == "handlers/classifier_handler.py" else a for a in argv]
     argv[argv.index("--export-path") + 1] = str(store)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    (tmp_path / "tmp").mkdir()  # the README's TMPDIR="$(mktemp -d)": the archiver deletes $TMPDIR/fmnist
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp")}
     subprocess.run(argv, check=True, env=env, capture_output=True, cwd=tmp_path)
     assert (store / "fmnist.mar").is_file()
     ts = TorchServe(model_store=store, models="fmnist=fmnist.mar")

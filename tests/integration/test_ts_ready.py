@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from export.archive import run_archiver
 from tools import REPO
 from tools.client import call
 from tools.torchserve import TorchServe
@@ -39,8 +40,8 @@ class Handler:
 
 
 def _archive(store, name: str, handler) -> None:
-    subprocess.run([str(REPO / ".venv" / "bin" / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
-                    "--handler", str(handler), "--export-path", str(store)], check=True, timeout=120)
+    run_archiver(["--model-name", name, "--version", "1.0", "--handler", str(handler), "--export-path", str(store)],
+                 timeout=120).check_returncode()
 
 
 def _probe(ts: TorchServe, *, key: bool = True) -> tuple[int, str]:
