@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)"
     split: Split = args.split_obj
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-serve-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-serve-")).resolve()  # locust runs from the repository root
     work.mkdir(parents=True, exist_ok=True)
     print(f"device: {device}; torch {torch.__version__}; {args.model}; split {split}, batch {args.batch}, "
           f"{args.users} users, {args.seconds} s a run; work {work}", flush=True)

@@ -256,6 +256,9 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
     file_name = file_name or name
     target = model_store / (file_name if archive_format == ARCHIVE_FORMATS[1] else f"{file_name}.mar")
     clean_stale(folder=model_store, name=target.name)  # what a killed build left
+    if target.is_dir() and not (target / "MAR-INF" / "MANIFEST.json").is_file():  # replaced whole below: ours only
+        raise ValueError(f"{target} is a folder that no archive wrote (no MAR-INF/MANIFEST.json): choose another "
+                         "--model-store or --file-name, or move that folder away")
     card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
                       runtime=info["runtime"], precision=info["precision"],
                       tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"], parity=info["parity"],

@@ -44,7 +44,15 @@ from .int8 import (
     within_budget,
 )
 from .integrity import file_hashes, sha256
-from .manifest import EXPORT_MANIFEST, MODEL_FACTS, PROVENANCE, check_same_model, merge, read_manifest
+from .manifest import (
+    EXPORT_MANIFEST,
+    MODEL_FACTS,
+    PROVENANCE,
+    check_foreign_files,
+    check_same_model,
+    merge,
+    read_manifest,
+)
 from .speed import describe as describe_speed
 from .speed import int8_speedup
 from .splits import DEFAULT_CALIB_IMAGES, DEFAULT_VAL_IMAGES, held_out
@@ -240,6 +248,8 @@ class Exporter:
             recover(out=self.out, log=log)
             earlier = read_manifest(self.out)
             check_same_model(earlier=earlier, facts=self.facts(), export_dir=self.out)
+            check_foreign_files(earlier=earlier, files=[f for n in names for f in files_of(VARIANTS[n], "")],
+                                shared=(INDEX_FILE, EXPORT_MANIFEST), export_dir=self.out, checkpoint=self.checkpoint)
             ordered = _write_order(names)
             evalset = load_eval_set(data, self.spec, count=eval_images)
             calibration = None

@@ -53,6 +53,26 @@ def check_same_model(*, earlier: dict | None, facts: dict, export_dir: str | os.
                              f"folder, or move the old one away")
 
 
+def check_foreign_files(*, earlier: dict | None, files: list[str], shared: tuple[str, ...],
+                        export_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Refuse to write over a file of ``export_dir`` that no export into it wrote (one that ``export.json``
+    does not list): a user's own ``model.onnx``, or the checkpoint being exported when it is named like a
+    graph (``--checkpoint models/model.pt --out models`` replaced the checkpoint with the TorchScript graph).
+    ``shared``: the files every export writes (``export.json``, ``index_to_name.json``): ours where an earlier
+    ``export.json`` is."""
+    ours = {f for entry in (earlier or {}).get("variants", {}).values() for f in entry.get("files", [])}
+    if earlier is not None:
+        ours |= set(shared)
+    checkpoint = os.path.realpath(checkpoint)
+    for name in [*files, *shared]:
+        path = Path(export_dir) / name
+        if name in ours or not os.path.lexists(path):
+            continue
+        what = "the checkpoint being exported" if os.path.realpath(path) == checkpoint else "a file no export wrote"
+        raise ValueError(f"{path} is {what} ({EXPORT_MANIFEST} there does not list it) and this export would "
+                         "write over it: export into a new folder, or move that file away")
+
+
 def _plain(value):
     return json.loads(json.dumps(value))  # tuples -> lists, as the JSON file has them
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator
@@ -95,8 +96,10 @@ def _journal(path: str) -> list[str] | None:
 
 
 def _owner(entry: str) -> int | None:
-    pid = entry[len(STAGING_PREFIX):].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+    """The PID in a staging folder's name: exactly tempfile.mkdtemp's (8 characters after the prefix), so that
+    a user's own ".staging-2024-notes" is never taken for the folder of a dead PID 2024."""
+    m = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\d+)-[a-z0-9_]{8}", entry)
+    return int(m.group(1)) if m else None
 
 
 def recover(*, out: str | os.PathLike, log=print) -> list[str]:

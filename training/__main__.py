@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 
 from inference.cli import positive_int
@@ -178,7 +179,15 @@ def _evaluate(args) -> None:
           + f"); metrics, predictions and plots in {out}")
 
 
+def _not_an_input(out: str, **inputs: str) -> None:
+    """Refuse an ``--out`` that is one of the command's inputs (``--out best.pt``: the checkpoint written over)."""
+    for option, path in inputs.items():
+        if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(path):
+            raise ValueError(f"--out {out} is the --{option} file: it would be written over; choose another --out")
+
+
 def _predict(args) -> None:
+    _not_an_input(args.out, checkpoint=args.checkpoint, images=args.images)
     n = predict_folder(args.checkpoint, args.images, out_csv=args.out, tta=args.tta, batch_size=args.batch_size,
                        device=args.device, topk=args.topk)
     print(f"{n} images classified -> {args.out}")  # skipped files were named on stderr
@@ -190,6 +199,7 @@ def _explain(args) -> int:
         print(f"error: --grid must be 1 to {MAX_GRID} and --views-per-forward at least 1", file=sys.stderr)
         return 2
     # a missing file, not a checkpoint, not an image, a grid too fine: one line through run_cli
+    _not_an_input(args.out, checkpoint=args.checkpoint, image=args.image)
     r = explain_image(args.checkpoint, args.image, out=args.out, grid=args.grid, fill=args.fill,
                       views_per_forward=args.views_per_forward, device=args.device)
     print(f"{r['class']} (p={r['probability']:.3f}): {args.grid}x{args.grid} occlusion map over the "

@@ -10,6 +10,7 @@ are :mod:`training.run_log`.
 """
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ import time
 from inference.atomic import clean_stale
 from inference.folder_lock import FolderBusy, holds, lock_folder, unlock_folder
 
-from .run_log import LOG_FILE, TEST_METRICS_FILE
+from .run_log import LOG_COLUMNS, LOG_FILE, TEST_METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best.pt", "last.pt"
@@ -25,6 +26,7 @@ CHECKPOINTS = (BEST_CHECKPOINT, LAST_CHECKPOINT)
 RUN_FILES = (*CHECKPOINTS, LOG_FILE, TEST_METRICS_FILE)  # what makes a folder hold a run
 LOCK_FILE = ".training.lock"  # locked (flock) by the process training into the folder; holds its PID
 SET_ASIDE = ".replaced"  # the files of the run that --force replaces, until the new run's first checkpoint
+RUN_OUTPUTS = ("tensorboard", "eval")  # folders of a run's other outputs (--tensorboard; evaluate's default --out)
 
 
 def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False, lock: bool = True) -> list[str]:
@@ -47,15 +49,32 @@ def claim_run_folder(out: str, *, resume: str | None = None, force: bool = False
 
 def _replaced_files(out: str, *, resume: str | None, force: bool) -> list[str]:
     held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    if not held or (resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)):
+    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out):
         return []
     config = [name for name in (CONFIG_FILE,) if os.path.exists(os.path.join(out, name))]
-    if held == [LOG_FILE]:  # a run stopped (Ctrl-C) before its first epoch ended: no checkpoint, nothing to keep
+    if not held:  # a run writes config.yaml and log.csv together: a config.yaml alone is someone's recipe
+        if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
+            return []
+        if not force:
+            raise ValueError(f"--out {out} holds a {CONFIG_FILE} that no run wrote (your --config?): the run writes "
+                             "its options there; choose a new --out, or pass --force to replace it")
+        return config
+    if held == [LOG_FILE] and not _our_log(out) and not force:
+        raise ValueError(f"--out {out} holds a {LOG_FILE} that is no training log: the run writes its epochs there; "
+                         "choose a new --out, or pass --force to replace it")
+    if held == [LOG_FILE]:  # a run stopped (Ctrl-C) before its first epoch ended: nothing to keep
         return held + config
     if not force:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): resume it with --resume "
                          f"{os.path.join(out, 'last.pt')}, choose a new --out, or pass --force to replace it")
-    return held + config
+    # what the replaced run's evaluate and TensorBoard wrote goes too: never mixed with the new run's
+    return held + config + [name for name in RUN_OUTPUTS if os.path.isdir(os.path.join(out, name))]
+
+
+def _our_log(out: str) -> bool:
+    """Whether ``out/log.csv`` starts as :func:`training.run_log.start_log` writes it."""
+    with open(os.path.join(out, LOG_FILE), newline="", errors="replace") as f:
+        return next(csv.reader([f.readline()]), [])[:3] == LOG_COLUMNS[:3]
 
 
 def lock_run_folder(out: str) -> None:
@@ -98,6 +117,8 @@ def restore_set_aside(out: str) -> list[str]:
     restored = []
     if not any(os.path.exists(os.path.join(out, name)) for name in CHECKPOINTS):
         for name in sorted(os.listdir(aside)):
+            if os.path.isdir(os.path.join(out, name)):  # the new run's tensorboard/: a folder is not replaced by rename
+                shutil.rmtree(os.path.join(out, name))
             os.replace(os.path.join(aside, name), os.path.join(out, name))
             restored.append(name)
     shutil.rmtree(aside, ignore_errors=True)

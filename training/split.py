@@ -225,6 +225,10 @@ def _check_out(out: Path, images: Path, *, force: bool) -> bool:
         return bool(found)
     if not entries & SPLIT_ENTRIES:
         raise SplitError(f"--out {out} is not empty and holds no split: choose a new folder")
+    if SPLIT_RECORD not in entries:  # train/ val/ test/ of a data set of the user's own: never replaced
+        raise SplitError(f"--out {out} holds {', '.join(sorted(entries & SPLIT_ENTRIES))} but no {SPLIT_RECORD}: it "
+                         "is no split written by `python -m training split` (a data set of your own?), and even "
+                         "--force leaves it alone: choose a new folder")
     if not force:
         raise SplitError(f"--out {out} already holds a split: pass --force to replace it whole, or choose a new "
                          "folder (two splits are never mixed)")

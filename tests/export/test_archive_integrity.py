@@ -143,3 +143,17 @@ def test_archiving_leaves_a_folder_named_after_the_model_in_the_temporary_folder
     assert zipfile.ZipFile(mar).getinfo("model.onnx").file_size > 0
     assert (mine / "photo.jpg").read_bytes() == b"a user's file"
     assert sorted(os.listdir(tmp)) == ["shapes"]  # nothing staged there either
+
+
+def test_a_no_archive_build_never_replaces_a_folder_no_archive_wrote(export_dir, tmp_path):
+    """--archive-format no-archive replaced any folder at MODEL_STORE/NAME whole (found by review 2026-12-07)."""
+    from export.archive import build_archive
+    store = tmp_path / "work"
+    (store / "shapes" / "notes").mkdir(parents=True)
+    (store / "shapes" / "notes" / "plan.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is a folder that no archive wrote"):
+        build_archive(export_dir, variant="onnx", name="shapes", model_store=store, archive_format="no-archive")
+    assert (store / "shapes" / "notes" / "plan.txt").read_text() == "mine"
+    built = build_archive(export_dir, variant="onnx", name="other", model_store=store, archive_format="no-archive")
+    assert build_archive(export_dir, variant="onnx", name="other", model_store=store, archive_format="no-archive",
+                         topk=2) == built  # an earlier no-archive folder is replaced as before

@@ -96,6 +96,36 @@ def test_graphs_of_another_model_are_not_added_to_a_folder(checkpoint, random_ch
     assert snapshot(out) == before
 
 
+def test_files_no_export_wrote_are_never_written_over(checkpoint, tmp_path):
+    """`--checkpoint models/model.pt --out models` replaced the checkpoint with the TorchScript graph, and a
+    user's own model.onnx in OUT was replaced too (found by review 2026-12-07): both are refused, before any
+    work, and the files stay; a folder an export wrote is re-exported into as before."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.pt").write_bytes(checkpoint.read_bytes())
+    with pytest.raises(SystemExit, match=r"^error: .*model\.pt is the checkpoint being exported \(export\.json there "
+                                         r"does not list it\) and this export would write over it") as e:
+        export(models / "model.pt", models, "torchscript,onnx")
+    assert "\n" not in str(e.value.code)
+    assert (models / "model.pt").read_bytes() == checkpoint.read_bytes()
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt"]
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the user's own graph")
+    with pytest.raises(SystemExit, match=r"model\.onnx is a file no export wrote"):
+        export(checkpoint, out, "onnx")
+    assert (out / "model.onnx").read_bytes() == b"the user's own graph"
+    (out / "model.onnx").unlink()
+    (out / "index_to_name.json").write_text('{"0": "mine"}')
+    with pytest.raises(SystemExit, match=r"index_to_name\.json is a file no export wrote"):
+        export(checkpoint, out, "onnx")
+    (out / "index_to_name.json").unlink()
+    assert export(checkpoint, out, "onnx") == 0
+    assert export(checkpoint, out, "onnx,torchscript") == 0  # its own files: replaced as before
+    assert export(checkpoint, models, "onnx") == 0  # a file beside that is not written over: fine
+    assert (models / "model.pt").read_bytes() == checkpoint.read_bytes()
+
+
 def test_a_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: checkpoint not found: .*nope\.pt$"):
         export(tmp_path / "nope.pt", tmp_path / "ex", "onnx")
@@ -138,13 +168,15 @@ def test_a_stale_staging_folder_without_a_journal_is_removed(checkpoint, tmp_pat
     before = snapshot(out)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = out / f".staging-{dead.pid}-x1y2"
+    stale = out / f".staging-{dead.pid}-x1y2_3w4"  # tempfile.mkdtemp's 8 characters
     stale.mkdir()
     (stale / "model.onnx").write_bytes(b"half a graph")
-    live = out / ".staging-1-a1b2"  # pid 1 is alive: another export's folder is left alone
+    live = out / ".staging-1-a1b2c3d4"  # pid 1 is alive: another export's folder is left alone
     live.mkdir()
+    mine = out / f".staging-{dead.pid}-notes"  # a user's folder that merely looks like one (review 2026-12-07)
+    (mine / "keep").mkdir(parents=True)
     assert export(checkpoint, out, "torchscript") == 0
-    assert not stale.exists() and live.is_dir()
+    assert not stale.exists() and live.is_dir() and (mine / "keep").is_dir()
     after = snapshot(out)
     assert after["model.onnx"] == before["model.onnx"] and "model.pt" in after
 

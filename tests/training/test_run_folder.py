@@ -43,6 +43,44 @@ def test_a_run_stopped_before_its_first_epoch_ended_is_replaced(tmp_path):
     assert claim_run_folder(str(out)) == ["log.csv", "config.yaml"]
 
 
+def test_files_no_run_wrote_are_not_taken_for_a_run(tmp_path):
+    """A log.csv of another tool was taken for "a run stopped in epoch 1" and deleted without a word, and a
+    config.yaml alone (`--config exp/config.yaml --out exp`) was written over (found by review 2026-12-07):
+    both now need --force; a forced run sets aside the old run's tensorboard/ and eval/ as well."""
+    import pytest
+
+    from training.run_folder import claim_run_folder, restore_set_aside, set_aside, unlock_run_folder
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "log.csv").write_text("step,reward\n1,0.5\n")
+    with pytest.raises(ValueError, match=r"holds a log.csv that is no training log: the run writes its epochs there"):
+        claim_run_folder(str(out))
+    assert claim_run_folder(str(out), force=True) == ["log.csv"]
+    unlock_run_folder(str(out))
+    recipe = tmp_path / "exp"
+    recipe.mkdir()
+    (recipe / "config.yaml").write_text("# my recipe\nepochs: 3\n")
+    with pytest.raises(ValueError, match=r"holds a config.yaml that no run wrote \(your --config\?\)"):
+        claim_run_folder(str(recipe))
+    assert (recipe / "config.yaml").read_text() == "# my recipe\nepochs: 3\n"
+    assert claim_run_folder(str(recipe), force=True) == ["config.yaml"]
+    unlock_run_folder(str(recipe))
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "tensorboard" / "events.old").write_text("old")
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text("old")
+    for name in ("best.pt", "last.pt", "log.csv", "config.yaml"):
+        (run / name).write_text("old " + name)
+    replaced = claim_run_folder(str(run), force=True)
+    assert sorted(replaced) == ["best.pt", "config.yaml", "eval", "last.pt", "log.csv", "tensorboard"]
+    set_aside(str(run), replaced)
+    (run / "tensorboard").mkdir()  # the new run's events, then it fails before its first checkpoint
+    (run / "tensorboard" / "events.new").write_text("new")
+    assert sorted(restore_set_aside(str(run))) == sorted(replaced)
+    assert os.listdir(run / "tensorboard") == ["events.old"] and (run / "eval" / "metrics.json").read_text() == "old"
+
+
 def test_a_folder_a_live_run_is_training_into_is_never_taken(tmp_path):
     """A second `train --out RUN` during the first's long first epoch (log.csv, no checkpoint yet) replaced its
     files. Now the first holds a lock on the folder (flock: dropped by the kernel when that process ends, however

@@ -245,6 +245,20 @@ def test_the_command_exits_2_without_a_traceback(tmp_path):
                                           "IMAGES/<class>/<image files>)"
 
 
+def test_a_data_set_of_the_users_own_is_never_replaced_even_with_force(photos, tmp_path, capsys):
+    """train/ + val/ + test/ without split.json counted as "a split": the user, told to pass --force, lost their
+    own data set (found by review 2026-12-07). Only a folder with the split's record is ours to replace."""
+    mine = tmp_path / "mine"
+    for split in ("train", "val", "test"):
+        (mine / split / "cat").mkdir(parents=True)
+        (mine / split / "cat" / "photo.jpg").write_bytes(b"the user's photo")
+    for extra in ([], ["--force"]):
+        code, _, err = run(capsys, "--images", photos, "--out", mine, *extra)
+        assert code == 2 and "no split.json" in one_error_line(err) and "choose a new folder" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["test", "train", "val"]
+    assert (mine / "train" / "cat" / "photo.jpg").read_bytes() == b"the user's photo"
+
+
 def test_what_a_file_browser_leaves_is_not_the_users_data(photos, tmp_path, capsys):
     """Finder's .DS_Store in --out made `split --force` refuse ("holds more than a split"), and a new --out
     folder holding only .DS_Store was "not empty"."""
