@@ -133,10 +133,11 @@ class ArchiverError(RuntimeError):
     """torch-model-archiver refused the inputs; the message ends with its last line of output."""
 
 
-#: What to tell whoever runs torch-model-archiver by hand (printed with the raw command, and in the README).
-ARCHIVER_TMPDIR_NOTE = ("torch-model-archiver 0.12 stages its files in $TMPDIR/<model name> (/tmp/<model name>) and "
-                        "deletes that folder first and after: run it with TMPDIR set to a new empty folder, e.g. "
-                        "TMPDIR=\"$(mktemp -d)\" torch-model-archiver ...")
+#: The raw command's prefix (:func:`archiver_command`, the README): a new empty TMPDIR for the archiver.
+ARCHIVER_TMPDIR = 'TMPDIR="$(mktemp -d)" '
+#: Why, printed with the raw command.
+ARCHIVER_TMPDIR_NOTE = ("TMPDIR: torch-model-archiver 0.12 stages its files in $TMPDIR/<model name> (/tmp/<model "
+                        "name>) and deletes that folder first and after, whatever it holds")
 
 
 def run_archiver(args: list[str], *, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -186,7 +187,7 @@ def archiver_command(export_dir: str | os.PathLike, *, variant: str, name: str, 
     args = archiver_arguments(inputs=export_dir / ARCHIVE_INPUTS / (file_name or name), export_dir=export_dir,
                               graph=graph, rest=rest, name=name, version=version, export_path=Path(model_store),
                               archive_format=archive_format)
-    command = shlex.join(["torch-model-archiver", *args])
+    command = ARCHIVER_TMPDIR + shlex.join(["torch-model-archiver", *args])
     if file_name and file_name != name:  # the archiver names the file (or the no-archive folder) after the model
         suffix = "" if archive_format == "no-archive" else ".mar"
         command += " && " + shlex.join(["mv", str(Path(model_store) / f"{name}{suffix}"),
@@ -222,6 +223,16 @@ def check_checkpoint_current(manifest: dict, variant: str, *, export_dir: str | 
                          "or pass --allow-earlier-checkpoint to pack it as it is")
 
 
+def archive_target(model_store: str | os.PathLike, *, file_name: str, archive_format: str) -> Path:
+    """``MODEL_STORE/FILE_NAME.mar`` (or the ``no-archive`` folder); refused (``ValueError``) where it is a folder
+    that no archive wrote: the build replaces it whole."""
+    target = Path(model_store) / (file_name if archive_format == ARCHIVE_FORMATS[1] else f"{file_name}.mar")
+    if target.is_dir() and not (target / "MAR-INF" / "MANIFEST.json").is_file():
+        raise ValueError(f"{target} is a folder that no archive wrote (no MAR-INF/MANIFEST.json): choose another "
+                         "--model-store or --file-name, or move that folder away")
+    return target
+
+
 def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIANT, name: str, version: str = DEFAULT_VERSION,
                   file_name: str | None = None, model_store: str | os.PathLike = DEFAULT_MODEL_STORE,
                   archive_format: str = ARCHIVE_FORMATS[0], allow_earlier_checkpoint: bool = False,
@@ -254,11 +265,8 @@ def build_archive(export_dir: str | os.PathLike, *, variant: str = DEFAULT_VARIA
                        graph_output=info["output"], graph_tta=info["tta"], graph_topk=info["topk"],
                        precision=info["precision"])
     file_name = file_name or name
-    target = model_store / (file_name if archive_format == ARCHIVE_FORMATS[1] else f"{file_name}.mar")
+    target = archive_target(model_store, file_name=file_name, archive_format=archive_format)
     clean_stale(folder=model_store, name=target.name)  # what a killed build left
-    if target.is_dir() and not (target / "MAR-INF" / "MANIFEST.json").is_file():  # replaced whole below: ours only
-        raise ValueError(f"{target} is a folder that no archive wrote (no MAR-INF/MANIFEST.json): choose another "
-                         "--model-store or --file-name, or move that folder away")
     card = model_card(manifest=manifest, info=info, name=name, version=version, variant=variant, variant_info=info,
                       runtime=info["runtime"], precision=info["precision"],
                       tta=info["tta"] if info["tta"] != "none" else cfg["handler"]["tta"], parity=info["parity"],
@@ -312,5 +320,8 @@ def build_archives(export_dir: str | os.PathLike, *, variants: str, name: str, f
     """One archive per variant of :func:`archive_plan`; none when one of them is refused there."""
     plan = archive_plan(export_dir, variants=variants, name=name, file_name=file_name,
                         allow_earlier_checkpoint=allow_earlier_checkpoint)
+    for _, _, f in plan:  # every target before any archive is written
+        archive_target(kwargs.get("model_store", DEFAULT_MODEL_STORE), file_name=f,
+                       archive_format=kwargs.get("archive_format", ARCHIVE_FORMATS[0]))
     return [build_archive(export_dir, variant=v, name=n, file_name=f, allow_earlier_checkpoint=True, **kwargs)
             for v, n, f in plan]

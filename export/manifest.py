@@ -69,8 +69,10 @@ def check_foreign_files(*, earlier: dict | None, files: list[str], shared: tuple
         if name in ours or not os.path.lexists(path):
             continue
         what = "the checkpoint being exported" if os.path.realpath(path) == checkpoint else "a file no export wrote"
-        raise ValueError(f"{path} is {what} ({EXPORT_MANIFEST} there does not list it) and this export would "
-                         "write over it: export into a new folder, or move that file away")
+        why = (f"{EXPORT_MANIFEST} there does not list it; an older export may have left it" if earlier is not None
+               else f"there is no {EXPORT_MANIFEST}")
+        raise ValueError(f"{path} is {what} ({why}) and this export would write over it: export into a new folder, "
+                         "or move that file away")
 
 
 def _plain(value):

@@ -96,8 +96,8 @@ def _journal(path: str) -> list[str] | None:
 
 
 def _owner(entry: str) -> int | None:
-    """The PID in a staging folder's name: exactly tempfile.mkdtemp's (8 characters after the prefix), so that
-    a user's own ".staging-2024-notes" is never taken for the folder of a dead PID 2024."""
+    """The PID in a staging folder's name, matched as tempfile.mkdtemp writes it (8 characters after the prefix),
+    so that a user's own ".staging-2024-notes" is not taken for the folder of a dead PID 2024."""
     m = re.fullmatch(re.escape(STAGING_PREFIX) + r"(\d+)-[a-z0-9_]{8}", entry)
     return int(m.group(1)) if m else None
 

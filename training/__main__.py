@@ -183,7 +183,7 @@ def _not_an_input(out: str, **inputs: str) -> None:
     """Refuse an ``--out`` that is one of the command's inputs (``--out best.pt``: the checkpoint written over)."""
     for option, path in inputs.items():
         if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(path):
-            raise ValueError(f"--out {out} is the --{option} file: it would be written over; choose another --out")
+            raise ValueError(f"--out {out} is the --{option} path: it would be written over; choose another --out")
 
 
 def _predict(args) -> None:

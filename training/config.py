@@ -170,8 +170,9 @@ class TrainConfig:
                               "override it (e.g. --epochs, --lr); a different architecture, class list, input "
                               "size or mean/std is refused")
     force: bool = _opt(False, "replace the run that --out already holds (best.pt, last.pt, log.csv, "
-                       "test_metrics.json wait in OUT/.replaced/ until the new run's first checkpoint, and are put "
-                       "back if it fails first); without it such an --out is refused")
+                       "test_metrics.json, config.yaml, tensorboard/ and eval/ wait in OUT/.replaced/ until the new "
+                       "run's first checkpoint, and are put back if it fails first); without it such an --out is "
+                       "refused, as is one holding a config.yaml alone or a log.csv that is no training log")
     tensorboard: bool = _opt(False, "also log scalars to RUN/tensorboard (needs the tensorboard package)")
     progress: bool = _opt(True, "progress bars (turn off with --no-progress)")
 

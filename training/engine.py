@@ -514,6 +514,9 @@ class Trainer:
             result = self.test_best()
             failed = False
         except BaseException:
+            if self.writer is not None:  # its queued events go into this run's tensorboard/, not the one put back
+                self.writer.close()
+                self.writer = None
             if self.main and (back := restore_set_aside(self.cfg.out)):
                 self.warn(f"{self.cfg.out}: the run that --force was replacing is back ({', '.join(back)})")
             raise

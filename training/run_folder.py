@@ -2,7 +2,7 @@
 
 :func:`claim_run_folder` keeps one run per folder: a second ``train --out RUN`` is refused while RUN holds
 a run (its :data:`RUN_FILES`), unless it resumes that run or ``--force`` replaces it; a run stopped before
-its first epoch ended (a ``log.csv`` and no checkpoint) is replaced, as there is nothing to resume, unless a
+its first epoch ended (a ``log.csv`` of ours and no checkpoint) is replaced, as there is nothing to resume, unless a
 live process is still training into it (:func:`lock_run_folder`): a folder is never written by two runs at once.
 A replaced run's files are kept aside until the new run's first checkpoint (:func:`set_aside`): a ``--force``
 run that fails or is stopped before it leaves the old run as it was. The epoch log and the test metrics
@@ -62,19 +62,24 @@ def _replaced_files(out: str, *, resume: str | None, force: bool) -> list[str]:
     if held == [LOG_FILE] and not _our_log(out) and not force:
         raise ValueError(f"--out {out} holds a {LOG_FILE} that is no training log: the run writes its epochs there; "
                          "choose a new --out, or pass --force to replace it")
+    # what the replaced run's evaluate and TensorBoard wrote goes too: never mixed with the new run's
+    outputs = [name for name in RUN_OUTPUTS if os.path.isdir(os.path.join(out, name))]
     if held == [LOG_FILE]:  # a run stopped (Ctrl-C) before its first epoch ended: nothing to keep
-        return held + config
+        return held + config + outputs
     if not force:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): resume it with --resume "
                          f"{os.path.join(out, 'last.pt')}, choose a new --out, or pass --force to replace it")
-    # what the replaced run's evaluate and TensorBoard wrote goes too: never mixed with the new run's
-    return held + config + [name for name in RUN_OUTPUTS if os.path.isdir(os.path.join(out, name))]
+    return held + config + outputs
 
 
 def _our_log(out: str) -> bool:
-    """Whether ``out/log.csv`` starts as :func:`training.run_log.start_log` writes it."""
-    with open(os.path.join(out, LOG_FILE), newline="", errors="replace") as f:
-        return next(csv.reader([f.readline()]), [])[:3] == LOG_COLUMNS[:3]
+    """Whether ``out/log.csv`` starts as :func:`training.run_log.start_log` writes it (and wrote it before
+    ``val_loss`` was ``test_loss``)."""
+    path = os.path.join(out, LOG_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path, newline="", errors="replace") as f:
+        return next(csv.reader([f.readline()]), [])[:2] == LOG_COLUMNS[:2]
 
 
 def lock_run_folder(out: str) -> None:

@@ -154,6 +154,11 @@ def test_a_no_archive_build_never_replaces_a_folder_no_archive_wrote(export_dir,
     with pytest.raises(ValueError, match="is a folder that no archive wrote"):
         build_archive(export_dir, variant="onnx", name="shapes", model_store=store, archive_format="no-archive")
     assert (store / "shapes" / "notes" / "plan.txt").read_text() == "mine"
+    from export.archive import build_archives
+    (store / "m_torchscript").mkdir()  # several variants: every target is checked before any is written
+    with pytest.raises(ValueError, match="m_torchscript is a folder that no archive wrote"):
+        build_archives(export_dir, variants="onnx,torchscript", name="m", model_store=store, archive_format="no-archive")
+    assert not (store / "m_onnx").exists()
     built = build_archive(export_dir, variant="onnx", name="other", model_store=store, archive_format="no-archive")
     assert build_archive(export_dir, variant="onnx", name="other", model_store=store, archive_format="no-archive",
                          topk=2) == built  # an earlier no-archive folder is replaced as before

@@ -24,7 +24,7 @@ def test_the_printed_archiver_command_builds_the_same_archive(export_dir, tmp_pa
                  "--topk", "2"]) == 0
     out = capsys.readouterr().out
     command = out.split("the same by hand:\n", 1)[1].strip().splitlines()[0]
-    assert command.startswith("torch-model-archiver --model-name shapes ")
+    assert command.startswith('TMPDIR="$(mktemp -d)" torch-model-archiver --model-name shapes ')
     inputs = work / ARCHIVE_INPUTS / "shapes"
     cfg = yaml.safe_load((inputs / "model-config.yaml").read_text())
     assert cfg["handler"]["topk"] == 2 and cfg["handler"]["input_size"]
@@ -33,8 +33,8 @@ def test_the_printed_archiver_command_builds_the_same_archive(export_dir, tmp_pa
     ours = zipfile.ZipFile(store / "shapes.mar")
     by_hand = tmp_path / "by_hand"
     by_hand.mkdir()
-    assert "deletes that folder first and after: run it with TMPDIR set to a new empty folder" in out
-    (tmp_path / "tmp").mkdir()  # as the printed note says: the archiver deletes $TMPDIR/shapes
+    assert "stages its files in $TMPDIR/<model name> (/tmp/<model name>) and deletes that folder" in out
+    (tmp_path / "tmp").mkdir()  # where the command's own `mktemp -d` makes the archiver's TMPDIR
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp")}
     subprocess.run(command.replace(f"--export-path {store}", f"--export-path {by_hand}"), shell=True, check=True,
                    env=env, capture_output=True)

@@ -103,8 +103,8 @@ def test_files_no_export_wrote_are_never_written_over(checkpoint, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     (models / "model.pt").write_bytes(checkpoint.read_bytes())
-    with pytest.raises(SystemExit, match=r"^error: .*model\.pt is the checkpoint being exported \(export\.json there "
-                                         r"does not list it\) and this export would write over it") as e:
+    with pytest.raises(SystemExit, match=r"^error: .*model\.pt is the checkpoint being exported \(there is no "
+                                         r"export\.json\) and this export would write over it") as e:
         export(models / "model.pt", models, "torchscript,onnx")
     assert "\n" not in str(e.value.code)
     assert (models / "model.pt").read_bytes() == checkpoint.read_bytes()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from export.archive import ARCHIVE_INPUTS, archiver_command, build_archive
+from export.archive import ARCHIVE_INPUTS, ARCHIVER_TMPDIR, archiver_command, build_archive
 from inference.threads import available_cores
 from tests.conftest import encode, pattern_image
 from tools import REPO
@@ -186,7 +186,7 @@ def test_a_hand_built_archive_without_input_size_names_the_key(ops_server, expor
     del cfg["handler"]["input_size"]  # as someone writing model-config.yaml by hand might
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     argv = shlex.split(archiver_command(exported, variant="onnx", name="handmade",
-                                        model_store=ops_server.model_store))
+                                        model_store=ops_server.model_store).removeprefix(ARCHIVER_TMPDIR))
     argv[0] = str(Path(sys.executable).parent / argv[0])  # the raw command, with this venv's archiver
     (tmp_path / "tmp").mkdir()  # the archiver deletes $TMPDIR/handmade: not the user's /tmp/handmade
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,

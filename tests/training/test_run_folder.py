@@ -57,6 +57,10 @@ def test_files_no_run_wrote_are_not_taken_for_a_run(tmp_path):
         claim_run_folder(str(out))
     assert claim_run_folder(str(out), force=True) == ["log.csv"]
     unlock_run_folder(str(out))
+    (out / "log.csv").write_text("epoch,train_loss,test_loss\n")  # ours, as written before val_loss was its name
+    (out / "tensorboard").mkdir()  # a run stopped in its first epoch: its events go with it
+    assert claim_run_folder(str(out)) == ["log.csv", "tensorboard"]
+    unlock_run_folder(str(out))
     recipe = tmp_path / "exp"
     recipe.mkdir()
     (recipe / "config.yaml").write_text("# my recipe\nepochs: 3\n")
